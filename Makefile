@@ -1,0 +1,30 @@
+# oauthmig — two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## demo: create the embedded SQLite demo databases and run the whole rollout on them
+demo: $(STAMP)
+	$(BIN)/oauthmig demo
+
+## test: the full suite on SQLite and PostgreSQL (PostgreSQL at 127.0.0.1:5432 is required)
+test: $(STAMP)
+	$(BIN)/ruff check oauthmig tests revisions
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+## bench: benchmarks (not timed tests); results go to docs/benchmarks.md by hand
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .oauthmig .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -1,0 +1,1 @@
+"""oauthmig: safe OAuth 2.0 schema rollout toolkit."""

@@ -1,0 +1,5 @@
+"""python -m oauthmig."""
+
+from oauthmig.cli import main
+
+main()

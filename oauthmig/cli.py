@@ -1,0 +1,411 @@
+"""The ``oauthmig`` command line: parse, call one service, render. The only place that exits."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import click
+
+from oauthmig import migrations
+from oauthmig.config import Settings, load_settings
+from oauthmig.console import (
+    Consoles,
+    render_dry_run,
+    render_history,
+    render_plan,
+    render_run,
+    render_status,
+    run_to_dict,
+    sql_script,
+    status_to_dict,
+    to_json,
+)
+from oauthmig.errors import OauthmigError, UsageError
+from oauthmig.migrations import RunResult
+from oauthmig.status import status as read_status
+
+EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+@dataclass(frozen=True, slots=True)
+class AppState:
+    """Global options, shared by every command."""
+
+    config_path: str | None
+    databases: tuple[str, ...]
+    consoles: Consoles
+
+    def settings(self) -> Settings:
+        """Load the configuration and apply ``--database``."""
+        return load_settings(self.config_path).restrict(self.databases)
+
+
+class Findings(Exception):
+    """Raised by a command that finished but has something CI should fail on (exit 1)."""
+
+
+FORMAT = click.Choice(["text", "json"])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Config file (default: $OAUTHMIG_CONFIG, ./oauthmig.toml, or the embedded "
+    "SQLite default under ./.oauthmig/).",
+)
+@click.option(
+    "--database",
+    "-d",
+    "databases",
+    multiple=True,
+    metavar="NAME",
+    help="Only act on this database (repeatable).",
+)
+@click.option("--verbose", "-v", is_flag=True, help="More detail.")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors and requested output.")
+@click.version_option(package_name="oauthmig")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    config_path: str | None,
+    databases: tuple[str, ...],
+    verbose: bool,
+    quiet: bool,
+) -> None:
+    """Roll out PKCE, redirect binding, refresh-token rotation and RFC 7591 client metadata on a
+    live Sentry-style OAuth provider, across routed databases, without blocking traffic.
+
+    \b
+    The rollout is: upgrade -> backfill -> upgrade.
+      oauthmig status                 # where every database stands
+      oauthmig upgrade --dry-run      # what would run, with the SQL
+      oauthmig upgrade                # expand: add the new columns everywhere
+    """
+    if verbose and quiet:
+        raise click.UsageError("--verbose and --quiet exclude each other")
+    ctx.obj = AppState(config_path, databases, Consoles.create(quiet=quiet, verbose=verbose))
+
+
+def _state(ctx: click.Context) -> AppState:
+    state: AppState = ctx.find_root().obj
+    return state
+
+
+def _report_failures(state: AppState, result: RunResult) -> None:
+    for run in result.failed:
+        state.consoles.error(run.error or "failed")
+    if result.failed:
+        names = ", ".join(r.database for r in result.failed)
+        ok = [r.database for r in result.runs if not r.error]
+        tail = f"; {', '.join(ok)} completed and are consistent" if ok else ""
+        raise OauthmigError(f"{len(result.failed)} database(s) failed: {names}{tail}")
+
+
+@cli.command()
+@click.option(
+    "--to",
+    "target",
+    default="head",
+    show_default=True,
+    metavar="REV",
+    help="Target revision (id, unique prefix, or head).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Connect read-only and print, per database, the pending revisions and their "
+    "SQL. Writes nothing, not even the version table.",
+)
+@click.option(
+    "--sql",
+    "offline",
+    is_flag=True,
+    help="Emit the SQL only, offline: no connection needed; one section per database.",
+)
+@click.option(
+    "--from",
+    "from_revision",
+    metavar="REV",
+    help="With --sql: the revision the databases are at (default: base).",
+)
+@click.option(
+    "--jobs",
+    "-j",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Upgrade this many databases in parallel.",
+)
+@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@click.pass_context
+def upgrade(
+    ctx: click.Context,
+    target: str,
+    dry_run: bool,
+    offline: bool,
+    from_revision: str | None,
+    jobs: int,
+    fmt: str,
+) -> None:
+    """Apply pending revisions on every routed database.
+
+    Each database runs only the operations for the tables routed to it, records every revision
+    as applied or skipped (not routed) in its own version table, and takes every DDL lock under
+    lock_timeout with bounded retries. A plain upgrade stops, on each database, before the first
+    revision whose backfill is unfinished, says which one, and exits 0.
+
+    \b
+    Examples:
+      oauthmig upgrade --dry-run
+      oauthmig upgrade --sql > rollout.sql
+      oauthmig upgrade -d control --to 0002
+    """
+    state = _state(ctx)
+    if dry_run and offline:
+        raise UsageError("--dry-run and --sql exclude each other")
+    if from_revision and not offline:
+        raise UsageError("--from only applies to --sql")
+    settings = state.settings()
+    c = state.consoles
+    as_json = fmt == "json"
+    if offline:
+        result = migrations.upgrade(settings, target, mode="sql", from_revision=from_revision)
+        _report_failures(state, result)
+        click.echo(
+            to_json([run_to_dict(r) for r in result.runs]) if as_json else sql_script(result),
+            nl=False,
+        )
+        return
+    if dry_run:
+        result = migrations.upgrade(settings, target, mode="dry-run")
+        _report_failures(state, result)
+        if as_json:
+            click.echo(
+                to_json({"dry_run": True, "databases": [run_to_dict(r) for r in result.runs]})
+            )
+        else:
+            render_dry_run(c.out, result)
+        return
+    if not c.quiet:
+        render_plan(c.human(as_json), migrations.plan(settings, "upgrade", target), "upgrade")
+    result = migrations.upgrade(settings, target, jobs=jobs)
+    if as_json:
+        click.echo(to_json({"dry_run": False, "databases": [run_to_dict(r) for r in result.runs]}))
+    elif not c.quiet:
+        render_run(c.out, result)
+    _report_failures(state, result)
+
+
+@cli.command()
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    metavar="REV|base",
+    help="Revision to go back to, or base to remove everything oauthmig added.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the revisions and SQL; write nothing.")
+@click.option("--sql", "offline", is_flag=True, help="Emit the SQL only, offline.")
+@click.option(
+    "--from",
+    "from_revision",
+    metavar="REV",
+    help="With --sql: the revision the databases are at (default: head).",
+)
+@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@click.pass_context
+def downgrade(
+    ctx: click.Context,
+    target: str,
+    dry_run: bool,
+    offline: bool,
+    from_revision: str | None,
+    fmt: str,
+) -> None:
+    """Reverse revisions down to --to on every routed database.
+
+    Columns that oauthmig adopted (they existed before it ran) are kept.
+
+    \b
+    Examples:
+      oauthmig downgrade --to base --dry-run
+      oauthmig downgrade --to 0001 -d shard
+    """
+    state = _state(ctx)
+    if dry_run and offline:
+        raise UsageError("--dry-run and --sql exclude each other")
+    if from_revision and not offline:
+        raise UsageError("--from only applies to --sql")
+    settings = state.settings()
+    c = state.consoles
+    as_json = fmt == "json"
+    mode = "sql" if offline else "dry-run" if dry_run else "online"
+    if mode == "online" and not c.quiet:
+        render_plan(c.human(as_json), migrations.plan(settings, "downgrade", target), "downgrade")
+    result = migrations.downgrade(settings, target, mode=mode, from_revision=from_revision)
+    _report_failures(state, result)
+    if as_json:
+        click.echo(
+            to_json(
+                {"dry_run": mode != "online", "databases": [run_to_dict(r) for r in result.runs]}
+            )
+        )
+    elif mode == "sql":
+        click.echo(sql_script(result), nl=False)
+    elif mode == "dry-run":
+        render_dry_run(c.out, result)
+    elif not c.quiet:
+        render_run(c.out, result)
+
+
+@cli.command()
+@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Exit 1 if any revision or backfill is pending, waiting or failed.",
+)
+@click.pass_context
+def status(ctx: click.Context, fmt: str, check: bool) -> None:
+    """Show the revision x database matrix, backfill progress and PKCE coverage.
+
+    Cells read applied, skipped (not routed), pending, waiting (for a backfill) or failed.
+    Reads only; never writes.
+
+    \b
+    Examples:
+      oauthmig status
+      oauthmig status --format json | jq '.databases[].current'
+      oauthmig status --check        # in CI: fails while anything is outstanding
+    """
+    state = _state(ctx)
+    report = read_status(state.settings())
+    if fmt == "json":
+        click.echo(to_json(status_to_dict(report)))
+    else:
+        render_status(state.consoles.out, report)
+    errors = [d for d in report.databases if d.error]
+    if errors:
+        raise OauthmigError(errors[0].error or "a database could not be read")
+    if check and report.outstanding:
+        raise Findings("outstanding work: pending, waiting or failed revisions or backfills")
+
+
+@cli.command()
+@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@click.pass_context
+def history(ctx: click.Context, fmt: str) -> None:
+    """List revisions with the tables they touch and the backfills they require.
+
+    \b
+    Example:
+      oauthmig history
+    """
+    revisions = migrations.history()
+    if fmt == "json":
+        click.echo(
+            to_json(
+                [
+                    {
+                        "revision": r.revision,
+                        "down_revision": r.down_revision,
+                        "message": r.message,
+                        "tables": list(r.tables),
+                        "columns": [f"{c.table}.{c.name}" for c in r.columns],
+                        "requires_backfills": list(r.requires_backfills),
+                    }
+                    for r in revisions
+                ]
+            )
+        )
+    else:
+        render_history(_state(ctx).consoles.out, revisions)
+
+
+@cli.command()
+@click.option(
+    "--apps",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(1, 10_000_000),
+    help="Applications to create.",
+)
+@click.option(
+    "--tokens",
+    default=20000,
+    show_default=True,
+    type=click.IntRange(0, 100_000_000),
+    help="Tokens to create, split over the databases hosting the token table.",
+)
+@click.option("--seed", default=42, show_default=True, type=int, help="Random seed.")
+@click.option("--setup-only", is_flag=True, help="Create and fill the legacy tables, then stop.")
+@click.pass_context
+def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool) -> None:
+    """Create legacy tables with realistic data, then run the whole rollout on them.
+
+    Refuses to touch databases whose tables exist and were not created by the demo.
+    With no config this uses the embedded SQLite default under ./.oauthmig/.
+
+    \b
+    Examples:
+      oauthmig demo
+      oauthmig demo --apps 200 --tokens 5000 --setup-only
+    """
+    from oauthmig.demo import setup_legacy
+
+    state = _state(ctx)
+    c = state.consoles
+    settings = state.settings()
+    c.info(
+        f"demo: creating legacy tables on {', '.join(settings.database_names())} "
+        f"({settings.source})"
+    )
+    setup = setup_legacy(settings, apps=apps, tokens=tokens, seed=seed)
+    for d in setup.databases:
+        c.info(
+            f"  {d.database}: {d.applications:,} applications, {d.grants:,} grants "
+            f"({d.live_grants:,} live), {d.tokens:,} tokens ({d.refreshable_tokens:,} "
+            "refreshable)"
+        )
+    if setup_only:
+        return
+    c.info("demo: upgrade (expand)")
+    result = migrations.upgrade(settings)
+    if not c.quiet:
+        render_run(c.out, result)
+    _report_failures(state, result)
+    report = read_status(settings)
+    if not c.quiet:
+        render_status(c.out, report)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: run the CLI and turn every outcome into an exit code."""
+    code = run(argv)
+    sys.exit(code)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return the exit code (0 ok, 1 findings, 2 failed, 130 interrupted)."""
+    ctx_obj: dict[str, Any] = {}
+    try:
+        cli.main(args=argv, prog_name="oauthmig", standalone_mode=False, obj=ctx_obj)
+        return EXIT_OK
+    except Findings as exc:
+        click.echo(str(exc), err=True)
+        return EXIT_FINDINGS
+    except OauthmigError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        return EXIT_FAILED
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_FAILED
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("interrupted; state is saved, rerun to resume", err=True)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,434 @@
+"""Configuration: TOML file and environment -> frozen settings.
+
+This module is the only reader of configuration files and of the environment. Resolution order:
+``--config PATH`` > ``$OAUTHMIG_CONFIG`` > ``./oauthmig.toml`` > the embedded default (two SQLite
+databases under ``./.oauthmig/``). Every error names the offending key and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from oauthmig.errors import ConfigError
+
+LOGICAL_TABLES: tuple[str, ...] = ("application", "grant", "token")
+DEFAULT_TABLES: dict[str, str] = {
+    "application": "sentry_apiapplication",
+    "grant": "sentry_apigrant",
+    "token": "sentry_apitoken",
+}
+CONFIDENTIAL_AUTH_METHODS: tuple[str, ...] = (
+    "client_secret_basic",
+    "client_secret_post",
+    "client_secret_jwt",
+    "private_key_jwt",
+    "tls_client_auth",
+    "self_signed_tls_client_auth",
+)
+GRANT_TYPES: tuple[str, ...] = (
+    "authorization_code",
+    "implicit",
+    "password",
+    "client_credentials",
+    "refresh_token",
+    "urn:ietf:params:oauth:grant-type:jwt-bearer",
+    "urn:ietf:params:oauth:grant-type:saml2-bearer",
+    "urn:ietf:params:oauth:grant-type:device_code",
+)
+RESPONSE_TYPES: tuple[str, ...] = ("code", "token", "id_token", "code id_token", "none")
+EMBEDDED_DIR = ".oauthmig"
+ENV_CONFIG = "OAUTHMIG_CONFIG"
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_DB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min)?\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    """One routed database. ``url`` holds the password: never print it, use ``display_url``."""
+
+    name: str
+    url: str | None
+    display_url: str
+    dialect: str
+    url_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TableNames:
+    """Physical table names for the logical tables."""
+
+    application: str = DEFAULT_TABLES["application"]
+    grant: str = DEFAULT_TABLES["grant"]
+    token: str = DEFAULT_TABLES["token"]
+
+    def physical(self, logical: str) -> str:
+        """Physical name of a logical table (``application``, ``grant`` or ``token``)."""
+        value: str = getattr(self, logical)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateSettings:
+    """Timeouts and retries for DDL."""
+
+    lock_timeout_ms: int = 2000
+    lock_retries: int = 8
+    statement_timeout_ms: int = 30000
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMetadataDefaults:
+    """What the client-metadata backfill writes for existing applications."""
+
+    confidential_auth_method: str = "client_secret_basic"
+    grant_types: tuple[str, ...] = ("authorization_code", "refresh_token")
+    response_types: tuple[str, ...] = ("code",)
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillSettings:
+    """Batching and pacing of backfill jobs."""
+
+    batch_size: int = 5000
+    target_batch_seconds: float = 0.5
+    sleep_seconds: float = 0.0
+    client_metadata: ClientMetadataDefaults = field(default_factory=ClientMetadataDefaults)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """Redirect audit options."""
+
+    ignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a command needs to know about the installation."""
+
+    databases: Mapping[str, DatabaseConfig]
+    routing: Mapping[str, tuple[str, ...]]
+    tables: TableNames = field(default_factory=TableNames)
+    migrate: MigrateSettings = field(default_factory=MigrateSettings)
+    backfill: BackfillSettings = field(default_factory=BackfillSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    source: str = "embedded default"
+
+    def tables_on(self, database: str) -> tuple[str, ...]:
+        """Logical tables routed to ``database``, in canonical order."""
+        return tuple(t for t in LOGICAL_TABLES if database in self.routing.get(t, ()))
+
+    def database_names(self) -> tuple[str, ...]:
+        """Configured database names, in file order."""
+        return tuple(self.databases)
+
+    def restrict(self, names: tuple[str, ...]) -> Settings:
+        """Settings limited to ``names`` (``--database``); unknown names are a usage error."""
+        if not names:
+            return self
+        unknown = [n for n in names if n not in self.databases]
+        if unknown:
+            known = ", ".join(self.databases)
+            raise ConfigError(f"--database {unknown[0]}: no such database (configured: {known})")
+        keep = {n: self.databases[n] for n in self.databases if n in names}
+        routing = {t: tuple(d for d in dbs if d in keep) for t, dbs in self.routing.items()}
+        return Settings(
+            keep, routing, self.tables, self.migrate, self.backfill, self.audit, self.source
+        )
+
+
+def parse_duration_ms(value: object, key: str) -> int:
+    """Parse ``"2s"``, ``"500ms"``, ``"1m"`` or a number of seconds into milliseconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f'{key}: expected a duration like "2s" or "500ms", got {value!r}')
+    if isinstance(value, int | float):
+        seconds = float(value)
+        if seconds < 0:
+            raise ConfigError(f"{key}: must not be negative")
+        return int(seconds * 1000)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            number = float(m.group(1))
+            unit = m.group(2) or "s"
+            factor = {"ms": 1, "s": 1000, "m": 60000, "min": 60000}[unit]
+            return int(number * factor)
+    raise ConfigError(f'{key}: expected a duration like "2s" or "500ms", got {value!r}')
+
+
+def redact_url(url: URL) -> str:
+    """The URL as text with any password replaced by ``***``."""
+    return url.render_as_string(hide_password=True)
+
+
+def parse_database_url(raw: str, key: str) -> URL:
+    """Validate a database URL (PostgreSQL or SQLite); the error never echoes the URL."""
+    try:
+        url = make_url(raw.strip())
+    except (ArgumentError, ValueError):
+        raise ConfigError(
+            f"{key}: not a valid database URL; expected e.g. "
+            "postgresql+psycopg://user@host:5432/dbname or sqlite:///path/to/file.sqlite3"
+        ) from None
+    backend = url.get_backend_name()
+    if backend == "postgresql":
+        if url.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+            url = url.set(drivername="postgresql+psycopg")
+        else:
+            raise ConfigError(
+                f"{key}: driver {url.get_driver_name()!r} is not supported; use postgresql+psycopg://"
+            )
+        if not url.database:
+            raise ConfigError(f"{key}: the PostgreSQL URL names no database")
+    elif backend == "sqlite":
+        if url.drivername not in ("sqlite", "sqlite+pysqlite"):
+            raise ConfigError(
+                f"{key}: driver {url.get_driver_name()!r} is not supported; use sqlite://"
+            )
+    else:
+        raise ConfigError(f"{key}: unsupported database {backend!r}; use postgresql or sqlite")
+    return url
+
+
+def _table(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table ([{key}])")
+    return value
+
+
+def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], prefix: str) -> None:
+    for k in data:
+        if k not in allowed:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"{where}: unknown key (allowed: {', '.join(allowed)})")
+
+
+def _int(value: object, key: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(value: object, key: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if not low <= float(value) <= high:
+        raise ConfigError(f"{key}: must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+def _str_list(value: object, key: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: expected a list of strings")
+    if allowed is not None:
+        for v in value:
+            if v not in allowed:
+                raise ConfigError(f"{key}: {v!r} is not one of {', '.join(allowed)}")
+    return tuple(value)
+
+
+def _database(name: str, data: object, env: Mapping[str, str]) -> DatabaseConfig:
+    key = f"databases.{name}"
+    if not _DB_NAME.match(name):
+        raise ConfigError(f"{key}: database names use letters, digits, '_' and '-'")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: expected a table with url or url_env")
+    _check_keys(data, ("url", "url_env"), key)
+    if ("url" in data) == ("url_env" in data):
+        raise ConfigError(f"{key}: set exactly one of url or url_env")
+    if "url" in data:
+        if not isinstance(data["url"], str) or not data["url"].strip():
+            raise ConfigError(f"{key}.url: expected a non-empty string")
+        url = parse_database_url(data["url"], f"{key}.url")
+        return DatabaseConfig(
+            name, url.render_as_string(hide_password=False), redact_url(url), url.get_backend_name()
+        )
+    var = data["url_env"]
+    if not isinstance(var, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", var):
+        raise ConfigError(f"{key}.url_env: expected an environment variable name")
+    raw = env.get(var)
+    if raw is None or not raw.strip():
+        # Resolved lazily: a database excluded with --database need not have its variable set.
+        message = f"{key}.url_env: environment variable {var} is not set"
+        return DatabaseConfig(name, None, f"${var}", "unknown", message)
+    url = parse_database_url(raw, f"{key}.url_env ({var})")
+    return DatabaseConfig(
+        name, url.render_as_string(hide_password=False), redact_url(url), url.get_backend_name()
+    )
+
+
+def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], source: str) -> Settings:
+    """Build and validate settings from parsed TOML."""
+    _check_keys(data, ("databases", "routing", "tables", "migrate", "backfill", "audit"), "")
+    dbs_raw = _table(data, "databases")
+    if not dbs_raw:
+        raise ConfigError("databases: at least one database must be configured ([databases.NAME])")
+    databases = {name: _database(name, value, env) for name, value in dbs_raw.items()}
+
+    routing_raw = _table(data, "routing")
+    _check_keys(routing_raw, LOGICAL_TABLES, "routing")
+    routing: dict[str, tuple[str, ...]] = {}
+    for logical in LOGICAL_TABLES:
+        key = f"routing.{logical}"
+        if logical not in routing_raw:
+            if len(databases) == 1:
+                routing[logical] = tuple(databases)
+                continue
+            raise ConfigError(
+                f"{key}: table is routed to no database; list the databases hosting it"
+            )
+        value = routing_raw[logical]
+        if isinstance(value, str):
+            value = [value]
+        names = _str_list(value, key)
+        if not names:
+            raise ConfigError(
+                f"{key}: table is routed to no database; list the databases hosting it"
+            )
+        for n in names:
+            if n not in databases:
+                raise ConfigError(
+                    f"{key}: unknown database {n!r} (configured: {', '.join(databases)})"
+                )
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{key}: a database is listed twice")
+        routing[logical] = names
+
+    tables_raw = _table(data, "tables")
+    _check_keys(tables_raw, LOGICAL_TABLES, "tables")
+    names_map = dict(DEFAULT_TABLES)
+    for logical, value in tables_raw.items():
+        if not isinstance(value, str) or not _IDENTIFIER.match(value):
+            raise ConfigError(
+                f"tables.{logical}: {value!r} is not a plain SQL name (letters, digits, _; max 63)"
+            )
+        names_map[logical] = value
+    if len(set(names_map.values())) != len(names_map):
+        raise ConfigError("tables: two logical tables map to the same physical table")
+    tables = TableNames(**names_map)
+
+    mig_raw = _table(data, "migrate")
+    _check_keys(mig_raw, ("lock_timeout", "lock_retries", "statement_timeout"), "migrate")
+    migrate = MigrateSettings(
+        lock_timeout_ms=parse_duration_ms(
+            mig_raw.get("lock_timeout", "2s"), "migrate.lock_timeout"
+        ),
+        lock_retries=_int(mig_raw.get("lock_retries", 8), "migrate.lock_retries", 0, 100),
+        statement_timeout_ms=parse_duration_ms(
+            mig_raw.get("statement_timeout", "30s"), "migrate.statement_timeout"
+        ),
+    )
+    if migrate.lock_timeout_ms <= 0:
+        raise ConfigError("migrate.lock_timeout: must be greater than zero (0 would wait forever)")
+
+    bf_raw = _table(data, "backfill")
+    _check_keys(
+        bf_raw,
+        ("batch_size", "target_batch_seconds", "sleep_seconds", "client_metadata"),
+        "backfill",
+    )
+    cm_raw = bf_raw.get("client_metadata", {})
+    if not isinstance(cm_raw, dict):
+        raise ConfigError("backfill.client_metadata: expected a table")
+    _check_keys(
+        cm_raw,
+        ("confidential_auth_method", "grant_types", "response_types"),
+        "backfill.client_metadata",
+    )
+    method = cm_raw.get("confidential_auth_method", "client_secret_basic")
+    if method not in CONFIDENTIAL_AUTH_METHODS:
+        raise ConfigError(
+            f"backfill.client_metadata.confidential_auth_method: {method!r} is not one of "
+            + ", ".join(CONFIDENTIAL_AUTH_METHODS)
+        )
+    grant_types = _str_list(
+        cm_raw.get("grant_types", ["authorization_code", "refresh_token"]),
+        "backfill.client_metadata.grant_types",
+        GRANT_TYPES,
+    )
+    response_types = _str_list(
+        cm_raw.get("response_types", ["code"]),
+        "backfill.client_metadata.response_types",
+        RESPONSE_TYPES,
+    )
+    if not grant_types:
+        raise ConfigError("backfill.client_metadata.grant_types: must not be empty")
+    if not response_types:
+        raise ConfigError("backfill.client_metadata.response_types: must not be empty")
+    backfill = BackfillSettings(
+        batch_size=_int(bf_raw.get("batch_size", 5000), "backfill.batch_size", 1, 10_000_000),
+        target_batch_seconds=_float(
+            bf_raw.get("target_batch_seconds", 0.5), "backfill.target_batch_seconds", 0.01, 600
+        ),
+        sleep_seconds=_float(bf_raw.get("sleep_seconds", 0.0), "backfill.sleep_seconds", 0, 3600),
+        client_metadata=ClientMetadataDefaults(method, grant_types, response_types),
+    )
+
+    audit_raw = _table(data, "audit")
+    _check_keys(audit_raw, ("ignore",), "audit")
+    ignore = _str_list(audit_raw.get("ignore", []), "audit.ignore")
+    for code in ignore:
+        if not re.match(r"^RU\d{3}$", code):
+            raise ConfigError(f"audit.ignore: {code!r} is not a rule code like RU014")
+    return Settings(databases, routing, tables, migrate, backfill, AuditSettings(ignore), source)
+
+
+def embedded_default(base: Path) -> Settings:
+    """Two SQLite databases under ``base/.oauthmig``: control (all tables) and shard (token)."""
+    folder = base / EMBEDDED_DIR
+    data = {
+        "databases": {
+            "control": {"url": f"sqlite:///{folder / 'control.sqlite3'}"},
+            "shard": {"url": f"sqlite:///{folder / 'shard.sqlite3'}"},
+        },
+        "routing": {
+            "application": ["control"],
+            "grant": ["control"],
+            "token": ["control", "shard"],
+        },
+    }
+    return settings_from_mapping(data, {}, f"embedded default ({folder})")
+
+
+def load_settings(
+    path: str | None = None, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Settings:
+    """Resolve and load the configuration (see module docstring for the order)."""
+    env = os.environ if env is None else env
+    cwd = Path.cwd() if cwd is None else cwd
+    chosen: Path | None = None
+    if path is not None:
+        chosen = Path(path)
+    elif env.get(ENV_CONFIG):
+        chosen = Path(env[ENV_CONFIG])
+    elif (cwd / "oauthmig.toml").is_file():
+        chosen = cwd / "oauthmig.toml"
+    if chosen is None:
+        return embedded_default(cwd)
+    try:
+        text = chosen.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {chosen} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"config file {chosen} cannot be read: {exc.__class__.__name__}"
+        ) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {chosen}: invalid TOML: {exc}") from None
+    return settings_from_mapping(data, env, str(chosen))

@@ -1,0 +1,344 @@
+"""Consoles and renderers: rich tables and progress for people, JSON for machines.
+
+One ``Console`` per stream. When JSON goes to stdout, everything human goes to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from oauthmig.migrations import DatabasePlan, DatabaseRun, RevisionInfo, RunResult
+from oauthmig.status import StatusReport
+
+
+@dataclass(frozen=True, slots=True)
+class Consoles:
+    """The stdout and stderr consoles of one CLI invocation."""
+
+    out: Console
+    err: Console
+    quiet: bool = False
+    verbose: bool = False
+
+    @classmethod
+    def create(cls, *, quiet: bool = False, verbose: bool = False) -> Consoles:
+        """Consoles on the real streams (colour only on terminals)."""
+        return cls(
+            Console(file=sys.stdout, highlight=False, soft_wrap=True),
+            Console(file=sys.stderr, highlight=False, soft_wrap=True),
+            quiet,
+            verbose,
+        )
+
+    def human(self, json_on_stdout: bool) -> Console:
+        """Where human-readable text goes: stderr when stdout carries JSON."""
+        return self.err if json_on_stdout else self.out
+
+    def info(self, message: str, json_on_stdout: bool = False) -> None:
+        """A human line, unless ``--quiet``."""
+        if not self.quiet:
+            self.human(json_on_stdout).print(message)
+
+    def error(self, message: str) -> None:
+        """A one-line error on stderr."""
+        self.err.print(f"[bold red]error:[/] {escape(message)}")
+
+
+def escape(text: str) -> str:
+    """Escape rich markup in text that comes from data or errors."""
+    from rich.markup import escape as _escape
+
+    return _escape(text)
+
+
+def _default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    return str(value)
+
+
+def to_json(value: Any) -> str:
+    """Serialize dataclasses, tuples and datetimes as one JSON document."""
+    return json.dumps(value, default=_default, indent=2, ensure_ascii=False)
+
+
+@contextmanager
+def progress_bar(console: Console, enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar (rows, rate, ETA); yields ``update(label, done, total)``."""
+    if not enabled or not console.is_terminal:
+        yield lambda _label, _done, _total: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total or None, rate="")
+            task = tasks[label]
+            elapsed = bar.tasks[task].elapsed or 0.0
+            rate = f"{done / elapsed:,.0f} rows/s" if elapsed > 0 else ""
+            bar.update(task, completed=done, total=total or None, rate=rate)
+
+        yield update
+
+
+# --------------------------------------------------------------------------- renderers
+
+_STATE_STYLE = {
+    "applied": "green",
+    "skipped": "dim",
+    "pending": "yellow",
+    "waiting": "cyan",
+    "failed": "bold red",
+    "finished": "green",
+    "running": "yellow",
+    "paused": "yellow",
+    "not started": "yellow",
+}
+
+
+def render_plan(console: Console, plans: list[DatabasePlan | str], direction: str) -> None:
+    """The database × revision plan, printed before anything is changed."""
+    table = Table(title=f"{direction} plan", title_justify="left", show_lines=False)
+    table.add_column("database")
+    table.add_column("from")
+    table.add_column("to")
+    table.add_column("steps")
+    for p in plans:
+        if isinstance(p, str):
+            table.add_row("?", "", "", f"[red]{escape(p)}[/]")
+            continue
+        steps = ", ".join(
+            f"{s.revision} {s.action}" + (f" ({'+'.join(s.tables)})" if s.tables else "")
+            for s in p.steps
+        )
+        if p.waiting:
+            steps += (
+                f"{', ' if steps else ''}[cyan]stops before {p.waiting.revision}: backfill "
+                f"{p.waiting.job} has {p.waiting.remaining_rows} rows left[/]"
+            )
+        table.add_row(
+            p.database, p.current or "base", p.target or "base", steps or "[dim]up to date[/]"
+        )
+    console.print(table)
+
+
+def render_run(console: Console, result: RunResult) -> None:
+    """Summary after an upgrade or downgrade."""
+    for run in result.runs:
+        if run.error:
+            continue
+        if not run.done and not run.plan.steps:
+            console.print(f"{run.database}: up to date at {run.reached or 'base'}")
+        else:
+            parts = []
+            for s in run.done:
+                label = {
+                    "apply": "applied",
+                    "skip": "skipped (not routed)",
+                    "revert": "reverted",
+                }.get(s.action, s.action)
+                extra = f", adopted {', '.join(s.adopted)}" if s.adopted else ""
+                parts.append(f"{s.revision} {label}{extra}")
+            console.print(
+                f"{run.database}: {'; '.join(parts) or 'nothing to do'} -> now at "
+                f"{run.reached or 'base'} ({run.seconds:.1f}s, "
+                f"{run.attempts} attempt{'s' if run.attempts != 1 else ''})"
+            )
+        if run.plan.waiting:
+            w = run.plan.waiting
+            console.print(
+                f"{run.database}: [cyan]waiting[/] before {w.revision}: backfill "
+                f"{w.job} has {w.remaining_rows} rows left; run `oauthmig backfill "
+                f"{w.job}` then `oauthmig upgrade` again"
+            )
+
+
+def render_dry_run(console: Console, result: RunResult) -> None:
+    """Per database: pending revisions and the SQL they would run."""
+    for run in result.runs:
+        if run.error:
+            continue
+        console.rule(
+            f"{run.database} ({run.plan.dialect}): "
+            f"{run.plan.current or 'base'} -> {run.plan.target or 'base'}"
+        )
+        if not run.plan.steps:
+            console.print("nothing to do")
+        else:
+            console.print(escape(run.sql or ""), end="")
+        if run.plan.waiting:
+            w = run.plan.waiting
+            console.print(
+                f"-- stops before {w.revision}: backfill {w.job} has {w.remaining_rows} rows left"
+            )
+
+
+def sql_script(result: RunResult) -> str:
+    """``--sql`` output: one commented section per database."""
+    out: list[str] = []
+    for run in result.runs:
+        if run.error:
+            continue
+        out.append(
+            f"-- ===== database: {run.database} ({run.plan.dialect}, "
+            f"{run.plan.current or 'base'} -> {run.plan.target or 'base'}) =====\n"
+        )
+        out.append(run.sql or "-- nothing to do\n")
+    return "\n".join(out)
+
+
+def render_status(console: Console, report: StatusReport) -> None:
+    """The revision × database matrix, then backfills and PKCE coverage."""
+    table = Table(title="revisions", title_justify="left")
+    table.add_column("revision")
+    table.add_column("touches")
+    for d in report.databases:
+        table.add_column(d.database)
+    for i, rev in enumerate(report.revisions):
+        cells = []
+        for d in report.databases:
+            if d.error:
+                cells.append("[red]error[/]")
+                continue
+            cell = d.revisions[i]
+            style = _STATE_STYLE.get(cell.state, "")
+            text = cell.state if cell.state != "skipped" else "skipped: not routed"
+            cells.append(f"[{style}]{text}[/]" if style else text)
+        table.add_row(f"{rev.revision} {escape(rev.message)}", ", ".join(rev.tables), *cells)
+    console.print(table)
+    for d in report.databases:
+        if d.error:
+            console.print(f"[red]{escape(d.database)}: {escape(d.error)}[/]")
+            continue
+        for cell in d.revisions:
+            if cell.detail and cell.state in ("waiting", "failed"):
+                console.print(f"{d.database} {cell.revision} {cell.state}: {escape(cell.detail)}")
+        for job in d.backfills:
+            total = "?" if job.rows_total is None else f"{job.rows_total:,}"
+            line = (
+                f"{d.database} backfill {job.job}: {job.state}, {job.rows_done:,}/{total} rows"
+                + (f", {job.remaining:,} remaining" if job.remaining else "")
+            )
+            if job.last_error:
+                line += f", last error: {job.last_error}"
+            console.print(escape(line))
+        if d.live_grants is not None:
+            console.print(
+                f"{d.database}: {d.live_grants_without_pkce:,} of {d.live_grants:,} "
+                "live grants have no PKCE challenge"
+            )
+
+
+def render_history(console: Console, revisions: list[RevisionInfo]) -> None:
+    """Revisions with the tables they touch and the backfills they require."""
+    table = Table(title="revisions (oldest first)", title_justify="left")
+    for name in ("revision", "description", "touches", "columns", "requires backfill"):
+        table.add_column(name)
+    for rev in revisions:
+        cols = ", ".join(f"{c.table}.{c.name}" for c in rev.columns)
+        table.add_row(
+            rev.revision,
+            escape(rev.message),
+            ", ".join(rev.tables),
+            cols,
+            ", ".join(rev.requires_backfills) or "-",
+        )
+    console.print(table)
+
+
+def run_to_dict(run: DatabaseRun) -> dict[str, Any]:
+    """JSON shape of one database's run."""
+    return {
+        "database": run.database,
+        "dialect": run.plan.dialect,
+        "from": run.plan.current,
+        "to": run.reached if run.reached is not None or not run.error else None,
+        "steps": [
+            {
+                "revision": s.revision,
+                "action": s.action,
+                "tables": list(s.tables),
+                "adopted": list(s.adopted),
+            }
+            for s in (run.done or run.plan.steps)
+        ],
+        "waiting": (
+            None
+            if run.plan.waiting is None
+            else {
+                "revision": run.plan.waiting.revision,
+                "job": run.plan.waiting.job,
+                "remaining_rows": run.plan.waiting.remaining_rows,
+            }
+        ),
+        "attempts": run.attempts,
+        "seconds": round(run.seconds, 3),
+        "error": run.error,
+        "sql": run.sql,
+    }
+
+
+def status_to_dict(report: StatusReport) -> dict[str, Any]:
+    """JSON shape of ``status``."""
+    return {
+        "head": report.revisions[-1].revision if report.revisions else None,
+        "outstanding": report.outstanding,
+        "revisions": [
+            {
+                "revision": r.revision,
+                "message": r.message,
+                "tables": list(r.tables),
+                "requires_backfills": list(r.requires_backfills),
+            }
+            for r in report.revisions
+        ],
+        "databases": [
+            {
+                "database": d.database,
+                "dialect": d.dialect,
+                "url": d.display_url,
+                "tables": list(d.tables),
+                "current": d.current,
+                "error": d.error,
+                "revisions": {
+                    c.revision: {"state": c.state, "detail": c.detail} for c in d.revisions
+                },
+                "backfills": [dataclasses.asdict(j) for j in d.backfills],
+                "live_grants": d.live_grants,
+                "live_grants_without_pkce": d.live_grants_without_pkce,
+            }
+            for d in report.databases
+        ],
+    }

@@ -1,0 +1,154 @@
+"""Engines for routed databases: timeouts, transactional DDL on SQLite, password hiding, locks."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.pool import NullPool
+
+from oauthmig.config import DatabaseConfig, Settings
+from oauthmig.errors import ConfigError, LockBusyError, UnreachableError
+
+SQLITE_IMMEDIATE = "oauthmig_sqlite_immediate"
+
+
+def for_writing(conn: Connection) -> Connection:
+    """Mark a connection as a writer: on SQLite its transactions begin IMMEDIATE."""
+    return conn.execution_options(**{SQLITE_IMMEDIATE: True})
+
+
+def _require_url(db: DatabaseConfig) -> str:
+    if db.url is None:
+        raise ConfigError(db.url_error or f"databases.{db.name}: no URL")
+    return db.url
+
+
+def make_engine(db: DatabaseConfig, settings: Settings, *, create: bool = False) -> Engine:
+    """An engine for one routed database, with timeouts applied on every new connection.
+
+    A SQLite file that does not exist is an error unless ``create`` (only the demo creates
+    databases; every other command must not leave an empty file behind a typo).
+
+    SQLite: pysqlite's legacy transaction handling does not wrap DDL in a transaction, so we
+    take over BEGIN ourselves (SQLAlchemy's documented recipe) to make each revision atomic.
+    """
+    url = make_url(_require_url(db))
+    lock_ms = settings.migrate.lock_timeout_ms
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            if create:
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            elif not Path(url.database).is_file():
+                raise UnreachableError(
+                    f"database {db.name!r}: SQLite file {url.database} does not exist; fix the "
+                    "URL, or run `oauthmig demo` to create the embedded demo databases"
+                )
+        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": lock_ms / 1000})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout = {int(lock_ms)}")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            # Writers ask for IMMEDIATE so that busy_timeout applies when taking the write lock;
+            # a deferred transaction that reads first fails at once with SQLITE_BUSY instead.
+            immediate = conn.get_execution_options().get(SQLITE_IMMEDIATE, False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+    return create_engine(
+        url,
+        poolclass=NullPool,
+        connect_args={"connect_timeout": 5, "application_name": "oauthmig"},
+    )
+
+
+def describe_error(exc: BaseException, db: DatabaseConfig) -> str:
+    """A one-line description of a driver error with any password removed."""
+    orig = getattr(exc, "orig", None) or exc
+    message = " ".join(str(orig).split())
+    if db.url:
+        url = make_url(db.url)
+        if url.password:
+            message = message.replace(str(url.password), "***")
+    return message[:300]
+
+
+@contextlib.contextmanager
+def connect(engine: Engine, db: DatabaseConfig) -> Iterator[Connection]:
+    """Open a connection, turning connection failures into :class:`UnreachableError`."""
+    try:
+        conn = engine.connect()
+    except (OperationalError, DBAPIError) as exc:
+        raise UnreachableError(
+            f"database {db.name!r} ({db.display_url}) is unreachable: {describe_error(exc, db)}; "
+            "check the URL and that the server is running"
+        ) from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def lock_key(purpose: str) -> int:
+    """A stable 63-bit advisory-lock key for ``purpose`` (e.g. ``upgrade``)."""
+    return zlib.crc32(f"oauthmig:{purpose}".encode()) & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def exclusive_run(conn: Connection, db: DatabaseConfig, purpose: str) -> Iterator[None]:
+    """Hold a session-level lock for ``purpose`` on this database, or raise LockBusyError.
+
+    PostgreSQL: ``pg_try_advisory_lock`` on the connection (released at unlock or disconnect,
+    so a crashed run never leaves it behind). SQLite: ``flock`` on a sidecar file next to the
+    database file, released by the OS when the process dies.
+    """
+    if conn.dialect.name == "postgresql":
+        key = lock_key(purpose)
+        got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+        conn.commit()
+        if not got:
+            raise LockBusyError(
+                f"database {db.name!r}: another oauthmig {purpose} run holds the lock; "
+                "wait for it to finish (see pg_stat_activity, application_name = 'oauthmig')"
+            )
+        try:
+            yield
+        finally:
+            with contextlib.suppress(DBAPIError):
+                conn.rollback()
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        return
+    path = conn.engine.url.database
+    if not path or path == ":memory:":
+        yield
+        return
+    lock_path = f"{path}.{purpose}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockBusyError(
+                f"database {db.name!r}: another oauthmig {purpose} run holds the lock "
+                f"({lock_path}); wait for it to finish"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,107 @@
+"""The exception tree of oauthmig.
+
+Every error a user can cause or fix derives from :class:`OauthmigError`; the CLI turns it into
+one line on stderr and exit code 2. Anything else escaping is a bug and may show a traceback.
+
+    OauthmigError                      one-line message, exit 2
+    ├── ConfigError                    bad config file, key or value (names the key)
+    ├── UsageError                     arguments that do not fit together
+    ├── DatabaseError                  a database cannot be used as configured
+    │   ├── UnreachableError           cannot connect
+    │   ├── MissingTableError          a routed table does not exist
+    │   ├── IncompatibleColumnError    existing column cannot be adopted
+    │   ├── SchemaStateError           half-migrated or unknown revision in a version table
+    │   ├── LockBusyError              another oauthmig run holds this database's lock
+    │   ├── LockTimeoutError           DDL could not get its lock within the retries
+    │   └── RevisionFailedError        a revision failed for another reason
+    ├── GateError                      a revision waits for an unfinished backfill
+    ├── BackfillError                  a backfill job failed (state saved)
+    └── OAuthError                     token-endpoint errors of the models library
+        ├── InvalidRequest             RFC 6749 §5.2 ``invalid_request``
+        └── InvalidGrant               RFC 6749 §5.2 ``invalid_grant``
+"""
+
+from __future__ import annotations
+
+
+class OauthmigError(Exception):
+    """Base class: a user-facing failure with a one-line message."""
+
+    exit_code: int = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(OauthmigError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+class UsageError(OauthmigError):
+    """Command-line arguments that do not fit together."""
+
+
+class DatabaseError(OauthmigError):
+    """A database cannot be used as configured; the message names it."""
+
+
+class UnreachableError(DatabaseError):
+    """Connecting to a database failed."""
+
+
+class MissingTableError(DatabaseError):
+    """A table routed to a database does not exist there."""
+
+
+class IncompatibleColumnError(DatabaseError):
+    """A column already exists with a type oauthmig cannot adopt."""
+
+
+class SchemaStateError(DatabaseError):
+    """A version table names an unknown revision, or applied columns are missing."""
+
+
+class LockBusyError(DatabaseError):
+    """Another oauthmig run holds this database's migration or backfill lock."""
+
+
+class LockTimeoutError(DatabaseError):
+    """A DDL statement could not take its lock within ``lock_timeout`` after every retry."""
+
+
+class RevisionFailedError(DatabaseError):
+    """A revision failed on a database for a reason other than a lock timeout."""
+
+
+class GateError(OauthmigError):
+    """A revision requires a backfill that is not finished on that database."""
+
+
+class BackfillError(OauthmigError):
+    """A backfill job failed; its state and last error are saved in the database."""
+
+
+class OAuthError(OauthmigError):
+    """An OAuth 2.0 token-endpoint error (RFC 6749 §5.2); ``error`` is the wire code."""
+
+    error: str = "invalid_request"
+
+    def __init__(self, description: str) -> None:
+        super().__init__(f"{self.error}: {description}")
+        self.description = description
+
+
+class InvalidRequest(OAuthError):
+    """The request is malformed (RFC 6749 §5.2 ``invalid_request``)."""
+
+    error = "invalid_request"
+
+
+class InvalidGrant(OAuthError):
+    """The grant or refresh token is invalid, expired, revoked or mismatched."""
+
+    error = "invalid_grant"

@@ -1,0 +1,952 @@
+"""Routed Alembic runner: one linear revision history applied to every routed database.
+
+Each revision module in ``revisions/versions`` declares ``tables`` (the logical tables it
+touches), ``columns`` (the :class:`ColumnSpec` it adds, if any) and ``requires_backfills``.
+On each database the revision runs only the operations for tables routed there and records its
+outcome (``applied`` or ``skipped``: not routed) in that database's own
+``oauthmig_revision_log``; Alembic's own version table (``oauthmig_version``) tracks the head.
+
+Online, ``--dry-run`` and ``--sql`` all run the same revision code through Alembic: online
+against a connection, the other two in Alembic's offline mode writing SQL to a buffer
+(``--dry-run`` additionally reads the current revision and existing columns, read-only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any, cast
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext, MigrationInfo
+from alembic.script import Script, ScriptDirectory
+from sqlalchemy import (
+    Column,
+    DateTime,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    insert,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.types import TypeEngine
+
+from oauthmig.config import LOGICAL_TABLES, DatabaseConfig, MigrateSettings, Settings, TableNames
+from oauthmig.db import connect, describe_error, exclusive_run, for_writing, make_engine
+from oauthmig.errors import (
+    DatabaseError,
+    GateError,
+    IncompatibleColumnError,
+    LockTimeoutError,
+    MissingTableError,
+    OauthmigError,
+    RevisionFailedError,
+    SchemaStateError,
+    UsageError,
+)
+
+REVISIONS_DIR = Path(__file__).resolve().parent.parent / "revisions"
+VERSION_TABLE = "oauthmig_version"
+LOG_TABLE = "oauthmig_revision_log"
+TARGET_KEY = "oauthmig_target"
+CONNECTION_KEY = "connection"
+
+_log_md = MetaData()
+revision_log = Table(
+    LOG_TABLE,
+    _log_md,
+    Column("revision", String(32), primary_key=True),
+    Column("outcome", String(16), nullable=False),
+    Column("tables", String(100), nullable=False),
+    Column("adopted", Text, nullable=True),
+    Column("detail", Text, nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# Gate hook: job name -> function(connection, settings, database) -> rows still to backfill.
+# The backfill module registers its jobs here; a revision naming an unregistered job is a bug.
+BackfillRemaining = Callable[[Connection, Settings, str], int]
+BACKFILL_GATES: dict[str, BackfillRemaining] = {}
+
+
+# --------------------------------------------------------------------------- column specs
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnSpec:
+    """A nullable column an expand revision adds, and which existing types it adopts."""
+
+    table: str
+    name: str
+    type_: TypeEngine[Any]
+    expected: str
+    compatible: Callable[[TypeEngine[Any], str], bool]
+
+
+def text_like(min_length: int) -> Callable[[TypeEngine[Any], str], bool]:
+    """Adopt TEXT, or VARCHAR/CHAR of at least ``min_length``."""
+
+    def check(found: TypeEngine[Any], _dialect: str) -> bool:
+        if not isinstance(found, String):
+            return False
+        return found.length is None or found.length >= min_length
+
+    return check
+
+
+def type_name(found: TypeEngine[Any], dialect_name: str) -> str:
+    """How a reflected type reads in messages (``varchar(64)``, ``integer``)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = (postgresql.dialect() if dialect_name == "postgresql"  # type: ignore[no-untyped-call]
+               else sqlite.dialect())
+    try:
+        return found.compile(dialect=dialect).lower()
+    except Exception:
+        return str(found).lower()
+
+
+# --------------------------------------------------------------------------- revisions
+
+
+@dataclass(frozen=True, slots=True)
+class RevisionInfo:
+    """One revision of the linear history."""
+
+    revision: str
+    down_revision: str | None
+    message: str
+    tables: tuple[str, ...]
+    columns: tuple[ColumnSpec, ...]
+    requires_backfills: tuple[str, ...]
+
+
+def script_directory() -> ScriptDirectory:
+    """Alembic's view of ``revisions/``."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(REVISIONS_DIR))
+    return ScriptDirectory.from_config(cfg)
+
+
+def _info(script: Script) -> RevisionInfo:
+    module: ModuleType = script.module
+    down = script.down_revision
+    if isinstance(down, tuple | list):
+        raise RevisionFailedError(f"revision {script.revision}: branches are not supported")
+    tables = tuple(getattr(module, "tables", ()))
+    for t in tables:
+        if t not in LOGICAL_TABLES:
+            raise RevisionFailedError(f"revision {script.revision}: unknown logical table {t!r}")
+    return RevisionInfo(
+        revision=script.revision,
+        down_revision=down,
+        message=(script.doc or "").strip().splitlines()[0] if script.doc else "",
+        tables=tables,
+        columns=tuple(getattr(module, "columns", ())),
+        requires_backfills=tuple(getattr(module, "requires_backfills", ())),
+    )
+
+
+def history() -> list[RevisionInfo]:
+    """All revisions, oldest first."""
+    scripts = list(script_directory().walk_revisions("base", "heads"))
+    heads = script_directory().get_heads()
+    if len(heads) > 1:
+        raise RevisionFailedError(
+            f"revisions/ has several heads {heads}; the history must be linear"
+        )
+    return [_info(s) for s in reversed(scripts)]
+
+
+def resolve_revision(rev: str, revisions: Sequence[RevisionInfo]) -> str | None:
+    """``head``/``base``/a revision id or unique prefix -> revision id (``None`` for base)."""
+    if rev == "base":
+        return None
+    if rev == "head" or rev == "heads":
+        return revisions[-1].revision if revisions else None
+    matches = [r.revision for r in revisions if r.revision == rev]
+    if not matches:
+        matches = [r.revision for r in revisions if r.revision.startswith(rev)]
+    if len(matches) != 1:
+        known = ", ".join(r.revision for r in revisions)
+        raise UsageError(f"--to {rev}: unknown revision (known: base, head, {known})")
+    return matches[0]
+
+
+def revision_position(rev: str | None, revisions: Sequence[RevisionInfo]) -> int:
+    """Position after ``rev`` in the history (0 for base)."""
+    if rev is None:
+        return 0
+    for i, r in enumerate(revisions):
+        if r.revision == rev:
+            return i + 1
+    raise SchemaStateError(f"unknown revision {rev!r}")
+
+
+# --------------------------------------------------------------------------- run context
+
+
+@dataclass(slots=True)
+class RevisionTarget:
+    """What a revision needs to know about the database it runs on (via Alembic's config)."""
+
+    database: str
+    dialect: str
+    routed: tuple[str, ...]
+    tables: TableNames
+    migrate: MigrateSettings
+    inspect_conn: Connection | None
+    previously_adopted: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    adopted: dict[str, list[str]] = field(default_factory=dict)
+
+    def existing_column(self, physical: str, column: str) -> TypeEngine[Any] | bool | None:
+        """The reflected type of ``physical.column``; ``None`` if absent; ``False`` if unknown."""
+        if self.inspect_conn is None:
+            return False
+        for col in inspect(self.inspect_conn).get_columns(physical):
+            if col["name"] == column:
+                found: TypeEngine[Any] = col["type"]
+                return found
+        return None
+
+
+def current_target() -> RevisionTarget:
+    """The :class:`RevisionTarget` of the revision being run (call from revision code)."""
+    from alembic import op
+
+    target: RevisionTarget = op.get_context().config.attributes[TARGET_KEY]  # type: ignore[union-attr]
+    return target
+
+
+def expand(revision: str, columns: Sequence[ColumnSpec]) -> None:
+    """Add ``columns`` on the tables routed to this database, adopting compatible ones."""
+    from alembic import op
+
+    t = current_target()
+    for spec in columns:
+        if spec.table not in t.routed:
+            continue
+        physical = t.tables.physical(spec.table)
+        found = t.existing_column(physical, spec.name)
+        if found is not None and found is not False:
+            assert not isinstance(found, bool)
+            if not spec.compatible(found, t.dialect):
+                raise _incompatible(t.database, physical, spec, found, t.dialect)
+            t.adopted.setdefault(revision, []).append(f"{spec.table}.{spec.name}")
+            continue
+        # Offline (--sql) cannot look: IF NOT EXISTS keeps the script safe where PostgreSQL allows.
+        if_not_exists = True if found is False and t.dialect == "postgresql" else None
+        op.add_column(
+            physical, Column(spec.name, spec.type_, nullable=True), if_not_exists=if_not_exists
+        )
+
+
+def contract(revision: str, columns: Sequence[ColumnSpec]) -> None:
+    """Drop what :func:`expand` added; columns adopted from the provider's schema are kept."""
+    from alembic import op
+
+    t = current_target()
+    kept = set(t.previously_adopted.get(revision, ()))
+    for spec in reversed(columns):
+        if spec.table not in t.routed or f"{spec.table}.{spec.name}" in kept:
+            continue
+        op.drop_column(t.tables.physical(spec.table), spec.name)
+
+
+def _incompatible(
+    database: str, physical: str, spec: ColumnSpec, found: TypeEngine[Any], dialect: str
+) -> IncompatibleColumnError:
+    return IncompatibleColumnError(
+        f"database {database!r}: column {physical}.{spec.name} exists as "
+        f"{type_name(found, dialect)}, expected {spec.expected}; alter or rename it, then rerun"
+    )
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def run_environment(context: EnvironmentContext) -> None:
+    """Body of ``revisions/env.py``: configure Alembic for one routed database and run."""
+    t: RevisionTarget = context.config.attributes[TARGET_KEY]
+    opts: dict[str, Any] = {
+        "version_table": VERSION_TABLE,
+        "transaction_per_migration": True,
+        "on_version_apply": _record_step,
+    }
+    if context.is_offline_mode():
+        context.configure(dialect_name=t.dialect, literal_binds=True, **opts)
+        with context.begin_transaction():
+            if t.dialect == "postgresql":
+                context.execute(f"SET lock_timeout = '{t.migrate.lock_timeout_ms}ms'")
+                context.execute(f"SET statement_timeout = '{t.migrate.statement_timeout_ms}ms'")
+            from sqlalchemy.schema import CreateTable
+
+            context.execute(CreateTable(revision_log, if_not_exists=True))
+            context.run_migrations()
+        return
+    conn: Connection = context.config.attributes[CONNECTION_KEY]
+    context.configure(connection=conn, **opts)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _record_step(*, ctx: MigrationContext, step: MigrationInfo, heads: Any, run_args: Any) -> None:
+    t: RevisionTarget = ctx.config.attributes[TARGET_KEY]  # type: ignore[union-attr]
+    if step.is_upgrade:
+        rev = step.up_revision_id
+        assert rev is not None
+        info = _info(cast(Script, step.up_revision))
+        here = tuple(x for x in info.tables if x in t.routed)
+        outcome = "applied" if here or not info.tables else "skipped"
+        ctx.execute(delete(revision_log).where(revision_log.c.revision == rev))
+        ctx.execute(
+            insert(revision_log).values(
+                revision=rev,
+                outcome=outcome,
+                tables=",".join(here),
+                adopted=",".join(t.adopted.get(rev, [])) or None,
+                detail=None,
+                updated_at=datetime.now(UTC),
+            )
+        )
+    else:
+        for rev in step.source_revision_ids:
+            ctx.execute(delete(revision_log).where(revision_log.c.revision == rev))
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A gated revision that waits for a backfill on one database."""
+
+    revision: str
+    job: str
+    remaining_rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedStep:
+    """One revision to apply (or revert) on one database."""
+
+    revision: str
+    message: str
+    action: str  # "apply", "skip" (not routed) or "revert"
+    tables: tuple[str, ...]
+    adopted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DatabasePlan:
+    """What an upgrade or downgrade does on one database."""
+
+    database: str
+    dialect: str
+    display_url: str
+    current: str | None
+    target: str | None
+    steps: tuple[PlannedStep, ...]
+    waiting: Waiting | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseRun:
+    """The outcome on one database."""
+
+    database: str
+    plan: DatabasePlan
+    done: tuple[PlannedStep, ...]
+    reached: str | None
+    attempts: int
+    seconds: float
+    error: str | None = None
+    error_kind: str | None = None
+    sql: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """The outcome of upgrade/downgrade over every selected database."""
+
+    direction: str
+    mode: str  # "online", "dry-run" or "sql"
+    runs: tuple[DatabaseRun, ...]
+
+    @property
+    def failed(self) -> tuple[DatabaseRun, ...]:
+        """Runs that ended in an error."""
+        return tuple(r for r in self.runs if r.error)
+
+
+# --------------------------------------------------------------------------- state reading
+
+
+def _version_heads(conn: Connection) -> tuple[str, ...]:
+    mc = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    heads = tuple(mc.get_current_heads())
+    if conn.in_transaction():
+        conn.rollback()
+    return heads
+
+
+def read_current(conn: Connection, db: str, revisions: Sequence[RevisionInfo]) -> str | None:
+    """The revision recorded on this database (``None`` = base); unknown ones are an error."""
+    heads = _version_heads(conn)
+    if not heads:
+        return None
+    if len(heads) > 1:
+        raise SchemaStateError(f"database {db!r}: version table {VERSION_TABLE} has several rows")
+    known = {r.revision for r in revisions}
+    if heads[0] not in known:
+        raise SchemaStateError(
+            f"database {db!r}: version table records revision {heads[0]!r}, which this oauthmig "
+            "does not know; upgrade oauthmig, or use the version that applied it"
+        )
+    return heads[0]
+
+
+def read_log(conn: Connection) -> dict[str, dict[str, Any]]:
+    """Rows of the revision log keyed by revision (empty if the table does not exist)."""
+    if not inspect(conn).has_table(LOG_TABLE):
+        return {}
+    rows = conn.execute(select(revision_log)).mappings().all()
+    if conn.in_transaction():
+        conn.rollback()
+    return {r["revision"]: dict(r) for r in rows}
+
+
+def check_routed_tables(conn: Connection, settings: Settings, database: str) -> None:
+    """Raise :class:`MissingTableError` naming the first routed table absent from ``database``."""
+    existing = set(inspect(conn).get_table_names())
+    if conn.in_transaction():
+        conn.rollback()
+    for logical in settings.tables_on(database):
+        physical = settings.tables.physical(logical)
+        if physical not in existing:
+            raise MissingTableError(
+                f"database {database!r}: routed table {logical!r} ({physical}) does not exist; "
+                f"create it, or remove {database!r} from [routing] {logical}"
+            )
+
+
+def preflight(
+    conn: Connection,
+    settings: Settings,
+    db: DatabaseConfig,
+    revisions: Sequence[RevisionInfo],
+    current: str | None,
+    pending: Sequence[RevisionInfo],
+) -> None:
+    """Refuse, before writing anything, what would fail midway.
+
+    Checks that every routed table exists, that applied revisions' columns are present (else the
+    database is half-migrated), and that pending columns that already exist can be adopted.
+    """
+    insp = inspect(conn)
+    routed = settings.tables_on(db.name)
+    check_routed_tables(conn, settings, db.name)
+    columns: dict[str, dict[str, TypeEngine[Any]]] = {}
+    for logical in routed:
+        physical = settings.tables.physical(logical)
+        columns[logical] = {c["name"]: c["type"] for c in insp.get_columns(physical)}
+    for rev in revisions[: revision_position(current, revisions)]:
+        for spec in rev.columns:
+            if spec.table in routed and spec.name not in columns[spec.table]:
+                raise SchemaStateError(
+                    f"database {db.name!r}: revision {rev.revision} is recorded as applied but "
+                    f"{settings.tables.physical(spec.table)}.{spec.name} is missing "
+                    f"(half-migrated); restore the column, or `oauthmig downgrade --to "
+                    f"{rev.down_revision or 'base'} -d {db.name}` then upgrade again"
+                )
+    for rev in pending:
+        for spec in rev.columns:
+            if spec.table not in routed:
+                continue
+            found = columns[spec.table].get(spec.name)
+            if found is not None and not spec.compatible(found, conn.dialect.name):
+                raise _incompatible(
+                    db.name, settings.tables.physical(spec.table), spec, found, conn.dialect.name
+                )
+    if conn.in_transaction():
+        conn.rollback()
+
+
+def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -> Waiting | None:
+    """The unfinished backfill ``rev`` waits for on database ``db``, if any."""
+    routed = settings.tables_on(db)
+    if not any(t in routed for t in rev.tables):
+        return None
+    for job in rev.requires_backfills:
+        check = BACKFILL_GATES.get(job)
+        if check is None:
+            raise RevisionFailedError(f"revision {rev.revision}: unknown backfill job {job!r}")
+        remaining = check(conn, settings, db)
+        if conn.in_transaction():
+            conn.rollback()
+        if remaining > 0:
+            return Waiting(rev.revision, job, remaining)
+    return None
+
+
+def _plan(
+    conn: Connection,
+    settings: Settings,
+    db: DatabaseConfig,
+    revisions: Sequence[RevisionInfo],
+    target: str | None,
+    direction: str,
+    explicit_target: bool,
+) -> tuple[DatabasePlan, list[RevisionInfo]]:
+    current = read_current(conn, db.name, revisions)
+    cur_i, tgt_i = revision_position(current, revisions), revision_position(target, revisions)
+    routed = settings.tables_on(db.name)
+    steps: list[PlannedStep] = []
+    chosen: list[RevisionInfo] = []
+    waiting: Waiting | None = None
+    if direction == "upgrade":
+        for rev in revisions[cur_i:tgt_i]:
+            waiting = gate_for(conn, settings, db.name, rev)
+            if waiting is not None:
+                if explicit_target:
+                    raise GateError(
+                        f"database {db.name!r}: revision {rev.revision} requires backfill "
+                        f"{waiting.job!r} to finish ({waiting.remaining_rows} rows remain); run "
+                        f"`oauthmig backfill {waiting.job} -d {db.name}` first"
+                    )
+                break
+            here = tuple(x for x in rev.tables if x in routed)
+            steps.append(
+                PlannedStep(
+                    rev.revision, rev.message, "apply" if here or not rev.tables else "skip", here
+                )
+            )
+            chosen.append(rev)
+    else:
+        for rev in reversed(revisions[tgt_i:cur_i]):
+            here = tuple(x for x in rev.tables if x in routed)
+            steps.append(PlannedStep(rev.revision, rev.message, "revert", here))
+            chosen.append(rev)
+    reach = (
+        (chosen[-1].revision if direction == "upgrade" else chosen[-1].down_revision)
+        if chosen
+        else current
+    )
+    plan = DatabasePlan(
+        db.name, conn.dialect.name, db.display_url, current, reach, tuple(steps), waiting
+    )
+    return plan, chosen
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _alembic_config(
+    target: RevisionTarget, conn: Connection | None, buffer: io.StringIO | None = None
+) -> Config:
+    cfg = Config(output_buffer=buffer) if buffer is not None else Config()
+    cfg.set_main_option("script_location", str(REVISIONS_DIR))
+    cfg.attributes[TARGET_KEY] = target
+    if conn is not None:
+        cfg.attributes[CONNECTION_KEY] = conn
+    return cfg
+
+
+def _is_lock_timeout(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate == "55P03":  # lock_not_available, raised by lock_timeout
+        return True
+    return "database is locked" in str(orig or exc)
+
+
+def _blockers(conn: Connection, physical_tables: Sequence[str]) -> str:
+    """Who holds locks on the tables (PostgreSQL); never includes query text (may hold secrets)."""
+    if conn.dialect.name != "postgresql":
+        return "another connection is writing to the SQLite database"
+    parts: list[str] = []
+    with contextlib.suppress(SQLAlchemyError):
+        rows = conn.execute(
+            text(
+                "SELECT c.relname, a.pid, a.state, l.mode, "
+                "  EXTRACT(EPOCH FROM now() - COALESCE(a.xact_start, a.query_start))::int AS age "
+                "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.granted AND l.pid <> pg_backend_pid() AND c.relname = ANY(:names) "
+                "ORDER BY age DESC NULLS LAST LIMIT 5"
+            ),
+            {"names": list(physical_tables)},
+        ).all()
+        conn.rollback()
+        for r in rows:
+            parts.append(
+                f"{r.relname} locked by pid {r.pid} ({r.state}, {r.mode}, "
+                f"transaction open {r.age}s)"
+            )
+    return "; ".join(parts) or "a conflicting lock was held and has since been released"
+
+
+def _record_failure(conn: Connection, rev: str, message: str) -> None:
+    with contextlib.suppress(SQLAlchemyError):
+        if conn.in_transaction():
+            conn.rollback()
+        with conn.begin():
+            _log_md.create_all(conn, checkfirst=True)
+            conn.execute(delete(revision_log).where(revision_log.c.revision == rev))
+            conn.execute(
+                insert(revision_log).values(
+                    revision=rev,
+                    outcome="failed",
+                    tables="",
+                    adopted=None,
+                    detail=message[:2000],
+                    updated_at=datetime.now(UTC),
+                )
+            )
+
+
+def _apply_session_timeouts(conn: Connection, migrate: MigrateSettings) -> None:
+    if conn.dialect.name == "postgresql":
+        # Session level, so every statement of every revision transaction is bounded.
+        conn.execute(text(f"SET lock_timeout = '{int(migrate.lock_timeout_ms)}ms'"))
+        conn.execute(text(f"SET statement_timeout = '{int(migrate.statement_timeout_ms)}ms'"))
+        conn.commit()
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """Picklable description of one database's run (so ``--jobs`` can use processes)."""
+
+    settings: Settings
+    database: str
+    direction: str
+    target: str
+    mode: str
+    explicit_target: bool
+    from_revision: str | None = None
+
+
+def run_database(req: RunRequest, sleep: Callable[[float], None] = time.sleep) -> DatabaseRun:
+    """Upgrade or downgrade one database; errors are captured into the result, never raised."""
+    settings, db = req.settings, req.settings.databases[req.database]
+    started = time.monotonic()
+    revisions = history()
+    empty_plan = DatabasePlan(db.name, db.dialect, db.display_url, None, None, ())
+    try:
+        target = resolve_revision(req.target, revisions)
+        if req.mode == "sql":
+            return _run_offline(req, db, revisions, target, started)
+        engine = make_engine(db, settings)
+        try:
+            with connect(engine, db) as conn:
+                if req.mode == "dry-run":
+                    return _run_dry(req, conn, db, revisions, target, started)
+                with exclusive_run(conn, db, "upgrade"):
+                    return _run_online(req, conn, db, revisions, target, started, sleep)
+        finally:
+            engine.dispose()
+    except OauthmigError as exc:
+        return DatabaseRun(
+            db.name,
+            empty_plan,
+            (),
+            None,
+            0,
+            time.monotonic() - started,
+            exc.message,
+            type(exc).__name__,
+        )
+    except SQLAlchemyError as exc:
+        message = f"database {db.name!r}: {describe_error(exc, db)}"
+        return DatabaseRun(
+            db.name, empty_plan, (), None, 0, time.monotonic() - started, message, "DatabaseError"
+        )
+
+
+def _target_for(
+    db: DatabaseConfig, settings: Settings, conn: Connection | None, log: dict[str, dict[str, Any]]
+) -> RevisionTarget:
+    previously = {
+        rev: tuple(filter(None, (row.get("adopted") or "").split(","))) for rev, row in log.items()
+    }
+    return RevisionTarget(
+        db.name,
+        conn.dialect.name if conn is not None else db.dialect,
+        settings.tables_on(db.name),
+        settings.tables,
+        settings.migrate,
+        conn,
+        previously,
+    )
+
+
+def _run_online(
+    req: RunRequest,
+    conn: Connection,
+    db: DatabaseConfig,
+    revisions: list[RevisionInfo],
+    target: str | None,
+    started: float,
+    sleep: Callable[[float], None],
+) -> DatabaseRun:
+    settings = req.settings
+    plan, chosen = _plan(conn, settings, db, revisions, target, req.direction, req.explicit_target)
+    pending = chosen if req.direction == "upgrade" else []
+    preflight(conn, settings, db, revisions, plan.current, pending)
+    if not chosen:
+        return DatabaseRun(db.name, plan, (), plan.current, 0, time.monotonic() - started)
+    _apply_session_timeouts(conn, settings.migrate)
+    for_writing(conn)
+    stop = plan.target if plan.target is not None else "base"
+    attempts = 0
+    retries = settings.migrate.lock_retries
+    while True:
+        attempts += 1
+        try:
+            with conn.begin():
+                _log_md.create_all(conn, checkfirst=True)
+            rt = _target_for(db, settings, conn, read_log(conn))
+            cfg = _alembic_config(rt, conn)
+            if req.direction == "upgrade":
+                command.upgrade(cfg, stop)
+            else:
+                command.downgrade(cfg, stop)
+            break
+        except DBAPIError as exc:
+            with contextlib.suppress(SQLAlchemyError):
+                conn.rollback()
+            reached_now = read_current(conn, db.name, revisions)
+            failing = _next_step(revisions, reached_now, req.direction)
+            routed = settings.tables_on(db.name)
+            physical = [
+                settings.tables.physical(t)
+                for t in (failing.tables if failing else ())
+                if t in routed
+            ]
+            if _is_lock_timeout(exc) and attempts <= retries:
+                # Nothing is held while we wait: the failed revision's transaction is rolled back.
+                delay = min(30.0, 0.2 * (2 ** (attempts - 1))) * random.uniform(0.5, 1.0)
+                sleep(delay)
+                continue
+            if _is_lock_timeout(exc):
+                who = _blockers(conn, physical)
+                message = (
+                    f"database {db.name!r}: revision {failing.revision if failing else '?'} could "
+                    f"not lock {', '.join(physical) or 'its tables'} within lock_timeout "
+                    f"{settings.migrate.lock_timeout_ms}ms after {attempts} attempts; {who}. "
+                    "Rerun when the blocking transaction has finished"
+                )
+                if failing:
+                    _record_failure(conn, failing.revision, message)
+                raise LockTimeoutError(message) from None
+            message = (
+                f"database {db.name!r}: revision {failing.revision if failing else '?'} "
+                f"failed: {describe_error(exc, db)}"
+            )
+            if failing:
+                _record_failure(conn, failing.revision, message)
+            raise RevisionFailedError(message) from None
+    reached = read_current(conn, db.name, revisions)
+    log = read_log(conn)
+    done = tuple(
+        replace(
+            s,
+            adopted=tuple(filter(None, (log.get(s.revision, {}).get("adopted") or "").split(","))),
+        )
+        for s in plan.steps
+    )
+    return DatabaseRun(db.name, plan, done, reached, attempts, time.monotonic() - started)
+
+
+def _next_step(
+    revisions: Sequence[RevisionInfo], current: str | None, direction: str
+) -> RevisionInfo | None:
+    i = revision_position(current, revisions)
+    if direction == "upgrade":
+        return revisions[i] if i < len(revisions) else None
+    return revisions[i - 1] if i > 0 else None
+
+
+def _offline_sql(rt: RevisionTarget, direction: str, start: str | None, stop: str | None) -> str:
+    buffer = io.StringIO()
+    cfg = _alembic_config(rt, None, buffer)
+    if direction == "upgrade":
+        rng = f"{start}:{stop or 'base'}" if start else (stop or "base")
+        if stop is None or start == stop:
+            return ""
+        command.upgrade(cfg, rng, sql=True)
+    else:
+        if start is None or start == stop:
+            return ""
+        command.downgrade(cfg, f"{start}:{stop or 'base'}", sql=True)
+    return buffer.getvalue()
+
+
+def _run_offline(
+    req: RunRequest,
+    db: DatabaseConfig,
+    revisions: list[RevisionInfo],
+    target: str | None,
+    started: float,
+) -> DatabaseRun:
+    if db.dialect not in ("postgresql", "sqlite"):
+        raise DatabaseError(db.url_error or f"database {db.name!r}: unknown dialect")
+    start = resolve_revision(req.from_revision, revisions) if req.from_revision else None
+    if req.direction == "downgrade" and req.from_revision is None:
+        start = revisions[-1].revision if revisions else None
+    rt = RevisionTarget(
+        db.name,
+        db.dialect,
+        req.settings.tables_on(db.name),
+        req.settings.tables,
+        req.settings.migrate,
+        None,
+    )
+    s_i, t_i = revision_position(start, revisions), revision_position(target, revisions)
+    routed = rt.routed
+    if req.direction == "upgrade":
+        sel = revisions[s_i:t_i]
+        steps = tuple(
+            PlannedStep(
+                r.revision,
+                r.message,
+                "apply" if any(t in routed for t in r.tables) or not r.tables else "skip",
+                tuple(t for t in r.tables if t in routed),
+            )
+            for r in sel
+        )
+    else:
+        sel = list(reversed(revisions[t_i:s_i]))
+        steps = tuple(
+            PlannedStep(r.revision, r.message, "revert", tuple(t for t in r.tables if t in routed))
+            for r in sel
+        )
+    plan = DatabasePlan(db.name, db.dialect, db.display_url, start, target, steps)
+    sql = _offline_sql(rt, req.direction, start, target)
+    return DatabaseRun(db.name, plan, (), None, 0, time.monotonic() - started, sql=sql)
+
+
+def _run_dry(
+    req: RunRequest,
+    conn: Connection,
+    db: DatabaseConfig,
+    revisions: list[RevisionInfo],
+    target: str | None,
+    started: float,
+) -> DatabaseRun:
+    settings = req.settings
+    plan, chosen = _plan(conn, settings, db, revisions, target, req.direction, req.explicit_target)
+    preflight(
+        conn, settings, db, revisions, plan.current, chosen if req.direction == "upgrade" else []
+    )
+    rt = _target_for(db, settings, conn, read_log(conn))
+    sql = _offline_sql(rt, req.direction, plan.current, plan.target) if chosen else ""
+    if conn.in_transaction():
+        conn.rollback()
+    return DatabaseRun(db.name, plan, (), plan.current, 0, time.monotonic() - started, sql=sql)
+
+
+def _requests(
+    settings: Settings,
+    direction: str,
+    target: str,
+    mode: str,
+    explicit_target: bool,
+    from_revision: str | None,
+) -> list[RunRequest]:
+    return [
+        RunRequest(settings, name, direction, target, mode, explicit_target, from_revision)
+        for name in settings.database_names()
+    ]
+
+
+def _execute(
+    reqs: list[RunRequest], jobs: int, on_done: Callable[[DatabaseRun], None] | None
+) -> list[DatabaseRun]:
+    runs: list[DatabaseRun] = []
+    if jobs > 1 and len(reqs) > 1:
+        # Alembic's ``op``/``context`` proxies are module globals: parallel databases need
+        # processes, not threads.
+        with ProcessPoolExecutor(max_workers=min(jobs, len(reqs))) as pool:
+            for run in pool.map(run_database, reqs):
+                runs.append(run)
+                if on_done:
+                    on_done(run)
+        return runs
+    for req in reqs:
+        run = run_database(req)
+        runs.append(run)
+        if on_done:
+            on_done(run)
+    return runs
+
+
+def upgrade(
+    settings: Settings,
+    target: str = "head",
+    *,
+    mode: str = "online",
+    jobs: int = 1,
+    from_revision: str | None = None,
+    on_done: Callable[[DatabaseRun], None] | None = None,
+) -> RunResult:
+    """Upgrade every selected database to ``target`` (``mode``: online, dry-run or sql)."""
+    explicit = target not in ("head", "heads")
+    resolve_revision(target, history())
+    reqs = _requests(settings, "upgrade", target, mode, explicit, from_revision)
+    return RunResult("upgrade", mode, tuple(_execute(reqs, jobs, on_done)))
+
+
+def downgrade(
+    settings: Settings,
+    target: str,
+    *,
+    mode: str = "online",
+    jobs: int = 1,
+    from_revision: str | None = None,
+    on_done: Callable[[DatabaseRun], None] | None = None,
+) -> RunResult:
+    """Downgrade every selected database to ``target`` (a revision or ``base``)."""
+    resolve_revision(target, history())
+    reqs = _requests(settings, "downgrade", target, mode, True, from_revision)
+    return RunResult("downgrade", mode, tuple(_execute(reqs, jobs, on_done)))
+
+
+def plan(settings: Settings, direction: str, target: str) -> list[DatabasePlan | str]:
+    """Read-only plan per database; an unreadable database yields its error message instead."""
+    revisions = history()
+    resolved = resolve_revision(target, revisions)
+    out: list[DatabasePlan | str] = []
+    for name in settings.database_names():
+        db = settings.databases[name]
+        try:
+            engine = make_engine(db, settings)
+            try:
+                with connect(engine, db) as conn:
+                    p, _ = _plan(
+                        conn, settings, db, revisions, resolved, direction, explicit_target=False
+                    )
+                    out.append(p)
+            finally:
+                engine.dispose()
+        except OauthmigError as exc:
+            out.append(exc.message)
+        except SQLAlchemyError as exc:
+            out.append(f"database {name!r}: {describe_error(exc, db)}")
+    return out

@@ -1,0 +1,7 @@
+"""Alembic environment: oauthmig drives Alembic per routed database (see oauthmig.migrations)."""
+
+from alembic import context
+
+from oauthmig.migrations import run_environment
+
+run_environment(context)

@@ -1,0 +1,159 @@
+"""Test helpers that observe real databases: schema dumps, data checksums, CLI runs."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import inspect, select, table, text
+
+from oauthmig.cli import run
+from oauthmig.config import Settings
+from oauthmig.db import make_engine
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """Exit code and the two streams of one CLI run."""
+
+    code: int
+    out: str
+    err: str
+
+
+def invoke(capsys: pytest.CaptureFixture[str], *args: str) -> CliResult:
+    """Run the real CLI entry point in-process and capture its streams."""
+    capsys.readouterr()
+    code = run(list(args))
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
+
+
+def schema_dump(settings: Settings) -> dict[str, Any]:
+    """Tables, columns (name, type, nullability), indexes and unique constraints per database."""
+    dump: dict[str, Any] = {}
+    for name in settings.database_names():
+        engine = make_engine(settings.databases[name], settings)
+        try:
+            with engine.connect() as conn:
+                insp = inspect(conn)
+                db: dict[str, Any] = {}
+                for t in sorted(insp.get_table_names()):
+                    db[t] = {
+                        "columns": [(c["name"], str(c["type"]), c["nullable"])
+                                    for c in insp.get_columns(t)],
+                        "indexes": sorted((i["name"] or "", tuple(i["column_names"]))
+                                          for i in insp.get_indexes(t)),
+                        "unique": sorted(tuple(u["column_names"])
+                                         for u in insp.get_unique_constraints(t)),
+                    }
+                dump[name] = db
+        finally:
+            engine.dispose()
+    return dump
+
+
+def columns_of(settings: Settings, database: str, physical: str) -> set[str]:
+    """Column names of one table."""
+    engine = make_engine(settings.databases[database], settings)
+    try:
+        with engine.connect() as conn:
+            return {c["name"] for c in inspect(conn).get_columns(physical)}
+    finally:
+        engine.dispose()
+
+
+def data_checksum(settings: Settings, only_columns: dict[str, list[str]] | None = None
+                  ) -> dict[str, tuple[int, str]]:
+    """(row count, sha256 of rows ordered by id) per database.table; all columns by default."""
+    out: dict[str, tuple[int, str]] = {}
+    for name in settings.database_names():
+        engine = make_engine(settings.databases[name], settings)
+        try:
+            with engine.connect() as conn:
+                for logical in settings.tables_on(name):
+                    physical = settings.tables.physical(logical)
+                    cols = (only_columns or {}).get(logical)
+                    if cols is None:
+                        cols = [c["name"] for c in inspect(conn).get_columns(physical)]
+                    t = table(physical)
+                    q = select(*[text(f'"{c}"') for c in cols]).select_from(t).order_by(
+                        text('"id"'))
+                    digest = hashlib.sha256()
+                    count = 0
+                    for row in conn.execute(q):
+                        digest.update(repr(tuple(row)).encode())
+                        count += 1
+                    out[f"{name}.{physical}"] = (count, digest.hexdigest())
+        finally:
+            engine.dispose()
+    return out
+
+
+def write_config(path: Any, data: dict[str, Any]) -> str:
+    """Write a TOML config (only the shapes our tests use) and return its path."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return str(v)
+
+    def section(prefix: str, d: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if scalars and prefix:
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {value(v)}")
+        for k, v in tables.items():
+            section(f"{prefix}.{k}" if prefix else k, v)
+
+    section("", data)
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def seed_legacy(settings: Settings, rows: int = 50) -> None:
+    """Insert a few legacy rows with sparse ids into every routed table."""
+    import datetime as dt
+
+    from sqlalchemy import insert
+
+    from oauthmig.legacy import legacy_metadata
+
+    now = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    for name in settings.database_names():
+        routed = settings.tables_on(name)
+        md = legacy_metadata(settings.tables, routed)
+        engine = make_engine(settings.databases[name], settings)
+        try:
+            with engine.begin() as conn:
+                if "application" in routed:
+                    conn.execute(insert(md.tables[settings.tables.application]), [
+                        {"id": i * 7, "client_id": f"{name}-client-{i}",
+                         "client_secret": None if i % 3 == 0 else f"secret-{i}",
+                         "name": f"app {i}", "redirect_uris": f"https://a{i}.example.com/cb",
+                         "scopes": ["org:read"], "date_added": now}
+                        for i in range(1, rows + 1)])
+                if "grant" in routed:
+                    conn.execute(insert(md.tables[settings.tables.grant]), [
+                        {"id": i * 5, "user_id": i, "application_id": i * 7, "code": f"code-{i}",
+                         "expires_at": now + dt.timedelta(days=3650 * (i % 2)),
+                         "redirect_uri": f"https://a{i}.example.com/cb", "scope_list": []}
+                        for i in range(1, rows + 1)])
+                if "token" in routed:
+                    conn.execute(insert(md.tables[settings.tables.token]), [
+                        {"id": i * 3, "user_id": i, "application_id": None if i % 4 == 0 else i,
+                         "token": f"{name}-tok-{i}", "hashed_token": f"{name}-h-{i}",
+                         "refresh_token": None if i % 4 == 0 else f"{name}-ref-{i}",
+                         "scope_list": ["project:read"], "date_added": now}
+                        for i in range(1, rows + 1)])
+        finally:
+            engine.dispose()

@@ -1,0 +1,136 @@
+"""Live-traffic safety: no table rewrites, bounded lock waits with retries, one run at a time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from oauthmig.config import Settings, settings_from_mapping
+from oauthmig.db import make_engine
+from tests.conftest import DatabaseFactory, create_legacy, routed_config
+from tests.helpers import invoke, seed_legacy, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setup(make_database: DatabaseFactory, tmp_path: Path, lock_timeout: str = "300ms",
+           retries: int = 3) -> tuple[Settings, str]:
+    data = routed_config(make_database("control"), make_database("shard"),
+                         migrate={"lock_timeout": lock_timeout, "lock_retries": retries,
+                                  "statement_timeout": "60s"})
+    settings = settings_from_mapping(data, {}, "test")
+    create_legacy(settings)
+    seed_legacy(settings, rows=20)
+    return settings, write_config(tmp_path / "oauthmig.toml", data)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_expand_does_not_rewrite_large_tables(make_database: DatabaseFactory, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    settings, cfg = _setup(make_database, tmp_path)
+    engine = make_engine(settings.databases["control"], settings)
+    t = settings.tables
+    with engine.begin() as conn:
+        conn.execute(text(
+            f"INSERT INTO {t.token} (id, user_id, application_id, token, refresh_token, "
+            "scope_list, date_added) SELECT g, g, g % 97, 'tok' || g, 'ref' || g, '{}', now() "
+            "FROM generate_series(1000, 101000) g"))
+        conn.execute(text(f"ANALYZE {t.token}"))
+
+    def filenodes() -> dict[str, int]:
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT relname, relfilenode FROM pg_class WHERE relname = ANY(:n)"),
+                {"n": [t.token, t.grant, t.application]}).all()
+        return {r[0]: r[1] for r in rows}
+
+    with engine.connect() as conn:
+        assert conn.execute(text(f"SELECT count(*) FROM {t.token}")).scalar_one() >= 100_000
+    before = filenodes()
+    result = invoke(capsys, "--config", cfg, "upgrade")
+    assert result.code == 0, result.err
+    assert filenodes() == before
+    engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_lock_timeout_retries_then_names_blocker(make_database: DatabaseFactory, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    settings, cfg = _setup(make_database, tmp_path, lock_timeout="300ms", retries=3)
+    engine = make_engine(settings.databases["control"], settings)
+    token = settings.tables.token
+    blocker = engine.connect()
+    blocker.execute(text(f"SELECT count(*) FROM {token}"))  # holds ACCESS SHARE, idle in txn
+
+    stop = threading.Event()
+    waits: list[float] = []
+
+    def reader() -> None:
+        with engine.connect() as conn:
+            while not stop.is_set():
+                started = time.monotonic()
+                conn.execute(text(f"SELECT count(*) FROM {token}")).scalar_one()
+                conn.rollback()
+                waits.append(time.monotonic() - started)
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        result = invoke(capsys, "--config", cfg, "-d", "control", "upgrade")
+    finally:
+        stop.set()
+        thread.join()
+    assert result.code == 2
+    assert "Traceback" not in result.err
+    assert f"could not lock {token} within lock_timeout 300ms after 4 attempts" in result.err
+    assert "idle in transaction" in result.err and "AccessShareLock" in result.err
+    # Readers queue behind the waiting ALTER, but never longer than one lock_timeout.
+    assert waits and max(waits) < 0.3 + 0.7
+    status = invoke(capsys, "--config", cfg, "-d", "control", "status", "--format", "json")
+    assert '"state": "failed"' in status.out
+    blocker.rollback()
+    blocker.close()
+    rerun = invoke(capsys, "--config", cfg, "-d", "control", "upgrade")
+    assert rerun.code == 0, rerun.err
+    engine.dispose()
+
+
+def _hold_write_lock(settings: Settings) -> object:
+    """Block DDL on the control token table from another session (both backends)."""
+    engine = make_engine(settings.databases["control"], settings)
+    conn = engine.connect()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text(f"SELECT count(*) FROM {settings.tables.token}"))
+    else:
+        conn.execute(text(f"UPDATE {settings.tables.token} SET user_id = user_id WHERE id < 0"))
+    return conn
+
+
+def test_two_concurrent_upgrades_one_refuses(make_database: DatabaseFactory, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    settings, cfg = _setup(make_database, tmp_path, lock_timeout="1s", retries=4)
+    blocker = _hold_write_lock(settings)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "oauthmig", "--config", cfg, "-d", "control", "upgrade"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
+    try:
+        time.sleep(2.5)  # the first run now holds the run lock and retries its DDL
+        assert first.poll() is None
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        blocker.rollback()  # type: ignore[attr-defined]
+        blocker.close()  # type: ignore[attr-defined]
+    _out, err = first.communicate(timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert "another oauthmig upgrade run holds the lock" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 0, err
