@@ -327,6 +327,91 @@ def history(ctx: click.Context, fmt: str) -> None:
 
 
 @cli.command()
+@click.argument("job_names", nargs=-1, metavar="[JOB]...")
+@click.option(
+    "--batch",
+    "batch_size",
+    type=click.IntRange(1, 1_000_000),
+    default=None,
+    help="Starting batch size (default: backfill.batch_size); it then adapts toward "
+    "backfill.target_batch_seconds.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Report rows to change per job and database and an estimated duration. "
+    "Writes nothing, not even the job tables.",
+)
+@click.option(
+    "--sleep",
+    "sleep_seconds",
+    type=click.FloatRange(0, 3600),
+    default=None,
+    help="Pause between batches, in seconds (default: backfill.sleep_seconds).",
+)
+@click.option(
+    "--max-runtime",
+    type=click.FloatRange(0.1, None),
+    default=None,
+    metavar="S",
+    help="Stop cleanly after S seconds; state is saved and the next run resumes.",
+)
+@click.option("--restart", is_flag=True, help="Forget saved progress and start over.")
+@click.option(
+    "--jobs",
+    "-j",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Run this many job x database pairs in parallel.",
+)
+@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@click.pass_context
+def backfill(
+    ctx: click.Context,
+    job_names: tuple[str, ...],
+    batch_size: int | None,
+    dry_run: bool,
+    sleep_seconds: float | None,
+    max_runtime: float | None,
+    restart: bool,
+    jobs: int,
+    fmt: str,
+) -> None:
+    """Run backfill jobs (all by default): token-families, client-metadata.
+
+    Keyset batches, each its own short transaction, guarded so a rerun is harmless; progress
+    is saved in each database, so Ctrl-C, a crash or kill -9 resumes where it stopped. Only one
+    run per job and database at a time.
+
+    \b
+    Examples:
+      oauthmig backfill --dry-run
+      oauthmig backfill token-families --batch 2000 --sleep 0.1
+      oauthmig backfill --max-runtime 600 -d shard_eu
+    """
+    from oauthmig import backfill as service
+    from oauthmig.console import backfill_to_dict, progress_bar, render_backfill
+
+    state = _state(ctx)
+    c = state.consoles
+    settings = state.settings()
+    options = service.BackfillOptions(
+        batch_size, sleep_seconds, max_runtime, restart, dry_run, jobs
+    )
+    as_json = fmt == "json"
+    with progress_bar(c.err, enabled=not c.quiet and not dry_run) as update:
+        result = service.backfill(settings, job_names, options, progress=update)
+    if as_json:
+        click.echo(to_json(backfill_to_dict(result)))
+    elif not c.quiet or result.failed:
+        render_backfill(c.out, result)
+    if result.failed:
+        first = result.failed[0]
+        raise OauthmigError(first.message or f"backfill {first.job} failed on {first.database}")
+
+
+@cli.command()
 @click.option(
     "--apps",
     default=2000,
@@ -374,6 +459,20 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     if setup_only:
         return
     c.info("demo: upgrade (expand)")
+    result = migrations.upgrade(settings)
+    if not c.quiet:
+        render_run(c.out, result)
+    _report_failures(state, result)
+    from oauthmig import backfill as backfill_service
+    from oauthmig.console import render_backfill
+
+    c.info("demo: backfill")
+    filled = backfill_service.backfill(settings)
+    if not c.quiet:
+        render_backfill(c.out, filled)
+    if filled.failed:
+        raise OauthmigError(filled.failed[0].message or "backfill failed")
+    c.info("demo: upgrade (finalize)")
     result = migrations.upgrade(settings)
     if not c.quiet:
         render_run(c.out, result)

@@ -26,6 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from oauthmig.backfill import BackfillResult, JobRun
 from oauthmig.migrations import DatabasePlan, DatabaseRun, RevisionInfo, RunResult
 from oauthmig.status import StatusReport
 
@@ -144,10 +145,8 @@ def render_plan(console: Console, plans: list[DatabasePlan | str], direction: st
             for s in p.steps
         )
         if p.waiting:
-            steps += (
-                f"{', ' if steps else ''}[cyan]stops before {p.waiting.revision}: backfill "
-                f"{p.waiting.job} has {p.waiting.remaining_rows} rows left[/]"
-            )
+            sep = ", " if steps else ""
+            steps += f"{sep}[cyan]stops before {p.waiting.revision}: {p.waiting.describe()}[/]"
         table.add_row(
             p.database, p.current or "base", p.target or "base", steps or "[dim]up to date[/]"
         )
@@ -179,9 +178,8 @@ def render_run(console: Console, result: RunResult) -> None:
         if run.plan.waiting:
             w = run.plan.waiting
             console.print(
-                f"{run.database}: [cyan]waiting[/] before {w.revision}: backfill "
-                f"{w.job} has {w.remaining_rows} rows left; run `oauthmig backfill "
-                f"{w.job}` then `oauthmig upgrade` again"
+                f"{run.database}: [cyan]waiting[/] before {w.revision}: "
+                f"{w.describe()}; run `oauthmig backfill {w.job}` then `oauthmig upgrade` again"
             )
 
 
@@ -200,9 +198,7 @@ def render_dry_run(console: Console, result: RunResult) -> None:
             console.print(escape(run.sql or ""), end="")
         if run.plan.waiting:
             w = run.plan.waiting
-            console.print(
-                f"-- stops before {w.revision}: backfill {w.job} has {w.remaining_rows} rows left"
-            )
+            console.print(f"-- stops before {w.revision}: {w.describe()}")
 
 
 def sql_script(result: RunResult) -> str:
@@ -342,3 +338,74 @@ def status_to_dict(report: StatusReport) -> dict[str, Any]:
             for d in report.databases
         ],
     }
+
+
+def percentile(values: tuple[float, ...], q: float) -> float:
+    """The q-quantile (0..1) of values by nearest rank; 0.0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def _job_dict(r: JobRun) -> dict[str, Any]:
+    return {
+        "job": r.job,
+        "database": r.database,
+        "status": r.status,
+        "rows_changed": r.rows_changed,
+        "rows_total": r.rows_total,
+        "batches": r.batches,
+        "seconds": round(r.seconds, 3),
+        "rows_per_second": round(r.rows_changed / r.seconds, 1) if r.seconds > 0 else None,
+        "batch_p50_seconds": round(percentile(r.batch_seconds, 0.5), 4),
+        "batch_p99_seconds": round(percentile(r.batch_seconds, 0.99), 4),
+        "estimated_seconds": r.estimated_seconds,
+        "message": r.message,
+    }
+
+
+def backfill_to_dict(result: BackfillResult) -> dict[str, Any]:
+    """JSON shape of ``backfill``."""
+    return {"dry_run": result.dry_run, "jobs": [_job_dict(r) for r in result.runs]}
+
+
+def render_backfill(console: Console, result: BackfillResult) -> None:
+    """One row per job and database."""
+    title = "backfill (dry run: nothing written)" if result.dry_run else "backfill"
+    table = Table(title=title, title_justify="left")
+    cols = ["job", "database", "status", "rows to change" if result.dry_run else "rows changed"]
+    cols += ["estimate"] if result.dry_run else ["batches", "time", "rows/s", "p50/p99 batch"]
+    for name in cols:
+        table.add_column(name)
+    for r in result.runs:
+        style = _STATE_STYLE.get(r.status, "")
+        status = f"[{style}]{r.status}[/]" if style else r.status
+        if result.dry_run:
+            est = f"~{r.estimated_seconds:,.1f}s" if r.estimated_seconds is not None else "-"
+            table.add_row(
+                r.job,
+                r.database,
+                status,
+                f"{r.rows_changed:,}",
+                est + (f" ({escape(r.message)})" if r.message else ""),
+            )
+        else:
+            rate = f"{r.rows_changed / r.seconds:,.0f}" if r.seconds > 0 else "-"
+            table.add_row(
+                r.job,
+                r.database,
+                status,
+                f"{r.rows_changed:,}",
+                str(r.batches),
+                f"{r.seconds:.1f}s",
+                rate,
+                f"{percentile(r.batch_seconds, 0.5):.3f}/{percentile(r.batch_seconds, 0.99):.3f}s",
+            )
+    console.print(table)
+    for r in result.runs:
+        if r.status == "failed" and r.message:
+            console.print(f"[red]{escape(r.database)} {escape(r.job)}: {escape(r.message)}[/]")
+        elif r.status == "paused":
+            console.print(f"{r.database} {r.job}: paused; state saved, rerun to resume")

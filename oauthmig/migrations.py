@@ -79,7 +79,8 @@ revision_log = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
-# Gate hook: job name -> function(connection, settings, database) -> rows still to backfill.
+# Gate hook: job name -> function(connection, settings, database) -> rows still to backfill
+# (-1: cannot run yet, its columns are missing).
 # The backfill module registers its jobs here; a revision naming an unregistered job is a bug.
 BackfillRemaining = Callable[[Connection, Settings, str], int]
 BACKFILL_GATES: dict[str, BackfillRemaining] = {}
@@ -114,8 +115,8 @@ def type_name(found: TypeEngine[Any], dialect_name: str) -> str:
     """How a reflected type reads in messages (``varchar(64)``, ``integer``)."""
     from sqlalchemy.dialects import postgresql, sqlite
 
-    dialect = (postgresql.dialect() if dialect_name == "postgresql"  # type: ignore[no-untyped-call]
-               else sqlite.dialect())
+    module = postgresql if dialect_name == "postgresql" else sqlite
+    dialect = module.dialect()
     try:
         return found.compile(dialect=dialect).lower()
     except Exception:
@@ -339,7 +340,13 @@ class Waiting:
 
     revision: str
     job: str
-    remaining_rows: int
+    remaining_rows: int | None  # None: the backfill cannot have run yet (columns missing)
+
+    def describe(self) -> str:
+        """``backfill X has N rows left`` or ``backfill X has not run yet``."""
+        if self.remaining_rows is None:
+            return f"backfill {self.job} has not run yet"
+        return f"backfill {self.job} has {self.remaining_rows:,} rows left"
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,6 +497,8 @@ def preflight(
 
 def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -> Waiting | None:
     """The unfinished backfill ``rev`` waits for on database ``db``, if any."""
+    import oauthmig.backfill  # noqa: F401  (registers the backfill gates)
+
     routed = settings.tables_on(db)
     if not any(t in routed for t in rev.tables):
         return None
@@ -500,8 +509,8 @@ def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -
         remaining = check(conn, settings, db)
         if conn.in_transaction():
             conn.rollback()
-        if remaining > 0:
-            return Waiting(rev.revision, job, remaining)
+        if remaining != 0:
+            return Waiting(rev.revision, job, remaining if remaining > 0 else None)
     return None
 
 
@@ -527,7 +536,7 @@ def _plan(
                 if explicit_target:
                     raise GateError(
                         f"database {db.name!r}: revision {rev.revision} requires backfill "
-                        f"{waiting.job!r} to finish ({waiting.remaining_rows} rows remain); run "
+                        f"{waiting.job!r} to finish ({waiting.describe()}); run "
                         f"`oauthmig backfill {waiting.job} -d {db.name}` first"
                     )
                 break

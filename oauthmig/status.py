@@ -143,7 +143,7 @@ def _database_status(
                             RevisionState(
                                 rev.revision,
                                 "waiting",
-                                f"backfill {waiting.job}: {waiting.remaining_rows} rows remain",
+                                waiting.describe(),
                             )
                         )
                         continue
@@ -186,6 +186,8 @@ def _database_status(
 
 def status(settings: Settings) -> StatusReport:
     """Read the state of every selected database (never writes)."""
+    import oauthmig.backfill  # noqa: F401  (registers the backfill status hook)
+
     revisions = history()
     return StatusReport(
         tuple(revisions),

@@ -19,8 +19,9 @@ from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
 from oauthmig.legacy import legacy_metadata
 
-PG_ADMIN_URL = os.environ.get("OAUTHMIG_TEST_PG",
-                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "OAUTHMIG_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 RUN_ID = uuid.uuid4().hex[:8]
 
 
@@ -32,10 +33,12 @@ def pg_admin() -> Iterator[Engine]:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
-        pytest.fail(f"PostgreSQL at {make_url(PG_ADMIN_URL).render_as_string()} is required and "
-                    f"unreachable ({exc.__class__.__name__}); start it with "
-                    "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`",
-                    pytrace=False)
+        pytest.fail(
+            f"PostgreSQL at {make_url(PG_ADMIN_URL).render_as_string()} is required and "
+            f"unreachable ({exc.__class__.__name__}); start it with "
+            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`",
+            pytrace=False,
+        )
     yield engine
     engine.dispose()
 
@@ -56,8 +59,9 @@ DatabaseFactory = Callable[[str], str]
 
 
 @pytest.fixture
-def make_database(backend: str, tmp_path: Path,
-                  request: pytest.FixtureRequest) -> Iterator[DatabaseFactory]:
+def make_database(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[DatabaseFactory]:
     """Factory: ``make_database("control")`` -> URL of a new, empty, uniquely named database."""
     created: list[str] = []
     admin: Engine | None = request.getfixturevalue("pg_admin") if backend == "postgresql" else None
@@ -82,8 +86,11 @@ def routed_config(control_url: str, shard_url: str, **extra: object) -> dict[str
     """Config mapping for two routed databases with different table sets."""
     data: dict[str, object] = {
         "databases": {"control": {"url": control_url}, "shard": {"url": shard_url}},
-        "routing": {"application": ["control"], "grant": ["control"],
-                    "token": ["control", "shard"]},
+        "routing": {
+            "application": ["control"],
+            "grant": ["control"],
+            "token": ["control", "shard"],
+        },
         "migrate": {"lock_timeout": "500ms", "lock_retries": 2, "statement_timeout": "30s"},
     }
     data.update(extra)

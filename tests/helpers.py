@@ -42,12 +42,15 @@ def schema_dump(settings: Settings) -> dict[str, Any]:
                 db: dict[str, Any] = {}
                 for t in sorted(insp.get_table_names()):
                     db[t] = {
-                        "columns": [(c["name"], str(c["type"]), c["nullable"])
-                                    for c in insp.get_columns(t)],
-                        "indexes": sorted((i["name"] or "", tuple(i["column_names"]))
-                                          for i in insp.get_indexes(t)),
-                        "unique": sorted(tuple(u["column_names"])
-                                         for u in insp.get_unique_constraints(t)),
+                        "columns": [
+                            (c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(t)
+                        ],
+                        "indexes": sorted(
+                            (i["name"] or "", tuple(i["column_names"])) for i in insp.get_indexes(t)
+                        ),
+                        "unique": sorted(
+                            tuple(u["column_names"]) for u in insp.get_unique_constraints(t)
+                        ),
                     }
                 dump[name] = db
         finally:
@@ -65,8 +68,9 @@ def columns_of(settings: Settings, database: str, physical: str) -> set[str]:
         engine.dispose()
 
 
-def data_checksum(settings: Settings, only_columns: dict[str, list[str]] | None = None
-                  ) -> dict[str, tuple[int, str]]:
+def data_checksum(
+    settings: Settings, only_columns: dict[str, list[str]] | None = None
+) -> dict[str, tuple[int, str]]:
     """(row count, sha256 of rows ordered by id) per database.table; all columns by default."""
     out: dict[str, tuple[int, str]] = {}
     for name in settings.database_names():
@@ -79,8 +83,11 @@ def data_checksum(settings: Settings, only_columns: dict[str, list[str]] | None 
                     if cols is None:
                         cols = [c["name"] for c in inspect(conn).get_columns(physical)]
                     t = table(physical)
-                    q = select(*[text(f'"{c}"') for c in cols]).select_from(t).order_by(
-                        text('"id"'))
+                    q = (
+                        select(*[text(f'"{c}"') for c in cols])
+                        .select_from(t)
+                        .order_by(text('"id"'))
+                    )
                     digest = hashlib.sha256()
                     count = 0
                     for row in conn.execute(q):
@@ -136,24 +143,53 @@ def seed_legacy(settings: Settings, rows: int = 50) -> None:
         try:
             with engine.begin() as conn:
                 if "application" in routed:
-                    conn.execute(insert(md.tables[settings.tables.application]), [
-                        {"id": i * 7, "client_id": f"{name}-client-{i}",
-                         "client_secret": None if i % 3 == 0 else f"secret-{i}",
-                         "name": f"app {i}", "redirect_uris": f"https://a{i}.example.com/cb",
-                         "scopes": ["org:read"], "date_added": now}
-                        for i in range(1, rows + 1)])
+                    conn.execute(
+                        insert(md.tables[settings.tables.application]),
+                        [
+                            {
+                                "id": i * 7,
+                                "client_id": f"{name}-client-{i}",
+                                "client_secret": None if i % 3 == 0 else f"secret-{i}",
+                                "name": f"app {i}",
+                                "redirect_uris": f"https://a{i}.example.com/cb",
+                                "scopes": ["org:read"],
+                                "date_added": now,
+                            }
+                            for i in range(1, rows + 1)
+                        ],
+                    )
                 if "grant" in routed:
-                    conn.execute(insert(md.tables[settings.tables.grant]), [
-                        {"id": i * 5, "user_id": i, "application_id": i * 7, "code": f"code-{i}",
-                         "expires_at": now + dt.timedelta(days=3650 * (i % 2)),
-                         "redirect_uri": f"https://a{i}.example.com/cb", "scope_list": []}
-                        for i in range(1, rows + 1)])
+                    conn.execute(
+                        insert(md.tables[settings.tables.grant]),
+                        [
+                            {
+                                "id": i * 5,
+                                "user_id": i,
+                                "application_id": i * 7,
+                                "code": f"code-{i}",
+                                "expires_at": now + dt.timedelta(days=3650 * (i % 2)),
+                                "redirect_uri": f"https://a{i}.example.com/cb",
+                                "scope_list": [],
+                            }
+                            for i in range(1, rows + 1)
+                        ],
+                    )
                 if "token" in routed:
-                    conn.execute(insert(md.tables[settings.tables.token]), [
-                        {"id": i * 3, "user_id": i, "application_id": None if i % 4 == 0 else i,
-                         "token": f"{name}-tok-{i}", "hashed_token": f"{name}-h-{i}",
-                         "refresh_token": None if i % 4 == 0 else f"{name}-ref-{i}",
-                         "scope_list": ["project:read"], "date_added": now}
-                        for i in range(1, rows + 1)])
+                    conn.execute(
+                        insert(md.tables[settings.tables.token]),
+                        [
+                            {
+                                "id": i * 3,
+                                "user_id": i,
+                                "application_id": None if i % 4 == 0 else i,
+                                "token": f"{name}-tok-{i}",
+                                "hashed_token": f"{name}-h-{i}",
+                                "refresh_token": None if i % 4 == 0 else f"{name}-ref-{i}",
+                                "scope_list": ["project:read"],
+                                "date_added": now,
+                            }
+                            for i in range(1, rows + 1)
+                        ],
+                    )
         finally:
             engine.dispose()

@@ -18,65 +18,132 @@ MALFORMED: list[tuple[str, str, str]] = [
     ("unknown-top-key", GOOD_DB + "[colour]\nx = 1\n", "colour: unknown key"),
     ("no-databases", "[routing]\ntoken = ['x']\n", "databases: at least one database"),
     ("db-not-table", "databases = 3\n", "databases: expected a table"),
-    ("url-and-env", '[databases.a]\nurl = "sqlite:///a"\nurl_env = "A"\n',
-     "databases.a: set exactly one of url or url_env"),
+    (
+        "url-and-env",
+        '[databases.a]\nurl = "sqlite:///a"\nurl_env = "A"\n',
+        "databases.a: set exactly one of url or url_env",
+    ),
     ("neither-url", "[databases.a]\n", "databases.a: set exactly one of url or url_env"),
-    ("unknown-db-key", '[databases.a]\nurl = "sqlite:///a"\nport = 5\n',
-     "databases.a.port: unknown key"),
-    ("bad-url", '[databases.a]\nurl = "not a url at all"\n',
-     "databases.a.url: not a valid database URL"),
-    ("mysql-url", f'[databases.a]\nurl = "mysql://u:{SECRET}@h/db"\n',
-     "databases.a.url: unsupported database 'mysql'"),
-    ("pg-driver", f'[databases.a]\nurl = "postgresql+asyncpg://u:{SECRET}@h/db"\n',
-     "databases.a.url: driver 'asyncpg' is not supported"),
-    ("pg-no-dbname", f'[databases.a]\nurl = "postgresql://u:{SECRET}@h"\n',
-     "databases.a.url: the PostgreSQL URL names no database"),
+    (
+        "unknown-db-key",
+        '[databases.a]\nurl = "sqlite:///a"\nport = 5\n',
+        "databases.a.port: unknown key",
+    ),
+    (
+        "bad-url",
+        '[databases.a]\nurl = "not a url at all"\n',
+        "databases.a.url: not a valid database URL",
+    ),
+    (
+        "mysql-url",
+        f'[databases.a]\nurl = "mysql://u:{SECRET}@h/db"\n',
+        "databases.a.url: unsupported database 'mysql'",
+    ),
+    (
+        "pg-driver",
+        f'[databases.a]\nurl = "postgresql+asyncpg://u:{SECRET}@h/db"\n',
+        "databases.a.url: driver 'asyncpg' is not supported",
+    ),
+    (
+        "pg-no-dbname",
+        f'[databases.a]\nurl = "postgresql://u:{SECRET}@h"\n',
+        "databases.a.url: the PostgreSQL URL names no database",
+    ),
     ("bad-db-name", '[databases."a b"]\nurl = "sqlite:///a"\n', "databases.a b: database names"),
-    ("routing-unknown-db",
-     GOOD_DB + "[routing]\napplication = ['control']\ngrant = ['control']\ntoken = ['nope']\n",
-     "routing.token: unknown database 'nope'"),
-    ("routing-empty",
-     GOOD_DB + "[routing]\napplication = ['control']\ngrant = []\ntoken = ['control']\n",
-     "routing.grant: table is routed to no database"),
-    ("routing-missing-table",
-     GOOD_DB + '[databases.two]\nurl = "sqlite:///y"\n'
-     "[routing]\napplication = ['control']\ngrant = ['control']\n",
-     "routing.token: table is routed to no database"),
-    ("routing-unknown-table", GOOD_DB + "[routing]\nsessions = ['control']\n",
-     "routing.sessions: unknown key"),
-    ("routing-duplicate",
-     GOOD_DB + "[routing]\napplication = ['control']\ngrant = ['control']\n"
-     "token = ['control', 'control']\n", "routing.token: a database is listed twice"),
-    ("table-not-identifier", GOOD_DB + '[tables]\ntoken = "api token; drop"\n',
-     "tables.token: 'api token; drop' is not a plain SQL name"),
-    ("table-same-name", GOOD_DB + '[tables]\ntoken = "sentry_apigrant"\n',
-     "tables: two logical tables map to the same physical table"),
-    ("lock-timeout-text", GOOD_DB + '[migrate]\nlock_timeout = "soon"\n',
-     "migrate.lock_timeout: expected a duration"),
-    ("lock-timeout-zero", GOOD_DB + '[migrate]\nlock_timeout = "0s"\n',
-     "migrate.lock_timeout: must be greater than zero"),
-    ("retries-negative", GOOD_DB + "[migrate]\nlock_retries = -1\n",
-     "migrate.lock_retries: must be between 0 and 100"),
-    ("retries-text", GOOD_DB + '[migrate]\nlock_retries = "many"\n',
-     "migrate.lock_retries: expected a whole number"),
-    ("batch-zero", GOOD_DB + "[backfill]\nbatch_size = 0\n",
-     "backfill.batch_size: must be between 1 and"),
-    ("auth-method", GOOD_DB + '[backfill.client_metadata]\nconfidential_auth_method = "none"\n',
-     "backfill.client_metadata.confidential_auth_method: 'none' is not one of"),
-    ("grant-type", GOOD_DB + '[backfill.client_metadata]\ngrant_types = ["magic"]\n',
-     "backfill.client_metadata.grant_types: 'magic' is not one of"),
-    ("audit-ignore", GOOD_DB + '[audit]\nignore = ["W001"]\n',
-     "audit.ignore: 'W001' is not a rule code"),
-    ("env-missing", '[databases.a]\nurl_env = "OAUTHMIG_TEST_UNSET_VAR"\n',
-     "databases.a.url_env: environment variable OAUTHMIG_TEST_UNSET_VAR is not set"),
+    (
+        "routing-unknown-db",
+        GOOD_DB + "[routing]\napplication = ['control']\ngrant = ['control']\ntoken = ['nope']\n",
+        "routing.token: unknown database 'nope'",
+    ),
+    (
+        "routing-empty",
+        GOOD_DB + "[routing]\napplication = ['control']\ngrant = []\ntoken = ['control']\n",
+        "routing.grant: table is routed to no database",
+    ),
+    (
+        "routing-missing-table",
+        GOOD_DB + '[databases.two]\nurl = "sqlite:///y"\n'
+        "[routing]\napplication = ['control']\ngrant = ['control']\n",
+        "routing.token: table is routed to no database",
+    ),
+    (
+        "routing-unknown-table",
+        GOOD_DB + "[routing]\nsessions = ['control']\n",
+        "routing.sessions: unknown key",
+    ),
+    (
+        "routing-duplicate",
+        GOOD_DB + "[routing]\napplication = ['control']\ngrant = ['control']\n"
+        "token = ['control', 'control']\n",
+        "routing.token: a database is listed twice",
+    ),
+    (
+        "table-not-identifier",
+        GOOD_DB + '[tables]\ntoken = "api token; drop"\n',
+        "tables.token: 'api token; drop' is not a plain SQL name",
+    ),
+    (
+        "table-same-name",
+        GOOD_DB + '[tables]\ntoken = "sentry_apigrant"\n',
+        "tables: two logical tables map to the same physical table",
+    ),
+    (
+        "lock-timeout-text",
+        GOOD_DB + '[migrate]\nlock_timeout = "soon"\n',
+        "migrate.lock_timeout: expected a duration",
+    ),
+    (
+        "lock-timeout-zero",
+        GOOD_DB + '[migrate]\nlock_timeout = "0s"\n',
+        "migrate.lock_timeout: must be greater than zero",
+    ),
+    (
+        "retries-negative",
+        GOOD_DB + "[migrate]\nlock_retries = -1\n",
+        "migrate.lock_retries: must be between 0 and 100",
+    ),
+    (
+        "retries-text",
+        GOOD_DB + '[migrate]\nlock_retries = "many"\n',
+        "migrate.lock_retries: expected a whole number",
+    ),
+    (
+        "batch-zero",
+        GOOD_DB + "[backfill]\nbatch_size = 0\n",
+        "backfill.batch_size: must be between 1 and",
+    ),
+    (
+        "auth-method",
+        GOOD_DB + '[backfill.client_metadata]\nconfidential_auth_method = "none"\n',
+        "backfill.client_metadata.confidential_auth_method: 'none' is not one of",
+    ),
+    (
+        "grant-type",
+        GOOD_DB + '[backfill.client_metadata]\ngrant_types = ["magic"]\n',
+        "backfill.client_metadata.grant_types: 'magic' is not one of",
+    ),
+    (
+        "audit-ignore",
+        GOOD_DB + '[audit]\nignore = ["W001"]\n',
+        "audit.ignore: 'W001' is not a rule code",
+    ),
+    (
+        "env-missing",
+        '[databases.a]\nurl_env = "OAUTHMIG_TEST_UNSET_VAR"\n',
+        "databases.a.url_env: environment variable OAUTHMIG_TEST_UNSET_VAR is not set",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "content", "expected"), MALFORMED,
-                         ids=[m[0] for m in MALFORMED])
-def test_malformed_config_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch, case: str,
-                                             content: str, expected: str) -> None:
+@pytest.mark.parametrize(("case", "content", "expected"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_config_is_one_line_exit_2(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    content: str,
+    expected: str,
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("OAUTHMIG_TEST_UNSET_VAR", raising=False)
     cfg = tmp_path / "bad.toml"
@@ -124,16 +191,19 @@ def test_url_env_is_read_and_password_hidden(tmp_path: Path) -> None:
     assert SECRET not in repr(db.display_url)
 
 
-def test_unknown_database_option(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_database_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     result = invoke(capsys, "-d", "nope", "status")
     assert result.code == 2
     assert "--database nope: no such database (configured: control, shard)" in result.err
 
 
-@pytest.mark.parametrize(("value", "ms"), [("2s", 2000), ("500ms", 500), ("1m", 60000),
-                                           (3, 3000), (0.25, 250), ("1.5s", 1500)])
+@pytest.mark.parametrize(
+    ("value", "ms"),
+    [("2s", 2000), ("500ms", 500), ("1m", 60000), (3, 3000), (0.25, 250), ("1.5s", 1500)],
+)
 def test_durations(value: object, ms: int) -> None:
     assert parse_duration_ms(value, "k") == ms
 
@@ -143,22 +213,30 @@ def test_bad_duration_names_key() -> None:
         parse_duration_ms(True, "migrate.statement_timeout")
 
 
-def test_unreachable_postgres_hides_password(tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_postgres_hides_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[databases.control]\nurl = "postgresql://oauth:{SECRET}@127.0.0.1:1/sentry"\n')
-    for args in (("status",), ("upgrade",), ("upgrade", "--dry-run"), ("downgrade", "--to",
-                                                                          "base")):
+    for args in (
+        ("status",),
+        ("upgrade",),
+        ("upgrade", "--dry-run"),
+        ("downgrade", "--to", "base"),
+    ):
         result = invoke(capsys, "--config", str(cfg), *args)
         assert result.code == 2, args
-        assert "database 'control' (postgresql+psycopg://oauth:***@127.0.0.1:1/sentry) is " \
-               "unreachable" in result.err
+        assert (
+            "database 'control' (postgresql+psycopg://oauth:***@127.0.0.1:1/sentry) is "
+            "unreachable" in result.err
+        )
         assert SECRET not in result.err + result.out
         assert "Traceback" not in result.err
 
 
-def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_arguments_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert invoke(capsys, "upgrade", "--dry-run", "--sql").code == 2
     assert invoke(capsys, "upgrade", "--jobs", "0").code == 2

@@ -20,11 +20,14 @@ from tests.helpers import invoke, seed_legacy, write_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _setup(make_database: DatabaseFactory, tmp_path: Path, lock_timeout: str = "300ms",
-           retries: int = 3) -> tuple[Settings, str]:
-    data = routed_config(make_database("control"), make_database("shard"),
-                         migrate={"lock_timeout": lock_timeout, "lock_retries": retries,
-                                  "statement_timeout": "60s"})
+def _setup(
+    make_database: DatabaseFactory, tmp_path: Path, lock_timeout: str = "300ms", retries: int = 3
+) -> tuple[Settings, str]:
+    data = routed_config(
+        make_database("control"),
+        make_database("shard"),
+        migrate={"lock_timeout": lock_timeout, "lock_retries": retries, "statement_timeout": "60s"},
+    )
     settings = settings_from_mapping(data, {}, "test")
     create_legacy(settings)
     seed_legacy(settings, rows=20)
@@ -32,23 +35,28 @@ def _setup(make_database: DatabaseFactory, tmp_path: Path, lock_timeout: str = "
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
-def test_expand_does_not_rewrite_large_tables(make_database: DatabaseFactory, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_expand_does_not_rewrite_large_tables(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     settings, cfg = _setup(make_database, tmp_path)
     engine = make_engine(settings.databases["control"], settings)
     t = settings.tables
     with engine.begin() as conn:
-        conn.execute(text(
-            f"INSERT INTO {t.token} (id, user_id, application_id, token, refresh_token, "
-            "scope_list, date_added) SELECT g, g, g % 97, 'tok' || g, 'ref' || g, '{}', now() "
-            "FROM generate_series(1000, 101000) g"))
+        conn.execute(
+            text(
+                f"INSERT INTO {t.token} (id, user_id, application_id, token, refresh_token, "
+                "scope_list, date_added) SELECT g, g, g % 97, 'tok' || g, 'ref' || g, '{}', now() "
+                "FROM generate_series(1000, 101000) g"
+            )
+        )
         conn.execute(text(f"ANALYZE {t.token}"))
 
     def filenodes() -> dict[str, int]:
         with engine.connect() as conn:
-            rows = conn.execute(text(
-                "SELECT relname, relfilenode FROM pg_class WHERE relname = ANY(:n)"),
-                {"n": [t.token, t.grant, t.application]}).all()
+            rows = conn.execute(
+                text("SELECT relname, relfilenode FROM pg_class WHERE relname = ANY(:n)"),
+                {"n": [t.token, t.grant, t.application]},
+            ).all()
         return {r[0]: r[1] for r in rows}
 
     with engine.connect() as conn:
@@ -61,8 +69,9 @@ def test_expand_does_not_rewrite_large_tables(make_database: DatabaseFactory, tm
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
-def test_lock_timeout_retries_then_names_blocker(make_database: DatabaseFactory, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_lock_timeout_retries_then_names_blocker(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     settings, cfg = _setup(make_database, tmp_path, lock_timeout="300ms", retries=3)
     engine = make_engine(settings.databases["control"], settings)
     token = settings.tables.token
@@ -114,14 +123,16 @@ def _hold_write_lock(settings: Settings) -> object:
     return conn
 
 
-def test_two_concurrent_upgrades_one_refuses(make_database: DatabaseFactory, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_two_concurrent_upgrades_one_refuses(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     settings, cfg = _setup(make_database, tmp_path, lock_timeout="1s", retries=4)
     blocker = _hold_write_lock(settings)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "oauthmig", "--config", cfg, "-d", "control", "upgrade"]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env)
+    first = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
         time.sleep(2.5)  # the first run now holds the run lock and retries its DDL
         assert first.poll() is None

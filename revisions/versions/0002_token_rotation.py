@@ -40,8 +40,9 @@ requires_backfills: tuple[str, ...] = ()
 columns: tuple[ColumnSpec, ...] = (
     ColumnSpec("token", "token_family_id", Uuid(), "uuid", _uuid),
     ColumnSpec("token", "parent_token_id", BigInteger(), "bigint", _bigint),
-    ColumnSpec("token", "refresh_token_rotated_at", DateTime(timezone=True), "timestamptz",
-               _timestamptz),
+    ColumnSpec(
+        "token", "refresh_token_rotated_at", DateTime(timezone=True), "timestamptz", _timestamptz
+    ),
     ColumnSpec("token", "revoked_at", DateTime(timezone=True), "timestamptz", _timestamptz),
     # Longest reason is "reuse_detected" (14).
     ColumnSpec("token", "revoked_reason", String(32), "varchar(32) (or longer)", text_like(14)),

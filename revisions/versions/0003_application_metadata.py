@@ -28,15 +28,23 @@ tables: tuple[str, ...] = ("application",)
 requires_backfills: tuple[str, ...] = ()
 columns: tuple[ColumnSpec, ...] = (
     # Longest RFC 7591 / OIDC value is "self_signed_tls_client_auth" (27).
-    ColumnSpec("application", "token_endpoint_auth_method", String(40), "varchar(40) (or longer)",
-               text_like(27)),
-    ColumnSpec("application", "grant_types", StringList(), "text[] (JSON text on SQLite)",
-               _string_list),
-    ColumnSpec("application", "response_types", StringList(), "text[] (JSON text on SQLite)",
-               _string_list),
+    ColumnSpec(
+        "application",
+        "token_endpoint_auth_method",
+        String(40),
+        "varchar(40) (or longer)",
+        text_like(27),
+    ),
+    ColumnSpec(
+        "application", "grant_types", StringList(), "text[] (JSON text on SQLite)", _string_list
+    ),
+    ColumnSpec(
+        "application", "response_types", StringList(), "text[] (JSON text on SQLite)", _string_list
+    ),
     # OpenID Connect Registration §2: "web" or "native".
-    ColumnSpec("application", "application_type", String(8), "varchar(8) (or longer)",
-               text_like(6)),
+    ColumnSpec(
+        "application", "application_type", String(8), "varchar(8) (or longer)", text_like(6)
+    ),
 )
 
 

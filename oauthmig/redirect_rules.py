@@ -1,0 +1,1021 @@
+"""Redirect URI rules: a registry of stable codes and the pure checks behind them.
+
+Every rule has a stable code (``RU001``...), a name, a severity and a docstring with the RFC
+section, an anti-pattern and its fix; :data:`RULES` maps code to :class:`Rule`, and
+``docs/rules.md`` has one section per code. Codes are never renumbered.
+
+Per-URI rules (RU001-RU014, RU016) are small functions of a :class:`UriSubject`, the parsed URI
+plus the application type; :func:`check_uri` runs them. RU001 (not a URI) stops every other
+check but the two that read the raw text (RU004 wildcard, RU016 length); RU002 (relative) stops
+the checks that need a scheme.
+Application rules (RU015, RU101-RU104) look at all the redirect URIs of one application;
+:func:`check_application` runs both kinds. Nothing here touches a database or raises on any
+string input.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal, NamedTuple
+
+from oauthmig.uri import (
+    ParsedURI,
+    URIError,
+    is_ipv4_address,
+    normalize_components,
+    parse_uri,
+)
+
+__all__ = [
+    "RULES",
+    "AppFinding",
+    "AppReport",
+    "AppType",
+    "Finding",
+    "Rule",
+    "Severity",
+    "UriReport",
+    "UriStyle",
+    "UriSubject",
+    "Verdict",
+    "check_application",
+    "check_uri",
+    "classify_uri_style",
+    "infer_app_type",
+    "split_redirect_uris",
+]
+
+
+class Severity(StrEnum):
+    """How bad a finding is: errors fail a URI, warnings warn, info never affects the verdict."""
+
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+
+class AppType(StrEnum):
+    """OpenID Connect Registration ``application_type``."""
+
+    WEB = "web"
+    NATIVE = "native"
+
+
+Verdict = Literal["pass", "warn", "fail"]
+UriStyle = Literal["web", "native", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One rule of the registry: stable code, name, severity, one-line summary, the RFC
+    section it enforces and its documentation (anti-pattern and fix)."""
+
+    code: str
+    name: str
+    severity: Severity
+    summary: str
+    rfc: str
+    doc: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One rule firing on one URI."""
+
+    code: str
+    name: str
+    severity: Severity
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class UriReport:
+    """The outcome of :func:`check_uri`; ``normalized`` is None when the URI is not an
+    absolute URI (RU001/RU002)."""
+
+    uri: str
+    app_type: AppType
+    verdict: Verdict
+    normalized: str | None
+    findings: tuple[Finding, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AppFinding:
+    """A finding in an application report, with the URI it is about (None for the whole app)."""
+
+    uri: str | None
+    normalized: str | None
+    code: str
+    name: str
+    severity: Severity
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class AppReport:
+    """The outcome of :func:`check_application`: one report per registered URI (blank lines
+    excluded) and the application-level findings."""
+
+    app_type: AppType
+    verdict: Verdict
+    uris: tuple[UriReport, ...]
+    findings: tuple[AppFinding, ...]
+
+    def all_findings(self) -> tuple[AppFinding, ...]:
+        """Every finding, per-URI ones first (in URI order), then the application-level ones."""
+        out = [
+            AppFinding(r.uri, r.normalized, f.code, f.name, f.severity, f.message)
+            for r in self.uris
+            for f in r.findings
+        ]
+        out.extend(self.findings)
+        return tuple(out)
+
+
+class UriSubject(NamedTuple):
+    """What a per-URI rule sees.
+
+    ``scheme`` is lowercased; ``host`` and ``path`` are the normalized components (RFC 3986
+    §6.2.2), so that a URI and its normalized form get the same findings. ``error`` is the parse
+    failure, if any; then ``parsed`` is None.
+    """
+
+    raw: str
+    app_type: AppType
+    parsed: ParsedURI | None
+    error: str | None
+    scheme: str | None
+    host: str | None
+    path: str
+    normalized: str | None
+    max_length: int | None
+
+
+UriCheck = Callable[[UriSubject], str | None]
+_Stage = Literal["gate", "parsed", "absolute", "always"]
+
+
+class _Entry(NamedTuple):
+    line: int
+    uri: str
+    subject: UriSubject
+    style: UriStyle
+
+
+class _AppSubject(NamedTuple):
+    app_type: AppType
+    has_secret: bool
+    can_use_code_grant: bool
+    entries: tuple[_Entry, ...]
+    live_grant_uris: tuple[str, ...]
+
+
+_AppCheck = Callable[[_AppSubject], list[tuple[str | None, str | None, str]]]
+
+RULES: dict[str, Rule] = {}
+_URI_CHECKS: dict[_Stage, list[tuple[Rule, UriCheck, tuple[AppType, ...]]]] = {
+    "gate": [],
+    "parsed": [],
+    "absolute": [],
+    "always": [],
+}
+_APP_CHECKS: list[tuple[Rule, _AppCheck]] = []
+
+
+def _make_rule(
+    code: str, name: str, severity: Severity, summary: str, rfc: str, func: Callable[..., object]
+) -> Rule:
+    if code in RULES:  # pragma: no cover - guards the registry while editing
+        raise RuntimeError(f"duplicate rule code {code}")
+    rule = Rule(code, name, severity, summary, rfc, inspect.cleandoc(func.__doc__ or ""))
+    RULES[code] = rule
+    return rule
+
+
+def _uri_rule(
+    code: str,
+    name: str,
+    severity: Severity,
+    *,
+    summary: str,
+    rfc: str,
+    stage: _Stage,
+    app_types: tuple[AppType, ...] = (AppType.WEB, AppType.NATIVE),
+) -> Callable[[UriCheck], UriCheck]:
+    """Register a per-URI rule. ``stage`` says when it runs: ``gate`` (RU001, decides whether
+    the text is a URI at all), ``parsed`` (any URI-reference), ``absolute`` (needs a scheme) or
+    ``always`` (even on text that is not a URI). ``app_types`` lets :func:`check_uri` skip a
+    rule that can only fire for the other type (the rule still checks the type itself)."""
+
+    def register(func: UriCheck) -> UriCheck:
+        rule = _make_rule(code, name, severity, summary, rfc, func)
+        _URI_CHECKS[stage].append((rule, func, app_types))
+        return func
+
+    return register
+
+
+def _app_rule(
+    code: str, name: str, severity: Severity, *, summary: str, rfc: str
+) -> Callable[[_AppCheck], _AppCheck]:
+    """Register an application-level rule; it returns ``(uri, normalized, message)`` tuples,
+    ``uri`` being the URI the finding is about or None for the whole application."""
+
+    def register(func: _AppCheck) -> _AppCheck:
+        _APP_CHECKS.append((_make_rule(code, name, severity, summary, rfc, func), func))
+        return func
+
+    return register
+
+
+_HTTP_SCHEMES = frozenset({"http", "https"})
+_FORBIDDEN_SCHEMES = frozenset({"javascript", "vbscript", "data", "blob", "file", "about"})
+_OOB_PATHS = frozenset({"ietf:wg:oauth:2.0:oob", "ietf:wg:oauth:2.0:oob:auto"})
+# RFC 8252 §7.3 names exactly these two loopback literals.
+_LOOPBACK_LITERALS = frozenset({"127.0.0.1", "[::1]"})
+_LOCALHOST_NAMES = frozenset({"localhost", "localhost."})
+
+
+def _is_oob(s: UriSubject) -> bool:
+    return s.scheme == "urn" and s.path.lower() in _OOB_PATHS
+
+
+def _is_loopback_ip(host: str | None) -> bool:
+    """Any loopback IP literal: 127.0.0.0/8 or [::1] (host already normalized)."""
+    if host is None:
+        return False
+    if host == "[::1]":
+        return True
+    return host.startswith("127.") and is_ipv4_address(host)
+
+
+def _is_private_use(s: UriSubject) -> bool:
+    scheme = s.scheme
+    return (
+        scheme is not None
+        and scheme not in _HTTP_SCHEMES
+        and scheme not in _FORBIDDEN_SCHEMES
+        and not _is_oob(s)
+    )
+
+
+# --- per-URI rules ---------------------------------------------------------------------------
+
+
+@_uri_rule(
+    "RU001",
+    "not-a-uri",
+    Severity.ERROR,
+    summary="The value is not a URI: empty, whitespace, control or non-ASCII characters, "
+    "characters outside RFC 3986, bad percent-encoding, scheme, IP literal or port, "
+    "or http(s) without a host.",
+    rfc="RFC 3986 Appendix A; RFC 9110 §4.2.1",
+    stage="gate",
+)
+def not_a_uri(s: UriSubject) -> str | None:
+    """The value must follow the RFC 3986 Appendix A grammar to the letter.
+
+    A lenient (browser-style) parser would repair ``http://127.1``, ``https:\\\\evil.example``
+    or ``https:/app.example.com`` into something else, so the value the server matches is not
+    the one the user reviewed. http and https URIs also need a host (RFC 9110 §4.2.1).
+
+    Anti-pattern: ``https://app.example.com/cb `` (trailing space), ``https://ｅxample.com/``
+    (fullwidth letters), ``https:/app.example.com/cb``, ``https://app.example.com:443x/``.
+    Fix: ``https://app.example.com/cb``, with non-ASCII hosts in their punycode form
+    (``https://xn--bcher-kva.example/``).
+    """
+    if not s.raw:
+        return "empty value"
+    if s.error is not None:
+        return s.error
+    if s.scheme in _HTTP_SCHEMES and s.parsed is not None and not s.parsed.host:
+        return f"{s.scheme} URI without a host"
+    return None
+
+
+@_uri_rule(
+    "RU002",
+    "relative",
+    Severity.ERROR,
+    summary="The URI has no scheme; a redirection endpoint must be an absolute URI.",
+    rfc="RFC 6749 §3.1.2",
+    stage="parsed",
+)
+def relative(s: UriSubject) -> str | None:
+    """RFC 6749 §3.1.2: "The redirection endpoint URI MUST be an absolute URI".
+
+    A relative reference would be resolved against whatever page the browser is on.
+
+    Anti-pattern: ``/oauth/callback`` or ``//app.example.com/cb``.
+    Fix: ``https://app.example.com/oauth/callback``.
+    """
+    if s.scheme is None:
+        return "relative reference without a scheme; redirect URIs must be absolute"
+    return None
+
+
+@_uri_rule(
+    "RU003",
+    "fragment",
+    Severity.ERROR,
+    summary="The URI contains a fragment ('#'), even an empty one.",
+    rfc="RFC 6749 §3.1.2",
+    stage="parsed",
+)
+def fragment(s: UriSubject) -> str | None:
+    """RFC 6749 §3.1.2: "The endpoint URI MUST NOT include a fragment component".
+
+    Anti-pattern: ``https://app.example.com/cb#`` or ``https://app.example.com/#/callback``.
+    Fix: ``https://app.example.com/cb``; a single-page app routes on the path or query instead.
+    """
+    if s.parsed is None or s.parsed.fragment is None:
+        return None
+    if not s.parsed.fragment:
+        return "empty fragment '#'; redirect URIs must not have a fragment"
+    return "fragment after '#'; redirect URIs must not have a fragment"
+
+
+@_uri_rule(
+    "RU004",
+    "wildcard",
+    Severity.ERROR,
+    summary="The URI contains '*', or a host that percent-decodes to '*'.",
+    rfc="RFC 9700 §4.1.3, §2.1",
+    stage="always",
+)
+def wildcard(s: UriSubject) -> str | None:
+    """RFC 9700 §2.1 and §4.1.3: redirect URIs are compared by exact string matching; pattern
+    matching enabled open redirects and code theft through attacker-controlled subdomains.
+
+    ``*`` is a legal sub-delimiter in RFC 3986, so it is flagged wherever it appears, and
+    ``%2A`` in the host is flagged too because a host decodes to the same name.
+
+    Anti-pattern: ``https://*.example.com/cb``, ``https://app.example.com/*``,
+    ``https://%2A.example.com/cb``.
+    Fix: register each host and path exactly: ``https://eu.example.com/cb``,
+    ``https://us.example.com/cb``.
+    """
+    star = s.raw.find("*")
+    if star >= 0:
+        return f"'*' at position {star}; redirect URIs are matched exactly, not as patterns"
+    host = s.parsed.host if s.parsed is not None else None
+    if host and "%" in host and ("%2a" in host or "%2A" in host):
+        return "host percent-decodes to '*'; redirect URIs are matched exactly, not as patterns"
+    return None
+
+
+@_uri_rule(
+    "RU005",
+    "userinfo",
+    Severity.ERROR,
+    summary="The URI has userinfo before '@' (user, user:password or empty).",
+    rfc="RFC 9110 §4.2.4; RFC 3986 §3.2.1",
+    stage="parsed",
+)
+def userinfo(s: UriSubject) -> str | None:
+    """RFC 9110 §4.2.4: a sender MUST NOT generate the userinfo subcomponent in http(s) URIs;
+    RFC 3986 §3.2.1 deprecates ``user:password``. Userinfo also makes
+    ``https://app.example.com@evil.example/`` look like a trusted host.
+
+    Anti-pattern: ``https://user:pass@app.example.com/cb``, ``https://@app.example.com/cb``.
+    Fix: ``https://app.example.com/cb``.
+    """
+    if s.parsed is None or s.parsed.userinfo is None:
+        return None
+    if not s.parsed.userinfo:
+        return "empty userinfo before '@'; redirect URIs must not have userinfo"
+    return "userinfo before '@' in the authority; redirect URIs must not carry credentials"
+
+
+@_uri_rule(
+    "RU006",
+    "forbidden-scheme",
+    Severity.ERROR,
+    summary="The scheme is javascript, vbscript, data, blob, file or about.",
+    rfc="RFC 9700 §4.1; RFC 6749 §10.6",
+    stage="absolute",
+)
+def forbidden_scheme(s: UriSubject) -> str | None:
+    """A redirect to these schemes runs script or renders attacker-chosen content in the
+    browser, reads local files or addresses no endpoint at all, so the code or token in the
+    response is lost or stolen (RFC 9700 §4.1, RFC 6749 §10.6). No client has a legitimate
+    callback there.
+
+    Anti-pattern: ``javascript:alert(document.cookie)``, ``data:text/html,...``,
+    ``file:///tmp/cb.html``.
+    Fix: an https endpoint (web) or a loopback or private-use redirect (native, RFC 8252 §7).
+    """
+    if s.scheme in _FORBIDDEN_SCHEMES:
+        return f"'{s.scheme}:' URIs are never valid redirect targets"
+    return None
+
+
+@_uri_rule(
+    "RU007",
+    "oob",
+    Severity.ERROR,
+    summary="The out-of-band value urn:ietf:wg:oauth:2.0:oob (or :auto).",
+    rfc="RFC 8252 §7",
+    stage="absolute",
+)
+def oob(s: UriSubject) -> str | None:
+    """The out-of-band "redirect" asks the user to copy the code by hand. It is not in any
+    OAuth RFC, is phishable (the code is shown to whoever runs the flow) and has been removed
+    by major providers. Native apps redirect through loopback or private-use URIs
+    (RFC 8252 §7).
+
+    Anti-pattern: ``urn:ietf:wg:oauth:2.0:oob``, ``urn:ietf:wg:oauth:2.0:oob:auto``.
+    Fix: ``http://127.0.0.1/callback`` (any port at request time) or
+    ``com.example.app:/oauth2redirect``.
+    """
+    if _is_oob(s):
+        return "out-of-band redirect (urn:ietf:wg:oauth:2.0:oob) is not supported"
+    return None
+
+
+@_uri_rule(
+    "RU008",
+    "https-required",
+    Severity.ERROR,
+    summary="A web application uses a scheme other than https.",
+    rfc="RFC 6749 §3.1.2.1; RFC 9700 §2.6",
+    stage="absolute",
+    app_types=(AppType.WEB,),
+)
+def https_required(s: UriSubject) -> str | None:
+    """RFC 6749 §3.1.2.1: the redirection endpoint SHOULD require TLS when the response
+    carries a code or token; RFC 9700 §2.6 makes this a must for the code flow. Codes sent over
+    plain http can be read or replaced on the network.
+
+    Anti-pattern (web app): ``http://app.example.com/cb``, ``com.example.app:/cb``.
+    Fix: ``https://app.example.com/cb``; an app that really runs on the device is registered as
+    ``native``.
+    """
+    if s.app_type is not AppType.WEB or s.scheme == "https":
+        return None
+    if s.scheme in _FORBIDDEN_SCHEMES or _is_oob(s):
+        return None  # RU006 / RU007 say it better
+    return f"web applications must use https, not {s.scheme}"
+
+
+@_uri_rule(
+    "RU009",
+    "http-not-loopback",
+    Severity.ERROR,
+    summary="A native application uses http to a host other than 127.0.0.1 or [::1].",
+    rfc="RFC 8252 §7.3, §8.3",
+    stage="absolute",
+    app_types=(AppType.NATIVE,),
+)
+def http_not_loopback(s: UriSubject) -> str | None:
+    """RFC 8252 §7.3 allows plain http only to the loopback interface, written as the IP
+    literal ``127.0.0.1`` or ``[::1]``; anywhere else the code crosses a network unencrypted.
+    Other 127.0.0.0/8 addresses are flagged too: the RFC names those two literals, and
+    listeners and firewalls rarely treat 127.0.0.2 the same way.
+
+    Anti-pattern (native app): ``http://example.com/cb``, ``http://192.168.1.10:8080/cb``,
+    ``http://127.0.0.2/cb``, ``http://127.1/cb``.
+    Fix: ``http://127.0.0.1/cb`` or ``http://[::1]/cb`` (the port may vary at request time),
+    or a private-use scheme ``com.example.app:/cb``.
+    """
+    if s.app_type is not AppType.NATIVE or s.scheme != "http":
+        return None
+    host = s.host
+    if host in _LOOPBACK_LITERALS or host in _LOCALHOST_NAMES or not host:
+        return None  # localhost is RU010; a missing host is RU001
+    if _is_loopback_ip(host):
+        return f"http to {host}; RFC 8252 §7.3 loopback redirects use 127.0.0.1 or [::1]"
+    return f"http to '{host}', which is not the loopback interface"
+
+
+@_uri_rule(
+    "RU010",
+    "localhost-name",
+    Severity.WARNING,
+    summary="A native application redirects to the name localhost instead of a loopback IP.",
+    rfc="RFC 8252 §8.3",
+    stage="absolute",
+    app_types=(AppType.NATIVE,),
+)
+def localhost_name(s: UriSubject) -> str | None:
+    """RFC 8252 §8.3: using ``localhost`` is NOT RECOMMENDED. A loopback IP literal avoids
+    listening on interfaces other than loopback and is less exposed to client-side firewalls
+    and misconfigured host name resolution (the name may not resolve to the address the app
+    listens on).
+
+    Anti-pattern (native app): ``http://localhost:8080/cb``, ``http://LOCALHOST./cb``.
+    Fix: ``http://127.0.0.1:8080/cb`` or ``http://[::1]:8080/cb``.
+    """
+    if s.app_type is not AppType.NATIVE or s.scheme not in _HTTP_SCHEMES:
+        return None
+    if s.host in _LOCALHOST_NAMES:
+        return f"'{s.host}' is a name; use the loopback IP literal 127.0.0.1 or [::1]"
+    return None
+
+
+@_uri_rule(
+    "RU011",
+    "https-loopback",
+    Severity.WARNING,
+    summary="A native application uses https to a loopback IP literal.",
+    rfc="RFC 8252 §7.3, §8.3",
+    stage="absolute",
+    app_types=(AppType.NATIVE,),
+)
+def https_loopback(s: UriSubject) -> str | None:
+    """RFC 8252 §7.3: loopback redirects use the http scheme; §8.3: that is acceptable because
+    the request never leaves the device. No public certificate exists for 127.0.0.1, so an
+    https listener there fails or relies on a self-signed certificate the browser rejects.
+
+    Anti-pattern (native app): ``https://127.0.0.1:8443/cb``, ``https://[::1]/cb``.
+    Fix: ``http://127.0.0.1:8443/cb``.
+    """
+    if s.app_type is AppType.NATIVE and s.scheme == "https" and _is_loopback_ip(s.host):
+        return f"https to loopback {s.host}; loopback redirects use http"
+    return None
+
+
+@_uri_rule(
+    "RU012",
+    "private-scheme-not-reverse-domain",
+    Severity.ERROR,
+    summary="A native private-use URI scheme is not a reverse domain name (no '.').",
+    rfc="RFC 8252 §7.1, §8.4",
+    stage="absolute",
+    app_types=(AppType.NATIVE,),
+)
+def private_scheme_not_reverse_domain(s: UriSubject) -> str | None:
+    """RFC 8252 §7.1: apps MUST use a private-use scheme based on a domain name they control,
+    reversed; §8.4: at a minimum, a private-use scheme without a period SHOULD be rejected.
+    Short names like ``myapp`` collide between apps, so another app can receive the code.
+
+    Anti-pattern (native app): ``myapp:/callback``, ``fb:/callback``.
+    Fix: ``com.example.myapp:/callback``.
+    """
+    if s.app_type is not AppType.NATIVE or not _is_private_use(s):
+        return None
+    if s.scheme is not None and "." not in s.scheme:
+        return f"private-use scheme '{s.scheme}' is not a reverse domain name"
+    return None
+
+
+@_uri_rule(
+    "RU013",
+    "private-scheme-form",
+    Severity.WARNING,
+    summary="A native private-use URI is not of the form scheme:/path.",
+    rfc="RFC 8252 §7.1",
+    stage="absolute",
+    app_types=(AppType.NATIVE,),
+)
+def private_scheme_form(s: UriSubject) -> str | None:
+    """RFC 8252 §7.1: a private-use redirect has a single slash after the scheme,
+    ``com.example.app:/oauth2redirect``. With ``//`` the first segment becomes a host, which
+    platforms and matchers treat inconsistently; without any slash the path is opaque.
+
+    Anti-pattern (native app): ``com.example.app://callback``, ``com.example.app:callback``.
+    Fix: ``com.example.app:/callback``.
+    """
+    if s.app_type is not AppType.NATIVE or not _is_private_use(s) or s.parsed is None:
+        return None
+    if s.parsed.has_authority:
+        return f"'{s.scheme}://' has an authority; use the form {s.scheme}:/path"
+    if not s.path.startswith("/"):
+        return f"path does not start with '/'; use the form {s.scheme}:/path"
+    return None
+
+
+@_uri_rule(
+    "RU014",
+    "not-normalized",
+    Severity.INFO,
+    summary="The stored form differs from its RFC 3986 normalized form.",
+    rfc="RFC 3986 §6.2.2, §6.2.3",
+    stage="absolute",
+)
+def not_normalized(s: UriSubject) -> str | None:
+    """Redirect URIs are compared as strings (RFC 9700 §4.1.3), so two spellings of one URI
+    are two different registrations. Storing the normal form (RFC 3986 §6.2.2-§6.2.3) makes
+    comparisons and duplicate detection reliable. In a stored ``redirect_uris`` value, a line
+    with surrounding spaces, tabs or a carriage return (checked stripped) and a blank line are
+    reported under this code too.
+
+    Anti-pattern: ``HTTPS://App.Example.com:443/a/./cb``, ``https://app.example.com``,
+    ``https://app.example.com/%7euser``.
+    Fix: ``https://app.example.com/a/cb``, ``https://app.example.com/``,
+    ``https://app.example.com/~user``.
+    """
+    if s.normalized is not None and s.normalized != s.raw:
+        return f"normalized form is {s.normalized}"
+    return None
+
+
+@_uri_rule(
+    "RU016",
+    "too-long-for-grant",
+    Severity.WARNING,
+    summary="The URI is longer than the grant's redirect_uri column can hold.",
+    rfc="RFC 6749 §4.1.3",
+    stage="always",
+)
+def too_long_for_grant(s: UriSubject) -> str | None:
+    """RFC 6749 §4.1.3: the token request must repeat the redirect_uri bound to the code, so the
+    grant row stores it. A URI longer than that column (``varchar(255)`` by default) makes
+    every authorization fail when the grant is saved.
+
+    Anti-pattern: a 300-character ``https://app.example.com/cb?state_template=...``.
+    Fix: a short, fixed callback such as ``https://app.example.com/cb``; carry per-request data
+    in ``state``.
+    """
+    if s.max_length is not None and len(s.raw) > s.max_length:
+        return f"{len(s.raw)} characters; the grant's redirect_uri column holds {s.max_length}"
+    return None
+
+
+# --- application rules -----------------------------------------------------------------------
+
+
+@_app_rule(
+    "RU015",
+    "duplicate",
+    Severity.INFO,
+    summary="The same URI appears twice in one application after normalization.",
+    rfc="RFC 3986 §6.2",
+)
+def duplicate(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
+    """Two lines that normalize to the same URI (RFC 3986 §6.2) are one registration; the
+    copy only hides which spelling clients actually send.
+
+    Anti-pattern: ``https://app.example.com/cb`` and ``HTTPS://app.example.com:443/cb``.
+    Fix: keep one line, in normalized form.
+    """
+    out: list[tuple[str | None, str | None, str]] = []
+    seen: dict[str, int] = {}
+    for entry in a.entries:
+        key = entry.subject.normalized or entry.uri
+        first = seen.setdefault(key, entry.line)
+        if first != entry.line:
+            out.append(
+                (entry.uri, entry.subject.normalized, f"line {entry.line} repeats line {first}")
+            )
+    return out
+
+
+@_app_rule(
+    "RU101",
+    "no-redirect-uris",
+    Severity.ERROR,
+    summary="An application that can use the authorization code grant has no redirect URI.",
+    rfc="RFC 6749 §3.1.2.2; RFC 9700 §2.1",
+)
+def no_redirect_uris(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
+    """RFC 6749 §3.1.2.2 requires public clients and clients of the implicit grant to register
+    redirect URIs, and RFC 9700 §2.1 requires exact registration for every client. Without one
+    the server would have to trust the redirect_uri of the request.
+
+    Anti-pattern: ``redirect_uris = ''`` on an application allowed to use
+    ``authorization_code``.
+    Fix: register the exact callback(s), or drop ``authorization_code`` from its grant types.
+    """
+    if a.can_use_code_grant and not a.entries:
+        return [(None, None, "no redirect URIs registered for an authorization code client")]
+    return []
+
+
+@_app_rule(
+    "RU102",
+    "mixed-app-type",
+    Severity.WARNING,
+    summary="One application has both web-style and native-style redirect URIs.",
+    rfc="RFC 8252 §8.4; OpenID Connect Registration §2 (application_type)",
+)
+def mixed_app_type(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
+    """A client is either web or native (OpenID Connect Registration ``application_type``);
+    the rules for each differ (https everywhere vs loopback and private-use URIs,
+    RFC 8252 §8.4). A client registered as both gets the weaker rules of each.
+
+    Anti-pattern: ``https://app.example.com/cb`` and ``http://127.0.0.1/cb`` on one client.
+    Fix: register two clients, one web and one native.
+    """
+    web = next((e for e in a.entries if e.style == "web"), None)
+    native = next((e for e in a.entries if e.style == "native"), None)
+    if web is None or native is None:
+        return []
+    return [
+        (
+            None,
+            None,
+            f"web-style URI on line {web.line} and native-style URI on line {native.line}",
+        )
+    ]
+
+
+@_app_rule(
+    "RU103",
+    "grant-redirect-unregistered",
+    Severity.WARNING,
+    summary="A live grant is bound to a redirect URI its application no longer registers.",
+    rfc="RFC 6749 §4.1.3",
+)
+def grant_redirect_unregistered(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
+    """RFC 6749 §4.1.3: the token request must carry the same redirect_uri as the authorization
+    request. A live grant bound to a URI that is no longer registered can still be exchanged by
+    a server that only compares the two requests, so removing a URI does not fully retire it
+    until its grants expire.
+
+    Anti-pattern: removing ``https://old.example.com/cb`` while codes issued to it are live.
+    Fix: wait for the grants to expire (10 minutes) or delete them, then remove the URI.
+    """
+    registered = {entry.uri for entry in a.entries}
+    return [
+        (uri, None, "a live grant is bound to this URI, which the application no longer registers")
+        for uri in dict.fromkeys(a.live_grant_uris)
+        if uri not in registered
+    ]
+
+
+@_app_rule(
+    "RU104",
+    "native-with-secret",
+    Severity.INFO,
+    summary="A native application holds a client secret, which cannot stay confidential.",
+    rfc="RFC 8252 §8.5",
+)
+def native_with_secret(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
+    """RFC 8252 §8.5: secrets shipped in native apps are not confidential; the client is public
+    and must rely on PKCE, not on the secret.
+
+    Anti-pattern: a desktop app with ``client_secret`` compiled into the binary.
+    Fix: treat the client as public (``token_endpoint_auth_method = none``) and require PKCE.
+    """
+    if a.app_type is AppType.NATIVE and a.has_secret:
+        return [(None, None, "a native application cannot keep its client secret confidential")]
+    return []
+
+
+# Evaluation plans, built once: which rules run, per app type, in code order.
+_RuleList = tuple[tuple[Rule, UriCheck], ...]
+
+
+def _plan(*stages: _Stage) -> dict[AppType, _RuleList]:
+    """The rules of these stages that apply to each app type, in code order."""
+    return {
+        app: tuple(
+            sorted(
+                (
+                    (rule, check)
+                    for stage in stages
+                    for rule, check, apps in _URI_CHECKS[stage]
+                    if app in apps
+                ),
+                key=lambda item: item[0].code,
+            )
+        )
+        for app in AppType
+    }
+
+
+_GATE = _plan("gate")
+_ALWAYS = _plan("always")  # all that runs once RU001 has fired
+_RELATIVE_PLAN = _plan("parsed", "always")
+_ABSOLUTE_PLAN = _plan("parsed", "absolute", "always")
+_APP = tuple(_APP_CHECKS)
+_BY_CODE = sorted(RULES.items())
+RULES.clear()
+RULES.update(_BY_CODE)
+del _BY_CODE
+
+_SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.ERROR: 2}
+_VERDICTS: tuple[Verdict, Verdict, Verdict] = ("pass", "warn", "fail")
+
+
+# StrEnum members hash like their values, so this maps "web" and AppType.WEB alike.
+_APP_TYPES: dict[str, AppType] = {app.value: app for app in AppType}
+
+
+def _coerce_app_type(app_type: AppType | str) -> AppType:
+    found = _APP_TYPES.get(app_type)
+    return found if found is not None else AppType(app_type)  # ValueError if unknown
+
+
+def _subject(raw: str, app_type: AppType, max_length: int | None) -> UriSubject:
+    try:
+        parsed = parse_uri(raw)
+    except URIError as exc:
+        return UriSubject(raw, app_type, None, exc.reason, None, None, "", None, max_length)
+    scheme = parsed.scheme
+    if scheme is None:
+        return UriSubject(raw, app_type, parsed, None, None, None, parsed.path, None, max_length)
+    scheme = scheme.lower()
+    if scheme in _HTTP_SCHEMES and not parsed.host:
+        # RU001 fires; there is no meaningful normal form.
+        return UriSubject(raw, app_type, parsed, None, scheme, None, parsed.path, None, max_length)
+    host, path, normalized = normalize_components(parsed)
+    return UriSubject(raw, app_type, parsed, None, scheme, host, path, normalized, max_length)
+
+
+def _verdict(severities: Iterable[Severity]) -> Verdict:
+    worst = 0
+    for severity in severities:
+        rank = _SEVERITY_RANK[severity]
+        if rank > worst:
+            worst = rank
+    return _VERDICTS[worst]
+
+
+# check_uri builds one report per URI; like uri.parse_uri it writes the slots of these frozen
+# dataclasses directly, which is several times cheaper than their generated __init__.
+_NEW = object.__new__
+_SET_CODE, _SET_NAME, _SET_SEVERITY, _SET_MESSAGE = (
+    vars(Finding)[name].__set__ for name in Finding.__dataclass_fields__
+)
+_SET_URI, _SET_APP_TYPE, _SET_VERDICT, _SET_NORMALIZED, _SET_FINDINGS = (
+    vars(UriReport)[name].__set__ for name in UriReport.__dataclass_fields__
+)
+
+
+def _finding(rule: Rule, message: str) -> Finding:
+    finding: Finding = _NEW(Finding)
+    _SET_CODE(finding, rule.code)
+    _SET_NAME(finding, rule.name)
+    _SET_SEVERITY(finding, rule.severity)
+    _SET_MESSAGE(finding, message)
+    return finding
+
+
+def _evaluate(s: UriSubject) -> UriReport:
+    app = s.app_type
+    findings: list[Finding] = []
+    for rule, check in _GATE[app]:
+        message = check(s)
+        if message is not None:
+            findings.append(_finding(rule, message))
+    if findings:
+        plan = _ALWAYS[app]
+    elif s.scheme is None:
+        plan = _RELATIVE_PLAN[app]
+    else:
+        plan = _ABSOLUTE_PLAN[app]
+    for rule, check in plan:
+        message = check(s)
+        if message is not None:
+            findings.append(_finding(rule, message))
+    report: UriReport = _NEW(UriReport)
+    _SET_URI(report, s.raw)
+    _SET_APP_TYPE(report, app)
+    _SET_VERDICT(report, _verdict([f.severity for f in findings]) if findings else "pass")
+    _SET_NORMALIZED(report, s.normalized)
+    _SET_FINDINGS(report, tuple(findings))
+    return report
+
+
+def check_uri(
+    uri: str, app_type: AppType | str, *, grant_column_length: int | None = 255
+) -> UriReport:
+    """Check one redirect URI as registration would, for a ``web`` or ``native`` application.
+
+    ``grant_column_length`` is the size of the grant's ``redirect_uri`` column (None: no
+    limit, RU016 never fires). Never raises on any string ``uri``; an unknown ``app_type``
+    raises ValueError.
+    """
+    app = _coerce_app_type(app_type)
+    return _evaluate(_subject(uri, app, grant_column_length))
+
+
+def _style(s: UriSubject) -> UriStyle:
+    if s.parsed is None or s.scheme is None:
+        return "unknown"
+    if s.scheme in _HTTP_SCHEMES:
+        if not s.host:
+            return "unknown"
+        if s.scheme == "http" and (_is_loopback_ip(s.host) or s.host in _LOCALHOST_NAMES):
+            return "native"
+        return "web"
+    if s.scheme in _FORBIDDEN_SCHEMES:
+        return "unknown"
+    return "native"  # private-use schemes, and the out-of-band URN of installed apps
+
+
+# Only these are stripped from a stored line; any other whitespace stays and fails RU001.
+_STRIP = " \t\r"
+
+
+def classify_uri_style(uri: str) -> UriStyle:
+    """Whether a redirect URI looks like a web or a native application's.
+
+    ``native``: a private-use scheme (including the out-of-band URN), or http to a loopback
+    IP literal (127.0.0.0/8, [::1]) or to ``localhost``. ``web``: https, or http to any other
+    host. ``unknown``: not an absolute URI, no host, or a forbidden scheme (RU006).
+    """
+    return _style(_subject(uri, AppType.WEB, None))
+
+
+def infer_app_type(uris: Iterable[str]) -> AppType:
+    """The ``application_type`` implied by an application's redirect URIs.
+
+    ``native`` when at least one URI is native-style and none is web-style (URIs whose style is
+    ``unknown`` do not count either way, and blank values are skipped); ``web`` otherwise,
+    including for mixed applications (which get RU102) and for an empty list. A client secret
+    never decides the type: legacy native apps often hold one (RFC 8252 §8.5).
+    """
+    native = False
+    for uri in uris:
+        value = uri.strip(_STRIP)
+        if not value:
+            continue
+        style = classify_uri_style(value)
+        if style == "web":
+            return AppType.WEB
+        if style == "native":
+            native = True
+    return AppType.NATIVE if native else AppType.WEB
+
+
+def _stored_lines(text: str | None) -> list[tuple[int, str]]:
+    if not text:
+        return []
+    lines = text.split("\n")
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()  # a final newline terminates the last line; it is not a blank line
+    return list(enumerate(lines, start=1))
+
+
+def split_redirect_uris(text: str | None) -> list[str]:
+    """The redirect URIs of a stored ``redirect_uris`` value: one per line (``\\n`` or
+    ``\\r\\n``), stripped of surrounding spaces and tabs, blank lines dropped."""
+    return [v for _, line in _stored_lines(text) if (v := line.strip(_STRIP))]
+
+
+def _with_extra(report: UriReport, extra: Finding) -> UriReport:
+    findings = tuple(sorted((*report.findings, extra), key=lambda f: f.code))
+    return UriReport(report.uri, report.app_type, report.verdict, report.normalized, findings)
+
+
+def check_application(
+    uris_text: str | None,
+    app_type: AppType | str,
+    *,
+    has_secret: bool,
+    can_use_code_grant: bool = True,
+    live_grant_uris: Iterable[str] = (),
+    grant_column_length: int | None = 255,
+) -> AppReport:
+    """Check every redirect URI of one application, then the application as a whole.
+
+    ``uris_text`` is the stored newline-separated ``redirect_uris``. Each line is checked
+    stripped of surrounding spaces, tabs and a carriage return; such a line also gets an RU014
+    finding, and each blank line an application-level RU014 finding. ``live_grant_uris`` are
+    the ``redirect_uri`` values of unexpired grants (RU103 compares them byte for byte with the
+    stripped lines).
+    """
+    app = _coerce_app_type(app_type)
+    ru014 = RULES["RU014"]
+    entries: list[_Entry] = []
+    reports: list[UriReport] = []
+    blank: list[AppFinding] = []
+    for line_no, line in _stored_lines(uris_text):
+        value = line.strip(_STRIP)
+        if not value:
+            blank.append(
+                AppFinding(
+                    None,
+                    None,
+                    ru014.code,
+                    ru014.name,
+                    ru014.severity,
+                    f"line {line_no} of redirect_uris is blank and was ignored",
+                )
+            )
+            continue
+        subject = _subject(value, app, grant_column_length)
+        report = _evaluate(subject)
+        if value != line:
+            what = "a carriage return" if line.rstrip("\r") == value else "surrounding whitespace"
+            report = _with_extra(
+                report,
+                Finding(
+                    ru014.code,
+                    ru014.name,
+                    ru014.severity,
+                    f"stored line {line_no} has {what}; the stripped value was checked",
+                ),
+            )
+        reports.append(report)
+        entries.append(_Entry(line_no, value, subject, _style(subject)))
+
+    app_subject = _AppSubject(
+        app, has_secret, can_use_code_grant, tuple(entries), tuple(live_grant_uris)
+    )
+    findings = blank  # RU014 sorts before every application rule
+    for rule, check in _APP:
+        for uri, normalized, message in check(app_subject):
+            findings.append(
+                AppFinding(uri, normalized, rule.code, rule.name, rule.severity, message)
+            )
+    severities: list[Severity] = [f.severity for r in reports for f in r.findings]
+    severities.extend(f.severity for f in findings)
+    return AppReport(app, _verdict(severities), tuple(reports), tuple(findings))

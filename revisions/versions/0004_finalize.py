@@ -1,0 +1,65 @@
+"""finalize: indexes, CHECK constraints and NOT NULL metadata (needs backfills)
+
+Revision ID: 0004
+Revises: 0003
+"""
+
+from oauthmig import finalize
+from oauthmig.finalize import Check, IndexSpec, NotNull
+from oauthmig.migrations import ColumnSpec, history
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+tables: tuple[str, ...] = ("application", "grant", "token")
+requires_backfills: tuple[str, ...] = ("token-families", "client-metadata")
+columns: tuple[ColumnSpec, ...] = ()
+
+AUTH_METHODS = (
+    "none",
+    "client_secret_basic",
+    "client_secret_post",
+    "client_secret_jwt",
+    "private_key_jwt",
+    "tls_client_auth",
+    "self_signed_tls_client_auth",
+)
+
+CHECKS = [
+    Check("grant", "code_challenge_method_check", "code_challenge_method IN ('S256', 'plain')"),
+    Check(
+        "grant",
+        "code_challenge_pair_check",
+        "(code_challenge IS NULL) = (code_challenge_method IS NULL)",
+    ),
+    Check(
+        "application",
+        "token_endpoint_auth_method_check",
+        "token_endpoint_auth_method IN (" + ", ".join(f"'{m}'" for m in AUTH_METHODS) + ")",
+    ),
+    Check("application", "application_type_check", "application_type IN ('web', 'native')"),
+]
+INDEXES = [IndexSpec("token", "token_family_id"), IndexSpec("token", "parent_token_id")]
+
+
+def _not_nulls() -> list[NotNull]:
+    specs = {c.name: c for rev in history() for c in rev.columns if c.table == "application"}
+    return [
+        NotNull("application", name, specs[name])
+        for name in (
+            "token_endpoint_auth_method",
+            "grant_types",
+            "response_types",
+            "application_type",
+        )
+    ]
+
+
+def upgrade() -> None:
+    finalize.upgrade(CHECKS, _not_nulls(), INDEXES)
+
+
+def downgrade() -> None:
+    finalize.downgrade(CHECKS, _not_nulls(), INDEXES)
