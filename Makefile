@@ -24,7 +24,7 @@ test: $(STAMP)
 
 ## bench: benchmarks (not timed tests); results go to docs/benchmarks.md by hand
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m tests.bench
 
 clean:
 	rm -rf $(VENV) .oauthmig .mypy_cache .ruff_cache .pytest_cache *.egg-info

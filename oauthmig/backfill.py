@@ -59,9 +59,17 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
 from oauthmig.config import BackfillSettings, DatabaseConfig, Settings
-from oauthmig.db import connect, describe_error, exclusive_run, for_writing, make_engine
+from oauthmig.db import (
+    connect,
+    describe_error,
+    exclusive_run,
+    for_writing,
+    lock_key,
+    make_engine,
+)
 from oauthmig.errors import BackfillError, OauthmigError, UsageError
 from oauthmig.migrations import BACKFILL_GATES
+from oauthmig.redirect_rules import infer_app_type, split_redirect_uris
 from oauthmig.status import BACKFILL_STATUS, JobState
 from oauthmig.types import StringList
 
@@ -180,11 +188,11 @@ def _app_pending(t: Any) -> ColumnElement[bool]:
 
 
 def infer_application_type(redirect_uris: str | None) -> str:
-    """``native`` when every redirect URI is native-style, else ``web`` (DESIGN §5)."""
-    from oauthmig.redirect_rules import infer_app_type
+    """``native`` when the stored redirect URIs are native-style, else ``web`` (DESIGN §5).
 
-    lines = [u.strip() for u in (redirect_uris or "").replace("\r", "\n").split("\n")]
-    return str(infer_app_type([u for u in lines if u]))
+    The same inference ``audit-redirects`` uses (:func:`redirect_rules.infer_app_type`).
+    """
+    return str(infer_app_type(split_redirect_uris(redirect_uris)))
 
 
 def _app_batch(ctx: BatchContext, lo: int, hi: int) -> int:
@@ -452,6 +460,11 @@ class _Runner:
                     "run `oauthmig upgrade` first"
                 )
             with _txn(conn):
+                if conn.dialect.name == "postgresql":
+                    # Jobs of one database may start together (--jobs): serialize the CREATE.
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key("backfill-schema")}
+                    )
                 _md.create_all(conn, checkfirst=True)
             state = _read_job(conn, job.name)
             remaining = remaining_rows(conn, self.settings, db.name, job)

@@ -270,8 +270,7 @@ _PLANTS: tuple[_Plant, ...] = (
     # RU011 https-loopback
     _Plant(
         "RU011",
-        "`https://127.0.0.1/cb` and `https://[::1]:8443/callback` beside native URIs "
-        "(reported only for an app typed native: infer_app_type calls any https URI web)",
+        "`https://127.0.0.1/cb` and `https://[::1]:8443/callback` beside native URIs",
         lambda n: _lines(_native(n), "https://127.0.0.1/cb", "https://[::1]:8443/callback"),
     ),
     # RU012 private-scheme-not-reverse-domain

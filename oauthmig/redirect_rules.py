@@ -892,7 +892,9 @@ def _style(s: UriSubject) -> UriStyle:
     if s.scheme in _HTTP_SCHEMES:
         if not s.host:
             return "unknown"
-        if s.scheme == "http" and (_is_loopback_ip(s.host) or s.host in _LOCALHOST_NAMES):
+        # A loopback redirect only reaches an app on the user's own device (RFC 8252 §7.3), so
+        # https to loopback is native-style too (it then gets RU011 rather than passing as web).
+        if _is_loopback_ip(s.host) or s.host in _LOCALHOST_NAMES:
             return "native"
         return "web"
     if s.scheme in _FORBIDDEN_SCHEMES:
@@ -907,9 +909,8 @@ _STRIP = " \t\r"
 def classify_uri_style(uri: str) -> UriStyle:
     """Whether a redirect URI looks like a web or a native application's.
 
-    ``native``: a private-use scheme (including the out-of-band URN), or http to a loopback
-    IP literal (127.0.0.0/8, [::1]) or to ``localhost``. ``web``: https, or http to any other
-    host. ``unknown``: not an absolute URI, no host, or a forbidden scheme (RU006).
+    ``native``: a private-use scheme (including the out-of-band URN), or http(s) to a loopback
+    IP literal (127.0.0.0/8, [::1]) or to ``localhost``. ``web``: http(s) to any other host. ``unknown``: not an absolute URI, no host, or a forbidden scheme (RU006).
     """
     return _style(_subject(uri, AppType.WEB, None))
 

@@ -698,3 +698,31 @@ def test_finalize_rebuilds_invalid_leftover_index(
 def test_jobs_registry_is_documented() -> None:
     assert set(JOBS) == {"token-families", "client-metadata"}
     assert [r.revision for r in migrations.history() if r.requires_backfills] == ["0004"]
+
+
+def test_parallel_jobs_across_databases(
+    expanded: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, cfg = expanded
+    result = invoke(capsys, "--config", cfg, "backfill", "--jobs", "3", "--format", "json")
+    assert result.code == 0, result.err
+    assert {j["status"] for j in json.loads(result.out)["jobs"]} == {"finished"}
+    for db in ("control", "shard"):
+        _assert_tokens_backfilled(settings, db)
+
+
+def test_two_backfill_processes_one_refuses(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, cfg = _make(make_database, tmp_path, tokens=4000)
+    assert invoke(capsys, "--config", cfg, "upgrade").code == 0
+    args = ("-d", "shard", "backfill", "token-families", "--batch", "20", "--sleep", "0.05")
+    first = _spawn(cfg, *args)
+    _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > 0)
+    second = _spawn(cfg, *args)
+    _, err = second.communicate(timeout=120)
+    out_first, err_first = first.communicate(timeout=300)
+    assert second.returncode == 2, err
+    assert "another oauthmig backfill token-families run holds the lock" in err
+    assert first.returncode == 0, err_first
+    _assert_tokens_backfilled(settings, "shard")

@@ -179,9 +179,7 @@ def _findings(settings: Settings) -> tuple[set[str], set[str]]:
 
 def test_every_planted_rule_fires(routed_settings: Settings, demo: DemoSetup) -> None:
     inferred, as_native = _findings(routed_settings)
-    # RU011 (https to a loopback IP) only applies to native apps, but https URIs make an app
-    # "web" under infer_app_type; the example is there for apps whose type is set explicitly.
-    assert set(PLANTED) - {"RU011"} <= inferred
+    assert set(PLANTED) <= inferred
     assert "RU011" in as_native
 
 
@@ -349,4 +347,4 @@ def test_progress_is_reported(routed_settings: Settings) -> None:
 def test_small_app_counts_still_plant_every_kind(routed_settings: Settings) -> None:
     setup_legacy(routed_settings, apps=50, tokens=0)
     inferred, _ = _findings(routed_settings)
-    assert set(PLANTED) - {"RU011"} <= inferred
+    assert set(PLANTED) <= inferred

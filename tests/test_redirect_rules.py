@@ -609,7 +609,7 @@ def test_every_rule_has_a_firing_and_a_quiet_case() -> None:
     ("uri", "style"),
     [
         pytest.param("https://app.example.com/cb", "web", id="https"),
-        pytest.param("https://127.0.0.1/cb", "web", id="https-loopback"),
+        pytest.param("https://127.0.0.1/cb", "native", id="https-loopback"),
         pytest.param("http://app.example.com/cb", "web", id="http-public"),
         pytest.param("http://127.0.0.1:8080/cb", "native", id="loopback-v4"),
         pytest.param("http://127.0.0.2/cb", "native", id="loopback-127-8"),
