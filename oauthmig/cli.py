@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import click
 
@@ -47,6 +50,7 @@ class Findings(Exception):
 
 
 FORMAT = click.Choice(["text", "json"])
+FAIL_ON = click.Choice(["error", "warning", "never"])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -87,12 +91,33 @@ def cli(
     """
     if verbose and quiet:
         raise click.UsageError("--verbose and --quiet exclude each other")
+    if verbose:
+        # Alembic reports each revision it runs ("Running upgrade 0001 -> 0002") at INFO.
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(name)s: %(message)s")
     ctx.obj = AppState(config_path, databases, Consoles.create(quiet=quiet, verbose=verbose))
 
 
 def _state(ctx: click.Context) -> AppState:
     state: AppState = ctx.find_root().obj
     return state
+
+
+def _plan_or_refuse(
+    c: Consoles, settings: Settings, direction: str, target: str, as_json: bool
+) -> None:
+    """Print the plan; refuse before touching any database if one of them cannot be planned."""
+    plans = migrations.plan(settings, direction, target)
+    if not c.quiet:
+        render_plan(c.human(as_json), plans, direction)
+    problems = [p for p in plans if isinstance(p, str)]
+    if problems:
+        for problem in problems[1:]:
+            c.error(problem)
+        more = f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""
+        raise OauthmigError(
+            f"{problems[0]}{more}; nothing was changed on any database (fix it, or leave that "
+            "database out with -d)"
+        )
 
 
 def _report_failures(state: AppState, result: RunResult) -> None:
@@ -190,8 +215,7 @@ def upgrade(
         else:
             render_dry_run(c.out, result)
         return
-    if not c.quiet:
-        render_plan(c.human(as_json), migrations.plan(settings, "upgrade", target), "upgrade")
+    _plan_or_refuse(c, settings, "upgrade", target, as_json)
     result = migrations.upgrade(settings, target, jobs=jobs)
     if as_json:
         click.echo(to_json({"dry_run": False, "databases": [run_to_dict(r) for r in result.runs]}))
@@ -244,8 +268,8 @@ def downgrade(
     c = state.consoles
     as_json = fmt == "json"
     mode = "sql" if offline else "dry-run" if dry_run else "online"
-    if mode == "online" and not c.quiet:
-        render_plan(c.human(as_json), migrations.plan(settings, "downgrade", target), "downgrade")
+    if mode == "online":
+        _plan_or_refuse(c, settings, "downgrade", target, as_json)
     result = migrations.downgrade(settings, target, mode=mode, from_revision=from_revision)
     _report_failures(state, result)
     if as_json:
@@ -430,7 +454,9 @@ def backfill(
 @click.option("--setup-only", is_flag=True, help="Create and fill the legacy tables, then stop.")
 @click.pass_context
 def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool) -> None:
-    """Create legacy tables with realistic data, then run the whole rollout on them.
+    """Create legacy tables with realistic data, then run the whole rollout on them:
+    upgrade, backfill, upgrade, then audit-redirects (a summary; findings are expected
+    and do not fail the demo).
 
     Refuses to touch databases whose tables exist and were not created by the demo.
     With no config this uses the embedded SQLite default under ./.oauthmig/.
@@ -480,6 +506,150 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     report = read_status(settings)
     if not c.quiet:
         render_status(c.out, report)
+    from oauthmig.audit import audit as audit_service
+    from oauthmig.console import render_audit_brief
+
+    # The demo data holds every kind of redirect-URI mess on purpose: findings are expected
+    # and never fail the demo (`oauthmig audit-redirects` is the command that gates CI).
+    c.info("demo: audit-redirects")
+    audit = audit_service(settings)
+    for _finding in audit:
+        pass
+    if not c.quiet:
+        render_audit_brief(c.out, audit.summary())
+
+
+@cli.command("check-redirect")
+@click.argument("uris", nargs=-1, required=True, metavar="URI...")
+@click.option(
+    "--app-type",
+    type=click.Choice(["web", "native"]),
+    default="web",
+    show_default=True,
+    help="OpenID Connect application_type the URIs are registered for.",
+)
+@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@click.option(
+    "--fail-on",
+    type=FAIL_ON,
+    default="error",
+    show_default=True,
+    help="Exit 1 when any URI has a finding of this severity or worse.",
+)
+@click.pass_context
+def check_redirect(
+    ctx: click.Context, uris: tuple[str, ...], app_type: str, fmt: str, fail_on: str
+) -> None:
+    """Validate redirect URIs as client registration would, and print their normalized form.
+
+    Each URI gets a verdict (fail: an error, warn: a warning, pass), its normalized form
+    (RFC 3986 §6.2.2) and every finding with its rule code. Needs no config or database.
+    Quote URIs in the shell; put -- before a URI that starts with "-".
+
+    \b
+    Examples:
+      oauthmig check-redirect https://app.example.com/callback
+      oauthmig check-redirect --app-type native com.example.app:/cb http://127.0.0.1/cb
+      oauthmig check-redirect --format json 'https://*.example.com/cb' | jq '.[].verdict'
+    """
+    from oauthmig.console import render_uri_reports
+    from oauthmig.redirect_rules import check_uri
+    from oauthmig.reports import check_report_to_dict
+
+    reports = [check_uri(uri, app_type) for uri in uris]
+    if fmt == "json":
+        click.echo(to_json([check_report_to_dict(r) for r in reports]))
+    else:
+        render_uri_reports(_state(ctx).consoles.out, reports)
+    failing = {"error": ("fail",), "warning": ("fail", "warn"), "never": ()}[fail_on]
+    bad = [r for r in reports if r.verdict in failing]
+    if bad:
+        raise Findings(f"{len(bad)} of {len(reports)} URI(s) at or above --fail-on {fail_on}")
+
+
+@cli.command("audit-redirects")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "csv", "sarif"]),
+    default="text",
+    show_default=True,
+    help="text: tables grouped by application; json, csv, sarif (2.1.0): for machines.",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True),
+    metavar="FILE",
+    help="Write the report to FILE (replaced atomically when complete); print only the summary.",
+)
+@click.option(
+    "--fail-on",
+    type=FAIL_ON,
+    default="error",
+    show_default=True,
+    help="Exit 1 when findings of this severity or worse exist.",
+)
+@click.pass_context
+def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: str) -> None:
+    """Audit every stored redirect URI, and the URIs live grants are bound to.
+
+    Reads every application on every database hosting the application table, in batches
+    (memory does not grow with the number of applications), and checks its redirect URIs
+    with the rules of docs/rules.md as a web or native app (the application_type column, or
+    inferred from the URIs as the client-metadata backfill does). Secrets and tokens are never
+    read. Codes listed in [audit] ignore are dropped and counted. JSON puts the summary after
+    the findings, so that they can be streamed.
+
+    \b
+    Examples:
+      oauthmig audit-redirects
+      oauthmig audit-redirects --format sarif --output redirects.sarif
+      oauthmig audit-redirects --format json --fail-on warning | jq .summary.by_code
+    """
+    from oauthmig.audit import FailOn
+    from oauthmig.audit import audit as audit_service
+    from oauthmig.console import (
+        escape,
+        plain_console,
+        progress_bar,
+        render_audit_findings,
+        render_audit_summary,
+    )
+    from oauthmig.reports import atomic_output, writer_for
+
+    state = _state(ctx)
+    c = state.consoles
+    settings = state.settings()
+    machine = fmt != "text"
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(atomic_output(output)) if output else None
+        # Progress (stderr, terminals only) when the report does not go to the terminal.
+        show_progress = not c.quiet and (sink is not None or not c.out.is_terminal)
+        update = stack.enter_context(progress_bar(c.err, enabled=show_progress))
+        audit = audit_service(settings, progress=update)
+        if machine:
+            out = sink if sink is not None else sys.stdout
+            writer = writer_for(fmt, out, application_table=settings.tables.application)
+            writer.begin()
+            for finding in audit:
+                writer.finding(finding)
+            writer.end(audit.summary())
+        else:
+            report_console = c.out if sink is None else plain_console(sink)
+            render_audit_findings(report_console, audit)
+            render_audit_summary(report_console, audit.summary())
+    summary = audit.summary()
+    if sink is not None and not c.quiet:
+        c.out.print(f"wrote the {fmt} report to {escape(str(output))}")
+        render_audit_summary(c.out, summary)
+    elif machine and not c.quiet:
+        render_audit_summary(c.err, summary)
+    if summary.fails(cast(FailOn, fail_on)):
+        raise Findings(
+            f"{summary.by_severity['error']:,} error(s), {summary.by_severity['warning']:,} "
+            f"warning(s): findings at or above --fail-on {fail_on}"
+        )
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -508,3 +678,8 @@ def run(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("interrupted; state is saved, rerun to resume", err=True)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: stop quietly, as the Python docs recommend.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FINDINGS

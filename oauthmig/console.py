@@ -8,11 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Iterator
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -26,8 +27,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from oauthmig.audit import AuditFinding, AuditSummary
 from oauthmig.backfill import BackfillResult, JobRun
 from oauthmig.migrations import DatabasePlan, DatabaseRun, RevisionInfo, RunResult
+from oauthmig.redirect_rules import RULES, Severity, UriReport
 from oauthmig.status import StatusReport
 
 
@@ -62,6 +65,11 @@ class Consoles:
     def error(self, message: str) -> None:
         """A one-line error on stderr."""
         self.err.print(f"[bold red]error:[/] {escape(message)}")
+
+
+def plain_console(file: IO[str], width: int = 120) -> Console:
+    """A console that writes plain text (no colour, no terminal codes) to a file."""
+    return Console(file=file, width=width, highlight=False, no_color=True, color_system=None)
 
 
 def escape(text: str) -> str:
@@ -409,3 +417,175 @@ def render_backfill(console: Console, result: BackfillResult) -> None:
             console.print(f"[red]{escape(r.database)} {escape(r.job)}: {escape(r.message)}[/]")
         elif r.status == "paused":
             console.print(f"{r.database} {r.job}: paused; state saved, rerun to resume")
+
+
+# --------------------------------------------------------------------------- redirect rules
+
+_SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+_VERDICT_STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _visible_char(ch: str) -> str:
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    if ch == " " or unicodedata.category(ch) not in ("Cc", "Cf", "Zs", "Zl", "Zp", "Cs", "Cn"):
+        return ch
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def show(value: str) -> str:
+    """Stored data made safe for a terminal: control, format (bidi) and unusual space
+    characters spelled as escapes (so a URI with a tab or an ANSI escape can neither hide the
+    problem nor drive the terminal), then rich markup escaped."""
+    if value.isprintable() and value.isascii():
+        return escape(value)
+    return escape("".join(_visible_char(ch) for ch in value))
+
+
+def _severity(severity: Severity) -> str:
+    return f"[{_SEVERITY_STYLE[severity]}]{severity.value}[/]"
+
+
+def render_uri_reports(console: Console, reports: Sequence[UriReport]) -> None:
+    """``check-redirect`` text: per URI its verdict, normalized form and findings."""
+    for report in reports:
+        verdict = report.verdict
+        console.print(
+            f"[{_VERDICT_STYLE[verdict]}]{verdict.upper():<4}[/] {show(report.uri)} "
+            f"[dim]({report.app_type.value} app)[/]"
+        )
+        normalized = "-" if report.normalized is None else show(report.normalized)
+        console.print(f"     [dim]normalized:[/] {normalized}")
+        for f in report.findings:
+            console.print(f"     {f.code} {f.name} {_severity(f.severity)}: {show(f.message)}")
+    counts = {v: sum(1 for r in reports if r.verdict == v) for v in ("pass", "warn", "fail")}
+    console.print(
+        f"{len(reports)} URI{'s' if len(reports) != 1 else ''}: "
+        + ", ".join(f"[{_VERDICT_STYLE[v]}]{n} {v}[/]" for v, n in counts.items())
+    )
+
+
+def _audit_table(first: bool) -> Table:
+    # Fixed ratios, so that the tables of successive chunks line up.
+    table = Table(
+        title="redirect URI audit" if first else None,
+        title_justify="left",
+        show_header=first,
+        expand=True,
+    )
+    table.add_column("application", ratio=2, overflow="fold")
+    table.add_column("rule", ratio=3, overflow="fold")
+    table.add_column("URI and finding", ratio=6, overflow="fold")
+    return table
+
+
+_FULL_CLIENT_ID_WIDTH = 150  # narrower consoles show client ids abbreviated
+
+
+def _client_id(client_id: str, width: int) -> str:
+    if width >= _FULL_CLIENT_ID_WIDTH or len(client_id) <= 12:
+        return show(client_id)
+    return show(client_id[:10]) + "…"
+
+
+def render_audit_findings(
+    console: Console, findings: Iterable[AuditFinding], *, chunk_applications: int = 200
+) -> int:
+    """Stream ``audit-redirects`` findings as tables grouped by application: a table is
+    printed every ``chunk_applications`` applications, so memory stays bounded. Client ids
+    are abbreviated on consoles narrower than 150 columns (the machine formats carry them
+    whole). Returns the number of findings rendered."""
+    table: Table | None = None
+    first = True
+    apps_in_table = 0
+    count = 0
+    current: tuple[str, int] | None = None
+    for f in findings:
+        key = (f.database, f.application_id)
+        if key != current:
+            if table is not None and apps_in_table >= chunk_applications:
+                console.print(table)
+                table = None
+            if table is None:
+                table = _audit_table(first)
+                first = False
+                apps_in_table = 0
+            elif current is not None:
+                table.add_section()
+            current = key
+            apps_in_table += 1
+            app_cell = (
+                f"{escape(f.database)} [bold]#{f.application_id}[/]\n"
+                f"[dim]{_client_id(f.client_id, console.width)}[/]"
+            )
+        else:
+            app_cell = ""
+        assert table is not None
+        rule_cell = f"{f.code} {_severity(f.severity)}\n{f.name}"
+        detail = show(f.message)
+        if f.uri is not None:
+            detail = f"{show(f.uri)}\n[dim]{detail}[/]"
+        table.add_row(app_cell, rule_cell, detail)
+        count += 1
+    if table is not None:
+        console.print(table)
+    return count
+
+
+def render_audit_summary(console: Console, summary: AuditSummary) -> None:
+    """Counts by severity and by code, ignored codes, databases and notes."""
+    per_db = ", ".join(
+        f"{escape(d.database)} ({d.applications:,} apps, app type from "
+        f"{'the application_type column' if d.app_type_source == 'column' else 'redirect URIs'})"
+        for d in summary.databases
+    )
+    console.print(
+        f"audited {summary.applications_scanned:,} applications, {summary.uris_scanned:,} "
+        f"redirect URIs, {summary.live_grants_checked:,} live grants"
+        + (f" on {per_db}" if per_db else "")
+    )
+    console.print(
+        "findings: "
+        + ", ".join(
+            f"[{_SEVERITY_STYLE[s]}]{summary.by_severity.get(s.value, 0):,} {s.value}[/]"
+            for s in Severity
+        )
+    )
+    if summary.by_code:
+        table = Table(title="findings by rule", title_justify="left")
+        for name in ("code", "name", "severity", "count"):
+            table.add_column(name, justify="right" if name == "count" else "left")
+        for code, n in summary.by_code.items():
+            rule = RULES[code]
+            table.add_row(code, rule.name, _severity(rule.severity), f"{n:,}")
+        console.print(table)
+    if summary.ignored:
+        console.print(
+            "ignored ([audit] ignore): "
+            + ", ".join(f"{code} x{n:,}" for code, n in summary.ignored.items())
+        )
+    for note in summary.notes:
+        console.print(f"[dim]note: {escape(note)}[/]")
+
+
+def render_audit_brief(console: Console, summary: AuditSummary) -> None:
+    """Two lines: counts by severity and the most frequent codes (for ``demo``)."""
+    severities = ", ".join(
+        f"[{_SEVERITY_STYLE[s]}]{summary.by_severity.get(s.value, 0):,} {s.value}[/]"
+        for s in Severity
+    )
+    console.print(
+        f"audit: {summary.applications_scanned:,} applications, "
+        f"{summary.uris_scanned:,} redirect URIs: {severities}"
+    )
+    top = summary.top_codes(5)
+    if top:
+        console.print(
+            "  top rules: "
+            + ", ".join(f"{code} {RULES[code].name} x{n:,}" for code, n in top)
+            + "  (details: oauthmig audit-redirects)"
+        )

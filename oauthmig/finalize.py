@@ -9,6 +9,7 @@ lock timeout or a crash picks up where it stopped. Called from revision code onl
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Column, Table, inspect, text
@@ -97,26 +98,32 @@ def _pg_not_null(conn: Connection, physical: str, column: str) -> bool:
 
 def upgrade(checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]) -> None:
     """Apply the finalize operations for the tables routed to this database."""
-    t = current_target()
-    checks = [c for c in checks if c.table in t.routed]
-    not_nulls = [n for n in not_nulls if n.table in t.routed]
-    indexes = [i for i in indexes if i.table in t.routed]
-    if t.dialect == "postgresql":
-        _pg_upgrade(t, checks, not_nulls, indexes)
-    else:
-        _sqlite_upgrade(t, checks, not_nulls, indexes)
+    _dispatch(checks, not_nulls, indexes, _pg_upgrade, _sqlite_upgrade)
 
 
 def downgrade(checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]) -> None:
     """Remove what :func:`upgrade` added (indexes, constraints, NOT NULL)."""
+    _dispatch(checks, not_nulls, indexes, _pg_downgrade, _sqlite_downgrade)
+
+
+_Step = Callable[[RevisionTarget, list[Check], list[NotNull], list[IndexSpec]], None]
+
+
+def _dispatch(
+    checks: list[Check],
+    not_nulls: list[NotNull],
+    indexes: list[IndexSpec],
+    pg: _Step,
+    sqlite: _Step,
+) -> None:
     t = current_target()
-    checks = [c for c in checks if c.table in t.routed]
-    not_nulls = [n for n in not_nulls if n.table in t.routed]
-    indexes = [i for i in indexes if i.table in t.routed]
-    if t.dialect == "postgresql":
-        _pg_downgrade(t, checks, not_nulls, indexes)
-    else:
-        _sqlite_downgrade(t, checks, not_nulls, indexes)
+    step = pg if t.dialect == "postgresql" else sqlite
+    step(
+        t,
+        [c for c in checks if c.table in t.routed],
+        [n for n in not_nulls if n.table in t.routed],
+        [i for i in indexes if i.table in t.routed],
+    )
 
 
 def _pg_upgrade(

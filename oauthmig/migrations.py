@@ -938,9 +938,14 @@ def downgrade(
 
 
 def plan(settings: Settings, direction: str, target: str) -> list[DatabasePlan | str]:
-    """Read-only plan per database; an unreadable database yields its error message instead."""
+    """Read-only plan per database, checked as the run will check it (tables, columns, gates).
+
+    A database that cannot be planned yields its one-line error instead, so that the CLI can
+    refuse before writing anything anywhere.
+    """
     revisions = history()
     resolved = resolve_revision(target, revisions)
+    explicit = target not in ("head", "heads") or direction == "downgrade"
     out: list[DatabasePlan | str] = []
     for name in settings.database_names():
         db = settings.databases[name]
@@ -948,8 +953,14 @@ def plan(settings: Settings, direction: str, target: str) -> list[DatabasePlan |
             engine = make_engine(db, settings)
             try:
                 with connect(engine, db) as conn:
-                    p, _ = _plan(
-                        conn, settings, db, revisions, resolved, direction, explicit_target=False
+                    p, chosen = _plan(conn, settings, db, revisions, resolved, direction, explicit)
+                    preflight(
+                        conn,
+                        settings,
+                        db,
+                        revisions,
+                        p.current,
+                        chosen if direction == "upgrade" else [],
                     )
                     out.append(p)
             finally:

@@ -910,7 +910,8 @@ def classify_uri_style(uri: str) -> UriStyle:
     """Whether a redirect URI looks like a web or a native application's.
 
     ``native``: a private-use scheme (including the out-of-band URN), or http(s) to a loopback
-    IP literal (127.0.0.0/8, [::1]) or to ``localhost``. ``web``: http(s) to any other host. ``unknown``: not an absolute URI, no host, or a forbidden scheme (RU006).
+    IP literal (127.0.0.0/8, [::1]) or to ``localhost``. ``web``: http(s) to any other host.
+    ``unknown``: not an absolute URI, no host, or a forbidden scheme (RU006).
     """
     return _style(_subject(uri, AppType.WEB, None))
 

@@ -716,13 +716,24 @@ def test_two_backfill_processes_one_refuses(
 ) -> None:
     settings, cfg = _make(make_database, tmp_path, tokens=4000)
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
-    args = ("-d", "shard", "backfill", "token-families", "--batch", "20", "--sleep", "0.05")
+    # Slow enough that the first is surely mid-job while the second starts, then Ctrl-C it.
+    args = ("-d", "shard", "backfill", "token-families", "--batch", "20", "--sleep", "0.2")
     first = _spawn(cfg, *args)
     _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > 0)
     second = _spawn(cfg, *args)
     _, err = second.communicate(timeout=120)
-    out_first, err_first = first.communicate(timeout=300)
+    assert first.poll() is None, "the first run should still be working"
+    first.send_signal(signal.SIGINT)
+    _, err_first = first.communicate(timeout=120)
     assert second.returncode == 2, err
     assert "another oauthmig backfill token-families run holds the lock" in err
-    assert first.returncode == 0, err_first
+    assert first.returncode == 130, err_first
+    assert "state is saved" in err_first and "Traceback" not in err_first
+    paused = _job(settings, "shard")
+    assert paused["status"] == "paused" and paused["rows_done"] > 0
+    resumed = invoke(capsys, "--config", cfg, "-d", "shard", "backfill", "--format", "json")
+    assert resumed.code == 0, resumed.err
+    assert json.loads(resumed.out)["jobs"][0]["rows_changed"] == (
+        _assert_tokens_backfilled(settings, "shard") - paused["rows_done"]
+    )
     _assert_tokens_backfilled(settings, "shard")
