@@ -19,6 +19,7 @@ demo: $(STAMP)
 ## test: the full suite on SQLite and PostgreSQL (PostgreSQL at 127.0.0.1:5432 is required)
 test: $(STAMP)
 	$(BIN)/ruff check oauthmig tests revisions
+	$(BIN)/ruff format --check oauthmig tests revisions
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 

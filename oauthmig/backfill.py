@@ -112,13 +112,14 @@ def family_id(table_name: str, row_id: int) -> uuid.UUID:
 
 
 def _pg_family_sql(table_name: str) -> str:
-    # UUIDv3 in SQL: md5(namespace bytes || name), then version nibble 3 and variant 10xx.
+    # UUIDv3 in SQL: md5(namespace bytes || name), then version nibble 3 (hex digit 13) and
+    # variant 10xx (hex digit 17: d -> (d & 3) | 8, done by translate). md5 is written twice.
     ns = FAMILY_NAMESPACE.hex
     h = f"md5(decode('{ns}', 'hex') || convert_to('{table_name}:' || id::text, 'UTF8'))"
     return (
-        f"(substr({h}, 1, 12) || '3' || substr({h}, 14, 3) || "
-        f"to_hex(((('x' || substr({h}, 17, 1))::bit(4)::int) & 3) | 8) || "
-        f"substr({h}, 18, 15))::uuid"
+        f"overlay(overlay({h} placing '3' from 13 for 1) placing "
+        f"translate(substr({h}, 17, 1), '0123456789abcdef', '89ab89ab89ab89ab') "
+        "from 17 for 1)::uuid"
     )
 
 

@@ -475,7 +475,10 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
         f"demo: creating legacy tables on {', '.join(settings.database_names())} "
         f"({settings.source})"
     )
-    setup = setup_legacy(settings, apps=apps, tokens=tokens, seed=seed)
+    from oauthmig.console import progress_bar
+
+    with progress_bar(c.err, enabled=not c.quiet) as update:
+        setup = setup_legacy(settings, apps=apps, tokens=tokens, seed=seed, progress=update)
     for d in setup.databases:
         c.info(
             f"  {d.database}: {d.applications:,} applications, {d.grants:,} grants "

@@ -737,3 +737,30 @@ def test_two_backfill_processes_one_refuses(
         _assert_tokens_backfilled(settings, "shard") - paused["rows_done"]
     )
     _assert_tokens_backfilled(settings, "shard")
+
+
+@PG
+def test_lost_connection_is_retried(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, cfg = _make(make_database, tmp_path, tokens=4000)
+    assert invoke(capsys, "--config", cfg, "upgrade").code == 0
+    proc = _spawn(
+        cfg, "-d", "shard", "backfill", "token-families", "--batch", "20", "--sleep", "0.05"
+    )
+    _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > 0)
+    dbname = settings.databases["shard"].url.rsplit("/", 1)[-1]  # type: ignore[union-attr]
+    # Kill the work connection (not the one holding the run's advisory lock).
+    killed = _rows(
+        settings,
+        "shard",
+        "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE "
+        "a.datname = :d AND a.application_name = 'oauthmig' AND a.pid NOT IN "
+        "(SELECT pid FROM pg_locks WHERE locktype = 'advisory') AND a.pid <> pg_backend_pid()",
+        d=dbname,
+    )
+    assert killed and all(ok for (ok,) in killed)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert _job(settings, "shard")["attempts"] >= 1
+    _assert_tokens_backfilled(settings, "shard")

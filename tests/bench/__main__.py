@@ -1,0 +1,112 @@
+"""``python -m tests.bench [backfill|rules|audit ...] [options]``: run benchmarks, print results.
+
+With no benchmark named, all three run. Exit status 1 when a target is missed (the figures are
+still printed), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+BENCHMARKS = ("backfill", "rules", "audit")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description="oauthmig benchmarks (see docs/benchmarks.md)",
+    )
+    p.add_argument(
+        "benchmarks",
+        nargs="*",
+        metavar="BENCHMARK",
+        help="backfill, rules and/or audit (default: all)",
+    )
+    p.add_argument("--seed", type=int, default=42, help="demo data seed (default 42)")
+    g = p.add_argument_group("backfill")
+    g.add_argument("--tokens", type=int, default=1_000_000, help="legacy tokens (default 1M)")
+    g.add_argument(
+        "--bf-apps", type=int, default=1000, help="applications beside the tokens (default 1000)"
+    )
+    g.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="A/B rounds, alternating which copy is timed first (default 2)",
+    )
+    g.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="before each timed run, wait up to this long for 20 s without other users' "
+        "statements on the PostgreSQL server (0: do not wait; default 600)",
+    )
+    g.add_argument(
+        "--profile",
+        action="store_true",
+        help="time each kind of statement and commit inside the backfill run",
+    )
+    g = p.add_argument_group("rules")
+    g.add_argument("--uris", type=int, default=1_000_000, help="generated URIs (default 1M)")
+    g = p.add_argument_group("audit")
+    g.add_argument(
+        "--apps",
+        type=int,
+        nargs="+",
+        default=[10_000, 100_000],
+        help="application counts to audit (default: 10000 100000)",
+    )
+    g.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["sqlite", "postgresql"],
+        default=["sqlite", "postgresql"],
+        help="databases to audit on (default: both)",
+    )
+    return p
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # Turn SIGTERM into SystemExit so that every `finally` runs and drops the scratch databases.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in args.benchmarks:
+        if name not in BENCHMARKS:
+            parser.error(f"unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)})")
+    chosen: list[str] = list(dict.fromkeys(args.benchmarks)) or list(BENCHMARKS)
+    ok = True
+    for name in chosen:
+        if name == "backfill":
+            from tests.bench import bench_backfill
+
+            ok &= bench_backfill.main(
+                tokens=args.tokens,
+                apps=args.bf_apps,
+                rounds=args.rounds,
+                seed=args.seed,
+                profile=args.profile,
+                wait_quiet=args.wait_quiet,
+            )
+        elif name == "rules":
+            from tests.bench import bench_rules
+
+            ok &= bench_rules.main(uris=args.uris, seed=args.seed)
+        else:
+            from tests.bench import bench_audit
+
+            ok &= bench_audit.main(apps=args.apps, backends=args.backends, seed=args.seed)
+        print(flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
