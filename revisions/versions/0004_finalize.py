@@ -17,6 +17,8 @@ tables: tuple[str, ...] = ("application", "grant", "token")
 requires_backfills: tuple[str, ...] = ("token-families", "client-metadata")
 columns: tuple[ColumnSpec, ...] = ()
 
+# Spelled out rather than imported from oauthmig.config: a revision must not change meaning when
+# the code around it evolves (RFC 7591 §2 and OpenID Connect Registration values).
 AUTH_METHODS = (
     "none",
     "client_secret_basic",
