@@ -24,6 +24,7 @@ with ``md5()``; SQLite calls the same Python function registered on the connecti
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import threading
 import time
@@ -143,6 +144,7 @@ class Job:
     logical_table: str
     description: str
     columns: tuple[str, ...]
+    table: Callable[[str], Any]  # physical name -> lightweight table with the job's columns
     pending: Callable[[Any], ColumnElement[bool]]
     run_batch: Callable[[BatchContext, int, int], int]
 
@@ -242,7 +244,8 @@ JOBS: dict[str, Job] = {
         "token",
         "token_family_id for every legacy token with a refresh token (one family per token)",
         ("token_family_id", "refresh_token"),
-        lambda t: _token_pending(t),
+        _token_table,
+        _token_pending,
         _token_batch,
     ),
     "client-metadata": Job(
@@ -250,14 +253,11 @@ JOBS: dict[str, Job] = {
         "application",
         "token_endpoint_auth_method, grant_types, response_types, application_type",
         ("token_endpoint_auth_method", "grant_types", "response_types", "application_type"),
-        lambda t: _app_pending(t),
+        _app_table,
+        _app_pending,
         _app_batch,
     ),
 }
-
-
-def _job_table_ref(job: Job, physical: str) -> Any:
-    return _token_table(physical) if job.logical_table == "token" else _app_table(physical)
 
 
 # --------------------------------------------------------------------------- results
@@ -359,7 +359,7 @@ def remaining_rows(conn: Connection, settings: Settings, database: str, job: Job
     physical = settings.tables.physical(job.logical_table)
     if not _has_columns(conn, physical, job.columns):
         return -1
-    t = _job_table_ref(job, physical)
+    t = job.table(physical)
     n = conn.execute(select(func.count()).select_from(t).where(job.pending(t))).scalar_one()
     if conn.in_transaction():
         conn.rollback()
@@ -418,6 +418,22 @@ def adapt_batch_size(size: int, seconds: float, target: float) -> int:
 # --------------------------------------------------------------------------- runner
 
 
+_PROGRESS_COLUMNS = (
+    "status",
+    "phase",
+    "cursor",
+    "upper_bound",
+    "rows_done",
+    "rows_total",
+    "batches",
+    "batch_size",
+    "attempts",
+    "last_error",
+    "finished_at",
+    "updated_at",
+)
+
+
 @dataclass
 class _Runner:
     settings: Settings
@@ -427,6 +443,8 @@ class _Runner:
     progress: Progress | None
     stop: _Stop
     sleep: Callable[[float], None] = time.sleep
+    batch_times: list[float] = field(default_factory=list)
+    changed: int = 0
 
     def run(self) -> JobRun:
         started = time.monotonic()
@@ -455,7 +473,8 @@ class _Runner:
         physical = self.settings.tables.physical(job.logical_table)
         conn = self._connect(engine)
         try:
-            if not _has_columns(conn, physical, job.columns):
+            remaining = remaining_rows(conn, self.settings, db.name, job)
+            if remaining < 0:
                 raise BackfillError(
                     f"database {db.name!r}: {physical} lacks the columns of job {job.name!r}; "
                     "run `oauthmig upgrade` first"
@@ -468,7 +487,6 @@ class _Runner:
                     )
                 _md.create_all(conn, checkfirst=True)
             state = _read_job(conn, job.name)
-            remaining = remaining_rows(conn, self.settings, db.name, job)
             now = datetime.now(UTC)
             if state is not None and state["status"] == "finished" and not self.options.restart:
                 if remaining == 0:
@@ -509,32 +527,35 @@ class _Runner:
                     state["batch_size"] = self.options.batch_size
                 # Resuming: what is left is what was done plus what remains.
                 state["rows_total"] = int(state["rows_done"]) + remaining
+                state["status"] = "running"
                 with _txn(conn):
-                    conn.execute(
-                        job_table.update()
-                        .where(job_table.c.job == job.name)
-                        .values(
-                            status="running",
-                            rows_total=state["rows_total"],
-                            batch_size=state["batch_size"],
-                            updated_at=now,
-                        )
-                    )
+                    self._persist(conn, state)
             conn = self._loop(engine, conn, physical, state, started)
             return self._result(state, started)
         except KeyboardInterrupt:
-            self._mark(engine, "paused", None)
+            self._mark(engine, status="paused")
             raise
         finally:
             with contextlib.suppress(SQLAlchemyError):
                 conn.close()
 
-    def _mark(self, engine: Engine, status: str, error: str | None) -> None:
+    def _mark(self, engine: Engine, **values: Any) -> None:
+        """Record a final state on a fresh connection (the work connection may be broken)."""
         with contextlib.suppress(SQLAlchemyError), engine.begin() as c:
-            values: dict[str, Any] = {"status": status, "updated_at": datetime.now(UTC)}
-            if error is not None:
-                values["last_error"] = error[:2000]
-            c.execute(job_table.update().where(job_table.c.job == self.job.name).values(**values))
+            c.execute(
+                job_table.update()
+                .where(job_table.c.job == self.job.name)
+                .values(updated_at=datetime.now(UTC), **values)
+            )
+
+    def _persist(self, conn: Connection, state: dict[str, Any]) -> None:
+        """Write the job's progress columns from ``state`` (inside the caller's transaction)."""
+        state["updated_at"] = datetime.now(UTC)
+        conn.execute(
+            job_table.update()
+            .where(job_table.c.job == self.job.name)
+            .values({name: state[name] for name in _PROGRESS_COLUMNS})
+        )
 
     def _loop(
         self, engine: Engine, conn: Connection, physical: str, state: dict[str, Any], started: float
@@ -549,8 +570,6 @@ class _Runner:
         size = int(state["batch_size"])
         failures = 0
         label = f"{self.db.name} {self.job.name}"
-        self.batch_times: list[float] = []
-        self.changed = 0
         while True:
             if self.stop.should_stop():
                 self._save(conn, state, "paused")
@@ -577,32 +596,17 @@ class _Runner:
                 t0 = time.monotonic()
                 with _txn(conn):
                     n = self.job.run_batch(BatchContext(conn, physical, self.settings), lo, hi)
-                    elapsed_batch = time.monotonic() - t0
                     state["cursor"] = hi
                     state["rows_done"] = int(state["rows_done"]) + n
                     state["batches"] = int(state["batches"]) + 1
                     state["batch_size"] = size
-                    state["updated_at"] = datetime.now(UTC)
                     # Same transaction as the batch: the cursor never runs ahead of the data.
-                    conn.execute(
-                        job_table.update()
-                        .where(job_table.c.job == self.job.name)
-                        .values(
-                            cursor=hi,
-                            rows_done=state["rows_done"],
-                            batches=state["batches"],
-                            batch_size=size,
-                            phase=state["phase"],
-                            upper_bound=state["upper_bound"],
-                            attempts=state["attempts"],
-                            updated_at=state["updated_at"],
-                        )
-                    )
+                    self._persist(conn, state)
                 elapsed = time.monotonic() - t0
                 self.batch_times.append(elapsed)
                 self.changed += n
                 failures = 0
-                size = adapt_batch_size(size, max(elapsed, elapsed_batch), target)
+                size = adapt_batch_size(size, elapsed, target)
                 if self.progress:
                     self.progress(
                         label,
@@ -630,7 +634,9 @@ class _Runner:
                         self.sleep(min(5.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0))
                     continue
                 message = describe_error(exc, self.db)
-                self._mark(engine, "failed", message)
+                self._mark(
+                    engine, status="failed", last_error=message[:2000], attempts=state["attempts"]
+                )
                 raise BackfillError(
                     f"database {self.db.name!r}: backfill {self.job.name} failed at id > {lo} "
                     f"after {failures + 1} attempts: {message}; state saved, rerun to resume"
@@ -638,21 +644,10 @@ class _Runner:
 
     def _save(self, conn: Connection, state: dict[str, Any], status: str) -> None:
         state["status"] = status
+        if status == "finished":
+            state["last_error"] = None
         with _txn(conn):
-            conn.execute(
-                job_table.update()
-                .where(job_table.c.job == self.job.name)
-                .values(
-                    status=status,
-                    phase=state["phase"],
-                    upper_bound=state["upper_bound"],
-                    cursor=state["cursor"],
-                    attempts=state["attempts"],
-                    finished_at=state.get("finished_at"),
-                    last_error=None if status == "finished" else state.get("last_error"),
-                    updated_at=datetime.now(UTC),
-                )
-            )
+            self._persist(conn, state)
 
     def _result(self, state: dict[str, Any], started: float) -> JobRun:
         return JobRun(
@@ -673,7 +668,8 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
     try:
         with connect(engine, db) as conn:
             physical = settings.tables.physical(job.logical_table)
-            if not _has_columns(conn, physical, job.columns):
+            n = remaining_rows(conn, settings, db.name, job)
+            if n < 0:
                 return JobRun(
                     job.name,
                     db.name,
@@ -684,7 +680,6 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
                     0.0,
                     message=f"{physical} lacks the job's columns; run `oauthmig upgrade` first",
                 )
-            n = remaining_rows(conn, settings, db.name, job)
             state = _read_job(conn, job.name)
             rate: float | None = None
             if state and state["rows_done"] and state["finished_at"] and state["started_at"]:
@@ -775,24 +770,16 @@ def backfill(
 # --------------------------------------------------------------------------- hooks
 
 
-def _gate(job: Job) -> Callable[[Connection, Settings, str], int]:
-    def check(conn: Connection, settings: Settings, database: str) -> int:
-        return remaining_rows(conn, settings, database, job)
-
-    return check
-
-
 def job_states(conn: Connection, settings: Settings, database: str) -> list[JobState]:
     """Per-job state on one database, for ``status``."""
     out: list[JobState] = []
     for job in JOBS.values():
         if job.logical_table not in settings.tables_on(database):
             continue
-        physical = settings.tables.physical(job.logical_table)
-        if not _has_columns(conn, physical, job.columns):
+        remaining = remaining_rows(conn, settings, database, job)
+        if remaining < 0:
             out.append(JobState(job.name, "waiting for upgrade", 0, None, None))
             continue
-        remaining = remaining_rows(conn, settings, database, job)
         state = _read_job(conn, job.name)
         if state is None:
             out.append(
@@ -822,5 +809,5 @@ def job_states(conn: Connection, settings: Settings, database: str) -> list[JobS
 
 
 for _job in JOBS.values():
-    BACKFILL_GATES[_job.name] = _gate(_job)
+    BACKFILL_GATES[_job.name] = functools.partial(remaining_rows, job=_job)
 BACKFILL_STATUS.append(job_states)

@@ -384,7 +384,6 @@ class DatabaseRun:
     attempts: int
     seconds: float
     error: str | None = None
-    error_kind: str | None = None
     sql: str | None = None
 
 
@@ -679,13 +678,10 @@ def run_database(req: RunRequest, sleep: Callable[[float], None] = time.sleep) -
             0,
             time.monotonic() - started,
             exc.message,
-            type(exc).__name__,
         )
     except SQLAlchemyError as exc:
         message = f"database {db.name!r}: {describe_error(exc, db)}"
-        return DatabaseRun(
-            db.name, empty_plan, (), None, 0, time.monotonic() - started, message, "DatabaseError"
-        )
+        return DatabaseRun(db.name, empty_plan, (), None, 0, time.monotonic() - started, message)
 
 
 def _target_for(

@@ -28,7 +28,7 @@ from oauthmig.backfill import (
     family_id,
     infer_application_type,
 )
-from oauthmig.config import Settings, settings_from_mapping
+from oauthmig.config import LOGICAL_TABLES, Settings, settings_from_mapping
 from oauthmig.db import connect, exclusive_run, make_engine
 from oauthmig.demo import setup_legacy
 from tests.conftest import DatabaseFactory, routed_config
@@ -697,7 +697,13 @@ def test_finalize_rebuilds_invalid_leftover_index(
 
 def test_jobs_registry_is_documented() -> None:
     assert set(JOBS) == {"token-families", "client-metadata"}
-    assert [r.revision for r in migrations.history() if r.requires_backfills] == ["0004"]
+    gated = [r for r in migrations.history() if r.requires_backfills]
+    assert [r.revision for r in gated] == ["0004"]
+    assert set(gated[0].requires_backfills) == set(JOBS)
+    readme = (ROOT / "README.md").read_text()
+    for name, job in JOBS.items():
+        assert f"`{name}`" in readme
+        assert job.logical_table in LOGICAL_TABLES
 
 
 def test_parallel_jobs_across_databases(
