@@ -471,6 +471,8 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
+    if not setup_only:
+        migrations.script_directory()  # a broken install fails here, before any table exists
     c.info(
         f"demo: creating legacy tables on {', '.join(settings.database_names())} "
         f"({settings.source})"
@@ -599,7 +601,8 @@ def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: s
 
     Reads every application on every database hosting the application table, in batches
     (memory does not grow with the number of applications), and checks its redirect URIs
-    with the rules of docs/rules.md as a web or native app (the application_type column, or
+    with the redirect rules (RU001...; reference: rules.md, installed with the package as
+    oauthmig/docs/rules.md) as a web or native app (the application_type column, or
     inferred from the URIs as the client-metadata backfill does). Secrets and tokens are never
     read. Codes listed in [audit] ignore are dropped and counted. JSON puts the summary after
     the findings, so that they can be streamed.

@@ -13,7 +13,9 @@ one line on stderr and exit code 2. Anything else escaping is a bug and may show
     │   ├── SchemaStateError           half-migrated or unknown revision in a version table
     │   ├── LockBusyError              another oauthmig run holds this database's lock
     │   ├── LockTimeoutError           DDL could not get its lock within the retries
-    │   └── RevisionFailedError        a revision failed for another reason
+    │   ├── RevisionFailedError        a revision failed for another reason
+    │   └── ModelsSchemaError          live tables the models library could not write to
+    ├── InstallationError              a file the package ships is missing (broken install)
     ├── GateError                      a revision waits for an unfinished backfill
     ├── BackfillError                  a backfill job failed (state saved)
     └── OAuthError                     token-endpoint errors of the models library
@@ -75,6 +77,14 @@ class LockTimeoutError(DatabaseError):
 
 class RevisionFailedError(DatabaseError):
     """A revision failed on a database for a reason other than a lock timeout."""
+
+
+class ModelsSchemaError(DatabaseError):
+    """The live tables have required columns the models library has no value for."""
+
+
+class InstallationError(OauthmigError):
+    """A file that ships inside the package (revisions, rules reference) cannot be found."""
 
 
 class GateError(OauthmigError):

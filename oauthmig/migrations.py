@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
@@ -60,8 +59,10 @@ from oauthmig.errors import (
     SchemaStateError,
     UsageError,
 )
+from oauthmig.resources import packaged_path, revisions_dir
 
-REVISIONS_DIR = Path(__file__).resolve().parent.parent / "revisions"
+#: Where the revisions are (packaged copy when installed); see :mod:`oauthmig.resources`.
+REVISIONS_DIR = packaged_path("revisions", "revisions")
 VERSION_TABLE = "oauthmig_version"
 LOG_TABLE = "oauthmig_revision_log"
 TARGET_KEY = "oauthmig_target"
@@ -141,7 +142,7 @@ class RevisionInfo:
 def script_directory() -> ScriptDirectory:
     """Alembic's view of ``revisions/``."""
     cfg = Config()
-    cfg.set_main_option("script_location", str(REVISIONS_DIR))
+    cfg.set_main_option("script_location", str(revisions_dir()))
     return ScriptDirectory.from_config(cfg)
 
 
@@ -569,7 +570,7 @@ def _alembic_config(
     target: RevisionTarget, conn: Connection | None, buffer: io.StringIO | None = None
 ) -> Config:
     cfg = Config(output_buffer=buffer) if buffer is not None else Config()
-    cfg.set_main_option("script_location", str(REVISIONS_DIR))
+    cfg.set_main_option("script_location", str(revisions_dir()))
     cfg.attributes[TARGET_KEY] = target
     if conn is not None:
         cfg.attributes[CONNECTION_KEY] = conn
