@@ -113,6 +113,21 @@ class AuditSettings:
     ignore: tuple[str, ...] = ()
 
 
+#: A value a ``[models.defaults.<table>]`` key may hold: TOML scalars and lists of strings.
+ColumnDefault = bool | int | float | str | tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """What the models library writes into columns it does not manage (``[models]``).
+
+    ``defaults`` maps a logical table to ``{column: value}``, used on insert when the caller
+    passes no value and there is no row to copy from.
+    """
+
+    defaults: Mapping[str, Mapping[str, ColumnDefault]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a command needs to know about the installation."""
@@ -124,6 +139,7 @@ class Settings:
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     source: str = "embedded default"
+    models: ModelSettings = field(default_factory=ModelSettings)
 
     def tables_on(self, database: str) -> tuple[str, ...]:
         """Logical tables routed to ``database``, in canonical order."""
@@ -144,7 +160,14 @@ class Settings:
         keep = {n: self.databases[n] for n in self.databases if n in names}
         routing = {t: tuple(d for d in dbs if d in keep) for t, dbs in self.routing.items()}
         return Settings(
-            keep, routing, self.tables, self.migrate, self.backfill, self.audit, self.source
+            keep,
+            routing,
+            self.tables,
+            self.migrate,
+            self.backfill,
+            self.audit,
+            self.source,
+            self.models,
         )
 
 
@@ -273,7 +296,9 @@ def _database(name: str, data: object, env: Mapping[str, str]) -> DatabaseConfig
 
 def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], source: str) -> Settings:
     """Build and validate settings from parsed TOML."""
-    _check_keys(data, ("databases", "routing", "tables", "migrate", "backfill", "audit"), "")
+    _check_keys(
+        data, ("databases", "routing", "tables", "migrate", "backfill", "audit", "models"), ""
+    )
     dbs_raw = _table(data, "databases")
     if not dbs_raw:
         raise ConfigError("databases: at least one database must be configured ([databases.NAME])")
@@ -384,7 +409,40 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     for code in ignore:
         if not re.match(r"^RU\d{3}$", code):
             raise ConfigError(f"audit.ignore: {code!r} is not a rule code like RU014")
-    return Settings(databases, routing, tables, migrate, backfill, AuditSettings(ignore), source)
+    models = _models(_table(data, "models"))
+    return Settings(
+        databases, routing, tables, migrate, backfill, AuditSettings(ignore), source, models
+    )
+
+
+def _models(raw: Mapping[str, Any]) -> ModelSettings:
+    """``[models.defaults.<logical table>]``: column = value, for unmanaged columns."""
+    _check_keys(raw, ("defaults",), "models")
+    defaults_raw = raw.get("defaults", {})
+    if not isinstance(defaults_raw, dict):
+        raise ConfigError("models.defaults: expected a table ([models.defaults.grant])")
+    _check_keys(defaults_raw, LOGICAL_TABLES, "models.defaults")
+    defaults: dict[str, dict[str, ColumnDefault]] = {}
+    for logical, columns in defaults_raw.items():
+        key = f"models.defaults.{logical}"
+        if not isinstance(columns, dict):
+            raise ConfigError(f"{key}: expected a table of column = value")
+        values: dict[str, ColumnDefault] = {}
+        for column, value in columns.items():
+            where = f"{key}.{column}"
+            if not _IDENTIFIER.match(column):
+                raise ConfigError(f"{where}: {column!r} is not a plain SQL column name")
+            if isinstance(value, bool | int | float | str):
+                values[column] = value
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                values[column] = tuple(value)
+            else:
+                raise ConfigError(
+                    f"{where}: expected a number, string, boolean or list of strings, "
+                    f"got {type(value).__name__}"
+                )
+        defaults[logical] = values
+    return ModelSettings(defaults)
 
 
 def embedded_default(base: Path) -> Settings:

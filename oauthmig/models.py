@@ -41,39 +41,44 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+import weakref
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from sqlalchemy import (
     BigInteger,
+    Column,
     DateTime,
     Identity,
     Index,
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     Uuid,
     and_,
     delete,
     func,
+    insert,
+    inspect,
     literal,
     or_,
     select,
     text,
     update,
 )
-from sqlalchemy.engine import CursorResult, Dialect
+from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, Session, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
-from oauthmig.config import TableNames
-from oauthmig.errors import InvalidGrant, InvalidRequest, OAuthError
+from oauthmig.config import ColumnDefault, TableNames
+from oauthmig.errors import ConfigError, InvalidGrant, InvalidRequest, ModelsSchemaError, OAuthError
 from oauthmig.pkce import parse_code_challenge, verify_code_verifier
 from oauthmig.redirect_rules import AppType, UriReport, check_uri, split_redirect_uris
 from oauthmig.types import StringList
@@ -95,6 +100,7 @@ __all__ = [
     "TokenModel",
     "UtcDateTime",
     "build_models",
+    "check_models",
     "check_redirect_binding",
     "exchange_code",
     "find_active_token",
@@ -233,9 +239,38 @@ class TokenModel(_Columns):
     revoked_reason: Mapped[str | None] = mapped_column(String(32))
 
 
+#: Token column <- grant column copied at code exchange when both exist and the token column
+#: is not managed here (besides same-named columns). Sentry calls the grant's organization
+#: ``organization_id`` and the token's ``scoping_organization_id``.
+EXCHANGE_RENAMES: Final[Mapping[str, str]] = {"scoping_organization_id": "organization_id"}
+
+
+@dataclass(frozen=True, slots=True)
+class LiveTable:
+    """One physical table as a database holds it, seen from the models.
+
+    ``table`` has the mapped columns (with the models' types) plus every unmanaged column
+    (reflected types); ``unmanaged`` are the unmanaged columns a row can be given a value for
+    (identity, serial and generated columns excluded); ``required`` those of them that are
+    ``NOT NULL`` without a database default.
+    """
+
+    logical: str
+    table: Table
+    columns: frozenset[str]
+    unmanaged: tuple[str, ...]
+    required: frozenset[str]
+    missing: tuple[str, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class OAuthModels:
-    """The mapped classes for one set of physical table names, on their own registry."""
+    """The mapped classes for one set of physical table names, on their own registry.
+
+    ``defaults`` (logical table -> column -> value) and ``supplied_by_caller`` (logical table ->
+    columns every call passes in ``extra=``) cover columns of the live tables that the models
+    do not manage; see :func:`check_models`.
+    """
 
     tables: TableNames
     base: type[DeclarativeBase]
@@ -243,14 +278,38 @@ class OAuthModels:
     Application: type[ApplicationModel]
     Grant: type[GrantModel]
     Token: type[TokenModel]
+    defaults: Mapping[str, Mapping[str, ColumnDefault]] = field(default_factory=dict)
+    supplied_by_caller: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    _live: weakref.WeakKeyDictionary[Engine, dict[str, LiveTable]] = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False, compare=False
+    )
+
+    def mapped_table(self, logical: str) -> Table:
+        """The mapped ``Table`` of a logical table (``application``, ``grant``, ``token``)."""
+        cls = {"application": self.Application, "grant": self.Grant, "token": self.Token}[logical]
+        table: Table = cls.__table__  # type: ignore[attr-defined]
+        return table
 
 
-def build_models(tables: TableNames | None = None) -> OAuthModels:
+def build_models(
+    tables: TableNames | None = None,
+    *,
+    defaults: Mapping[str, Mapping[str, ColumnDefault]] | None = None,
+    supplied_by_caller: Mapping[str, Collection[str]] | None = None,
+    engine: Engine | Sequence[Engine] | None = None,
+) -> OAuthModels:
     """Map the three tables under ``tables`` (default: Sentry's names) on a fresh registry.
 
     Each call returns new classes and a new ``MetaData``, so models for several naming schemes
     can coexist in one process. Unique constraints and indexes carry the legacy names
-    (``<table>_<column>_key`` / ``_idx``).
+    (``<table>_<column>_key`` / ``_idx``); lookups on a live database never rely on them.
+
+    ``defaults`` gives values for columns the models do not manage, per logical table (the
+    ``[models.defaults.<table>]`` section, ``Settings.models.defaults``); ``supplied_by_caller``
+    names the unmanaged columns your code passes in ``extra=`` on every call instead. With
+    ``engine`` (one or several, e.g. every database hosting the tables), :func:`check_models`
+    runs on each before the models are returned. Raises ConfigError for a default naming a
+    column the models manage, ModelsSchemaError from the check.
     """
     names = tables if tables is not None else TableNames()
     app, grant, token = names.application, names.grant, names.token
@@ -267,8 +326,9 @@ def build_models(tables: TableNames | None = None) -> OAuthModels:
 
     class Grant(GrantModel, Base):
         __tablename__ = grant
+        # Sentry indexes the code without making it unique.
         __table_args__ = (
-            UniqueConstraint("code", name=f"{grant}_code_key"),
+            Index(f"{grant}_code_idx", "code"),
             Index(f"{grant}_application_id_idx", "application_id"),
             Index(f"{grant}_expires_at_idx", "expires_at"),
             Index(f"{grant}_user_id_idx", "user_id"),
@@ -288,7 +348,206 @@ def build_models(tables: TableNames | None = None) -> OAuthModels:
             Index(f"{token}_parent_token_id_idx", "parent_token_id"),
         )
 
-    return OAuthModels(names, Base, Base.metadata, Application, Grant, Token)
+    chosen: dict[str, dict[str, ColumnDefault]] = {}
+    for logical, columns in (defaults or {}).items():
+        if logical not in ("application", "grant", "token"):
+            raise ConfigError(f"models.defaults.{logical}: not a logical table")
+        managed = {c.name for c in Base.metadata.tables[names.physical(logical)].columns}
+        for column in columns:
+            if column in managed:
+                raise ConfigError(
+                    f"models.defaults.{logical}.{column}: oauthmig sets this column itself; "
+                    "remove the default"
+                )
+        chosen[logical] = dict(columns)
+    supplied = {k: frozenset(v) for k, v in (supplied_by_caller or {}).items()}
+    models = OAuthModels(names, Base, Base.metadata, Application, Grant, Token, chosen, supplied)
+    engines = [] if engine is None else [engine] if isinstance(engine, Engine) else list(engine)
+    for each in engines:
+        check_models(each, models)
+    return models
+
+
+# --------------------------------------------------------------------------- live tables
+
+
+def _reflect(conn: Connection, models: OAuthModels, logical: str) -> LiveTable | None:
+    """The live shape of one logical table on ``conn``'s database, or None if absent."""
+    physical = models.tables.physical(logical)
+    insp = inspect(conn)
+    if not insp.has_table(physical):
+        return None
+    mapped = models.mapped_table(logical)
+    managed = {c.name for c in mapped.columns}
+    reflected = insp.get_columns(physical)
+    live = Table(physical, MetaData())
+    for column in mapped.columns:
+        live.append_column(Column(column.name, column.type, primary_key=column.primary_key))
+    unmanaged: list[str] = []
+    required: set[str] = set()
+    for info in reflected:
+        name = info["name"]
+        if name in managed:
+            continue
+        if info.get("identity") or info.get("computed") or info.get("autoincrement") is True:
+            continue  # the database fills these
+        live.append_column(Column(name, info["type"]))
+        unmanaged.append(name)
+        if not info["nullable"] and info.get("default") is None:
+            required.add(name)
+    present = frozenset(info["name"] for info in reflected)
+    missing = tuple(c.name for c in mapped.columns if c.name not in present)
+    return LiveTable(logical, live, present, tuple(unmanaged), frozenset(required), missing)
+
+
+def _live_tables(
+    conn: Connection, models: OAuthModels, *, refresh: bool = False
+) -> dict[str, LiveTable]:
+    engine = conn.engine
+    cached = None if refresh else models._live.get(engine)
+    if cached is None:
+        cached = {}
+        for logical in ("application", "grant", "token"):
+            found = _reflect(conn, models, logical)
+            if found is not None:
+                cached[logical] = found
+        models._live[engine] = cached
+    return cached
+
+
+def _live(session: Session, models: OAuthModels, logical: str) -> LiveTable:
+    found = _live_tables(session.connection(), models).get(logical)
+    if found is None:
+        raise ModelsSchemaError(
+            f"table {models.tables.physical(logical)} does not exist on this database"
+        )
+    return found
+
+
+def _covered_by_copy(tables: Mapping[str, LiveTable], logical: str, column: str) -> bool:
+    """Whether every insert into ``logical`` has a row to copy ``column`` from."""
+    if logical != "token":
+        return False  # grants are made from nothing
+    grant = tables.get("grant")
+    if grant is None:
+        # Without a grant table here, tokens on this database are only made by rotation,
+        # which copies the parent row.
+        return True
+    source = EXCHANGE_RENAMES.get(column, column)
+    return column in grant.columns or source in grant.columns
+
+
+def check_models(engine: Engine | Connection, models: OAuthModels | None = None) -> None:
+    """Check, at boot, that the models can write to the tables on this database.
+
+    Reflects the grant, token and application tables present on the database (routed
+    databases may host only some; at least one must be there) and raises ModelsSchemaError,
+    in one message naming each table and column, when a column the models map is missing (run
+    ``oauthmig upgrade``) or a grant/token column the models do not manage is ``NOT NULL``
+    without a database default and has neither a configured default, nor a declaration in
+    ``supplied_by_caller``, nor a copy rule (rotation copies the parent row; code exchange
+    copies same-named grant columns and :data:`EXCHANGE_RENAMES`). The reflected shape is
+    kept for later calls on this engine. Application rows are never inserted by the library.
+    """
+    chosen = models if models is not None else DEFAULT_MODELS
+    if isinstance(engine, Connection):
+        tables = _live_tables(engine, chosen, refresh=True)
+    else:
+        with engine.connect() as conn:
+            tables = _live_tables(conn, chosen, refresh=True)
+    if not tables:
+        names = chosen.tables
+        raise ModelsSchemaError(
+            f"none of {names.application}, {names.grant}, {names.token} exists on this database"
+        )
+    problems: list[str] = []
+    for logical, live in tables.items():
+        physical = live.table.name
+        if live.missing:
+            problems.append(
+                f"{physical} lacks {', '.join(live.missing)} (run `oauthmig upgrade` first)"
+            )
+        if logical == "application":
+            continue
+        defaults = chosen.defaults.get(logical, {})
+        supplied = chosen.supplied_by_caller.get(logical, frozenset())
+        for column in sorted(live.required):
+            if column in defaults or column in supplied:
+                continue
+            if _covered_by_copy(tables, logical, column):
+                continue
+            problems.append(
+                f"{physical}.{column} is NOT NULL without a default and oauthmig does not manage "
+                f"it: set [models.defaults.{logical}] {column} = ..., or pass "
+                f"extra={{{column!r}: ...}} on every call and declare it in supplied_by_caller"
+            )
+    if problems:
+        raise ModelsSchemaError("oauthmig.models cannot write here: " + "; ".join(problems))
+
+
+def _unmanaged_values(
+    models: OAuthModels,
+    live: LiveTable,
+    *,
+    extra: Mapping[str, Any] | None,
+    copied: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Values for the unmanaged columns of a new row: ``extra`` > ``copied`` > defaults.
+
+    Raises ValueError for an ``extra`` key that is no unmanaged column here and
+    ModelsSchemaError (before any INSERT) when a required column would get no value.
+    """
+    values: dict[str, Any] = {}
+    for key, value in (extra or {}).items():
+        if key not in live.unmanaged:
+            managed = key in live.columns
+            raise ValueError(
+                f"extra: {live.table.name}.{key} "
+                + ("is set by oauthmig itself" if managed else "is not a column of this table")
+            )
+        values[key] = value
+    defaults = models.defaults.get(live.logical, {})
+    for column in live.unmanaged:
+        if column in values:
+            continue
+        source = copied.get(column)
+        if source is not None or (column in copied and column not in live.required):
+            values[column] = source
+        elif column in defaults:
+            value = defaults[column]
+            values[column] = list(value) if isinstance(value, tuple) else value
+    absent = sorted(c for c in live.required if values.get(c) is None)
+    if absent:
+        raise ModelsSchemaError(
+            f"{live.table.name}: no value for "
+            + ", ".join(absent)
+            + f" (NOT NULL, no default); pass extra={{...}} or set [models.defaults.{live.logical}]"
+        )
+    return values
+
+
+def _insert(
+    session: Session, live: LiveTable, managed: Mapping[str, Any], unmanaged: Mapping[str, Any]
+) -> int:
+    """INSERT one row with every column value in one statement; returns its id."""
+    table = live.table
+    row_id = session.execute(
+        insert(table).values({**managed, **unmanaged}).returning(table.c.id)
+    ).scalar_one()
+    return int(row_id)
+
+
+def _row_values(
+    session: Session, live: LiveTable, row_id: int, columns: Iterable[str]
+) -> dict[str, Any]:
+    """The given columns of one row, read through the live table."""
+    wanted = [c for c in columns if c in live.table.c]
+    if not wanted:
+        return {}
+    row = session.execute(
+        select(*[live.table.c[c] for c in wanted]).where(live.table.c.id == row_id)
+    ).one()
+    return dict(row._mapping)
 
 
 #: Models under Sentry's default table names.
@@ -397,6 +656,7 @@ def _lock_family(session: Session, family: uuid.UUID) -> None:
 
 
 def _new_token(
+    session: Session,
     models: OAuthModels,
     *,
     user_id: int,
@@ -407,23 +667,31 @@ def _new_token(
     parent_id: int | None,
     now: datetime,
     ttl: timedelta | None,
+    extra: Mapping[str, Any] | None,
+    copied: Mapping[str, Any],
 ) -> tuple[TokenModel, str, str]:
+    """INSERT a token row (unmanaged columns from ``extra`` > ``copied`` > defaults)."""
+    live = _live(session, models, "token")
+    unmanaged = _unmanaged_values(models, live, extra=extra, copied=copied)
     access, refresh = _secret(token_type), _secret(token_type)
-    row = models.Token(
-        user_id=user_id,
-        application_id=application_id,
-        token=access,
-        hashed_token=hash_token(access),
-        token_last_characters=access[-4:],
-        refresh_token=refresh,
-        hashed_refresh_token=hash_token(refresh),
-        token_type=token_type,
-        scope_list=list(scopes),
-        expires_at=None if ttl is None else now + ttl,
-        date_added=now,
-        token_family_id=family,
-        parent_token_id=parent_id,
-    )
+    managed: dict[str, Any] = {
+        "user_id": user_id,
+        "application_id": application_id,
+        "token": access,
+        "hashed_token": hash_token(access),
+        "token_last_characters": access[-4:],
+        "refresh_token": refresh,
+        "hashed_refresh_token": hash_token(refresh),
+        "token_type": token_type,
+        "scope_list": list(scopes),
+        "expires_at": None if ttl is None else now + ttl,
+        "date_added": now,
+        "token_family_id": family,
+        "parent_token_id": parent_id,
+    }
+    row_id = _insert(session, live, managed, unmanaged)
+    row = session.get(models.Token, row_id)
+    assert row is not None  # inserted just now in this transaction
     return row, access, refresh
 
 
@@ -478,38 +746,47 @@ def new_grant(
     organization_id: int | None = None,
     ttl: timedelta = GRANT_TTL,
     now: datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
     models: OAuthModels = DEFAULT_MODELS,
 ) -> GrantModel:
     """Create and commit an authorization code bound to ``redirect_uri`` and the PKCE challenge.
 
     The caller has already authenticated the user, checked ``redirect_uri`` against the
     application's registered URIs and obtained consent. ``redirect_uri`` is stored verbatim:
-    the token request must repeat it byte for byte. Returns the grant (``grant.code`` is the
-    code to send). Raises InvalidRequest.
+    the token request must repeat it byte for byte. ``extra`` sets columns of the live grant
+    table that the models do not manage (e.g. Sentry's ``scopes`` bit field); configured
+    defaults fill the rest. Returns the grant (``grant.code`` is the code to send). Raises
+    InvalidRequest, or ModelsSchemaError (nothing written) when a ``NOT NULL`` column gets no
+    value.
     """
     if not redirect_uri:
         raise InvalidRequest("redirect_uri is required")
     if len(redirect_uri) > GRANT_REDIRECT_URI_LENGTH:
         raise InvalidRequest(f"redirect_uri is longer than {GRANT_REDIRECT_URI_LENGTH} characters")
     at = _now(now)
-    grant = models.Grant(
-        user_id=user_id,
-        application_id=application.id,
-        code=secrets.token_hex(32),
-        expires_at=at + ttl,
-        redirect_uri=redirect_uri,
-        scope_list=list(scopes),
-        organization_id=organization_id,
+    parsed = parse_code_challenge(
+        code_challenge, code_challenge_method, allow_plain=allow_plain, require=require_pkce
     )
-    store_challenge(
-        grant,
-        code_challenge,
-        code_challenge_method,
-        allow_plain=allow_plain,
-        require_pkce=require_pkce,
-    )
-    session.add(grant)
-    session.commit()
+    try:
+        live = _live(session, models, "grant")
+        unmanaged = _unmanaged_values(models, live, extra=extra, copied={})
+        managed: dict[str, Any] = {
+            "user_id": user_id,
+            "application_id": application.id,
+            "code": secrets.token_hex(32),
+            "expires_at": at + ttl,
+            "redirect_uri": redirect_uri,
+            "scope_list": list(scopes),
+            "organization_id": organization_id,
+            "code_challenge": None if parsed is None else parsed.challenge,
+            "code_challenge_method": None if parsed is None else parsed.method,
+        }
+        grant = session.get(models.Grant, _insert(session, live, managed, unmanaged))
+        assert grant is not None  # inserted just now in this transaction
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
     return grant
 
 
@@ -554,6 +831,7 @@ def exchange_code(
     token_type: str | None = None,
     access_token_ttl: timedelta | None = ACCESS_TOKEN_TTL,
     now: datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
     models: OAuthModels = DEFAULT_MODELS,
 ) -> IssuedToken:
     """Exchange an authorization code for tokens (RFC 6749 §4.1.3) and commit.
@@ -562,7 +840,9 @@ def exchange_code(
     deleted) first, so it is gone after any failure as after success, and two concurrent
     exchanges cannot both win. Then: same client, not expired, redirect binding, PKCE. On
     success a token starts a new family (random UUID). ``token_type`` (at most 7 characters,
-    e.g. Sentry's ``sntrya_``) is stored and prefixes the raw tokens.
+    e.g. Sentry's ``sntrya_``) is stored and prefixes the raw tokens. Token columns the models
+    do not manage take, in order: ``extra``, the grant's column of the same name (or the one
+    :data:`EXCHANGE_RENAMES` names), the configured default.
     Raises InvalidRequest or InvalidGrant.
     """
     if not code:
@@ -572,10 +852,29 @@ def exchange_code(
     at = _now(now)
     G = models.Grant
     try:
-        grant = session.scalars(select(G).where(G.code == code)).one_or_none()
-        if grant is None:
-            session.rollback()
+        # Sentry's code column is indexed, not unique: a code matching two rows is unusable.
+        found = list(session.scalars(select(G).where(G.code == code).order_by(G.id).limit(2)))
+        if len(found) != 1:
+            if found:
+                session.execute(
+                    delete(G).where(G.code == code).execution_options(synchronize_session=False)
+                )
+                session.commit()
+            else:
+                session.rollback()
             raise InvalidGrant("the authorization code is invalid, expired or already used")
+        grant = found[0]
+        token_live = _live(session, models, "token")
+        grant_live = _live(session, models, "grant")
+        sources: dict[str, str] = {}
+        for column in token_live.unmanaged:
+            renamed = EXCHANGE_RENAMES.get(column)
+            if column in grant_live.columns:
+                sources[column] = column
+            elif renamed is not None and renamed in grant_live.columns:
+                sources[column] = renamed
+        held = _row_values(session, grant_live, grant.id, set(sources.values()))
+        copied = {c: held[src] for c, src in sources.items() if src in held}
         # Consume first: only the transaction that deletes the row may use it.
         deleted = session.execute(
             delete(G).where(G.id == grant.id).execution_options(synchronize_session=False)
@@ -595,6 +894,7 @@ def exchange_code(
             session.commit()  # the code stays consumed (RFC 6749 §10.5)
             raise
         row, access, refresh = _new_token(
+            session,
             models,
             user_id=grant.user_id,
             application_id=grant.application_id,
@@ -604,9 +904,9 @@ def exchange_code(
             parent_id=None,
             now=at,
             ttl=access_token_ttl,
+            extra=extra,
+            copied=copied,
         )
-        session.add(row)
-        session.flush()
         issued = _issued(row, access, refresh, reused=False)
         session.commit()
         return issued
@@ -625,6 +925,7 @@ def rotate_refresh_token(
     grace_seconds: float = 0,
     access_token_ttl: timedelta | None = ACCESS_TOKEN_TTL,
     now: datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
     models: OAuthModels = DEFAULT_MODELS,
 ) -> IssuedToken:
     """Exchange a refresh token for a new token row in the same family (RFC 6749 §6) and commit.
@@ -632,7 +933,9 @@ def rotate_refresh_token(
     The old row gets ``refresh_token_rotated_at`` and its access token expires now (as Sentry's
     in-place refresh did); the new row records ``parent_token_id``. A legacy token without a
     family gets a fresh one, written to both rows. ``application``, when given, must be the
-    client the token was issued to.
+    client the token was issued to. The new row inherits every column of the old one that the
+    models do not manage (``extra`` overrides; configured defaults fill NULLs in ``NOT NULL``
+    columns).
 
     Presenting an already-rotated refresh token again (RFC 9700 §4.14.2):
 
@@ -665,7 +968,7 @@ def rotate_refresh_token(
             session.rollback()
             raise InvalidGrant("the refresh token was issued to another client")
         if old.refresh_token_rotated_at is None and old.revoked_at is None:
-            issued = _claim_and_rotate(session, models, old, at, access_token_ttl)
+            issued = _claim_and_rotate(session, models, old, at, access_token_ttl, extra)
             if issued is not None:
                 session.commit()
                 return issued
@@ -694,6 +997,7 @@ def _claim_and_rotate(
     old: TokenModel,
     at: datetime,
     ttl: timedelta | None,
+    extra: Mapping[str, Any] | None,
 ) -> IssuedToken | None:
     """Claim ``old`` with a conditional UPDATE and insert its successor; None if we lost."""
     T = models.Token
@@ -720,7 +1024,9 @@ def _claim_and_rotate(
     session.refresh(old)
     family = old.token_family_id
     assert family is not None  # set by the UPDATE above
+    live = _live(session, models, "token")
     row, access, refresh = _new_token(
+        session,
         models,
         user_id=old.user_id,
         application_id=old.application_id,
@@ -730,9 +1036,9 @@ def _claim_and_rotate(
         parent_id=old.id,
         now=at,
         ttl=ttl,
+        extra=extra,
+        copied=_row_values(session, live, old.id, live.unmanaged),
     )
-    session.add(row)
-    session.flush()
     return _issued(row, access, refresh, reused=False)
 
 
