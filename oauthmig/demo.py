@@ -28,6 +28,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    ForeignKeyConstraint,
     Integer,
     MetaData,
     Table,
@@ -49,7 +50,7 @@ from sqlalchemy.schema import (
 from oauthmig.config import DatabaseConfig, Settings
 from oauthmig.db import connect, describe_error, make_engine
 from oauthmig.errors import DatabaseError, UsageError
-from oauthmig.legacy import legacy_metadata
+from oauthmig.legacy import USERS_TABLE, legacy_metadata
 
 __all__ = [
     "MARKER_TABLE",
@@ -430,6 +431,7 @@ class _App:
     terms_url: str | None
     scopes: list[str]
     date_added: datetime
+    requires_org_level_access: bool
 
     def row(self) -> tuple[Any, ...]:
         return (
@@ -447,6 +449,7 @@ class _App:
             self.scopes,
             0,
             self.date_added,
+            self.requires_org_level_access,
         )
 
     def grant_uris(self) -> list[str]:
@@ -473,6 +476,7 @@ _APP_COLUMNS = (
     "scopes",
     "version",
     "date_added",
+    "requires_org_level_access",
 )
 _GRANT_COLUMNS = (
     "id",
@@ -483,6 +487,7 @@ _GRANT_COLUMNS = (
     "redirect_uri",
     "scope_list",
     "organization_id",
+    "scopes",
 )
 _TOKEN_COLUMNS = (
     "id",
@@ -497,7 +502,14 @@ _TOKEN_COLUMNS = (
     "scope_list",
     "expires_at",
     "date_added",
+    "scopes",
+    "scoping_organization_id",
+    "name",
 )
+_USER_COLUMNS = ("id", "username")
+#: Sentry's legacy ``scopes`` bit field (one bit per scope of the old fixed list).
+_SCOPE_BITS = (0, 1, 3, 5, 7, 17, 33, 127, 1025)
+_TOKEN_NAMES = ("CI deploy", "release bot", "local dev", "sourcemaps upload", "grafana")
 
 # Id gaps: mostly consecutive, sometimes rows deleted long ago.
 _GAPS = (1, 1, 1, 1, 1, 1, 1, 1, 2, 3, 5, 17)
@@ -529,7 +541,12 @@ def _secret(rng: random.Random, forced: bool | None) -> str | None:
     return _hex64(rng)
 
 
-def _plan_apps(seed: int, count: int, now: datetime) -> list[_App]:
+def _user_count(apps: int, tokens: int) -> int:
+    """Users 1..N exist on every database (the legacy tables' FKs reference them)."""
+    return max(50, apps + tokens // 4)
+
+
+def _plan_apps(seed: int, count: int, now: datetime, users: int) -> list[_App]:
     """All applications, deterministic for ``seed``; the planted kinds spread over the ids."""
     rng = random.Random(f"{seed}:application")
     plants = _PLANTS[: min(count, len(_PLANTS))]
@@ -555,7 +572,7 @@ def _plan_apps(seed: int, count: int, now: datetime) -> list[_App]:
                 id=app_id,
                 client_id=_hex64(rng),
                 client_secret=_secret(rng, plant.secret if plant is not None else None),
-                owner_id=rng.randint(1, 50_000),
+                owner_id=rng.randint(1, users),
                 name=f"{rng.choice(_NAME_A)} {rng.choice(_NAME_B)} {rng.choice(_NAME_C)} {n}"[:64],
                 status=status,
                 allowed_origins=f"https://app-{n}.example.com" if rng.random() < 0.2 else None,
@@ -565,6 +582,7 @@ def _plan_apps(seed: int, count: int, now: datetime) -> list[_App]:
                 terms_url=f"{homepage}terms" if homepage and rng.random() < 0.4 else None,
                 scopes=rng.choice(_SCOPE_SETS),
                 date_added=now - timedelta(seconds=rng.randrange(6 * _YEAR)),
+                requires_org_level_access=rng.random() < 0.1,
             )
         )
     return apps
@@ -580,7 +598,12 @@ class _Tally:
 
 
 def _grant_rows(
-    rng: random.Random, apps: Sequence[_App], count: int, now: datetime, tally: _Tally
+    rng: random.Random,
+    apps: Sequence[_App],
+    count: int,
+    now: datetime,
+    tally: _Tally,
+    users: int,
 ) -> Iterator[tuple[Any, ...]]:
     eligible = [(a.id, uris) for a in apps if (uris := a.grant_uris())]
     if not eligible:
@@ -602,19 +625,25 @@ def _grant_rows(
         tally.rows += 1
         yield (
             grant_id,
-            rng.randint(1, 200_000),
+            rng.randint(1, users),
             app_id,
             _hex64(rng),
             expires,
             uri,
             rng.choice(_SCOPE_SETS),
             rng.randint(1, 20_000) if rng.random() < 0.8 else None,
+            rng.choice(_SCOPE_BITS),
         )
         grant_id += rng.choice(_GAPS)
 
 
 def _token_rows(
-    rng: random.Random, app_ids: Sequence[int], count: int, now: datetime, tally: _Tally
+    rng: random.Random,
+    app_ids: Sequence[int],
+    count: int,
+    now: datetime,
+    tally: _Tally,
+    users: int,
 ) -> Iterator[tuple[Any, ...]]:
     sha256 = hashlib.sha256
     token_id = rng.randint(2, 40)
@@ -634,10 +663,13 @@ def _token_rows(
         else:  # user auth token: no application, no refresh token, no expiry
             app_id = None
             expires = None
+        # Org-scoped tokens name their organization; user auth tokens often carry a label.
+        org = rng.randint(1, 20_000) if app_id is not None and rng.random() < 0.4 else None
+        name = rng.choice(_TOKEN_NAMES) if app_id is None and rng.random() < 0.7 else None
         tally.rows += 1
         yield (
             token_id,
-            rng.randint(1, 200_000),
+            rng.randint(1, users),
             app_id,
             token,
             sha256(token.encode()).hexdigest(),
@@ -648,6 +680,9 @@ def _token_rows(
             rng.choice(_SCOPE_SETS),
             expires,
             added,
+            rng.choice(_SCOPE_BITS),
+            org,
+            name,
         )
         token_id += rng.choice(_GAPS)
 
@@ -732,6 +767,14 @@ def _defer_indexes(conn: Connection, md: MetaData) -> list[ExecutableDDLElement]
     if conn.dialect.name != "postgresql":
         return []
     restore: list[ExecutableDDLElement] = []
+    foreign: list[ExecutableDDLElement] = []
+    # Foreign keys too: added once after the load, they validate in one scan, and no deferred
+    # check is left pending (PostgreSQL refuses ALTER TABLE while one is).
+    for table in reversed(md.sorted_tables):
+        for constraint in table.constraints:
+            if isinstance(constraint, ForeignKeyConstraint):
+                conn.execute(DropConstraint(constraint))
+                foreign.append(AddConstraint(constraint))
     for table in md.tables.values():
         for constraint in table.constraints:
             if isinstance(constraint, UniqueConstraint):
@@ -741,7 +784,7 @@ def _defer_indexes(conn: Connection, md: MetaData) -> list[ExecutableDDLElement]
             conn.execute(DropIndex(index))
             restore.append(CreateIndex(index))
     conn.execute(text("SET LOCAL maintenance_work_mem = '256MB'"))
-    return restore
+    return restore + foreign
 
 
 def _quote(conn: Connection, name: str) -> str:
@@ -756,6 +799,8 @@ def _foreign_table(settings: Settings, database: str, existing: set[str]) -> str
         physical = settings.tables.physical(logical)
         if physical in existing:
             return physical
+    if USERS_TABLE in existing:
+        return USERS_TABLE
     # oauthmig's own tables describe the data beside them: without a demo marker they belong
     # to a real installation (or would make the fresh demo tables look half-migrated).
     return next((t for t in sorted(existing) if t.startswith(OAUTHMIG_PREFIX)), None)
@@ -800,6 +845,7 @@ class _Job:
     apps: Sequence[_App]
     grants: int
     tokens: int
+    users: int
 
 
 def _fill(
@@ -818,6 +864,8 @@ def _fill(
     cascade = " CASCADE" if conn.dialect.name == "postgresql" else ""
     doomed = [t for t in physical.values() if t in existing]
     doomed += sorted(t for t in existing if t.startswith(OAUTHMIG_PREFIX) and t != MARKER_TABLE)
+    if USERS_TABLE in existing:
+        doomed.append(USERS_TABLE)  # last: the other tables reference it
     for name in doomed:
         conn.execute(text(f"DROP TABLE {_quote(conn, name)}{cascade}"))
 
@@ -832,6 +880,15 @@ def _fill(
     grants = _Tally()
     tokens = _Tally()
     label = job.database
+    _load(
+        conn,
+        md.tables[USERS_TABLE],
+        _USER_COLUMNS,
+        ((i, f"user{i}") for i in range(1, job.users + 1)),
+        f"{label}: users",
+        job.users,
+        None,  # small; the progress bar shows the three OAuth tables
+    )
     if "application" in routed:
         _load(
             conn,
@@ -849,7 +906,7 @@ def _fill(
             conn,
             md.tables[physical["grant"]],
             _GRANT_COLUMNS,
-            _grant_rows(rng, job.apps, job.grants, now, grants),
+            _grant_rows(rng, job.apps, job.grants, now, grants, job.users),
             f"{label}: grants",
             job.grants,
             progress,
@@ -861,7 +918,7 @@ def _fill(
             conn,
             md.tables[physical["token"]],
             _TOKEN_COLUMNS,
-            _token_rows(rng, app_ids, job.tokens, now, tokens),
+            _token_rows(rng, app_ids, job.tokens, now, tokens, job.users),
             f"{label}: tokens",
             job.tokens,
             progress,
@@ -870,7 +927,7 @@ def _fill(
         conn.execute(ddl)
     if conn.dialect.name == "postgresql":
         # Rows carry explicit ids: move each identity past them so later inserts do not collide.
-        for name in physical.values():
+        for name in (*physical.values(), USERS_TABLE):
             conn.execute(
                 text(
                     "SELECT setval(pg_get_serial_sequence(:t, 'id'), max(id)) "
@@ -922,7 +979,8 @@ def setup_legacy(
             engines[name] = make_engine(settings.databases[name], settings, create=True)
 
         now = datetime.now(UTC)
-        planned = _plan_apps(seed, apps, now)
+        users = _user_count(apps, tokens)
+        planned = _plan_apps(seed, apps, now, users)
         grant_dbs = [n for n in targets if "grant" in settings.tables_on(n)]
         token_dbs = [n for n in targets if "token" in settings.tables_on(n)]
         grant_split = dict(
@@ -931,7 +989,7 @@ def setup_legacy(
         token_split = dict(zip(token_dbs, _split(tokens, len(token_dbs)), strict=True))
         results: list[DemoCounts] = []
         for name in targets:
-            job = _Job(name, planned, grant_split.get(name, 0), token_split.get(name, 0))
+            job = _Job(name, planned, grant_split.get(name, 0), token_split.get(name, 0), users)
             db = settings.databases[name]
             try:
                 with connect(engines[name], db) as conn:

@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, insert, text
 from sqlalchemy.engine import Engine, make_url
 
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
-from oauthmig.legacy import legacy_metadata
+from oauthmig.legacy import USERS_TABLE, LegacyFlavor, legacy_metadata, user_rows
 
 PG_ADMIN_URL = os.environ.get(
     "OAUTHMIG_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -104,12 +104,28 @@ def routed_settings(make_database: DatabaseFactory) -> Settings:
     return settings_from_mapping(data, {}, "test")
 
 
-def create_legacy(settings: Settings) -> None:
-    """Create the legacy tables on every database, as routed."""
+#: Users 1..TEST_USERS exist on every database with legacy tables (their FKs reference them).
+TEST_USERS = 1000
+
+
+def create_legacy(settings: Settings, flavor: LegacyFlavor = LegacyFlavor.FRESH) -> None:
+    """Create the Sentry-shaped legacy tables on every database, as routed, with the users
+    table (users 1..TEST_USERS) that their foreign keys reference."""
     for name in settings.database_names():
         engine = make_engine(settings.databases[name], settings, create=True)
         try:
-            legacy_metadata(settings.tables, settings.tables_on(name)).create_all(engine)
+            md = legacy_metadata(settings.tables, settings.tables_on(name), flavor)
+            md.create_all(engine)
+            if USERS_TABLE in md.tables:
+                with engine.begin() as conn:
+                    conn.execute(insert(md.tables[USERS_TABLE]), user_rows(TEST_USERS))
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(
+                            text(
+                                f"SELECT setval(pg_get_serial_sequence('{USERS_TABLE}', 'id'), :n)"
+                            ),
+                            {"n": TEST_USERS},
+                        )
         finally:
             engine.dispose()
 
@@ -118,4 +134,12 @@ def create_legacy(settings: Settings) -> None:
 def legacy_settings(routed_settings: Settings) -> Settings:
     """``routed_settings`` with the legacy tables created (empty)."""
     create_legacy(routed_settings)
+    return routed_settings
+
+
+@pytest.fixture
+def old_install_settings(routed_settings: Settings) -> Settings:
+    """``routed_settings`` with the legacy tables of a long-lived install: ``bigserial`` ids
+    and Django's hashed index names."""
+    create_legacy(routed_settings, LegacyFlavor.OLD)
     return routed_settings

@@ -154,6 +154,7 @@ def seed_legacy(settings: Settings, rows: int = 50) -> None:
                                 "redirect_uris": f"https://a{i}.example.com/cb",
                                 "scopes": ["org:read"],
                                 "date_added": now,
+                                "owner_id": i,
                             }
                             for i in range(1, rows + 1)
                         ],
@@ -170,6 +171,8 @@ def seed_legacy(settings: Settings, rows: int = 50) -> None:
                                 "expires_at": now + dt.timedelta(days=3650 * (i % 2)),
                                 "redirect_uri": f"https://a{i}.example.com/cb",
                                 "scope_list": [],
+                                "scopes": i % 8,
+                                "organization_id": i * 11 if i % 3 else None,
                             }
                             for i in range(1, rows + 1)
                         ],
@@ -181,12 +184,15 @@ def seed_legacy(settings: Settings, rows: int = 50) -> None:
                             {
                                 "id": i * 3,
                                 "user_id": i,
-                                "application_id": None if i % 4 == 0 else i,
+                                "application_id": None if i % 4 == 0 else i * 7,
                                 "token": f"{name}-tok-{i}",
                                 "hashed_token": f"{name}-h-{i}",
                                 "refresh_token": None if i % 4 == 0 else f"{name}-ref-{i}",
                                 "scope_list": ["project:read"],
                                 "date_added": now,
+                                "scopes": i % 16,
+                                "scoping_organization_id": i * 11 if i % 2 else None,
+                                "name": f"token {i}" if i % 5 == 0 else None,
                             }
                             for i in range(1, rows + 1)
                         ],

@@ -20,7 +20,7 @@ from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
 from oauthmig.demo import PLANTED, setup_legacy
 from oauthmig.errors import DatabaseError
-from oauthmig.legacy import legacy_metadata
+from oauthmig.legacy import USERS_TABLE, legacy_metadata, user_rows
 from oauthmig.redirect_rules import RULES
 from oauthmig.reports import FINDING_FIELDS
 from oauthmig.types import StringList
@@ -148,6 +148,8 @@ def _empty(
         engine = make_engine(settings.databases[name], settings, create=True)
         try:
             md.create_all(engine)
+            with engine.begin() as conn:  # the users the grants' deferred FK references
+                conn.execute(insert(md.tables[USERS_TABLE]), user_rows(5))
         finally:
             engine.dispose()
     return settings, write_config(tmp_path / "oauthmig.toml", data)
@@ -195,6 +197,7 @@ def _insert_grants(
                         "id": grant_id,
                         "user_id": 1,
                         "application_id": app_id,
+                        "scopes": 0,
                         "code": f"code-{grant_id}",
                         "expires_at": expires,
                         "redirect_uri": uri,

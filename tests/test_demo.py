@@ -13,7 +13,7 @@ from oauthmig.config import Settings
 from oauthmig.db import make_engine
 from oauthmig.demo import MARKER_TABLE, PLANTED, DemoSetup, setup_legacy
 from oauthmig.errors import DatabaseError, UnreachableError
-from oauthmig.legacy import legacy_metadata
+from oauthmig.legacy import USERS_TABLE, legacy_metadata
 from oauthmig.redirect_rules import check_application, infer_app_type, split_redirect_uris
 
 APPS = 60
@@ -84,7 +84,8 @@ def test_counts_per_database_match_the_result(routed_settings: Settings, demo: D
             grants = _rows(s, db, "grant")
             assert len(grants) == counts.grants
             assert sum(_aware(g["expires_at"]) > now for g in grants) == counts.live_grants
-    assert _tables(s, "shard") == {s.tables.token, MARKER_TABLE}
+    # Every database gets the users table its tokens' foreign keys reference.
+    assert _tables(s, "shard") == {s.tables.token, MARKER_TABLE, USERS_TABLE}
 
 
 def test_ids_are_sparse(routed_settings: Settings, demo: DemoSetup) -> None:
@@ -233,8 +234,8 @@ def test_refuses_tables_it_did_not_create(legacy_settings: Settings) -> None:
         with engine.begin() as conn:
             conn.execute(
                 text(
-                    f"INSERT INTO {s.tables.token} (id, user_id, token, scope_list, date_added) "
-                    "VALUES (1, 1, 'real-token', '{}', CURRENT_TIMESTAMP)"
+                    f"INSERT INTO {s.tables.token} (id, user_id, token, scope_list, date_added, "
+                    "scopes) VALUES (1, 1, 'real-token', '{}', CURRENT_TIMESTAMP, 0)"
                 )
             )
     finally:
@@ -302,6 +303,7 @@ def test_rerun_replaces_an_earlier_demo(routed_settings: Settings, demo: DemoSet
         s.tables.grant,
         s.tables.token,
         MARKER_TABLE,
+        USERS_TABLE,
     }
     assert "revoked_at" not in {r for r in _rows(s, "control", "token")[0]}
     for name in s.database_names():
@@ -318,7 +320,9 @@ def test_new_rows_get_ids_past_the_loaded_ones(routed_settings: Settings, demo: 
             top = conn.execute(select(func.max(table.c.id))).scalar_one()
             new_id = conn.execute(
                 table.insert()
-                .values(user_id=1, token="x" * 64, scope_list=[], date_added=datetime.now(UTC))
+                .values(
+                    user_id=1, token="x" * 64, scope_list=[], date_added=datetime.now(UTC), scopes=0
+                )
                 .returning(table.c.id)
             ).scalar_one()
     finally:

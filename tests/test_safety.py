@@ -45,8 +45,8 @@ def test_expand_does_not_rewrite_large_tables(
         conn.execute(
             text(
                 f"INSERT INTO {t.token} (id, user_id, application_id, token, refresh_token, "
-                "scope_list, date_added) SELECT g, g, g % 97, 'tok' || g, 'ref' || g, '{}', now() "
-                "FROM generate_series(1000, 101000) g"
+                "scope_list, date_added, scopes) SELECT g, 1 + g % 1000, 7 * (1 + g % 20), "
+                "'tok' || g, 'ref' || g, '{}', now(), 0 FROM generate_series(1000, 101000) g"
             )
         )
         conn.execute(text(f"ANALYZE {t.token}"))
