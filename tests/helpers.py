@@ -199,3 +199,33 @@ def seed_legacy(settings: Settings, rows: int = 50) -> None:
                     )
         finally:
             engine.dispose()
+
+
+def create_migrated_sentry_shape(engine: Any, models: Any, flavor: Any = None) -> None:
+    """The tables a Sentry install has after ``oauthmig upgrade``: the Sentry-shaped legacy
+    tables (unmanaged columns, users 1..TEST_USERS, FKs) plus every column the models map
+    that the legacy shape lacks, added as ``oauthmig upgrade``'s expand revisions add them
+    (nullable, no default). Faster than running the revisions for every test."""
+    from sqlalchemy import insert as core_insert
+
+    from oauthmig.legacy import USERS_TABLE, LegacyFlavor, legacy_metadata, user_rows
+    from tests.conftest import TEST_USERS
+
+    md = legacy_metadata(
+        models.tables, ("application", "grant", "token"), flavor or LegacyFlavor.FRESH
+    )
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(core_insert(md.tables[USERS_TABLE]), user_rows(TEST_USERS))
+        dialect = conn.dialect
+        quote = dialect.identifier_preparer.quote
+        for mapped in models.metadata.sorted_tables:
+            present = {c.name for c in md.tables[mapped.name].columns}
+            for column in mapped.columns:
+                if column.name not in present:
+                    conn.execute(
+                        text(
+                            f"ALTER TABLE {quote(mapped.name)} ADD COLUMN {quote(column.name)} "
+                            f"{column.type.compile(dialect=dialect)}"
+                        )
+                    )

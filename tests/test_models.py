@@ -6,14 +6,27 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, func, insert, inspect, select, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -40,6 +53,7 @@ from oauthmig.models import (
 )
 from oauthmig.pkce import s256_challenge
 from tests.conftest import DatabaseFactory, create_legacy
+from tests.helpers import create_migrated_sentry_shape
 
 # RFC 7636 Appendix B.
 VERIFIER = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
@@ -49,6 +63,14 @@ T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 M = DEFAULT_MODELS
 Application, Grant, Token = M.Application, M.Grant, M.Token
+#: Columns of Sentry's tables that the models do not map.
+SENTRY_UNMANAGED = {
+    "sentry_apiapplication": {"requires_org_level_access"},
+    "sentry_apigrant": {"scopes"},
+    "sentry_apitoken": {"scopes", "scoping_organization_id", "name"},
+}
+#: What a Sentry caller passes for the grant's ``scopes bigint NOT NULL`` (legacy bit field).
+GRANT_EXTRA: Mapping[str, Any] = {"scopes": 0}
 
 
 # --------------------------------------------------------------------------- fixtures / helpers
@@ -56,9 +78,11 @@ Application, Grant, Token = M.Application, M.Grant, M.Token
 
 @pytest.fixture
 def engine(make_database: DatabaseFactory) -> Iterator[Engine]:
-    """A fresh database with the post-expand schema made by ``metadata.create_all``."""
+    """A fresh database with the tables of a Sentry install after the expand revisions: the
+    columns the models map plus Sentry's own (``scopes bigint NOT NULL`` without default on
+    grant and token, ...), users, deferrable FKs."""
     eng = create_engine(make_database("models"))
-    M.metadata.create_all(eng)
+    create_migrated_sentry_shape(eng, M)
     yield eng
     eng.dispose()
 
@@ -99,10 +123,18 @@ def tokens(session: Session, models: OAuthModels = M) -> list[TokenModel]:
     return list(session.scalars(select(models.Token).order_by(models.Token.id)))
 
 
-def issue(session: Session, app: ApplicationModel, models: OAuthModels = M) -> IssuedToken:
-    """A token issued through the full authorization-code flow with S256."""
+def issue(
+    session: Session,
+    app: ApplicationModel,
+    models: OAuthModels = M,
+    extra: Mapping[str, Any] | None = None,
+) -> IssuedToken:
+    """A token issued through the full authorization-code flow with S256 (``extra``: the
+    grant's unmanaged columns; Sentry's ``scopes`` by default)."""
+    extra = GRANT_EXTRA if extra is None and models is M else extra
     grant = new_grant(
         session,
+        extra=extra,
         application=app,
         user_id=7,
         redirect_uri=REDIRECT,
@@ -121,6 +153,20 @@ def issue(session: Session, app: ApplicationModel, models: OAuthModels = M) -> I
     )
 
 
+def sentry_token_table(models: OAuthModels = M) -> Table:
+    """The token table with the models' columns and Sentry's unmanaged ones, for inserting
+    rows the way the provider itself writes them."""
+    mapped = models.mapped_table("token")
+    return Table(
+        mapped.name,
+        MetaData(),
+        *[Column(c.name, c.type, primary_key=c.primary_key) for c in mapped.columns],
+        Column("scopes", BigInteger),
+        Column("scoping_organization_id", BigInteger),
+        Column("name", String(255)),
+    )
+
+
 def legacy_token(
     session: Session,
     app: ApplicationModel,
@@ -129,7 +175,8 @@ def legacy_token(
     family: uuid.UUID | None = None,
     **extra: Any,
 ) -> TokenModel:
-    """A token row as a legacy install holds it: raw + hashed values, no family."""
+    """A token row as a legacy Sentry install holds it: raw + hashed values, no family, and
+    Sentry's own columns (``scopes`` bit field, scoping organization, name)."""
     values: dict[str, Any] = {
         "user_id": 7,
         "application_id": app.id,
@@ -141,10 +188,17 @@ def legacy_token(
         "expires_at": T0 + timedelta(days=30),
         "date_added": T0,
         "token_family_id": family,
+        "scopes": 5,
+        "scoping_organization_id": 42,
+        "name": "legacy",
     }
-    row = Token(**(values | extra))
-    session.add(row)
+    table = sentry_token_table()
+    row_id = session.execute(
+        insert(table).values(values | extra).returning(table.c.id)
+    ).scalar_one()
     session.commit()
+    row = session.get(Token, row_id)
+    assert row is not None
     return row
 
 
@@ -184,7 +238,9 @@ def test_models_work_on_a_database_migrated_by_upgrade(routed_settings: Settings
         insp = inspect(eng)
         for table in M.metadata.sorted_tables:
             reflected = {c["name"] for c in insp.get_columns(table.name)}
-            assert reflected == set(table.columns.keys()), table.name
+            # The live tables are Sentry's: every mapped column plus Sentry's own.
+            assert reflected >= set(table.columns.keys()), table.name
+            assert reflected - set(table.columns.keys()) == SENTRY_UNMANAGED[table.name]
         with Session(eng) as s:
             app = add_application(s)
             first = issue(s, app)
@@ -260,6 +316,7 @@ def pkce_grant(
     challenge = s256_challenge(verifier) if method == "S256" else verifier
     grant = new_grant(
         session,
+        extra=GRANT_EXTRA,
         application=app,
         user_id=7,
         redirect_uri=REDIRECT,
@@ -355,6 +412,7 @@ def test_challenge_at_authorization(
     def authorize() -> str:
         return new_grant(
             session,
+            extra=GRANT_EXTRA,
             application=app,
             user_id=7,
             redirect_uri=REDIRECT,
@@ -396,7 +454,13 @@ def test_plain_grant_exchange_needs_plain_allowed(session: Session, app: Applica
 def test_require_pkce_at_authorization(session: Session, app: ApplicationModel) -> None:
     with pytest.raises(InvalidRequest):
         new_grant(
-            session, application=app, user_id=7, redirect_uri=REDIRECT, scopes=[], require_pkce=True
+            session,
+            extra=GRANT_EXTRA,
+            application=app,
+            user_id=7,
+            redirect_uri=REDIRECT,
+            scopes=[],
+            require_pkce=True,
         )
     assert grant_count(session) == 0
 
@@ -404,7 +468,9 @@ def test_require_pkce_at_authorization(session: Session, app: ApplicationModel) 
 def test_downgrade_verifier_without_stored_challenge(
     session: Session, app: ApplicationModel
 ) -> None:
-    code = new_grant(session, application=app, user_id=7, redirect_uri=REDIRECT, scopes=[]).code
+    code = new_grant(
+        session, extra=GRANT_EXTRA, application=app, user_id=7, redirect_uri=REDIRECT, scopes=[]
+    ).code
     with pytest.raises(InvalidGrant) as info:
         exchange_code(
             session, application=app, code=code, redirect_uri=REDIRECT, code_verifier=VERIFIER
@@ -425,7 +491,9 @@ def test_challenge_without_verifier(session: Session, app: ApplicationModel) -> 
 def test_grant_without_pkce_exchanges_without_verifier(
     session: Session, app: ApplicationModel
 ) -> None:
-    code = new_grant(session, application=app, user_id=7, redirect_uri=REDIRECT, scopes=[]).code
+    code = new_grant(
+        session, extra=GRANT_EXTRA, application=app, user_id=7, redirect_uri=REDIRECT, scopes=[]
+    ).code
     issued = exchange_code(session, application=app, code=code, redirect_uri=REDIRECT)
     assert find_active_token(session, issued.access_token) is not None
 
@@ -481,6 +549,7 @@ def test_code_is_single_use_expiring_and_client_bound(
         )
     code = new_grant(
         session,
+        extra=GRANT_EXTRA,
         application=app,
         user_id=7,
         redirect_uri=REDIRECT,
@@ -649,10 +718,11 @@ def test_family_of_1000_revoked_in_one_statement(
             "date_added": T0,
             "token_family_id": stranger if i == 1000 else family,
             "refresh_token_rotated_at": T0 if i < 999 else None,
+            "scopes": 0,
         }
         for i in range(1001)
     ]
-    session.execute(insert(Token), rows)
+    session.execute(insert(sentry_token_table()), rows)
     session.commit()
     with recording(engine) as stmts, pytest.raises(InvalidGrant):
         rotate_refresh_token(session, "r0", now=T0 + timedelta(seconds=1))
