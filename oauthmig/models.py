@@ -19,6 +19,16 @@ Services (raising :class:`~oauthmig.errors.InvalidRequest` and
     (rotation with reuse detection), :func:`revoke_family`, :func:`find_active_token`,
     :func:`validate_redirect_uris` / :func:`set_redirect_uris` (registration).
 
+Columns the models do not manage
+    Live tables carry more columns than the models map (Sentry's ``scopes bigint NOT NULL``
+    without default on grant and token, ``scoping_organization_id``, ``name``, ...). Rows are
+    inserted with one INSERT naming every column that gets a value: rotation copies each such
+    column of the parent token, code exchange copies the grant's same-named columns (and
+    :data:`EXCHANGE_RENAMES`), ``extra={...}`` sets them per call, ``OAuthModels.defaults``
+    (``[models.defaults.<table>]``) fills the rest; the database's defaults apply otherwise.
+    :func:`check_models` (or ``build_models(..., engine=...)``) reflects each database once and
+    refuses at boot what no rule covers. Indexes are never looked up by name.
+
 Transactions
     Functions that take a ``Session`` and write **commit** it, on failure as on success: a
     consumed authorization code and a family revoked for reuse must stay so even though the

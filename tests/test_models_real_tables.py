@@ -504,3 +504,71 @@ def test_readme_adoption_flow_runs_unchanged_after_the_rollout(
             assert sorted(rows) == [(0, "reuse_detected"), (0, "reuse_detected")]
     finally:
         engine.dispose()
+
+
+def test_rollout_round_trip_on_an_old_install(
+    old_install_settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bigserial ids and Django's hashed index names: upgrade -> backfill -> upgrade, then
+    downgrade to base and upgrade again, with Sentry's own columns and indexes untouched."""
+    from sqlalchemy import inspect
+
+    settings = old_install_settings
+    seed_legacy(settings)
+    data = routed_config(
+        settings.databases["control"].url or "", settings.databases["shard"].url or ""
+    )
+    cfg = write_config(tmp_path / "oauthmig.toml", data)
+
+    def indexes() -> dict[str, set[tuple[str, tuple[str, ...]]]]:
+        engine = make_engine(settings.databases["control"], settings)
+        try:
+            insp = inspect(engine)
+            return {
+                t: {(i["name"] or "", tuple(i["column_names"])) for i in insp.get_indexes(t)}
+                for t in ("sentry_apigrant", "sentry_apitoken", "sentry_apiapplication")
+            }
+        finally:
+            engine.dispose()
+
+    before = indexes()
+    for step in (
+        ["upgrade"],
+        ["backfill"],
+        ["upgrade"],
+        ["downgrade", "--to", "base"],
+        ["upgrade"],
+    ):
+        result = invoke(capsys, "--config", cfg, *step)
+        assert result.code == 0, (step, result.err)
+    after = indexes()
+    for table, found in before.items():
+        assert found <= after[table], table  # the install's own indexes survive
+    engine = make_engine(settings.databases["control"], settings)
+    try:
+        check_models(engine, SENTRY)
+        with Session(engine) as s:
+            app = s.scalars(select(SENTRY.Application).order_by(SENTRY.Application.id)).first()
+            assert app is not None
+            uri = app.redirect_uri_list[0]
+            grant = new_grant(
+                s, application=app, user_id=2, redirect_uri=uri, scopes=[], models=SENTRY
+            )
+            issued = exchange_code(
+                s, application=app, code=grant.code, redirect_uri=uri, models=SENTRY
+            )
+            assert issued.token_id  # the id came from the bigserial sequence (no identity)
+            legacy = (
+                s.execute(
+                    text(
+                        "SELECT refresh_token FROM sentry_apitoken "
+                        "WHERE refresh_token IS NOT NULL ORDER BY id"
+                    )
+                )
+                .scalars()
+                .first()
+            )
+            rotated = rotate_refresh_token(s, legacy or "", models=SENTRY)
+            assert rotated.parent_token_id is not None
+    finally:
+        engine.dispose()
