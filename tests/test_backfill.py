@@ -527,8 +527,8 @@ def test_concurrent_writer_no_row_missed_or_clobbered(
                 new_id = conn.execute(
                     text(
                         f"INSERT INTO {token} (user_id, application_id, token, refresh_token, "
-                        "scope_list, date_added, scopes) VALUES (1, 1, :t, :r, '{}', now(), 0) "
-                        "RETURNING id"
+                        "scope_list, date_added, scopes) SELECT 1, min(id), :t, :r, '{}', now(), 0 "
+                        f"FROM {settings.tables.application} RETURNING id"
                     ),
                     {"t": f"w-tok-{n}", "r": f"w-ref-{n}"},
                 ).scalar_one()
