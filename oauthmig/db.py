@@ -86,7 +86,7 @@ def describe_error(exc: BaseException, db: DatabaseConfig) -> str:
 def scrub_stored(text: str | None, url: URL | str | None) -> str | None:
     """An error text read back from a table (possibly written by an older version), made safe
     with the rules of :func:`oauthmig.redact.scrub_text`; ``url`` is the database's URL."""
-    return None if text is None else scrub_text(text, url_secrets(url))
+    return None if text is None else scrub_text(text, url_secrets(url), limit=2000)
 
 
 @contextlib.contextmanager

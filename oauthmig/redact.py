@@ -149,7 +149,7 @@ def remove_secrets(text: str, secrets: Iterable[str] = ()) -> str:
     return _INLINE_SECRET.sub(lambda m: f"{m.group(1)}={MASK}", text)
 
 
-def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
+def scrub_text(text: str, secrets: Iterable[str] = (), limit: int = MAX_LENGTH) -> str:
     """Make free-form driver text safe to show: the rules for text with no structure.
 
     Used for SQLite messages, connection errors, and stored errors written by older versions.
@@ -163,7 +163,7 @@ def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
       characters, not high-entropy), else it becomes ``"<redacted>"``;
     * long words mixing letters and digits (tokens, hashes, UUIDs) become ``<redacted>``;
     * known secrets (the URL's password and secret query values) and inline ``password=...``
-      become ``***``; whitespace is collapsed and the text is cut to 300 characters.
+      become ``***``; whitespace is collapsed and the text is cut to ``limit`` characters.
     """
     text = remove_secrets(text, secrets)
     cut = _CUT.search(text)
@@ -174,8 +174,7 @@ def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
     text = _SINGLE_QUOTED.sub(lambda m: _keep_name(m.group(0), "'"), text)
     text = _DOUBLE_QUOTED.sub(lambda m: _keep_name(m.group(0), '"'), text)
     text = _WORD.sub(lambda m: WITHHELD if _high_entropy(m.group(0)) else m.group(0), text)
-    text = remove_secrets(text, secrets).strip(" ;.:")
-    return text[:MAX_LENGTH]
+    return remove_secrets(text, secrets)[:limit].strip(" ;.:")
 
 
 def _diag_names(orig: BaseException) -> dict[str, str]:

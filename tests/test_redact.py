@@ -240,7 +240,7 @@ def test_scrub_text(raw: str, safe: str | None) -> None:
     assert scrub_text(raw) == (raw if safe is None else safe)
 
 
-@given(st.text(max_size=400))
+@given(st.text(alphabet=st.sampled_from(list("ab1 2'\"(),.:;=_-x")), max_size=400) | st.text())
 def test_scrub_text_is_idempotent(raw: str) -> None:
     once = scrub_text(raw)
     assert scrub_text(once) == once
