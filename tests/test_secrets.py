@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 
 from oauthmig.config import Settings, settings_from_mapping
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
@@ -311,6 +312,10 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
             "ALTER TABLE sentry_apiapplication ADD CONSTRAINT no_meta "
             "CHECK (token_endpoint_auth_method IS NULL) NOT VALID",
         )
+        # the trap is real: the driver's own text carries the token row
+        with pytest.raises(DBAPIError) as raw:
+            w.sql("control", "UPDATE sentry_apitoken SET token_family_id = gen_random_uuid()")
+        assert v["access token"] in str(raw.value)
         _assert_failed(w.cli("-d", "control", "backfill"), "no_family", "23514")
         _assert_failed(w.cli("-d", "control", "backfill", "--format", "json"), "no_meta")
         status = w.cli("status")
@@ -337,6 +342,9 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
             "CREATE TRIGGER leak_secret BEFORE UPDATE ON sentry_apiapplication FOR EACH ROW "
             "EXECUTE FUNCTION leak_secret()",
         )
+        with pytest.raises(DBAPIError) as raw:
+            w.sql("control", "UPDATE sentry_apiapplication SET name = name WHERE id = 7")
+        assert v["client secret"] in str(raw.value)
         _assert_failed(w.cli("-d", "control", "backfill"), "leak_row", "leak_secret")
         w.cli("-d", "control", "backfill", "--format", "json")
         _run_state_reads(w)
