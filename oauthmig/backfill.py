@@ -67,6 +67,7 @@ from oauthmig.db import (
     for_writing,
     lock_key,
     make_engine,
+    scrub_stored,
 )
 from oauthmig.errors import BackfillError, OauthmigError, UsageError
 from oauthmig.migrations import BACKFILL_GATES
@@ -372,7 +373,12 @@ def _read_job(conn: Connection, name: str) -> dict[str, Any] | None:
     row = conn.execute(select(job_table).where(job_table.c.job == name)).mappings().first()
     if conn.in_transaction():
         conn.rollback()
-    return dict(row) if row else None
+    if not row:
+        return None
+    state = dict(row)
+    # Older versions stored raw driver text; a resumed run writes the scrubbed text back.
+    state["last_error"] = scrub_stored(state["last_error"], conn.engine.url)
+    return state
 
 
 def _max_id(conn: Connection, physical: str) -> int:

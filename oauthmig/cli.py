@@ -27,6 +27,7 @@ from oauthmig.console import (
 )
 from oauthmig.errors import OauthmigError, UsageError
 from oauthmig.migrations import RunResult
+from oauthmig.redact import scrub_log_records
 from oauthmig.status import status as read_status
 
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -94,6 +95,7 @@ def cli(
     if verbose:
         # Alembic reports each revision it runs ("Running upgrade 0001 -> 0002") at INFO.
         logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(name)s: %(message)s")
+    scrub_log_records()  # library log lines (psycopg, SQLAlchemy's pool) can quote driver errors
     ctx.obj = AppState(config_path, databases, Consoles.create(quiet=quiet, verbose=verbose))
 
 
@@ -584,9 +586,9 @@ def check_redirect(
 @click.option(
     "--output",
     "-o",
-    type=click.Path(dir_okay=False, writable=True),
     metavar="FILE",
-    help="Write the report to FILE (replaced atomically when complete); print only the summary.",
+    help="Write the report to FILE (a regular file is replaced atomically when complete; a "
+    "device or FIFO is written directly); print only the summary.",
 )
 @click.option(
     "--fail-on",
@@ -629,7 +631,7 @@ def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: s
     settings = state.settings()
     machine = fmt != "text"
     with contextlib.ExitStack() as stack:
-        sink = stack.enter_context(atomic_output(output)) if output else None
+        sink = stack.enter_context(atomic_output(output)) if output is not None else None
         # Progress (stderr, terminals only) when the report does not go to the terminal.
         show_progress = not c.quiet and (sink is not None or not c.out.is_terminal)
         update = stack.enter_context(progress_bar(c.err, enabled=show_progress))

@@ -19,6 +19,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from oauthmig.errors import ConfigError
+from oauthmig.redact import mask_url
 
 LOGICAL_TABLES: tuple[str, ...] = ("application", "grant", "token")
 DEFAULT_TABLES: dict[str, str] = {
@@ -58,7 +59,7 @@ class DatabaseConfig:
     """One routed database. ``url`` holds the password: never print it, use ``display_url``."""
 
     name: str
-    url: str | None
+    url: str | None = field(repr=False)
     display_url: str
     dialect: str
     url_error: str | None = None
@@ -191,8 +192,8 @@ def parse_duration_ms(value: object, key: str) -> int:
 
 
 def redact_url(url: URL) -> str:
-    """The URL as text with any password replaced by ``***``."""
-    return url.render_as_string(hide_password=True)
+    """The URL as text with its password and secret query parameters replaced by ``***``."""
+    return mask_url(url)
 
 
 def parse_database_url(raw: str, key: str) -> URL:

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from oauthmig.config import DatabaseConfig, Settings
 from oauthmig.errors import ConfigError, LockBusyError, UnreachableError
+from oauthmig.redact import describe_db_error, scrub_text, url_secrets
 
 SQLITE_IMMEDIATE = "oauthmig_sqlite_immediate"
 
@@ -77,14 +78,15 @@ def make_engine(db: DatabaseConfig, settings: Settings, *, create: bool = False)
 
 
 def describe_error(exc: BaseException, db: DatabaseConfig) -> str:
-    """A one-line description of a driver error with any password removed."""
-    orig = getattr(exc, "orig", None) or exc
-    message = " ".join(str(orig).split())
-    if db.url:
-        url = make_url(db.url)
-        if url.password:
-            message = message.replace(str(url.password), "***")
-    return message[:300]
+    """A safe one-line description of a driver error (see :mod:`oauthmig.redact`): no row data,
+    parameters, query text, or any secret of the database's URL."""
+    return describe_db_error(exc, url_secrets(db.url))
+
+
+def scrub_stored(text: str | None, url: URL | str | None) -> str | None:
+    """An error text read back from a table (possibly written by an older version), made safe
+    with the rules of :func:`oauthmig.redact.scrub_text`; ``url`` is the database's URL."""
+    return None if text is None else scrub_text(text, url_secrets(url), limit=2000)
 
 
 @contextlib.contextmanager

@@ -23,14 +23,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Iterator
 from importlib import metadata
-from pathlib import Path
 from typing import IO, Any, Protocol
 
 from oauthmig.audit import AuditFinding, AuditSummary
-from oauthmig.errors import UsageError
+from oauthmig.outputs import output_file
 from oauthmig.redirect_rules import RULES, Rule, Severity, UriReport
 
 __all__ = [
@@ -356,40 +353,7 @@ def writer_for(fmt: str, out: IO[str], *, application_table: str) -> ReportWrite
     raise ValueError(f"unknown report format {fmt!r}")
 
 
-def _new_file_mode(target: Path) -> int:
-    """The mode ``open()`` would give ``target``: its current mode if it exists, else 0666
-    minus the umask (``mkstemp`` creates 0600)."""
-    try:
-        return target.stat().st_mode & 0o777
-    except OSError:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[IO[str]]:
-    """A text file that replaces ``path`` only if the block succeeds: written to a temporary
-    file in the same directory, flushed to disk, then renamed over ``path``. On any error the
-    temporary file is removed and ``path`` is left as it was."""
-    target = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise UsageError(
-            f"--output {target}: cannot write in {target.parent}: {exc.strerror or exc}"
-        ) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _new_file_mode(target))
-        try:
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise UsageError(f"--output {target}: {exc.strerror or exc}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def atomic_output(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[IO[str]]:
+    """The report file behind ``--output``: :func:`oauthmig.outputs.output_file` (atomic for
+    regular files, direct for devices and FIFOs, symlinks resolved, directories refused)."""
+    return output_file(path)

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from oauthmig.config import Settings
-from oauthmig.db import connect, describe_error, make_engine
+from oauthmig.db import connect, describe_error, make_engine, scrub_stored
 from oauthmig.errors import OauthmigError
 from oauthmig.migrations import (
     RevisionInfo,
@@ -133,7 +133,8 @@ def _database_status(
                     )
                     continue
                 if row.get("outcome") == "failed":
-                    cells.append(RevisionState(rev.revision, "failed", row.get("detail")))
+                    detail = scrub_stored(row.get("detail"), db.url)
+                    cells.append(RevisionState(rev.revision, "failed", detail))
                     continue
                 if not gate_found:
                     waiting = gate_for(conn, settings, name, rev)

@@ -1,0 +1,108 @@
+"""The one writer behind every file output option (``--output FILE``).
+
+What the path names decides how it is written:
+
+* a **regular file**, or a path that does not exist yet: written to a temporary file beside it,
+  flushed to disk, then renamed over it, so that a reader never sees half a report and a failed
+  run leaves the old file as it was. An existing file keeps its permission bits (and, when run
+  as root, its owner);
+* a **symlink**: resolved first, and the file it points to is written as above (the link stays a
+  link, pointing at the new content);
+* a **character device or FIFO** (``/dev/null``, ``/dev/stdout``, a named pipe a reader
+  waits on): opened and written directly, never replaced;
+* a **directory**, a socket, or an empty path: refused with a one-line :class:`UsageError`
+  before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from oauthmig.errors import UsageError
+
+
+def _existing_mode(st: os.stat_result | None) -> int:
+    """The permission bits the written file gets: the old file's, or 0666 minus the umask."""
+    if st is not None:
+        return st.st_mode & 0o777
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def output_file(path: str | os.PathLike[str], option: str = "--output") -> Iterator[IO[str]]:
+    """A text stream writing ``path`` safely (see the module docstring); ``option`` names the
+    command-line option in error messages."""
+    raw = os.fspath(path)
+    if not raw.strip():
+        raise UsageError(
+            f"{option}: the file name is empty; give a file name, or leave {option} out to "
+            "print to stdout"
+        )
+    target = Path(os.path.realpath(raw))
+    try:
+        st = _stat(target)
+    except OSError as exc:
+        raise UsageError(f"{option} {raw}: {exc.strerror or exc}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{option} {raw}: is a directory; give a file name inside it")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if not (stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+            raise UsageError(f"{option} {raw}: not a regular file, device or FIFO")
+        with _direct(target, raw, option) as fh:
+            yield fh
+        return
+    with _atomic(target, raw, option, st) as fh:
+        yield fh
+
+
+@contextlib.contextmanager
+def _direct(target: Path, raw: str, option: str) -> Iterator[IO[str]]:
+    """Write a device or FIFO in place (a FIFO's open waits for its reader, as a shell does)."""
+    try:
+        fh = open(target, "w", encoding="utf-8", newline="")  # noqa: SIM115
+    except OSError as exc:
+        raise UsageError(f"{option} {raw}: {exc.strerror or exc}") from None
+    with fh:
+        yield fh
+
+
+@contextlib.contextmanager
+def _atomic(target: Path, raw: str, option: str, st: os.stat_result | None) -> Iterator[IO[str]]:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise UsageError(
+            f"{option} {raw}: cannot write in {target.parent}: {exc.strerror or exc}"
+        ) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _existing_mode(st))
+        if st is not None and os.geteuid() == 0:
+            with contextlib.suppress(OSError):
+                os.chown(tmp, st.st_uid, st.st_gid)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise UsageError(f"{option} {raw}: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
