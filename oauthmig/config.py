@@ -19,6 +19,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from oauthmig.errors import ConfigError
+from oauthmig.uri import URIError, parse_uri
 
 LOGICAL_TABLES: tuple[str, ...] = ("application", "grant", "token")
 DEFAULT_TABLES: dict[str, str] = {
@@ -106,11 +107,17 @@ class BackfillSettings:
     client_metadata: ClientMetadataDefaults = field(default_factory=ClientMetadataDefaults)
 
 
+#: Where ``docs/rules.md`` is published; SARIF ``helpUri`` values are this plus ``#<anchor>``.
+DEFAULT_DOCS_URL = "https://github.com/oauthmig/oauthmig/blob/main/docs/rules.md"
+
+
 @dataclass(frozen=True, slots=True)
 class AuditSettings:
-    """Redirect audit options."""
+    """Redirect audit options. ``docs_url`` is the absolute URL of the rules reference
+    (``docs/rules.md``) that SARIF reports link each rule to."""
 
     ignore: tuple[str, ...] = ()
+    docs_url: str = DEFAULT_DOCS_URL
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,12 +386,34 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     )
 
     audit_raw = _table(data, "audit")
-    _check_keys(audit_raw, ("ignore",), "audit")
+    _check_keys(audit_raw, ("ignore", "docs_url"), "audit")
     ignore = _str_list(audit_raw.get("ignore", []), "audit.ignore")
     for code in ignore:
         if not re.match(r"^RU\d{3}$", code):
             raise ConfigError(f"audit.ignore: {code!r} is not a rule code like RU014")
-    return Settings(databases, routing, tables, migrate, backfill, AuditSettings(ignore), source)
+    docs_url = check_docs_url(audit_raw.get("docs_url", DEFAULT_DOCS_URL), "audit.docs_url")
+    audit = AuditSettings(ignore, docs_url)
+    return Settings(databases, routing, tables, migrate, backfill, audit, source)
+
+
+def check_docs_url(value: object, key: str) -> str:
+    """``value`` if it is an absolute http(s) URL with a host and without userinfo, query or
+    fragment (the rule anchors are appended to it); else ConfigError naming ``key``."""
+    example = "https://docs.example.com/oauthmig/rules.md"
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected an absolute http(s) URL such as {example}")
+    try:
+        parsed = parse_uri(value)
+    except URIError as exc:
+        raise ConfigError(f"{key}: not a URL ({exc.reason}); use one such as {example}") from None
+    if (parsed.scheme or "").lower() not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"{key}: expected an absolute http(s) URL such as {example}")
+    if parsed.userinfo is not None or parsed.query is not None or parsed.fragment is not None:
+        raise ConfigError(
+            f"{key}: must not have credentials, a query or a fragment (rule anchors are "
+            f"appended as #ru001-not-a-uri); use a URL such as {example}"
+        )
+    return value
 
 
 def embedded_default(base: Path) -> Settings:

@@ -419,8 +419,10 @@ def wildcard(s: UriSubject) -> str | None:
                 "exactly, not as prefixes"
             )
         m = _SPLIT_RE.fullmatch(raw)
-        literal_from = len(raw) if m is None else min(
-            (m.start(g) for g in (4, 5) if m.start(g) >= 0), default=len(raw)
+        literal_from = (
+            len(raw)
+            if m is None
+            else min((m.start(g) for g in (4, 5) if m.start(g) >= 0), default=len(raw))
         )
         if star < literal_from:
             return f"'*' at position {star}; redirect URIs are matched exactly, not as patterns"
@@ -1203,9 +1205,9 @@ def check_application(
     )
     findings = blank  # RU014 sorts before every application rule
     for rule, check in _APP:
-        for uri, normalized, message, line in check(app_subject):
+        for uri, normalized, message, hit_line in check(app_subject):
             findings.append(
-                AppFinding(uri, normalized, rule.code, rule.name, rule.severity, message, line)
+                AppFinding(uri, normalized, rule.code, rule.name, rule.severity, message, hit_line)
             )
     severities: list[Severity] = [f.severity for r in reports for f in r.findings]
     severities.extend(f.severity for f in findings)
