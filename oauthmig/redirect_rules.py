@@ -736,9 +736,10 @@ def _browser_ipv4_text(host: str | None) -> str | None:
 )
 def non_canonical_ipv4(s: UriSubject) -> str | None:
     """RFC 3986 §3.2.2 defines an IPv4 literal as four decimal octets without leading zeros,
-    and §7.4 warns that other spellings ("such as octal, hexadecimal, or integer") are read as
-    addresses by some resolvers. Browsers follow the WHATWG URL Standard, whose host parser
-    sends any host that "ends in a number" to an IPv4 parser accepting 1-4 parts in decimal,
+    and §7.4 warns that the system routines many implementations use to translate it "often
+    allow and process a much larger set of formats". Browsers follow the WHATWG URL Standard,
+    whose host parser sends any host that "ends in a number" to an IPv4 parser accepting 1-4
+    parts in decimal,
     octal (``0`` prefix) or hex (``0x``) and one trailing dot: ``127.1``, ``0x7f000001``,
     ``2130706433`` and ``0177.0.0.1`` all reach 127.0.0.1. The reviewed text then names one
     host and the browser connects to another, and RFC 8252 §7.3 names the literals loopback
@@ -773,18 +774,18 @@ def invalid_host(s: UriSubject) -> str | None:
     """A host that cannot be reached is a redirect nobody can complete, and what a lenient
     component does with it (repair, truncate, resolve differently) is not what was reviewed.
 
-    * A host that ends in a number goes to the browser's IPv4 parser (WHATWG URL §3.5), which
-      fails on ``256.256.256.256``, ``1.2.3.4.5``, ``1.2.3.09`` or ``app.example.123``.
-    * IPvFuture literals (RFC 3986 §3.2.2, ``[v1.fe80::1]``) name no deployed protocol; the
-      WHATWG host parser rejects every bracketed host that is not IPv6.
-    * RFC 1034 §3.1: labels are 1-63 octets and a name at most 255 octets on the wire, which is
-      253 characters of text without the final dot (one trailing dot, the root, is allowed);
-      an empty label (``a..example``, ``.example``) is not a name.
-    * RFC 1123 §2.1 (after RFC 952): a label must not start or end with a hyphen; RFC 5891
-      §4.2.3.1 says the same of IDNA labels.
-    * An ``xn--`` label must be a valid A-label: Punycode that decodes to a valid IDNA2008
-      U-label and encodes back to the same text (RFC 5890 §2.3.2.1, RFC 5891 §5.4); ``xn--zz``
-      is not.
+    A host that ends in a number goes to the browser's IPv4 parser (WHATWG URL §3.5), which
+    fails on ``256.256.256.256``, ``1.2.3.4.5``, ``1.2.3.09`` or ``app.example.123``.
+    IPvFuture literals (RFC 3986 §3.2.2, ``[v1.fe80::1]``) name no deployed protocol, and the
+    WHATWG host parser rejects every bracketed host that is not IPv6. RFC 1034 §3.1 limits
+    labels to 63 octets and a name to 255 octets on the wire, which is 253 characters of text
+    without the final dot (one trailing dot, the root, is allowed), and an empty label
+    (``a..example``, ``.example``) is not a name. RFC 1123 §2.1 (after RFC 952) forbids a
+    hyphen at the start or end of a label, as RFC 5891 §4.2.3.1 does for IDNA labels. An
+    ``xn--`` label must be a valid A-label: Punycode that decodes to a valid IDNA2008 U-label
+    and encodes back to the same text (RFC 5890 §2.3.2.1, RFC 5891 §5.4); ``xn--zz`` is not.
+    Other ASCII labels are not held to the letter-digit-hyphen rule: DNS and browsers accept
+    ``_`` and reserved labels such as ``ab--cd``.
 
     Anti-pattern: ``https://256.256.256.256/cb``, ``https://[v1.fe80::1]/cb``,
     ``https://xn--zz.example/cb``, ``https://-app.example.com/cb``, ``https://a..example/cb``,
