@@ -134,8 +134,8 @@ def a_label_form(name: str) -> tuple[str | None, str | None]:
     """
     try:
         mapped = idna.uts46_remap(name, std3_rules=False, transitional=False)
-    except idna.IDNAError as exc:
-        return None, str(exc)
+    except ValueError as exc:  # idna.IDNAError, or a code point it cannot map
+        return None, str(exc) or "not a valid name"
     labels = mapped.split(".")
     ascii_labels: list[str] = []
     error: str | None = None
@@ -147,7 +147,7 @@ def a_label_form(name: str) -> tuple[str | None, str | None]:
         if error is None:
             try:
                 idna.alabel(label)
-            except (idna.IDNAError, UnicodeError) as exc:
+            except ValueError as exc:  # idna.IDNAError is a UnicodeError
                 error = str(exc) or "not a valid U-label"
     return ".".join(ascii_labels), error
 
@@ -235,11 +235,11 @@ def non_ascii_host_hint(raw: str) -> str | None:
 def _a_label_problem(label: str) -> str | None:
     try:
         ulabel = idna.ulabel(label)
-    except (idna.IDNAError, UnicodeError) as exc:
+    except ValueError as exc:  # idna.IDNAError is a UnicodeError
         return f"'{label}' is not a valid A-label (RFC 5891): {exc}"
     try:
         again = idna.alabel(ulabel).decode("ascii")
-    except (idna.IDNAError, UnicodeError) as exc:  # pragma: no cover - ulabel validated it
+    except ValueError as exc:  # pragma: no cover - ulabel validated it
         return f"'{label}' is not a valid A-label (RFC 5891): {exc}"
     if again != label:
         return f"'{label}' is not the canonical A-label of '{ulabel}' ({again})"
