@@ -4,10 +4,11 @@ Every rule has a stable code (``RU001``...), a name, a severity and a docstring 
 section, an anti-pattern and its fix; :data:`RULES` maps code to :class:`Rule`, and
 ``docs/rules.md`` has one section per code. Codes are never renumbered.
 
-Per-URI rules (RU001-RU014, RU016) are small functions of a :class:`UriSubject`, the parsed URI
-plus the application type; :func:`check_uri` runs them. RU001 (not a URI) stops every other
-check but the two that read the raw text (RU004 wildcard, RU016 length); RU002 (relative) stops
-the checks that need a scheme.
+Per-URI rules (RU001-RU014, RU016-RU018) are small functions of a :class:`UriSubject`, the
+parsed URI plus the application type; :func:`check_uri` runs them. RU001 (not a URI) stops
+every other check but the two that read the raw text (RU004 wildcard, RU016 length); RU002
+(relative) stops the checks that need a scheme. Host rules ask :mod:`oauthmig.hosts` what a
+browser (WHATWG URL) and DNS make of the host; parsing itself stays strictly RFC 3986.
 Application rules (RU015, RU101-RU104) look at all the redirect URIs of one application;
 :func:`check_application` runs both kinds. Nothing here touches a database or raises on any
 string input.

@@ -802,6 +802,23 @@ def test_application_report() -> None:
     assert flat[0].uri == "https://a.example/cb"
 
 
+def test_findings_carry_their_line_of_redirect_uris() -> None:
+    text = "https://a.example/cb\n\n HTTPS://a.example/cb\nhttp://127.1/cb\n\n"
+    report = check_application(
+        text, "web", has_secret=False, live_grant_uris=["https://gone.example/cb"]
+    )
+    assert report.lines == (1, 3, 4)
+    assert [(f.code, f.line) for f in report.all_findings()] == [
+        ("RU014", 3),  # whitespace
+        ("RU014", 3),  # case
+        ("RU008", 4),
+        ("RU017", 4),
+        ("RU014", 2),  # blank lines
+        ("RU014", 5),
+        ("RU015", 3),
+        ("RU103", None),  # a live grant's URI is on no line
+    ]
+
 def test_application_uri_reports_match_check_uri() -> None:
     uris = ["https://a.example/cb", "http://127.0.0.1:9/cb", "myapp://x", "https:/x", _sized(300)]
     report = check_application("\n".join(uris), "native", has_secret=False)
