@@ -819,6 +819,7 @@ def test_findings_carry_their_line_of_redirect_uris() -> None:
         ("RU103", None),  # a live grant's URI is on no line
     ]
 
+
 def test_application_uri_reports_match_check_uri() -> None:
     uris = ["https://a.example/cb", "http://127.0.0.1:9/cb", "myapp://x", "https:/x", _sized(300)]
     report = check_application("\n".join(uris), "native", has_secret=False)
