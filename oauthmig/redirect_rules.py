@@ -740,11 +740,11 @@ def non_canonical_ipv4(s: UriSubject) -> str | None:
     and §7.4 warns that the system routines many implementations use to translate it "often
     allow and process a much larger set of formats". Browsers follow the WHATWG URL Standard,
     whose host parser sends any host that "ends in a number" to an IPv4 parser accepting 1-4
-    parts in decimal,
-    octal (``0`` prefix) or hex (``0x``) and one trailing dot: ``127.1``, ``0x7f000001``,
-    ``2130706433`` and ``0177.0.0.1`` all reach 127.0.0.1. The reviewed text then names one
-    host and the browser connects to another, and RFC 8252 §7.3 names the literals loopback
-    redirects use (``127.0.0.1``, ``[::1]``). This is an error for every application type.
+    parts in decimal, octal (``0`` prefix) or hex (``0x``) and one trailing dot: ``127.1``,
+    ``0x7f000001``, ``2130706433`` and ``0177.0.0.1`` all reach 127.0.0.1. The reviewed text
+    then names one host and the browser connects to another, and RFC 8252 §7.3 names the
+    literals loopback redirects use (``127.0.0.1``, ``[::1]``). This is an error for every
+    application type.
 
     Anti-pattern: ``https://127.1/cb``, ``https://0x7f000001/cb``, ``https://2130706433/cb``,
     ``https://0177.0.0.1/cb``, ``http://127.0.0.1./cb``.
@@ -811,7 +811,7 @@ def invalid_host(s: UriSubject) -> str | None:
             )
         return None  # an address: canonical, or RU017
     if "%" in host:
-        return None  # percent-encoded non-ASCII of a private-use host; RU001 covers http(s)
+        return None  # only %2A is left here (RU004); every other encoding is RU001
     return dns_host_problem(host)
 
 
