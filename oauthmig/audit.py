@@ -96,7 +96,8 @@ _SEVERITY_ORDER = tuple(s.value for s in Severity)  # error, warning, info
 @dataclass(frozen=True, slots=True)
 class AuditFinding:
     """One rule firing on one stored application (``uri`` is None for application-level
-    findings such as RU101; for RU103 it is the live grant's URI)."""
+    findings such as RU101; for RU103 it is the live grant's URI). ``line`` is the 1-based
+    line of ``redirect_uris`` the finding is on, None when it is on no line."""
 
     database: str
     application_id: int
@@ -107,6 +108,7 @@ class AuditFinding:
     severity: Severity
     message: str
     normalized: str | None
+    line: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,6 +456,7 @@ class Audit:
                 f.severity,
                 f.message,
                 f.normalized,
+                f.line,
             )
 
 

@@ -638,7 +638,12 @@ def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: s
         audit = audit_service(settings, progress=update)
         if machine:
             out = sink if sink is not None else sys.stdout
-            writer = writer_for(fmt, out, application_table=settings.tables.application)
+            writer = writer_for(
+                fmt,
+                out,
+                application_table=settings.tables.application,
+                docs_url=settings.audit.docs_url,
+            )
             writer.begin()
             for finding in audit:
                 writer.finding(finding)

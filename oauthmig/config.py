@@ -20,6 +20,7 @@ from sqlalchemy.exc import ArgumentError
 
 from oauthmig.errors import ConfigError
 from oauthmig.redact import mask_url
+from oauthmig.uri import URIError, parse_uri
 
 LOGICAL_TABLES: tuple[str, ...] = ("application", "grant", "token")
 DEFAULT_TABLES: dict[str, str] = {
@@ -107,11 +108,17 @@ class BackfillSettings:
     client_metadata: ClientMetadataDefaults = field(default_factory=ClientMetadataDefaults)
 
 
+#: Where ``docs/rules.md`` is published; SARIF ``helpUri`` values are this plus ``#<anchor>``.
+DEFAULT_DOCS_URL = "https://github.com/oauthmig/oauthmig/blob/main/docs/rules.md"
+
+
 @dataclass(frozen=True, slots=True)
 class AuditSettings:
-    """Redirect audit options."""
+    """Redirect audit options. ``docs_url`` is the absolute URL of the rules reference
+    (``docs/rules.md``) that SARIF reports link each rule to."""
 
     ignore: tuple[str, ...] = ()
+    docs_url: str = DEFAULT_DOCS_URL
 
 
 #: A value a ``[models.defaults.<table>]`` key may hold: TOML scalars and lists of strings.
@@ -405,15 +412,15 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     )
 
     audit_raw = _table(data, "audit")
-    _check_keys(audit_raw, ("ignore",), "audit")
+    _check_keys(audit_raw, ("ignore", "docs_url"), "audit")
     ignore = _str_list(audit_raw.get("ignore", []), "audit.ignore")
     for code in ignore:
         if not re.match(r"^RU\d{3}$", code):
             raise ConfigError(f"audit.ignore: {code!r} is not a rule code like RU014")
+    docs_url = check_docs_url(audit_raw.get("docs_url", DEFAULT_DOCS_URL), "audit.docs_url")
+    audit = AuditSettings(ignore, docs_url)
     models = _models(_table(data, "models"))
-    return Settings(
-        databases, routing, tables, migrate, backfill, AuditSettings(ignore), source, models
-    )
+    return Settings(databases, routing, tables, migrate, backfill, audit, source, models)
 
 
 def _models(raw: Mapping[str, Any]) -> ModelSettings:
@@ -444,6 +451,26 @@ def _models(raw: Mapping[str, Any]) -> ModelSettings:
                 )
         defaults[logical] = values
     return ModelSettings(defaults)
+
+
+def check_docs_url(value: object, key: str) -> str:
+    """``value`` if it is an absolute http(s) URL with a host and without userinfo, query or
+    fragment (the rule anchors are appended to it); else ConfigError naming ``key``."""
+    example = "https://docs.example.com/oauthmig/rules.md"
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected an absolute http(s) URL such as {example}")
+    try:
+        parsed = parse_uri(value)
+    except URIError as exc:
+        raise ConfigError(f"{key}: not a URL ({exc.reason}); use one such as {example}") from None
+    if (parsed.scheme or "").lower() not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"{key}: expected an absolute http(s) URL such as {example}")
+    if parsed.userinfo is not None or parsed.query is not None or parsed.fragment is not None:
+        raise ConfigError(
+            f"{key}: must not have credentials, a query or a fragment (rule anchors are "
+            f"appended as #ru001-not-a-uri); use a URL such as {example}"
+        )
+    return value
 
 
 def embedded_default(base: Path) -> Settings:

@@ -128,7 +128,8 @@ def verify_code_verifier(
 
     Returns when the exchange may proceed: either both are absent (a grant made without PKCE)
     or the verifier matches. The comparison is constant-time (``hmac.compare_digest``).
-    A stored ``plain`` challenge is honoured only while ``allow_plain`` is set.
+    A stored ``plain`` challenge is honoured only while ``allow_plain`` is set, and so is a
+    stored challenge whose method is NULL, which RFC 7636 §4.3 defines as ``plain``.
     """
     if code_challenge is None:
         if code_verifier is not None:
@@ -141,6 +142,15 @@ def verify_code_verifier(
     if code_verifier is None:
         raise InvalidRequest("code_verifier is required for this authorization code")
     check_code_verifier(code_verifier)
+    if code_challenge_method is None:
+        # RFC 7636 §4.3: a challenge without a method is "plain". Rows get one from a
+        # provider's own migration of the column, never from store_challenge.
+        if not allow_plain:
+            raise InvalidGrant(
+                "the code was issued with a code_challenge but no code_challenge_method, which "
+                "RFC 7636 §4.3 defines as plain; plain is not allowed (S256 only)"
+            )
+        code_challenge_method = PLAIN
     if code_challenge_method == S256:
         expected = s256_challenge(code_verifier)
     elif code_challenge_method == PLAIN and allow_plain:

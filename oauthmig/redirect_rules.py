@@ -4,10 +4,11 @@ Every rule has a stable code (``RU001``...), a name, a severity and a docstring 
 section, an anti-pattern and its fix; :data:`RULES` maps code to :class:`Rule`, and
 ``docs/rules.md`` has one section per code. Codes are never renumbered.
 
-Per-URI rules (RU001-RU014, RU016) are small functions of a :class:`UriSubject`, the parsed URI
-plus the application type; :func:`check_uri` runs them. RU001 (not a URI) stops every other
-check but the two that read the raw text (RU004 wildcard, RU016 length); RU002 (relative) stops
-the checks that need a scheme.
+Per-URI rules (RU001-RU014, RU016-RU018) are small functions of a :class:`UriSubject`, the
+parsed URI plus the application type; :func:`check_uri` runs them. RU001 (not a URI) stops
+every other check but the two that read the raw text (RU004 wildcard, RU016 length); RU002
+(relative) stops the checks that need a scheme. Host rules ask :mod:`oauthmig.hosts` what a
+browser (WHATWG URL) and DNS make of the host; parsing itself stays strictly RFC 3986.
 Application rules (RU015, RU101-RU104) look at all the redirect URIs of one application;
 :func:`check_application` runs both kinds. Nothing here touches a database or raises on any
 string input.
@@ -16,11 +17,20 @@ string input.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal, NamedTuple
 
+from oauthmig.hosts import (
+    browser_ipv4,
+    dns_host_problem,
+    encoded_host_problem,
+    ends_in_a_number,
+    ipv4_text,
+    non_ascii_host_hint,
+)
 from oauthmig.uri import (
     ParsedURI,
     URIError,
@@ -105,7 +115,9 @@ class UriReport:
 
 @dataclass(frozen=True, slots=True)
 class AppFinding:
-    """A finding in an application report, with the URI it is about (None for the whole app)."""
+    """A finding in an application report, with the URI it is about (None for the whole app)
+    and the 1-based line of ``redirect_uris`` it is on (None when it is on no line: the whole
+    application, or a live grant's URI)."""
 
     uri: str | None
     normalized: str | None
@@ -113,23 +125,27 @@ class AppFinding:
     name: str
     severity: Severity
     message: str
+    line: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class AppReport:
     """The outcome of :func:`check_application`: one report per registered URI (blank lines
-    excluded) and the application-level findings."""
+    excluded) and the application-level findings. ``lines`` holds the line of
+    ``redirect_uris`` of each report in ``uris`` (empty for a report built by hand)."""
 
     app_type: AppType
     verdict: Verdict
     uris: tuple[UriReport, ...]
     findings: tuple[AppFinding, ...]
+    lines: tuple[int, ...] = ()
 
     def all_findings(self) -> tuple[AppFinding, ...]:
         """Every finding, per-URI ones first (in URI order), then the application-level ones."""
+        lines: tuple[int | None, ...] = self.lines or (None,) * len(self.uris)
         out = [
-            AppFinding(r.uri, r.normalized, f.code, f.name, f.severity, f.message)
-            for r in self.uris
+            AppFinding(r.uri, r.normalized, f.code, f.name, f.severity, f.message, line)
+            for r, line in zip(self.uris, lines, strict=True)
             for f in r.findings
         ]
         out.extend(self.findings)
@@ -174,7 +190,10 @@ class _AppSubject(NamedTuple):
     live_grant_uris: tuple[str, ...]
 
 
-_AppCheck = Callable[[_AppSubject], list[tuple[str | None, str | None, str]]]
+# (uri, normalized, message, line): the URI the finding is about (None: the application), and
+# the line of redirect_uris it is on (None: no line, e.g. a live grant's URI).
+_AppHit = tuple[str | None, str | None, str, int | None]
+_AppCheck = Callable[[_AppSubject], list[_AppHit]]
 
 RULES: dict[str, Rule] = {}
 _URI_CHECKS: dict[_Stage, list[tuple[Rule, UriCheck, tuple[AppType, ...]]]] = {
@@ -240,6 +259,10 @@ _LOOPBACK_LITERALS = frozenset({"127.0.0.1", "[::1]"})
 _LOCALHOST_NAMES = frozenset({"localhost", "localhost."})
 
 
+# RFC 3986 Appendix B: where the query (group 4) and fragment (group 5) of any string start.
+_SPLIT_RE = re.compile(r"(?:([^:/?#]+):)?(?://([^/?#]*))?([^?#]*)(?:\?([^#]*))?(?:#(.*))?", re.S)
+
+
 def _is_oob(s: UriSubject) -> bool:
     return s.scheme == "urn" and s.path.lower() in _OOB_PATHS
 
@@ -272,8 +295,9 @@ def _is_private_use(s: UriSubject) -> bool:
     Severity.ERROR,
     summary="The value is not a URI: empty, whitespace, control or non-ASCII characters, "
     "characters outside RFC 3986, bad percent-encoding, scheme, IP literal or port, "
-    "or http(s) without a host.",
-    rfc="RFC 3986 Appendix A; RFC 9110 §4.2.1",
+    "http(s) without a host, or a host that percent-decodes to a delimiter, a control "
+    "character or an internationalized name.",
+    rfc="RFC 3986 Appendix A, §3.2.2; RFC 9110 §4.2.1; UTS #46; RFC 5891",
     stage="gate",
 )
 def not_a_uri(s: UriSubject) -> str | None:
@@ -283,17 +307,39 @@ def not_a_uri(s: UriSubject) -> str | None:
     or ``https:/app.example.com`` into something else, so the value the server matches is not
     the one the user reviewed. http and https URIs also need a host (RFC 9110 §4.2.1).
 
+    A host is percent-decoded by every component that resolves it (browsers do it before
+    anything else), so ``%40``, ``%2F``, ``%3A``, ``%23``, ``%5C``, ``%3F``, ``%25``, a
+    percent-encoded space or control character, and every other encoding of a character that
+    is not unreserved, put a different authority behind the reviewed text (``%2A`` is RU004).
+    Internationalized hosts follow one policy, however they are spelled: RFC 3986 §3.2.2 says
+    such a name "must be transformed to the IDNA encoding [RFC3490] prior to name lookup" and
+    that "URI producers should provide these registered names in the IDNA encoding, rather than
+    a percent-encoding". Both ``https://bücher.example/cb`` (not a URI) and
+    ``https://b%C3%BCcher.example/cb`` are errors whose message gives the A-label a browser
+    would use (UTS #46 mapping, IDNA2008 validity): ``https://xn--bcher-kva.example/cb``.
+
     Anti-pattern: ``https://app.example.com/cb `` (trailing space), ``https://ｅxample.com/``
-    (fullwidth letters), ``https:/app.example.com/cb``, ``https://app.example.com:443x/``.
-    Fix: ``https://app.example.com/cb``, with non-ASCII hosts in their punycode form
+    (fullwidth letters), ``https:/app.example.com/cb``, ``https://app.example.com:443x/``,
+    ``https://app.example.com%40evil.example/cb``, ``https://%E2%82%AC.example/cb``.
+    Fix: ``https://app.example.com/cb``, with non-ASCII hosts in their A-label (punycode) form
     (``https://xn--bcher-kva.example/``).
     """
     if not s.raw:
         return "empty value"
     if s.error is not None:
+        if s.error.startswith("non-ASCII"):
+            hint = non_ascii_host_hint(s.raw)
+            if hint is not None:
+                return f"{s.error}; {hint}"
         return s.error
-    if s.scheme in _HTTP_SCHEMES and s.parsed is not None and not s.parsed.host:
+    parsed = s.parsed
+    if parsed is None:  # pragma: no cover - a subject without a parse has an error
+        return None
+    host = parsed.host
+    if s.scheme in _HTTP_SCHEMES and not host:
         return f"{s.scheme} URI without a host"
+    if host and parsed.host_kind == "reg-name" and "%" in host:
+        return encoded_host_problem(host, s.raw, idn=s.scheme in _HTTP_SCHEMES)
     return None
 
 
@@ -343,7 +389,8 @@ def fragment(s: UriSubject) -> str | None:
     "RU004",
     "wildcard",
     Severity.ERROR,
-    summary="The URI contains '*', or a host that percent-decodes to '*'.",
+    summary="The URI contains '*' in the scheme, authority or path, as its last character, "
+    "or a host that percent-decodes to '*'.",
     rfc="RFC 9700 §4.1.3, §2.1",
     stage="always",
 )
@@ -351,17 +398,35 @@ def wildcard(s: UriSubject) -> str | None:
     """RFC 9700 §2.1 and §4.1.3: redirect URIs are compared by exact string matching; pattern
     matching enabled open redirects and code theft through attacker-controlled subdomains.
 
-    ``*`` is a legal sub-delimiter in RFC 3986, so it is flagged wherever it appears, and
-    ``%2A`` in the host is flagged too because a host decodes to the same name.
+    ``*`` is a legal sub-delimiter in RFC 3986, so the rule is decided by where a server could
+    read it as a pattern. Servers that accept patterns put them in the host (``*.example.com``)
+    and the path (``/cb/*``), and several treat a final ``*`` as "any suffix", whatever component
+    it ends: those are flagged, and ``%2A`` in the host too because a host decodes to the same
+    name. Inside the query (``?scope=a*b&x=1``) or the fragment (an error of its own, RU003) a
+    ``*`` that does not end the URI is a literal under exact matching and no known matcher
+    expands it there, so it is not flagged.
 
     Anti-pattern: ``https://*.example.com/cb``, ``https://app.example.com/*``,
-    ``https://%2A.example.com/cb``.
+    ``https://%2A.example.com/cb``, ``https://app.example.com/cb?tenant=*``.
     Fix: register each host and path exactly: ``https://eu.example.com/cb``,
     ``https://us.example.com/cb``.
     """
-    star = s.raw.find("*")
+    raw = s.raw
+    star = raw.find("*")
     if star >= 0:
-        return f"'*' at position {star}; redirect URIs are matched exactly, not as patterns"
+        if raw.endswith("*"):
+            return (
+                f"'*' at position {len(raw) - 1} ends the URI; redirect URIs are matched "
+                "exactly, not as prefixes"
+            )
+        m = _SPLIT_RE.fullmatch(raw)
+        literal_from = (
+            len(raw)
+            if m is None
+            else min((m.start(g) for g in (4, 5) if m.start(g) >= 0), default=len(raw))
+        )
+        if star < literal_from:
+            return f"'*' at position {star}; redirect URIs are matched exactly, not as patterns"
     host = s.parsed.host if s.parsed is not None else None
     if host and "%" in host and ("%2a" in host or "%2A" in host):
         return "host percent-decodes to '*'; redirect URIs are matched exactly, not as patterns"
@@ -489,6 +554,12 @@ def http_not_loopback(s: UriSubject) -> str | None:
         return None  # localhost is RU010; a missing host is RU001
     if _is_loopback_ip(host):
         return f"http to {host}; RFC 8252 §7.3 loopback redirects use 127.0.0.1 or [::1]"
+    address = _browser_ipv4_text(host)
+    if address is not None and address.startswith("127."):
+        return (
+            f"http to '{host}', which a browser reads as {address}; RFC 8252 §7.3 loopback "
+            "redirects are written 127.0.0.1 or [::1]"
+        )
     return f"http to '{host}', which is not the loopback interface"
 
 
@@ -573,17 +644,27 @@ def private_scheme_not_reverse_domain(s: UriSubject) -> str | None:
     app_types=(AppType.NATIVE,),
 )
 def private_scheme_form(s: UriSubject) -> str | None:
-    """RFC 8252 §7.1: a private-use redirect has a single slash after the scheme,
-    ``com.example.app:/oauth2redirect``. With ``//`` the first segment becomes a host, which
-    platforms and matchers treat inconsistently; without any slash the path is opaque.
+    """RFC 8252 §7.1: "as there is no naming authority for private-use URI scheme redirects,
+    only a single slash ("/") appears after the scheme component", as in
+    ``com.example.app:/oauth2redirect/example-provider``. With ``//`` the first segment becomes
+    a host, which platforms and matchers treat inconsistently; without any slash the path is
+    opaque; with nothing after the colon there is no path at all.
 
-    Anti-pattern (native app): ``com.example.app://callback``, ``com.example.app:callback``.
+    All of these deviations, the empty path included, are one warning: the URI is still an
+    absolute URI (RFC 3986 §3, ``path-empty``), the operating system still dispatches it on
+    the scheme alone, and exact matching still holds, so none of them sends the code anywhere
+    else; the scheme itself is checked by RU012.
+
+    Anti-pattern (native app): ``com.example.app://callback``, ``com.example.app:callback``,
+    ``com.example.app:``.
     Fix: ``com.example.app:/callback``.
     """
     if s.app_type is not AppType.NATIVE or not _is_private_use(s) or s.parsed is None:
         return None
     if s.parsed.has_authority:
         return f"'{s.scheme}://' has an authority; use the form {s.scheme}:/path"
+    if not s.path:
+        return f"no path after '{s.scheme}:'; use the form {s.scheme}:/path"
     if not s.path.startswith("/"):
         return f"path does not start with '/'; use the form {s.scheme}:/path"
     return None
@@ -636,6 +717,104 @@ def too_long_for_grant(s: UriSubject) -> str | None:
     return None
 
 
+def _browser_ipv4_text(host: str | None) -> str | None:
+    """The dotted quad a browser reads a registered-name ``host`` as, if it reads an IPv4
+    address there (WHATWG URL), else None."""
+    if not host or host[0] == "[" or not ends_in_a_number(host):
+        return None
+    address = browser_ipv4(host)
+    return None if address is None else ipv4_text(address)
+
+
+@_uri_rule(
+    "RU017",
+    "non-canonical-ipv4",
+    Severity.ERROR,
+    summary="The http(s) host is an IPv4 address to a browser, but not written as the "
+    "canonical dotted quad (127.1, 0x7f000001, 2130706433, 0177.0.0.1, 127.0.0.1.).",
+    rfc="RFC 3986 §3.2.2, §7.4; RFC 8252 §7.3; WHATWG URL §3.5",
+    stage="absolute",
+)
+def non_canonical_ipv4(s: UriSubject) -> str | None:
+    """RFC 3986 §3.2.2 defines an IPv4 literal as four decimal octets without leading zeros,
+    and §7.4 warns that the system routines many implementations use to translate it "often
+    allow and process a much larger set of formats". Browsers follow the WHATWG URL Standard,
+    whose host parser sends any host that "ends in a number" to an IPv4 parser accepting 1-4
+    parts in decimal, octal (``0`` prefix) or hex (``0x``) and one trailing dot: ``127.1``,
+    ``0x7f000001``, ``2130706433`` and ``0177.0.0.1`` all reach 127.0.0.1. The reviewed text
+    then names one host and the browser connects to another, and RFC 8252 §7.3 names the
+    literals loopback redirects use (``127.0.0.1``, ``[::1]``). This is an error for every
+    application type.
+
+    Anti-pattern: ``https://127.1/cb``, ``https://0x7f000001/cb``, ``https://2130706433/cb``,
+    ``https://0177.0.0.1/cb``, ``http://127.0.0.1./cb``.
+    Fix: the canonical dotted quad, ``http://127.0.0.1/cb`` (or a host name).
+    """
+    if s.scheme not in _HTTP_SCHEMES or s.parsed is None:
+        return None
+    address = _browser_ipv4_text(s.host)
+    if address is None or address == s.host:
+        return None
+    return (
+        f"a browser reads host '{s.host}' as the IPv4 address {address} (WHATWG URL); "
+        f"write it as {address}"
+    )
+
+
+@_uri_rule(
+    "RU018",
+    "invalid-host",
+    Severity.ERROR,
+    summary="The host is one no browser or DNS accepts: an IPv4-like name that is not an "
+    "address, an IPvFuture literal, an invalid A-label, an empty label, a label that starts "
+    "or ends with a hyphen, a label over 63 or a name over 253 characters.",
+    rfc="RFC 1034 §3.1; RFC 1123 §2.1; RFC 5891 §4.2.3, §5.4; RFC 3986 §3.2.2; WHATWG URL §3.5",
+    stage="absolute",
+)
+def invalid_host(s: UriSubject) -> str | None:
+    """A host that cannot be reached is a redirect nobody can complete, and what a lenient
+    component does with it (repair, truncate, resolve differently) is not what was reviewed.
+
+    A host that ends in a number goes to the browser's IPv4 parser (WHATWG URL §3.5), which
+    fails on ``256.256.256.256``, ``1.2.3.4.5``, ``1.2.3.09`` or ``app.example.123``.
+    IPvFuture literals (RFC 3986 §3.2.2, ``[v1.fe80::1]``) name no deployed protocol, and the
+    WHATWG host parser rejects every bracketed host that is not IPv6. RFC 1034 §3.1 limits
+    labels to 63 octets and a name to 255 octets on the wire, which is 253 characters of text
+    without the final dot (one trailing dot, the root, is allowed), and an empty label
+    (``a..example``, ``.example``) is not a name. RFC 1123 §2.1 (after RFC 952) forbids a
+    hyphen at the start or end of a label, as RFC 5891 §4.2.3.1 does for IDNA labels. An
+    ``xn--`` label must be a valid A-label: Punycode that decodes to a valid IDNA2008 U-label
+    and encodes back to the same text (RFC 5890 §2.3.2.1, RFC 5891 §5.4); ``xn--zz`` is not.
+    Other ASCII labels are not held to the letter-digit-hyphen rule: DNS and browsers accept
+    ``_`` and reserved labels such as ``ab--cd``.
+
+    Anti-pattern: ``https://256.256.256.256/cb``, ``https://[v1.fe80::1]/cb``,
+    ``https://xn--zz.example/cb``, ``https://-app.example.com/cb``, ``https://a..example/cb``,
+    a 64-character label.
+    Fix: the real host name, ``https://app.example.com/cb``.
+    """
+    parsed = s.parsed
+    if parsed is None or not parsed.has_authority:
+        return None
+    if parsed.host_kind == "ipvfuture":
+        return f"IPvFuture literal {parsed.host}; no browser or resolver supports it"
+    host = s.host
+    if s.scheme not in _HTTP_SCHEMES or not host or parsed.host_kind == "ipv6":
+        return None
+    if host[0] == "[":  # pragma: no cover - only IP literals are bracketed
+        return None
+    if ends_in_a_number(host):
+        if browser_ipv4(host) is None:
+            return (
+                f"host '{host}' ends in a number, so a browser parses it as an IPv4 address, "
+                "and it is not one (WHATWG URL)"
+            )
+        return None  # an address: canonical, or RU017
+    if "%" in host:
+        return None  # only %2A is left here (RU004); every other encoding is RU001
+    return dns_host_problem(host)
+
+
 # --- application rules -----------------------------------------------------------------------
 
 
@@ -646,21 +825,26 @@ def too_long_for_grant(s: UriSubject) -> str | None:
     summary="The same URI appears twice in one application after normalization.",
     rfc="RFC 3986 §6.2",
 )
-def duplicate(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
+def duplicate(a: _AppSubject) -> list[_AppHit]:
     """Two lines that normalize to the same URI (RFC 3986 §6.2) are one registration; the
     copy only hides which spelling clients actually send.
 
     Anti-pattern: ``https://app.example.com/cb`` and ``HTTPS://app.example.com:443/cb``.
     Fix: keep one line, in normalized form.
     """
-    out: list[tuple[str | None, str | None, str]] = []
+    out: list[_AppHit] = []
     seen: dict[str, int] = {}
     for entry in a.entries:
         key = entry.subject.normalized or entry.uri
         first = seen.setdefault(key, entry.line)
         if first != entry.line:
             out.append(
-                (entry.uri, entry.subject.normalized, f"line {entry.line} repeats line {first}")
+                (
+                    entry.uri,
+                    entry.subject.normalized,
+                    f"line {entry.line} repeats line {first}",
+                    entry.line,
+                )
             )
     return out
 
@@ -672,7 +856,7 @@ def duplicate(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
     summary="An application that can use the authorization code grant has no redirect URI.",
     rfc="RFC 6749 §3.1.2.2; RFC 9700 §2.1",
 )
-def no_redirect_uris(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
+def no_redirect_uris(a: _AppSubject) -> list[_AppHit]:
     """RFC 6749 §3.1.2.2 requires public clients and clients of the implicit grant to register
     redirect URIs, and RFC 9700 §2.1 requires exact registration for every client. Without one
     the server would have to trust the redirect_uri of the request.
@@ -682,7 +866,7 @@ def no_redirect_uris(a: _AppSubject) -> list[tuple[str | None, str | None, str]]
     Fix: register the exact callback(s), or drop ``authorization_code`` from its grant types.
     """
     if a.can_use_code_grant and not a.entries:
-        return [(None, None, "no redirect URIs registered for an authorization code client")]
+        return [(None, None, "no redirect URIs registered for an authorization code client", None)]
     return []
 
 
@@ -693,7 +877,7 @@ def no_redirect_uris(a: _AppSubject) -> list[tuple[str | None, str | None, str]]
     summary="One application has both web-style and native-style redirect URIs.",
     rfc="RFC 8252 §8.4; OpenID Connect Registration §2 (application_type)",
 )
-def mixed_app_type(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
+def mixed_app_type(a: _AppSubject) -> list[_AppHit]:
     """A client is either web or native (OpenID Connect Registration ``application_type``);
     the rules for each differ (https everywhere vs loopback and private-use URIs,
     RFC 8252 §8.4). A client registered as both gets the weaker rules of each.
@@ -710,6 +894,7 @@ def mixed_app_type(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
             None,
             None,
             f"web-style URI on line {web.line} and native-style URI on line {native.line}",
+            None,
         )
     ]
 
@@ -721,7 +906,7 @@ def mixed_app_type(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
     summary="A live grant is bound to a redirect URI its application no longer registers.",
     rfc="RFC 6749 §4.1.3",
 )
-def grant_redirect_unregistered(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
+def grant_redirect_unregistered(a: _AppSubject) -> list[_AppHit]:
     """RFC 6749 §4.1.3: the token request must carry the same redirect_uri as the authorization
     request. A live grant bound to a URI that is no longer registered can still be exchanged by
     a server that only compares the two requests, so removing a URI does not fully retire it
@@ -732,7 +917,12 @@ def grant_redirect_unregistered(a: _AppSubject) -> list[tuple[str | None, str | 
     """
     registered = {entry.uri for entry in a.entries}
     return [
-        (uri, None, "a live grant is bound to this URI, which the application no longer registers")
+        (
+            uri,
+            None,
+            "a live grant is bound to this URI, which the application no longer registers",
+            None,
+        )
         for uri in dict.fromkeys(a.live_grant_uris)
         if uri not in registered
     ]
@@ -745,7 +935,7 @@ def grant_redirect_unregistered(a: _AppSubject) -> list[tuple[str | None, str | 
     summary="A native application holds a client secret, which cannot stay confidential.",
     rfc="RFC 8252 §8.5",
 )
-def native_with_secret(a: _AppSubject) -> list[tuple[str | None, str | None, str]]:
+def native_with_secret(a: _AppSubject) -> list[_AppHit]:
     """RFC 8252 §8.5: secrets shipped in native apps are not confidential; the client is public
     and must rely on PKCE, not on the secret.
 
@@ -753,7 +943,9 @@ def native_with_secret(a: _AppSubject) -> list[tuple[str | None, str | None, str
     Fix: treat the client as public (``token_endpoint_auth_method = none``) and require PKCE.
     """
     if a.app_type is AppType.NATIVE and a.has_secret:
-        return [(None, None, "a native application cannot keep its client secret confidential")]
+        return [
+            (None, None, "a native application cannot keep its client secret confidential", None)
+        ]
     return []
 
 
@@ -990,6 +1182,7 @@ def check_application(
                     ru014.name,
                     ru014.severity,
                     f"line {line_no} of redirect_uris is blank and was ignored",
+                    line_no,
                 )
             )
             continue
@@ -1014,10 +1207,11 @@ def check_application(
     )
     findings = blank  # RU014 sorts before every application rule
     for rule, check in _APP:
-        for uri, normalized, message in check(app_subject):
+        for uri, normalized, message, hit_line in check(app_subject):
             findings.append(
-                AppFinding(uri, normalized, rule.code, rule.name, rule.severity, message)
+                AppFinding(uri, normalized, rule.code, rule.name, rule.severity, message, hit_line)
             )
     severities: list[Severity] = [f.severity for r in reports for f in r.findings]
     severities.extend(f.severity for f in findings)
-    return AppReport(app, _verdict(severities), tuple(reports), tuple(findings))
+    lines = tuple(entry.line for entry in entries)
+    return AppReport(app, _verdict(severities), tuple(reports), tuple(findings), lines)

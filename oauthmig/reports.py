@@ -27,12 +27,16 @@ from importlib import metadata
 from typing import IO, Any, Protocol
 
 from oauthmig.audit import AuditFinding, AuditSummary
+from oauthmig.config import DEFAULT_DOCS_URL
 from oauthmig.outputs import output_file
 from oauthmig.redirect_rules import RULES, Rule, Severity, UriReport
 
 __all__ = [
+    "ARTIFACT_BASE_ID",
+    "ARTIFACT_BASE_URI",
     "FINDING_FIELDS",
     "FORMATS",
+    "INFORMATION_URI",
     "RULES_DOC",
     "SARIF_SCHEMA_URI",
     "CsvWriter",
@@ -63,12 +67,21 @@ FINDING_FIELDS: tuple[str, ...] = (
     "normalized",
 )
 FORMATS: tuple[str, ...] = ("json", "csv", "sarif")
-#: Where the rules are documented, relative to the project root (SARIF ``helpUri``).
+#: Where the rules are documented, relative to the project root.
 RULES_DOC = "docs/rules.md"
 SARIF_SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
 SARIF_VERSION = "2.1.0"
+#: The tool's home page (SARIF ``tool.driver.informationUri``).
+INFORMATION_URI = "https://github.com/oauthmig/oauthmig"
+#: SARIF artifacts are database tables: ``<database>/<table>`` relative to this base, i.e.
+#: ``oauthmig:///control/sentry_apiapplication``. Relative, because GitHub code scanning rejects
+#: an upload whose absolute artifact URIs use another scheme than its source root (file:).
+ARTIFACT_BASE_ID = "OAUTHMIG_DATABASES"
+ARTIFACT_BASE_URI = "oauthmig:///"
 _SARIF_LEVEL = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}
-_FINGERPRINT_KEY = "oauthmig/v1"
+# GitHub code scanning only reads primaryLocationLineHash; the second key names the scheme.
+_FINGERPRINT_KEY = "primaryLocationLineHash"
+_FINGERPRINT_SCHEME_KEY = "oauthmig/v2"
 
 
 def tool_version() -> str:
@@ -165,19 +178,38 @@ def _doc_parts(rule: Rule) -> tuple[str, str, str]:
     return " ".join(why), anti, fix
 
 
-def sarif_rule(rule: Rule) -> dict[str, Any]:
-    """The SARIF ``reportingDescriptor`` of one rule."""
+# GitHub code scanning limits shortDescription and fullDescription to 1024 characters.
+_MAX_DESCRIPTION = 1024
+
+
+def _first_sentences(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` characters, else its longest prefix of whole sentences
+    that does (with an ellipsis when even the first sentence is too long)."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    if cut < 0:
+        return text[: limit - 1] + "…"
+    return text[: cut + 1]
+
+
+def sarif_rule(rule: Rule, docs_url: str = DEFAULT_DOCS_URL) -> dict[str, Any]:
+    """The SARIF ``reportingDescriptor`` of one rule; ``helpUri`` is ``docs_url#<anchor>``
+    (``docs_url`` being the absolute URL of ``docs/rules.md``, ``[audit] docs_url``)."""
     why, anti, fix = _doc_parts(rule)
-    help_uri = f"{RULES_DOC}#{rule_anchor(rule)}"
+    help_uri = f"{docs_url}#{rule_anchor(rule)}"
     labelled = [
         (label.strip(), body.strip())
         for label, _, body in (part.partition(":") for part in (anti, fix) if part)
     ]
     labelled.append(("Reference", rule.rfc))
+    full = why or rule.summary
+    short_full = _first_sentences(full, _MAX_DESCRIPTION)
     help_doc = {
-        "text": "\n".join(f"{label}: {body}" for label, body in labelled),
+        "text": "\n".join([full] + [f"{label}: {body}" for label, body in labelled]),
         "markdown": "\n\n".join(
-            [f"**{label}:** {body}" for label, body in labelled]
+            [full]
+            + [f"**{label}:** {body}" for label, body in labelled]
             + [f"[{rule.code} {rule.name} in the rules reference]({help_uri})"]
         ),
     }
@@ -185,7 +217,7 @@ def sarif_rule(rule: Rule) -> dict[str, Any]:
         "id": rule.code,
         "name": rule.name,
         "shortDescription": {"text": rule.summary},
-        "fullDescription": {"text": why or rule.summary},
+        "fullDescription": {"text": short_full},
         "helpUri": help_uri,
         "help": help_doc,
         "defaultConfiguration": {"level": _SARIF_LEVEL[rule.severity]},
@@ -193,11 +225,26 @@ def sarif_rule(rule: Rule) -> dict[str, Any]:
     }
 
 
+def _position(finding: AuditFinding) -> str:
+    if finding.line is not None:
+        return f"line:{finding.line}"
+    return "grant" if finding.uri is not None else "application"
+
+
 def finding_fingerprint(finding: AuditFinding) -> str:
-    """A digest stable per (database, application id, code, URI): the same finding keeps it
-    from one audit to the next."""
+    """A digest of (database, application id, position, code, URI): the same finding keeps it
+    from one audit to the next. The position is the line of ``redirect_uris`` (blank lines
+    and identical URIs on different lines differ), ``grant`` for a live grant's URI (RU103) or
+    ``application``. Two findings with the same digest (one line, one code, two messages) are
+    told apart by the occurrence count that :class:`SarifWriter` appends."""
     key = "\x1f".join(
-        (finding.database, str(finding.application_id), finding.code, finding.uri or "")
+        (
+            finding.database,
+            str(finding.application_id),
+            _position(finding),
+            finding.code,
+            finding.uri or "",
+        )
     )
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
@@ -272,20 +319,33 @@ class CsvWriter:
 
 class SarifWriter:
     """A SARIF 2.1.0 log with one run: every rule in ``tool.driver.rules``, one result per
-    finding. There is no file to point at, so each result's location is a logical location
-    ``<database>/<application table>/<application id>`` of kind ``object``."""
+    finding, in the shape GitHub code scanning ingests.
 
-    def __init__(self, out: IO[str], application_table: str) -> None:
+    There is no source file, so each result has exactly one location whose physical location
+    is the application table, ``<database>/<table>`` relative to the base ``OAUTHMIG_DATABASES``
+    (``oauthmig:///``), with the row's id as its line (``region.startLine``; ids below 1 use
+    line 1), and whose logical location is the row, ``<database>/<table>/<id>``, kind
+    ``object``. ``partialFingerprints.primaryLocationLineHash`` is
+    ``<finding_fingerprint>:<occurrence>``, unique per (database, application, line of
+    ``redirect_uris``, rule)."""
+
+    def __init__(
+        self, out: IO[str], application_table: str, docs_url: str = DEFAULT_DOCS_URL
+    ) -> None:
         self._out = out
         self._table = application_table
+        self._docs_url = docs_url
         self._first = True
         self._rule_index = {code: i for i, code in enumerate(RULES)}
+        self._app: tuple[str, int] | None = None
+        self._seen: dict[str, int] = {}
 
     def begin(self) -> None:
         driver = {
             "name": "oauthmig",
             "version": tool_version(),
-            "rules": [sarif_rule(rule) for rule in RULES.values()],
+            "informationUri": INFORMATION_URI,
+            "rules": [sarif_rule(rule, self._docs_url) for rule in RULES.values()],
         }
         head = {"$schema": SARIF_SCHEMA_URI, "version": SARIF_VERSION}
         self._out.write(
@@ -296,8 +356,19 @@ class SarifWriter:
             + '      "results": ['
         )
 
+    def _occurrence(self, f: AuditFinding, digest: str) -> int:
+        app = (f.database, f.application_id)
+        if app != self._app:  # findings arrive grouped by application
+            self._app = app
+            self._seen = {}
+        count = self._seen.get(digest, 0) + 1
+        self._seen[digest] = count
+        return count
+
     def _result(self, f: AuditFinding) -> dict[str, Any]:
         text = f"{f.uri}: {f.message}" if f.uri is not None else f.message
+        digest = finding_fingerprint(f)
+        row_line = f.application_id if f.application_id >= 1 else 1
         return {
             "ruleId": f.code,
             "ruleIndex": self._rule_index[f.code],
@@ -305,6 +376,18 @@ class SarifWriter:
             "message": {"text": text},
             "locations": [
                 {
+                    "physicalLocation": {
+                        "artifactLocation": {
+                            "uri": f"{f.database}/{self._table}",
+                            "uriBaseId": ARTIFACT_BASE_ID,
+                        },
+                        "region": {
+                            "startLine": row_line,
+                            "startColumn": 1,
+                            "endLine": row_line,
+                            "endColumn": 2,
+                        },
+                    },
                     "logicalLocations": [
                         {
                             "name": str(f.application_id),
@@ -317,13 +400,22 @@ class SarifWriter:
                                 "table": self._table,
                                 "applicationId": f.application_id,
                                 "clientId": f.client_id,
+                                "redirectUrisLine": f.line,
                             },
                         }
-                    ]
+                    ],
                 }
             ],
-            "partialFingerprints": {_FINGERPRINT_KEY: finding_fingerprint(f)},
-            "properties": {"uri": f.uri, "normalized": f.normalized, "severity": f.severity.value},
+            "partialFingerprints": {
+                _FINGERPRINT_KEY: f"{digest}:{self._occurrence(f, digest)}",
+                _FINGERPRINT_SCHEME_KEY: digest,
+            },
+            "properties": {
+                "uri": f.uri,
+                "normalized": f.normalized,
+                "severity": f.severity.value,
+                "redirectUrisLine": f.line,
+            },
         }
 
     def finding(self, finding: AuditFinding) -> None:
@@ -334,22 +426,35 @@ class SarifWriter:
     def end(self, summary: AuditSummary) -> None:
         close = "]" if self._first else "\n      ]"
         invocation = {"executionSuccessful": True}
+        bases = {
+            ARTIFACT_BASE_ID: {
+                "uri": ARTIFACT_BASE_URI,
+                "description": {
+                    "text": "oauthmig databases: <database>/<table> is a table of a configured "
+                    "database, a result's line is the row id"
+                },
+            }
+        }
         self._out.write(
             f"{close},\n"
+            f'      "originalUriBaseIds": {_dumps(bases)},\n'
             f'      "invocations": [{_dumps(invocation)}],\n'
             f'      "properties": {{"summary": {_indented(summary_to_dict(summary), "      ")}}}\n'
             "    }\n  ]\n}\n"
         )
 
 
-def writer_for(fmt: str, out: IO[str], *, application_table: str) -> ReportWriter:
-    """The writer of a machine format (``json``, ``csv`` or ``sarif``)."""
+def writer_for(
+    fmt: str, out: IO[str], *, application_table: str, docs_url: str = DEFAULT_DOCS_URL
+) -> ReportWriter:
+    """The writer of a machine format (``json``, ``csv`` or ``sarif``); ``docs_url`` is the
+    absolute URL of the rules reference that SARIF links each rule to."""
     if fmt == "json":
         return JsonWriter(out)
     if fmt == "csv":
         return CsvWriter(out)
     if fmt == "sarif":
-        return SarifWriter(out, application_table)
+        return SarifWriter(out, application_table, docs_url)
     raise ValueError(f"unknown report format {fmt!r}")
 
 

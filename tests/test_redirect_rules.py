@@ -42,6 +42,9 @@ DESIGN_TABLE = {
     "RU014": ("not-normalized", "info"),
     "RU015": ("duplicate", "info"),
     "RU016": ("too-long-for-grant", "warning"),
+    # Added by the host rules (issue 11); DESIGN.md §6 predates them.
+    "RU017": ("non-canonical-ipv4", "error"),
+    "RU018": ("invalid-host", "error"),
     "RU101": ("no-redirect-uris", "error"),
     "RU102": ("mixed-app-type", "warning"),
     "RU103": ("grant-redirect-unregistered", "warning"),
@@ -341,6 +344,230 @@ case("255", _sized(255), WEB, "RU016", False)
 case("unlimited", _sized(5000), WEB, "RU016", False, None)
 case("short", "https://app.example.com/cb", WEB, "RU016", False)
 
+# RU001: hosts that percent-decode to a delimiter, a control character or an IDN (issue 11).
+for _id, _uri in [
+    ("pct-at", "https://app.example.com%40evil.example/cb"),
+    ("pct-slash", "https://app.example.com%2Fevil.example/cb"),
+    ("pct-slash-lower", "https://app.example.com%2fevil.example/cb"),
+    ("pct-colon", "https://app.example.com%3A8443/cb"),
+    ("pct-hash", "https://app.example.com%23.evil.example/cb"),
+    ("pct-backslash", "https://app.example.com%5C.evil.example/cb"),
+    ("pct-question", "https://app.example.com%3F.evil.example/cb"),
+    ("pct-nul", "https://app.example.com%00.evil.example/cb"),
+    ("pct-space", "https://app%20.example.com/cb"),
+    ("pct-tab", "https://app%09.example.com/cb"),
+    ("pct-del", "https://app%7F.example.com/cb"),
+    ("pct-percent", "https://app%25.example.com/cb"),
+    ("pct-brackets", "https://%5B::1%5D/cb"),
+    ("pct-sub-delim-semicolon", "https://app%3B.example.com/cb"),
+    ("pct-sub-delim-ampersand", "https://app%26evil.example/cb"),
+    ("pct-quote", "https://app%22.example.com/cb"),
+    ("pct-idn-euro", "https://%E2%82%AC.example/cb"),
+    ("pct-idn-umlaut", "https://b%C3%BCcher.example/cb"),
+    ("pct-not-utf8", "https://%FF.example/cb"),
+    ("pct-fullwidth-digits", "https://%EF%BC%91%EF%BC%92%EF%BC%97.0.0.1/cb"),
+]:
+    case(_id, _uri, WEB, "RU001", True)
+    case(_id + "-native", _uri, NATIVE, "RU001", True)
+case("private-use-pct-at", "com.example.app://a%40b/cb", NATIVE, "RU001", True)
+for _id, _uri in [
+    ("pct-unreserved-in-host", "https://%61pp.example.com/cb"),
+    ("pct-dot-in-host", "https://app%2Eexample.com/cb"),
+    ("pct-at-in-path", "https://app.example.com/%40team"),
+    ("pct-slash-in-query", "https://app.example.com/cb?next=%2F"),
+    ("pct-star-is-ru004", "https://%2A.example.com/cb"),
+]:
+    case(_id, _uri, WEB, "RU001", False)
+
+# RU004: '*' only where a server could read it as a pattern (issue 11).
+case("path-middle", "https://app.example.com/a*b/cb", WEB, "RU004", True)
+case("query-last-char", "https://app.example.com/cb?x=1&y=*", WEB, "RU004", True)
+case("scheme", "http*://app.example.com/cb", WEB, "RU004", True)
+case("userinfo", "https://*@app.example.com/cb", WEB, "RU004", True)
+case("query-literal", "https://app.example.com/cb?scope=a*b&x=1", WEB, "RU004", False)
+case("query-literal-native", "com.example.app:/cb?v=*1", NATIVE, "RU004", False)
+case("pct-in-query-literal", "https://app.example.com/cb?x=%2A", WEB, "RU004", False)
+
+# RU017 non-canonical-ipv4 (WHATWG URL IPv4 parser; issue 11).
+for _id, _uri in [
+    ("short-127.1", "https://127.1/cb"),
+    ("hex-int", "https://0x7f000001/cb"),
+    ("decimal-int", "https://2130706433/cb"),
+    ("octal-part", "https://0177.0.0.1/cb"),
+    ("leading-zero", "https://127.000.000.001/cb"),
+    ("mixed-hex-octal", "https://0x7f.0.0.01/cb"),
+    ("hex-parts", "https://0x7F.0x0.0x0.0x1/cb"),
+    ("three-parts", "https://127.0.1/cb"),
+    ("trailing-dot", "https://127.0.0.1./cb"),
+    ("short-trailing-dot", "https://127.1./cb"),
+    ("public-short", "https://8.8.2056/cb"),
+    ("bare-zero", "https://0/cb"),
+    ("bare-0x", "https://0x/cb"),
+    ("uppercase-hex-prefix", "https://0X7F000001/cb"),
+    ("http", "http://0x7f000001:8080/cb"),
+]:
+    case(_id, _uri, WEB, "RU017", True)
+    case(_id + "-native", _uri, NATIVE, "RU017", True)
+for _id, _uri, _app in [
+    ("canonical", "https://127.0.0.1/cb", WEB),
+    ("canonical-native", "http://127.0.0.1/cb", NATIVE),
+    ("canonical-public", "https://192.0.2.10/cb", WEB),
+    ("pct-encoded-canonical", "http://127%2E0.0.1/cb", NATIVE),
+    ("name", "https://app.example.com/cb", WEB),
+    ("digit-labels-then-name", "https://1.2.3.example/cb", WEB),
+    ("ipv6", "http://[::1]/cb", NATIVE),
+    ("private-use-authority", "com.example.app://127.1/cb", NATIVE),
+    ("not-a-number", "https://0x7g.example/cb", WEB),
+]:
+    case(_id, _uri, _app, "RU017", False)
+
+# RU018 invalid-host (issue 11).
+_LABEL63 = "a" * 63
+_HOST253 = ".".join([_LABEL63] * 3 + ["b" * 61])  # 63*3 + 61 + 3 dots = 253
+for _id, _uri in [
+    ("octet-256", "https://256.256.256.256/cb"),
+    ("five-parts", "https://1.2.3.4.5/cb"),
+    ("bad-octal", "https://1.2.3.09/cb"),
+    ("last-too-big", "https://1.16777216/cb"),
+    ("numeric-tld", "https://app.example.123/cb"),
+    ("hex-tld", "https://app.example.0x1/cb"),
+    ("ipvfuture", "https://[v1.fe80::1]/cb"),
+    ("ipvfuture-short", "https://[v1.x]/cb"),
+    ("bad-punycode", "https://xn--zz.example/cb"),
+    ("punycode-ends-hyphen", "https://xn--abc-.example/cb"),
+    ("punycode-disallowed", "https://xn--lzg.example/cb"),
+    ("empty-a-label", "https://xn--.example/cb"),
+    ("leading-hyphen", "https://-app.example.com/cb"),
+    ("trailing-hyphen", "https://app-.example.com/cb"),
+    ("hyphen-tld", "https://app.example.com-/cb"),
+    ("empty-label", "https://app..example.com/cb"),
+    ("leading-dot", "https://.app.example.com/cb"),
+    ("two-trailing-dots", "https://app.example.com../cb"),
+    ("only-dot", "https://./cb"),
+    ("label-64", "https://" + "a" * 64 + ".example.com/cb"),
+    ("host-254", "https://a" + _HOST253 + "/cb"),
+    ("host-300", "https://" + ".".join(["a" * 50] * 6) + "/cb"),
+]:
+    case(_id, _uri, WEB, "RU018", True)
+    case(_id + "-native", _uri, NATIVE, "RU018", True)
+case("ipvfuture-private-use", "com.example.app://[v1.x]/cb", NATIVE, "RU018", True)
+for _id, _uri in [
+    ("plain", "https://app.example.com/cb"),
+    ("label-63", "https://" + _LABEL63 + ".example.com/cb"),
+    ("host-253", "https://" + _HOST253 + "/cb"),
+    ("host-253-and-root-dot", "https://" + _HOST253 + "./cb"),
+    ("root-dot", "https://app.example.com./cb"),
+    ("inner-hyphens", "https://my-app.ex-ample.com/cb"),
+    ("reserved-ldh-label", "https://ab--cd.example/cb"),
+    ("underscore", "https://my_app.example.com/cb"),
+    ("valid-a-label", "https://xn--bcher-kva.example/cb"),
+    ("uppercase-a-label", "https://XN--BCHER-KVA.example/cb"),
+    ("single-label", "https://intranet/cb"),
+    ("ipv4", "https://192.0.2.1/cb"),
+    ("ipv6", "https://[2001:db8::1]/cb"),
+    ("non-canonical-ipv4-is-ru017", "https://127.1/cb"),
+]:
+    case(_id, _uri, WEB, "RU018", False)
+case("private-use-host-hyphen", "com.example.app://-x/cb", NATIVE, "RU018", False)
+case("localhost-dot", "http://localhost./cb", NATIVE, "RU018", False)
+
+# Every URI the issue names, with both app types: the exact codes and the verdict.
+ISSUE_CASES: list[Any] = []
+for _uri, _web, _native in [
+    ("https://app.example.com%40evil.example/cb", ("RU001",), ("RU001",)),
+    ("https://app.example.com%2Fevil.example/cb", ("RU001",), ("RU001",)),
+    ("https://app.example.com%3Aevil.example/cb", ("RU001",), ("RU001",)),
+    ("https://app.example.com%23evil.example/cb", ("RU001",), ("RU001",)),
+    ("https://app.example.com%5Cevil.example/cb", ("RU001",), ("RU001",)),
+    ("https://app.example.com%3Fevil.example/cb", ("RU001",), ("RU001",)),
+    ("https://app.example.com%00evil.example/cb", ("RU001",), ("RU001",)),
+    ("https://127.1/cb", ("RU017",), ("RU017",)),
+    ("https://0x7f000001/cb", ("RU017",), ("RU017",)),
+    ("https://2130706433/cb", ("RU017",), ("RU017",)),
+    ("https://0177.0.0.1/cb", ("RU017",), ("RU017",)),
+    ("https://127.0.0.1/cb", (), ("RU011",)),
+    ("http://127.1/cb", ("RU008", "RU017"), ("RU009", "RU017")),
+    ("https://256.256.256.256/cb", ("RU018",), ("RU018",)),
+    ("https://[v1.fe80::1]/cb", ("RU018",), ("RU018",)),
+    ("https://xn--zz.example/cb", ("RU018",), ("RU018",)),
+    ("https://-app.example.com/cb", ("RU018",), ("RU018",)),
+    ("https://app-.example.com/cb", ("RU018",), ("RU018",)),
+    ("https://app..example.com/cb", ("RU018",), ("RU018",)),
+    ("https://" + "a" * 64 + ".example/cb", ("RU018",), ("RU018",)),
+    # A host over 253 characters makes the URI longer than varchar(255) too: RU016 as well.
+    ("https://" + ".".join(["a" * 50] * 5) + ".example/cb", ("RU016", "RU018"), ("RU016", "RU018")),
+    ("https://" + ".".join(["a" * 63] * 4) + ".example/cb", ("RU016", "RU018"), ("RU016", "RU018")),
+    ("https://bücher.example/cb", ("RU001",), ("RU001",)),
+    ("https://%E2%82%AC.example/cb", ("RU001",), ("RU001",)),
+    ("https://xn--bcher-kva.example/cb", (), ()),
+    ("com.example.app:", ("RU008",), ("RU013",)),
+    ("https://app.example.com/cb?tenant=*", ("RU004",), ("RU004",)),
+    ("https://app.example.com/cb?scope=a*b&x=1", (), ()),
+]:
+    for _app, _codes in ((WEB, _web), (NATIVE, _native)):
+        _severities = {RULES[c].severity for c in _codes}
+        _verdict = (
+            "fail"
+            if Severity.ERROR in _severities
+            else "warn"
+            if Severity.WARNING in _severities
+            else "pass"
+        )
+        ISSUE_CASES.append(pytest.param(_uri, _app, _codes, _verdict, id=f"{_app}-{_uri[:60]}"))
+
+
+@pytest.mark.parametrize(("uri", "app", "codes", "verdict"), ISSUE_CASES)
+def test_issue_11_uris(uri: str, app: AppType, codes: tuple[str, ...], verdict: str) -> None:
+    report = check_uri(uri, app)
+    assert tuple(f.code for f in report.findings) == codes
+    assert report.verdict == verdict
+
+
+@pytest.mark.parametrize(
+    ("uri", "fragments"),
+    [
+        pytest.param(
+            "https://bücher.example/cb",
+            ["non-ASCII character U+00FC", "https://xn--bcher-kva.example/cb"],
+            id="iri",
+        ),
+        pytest.param(
+            "https://b%C3%BCcher.example/cb",
+            ["bücher.example", "https://xn--bcher-kva.example/cb"],
+            id="pct-idn",
+        ),
+        pytest.param(
+            "https://%E2%82%AC.example/cb", ["xn--lzg.example", "IDNA2008"], id="pct-euro"
+        ),
+        pytest.param("https://ｅxample.com/cb", ["https://example.com/cb"], id="fullwidth"),
+        pytest.param(
+            "https://app.example.com%40evil.example/cb", ["%40", "'@'"], id="pct-delimiter"
+        ),
+        pytest.param("https://app.example.com%00x/cb", ["NUL"], id="pct-nul"),
+    ],
+)
+def test_host_messages_say_what_a_browser_sees(uri: str, fragments: list[str]) -> None:
+    (finding,) = check_uri(uri, WEB).findings
+    assert finding.code == "RU001"
+    for fragment in fragments:
+        assert fragment in finding.message
+
+
+@pytest.mark.parametrize(
+    ("uri", "app", "code", "fragment"),
+    [
+        pytest.param("https://0x7f000001/cb", WEB, "RU017", "127.0.0.1", id="ru017-address"),
+        pytest.param("https://8.8.2056/cb", WEB, "RU017", "8.8.8.8", id="ru017-public"),
+        pytest.param("http://127.1/cb", NATIVE, "RU009", "127.0.0.1", id="ru009-loopback"),
+        pytest.param("https://xn--zz.example/cb", WEB, "RU018", "xn--zz", id="ru018-alabel"),
+        pytest.param("https://[v1.x]/cb", WEB, "RU018", "IPvFuture", id="ru018-ipvfuture"),
+        pytest.param("com.example.app:", NATIVE, "RU013", "no path", id="ru013-empty-path"),
+    ],
+)
+def test_host_rule_messages(uri: str, app: AppType, code: str, fragment: str) -> None:
+    messages = [f.message for f in check_uri(uri, app).findings if f.code == code]
+    assert len(messages) == 1 and fragment in messages[0], messages
+
 
 @pytest.mark.parametrize(("uri", "app", "code", "fires", "grant_column_length"), URI_CASES)
 def test_uri_rule(
@@ -575,6 +802,24 @@ def test_application_report() -> None:
     assert flat[0].uri == "https://a.example/cb"
 
 
+def test_findings_carry_their_line_of_redirect_uris() -> None:
+    text = "https://a.example/cb\n\n HTTPS://a.example/cb\nhttp://127.1/cb\n\n"
+    report = check_application(
+        text, "web", has_secret=False, live_grant_uris=["https://gone.example/cb"]
+    )
+    assert report.lines == (1, 3, 4)
+    assert [(f.code, f.line) for f in report.all_findings()] == [
+        ("RU014", 3),  # whitespace
+        ("RU014", 3),  # case
+        ("RU008", 4),
+        ("RU017", 4),
+        ("RU014", 2),  # blank lines
+        ("RU014", 5),
+        ("RU015", 3),
+        ("RU103", None),  # a live grant's URI is on no line
+    ]
+
+
 def test_application_uri_reports_match_check_uri() -> None:
     uris = ["https://a.example/cb", "http://127.0.0.1:9/cb", "myapp://x", "https:/x", _sized(300)]
     report = check_application("\n".join(uris), "native", has_secret=False)
@@ -696,6 +941,16 @@ _REDIRECT_LIKE = st.builds(
             "http://LOCALHOST.",
             "https://127.0.0.1",
             "http://127%2E0.0.1",
+            "https://127.1",
+            "https://%30x7f000001",
+            "http://0177.0.0.1.",
+            "https://256.256.256.256",
+            "https://xn--zz.example",
+            "HTTPS://XN--BCHER-KVA.example",
+            "https://b%c3%bccher.example",
+            "https://app%40evil.example",
+            "https://-app.example.com",
+            "https://[v1.x]",
             "com.example.app:",
             "com.example.app://host",
             "myapp:",
@@ -719,8 +974,11 @@ def test_normalized_form_gets_the_same_findings(uri: str, app: AppType) -> None:
     assert again.normalized == report.normalized
     assert "RU014" not in {f.code for f in again.findings}
     expected = {f.code for f in report.findings} - {"RU014"}
-    if "*" not in report.normalized and "%2A" not in report.normalized:
-        expected.discard("RU004")  # the "*" was in a dot segment, e.g. https://a.example/*/../cb
+    head = report.normalized.split("?", 1)[0].split("#", 1)[0]
+    if "*" not in head and "%2A" not in head and not report.normalized.endswith("*"):
+        # The "*" was in a dot segment (https://a.example/*/../cb) and any other one is a
+        # literal inside the query or fragment, which RU004 leaves alone.
+        expected.discard("RU004")
     assert {f.code for f in again.findings} - {"RU014"} == expected
     if report.verdict == "pass":
         assert again.verdict == "pass"

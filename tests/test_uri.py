@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from oauthmig.hosts import (
+    a_label_form,
+    browser_ipv4,
+    dns_host_problem,
+    ends_in_a_number,
+    ipv4_text,
+)
 from oauthmig.uri import (
     ParsedURI,
     URIError,
@@ -443,3 +451,114 @@ def test_parse_raises_only_uri_error(text: str) -> None:
         assert exc.reason
         return
     normalize_uri(parsed)
+
+
+# --- what browsers and resolvers make of a host (oauthmig.hosts) -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("127.0.1", "127.0.0.1"),
+        ("0x7f000001", "127.0.0.1"),
+        ("0X7F000001", "127.0.0.1"),
+        ("2130706433", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("0x7f.0.0.01", "127.0.0.1"),
+        ("127.0.0.1.", "127.0.0.1"),
+        ("4294967295", "255.255.255.255"),
+        ("0x", "0.0.0.0"),
+        ("00", "0.0.0.0"),
+        ("1.0x", "1.0.0.0"),
+        ("8.8.2056", "8.8.8.8"),
+        ("256.256.256.256", None),
+        ("1.2.3.4.5", None),
+        ("1.2.3.256", None),
+        ("4294967296", None),
+        ("0x100000000", None),
+        ("1.16777216", None),
+        ("09", None),
+        ("1.2.3.08", None),
+        ("app.example.123", None),
+        ("0x" + "f" * 60, None),
+    ],
+)
+def test_whatwg_ipv4_parser(host: str, expected: str | None) -> None:
+    assert ends_in_a_number(host)
+    address = browser_ipv4(host)
+    assert (None if address is None else ipv4_text(address)) == expected
+
+
+@pytest.mark.parametrize(
+    "host", ["example.com", "localhost", "localhost.", "0x7g", "1.2.3.example", "a.b-1", "", "."]
+)
+def test_names_that_do_not_end_in_a_number(host: str) -> None:
+    assert not ends_in_a_number(host)
+
+
+_RADIX_FORMS = [(10, "{:d}"), (8, "0{:o}"), (16, "0x{:x}")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=4),
+    st.lists(st.sampled_from(_RADIX_FORMS), min_size=4, max_size=4),
+)
+def test_whatwg_ipv4_agrees_with_inet_aton(values: list[int], forms: list[tuple[int, str]]) -> None:
+    # The C library's inet_aton() accepts the same 1-4 part decimal/octal/hex spellings
+    # (RFC 3986 §7.4), so it is an independent oracle for the well-formed ones.
+    parts = [fmt.format(v) for v, (_, fmt) in zip(values, forms, strict=False)]
+    host = ".".join(parts)
+    try:
+        expected: int | None = int.from_bytes(socket.inet_aton(host), "big")
+    except OSError:
+        expected = None
+    assert browser_ipv4(host) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("app..example.com", "empty label"),
+        (".example.com", "empty label"),
+        ("example.com..", "empty label"),
+        ("-app.example.com", "hyphen"),
+        ("app-.example.com", "hyphen"),
+        ("a" * 64 + ".example", "64 characters"),
+        (".".join(["a" * 63] * 4), "255 characters"),
+        ("xn--zz.example", "not a valid A-label"),
+        ("xn--.example", "hyphen"),
+        ("xn--lzg.example", "not a valid A-label"),
+    ],
+)
+def test_dns_host_problems(host: str, problem: str) -> None:
+    found = dns_host_problem(host)
+    assert found is not None and problem in found, found
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "app.example.com",
+        "app.example.com.",
+        "xn--bcher-kva.example",
+        "my_app.example",
+        "ab--cd.example",
+        "a" * 63 + ".example",
+        ".".join(["a" * 63] * 3 + ["b" * 61]),
+        "intranet",
+    ],
+)
+def test_dns_hosts_accepted(host: str) -> None:
+    assert dns_host_problem(host) is None
+
+
+def test_a_label_form_follows_uts46_then_idna2008() -> None:
+    assert a_label_form("bücher.example") == ("xn--bcher-kva.example", None)
+    assert a_label_form("BÜCHER.example") == ("xn--bcher-kva.example", None)
+    assert a_label_form("ｅxample。com") == ("example.com", None)
+    browser, error = a_label_form("€.example")
+    assert browser == "xn--lzg.example" and error is not None
+    assert a_label_form("fa\u00df.example") == ("xn--fa-hia.example", None)  # non-transitional
