@@ -69,7 +69,7 @@ from oauthmig.db import (
     make_engine,
 )
 from oauthmig.errors import BackfillError, OauthmigError, UsageError
-from oauthmig.migrations import BACKFILL_GATES
+from oauthmig.migrations import BACKFILL_GATES, check_databases
 from oauthmig.redirect_rules import infer_app_type, split_redirect_uris
 from oauthmig.status import BACKFILL_STATUS, JobState
 from oauthmig.types import StringList
@@ -732,6 +732,9 @@ def backfill(
         for n in names:
             if JOBS[n].logical_table in routed:
                 work.append((settings.databases[dbname], JOBS[n]))
+
+    # The same preflight as upgrade, on every database before any job writes anywhere.
+    check_databases(settings, list(dict.fromkeys(db.name for db, _job in work)))
 
     def one(item: tuple[DatabaseConfig, Job]) -> JobRun:
         db, job = item
