@@ -230,6 +230,7 @@ class RevisionTarget:
     # --sql only: guard the script at run time (see oauthmig.offline).
     guarded: bool = False
     header: bool = True
+    header_guards: list[str] = field(default_factory=list)
     step_guards: list[str] = field(default_factory=list)
     sqlite_guards: SqliteGuards = field(default_factory=SqliteGuards)
 
@@ -335,6 +336,8 @@ def run_environment(context: EnvironmentContext) -> None:
             opts["transactional_ddl"] = True
         context.configure(dialect_name=t.dialect, literal_binds=True, **opts)
         if t.header:
+            for stmt in t.header_guards:  # before anything, even CREATE TABLE IF NOT EXISTS
+                context.execute(text(stmt))
             if t.dialect == "postgresql":
                 context.execute(f"SET lock_timeout = '{t.migrate.lock_timeout_ms}ms'")
                 context.execute(f"SET statement_timeout = '{t.migrate.statement_timeout_ms}ms'")
@@ -922,6 +925,7 @@ def _guarded_sql(
     parts: list[str] = []
     for i, rev in enumerate(selected):
         rt.header = i == 0
+        rt.header_guards = database_guard(db, rt.sqlite_guards) if i == 0 else []
         begins = rev.down_revision if direction == "upgrade" else rev.revision
         guards = database_guard(db, rt.sqlite_guards)
         guards += version_guard(db, VERSION_TABLE, begins, rt.sqlite_guards)
@@ -1007,6 +1011,8 @@ def _run_offline(
 def _refuse_sqlite_offline_drops(
     db: DatabaseConfig, reverting: Sequence[RevisionInfo], routed: Sequence[str]
 ) -> None:
+    # SQLite SQL cannot branch on the revision log when it runs, and its finalize revert
+    # rebuilds tables from a schema offline mode cannot reflect: downgrade SQLite online.
     for rev in reverting:
         cols = [f"{c.table}.{c.name}" for c in rev.columns if c.table in routed]
         if cols:
@@ -1016,6 +1022,12 @@ def _refuse_sqlite_offline_drops(
                 "SQL cannot check the revision log when it runs; run `oauthmig downgrade` online, "
                 f"or leave {db.name!r} out with -d"
             )
+    if any(rev.tables and any(t in routed for t in rev.tables) for rev in reverting):
+        raise UsageError(
+            f"database {db.name!r}: offline downgrades of SQLite databases are not supported "
+            "(reverting rebuilds tables from a schema the script cannot read); run `oauthmig "
+            f"downgrade` online, or leave {db.name!r} out with -d"
+        )
 
 
 def _run_dry(

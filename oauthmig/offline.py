@@ -22,7 +22,8 @@ a temporary table), which aborts the revision's transaction so nothing of it is 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -31,6 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.schema import CreateTable
 
 from oauthmig.config import DatabaseConfig, Settings
+from oauthmig.errors import UsageError
 
 ADOPTED_SETTING = "oauthmig.adopted"
 PSQL_HEADER = "\\set ON_ERROR_STOP on\n"
@@ -114,11 +116,37 @@ def database_guard(db: DatabaseConfig, guards: SqliteGuards) -> list[str]:
 def version_guard(
     db: DatabaseConfig, version_table: str, expected: str | None, guards: SqliteGuards
 ) -> list[str]:
-    """Fail unless the version table holds ``expected`` (``None``: no version recorded)."""
+    """Fail unless the version table holds ``expected`` (``None``: no version recorded).
+
+    From base, an empty version table (left by a downgrade to base) is dropped after the check,
+    so that Alembic's ``CREATE TABLE`` of it that follows succeeds.
+    """
     want = expected or "base"
     hint = "an earlier step failed, or the database is not where this script starts"
+    if expected is None:
+        out = [f"CREATE TABLE IF NOT EXISTS {version_table} (version_num VARCHAR(32) NOT NULL)"]
+        if db.dialect == "postgresql":
+            out.append(
+                _pg_do(
+                    f"SELECT string_agg(version_num, ',') INTO v FROM {version_table};\n"
+                    "IF v IS NOT NULL THEN "
+                    + _pg_raise(
+                        f"database {db.name} is at revision {{}}, this step starts from base "
+                        f"({hint})",
+                        "v",
+                    )
+                    + " END IF;",
+                    declare="v text;",
+                )
+            )
+        else:
+            out += guards.guard(
+                f"NOT EXISTS (SELECT 1 FROM {version_table})",
+                f"database {db.name} is not at revision base ({hint})",
+            )
+        return [*out, f"DROP TABLE {version_table}"]
     if db.dialect == "postgresql":
-        cond = "v IS NOT NULL" if expected is None else f"v IS DISTINCT FROM {_lit(expected)}"
+        cond = f"v IS DISTINCT FROM {_lit(expected)}"
         return [
             _pg_do(
                 f"IF to_regclass({_lit(version_table)}) IS NOT NULL THEN "
@@ -133,10 +161,7 @@ def version_guard(
                 declare="v text;",
             )
         ]
-    if expected is None:
-        cond = f"NOT EXISTS (SELECT 1 FROM sqlite_master WHERE name = {_lit(version_table)})"
-    else:
-        cond = f"(SELECT group_concat(version_num) FROM {version_table}) IS {_lit(expected)}"
+    cond = f"(SELECT group_concat(version_num) FROM {version_table}) IS {_lit(expected)}"
     return guards.guard(cond, f"database {db.name} is not at revision {want} ({hint})")
 
 
@@ -279,3 +304,23 @@ def pg_index_valid(name: str) -> str:
         "EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
         f"WHERE c.relname = {_lit(name)} AND i.indisvalid)"
     )
+
+
+def write_scripts(directory: str, scripts: Mapping[str, str]) -> list[str]:
+    """Write ``<directory>/<database>.sql`` for each script (created, or replaced atomically)."""
+    from oauthmig.reports import atomic_output
+
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--output-dir {directory}: exists and is not a directory")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output-dir {directory}: {exc.strerror or exc}") from None
+    written: list[str] = []
+    for database, sql in scripts.items():
+        path = target / f"{database}.sql"
+        with atomic_output(path) as fh:
+            fh.write(sql)
+        written.append(str(path))
+    return written
