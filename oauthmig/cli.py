@@ -126,12 +126,17 @@ def _plan_or_refuse(
         )
 
 
-def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | None) -> None:
-    """Print or write ``--sql`` output; nothing at all if any database cannot be scripted."""
+def _refuse_failed(result: RunResult, outcome: str) -> None:
+    """One line for runs that write nothing (dry-run, --sql): the first failure, and a count."""
     if result.failed:
         first = result.failed[0].error or "failed"
         more = f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else ""
-        raise OauthmigError(f"{first}{more}; no SQL was written")
+        raise OauthmigError(f"{first}{more}; {outcome}")
+
+
+def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | None) -> None:
+    """Print or write ``--sql`` output; nothing at all if any database cannot be scripted."""
+    _refuse_failed(result, "no SQL was written")
     if output_dir is None:
         click.echo(
             to_json([run_to_dict(r) for r in result.runs]) if as_json else sql_script(result),
@@ -233,7 +238,7 @@ def upgrade(
         return
     if dry_run:
         result = migrations.upgrade(settings, target, mode="dry-run")
-        _report_failures(state, result)
+        _refuse_failed(result, "nothing was changed")
         if as_json:
             click.echo(
                 to_json({"dry_run": True, "databases": [run_to_dict(r) for r in result.runs]})
@@ -304,6 +309,8 @@ def downgrade(
     if mode == "sql":
         _emit_sql(c, result, as_json, output_dir)
         return
+    if mode == "dry-run":
+        _refuse_failed(result, "nothing was changed")
     _report_failures(state, result)
     if as_json:
         click.echo(
