@@ -722,6 +722,12 @@ def backfill(
     for n in names:
         if n not in JOBS:
             raise UsageError(f"unknown backfill job {n!r} (jobs: {', '.join(JOBS)})")
+    # The same preflight as upgrade, on every database a job runs on, before any job writes
+    # anywhere (and before --max-runtime starts counting).
+    tables = {JOBS[n].logical_table for n in names}
+    check_databases(
+        settings, [d for d in settings.database_names() if tables & set(settings.tables_on(d))]
+    )
     stopper = _Stop(
         stop or threading.Event(),
         None if options.max_runtime is None else time.monotonic() + options.max_runtime,
@@ -732,9 +738,6 @@ def backfill(
         for n in names:
             if JOBS[n].logical_table in routed:
                 work.append((settings.databases[dbname], JOBS[n]))
-
-    # The same preflight as upgrade, on every database before any job writes anywhere.
-    check_databases(settings, list(dict.fromkeys(db.name for db, _job in work)))
 
     def one(item: tuple[DatabaseConfig, Job]) -> JobRun:
         db, job = item
