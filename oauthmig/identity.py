@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from oauthmig.config import DatabaseConfig, Settings
 from oauthmig.db import connect, describe_error, make_engine
-from oauthmig.errors import ConfigError, DatabaseError
+from oauthmig.errors import ConfigError, DatabaseError, OauthmigError
 
 
 def database_identity(settings: Settings, db: DatabaseConfig) -> str | None:
@@ -60,13 +60,20 @@ def database_identity(settings: Settings, db: DatabaseConfig) -> str | None:
 
 
 def check_distinct(settings: Settings, names: Sequence[str] | None = None) -> None:
-    """Raise :class:`DatabaseError` if two configured names reach the same database."""
+    """Raise :class:`DatabaseError` if two configured names reach the same database.
+
+    Databases that cannot be reached are skipped here (the command reports them itself).
+    """
     chosen = list(settings.database_names() if names is None else names)
     if len(chosen) < 2:
         return
     seen: dict[str, str] = {}
     for name in chosen:
-        identity = database_identity(settings, settings.databases[name])
+        try:
+            identity = database_identity(settings, settings.databases[name])
+        except OauthmigError:
+            # Unreachable or misconfigured: the command itself reports it, in its own words.
+            continue
         if identity is None:
             continue
         if identity in seen:
