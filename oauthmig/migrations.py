@@ -553,6 +553,12 @@ def preflight(
                     f"(half-migrated); restore the column, or `oauthmig downgrade --to "
                     f"{rev.down_revision or 'base'} -d {db.name}` then upgrade again"
                 )
+            found = columns[spec.table].get(spec.name) if spec.table in routed else None
+            if found is not None and not spec.compatible(found, conn.dialect.name):
+                # Only an adoption by an offline script, which cannot compare types, gets here.
+                raise _incompatible(
+                    db.name, settings.tables.physical(spec.table), spec, found, conn.dialect.name
+                )
     for rev in pending:
         for spec in rev.columns:
             if spec.table not in routed:

@@ -311,3 +311,21 @@ def test_output_dir_needs_sql(
         capsys, "--config", cfg, "upgrade", "--sql", "--output-dir", str(tmp_path / "file")
     )
     assert clash.code == 2 and "is a file" in clash.err
+
+
+@pg_only
+def test_incompatible_column_adopted_by_an_offline_script_is_caught_online(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The script cannot compare types when it adopts; the next online command does."""
+    settings, cfg = _setup(make_database, tmp_path)
+    g = settings.tables.grant
+    _sql(settings, "control", f"ALTER TABLE {g} ADD COLUMN code_challenge VARCHAR(20)")
+    out = tmp_path / "sql"
+    _scripts(capsys, cfg, out, "upgrade", "--to", "0003")
+    assert _apply(settings, "control", out / "control.sql").returncode == 0
+    expected = f"column {g}.code_challenge exists as varchar(20), expected text (or varchar >= 128)"
+    for args in (["status"], ["status", "--check"], ["backfill"], ["upgrade"]):
+        result = invoke(capsys, "--config", cfg, "-d", "control", *args)
+        assert result.code == 2, (args, result.err)
+        assert len(result.err.strip().splitlines()) == 1 and expected in result.err, result.err
