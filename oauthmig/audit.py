@@ -59,7 +59,8 @@ from sqlalchemy.sql.elements import ColumnElement
 from oauthmig.config import Settings
 from oauthmig.db import connect, describe_error, make_engine
 from oauthmig.errors import DatabaseError
-from oauthmig.migrations import check_routed_tables
+from oauthmig.identity import check_distinct
+from oauthmig.migrations import check_state, history
 from oauthmig.redirect_rules import (
     RULES,
     AppType,
@@ -186,7 +187,7 @@ def _preflight(settings: Settings, database: str) -> tuple[_Target, list[str]]:
     notes: list[str] = []
     try:
         with connect(engine, db) as conn:
-            check_routed_tables(conn, settings, database)
+            check_state(conn, settings, db, history())
             insp = inspect(conn)
             app_columns = frozenset(
                 c["name"] for c in insp.get_columns(settings.tables.application)
@@ -478,6 +479,8 @@ def audit(
         raise ValueError("batch_size must be at least 1")
     targets: list[_Target] = []
     notes: list[str] = []
+    hosting = [n for n in settings.database_names() if "application" in settings.tables_on(n)]
+    check_distinct(settings, hosting)
     for name in settings.database_names():
         # Only the databases hosting applications are read (their grants beside them); a
         # database hosting only tokens or grants is not needed and may be down.

@@ -70,7 +70,7 @@ from oauthmig.db import (
     scrub_stored,
 )
 from oauthmig.errors import BackfillError, OauthmigError, UsageError
-from oauthmig.migrations import BACKFILL_GATES
+from oauthmig.migrations import BACKFILL_GATES, check_databases
 from oauthmig.redirect_rules import infer_app_type, split_redirect_uris
 from oauthmig.status import BACKFILL_STATUS, JobState
 from oauthmig.types import StringList
@@ -728,6 +728,12 @@ def backfill(
     for n in names:
         if n not in JOBS:
             raise UsageError(f"unknown backfill job {n!r} (jobs: {', '.join(JOBS)})")
+    # The same preflight as upgrade, on every database a job runs on, before any job writes
+    # anywhere (and before --max-runtime starts counting).
+    tables = {JOBS[n].logical_table for n in names}
+    check_databases(
+        settings, [d for d in settings.database_names() if tables & set(settings.tables_on(d))]
+    )
     stopper = _Stop(
         stop or threading.Event(),
         None if options.max_runtime is None else time.monotonic() + options.max_runtime,

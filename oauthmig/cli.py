@@ -51,6 +51,12 @@ class Findings(Exception):
 
 
 FORMAT = click.Choice(["text", "json"])
+OUTPUT_DIR = click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="With --sql: write one script per database, DIR/<database>.sql, instead of stdout.",
+)
 FAIL_ON = click.Choice(["error", "warning", "never"])
 
 
@@ -122,6 +128,31 @@ def _plan_or_refuse(
         )
 
 
+def _refuse_failed(result: RunResult, outcome: str) -> None:
+    """One line for runs that write nothing (dry-run, --sql): the first failure, and a count."""
+    if result.failed:
+        first = result.failed[0].error or "failed"
+        more = f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else ""
+        raise OauthmigError(f"{first}{more}; {outcome}")
+
+
+def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | None) -> None:
+    """Print or write ``--sql`` output; nothing at all if any database cannot be scripted."""
+    _refuse_failed(result, "no SQL was written")
+    if output_dir is None:
+        click.echo(
+            to_json([run_to_dict(r) for r in result.runs]) if as_json else sql_script(result),
+            nl=False,
+        )
+        return
+    from oauthmig.console import sql_section
+    from oauthmig.offline import write_scripts
+
+    files = {r.database: sql_section(r) for r in result.runs}
+    for path in write_scripts(output_dir, files):
+        c.info(f"wrote {path}")
+
+
 def _report_failures(state: AppState, result: RunResult) -> None:
     for run in result.failed:
         state.consoles.error(run.error or "failed")
@@ -159,6 +190,7 @@ def _report_failures(state: AppState, result: RunResult) -> None:
     metavar="REV",
     help="With --sql: the revision the databases are at (default: base).",
 )
+@OUTPUT_DIR
 @click.option(
     "--jobs",
     "-j",
@@ -175,6 +207,7 @@ def upgrade(
     dry_run: bool,
     offline: bool,
     from_revision: str | None,
+    output_dir: str | None,
     jobs: int,
     fmt: str,
 ) -> None:
@@ -196,20 +229,18 @@ def upgrade(
         raise UsageError("--dry-run and --sql exclude each other")
     if from_revision and not offline:
         raise UsageError("--from only applies to --sql")
+    if output_dir is not None and not offline:
+        raise UsageError("--output-dir only applies to --sql")
     settings = state.settings()
     c = state.consoles
     as_json = fmt == "json"
     if offline:
         result = migrations.upgrade(settings, target, mode="sql", from_revision=from_revision)
-        _report_failures(state, result)
-        click.echo(
-            to_json([run_to_dict(r) for r in result.runs]) if as_json else sql_script(result),
-            nl=False,
-        )
+        _emit_sql(c, result, as_json, output_dir)
         return
     if dry_run:
         result = migrations.upgrade(settings, target, mode="dry-run")
-        _report_failures(state, result)
+        _refuse_failed(result, "nothing was changed")
         if as_json:
             click.echo(
                 to_json({"dry_run": True, "databases": [run_to_dict(r) for r in result.runs]})
@@ -242,6 +273,7 @@ def upgrade(
     metavar="REV",
     help="With --sql: the revision the databases are at (default: head).",
 )
+@OUTPUT_DIR
 @click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
 @click.pass_context
 def downgrade(
@@ -250,6 +282,7 @@ def downgrade(
     dry_run: bool,
     offline: bool,
     from_revision: str | None,
+    output_dir: str | None,
     fmt: str,
 ) -> None:
     """Reverse revisions down to --to on every routed database.
@@ -266,6 +299,8 @@ def downgrade(
         raise UsageError("--dry-run and --sql exclude each other")
     if from_revision and not offline:
         raise UsageError("--from only applies to --sql")
+    if output_dir is not None and not offline:
+        raise UsageError("--output-dir only applies to --sql")
     settings = state.settings()
     c = state.consoles
     as_json = fmt == "json"
@@ -273,6 +308,11 @@ def downgrade(
     if mode == "online":
         _plan_or_refuse(c, settings, "downgrade", target, as_json)
     result = migrations.downgrade(settings, target, mode=mode, from_revision=from_revision)
+    if mode == "sql":
+        _emit_sql(c, result, as_json, output_dir)
+        return
+    if mode == "dry-run":
+        _refuse_failed(result, "nothing was changed")
     _report_failures(state, result)
     if as_json:
         click.echo(
@@ -280,8 +320,6 @@ def downgrade(
                 {"dry_run": mode != "online", "databases": [run_to_dict(r) for r in result.runs]}
             )
         )
-    elif mode == "sql":
-        click.echo(sql_script(result), nl=False)
     elif mode == "dry-run":
         render_dry_run(c.out, result)
     elif not c.quiet:
@@ -469,12 +507,14 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
       oauthmig demo --apps 200 --tokens 5000 --setup-only
     """
     from oauthmig.demo import setup_legacy
+    from oauthmig.identity import check_distinct
 
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
     if not setup_only:
         migrations.script_directory()  # a broken install fails here, before any table exists
+    check_distinct(settings)
     c.info(
         f"demo: creating legacy tables on {', '.join(settings.database_names())} "
         f"({settings.source})"

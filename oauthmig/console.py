@@ -209,18 +209,18 @@ def render_dry_run(console: Console, result: RunResult) -> None:
             console.print(f"-- stops before {w.revision}: {w.describe()}")
 
 
+def sql_section(run: DatabaseRun) -> str:
+    """One database's ``--sql`` script, headed by its name."""
+    return (
+        f"-- ===== database: {run.database} ({run.plan.dialect}, "
+        f"{run.plan.current or 'base'} -> {run.plan.target or 'base'}) =====\n\n"
+        + (run.sql or "-- nothing to do\n")
+    )
+
+
 def sql_script(result: RunResult) -> str:
     """``--sql`` output: one commented section per database."""
-    out: list[str] = []
-    for run in result.runs:
-        if run.error:
-            continue
-        out.append(
-            f"-- ===== database: {run.database} ({run.plan.dialect}, "
-            f"{run.plan.current or 'base'} -> {run.plan.target or 'base'}) =====\n"
-        )
-        out.append(run.sql or "-- nothing to do\n")
-    return "\n".join(out)
+    return "\n".join(sql_section(run) for run in result.runs if not run.error)
 
 
 def render_status(console: Console, report: StatusReport) -> None:

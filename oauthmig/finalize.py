@@ -177,6 +177,30 @@ def _pg_upgrade(
                     f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {physical} ({i.column})"
                 )
         _pg_exec(f"SET statement_timeout = '{int(t.migrate.statement_timeout_ms)}ms'")
+    if t.guarded:
+        # Offline, the statements above ran outside a transaction and a client may have gone on
+        # past a failure: verify the end state inside the transaction that records the revision.
+        _pg_exec(_offline_postcondition(t, checks, not_nulls, indexes))
+
+
+def _offline_postcondition(
+    t: RevisionTarget, checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]
+) -> str:
+    from oauthmig import offline
+
+    conditions: list[tuple[str, str]] = []
+    for c in checks:
+        name = object_name(t.tables.physical(c.table), c.suffix)
+        conditions.append((offline.pg_constraint_validated(name), f"validated constraint {name}"))
+    for n in not_nulls:
+        physical = t.tables.physical(n.table)
+        conditions.append(
+            (offline.pg_not_null(physical, n.column), f"{physical}.{n.column} NOT NULL")
+        )
+    for i in indexes:
+        name = object_name(t.tables.physical(i.table), f"{i.column}_idx")
+        conditions.append((offline.pg_index_valid(name), f"valid index {name}"))
+    return offline.pg_finalize_postcondition(conditions)
 
 
 def _pg_downgrade(

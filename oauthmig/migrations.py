@@ -37,8 +37,10 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
+    func,
     insert,
     inspect,
+    literal_column,
     select,
     text,
 )
@@ -58,6 +60,16 @@ from oauthmig.errors import (
     RevisionFailedError,
     SchemaStateError,
     UsageError,
+)
+from oauthmig.offline import (
+    SqliteGuards,
+    database_guard,
+    gate_guards,
+    pg_add_or_adopt,
+    pg_adopted_expression,
+    pg_drop_if_added,
+    sqlite_column_absent,
+    version_guard,
 )
 from oauthmig.resources import packaged_path, revisions_dir
 
@@ -216,6 +228,12 @@ class RevisionTarget:
     inspect_conn: Connection | None
     previously_adopted: dict[str, tuple[str, ...]] = field(default_factory=dict)
     adopted: dict[str, list[str]] = field(default_factory=dict)
+    # --sql only: guard the script at run time (see oauthmig.offline).
+    guarded: bool = False
+    header: bool = True
+    header_guards: list[str] = field(default_factory=list)
+    step_guards: list[str] = field(default_factory=list)
+    sqlite_guards: SqliteGuards = field(default_factory=SqliteGuards)
 
     def existing_column(self, physical: str, column: str) -> TypeEngine[Any] | bool | None:
         """The reflected type of ``physical.column``; ``None`` if absent; ``False`` if unknown."""
@@ -252,11 +270,16 @@ def expand(revision: str, columns: Sequence[ColumnSpec]) -> None:
                 raise _incompatible(t.database, physical, spec, found, t.dialect)
             t.adopted.setdefault(revision, []).append(f"{spec.table}.{spec.name}")
             continue
-        # Offline (--sql) cannot look: IF NOT EXISTS keeps the script safe where PostgreSQL allows.
-        if_not_exists = True if found is False and t.dialect == "postgresql" else None
-        op.add_column(
-            physical, Column(spec.name, spec.type_, nullable=True), if_not_exists=if_not_exists
-        )
+        if found is False and t.guarded:
+            # Offline (--sql) cannot look: the script decides when it runs.
+            key = f"{spec.table}.{spec.name}"
+            if t.dialect == "postgresql":
+                ddl = f"{spec.name} {spec.type_.compile(dialect=_dialect(t.dialect))}"
+                op.execute(text(pg_add_or_adopt(physical, spec.name, ddl, key)))
+                continue
+            for stmt in sqlite_column_absent(physical, spec.name, t.database, t.sqlite_guards):
+                op.execute(text(stmt))
+        op.add_column(physical, Column(spec.name, spec.type_, nullable=True))
 
 
 def contract(revision: str, columns: Sequence[ColumnSpec]) -> None:
@@ -266,9 +289,25 @@ def contract(revision: str, columns: Sequence[ColumnSpec]) -> None:
     t = current_target()
     kept = set(t.previously_adopted.get(revision, ()))
     for spec in reversed(columns):
-        if spec.table not in t.routed or f"{spec.table}.{spec.name}" in kept:
+        key = f"{spec.table}.{spec.name}"
+        if spec.table not in t.routed or key in kept:
             continue
-        op.drop_column(t.tables.physical(spec.table), spec.name)
+        physical = t.tables.physical(spec.table)
+        if t.guarded:
+            # Offline (--sql): only the revision log, read when the script runs, can prove that
+            # oauthmig added the column. SQLite offline downgrades are refused before this.
+            op.execute(text(pg_drop_if_added(LOG_TABLE, revision, physical, spec.name, key)))
+            continue
+        if t.existing_column(physical, spec.name) is None:
+            continue  # already gone (a half-migrated database being repaired)
+        op.drop_column(physical, spec.name)
+
+
+def _dialect(name: str) -> Any:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    module: Any = postgresql if name == "postgresql" else sqlite
+    return module.dialect()
 
 
 def _incompatible(
@@ -292,14 +331,23 @@ def run_environment(context: EnvironmentContext) -> None:
         "on_version_apply": _record_step,
     }
     if context.is_offline_mode():
+        if t.guarded:
+            # One step per call (see _offline_sql): BEGIN; guards; revision; record; COMMIT.
+            opts["transaction_per_migration"] = False
+            opts["transactional_ddl"] = True
         context.configure(dialect_name=t.dialect, literal_binds=True, **opts)
-        with context.begin_transaction():
+        if t.header:
+            for stmt in t.header_guards:  # before anything, even CREATE TABLE IF NOT EXISTS
+                context.execute(text(stmt))
             if t.dialect == "postgresql":
                 context.execute(f"SET lock_timeout = '{t.migrate.lock_timeout_ms}ms'")
                 context.execute(f"SET statement_timeout = '{t.migrate.statement_timeout_ms}ms'")
             from sqlalchemy.schema import CreateTable
 
             context.execute(CreateTable(revision_log, if_not_exists=True))
+        with context.begin_transaction():
+            for stmt in t.step_guards:
+                context.execute(text(stmt))
             context.run_migrations()
         return
     conn: Connection = context.config.attributes[CONNECTION_KEY]
@@ -316,15 +364,22 @@ def _record_step(*, ctx: MigrationContext, step: MigrationInfo, heads: Any, run_
         info = _info(cast(Script, step.up_revision))
         here = tuple(x for x in info.tables if x in t.routed)
         outcome = "applied" if here or not info.tables else "skipped"
+        adopted: Any = ",".join(t.adopted.get(rev, [])) or None
+        when: Any = datetime.now(UTC)
+        if ctx.as_sql:
+            # Offline: the database's clock when the script runs, not the generation time.
+            when = func.now() if t.dialect == "postgresql" else func.current_timestamp()
+            if t.guarded and t.dialect == "postgresql":
+                adopted = literal_column(pg_adopted_expression())
         ctx.execute(delete(revision_log).where(revision_log.c.revision == rev))
         ctx.execute(
             insert(revision_log).values(
                 revision=rev,
                 outcome=outcome,
                 tables=",".join(here),
-                adopted=",".join(t.adopted.get(rev, [])) or None,
+                adopted=adopted,
                 detail=None,
-                updated_at=datetime.now(UTC),
+                updated_at=when,
             )
         )
     else:
@@ -460,11 +515,14 @@ def preflight(
     revisions: Sequence[RevisionInfo],
     current: str | None,
     pending: Sequence[RevisionInfo],
+    reverting: Sequence[RevisionInfo] = (),
 ) -> None:
     """Refuse, before writing anything, what would fail midway.
 
     Checks that every routed table exists, that applied revisions' columns are present (else the
     database is half-migrated), and that pending columns that already exist can be adopted.
+    Revisions being reverted may miss columns (that is how a half-migrated database is
+    repaired), but their revision log row must prove which columns oauthmig added.
     """
     insp = inspect(conn)
     routed = settings.tables_on(db.name)
@@ -473,7 +531,21 @@ def preflight(
     for logical in routed:
         physical = settings.tables.physical(logical)
         columns[logical] = {c["name"]: c["type"] for c in insp.get_columns(physical)}
+    reverted = {r.revision for r in reverting}
+    log = read_log(conn) if reverting else {}
+    for rev in reverting:
+        row = log.get(rev.revision)
+        if any(c.table in routed for c in rev.columns) and (
+            row is None or row.get("outcome") != "applied"
+        ):
+            raise SchemaStateError(
+                f"database {db.name!r}: revision {rev.revision} has no 'applied' row in "
+                f"{LOG_TABLE}, so nothing proves which of its columns oauthmig added (and which "
+                "existed before); restore the row, or drop the columns by hand"
+            )
     for rev in revisions[: revision_position(current, revisions)]:
+        if rev.revision in reverted:
+            continue
         for spec in rev.columns:
             if spec.table in routed and spec.name not in columns[spec.table]:
                 raise SchemaStateError(
@@ -481,6 +553,12 @@ def preflight(
                     f"{settings.tables.physical(spec.table)}.{spec.name} is missing "
                     f"(half-migrated); restore the column, or `oauthmig downgrade --to "
                     f"{rev.down_revision or 'base'} -d {db.name}` then upgrade again"
+                )
+            found = columns[spec.table].get(spec.name) if spec.table in routed else None
+            if found is not None and not spec.compatible(found, conn.dialect.name):
+                # Only an adoption by an offline script, which cannot compare types, gets here.
+                raise _incompatible(
+                    db.name, settings.tables.physical(spec.table), spec, found, conn.dialect.name
                 )
     for rev in pending:
         for spec in rev.columns:
@@ -493,6 +571,43 @@ def preflight(
                 )
     if conn.in_transaction():
         conn.rollback()
+
+
+def check_state(
+    conn: Connection, settings: Settings, db: DatabaseConfig, revisions: Sequence[RevisionInfo]
+) -> str | None:
+    """The preflight every command that reads or writes a database runs; the current revision.
+
+    Raises (:class:`SchemaStateError`, :class:`MissingTableError`) when a routed table is
+    missing, the version table names an unknown revision or holds several rows, or a column
+    of an applied revision is missing (half-migrated).
+    """
+    check_routed_tables(conn, settings, db.name)
+    current = read_current(conn, db.name, revisions)
+    preflight(conn, settings, db, revisions, current, [])
+    return current
+
+
+def check_databases(settings: Settings, names: Sequence[str] | None = None) -> None:
+    """Run :func:`check_state` on each database (all selected by default); raise the first error.
+
+    Also refuses two configured names that reach the same database.
+    """
+    from oauthmig.identity import check_distinct
+
+    chosen = list(settings.database_names() if names is None else names)
+    check_distinct(settings, chosen)
+    revisions = history()
+    for name in chosen:
+        db = settings.databases[name]
+        engine = make_engine(db, settings)
+        try:
+            with connect(engine, db) as conn:
+                check_state(conn, settings, db, revisions)
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"database {name!r}: {describe_error(exc, db)}") from None
+        finally:
+            engine.dispose()
 
 
 def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -> Waiting | None:
@@ -714,7 +829,8 @@ def _run_online(
     settings = req.settings
     plan, chosen = _plan(conn, settings, db, revisions, target, req.direction, req.explicit_target)
     pending = chosen if req.direction == "upgrade" else []
-    preflight(conn, settings, db, revisions, plan.current, pending)
+    reverting = chosen if req.direction == "downgrade" else []
+    preflight(conn, settings, db, revisions, plan.current, pending, reverting)
     if not chosen:
         return DatabaseRun(db.name, plan, (), plan.current, 0, time.monotonic() - started)
     _apply_session_timeouts(conn, settings.migrate)
@@ -804,6 +920,53 @@ def _offline_sql(rt: RevisionTarget, direction: str, start: str | None, stop: st
     return buffer.getvalue()
 
 
+def _guarded_sql(
+    settings: Settings,
+    db: DatabaseConfig,
+    rt: RevisionTarget,
+    direction: str,
+    selected: Sequence[RevisionInfo],
+) -> str:
+    """``--sql``: one transaction per revision, each opened by its run-time guards."""
+    rt.guarded = True
+    parts: list[str] = []
+    for i, rev in enumerate(selected):
+        rt.header = i == 0
+        rt.header_guards = database_guard(db, rt.sqlite_guards) if i == 0 else []
+        begins = rev.down_revision if direction == "upgrade" else rev.revision
+        guards = database_guard(db, rt.sqlite_guards)
+        guards += version_guard(db, VERSION_TABLE, begins, rt.sqlite_guards)
+        if direction == "upgrade" and rev.requires_backfills:
+            guards += gate_guards(
+                settings, db, rev.revision, rev.requires_backfills, rt.sqlite_guards
+            )
+        rt.step_guards = guards
+        ends = rev.revision if direction == "upgrade" else rev.down_revision
+        parts.append(_offline_sql(rt, direction, begins, ends))
+    return "".join(parts)
+
+
+def _script_header(db: DatabaseConfig, direction: str, start: str | None, stop: str | None) -> str:
+    span = f"{start or 'base'} -> {stop or 'base'}"
+    if db.dialect == "postgresql":
+        how = (
+            f"-- Apply to database {db.name!r} only, with psql: psql -v ON_ERROR_STOP=1 -f FILE.\n"
+            "-- The next line is a psql command; any other client stops at it, before any change.\n"
+            "\\set ON_ERROR_STOP on\n"
+        )
+    else:
+        how = (
+            f"-- Apply to database {db.name!r} only, with the sqlite3 shell: "
+            "sqlite3 -bail FILE.sqlite3 < FILE.sql\n"
+            "-- (-bail: stop at the first failing statement; its transaction is not committed).\n"
+        )
+    return (
+        f"-- oauthmig {direction} {span}, generated offline for database {db.name!r}.\n"
+        "-- Each revision is one transaction opened by run-time guards: it fails, and records\n"
+        "-- nothing, on another database, from another revision or before its backfills.\n" + how
+    )
+
+
 def _run_offline(
     req: RunRequest,
     db: DatabaseConfig,
@@ -843,9 +1006,35 @@ def _run_offline(
             PlannedStep(r.revision, r.message, "revert", tuple(t for t in r.tables if t in routed))
             for r in sel
         )
+        if db.dialect == "sqlite":
+            _refuse_sqlite_offline_drops(db, sel, routed)
     plan = DatabasePlan(db.name, db.dialect, db.display_url, start, target, steps)
-    sql = _offline_sql(rt, req.direction, start, target)
+    sql = _guarded_sql(req.settings, db, rt, req.direction, sel)
+    if sql:
+        sql = _script_header(db, req.direction, start, target) + sql
     return DatabaseRun(db.name, plan, (), None, 0, time.monotonic() - started, sql=sql)
+
+
+def _refuse_sqlite_offline_drops(
+    db: DatabaseConfig, reverting: Sequence[RevisionInfo], routed: Sequence[str]
+) -> None:
+    # SQLite SQL cannot branch on the revision log when it runs, and its finalize revert
+    # rebuilds tables from a schema offline mode cannot reflect: downgrade SQLite online.
+    for rev in reverting:
+        cols = [f"{c.table}.{c.name}" for c in rev.columns if c.table in routed]
+        if cols:
+            raise UsageError(
+                f"database {db.name!r}: an offline downgrade of revision {rev.revision} would drop "
+                f"{', '.join(cols)}, which may have existed before oauthmig (adopted), and SQLite "
+                "SQL cannot check the revision log when it runs; run `oauthmig downgrade` online, "
+                f"or leave {db.name!r} out with -d"
+            )
+    if any(rev.tables and any(t in routed for t in rev.tables) for rev in reverting):
+        raise UsageError(
+            f"database {db.name!r}: offline downgrades of SQLite databases are not supported "
+            "(reverting rebuilds tables from a schema the script cannot read); run `oauthmig "
+            f"downgrade` online, or leave {db.name!r} out with -d"
+        )
 
 
 def _run_dry(
@@ -858,8 +1047,9 @@ def _run_dry(
 ) -> DatabaseRun:
     settings = req.settings
     plan, chosen = _plan(conn, settings, db, revisions, target, req.direction, req.explicit_target)
+    up = req.direction == "upgrade"
     preflight(
-        conn, settings, db, revisions, plan.current, chosen if req.direction == "upgrade" else []
+        conn, settings, db, revisions, plan.current, chosen if up else [], [] if up else chosen
     )
     rt = _target_for(db, settings, conn, read_log(conn))
     sql = _offline_sql(rt, req.direction, plan.current, plan.target) if chosen else ""
@@ -903,6 +1093,13 @@ def _execute(
     return runs
 
 
+def _refuse_shared(settings: Settings, mode: str) -> None:
+    if mode != "sql":  # offline needs no connection, and cannot tell
+        from oauthmig.identity import check_distinct
+
+        check_distinct(settings)
+
+
 def upgrade(
     settings: Settings,
     target: str = "head",
@@ -915,6 +1112,7 @@ def upgrade(
     """Upgrade every selected database to ``target`` (``mode``: online, dry-run or sql)."""
     explicit = target not in ("head", "heads")
     resolve_revision(target, history())
+    _refuse_shared(settings, mode)
     reqs = _requests(settings, "upgrade", target, mode, explicit, from_revision)
     return RunResult("upgrade", mode, tuple(_execute(reqs, jobs, on_done)))
 
@@ -930,6 +1128,7 @@ def downgrade(
 ) -> RunResult:
     """Downgrade every selected database to ``target`` (a revision or ``base``)."""
     resolve_revision(target, history())
+    _refuse_shared(settings, mode)
     reqs = _requests(settings, "downgrade", target, mode, True, from_revision)
     return RunResult("downgrade", mode, tuple(_execute(reqs, jobs, on_done)))
 
@@ -940,9 +1139,12 @@ def plan(settings: Settings, direction: str, target: str) -> list[DatabasePlan |
     A database that cannot be planned yields its one-line error instead, so that the CLI can
     refuse before writing anything anywhere.
     """
+    from oauthmig.identity import check_distinct
+
     revisions = history()
     resolved = resolve_revision(target, revisions)
     explicit = target not in ("head", "heads") or direction == "downgrade"
+    check_distinct(settings)
     out: list[DatabasePlan | str] = []
     for name in settings.database_names():
         db = settings.databases[name]
@@ -958,6 +1160,7 @@ def plan(settings: Settings, direction: str, target: str) -> list[DatabasePlan |
                         revisions,
                         p.current,
                         chosen if direction == "upgrade" else [],
+                        chosen if direction == "downgrade" else [],
                     )
                     out.append(p)
             finally:

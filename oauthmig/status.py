@@ -14,12 +14,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from oauthmig.config import Settings
 from oauthmig.db import connect, describe_error, make_engine, scrub_stored
 from oauthmig.errors import OauthmigError
+from oauthmig.identity import check_distinct
 from oauthmig.migrations import (
     RevisionInfo,
-    check_routed_tables,
+    check_state,
     gate_for,
     history,
-    read_current,
     read_log,
     revision_position,
 )
@@ -115,8 +115,7 @@ def _database_status(
     engine = make_engine(db, settings)
     try:
         with connect(engine, db) as conn:
-            check_routed_tables(conn, settings, name)
-            current = read_current(conn, name, revisions)
+            current = check_state(conn, settings, db, revisions)
             log = read_log(conn)
             applied_upto = revision_position(current, revisions)
             cells: list[RevisionState] = []
@@ -190,6 +189,7 @@ def status(settings: Settings) -> StatusReport:
     import oauthmig.backfill  # noqa: F401  (registers the backfill status hook)
 
     revisions = history()
+    check_distinct(settings)
     return StatusReport(
         tuple(revisions),
         tuple(_database_status(settings, n, revisions) for n in settings.database_names()),
