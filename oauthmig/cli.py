@@ -121,6 +121,9 @@ def _plan_or_refuse(
 
 
 def _report_failures(state: AppState, result: RunResult) -> None:
+    if len(result.runs) == 1 and result.failed:
+        # One database selected: its own line is the whole story (exit 2, one line).
+        raise OauthmigError(result.failed[0].error or "failed")
     for run in result.failed:
         state.consoles.error(run.error or "failed")
     if result.failed:
