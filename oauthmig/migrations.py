@@ -603,10 +603,10 @@ def statement_kind(statement: str | None) -> str | None:
         return None
     words: list[str] = []
     for word in statement.split():
-        if len(words) == 8 or not word.replace("_", "").replace(".", "").isalnum():
+        if len(words) == 9 or not word.replace("_", "").replace(".", "").isalnum():
             break
-        if word.isdigit():
-            break
+        if word.isdigit() or word.upper() in ("CHECK", "VALUES", "WHERE", "FROM"):
+            break  # what follows are expressions and values
         words.append(word)
     return " ".join(words) or None
 
@@ -622,7 +622,14 @@ def connection_lost_message(
     req: RunRequest, db: DatabaseConfig, during: str, exc: BaseException | None = None
 ) -> str:
     """One line: which database's connection was lost, during what, and what to run next."""
-    kind = statement_kind(getattr(exc, "statement", None))
+    statement: str | None = None
+    seen: BaseException | None = exc
+    while seen is not None and statement is None:
+        # The driver error may be wrapped: Alembic's autocommit block raises SQLAlchemy's
+        # PendingRollbackError from its cleanup, with the lost statement as its context.
+        statement = getattr(seen, "statement", None)
+        seen = seen.__cause__ or seen.__context__
+    kind = statement_kind(statement)
     what = f"{during} ({kind})" if kind else during
     return (
         f"database {db.name!r}: the connection to {db.display_url} was lost during {what}; "

@@ -227,12 +227,14 @@ def test_rerun_after_set_not_null_drops_the_stray_helper_check(
     with engine.begin() as conn:
         conn.execute(
             text(
-                f"ALTER TABLE {app} ADD CONSTRAINT {app}_grant_types_not_null CHECK (grant_types IS NOT NULL)"
+                f"ALTER TABLE {app} ADD CONSTRAINT {app}_grant_types_not_null "
+                "CHECK (grant_types IS NOT NULL)"
             )
         )
         conn.execute(
             text(
-                f"ALTER TABLE {app} ADD CONSTRAINT older_name_nn CHECK (application_type IS NOT NULL) NOT VALID"
+                f"ALTER TABLE {app} ADD CONSTRAINT older_name_nn "
+                "CHECK (application_type IS NOT NULL) NOT VALID"
             )
         )
         conn.execute(text(f"ALTER TABLE {app} ALTER COLUMN grant_types SET NOT NULL"))
@@ -251,3 +253,266 @@ def test_rerun_after_set_not_null_drops_the_stray_helper_check(
     assert down.code == 0, down.err
     assert catalog(settings) == clean_down
     legacy_insert(settings)
+
+
+# ------------------------------------------------------------------ 2. old snapshot vs index build
+
+
+@pytest.fixture
+def old_snapshot(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> Iterator[tuple[Settings, str, Connection, int]]:
+    """Finalize-ready install plus an unrelated idle-in-transaction session holding an old
+    snapshot (REPEATABLE READ, one read of another table): what CREATE INDEX CONCURRENTLY waits
+    for."""
+    settings, cfg = _setup(
+        make_database,
+        tmp_path,
+        capsys,
+        migrate={"lock_timeout": "500ms", "lock_retries": 3, "index_timeout": "2s"},
+    )
+    engine = _engine(settings)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE unrelated_reports (id int)"))
+    blocker = engine.connect()
+    blocker.execute(text("SET application_name = 'nightly-report'"))
+    blocker.commit()
+    blocker.execute(text("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+    blocker.execute(text("SELECT 1 FROM unrelated_reports"))
+    pid = int(blocker.execute(text("SELECT pg_backend_pid()")).scalar_one())
+    try:
+        yield settings, cfg, blocker, pid
+    finally:
+        blocker.rollback()
+        blocker.close()
+        engine.dispose()
+
+
+def _index(settings: Settings, name: str) -> tuple[int, bool] | None:
+    engine = _engine(settings)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT i.indexrelid::int, i.indisvalid FROM pg_index i JOIN pg_class c "
+                    "ON c.oid = i.indexrelid WHERE c.relname = :n"
+                ),
+                {"n": name},
+            ).first()
+            return None if row is None else (int(row[0]), bool(row[1]))
+    finally:
+        engine.dispose()
+
+
+@PG
+def test_index_build_waits_index_timeout_names_the_old_transaction_and_keeps_valid_builds(
+    old_snapshot: tuple[Settings, str, Connection, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, cfg, blocker, pid = old_snapshot
+    token = settings.tables.token
+    family, parent = f"{token}_token_family_id_idx", f"{token}_parent_token_id_idx"
+    # An earlier attempt finished the first index (built before the long transaction began
+    # would be the same): a retry must keep that build, not redo it.
+    blocker.rollback()
+    engine = _engine(settings)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f"CREATE INDEX CONCURRENTLY {family} ON {token} (token_family_id)"))
+    engine.dispose()
+    built = _index(settings, family)
+    assert built is not None and built[1] is True
+    blocker.execute(text("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+    blocker.execute(text("SELECT 1 FROM unrelated_reports"))
+
+    started = time.monotonic()
+    failed = invoke(capsys, "--config", cfg, "-d", "control", "upgrade")
+    elapsed = time.monotonic() - started
+    assert failed.code == 2
+    lines = failed.err.strip().splitlines()
+    assert len(lines) == 1, failed.err
+    line = lines[0]
+    assert f"CREATE INDEX CONCURRENTLY {parent} did not finish within index_timeout 2s" in line
+    assert (
+        f"transaction of pid {pid} (idle in transaction, application_name 'nightly-report'" in line
+    )
+    assert "open " in line and "rerun `oauthmig upgrade -d control`" in line
+    assert "has since been released" not in line and "SELECT" not in line
+    # Not retried lock_retries times (each retry would rebuild from scratch): one wait.
+    assert elapsed < 2 * 4, elapsed
+    engine = _engine(settings)
+    with engine.connect() as conn:
+        log = conn.execute(
+            text(f"SELECT outcome, detail FROM {LOG_TABLE} WHERE revision = '0004'")
+        ).one()
+        version = conn.execute(text("SELECT version_num FROM oauthmig_version")).scalar_one()
+    engine.dispose()
+    assert log[0] == "failed" and f"pid {pid}" in log[1]
+    assert version == "0003"
+    assert _index(settings, family) == built
+    left = _index(settings, parent)
+    assert left is not None and left[1] is False  # the canceled build is INVALID
+
+    blocker.rollback()
+    done = invoke(capsys, "--config", cfg, "-d", "control", "upgrade")
+    assert done.code == 0, done.err
+    assert _index(settings, family) == built  # the valid build was kept, same index
+    rebuilt = _index(settings, parent)
+    assert rebuilt is not None and rebuilt[1] is True
+    check = invoke(capsys, "--config", cfg, "-d", "control", "status", "--check")
+    assert check.code == 0, check.out + check.err
+
+
+@PG
+def test_invalid_index_left_by_offline_sql_is_not_recorded_and_is_rebuilt_online(
+    old_snapshot: tuple[Settings, str, Connection, int],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    settings, cfg, blocker, _pid = old_snapshot
+    token = settings.tables.token
+    sql = invoke(capsys, "--config", cfg, "-d", "control", "upgrade", "--sql", "--from", "0003")
+    assert sql.code == 0, sql.err
+    script = tmp_path / "finalize.sql"
+    script.write_text(sql.out)
+    url = settings.databases["control"].url
+    assert url is not None
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    psql = subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert psql.returncode != 0, psql.stdout + psql.stderr
+    assert "canceling statement due to" in psql.stderr  # lock or statement timeout: 2s each
+    left = _index(settings, f"{token}_token_family_id_idx")
+    assert left is not None and left[1] is False
+    engine = _engine(settings)
+    with engine.connect() as conn:
+        version = conn.execute(text("SELECT version_num FROM oauthmig_version")).scalar_one()
+    engine.dispose()
+    assert version == "0003"  # never recorded as done
+
+    blocker.rollback()
+    # Rerunning the same script now repairs it (drops the INVALID build, rebuilds, checks).
+    again = subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    for name in (f"{token}_token_family_id_idx", f"{token}_parent_token_id_idx"):
+        state = _index(settings, name)
+        assert state is not None and state[1] is True
+
+
+@PG
+def test_online_upgrade_rebuilds_an_invalid_index_left_by_an_offline_run(
+    old_snapshot: tuple[Settings, str, Connection, int],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    settings, cfg, blocker, _pid = old_snapshot
+    token = settings.tables.token
+    name = f"{token}_parent_token_id_idx"
+    url = settings.databases["control"].url
+    assert url is not None
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    # What a hand-run CREATE INDEX CONCURRENTLY cut short leaves: an INVALID index by our name.
+    failed = subprocess.run(
+        [
+            "psql",
+            "-X",
+            "-q",
+            "-d",
+            dsn,
+            "-c",
+            "SET lock_timeout = '1s'",
+            "-c",
+            f"CREATE INDEX CONCURRENTLY {name} ON {token} (parent_token_id)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "lock timeout" in failed.stderr
+    left = _index(settings, name)
+    assert left is not None and left[1] is False
+    blocker.rollback()
+    done = invoke(capsys, "--config", cfg, "-d", "control", "upgrade")
+    assert done.code == 0, done.err
+    rebuilt = _index(settings, name)
+    assert rebuilt is not None and rebuilt[1] is True and rebuilt[0] != left[0]
+
+
+# ------------------------------------------------------------------ 3. connection lost mid-run
+
+
+@PG
+def test_terminated_upgrade_backend_is_one_line_naming_database_step_and_next_command(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, cfg = _setup(
+        make_database,
+        tmp_path,
+        capsys,
+        migrate={"lock_timeout": "60s", "lock_retries": 0},
+    )
+    grant = settings.tables.grant
+    engine = _engine(settings)
+    holder = engine.connect()
+    holder.execute(text(f"LOCK TABLE {grant} IN ACCESS SHARE MODE"))
+    proc = _spawn("--config", cfg, "-d", "control", "upgrade")
+    dbname = settings.databases["control"].url.rsplit("/", 1)[-1]  # type: ignore[union-attr]
+    waiting: list[Any] = []
+    deadline = time.monotonic() + 60
+    with engine.connect() as watcher:
+        while not waiting and time.monotonic() < deadline:
+            waiting = list(
+                watcher.execute(
+                    text(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = :d AND "
+                        "application_name = 'oauthmig' AND wait_event_type = 'Lock'"
+                    ),
+                    {"d": dbname},
+                ).scalars()
+            )
+            watcher.rollback()
+            time.sleep(0.05)
+        assert len(waiting) == 1, "the upgrade never waited on the lock"
+        watcher.execute(text("SELECT pg_terminate_backend(:p)"), {"p": waiting[0]})
+    _, err = proc.communicate(timeout=120)
+    holder.rollback()
+    holder.close()
+    engine.dispose()
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    display = settings.databases["control"].display_url
+    assert lines[0].startswith(
+        f"error: database 'control': the connection to {display} was lost during revision 0004 "
+        f"(ALTER TABLE {grant} ADD CONSTRAINT {grant}_code_challenge_method_check)"
+    ), lines[0]
+    assert "rerun `oauthmig upgrade -d control` once the database is reachable" in lines[0]
+    assert "reconnect" not in err and "Traceback" not in err and "invalid transaction" not in err
+    rerun = invoke(capsys, "--config", cfg, "-d", "control", "upgrade")
+    assert rerun.code == 0, rerun.err
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_index_timeout_is_a_strict_migrate_key() -> None:
+    base = routed_config("sqlite:///a.sqlite3", "sqlite:///b.sqlite3")
+    assert settings_from_mapping(base, {}, "t").migrate.index_timeout_ms == 30 * 60 * 1000
+    custom = {**base, "migrate": {"index_timeout": "2h"}}
+    assert settings_from_mapping(custom, {}, "t").migrate.index_timeout_ms == 2 * 3600 * 1000
+    for bad, message in (
+        (0, "migrate.index_timeout: must be greater than zero"),
+        ("soon", "migrate.index_timeout: expected a duration"),
+        (True, "migrate.index_timeout: expected a duration"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            settings_from_mapping({**base, "migrate": {"index_timeout": bad}}, {}, "t")
+    example = (ROOT / "config.example.toml").read_text()
+    assert 'index_timeout = "30min"' in example
