@@ -211,6 +211,32 @@ def test_finalize_killed_after_each_statement_converges_and_downgrades_cleanly(
         legacy_insert(settings)
 
 
+def test_downgrade_killed_after_each_statement_converges(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, cfg = _setup(make_database, tmp_path, capsys)
+    assert invoke(capsys, "--config", cfg, "-d", "control", "upgrade").code == 0
+    clean_up = catalog(settings)
+    code, total = _count_ddl(cfg, capsys, "downgrade", "--to", "0003")
+    assert code == 0 and total > 0
+    clean_down = catalog(settings)
+    for n in range(1, total + 1):
+        assert invoke(capsys, "--config", cfg, "-d", "control", "upgrade").code == 0
+        killed = _spawn(
+            str(n),
+            *("--config", cfg, "-d", "control", "downgrade", "--to", "0003"),
+            module="tests.kill_after_ddl",
+        )
+        _, err = killed.communicate(timeout=120)
+        assert killed.returncode == -signal.SIGKILL, (n, err)
+        down = invoke(capsys, "--config", cfg, "-d", "control", "downgrade", "--to", "0003")
+        assert down.code == 0, (n, down.err)
+        assert catalog(settings) == clean_down, f"after a kill at statement {n} and a rerun"
+        legacy_insert(settings)
+    assert invoke(capsys, "--config", cfg, "-d", "control", "upgrade").code == 0
+    assert catalog(settings) == clean_up
+
+
 @PG
 def test_rerun_after_set_not_null_drops_the_stray_helper_check(
     make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
