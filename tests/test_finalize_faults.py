@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,6 +280,48 @@ def test_rerun_after_set_not_null_drops_the_stray_helper_check(
     assert down.code == 0, down.err
     assert catalog(settings) == clean_down
     legacy_insert(settings)
+
+
+@PG
+def test_finalize_among_short_reader_transactions_leaves_no_strays(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three readers in short transactions on the application table make catalog statements
+    time out at random points (each a partial attempt); the end state is still exact."""
+    settings, cfg = _setup(
+        make_database, tmp_path, capsys, migrate={"lock_timeout": "30ms", "lock_retries": 4}
+    )
+    stop = threading.Event()
+    app = settings.tables.application
+    engine = _engine(settings)
+
+    def reader() -> None:
+        with engine.connect() as conn:
+            while not stop.is_set():
+                with conn.begin():
+                    conn.execute(text(f"SELECT count(*) FROM {app}"))
+                    time.sleep(0.04)
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for r in readers:
+        r.start()
+    try:
+        outcomes = [invoke(capsys, "--config", cfg, "-d", "control", "upgrade") for _ in range(3)]
+    finally:
+        stop.set()
+        for r in readers:
+            r.join()
+        engine.dispose()
+    assert all(o.code in (0, 2) for o in outcomes)
+    assert all("lock_timeout" in o.err for o in outcomes if o.code == 2)
+    assert invoke(capsys, "--config", cfg, "-d", "control", "upgrade").code == 0
+    after_up = catalog(settings)
+    assert invoke(capsys, "--config", cfg, "-d", "control", "downgrade", "--to", "0003").code == 0
+    legacy_insert(settings)
+    assert not [row for row in catalog(settings) if "not_null" in str(row[2])]
+    # Same catalog as an undisturbed run on the same database.
+    assert invoke(capsys, "--config", cfg, "-d", "control", "upgrade").code == 0
+    assert catalog(settings) == after_up
 
 
 # ------------------------------------------------------------------ 2. old snapshot vs index build
