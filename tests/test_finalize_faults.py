@@ -585,3 +585,24 @@ def test_index_timeout_is_a_strict_migrate_key() -> None:
             settings_from_mapping({**base, "migrate": {"index_timeout": bad}}, {}, "t")
     example = (ROOT / "config.example.toml").read_text()
     assert 'index_timeout = "30min"' in example
+
+
+@pytest.mark.parametrize(
+    ("statement", "kind"),
+    [
+        ("ALTER TABLE t ADD CONSTRAINT c CHECK (x IN ('S256'))", "ALTER TABLE t ADD CONSTRAINT c"),
+        ("ALTER TABLE t ALTER COLUMN c SET NOT NULL", "ALTER TABLE t ALTER COLUMN c SET NOT NULL"),
+        ("UPDATE t SET token = 'tok-secret' WHERE id = 5", "UPDATE t SET token"),
+        ("INSERT INTO t (a) VALUES ('client-secret')", "INSERT INTO t"),
+        ("SELECT pg_try_advisory_lock(%(k)s)", "SELECT"),
+        (
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS i ON t (c)",
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS i ON t",
+        ),
+    ],
+    ids=["check", "set-not-null", "update", "insert", "select", "index"],
+)
+def test_statement_kind_never_carries_literals(statement: str, kind: str) -> None:
+    from oauthmig.migrations import statement_kind
+
+    assert statement_kind(statement) == kind
