@@ -38,6 +38,7 @@ def _setup(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     migrate: dict[str, object] | None = None,
+    expand: bool = True,
 ) -> tuple[Settings, str]:
     """Legacy data, expanded and backfilled: the next upgrade runs only the finalize."""
     data = routed_config(make_database("control"), make_database("shard"))
@@ -46,7 +47,7 @@ def _setup(
     settings = settings_from_mapping(data, {}, "test")
     setup_legacy(settings, apps=20, tokens=120, seed=3)
     cfg = write_config(tmp_path / "oauthmig.toml", data)
-    for args in (("upgrade",), ("backfill",)):
+    for args in (("upgrade",), ("backfill",)) if expand else ():
         result = invoke(capsys, "--config", cfg, "-d", "control", *args)
         assert result.code == 0, result.err
     return settings, cfg
@@ -518,14 +519,28 @@ def test_online_upgrade_rebuilds_an_invalid_index_left_by_an_offline_run(
 
 
 @PG
+@pytest.mark.parametrize(
+    ("expand", "revision", "statement"),
+    [
+        (True, "0004", "ADD CONSTRAINT {grant}_code_challenge_method_check"),
+        (False, "0001", "ADD COLUMN code_challenge TEXT"),
+    ],
+    ids=["finalize", "expand"],
+)
 def test_terminated_upgrade_backend_is_one_line_naming_database_step_and_next_command(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    expand: bool,
+    revision: str,
+    statement: str,
 ) -> None:
     settings, cfg = _setup(
         make_database,
         tmp_path,
         capsys,
         migrate={"lock_timeout": "60s", "lock_retries": 0},
+        expand=expand,
     )
     grant = settings.tables.grant
     engine = _engine(settings)
@@ -559,8 +574,8 @@ def test_terminated_upgrade_backend_is_one_line_naming_database_step_and_next_co
     assert len(lines) == 1, err
     display = settings.databases["control"].display_url
     assert lines[0].startswith(
-        f"error: database 'control': the connection to {display} was lost during revision 0004 "
-        f"(ALTER TABLE {grant} ADD CONSTRAINT {grant}_code_challenge_method_check)"
+        f"error: database 'control': the connection to {display} was lost during revision "
+        f"{revision} (ALTER TABLE {grant} {statement.format(grant=grant)})"
     ), lines[0]
     assert "rerun `oauthmig upgrade -d control` once the database is reachable" in lines[0]
     assert "reconnect" not in err and "Traceback" not in err and "invalid transaction" not in err
