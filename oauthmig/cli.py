@@ -154,6 +154,9 @@ def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | N
 
 
 def _report_failures(state: AppState, result: RunResult) -> None:
+    if len(result.runs) == 1 and result.failed:
+        # One database selected: its own line is the whole story (exit 2, one line).
+        raise OauthmigError(result.failed[0].error or "failed")
     for run in result.failed:
         state.consoles.error(run.error or "failed")
     if result.failed:

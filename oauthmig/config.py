@@ -52,7 +52,7 @@ ENV_CONFIG = "OAUTHMIG_CONFIG"
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _DB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +87,9 @@ class MigrateSettings:
     lock_timeout_ms: int = 2000
     lock_retries: int = 8
     statement_timeout_ms: int = 30000
+    # Index builds, index drops and VALIDATE: they wait for older snapshots and take only
+    # SHARE UPDATE EXCLUSIVE (reads and writes go on), so they get a long budget of their own.
+    index_timeout_ms: int = 1_800_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +183,7 @@ class Settings:
 
 
 def parse_duration_ms(value: object, key: str) -> int:
-    """Parse ``"2s"``, ``"500ms"``, ``"1m"`` or a number of seconds into milliseconds."""
+    """Parse ``"2s"``, ``"500ms"``, ``"1m"``, ``"2h"`` or a number of seconds into milliseconds."""
     if isinstance(value, bool):
         raise ConfigError(f'{key}: expected a duration like "2s" or "500ms", got {value!r}')
     if isinstance(value, int | float):
@@ -193,7 +196,7 @@ def parse_duration_ms(value: object, key: str) -> int:
         if m:
             number = float(m.group(1))
             unit = m.group(2) or "s"
-            factor = {"ms": 1, "s": 1000, "m": 60000, "min": 60000}[unit]
+            factor = {"ms": 1, "s": 1000, "m": 60000, "min": 60000, "h": 3_600_000}[unit]
             return int(number * factor)
     raise ConfigError(f'{key}: expected a duration like "2s" or "500ms", got {value!r}')
 
@@ -355,7 +358,11 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     tables = TableNames(**names_map)
 
     mig_raw = _table(data, "migrate")
-    _check_keys(mig_raw, ("lock_timeout", "lock_retries", "statement_timeout"), "migrate")
+    _check_keys(
+        mig_raw,
+        ("lock_timeout", "lock_retries", "statement_timeout", "index_timeout"),
+        "migrate",
+    )
     migrate = MigrateSettings(
         lock_timeout_ms=parse_duration_ms(
             mig_raw.get("lock_timeout", "2s"), "migrate.lock_timeout"
@@ -364,7 +371,14 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
         statement_timeout_ms=parse_duration_ms(
             mig_raw.get("statement_timeout", "30s"), "migrate.statement_timeout"
         ),
+        index_timeout_ms=parse_duration_ms(
+            mig_raw.get("index_timeout", "30min"), "migrate.index_timeout"
+        ),
     )
+    if migrate.index_timeout_ms <= 0:
+        raise ConfigError(
+            'migrate.index_timeout: must be greater than zero (0 would wait forever); e.g. "30min"'
+        )
     if migrate.lock_timeout_ms <= 0:
         raise ConfigError("migrate.lock_timeout: must be greater than zero (0 would wait forever)")
 

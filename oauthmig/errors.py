@@ -13,6 +13,8 @@ one line on stderr and exit code 2. Anything else escaping is a bug and may show
     │   ├── SchemaStateError           half-migrated or unknown revision in a version table
     │   ├── LockBusyError              another oauthmig run holds this database's lock
     │   ├── LockTimeoutError           DDL could not get its lock within the retries
+    │   ├── IndexTimeoutError          an index build or VALIDATE outlasted index_timeout
+    │   ├── ConnectionLostError        the connection dropped in the middle of a step
     │   ├── RevisionFailedError        a revision failed for another reason
     │   └── ModelsSchemaError          live tables the models library could not write to
     ├── InstallationError              a file the package ships is missing (broken install)
@@ -73,6 +75,14 @@ class LockBusyError(DatabaseError):
 
 class LockTimeoutError(DatabaseError):
     """A DDL statement could not take its lock within ``lock_timeout`` after every retry."""
+
+
+class IndexTimeoutError(DatabaseError):
+    """An index build, index drop or VALIDATE did not finish within ``index_timeout``."""
+
+
+class ConnectionLostError(DatabaseError):
+    """The connection to a database was lost while a step was running."""
 
 
 class RevisionFailedError(DatabaseError):

@@ -2,19 +2,35 @@
 NOT NULL through a validated CHECK (PostgreSQL); the same end state by table rebuild on SQLite.
 
 Every PostgreSQL step runs in Alembic's ``autocommit_block`` (outside a transaction, as
-``CREATE INDEX CONCURRENTLY`` requires) and is idempotent online, so a revision retried after a
-lock timeout or a crash picks up where it stopped. Called from revision code only.
+``CREATE INDEX CONCURRENTLY`` requires), so an attempt killed or timed out after any statement
+leaves that statement's effect behind. Each step therefore reads the catalog first (constraints by
+table and expression, indexes by column and validity, nullability from ``pg_attribute``) and does
+only what is missing: a rerun converges on the same end state from any intermediate one, and the
+downgrade removes whatever any attempt may have created (helper CHECKs of any name, INVALID
+index builds). Offline SQL guards each step with a ``DO`` block to the same effect.
+
+Catalog-only statements (ADD CONSTRAINT NOT VALID, SET/DROP NOT NULL, DROP CONSTRAINT) take
+ACCESS EXCLUSIVE for an instant and run under the short ``lock_timeout``; index builds, index
+drops and VALIDATE take SHARE UPDATE EXCLUSIVE (reads and writes go on) and wait for older
+snapshots, so they run under ``index_timeout`` instead, and report the transactions they waited
+for. On SQLite the same end state comes from a table rebuild inside the revision's transaction,
+so an interrupted attempt leaves nothing behind. Called from revision code only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Column, Table, inspect, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from oauthmig.errors import IndexTimeoutError, RevisionFailedError
 from oauthmig.migrations import ColumnSpec, RevisionTarget, current_target
 
 
@@ -53,12 +69,6 @@ def object_name(physical: str, suffix: str) -> str:
     return f"{physical[: 63 - len(suffix) - 10]}_{digest}_{suffix}"
 
 
-def _pg_exec(sql: str) -> None:
-    from alembic import op
-
-    op.execute(text(sql))
-
-
 def _bind() -> Connection | None:
     from alembic import op
 
@@ -66,50 +76,353 @@ def _bind() -> Connection | None:
     return None if ctx.as_sql else op.get_bind()
 
 
-def _pg_constraint(conn: Connection, name: str) -> bool | None:
-    """``None`` if absent, else whether it is validated."""
-    row = conn.execute(
-        text("SELECT convalidated FROM pg_constraint WHERE conname = :n"), {"n": name}
-    ).first()
-    return None if row is None else bool(row[0])
+def _adopted_columns(t: RevisionTarget) -> set[str]:
+    """``table.column`` names adopted from the provider's schema by any applied revision."""
+    return {name for names in t.previously_adopted.values() for name in names}
 
 
-def _pg_index_valid(conn: Connection, name: str) -> bool | None:
-    row = conn.execute(
-        text(
-            "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-            "WHERE c.relname = :n"
-        ),
-        {"n": name},
-    ).first()
-    return None if row is None else bool(row[0])
+def _human_ms(ms: int) -> str:
+    for unit, size in (("h", 3_600_000), ("min", 60_000), ("s", 1000)):
+        if ms >= size and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
 
 
-def _pg_not_null(conn: Connection, physical: str, column: str) -> bool:
-    row = conn.execute(
-        text(
-            "SELECT is_nullable FROM information_schema.columns WHERE table_name = :t "
-            "AND column_name = :c AND table_schema = current_schema()"
-        ),
-        {"t": physical, "c": column},
-    ).first()
-    return row is not None and row[0] == "NO"
+@dataclass(frozen=True, slots=True)
+class _Index:
+    name: str
+    valid: bool
+    on_column: bool  # a plain btree index on exactly that one column
+    definition: str
 
 
-def upgrade(checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]) -> None:
+def _normalized_check(definition: str) -> str:
+    body = definition.strip()
+    body = body.removeprefix("CHECK").removesuffix("NOT VALID")
+    return " ".join(body.replace("(", " ").replace(")", " ").replace('"', " ").split())
+
+
+class _PgFinalize:
+    """Finalize on one PostgreSQL database. Online every step first reads the catalog (by table,
+    column and expression, not only by name), so it converges from whatever an interrupted
+    attempt left; offline (``conn`` is ``None``) each step is emitted as guarded SQL.
+    """
+
+    def __init__(self, t: RevisionTarget, run: _Run, conn: Connection | None) -> None:
+        self.t = t
+        self.revision = run.revision
+        self.rerun = run.rerun
+        self.conn = conn
+
+    # ---------------------------------------------------------------- statements
+
+    def exec(self, sql: str) -> None:
+        from alembic import op
+
+        op.execute(text(sql))
+
+    def _timeouts(self, lock_ms: int, statement_ms: int) -> None:
+        self.exec(f"SET lock_timeout = '{int(lock_ms)}ms'")
+        self.exec(f"SET statement_timeout = '{int(statement_ms)}ms'")
+
+    def exec_long(self, sql: str, what: str, physical: str) -> None:
+        """Run an index build/drop or VALIDATE under ``index_timeout`` instead of the DDL limits.
+
+        They take SHARE UPDATE EXCLUSIVE (reads and writes go on) and wait for every older
+        snapshot, so a short lock_timeout would fail them on any long unrelated transaction.
+        """
+        m = self.t.migrate
+        self._timeouts(m.index_timeout_ms, m.index_timeout_ms)
+        if self.conn is None:
+            self.exec(sql)
+            self._timeouts(m.lock_timeout_ms, m.statement_timeout_ms)
+            return
+        started = time.monotonic()
+        try:
+            self.exec(sql)
+        except DBAPIError as exc:
+            sqlstate = getattr(exc.orig, "sqlstate", None)
+            waited = time.monotonic() - started
+            # 55P03: a lock wait (also the wait for older snapshots) hit lock_timeout; 57014:
+            # statement_timeout. Both are index_timeout here; a user's cancel ends sooner.
+            if (
+                not exc.connection_invalidated
+                and sqlstate in ("55P03", "57014")
+                and waited >= m.index_timeout_ms / 1000 * 0.9
+            ):
+                raise IndexTimeoutError(self._timeout_message(what, physical, waited)) from None
+            raise
+        finally:
+            with contextlib.suppress(SQLAlchemyError):
+                self._timeouts(m.lock_timeout_ms, m.statement_timeout_ms)
+
+    def _timeout_message(self, what: str, physical: str, waited: float) -> str:
+        waiting = self.waited_for(physical, waited)
+        return (
+            f"database {self.t.database!r}: revision {self.revision}: {what} did not finish "
+            f"within index_timeout {_human_ms(self.t.migrate.index_timeout_ms)}; it waits for "
+            f"{waiting}. End or wait for that transaction (pg_terminate_backend(pid) if it is "
+            f"stuck), or raise [migrate] index_timeout, then rerun `{self.rerun}`; what finalize "
+            "already built is kept"
+        )
+
+    def waited_for(self, physical: str, waited: float) -> str:
+        """Transactions older than the statement that hold a snapshot, an xid or a lock on the
+        table: what an index build or VALIDATE waits for. Never their query text."""
+        assert self.conn is not None
+        rows: list[Any] = []
+        with contextlib.suppress(SQLAlchemyError):
+            rows = list(
+                self.conn.execute(
+                    text(
+                        "SELECT a.pid, a.state, a.application_name, "
+                        "  EXTRACT(EPOCH FROM now() - a.xact_start)::int AS age "
+                        "FROM pg_stat_activity a "
+                        "WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() "
+                        "  AND a.backend_type = 'client backend' AND a.xact_start IS NOT NULL "
+                        "  AND a.xact_start < now() - make_interval(secs => :w) "
+                        "  AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL "
+                        "       OR a.pid IN (SELECT l.pid FROM pg_locks l "
+                        "                    WHERE l.relation = to_regclass(:t) AND l.granted)) "
+                        "ORDER BY a.xact_start LIMIT 3"
+                    ),
+                    {"w": max(0.0, waited - 0.5), "t": physical},
+                ).all()
+            )
+        if not rows:
+            return "older transactions (they have ended since)"
+        return "; ".join(
+            f"transaction of pid {r.pid} ({r.state}, application_name "
+            f"{(r.application_name or '')!r}, open {r.age}s)"
+            for r in rows
+        )
+
+    # ---------------------------------------------------------------- catalog (online)
+
+    def _scalar(self, sql: str, **params: object) -> Any:
+        assert self.conn is not None
+        return self.conn.execute(text(sql), params).scalar()
+
+    def constraint(self, physical: str, name: str) -> bool | None:
+        """``None`` if ``physical`` has no constraint ``name``, else whether it is validated."""
+        value = self._scalar(
+            "SELECT convalidated FROM pg_constraint WHERE conrelid = to_regclass(:t) "
+            "AND conname = :n",
+            t=physical,
+            n=name,
+        )
+        return None if value is None else bool(value)
+
+    def not_null(self, physical: str, column: str) -> bool:
+        """Whether ``physical.column`` is NOT NULL."""
+        return bool(
+            self._scalar(
+                "SELECT attnotnull FROM pg_attribute WHERE attrelid = to_regclass(:t) "
+                "AND attname = :c AND NOT attisdropped",
+                t=physical,
+                c=column,
+            )
+        )
+
+    def not_null_checks(self, physical: str, column: str) -> list[tuple[str, bool]]:
+        """(name, validated) of every CHECK on the table that says exactly ``column IS NOT NULL``,
+        whatever its name: a helper of any attempt."""
+        assert self.conn is not None
+        rows = self.conn.execute(
+            text(
+                "SELECT conname, convalidated, pg_get_constraintdef(oid) AS definition "
+                "FROM pg_constraint WHERE conrelid = to_regclass(:t) AND contype = 'c' "
+                "ORDER BY conname"
+            ),
+            {"t": physical},
+        ).all()
+        want = f"{column} IS NOT NULL"
+        return [
+            (r.conname, bool(r.convalidated))
+            for r in rows
+            if _normalized_check(r.definition) == want
+        ]
+
+    def indexes(self, physical: str, column: str) -> list[_Index]:
+        """Every index on the table, marked when it is a plain btree on exactly ``column``."""
+        assert self.conn is not None
+        rows = self.conn.execute(
+            text(
+                "SELECT ic.relname AS name, i.indisvalid AS valid, pg_get_indexdef(i.indexrelid) "
+                "  AS definition, (am.amname = 'btree' AND i.indnatts = 1 AND i.indexprs IS NULL "
+                "  AND i.indpred IS NULL AND i.indkey[0] = (SELECT attnum FROM pg_attribute "
+                "  WHERE attrelid = i.indrelid AND attname = :c AND NOT attisdropped)) AS on_col "
+                "FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid "
+                "JOIN pg_am am ON am.oid = ic.relam WHERE i.indrelid = to_regclass(:t) "
+                "ORDER BY ic.relname"
+            ),
+            {"t": physical, "c": column},
+        ).all()
+        return [_Index(r.name, bool(r.valid), bool(r.on_col), r.definition) for r in rows]
+
+    # ---------------------------------------------------------------- steps
+
+    def ensure_check(self, physical: str, name: str, sql: str) -> None:
+        """A validated CHECK ``name``: added NOT VALID (catalog change only), then validated."""
+        add = f"ALTER TABLE {physical} ADD CONSTRAINT {name} CHECK ({sql}) NOT VALID"
+        validate = f"ALTER TABLE {physical} VALIDATE CONSTRAINT {name}"
+        if self.conn is None:
+            self.exec(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = "
+                f"to_regclass('{physical}') AND conname = '{name}') THEN {add}; END IF; END $$"
+            )
+            self.exec_long(validate, f"VALIDATE CONSTRAINT {name}", physical)
+            return
+        state = self.constraint(physical, name)
+        if state is None:
+            self.exec(add)
+        if not state:
+            self.exec_long(validate, f"VALIDATE CONSTRAINT {name}", physical)
+
+    def ensure_not_null(self, physical: str, column: str, helper: str, own: bool) -> None:
+        """``column`` NOT NULL, proven first by a validated CHECK so that SET NOT NULL does not
+        scan under its ACCESS EXCLUSIVE lock (PostgreSQL 12+); the helper CHECK is dropped even
+        when an earlier attempt already set NOT NULL. Helpers of other names count as ours
+        unless the column was adopted from the provider."""
+        add = (
+            f"ALTER TABLE {physical} ADD CONSTRAINT {helper} CHECK ({column} IS NOT NULL) NOT VALID"
+        )
+        set_nn = f"ALTER TABLE {physical} ALTER COLUMN {column} SET NOT NULL"
+        drop = f"ALTER TABLE {physical} DROP CONSTRAINT IF EXISTS {helper}"
+        if self.conn is None:
+            nullable = (
+                "EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = "
+                f"to_regclass('{physical}') AND attname = '{column}' AND NOT attnotnull)"
+            )
+            mine = (
+                f"SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass('{physical}') "
+                f"AND conname = '{helper}'"
+            )
+            self.exec(
+                f"DO $$ BEGIN IF {nullable} AND NOT EXISTS ({mine}) THEN {add}; END IF; END $$"
+            )
+            self.exec_long(
+                f"DO $$ BEGIN IF {nullable} AND EXISTS ({mine} AND NOT convalidated) THEN "
+                f"ALTER TABLE {physical} VALIDATE CONSTRAINT {helper}; END IF; END $$",
+                f"VALIDATE CONSTRAINT {helper}",
+                physical,
+            )
+            self.exec(set_nn)
+            self.exec(drop)
+            return
+        if not self.not_null(physical, column):
+            helpers = self.not_null_checks(physical, column)
+            if not any(valid for _, valid in helpers):
+                if helper not in {name for name, _ in helpers}:
+                    self.exec(add)
+                self.exec_long(
+                    f"ALTER TABLE {physical} VALIDATE CONSTRAINT {helper}",
+                    f"VALIDATE CONSTRAINT {helper}",
+                    physical,
+                )
+            self.exec(set_nn)
+        self.drop_not_null_checks(physical, column, helper, own)
+
+    def drop_not_null_checks(self, physical: str, column: str, helper: str, own: bool) -> None:
+        """Drop the helper CHECK(s) of ``column`` that any attempt may have left."""
+        if self.conn is None:
+            self.exec(f"ALTER TABLE {physical} DROP CONSTRAINT IF EXISTS {helper}")
+            return
+        for name, _ in self.not_null_checks(physical, column):
+            if own or name == helper:
+                self.exec(f"ALTER TABLE {physical} DROP CONSTRAINT IF EXISTS {name}")
+
+    def ensure_index(self, physical: str, column: str, name: str) -> None:
+        """A valid index on ``column``, built CONCURRENTLY. An INVALID leftover (a failed or
+        interrupted build, online or from offline SQL) is dropped and rebuilt; a valid one of any
+        name is kept, so a retry never throws away a finished build."""
+        create = f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {physical} ({column})"
+        what = f"CREATE INDEX CONCURRENTLY {name}"
+        if self.conn is None:
+            invalid = (
+                "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE "
+                f"i.indrelid = to_regclass('{physical}') AND c.relname = '{name}'"
+            )
+            self.exec(
+                f"DO $$ BEGIN IF EXISTS ({invalid} AND NOT i.indisvalid) THEN "
+                f"DROP INDEX {name}; END IF; END $$"
+            )
+            self.exec_long(create, what, physical)
+            self.exec(
+                f"DO $$ BEGIN IF NOT EXISTS ({invalid} AND i.indisvalid) THEN RAISE EXCEPTION "
+                f"'index {name} is missing or INVALID (its build failed); run oauthmig upgrade, "
+                f"which rebuilds it'; END IF; END $$"
+            )
+            return
+        found = self.indexes(physical, column)
+        mine = next((i for i in found if i.name == name), None)
+        if any(i.valid and i.on_column for i in found):
+            if mine is not None and not mine.valid:
+                self.exec_long(f"DROP INDEX CONCURRENTLY IF EXISTS {name}", what, physical)
+            return
+        if mine is not None:
+            if mine.valid:
+                raise RevisionFailedError(
+                    f"database {self.t.database!r}: revision {self.revision}: index {name} "
+                    f"already exists as {mine.definition}, not on ({column}); drop or rename it, "
+                    f"then rerun `{self.rerun}`"
+                )
+            self.exec_long(
+                f"DROP INDEX CONCURRENTLY IF EXISTS {name}", f"DROP INDEX {name}", physical
+            )
+        self.exec_long(create, what, physical)
+
+    def drop_index(self, physical: str, column: str, name: str) -> None:
+        """Drop our index and any INVALID index on ``column`` (debris of failed builds)."""
+        if self.conn is None:
+            self.exec_long(
+                f"DROP INDEX CONCURRENTLY IF EXISTS {name}", f"DROP INDEX {name}", physical
+            )
+            return
+        for i in self.indexes(physical, column):
+            if i.name == name or (i.on_column and not i.valid):
+                self.exec_long(
+                    f"DROP INDEX CONCURRENTLY IF EXISTS {i.name}", f"DROP INDEX {i.name}", physical
+                )
+
+
+def upgrade(
+    revision: str, checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]
+) -> None:
     """Apply the finalize operations for the tables routed to this database."""
-    _dispatch(checks, not_nulls, indexes, _pg_upgrade, _sqlite_upgrade)
+    _dispatch(revision, "upgrade", checks, not_nulls, indexes, _pg_upgrade, _sqlite_upgrade)
 
 
-def downgrade(checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]) -> None:
-    """Remove what :func:`upgrade` added (indexes, constraints, NOT NULL)."""
-    _dispatch(checks, not_nulls, indexes, _pg_downgrade, _sqlite_downgrade)
+def downgrade(
+    revision: str, checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]
+) -> None:
+    """Remove everything :func:`upgrade` (any attempt of it) added."""
+    _dispatch(revision, "downgrade", checks, not_nulls, indexes, _pg_downgrade, _sqlite_downgrade)
 
 
-_Step = Callable[[RevisionTarget, list[Check], list[NotNull], list[IndexSpec]], None]
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """The revision being run and the command that resumes it."""
+
+    revision: str
+    rerun: str
+
+
+_Step = Callable[[RevisionTarget, _Run, list[Check], list[NotNull], list[IndexSpec]], None]
+
+
+def _run_for(t: RevisionTarget, revision: str, direction: str) -> _Run:
+    if direction == "upgrade":
+        return _Run(revision, f"oauthmig upgrade -d {t.database}")
+    from oauthmig.migrations import history
+
+    down = next((r.down_revision for r in history() if r.revision == revision), None)
+    return _Run(revision, f"oauthmig downgrade --to {down or 'base'} -d {t.database}")
 
 
 def _dispatch(
+    revision: str,
+    direction: str,
     checks: list[Check],
     not_nulls: list[NotNull],
     indexes: list[IndexSpec],
@@ -120,6 +433,7 @@ def _dispatch(
     step = pg if t.dialect == "postgresql" else sqlite
     step(
         t,
+        _run_for(t, revision, direction),
         [c for c in checks if c.table in t.routed],
         [n for n in not_nulls if n.table in t.routed],
         [i for i in indexes if i.table in t.routed],
@@ -127,60 +441,37 @@ def _dispatch(
 
 
 def _pg_upgrade(
-    t: RevisionTarget, checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]
+    t: RevisionTarget,
+    run: _Run,
+    checks: list[Check],
+    not_nulls: list[NotNull],
+    indexes: list[IndexSpec],
 ) -> None:
     from alembic import op
 
     if not (checks or not_nulls or indexes):
         return
+    adopted = _adopted_columns(t)
     with op.get_context().autocommit_block():
-        conn = _bind()
-        # Validation and index builds scan the table without blocking writes; they may take
-        # longer than statement_timeout on large tables, so lift it for these statements only.
-        _pg_exec("SET statement_timeout = 0")
-        all_checks = list(checks) + [
-            Check(n.table, f"{n.column}_not_null", f"{n.column} IS NOT NULL") for n in not_nulls
-        ]
-        for c in all_checks:
+        pg = _PgFinalize(t, run, _bind())
+        for c in checks:
             physical = t.tables.physical(c.table)
-            name = object_name(physical, c.suffix)
-            if (
-                c.suffix.endswith("_not_null")
-                and conn is not None
-                and _pg_not_null(conn, physical, c.suffix[: -len("_not_null")])
-            ):
-                continue
-            state = _pg_constraint(conn, name) if conn is not None else None
-            if state is None:
-                # NOT VALID: takes its lock only for a catalog change, no scan under it.
-                _pg_exec(f"ALTER TABLE {physical} ADD CONSTRAINT {name} CHECK ({c.sql}) NOT VALID")
-            if not state:
-                # VALIDATE scans under SHARE UPDATE EXCLUSIVE: reads and writes go on.
-                _pg_exec(f"ALTER TABLE {physical} VALIDATE CONSTRAINT {name}")
+            pg.ensure_check(physical, object_name(physical, c.suffix), c.sql)
         for n in not_nulls:
             physical = t.tables.physical(n.table)
-            name = object_name(physical, f"{n.column}_not_null")
-            if conn is not None and _pg_not_null(conn, physical, n.column):
-                continue
-            # PostgreSQL 12+ skips the scan when a validated CHECK proves IS NOT NULL.
-            _pg_exec(f"ALTER TABLE {physical} ALTER COLUMN {n.column} SET NOT NULL")
-            _pg_exec(f"ALTER TABLE {physical} DROP CONSTRAINT IF EXISTS {name}")
+            pg.ensure_not_null(
+                physical,
+                n.column,
+                object_name(physical, f"{n.column}_not_null"),
+                own=f"{n.table}.{n.column}" not in adopted,
+            )
         for i in indexes:
             physical = t.tables.physical(i.table)
-            name = object_name(physical, f"{i.column}_idx")
-            valid = _pg_index_valid(conn, name) if conn is not None else None
-            if valid is False:
-                # A failed CONCURRENTLY build leaves an INVALID index behind: drop, rebuild.
-                _pg_exec(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
-            if valid is not True:
-                _pg_exec(
-                    f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {physical} ({i.column})"
-                )
-        _pg_exec(f"SET statement_timeout = '{int(t.migrate.statement_timeout_ms)}ms'")
+            pg.ensure_index(physical, i.column, object_name(physical, f"{i.column}_idx"))
     if t.guarded:
         # Offline, the statements above ran outside a transaction and a client may have gone on
         # past a failure: verify the end state inside the transaction that records the revision.
-        _pg_exec(_offline_postcondition(t, checks, not_nulls, indexes))
+        pg.exec(_offline_postcondition(t, checks, not_nulls, indexes))
 
 
 def _offline_postcondition(
@@ -204,27 +495,37 @@ def _offline_postcondition(
 
 
 def _pg_downgrade(
-    t: RevisionTarget, checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]
+    t: RevisionTarget,
+    run: _Run,
+    checks: list[Check],
+    not_nulls: list[NotNull],
+    indexes: list[IndexSpec],
 ) -> None:
     from alembic import op
 
     if not (checks or not_nulls or indexes):
         return
+    adopted = _adopted_columns(t)
     with op.get_context().autocommit_block():
+        pg = _PgFinalize(t, run, _bind())
         for i in indexes:
             physical = t.tables.physical(i.table)
-            _pg_exec(
-                f"DROP INDEX CONCURRENTLY IF EXISTS {object_name(physical, i.column + '_idx')}"
-            )
+            pg.drop_index(physical, i.column, object_name(physical, f"{i.column}_idx"))
         for n in not_nulls:
             physical = t.tables.physical(n.table)
-            _pg_exec(f"ALTER TABLE {physical} ALTER COLUMN {n.column} DROP NOT NULL")
+            pg.drop_not_null_checks(
+                physical,
+                n.column,
+                object_name(physical, f"{n.column}_not_null"),
+                own=f"{n.table}.{n.column}" not in adopted,
+            )
+            if pg.conn is None or pg.not_null(physical, n.column):
+                pg.exec(f"ALTER TABLE {physical} ALTER COLUMN {n.column} DROP NOT NULL")
         for c in checks:
             physical = t.tables.physical(c.table)
-            _pg_exec(
-                f"ALTER TABLE {physical} DROP CONSTRAINT IF EXISTS "
-                f"{object_name(physical, c.suffix)}"
-            )
+            name = object_name(physical, c.suffix)
+            if pg.conn is None or pg.constraint(physical, name) is not None:
+                pg.exec(f"ALTER TABLE {physical} DROP CONSTRAINT IF EXISTS {name}")
 
 
 def _copy_from(t: RevisionTarget, logical: str) -> Table | None:
@@ -244,7 +545,11 @@ def _copy_from(t: RevisionTarget, logical: str) -> Table | None:
 
 
 def _sqlite_upgrade(
-    t: RevisionTarget, checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]
+    t: RevisionTarget,
+    run: _Run,
+    checks: list[Check],
+    not_nulls: list[NotNull],
+    indexes: list[IndexSpec],
 ) -> None:
     from alembic import op
 
@@ -269,15 +574,25 @@ def _sqlite_upgrade(
                 batch.alter_column(n.column, existing_type=n.spec.type_, nullable=False)
     for i in indexes:
         physical = t.tables.physical(i.table)
+        if conn is not None and any(
+            x["column_names"] == [i.column] for x in inspect(conn).get_indexes(physical)
+        ):
+            continue  # an index on that column exists already (any name): keep it
         op.create_index(
             object_name(physical, f"{i.column}_idx"), physical, [i.column], if_not_exists=True
         )
 
 
 def _sqlite_downgrade(
-    t: RevisionTarget, checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]
+    t: RevisionTarget,
+    run: _Run,
+    checks: list[Check],
+    not_nulls: list[NotNull],
+    indexes: list[IndexSpec],
 ) -> None:
     from alembic import op
+
+    conn = _bind()
 
     for i in indexes:
         physical = t.tables.physical(i.table)
@@ -288,6 +603,9 @@ def _sqlite_downgrade(
         if not (mine or nn):
             continue
         physical = t.tables.physical(logical)
+        if conn is not None:
+            existing = {c["name"] for c in inspect(conn).get_check_constraints(physical)}
+            mine = [c for c in mine if object_name(physical, c.suffix) in existing]
         with op.batch_alter_table(
             physical, recreate="always", copy_from=_copy_from(t, logical)
         ) as batch:

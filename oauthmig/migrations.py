@@ -45,12 +45,13 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, PendingRollbackError, SQLAlchemyError
 from sqlalchemy.types import TypeEngine
 
 from oauthmig.config import LOGICAL_TABLES, DatabaseConfig, MigrateSettings, Settings, TableNames
 from oauthmig.db import connect, describe_error, exclusive_run, for_writing, make_engine
 from oauthmig.errors import (
+    ConnectionLostError,
     DatabaseError,
     GateError,
     IncompatibleColumnError,
@@ -700,6 +701,78 @@ def _is_lock_timeout(exc: BaseException) -> bool:
     return "database is locked" in str(orig or exc)
 
 
+def is_connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` means the session is gone (killed backend, server restart, network)."""
+    if isinstance(exc, PendingRollbackError):
+        return True  # SQLAlchemy's follow-up error on a connection invalidated by a loss
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
+    # 08xxx connection exceptions; 57P01-03 admin shutdown, crash shutdown, cannot connect now.
+    return sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
+
+
+def statement_kind(statement: str | None) -> str | None:
+    """The leading keywords and names of a statement (``ALTER TABLE t ADD CONSTRAINT c``),
+    never a literal or a parameter."""
+    if not statement:
+        return None
+    words: list[str] = []
+    for word in statement.split():
+        if len(words) == 9 or not word.replace("_", "").replace(".", "").isalnum():
+            break
+        if word.isdigit() or word.upper() in ("CHECK", "VALUES", "WHERE", "FROM"):
+            break  # what follows are expressions and values
+        words.append(word)
+    return " ".join(words) or None
+
+
+def _rerun_command(req: RunRequest, db: str) -> str:
+    if req.direction == "downgrade":
+        return f"oauthmig downgrade --to {req.target} -d {db}"
+    to = f" --to {req.target}" if req.explicit_target else ""
+    return f"oauthmig upgrade{to} -d {db}"
+
+
+def connection_lost_message(
+    req: RunRequest, db: DatabaseConfig, during: str, exc: BaseException | None = None
+) -> str:
+    """One line: which database's connection was lost, during what, and what to run next."""
+    statement: str | None = None
+    seen: BaseException | None = exc
+    while seen is not None and statement is None:
+        # The driver error may be wrapped: Alembic's autocommit block raises SQLAlchemy's
+        # PendingRollbackError from its cleanup, with the lost statement as its context.
+        statement = getattr(seen, "statement", None)
+        seen = seen.__cause__ or seen.__context__
+    kind = statement_kind(statement)
+    what = f"{during} ({kind})" if kind else during
+    return (
+        f"database {db.name!r}: the connection to {db.display_url} was lost during {what}; "
+        "revisions already done are kept and an interrupted finalize resumes where it stopped: "
+        f"rerun `{_rerun_command(req, db.name)}` once the database is reachable"
+    )
+
+
+def _step_after_loss(
+    conn: Connection,
+    db: DatabaseConfig,
+    revisions: Sequence[RevisionInfo],
+    plan: DatabasePlan,
+    direction: str,
+) -> str:
+    """``revision N`` that was running when the connection dropped, read over a new connection
+    (the old one is gone); from the plan alone when the database cannot be reached."""
+    with contextlib.suppress(SQLAlchemyError, OauthmigError):
+        with conn.engine.connect() as fresh:
+            current = read_current(fresh, db.name, revisions)
+        step = _next_step(revisions, current, direction)
+        if step is not None:
+            return f"revision {step.revision}"
+    revs = [s.revision for s in plan.steps]
+    return f"revision {revs[0]}" if len(revs) == 1 else f"one of revisions {', '.join(revs)}"
+
+
 def _blockers(conn: Connection, physical_tables: Sequence[str]) -> str:
     """Who holds locks on the tables (PostgreSQL); never includes query text (may hold secrets)."""
     if conn.dialect.name != "postgresql":
@@ -796,7 +869,10 @@ def run_database(req: RunRequest, sleep: Callable[[float], None] = time.sleep) -
             exc.message,
         )
     except SQLAlchemyError as exc:
-        message = f"database {db.name!r}: {describe_error(exc, db)}"
+        if is_connection_lost(exc):
+            message = connection_lost_message(req, db, req.direction, exc)
+        else:
+            message = f"database {db.name!r}: {describe_error(exc, db)}"
         return DatabaseRun(db.name, empty_plan, (), None, 0, time.monotonic() - started, message)
 
 
@@ -850,9 +926,13 @@ def _run_online(
             else:
                 command.downgrade(cfg, stop)
             break
-        except DBAPIError as exc:
+        except (DBAPIError, PendingRollbackError) as exc:
             with contextlib.suppress(SQLAlchemyError):
                 conn.rollback()
+            if is_connection_lost(exc):
+                step = _step_after_loss(conn, db, revisions, plan, req.direction)
+                raise ConnectionLostError(connection_lost_message(req, db, step, exc)) from None
+            assert isinstance(exc, DBAPIError)
             reached_now = read_current(conn, db.name, revisions)
             failing = _next_step(revisions, reached_now, req.direction)
             routed = settings.tables_on(db.name)
@@ -884,6 +964,15 @@ def _run_online(
             if failing:
                 _record_failure(conn, failing.revision, message)
             raise RevisionFailedError(message) from None
+        except DatabaseError as exc:
+            # Raised by revision code with its own message (e.g. an index build that outlasted
+            # index_timeout): not retried, since waiting longer was the whole budget.
+            with contextlib.suppress(SQLAlchemyError):
+                conn.rollback()
+            failing = _next_step(revisions, read_current(conn, db.name, revisions), req.direction)
+            if failing:
+                _record_failure(conn, failing.revision, exc.message)
+            raise
     reached = read_current(conn, db.name, revisions)
     log = read_log(conn)
     done = tuple(

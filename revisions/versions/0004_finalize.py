@@ -60,8 +60,8 @@ def _not_nulls() -> list[NotNull]:
 
 
 def upgrade() -> None:
-    finalize.upgrade(CHECKS, _not_nulls(), INDEXES)
+    finalize.upgrade(revision, CHECKS, _not_nulls(), INDEXES)
 
 
 def downgrade() -> None:
-    finalize.downgrade(CHECKS, _not_nulls(), INDEXES)
+    finalize.downgrade(revision, CHECKS, _not_nulls(), INDEXES)
