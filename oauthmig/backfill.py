@@ -75,7 +75,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
 from oauthmig.config import BackfillSettings, DatabaseConfig, Settings
@@ -447,28 +447,30 @@ def _next_hi(conn: Connection, physical: str, lo: int, bound: int, size: int) ->
     return None if value is None else int(value)
 
 
-def _transient(exc: DBAPIError) -> bool:
-    if exc.connection_invalidated:
+def _transient(exc: SQLAlchemyError) -> bool:
+    if getattr(exc, "connection_invalidated", False):
         return True
-    sqlstate = getattr(exc.orig, "sqlstate", None)
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)
     if sqlstate in ("40P01", "40001", "55P03", "57P01", "08006", "08003", "08000"):
         return True
-    return "database is locked" in str(exc.orig)
+    return "database is locked" in str(orig)
 
 
-def _is_statement_timeout(exc: DBAPIError) -> bool:
-    return getattr(exc.orig, "sqlstate", None) == "57014"
+def _is_statement_timeout(exc: SQLAlchemyError) -> bool:
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "57014"
 
 
-def _is_lock_timeout(exc: DBAPIError) -> bool:
-    return getattr(exc.orig, "sqlstate", None) == "55P03" or "database is locked" in str(exc.orig)
+def _is_lock_timeout(exc: SQLAlchemyError) -> bool:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) == "55P03" or "database is locked" in str(orig)
 
 
-def _lost(exc: DBAPIError, conn: Connection) -> bool:
+def _lost(exc: SQLAlchemyError, conn: Connection) -> bool:
     """True if the connection is gone (server restart, terminated session, network)."""
-    if exc.connection_invalidated or conn.invalidated or conn.closed:
+    if getattr(exc, "connection_invalidated", False) or conn.invalidated or conn.closed:
         return True
-    if getattr(exc.orig, "sqlstate", None) in _LOST_SQLSTATES:
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) in _LOST_SQLSTATES:
         return True
     try:
         return bool(getattr(conn.connection.driver_connection, "closed", False))
@@ -846,8 +848,14 @@ class _Runner:
         seconds = self.settings.migrate.statement_timeout_ms / 1000 + DEADLINE_GRACE_SECONDS
         return ClientDeadline(conn, seconds)
 
-    def _reconnect(self, engine: Engine, conn: Connection, reason: str) -> Connection:
-        """Reconnect with backoff for the outage window, or mark the job failed and raise."""
+    def _reconnect(
+        self, engine: Engine, conn: Connection, reason: str, state: dict[str, Any]
+    ) -> Connection:
+        """Reconnect with backoff for the outage window, or mark the job failed and raise.
+
+        The progress in ``state`` is reloaded from the job row: whether the batch in flight
+        committed is known only to the server.
+        """
         with contextlib.suppress(SQLAlchemyError):
             conn.close()
         window = self.settings.backfill.outage_window_ms / 1000
@@ -868,23 +876,28 @@ class _Runner:
             except _StillHeld as exc:
                 last = str(exc)
                 continue
-            except DBAPIError as exc:
+            except SQLAlchemyError as exc:
                 last = describe_error(exc, self.db)
                 continue
             try:
-                row = new.execute(
-                    select(job_table.c.owner).where(job_table.c.job == self.job.name)
-                ).scalar()
+                row = (
+                    new.execute(select(job_table).where(job_table.c.job == self.job.name))
+                    .mappings()
+                    .first()
+                )
                 new.commit()
-            except DBAPIError as exc:
+            except SQLAlchemyError as exc:
                 last = describe_error(exc, self.db)
                 with contextlib.suppress(SQLAlchemyError):
                     new.close()
                 continue
-            if row != self.owner:
+            if row is None or row["owner"] != self.owner:
                 with contextlib.suppress(SQLAlchemyError):
                     new.close()
                 raise _TakenOver(self._taken_over_message())
+            self.changed += int(row["rows_done"]) - int(state["rows_done"])
+            for name in ("phase", "cursor", "upper_bound", "rows_done", "batches"):
+                state[name] = row[name]
             self.reconnects += 1
             return new
         message = (
@@ -916,6 +929,7 @@ class _Runner:
             if self.stop.should_stop():
                 self._save(conn, state, "paused")
                 return conn
+            snapshot = dict(state)  # what the job row holds now
             bound = int(state["upper_bound"])
             lo = int(state["cursor"])
             hi: int | None = None
@@ -970,9 +984,11 @@ class _Runner:
                 with contextlib.suppress(SQLAlchemyError):
                     conn.rollback()
                 raise BackfillError(exc.message) from None
-            except DBAPIError as exc:
+            except SQLAlchemyError as exc:
                 with contextlib.suppress(SQLAlchemyError):
                     conn.rollback()
+                attempts = int(state["attempts"])
+                state.update(snapshot, attempts=attempts)  # the failed batch did not happen
                 if deadline.fired or _lost(exc, conn):
                     reason = (
                         f"no answer within the client deadline of {deadline.seconds:g}s "
@@ -983,7 +999,7 @@ class _Runner:
                     if deadline.fired:
                         size = max(1, size // 2)
                     state["attempts"] = int(state["attempts"]) + 1
-                    conn = self._reconnect(engine, conn, reason)
+                    conn = self._reconnect(engine, conn, reason, state)
                     continue
                 if _is_lock_timeout(exc) and hi is not None:
                     state["attempts"] = int(state["attempts"]) + 1

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
@@ -430,12 +431,14 @@ def backfill(
     def on_sigterm(_signum: int, _frame: object) -> None:
         raise Terminated  # unwinds like Ctrl-C: the job is saved as paused
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
     try:
         with progress_bar(c.err, enabled=not c.quiet and not dry_run) as update:
             result = service.backfill(settings, job_names, options, progress=update)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     if as_json:
         click.echo(to_json(backfill_to_dict(result)))
     elif not c.quiet or result.failed:
