@@ -692,10 +692,10 @@ def run(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return EXIT_FAILED
-    except Terminated:
-        click.echo("terminated (SIGTERM); state is saved, rerun to resume", err=True)
-        return EXIT_TERMINATED
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort) as exc:
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
+            click.echo("terminated (SIGTERM); state is saved, rerun to resume", err=True)
+            return EXIT_TERMINATED
         click.echo("interrupted; state is saved, rerun to resume", err=True)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
