@@ -626,6 +626,7 @@ class _Runner:
     backend_pid: int | None = None
     reconnects: int = 0
     note: str | None = None
+    work: Connection | None = None  # the current work connection (replaced on reconnect)
 
     @property
     def lock_key(self) -> int:
@@ -776,11 +777,13 @@ class _Runner:
             conn = self._loop(engine, conn, physical, state, started)
             return self._result(state, started)
         except KeyboardInterrupt:
-            self._pause(engine, conn, state)
+            self._pause(engine, self.work or conn, state)
             raise
         finally:
-            with contextlib.suppress(SQLAlchemyError):
-                conn.close()
+            for c in (conn, self.work):
+                if c is not None:
+                    with contextlib.suppress(SQLAlchemyError):
+                        c.close()
 
     def _pause(self, engine: Engine, conn: Connection, state: dict[str, Any] | None) -> None:
         """Ctrl-C or SIGTERM: record ``paused`` (the open batch, if any, is rolled back)."""
@@ -999,7 +1002,7 @@ class _Runner:
                     if deadline.fired:
                         size = max(1, size // 2)
                     state["attempts"] = int(state["attempts"]) + 1
-                    conn = self._reconnect(engine, conn, reason, state)
+                    conn = self.work = self._reconnect(engine, conn, reason, state)
                     continue
                 if _is_lock_timeout(exc) and hi is not None:
                     state["attempts"] = int(state["attempts"]) + 1

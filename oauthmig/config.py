@@ -101,7 +101,7 @@ class BackfillSettings:
     """Batching and pacing of backfill jobs."""
 
     batch_size: int = 1000
-    target_batch_seconds: float = 0.2
+    target_batch_seconds: float = 0.1
     sleep_seconds: float = 0.0
     max_duty: float = 0.5  # share of wall time spent in batches: sleep >= batch * (1/duty - 1)
     outage_window_ms: int = 60000  # how long a lost connection is retried before failing
@@ -381,7 +381,7 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     backfill = BackfillSettings(
         batch_size=_int(bf_raw.get("batch_size", 1000), "backfill.batch_size", 1, 10_000_000),
         target_batch_seconds=_float(
-            bf_raw.get("target_batch_seconds", 0.2), "backfill.target_batch_seconds", 0.01, 600
+            bf_raw.get("target_batch_seconds", 0.1), "backfill.target_batch_seconds", 0.01, 600
         ),
         sleep_seconds=_float(bf_raw.get("sleep_seconds", 0.0), "backfill.sleep_seconds", 0, 3600),
         max_duty=_float(bf_raw.get("max_duty", 0.5), "backfill.max_duty", 0.01, 1.0),

@@ -573,3 +573,61 @@ def test_family_ids_are_unique_across_databases_and_v1_jobs_keep_theirs(
     }
     assert versions == {"control": 1, "shard": 2}
     assert family_id(t, 7, "a") != family_id(t, 7, "b") != family_id(t, 7)
+
+
+# ------------------------------------------------------------------ config of the new keys
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("max_duty", 0, "backfill.max_duty: must be between 0.01 and 1.0"),
+        ("max_duty", 1.5, "backfill.max_duty: must be between 0.01 and 1.0"),
+        ("max_duty", "half", "backfill.max_duty: expected a number"),
+        ("outage_window", "soon", "backfill.outage_window: expected a duration"),
+        ("outage_window", -1, "backfill.outage_window: must not be negative"),
+    ],
+)
+def test_backfill_pacing_and_outage_keys_are_strict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, value: Any, message: str
+) -> None:
+    db = tmp_path / "x.sqlite"
+    db.touch()
+    cfg = write_config(
+        tmp_path / "bad.toml",
+        {"databases": {"main": {"url": f"sqlite:///{db}"}}, "backfill": {key: value}},
+    )
+    result = invoke(capsys, "--config", cfg, "backfill", "--dry-run")
+    assert result.code == 2
+    assert message in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_backfill_pacing_defaults_and_values() -> None:
+    s = settings_from_mapping(
+        {
+            "databases": {"main": {"url": "sqlite:///x.sqlite"}},
+            "backfill": {"max_duty": 1.0, "outage_window": "90s"},
+        },
+        {},
+        "test",
+    )
+    assert s.backfill.max_duty == 1.0 and s.backfill.outage_window_ms == 90_000
+    d = settings_from_mapping({"databases": {"main": {"url": "sqlite:///x.sqlite"}}}, {}, "t")
+    assert d.backfill.max_duty == 0.5 and d.backfill.outage_window_ms == 60_000
+    assert d.backfill.batch_size == 1000
+
+
+# ------------------------------------------------------------------ 8: duty cycle
+
+
+def test_default_duty_cycle_sleeps_at_least_as_long_as_each_batch(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, _ = _expanded(make_database, tmp_path, capsys)
+    assert settings.backfill.max_duty == 0.5
+    result = backfill(settings, ["token-families"], BackfillOptions(batch_size=100))
+    runs = [r for r in result.runs if r.batches > 1]
+    assert runs and all(r.status == "finished" for r in result.runs)
+    for run in runs:
+        # Each batch is followed by a pause of at least its own duration (the last one too).
+        assert run.seconds >= 2 * sum(run.batch_seconds), run
