@@ -789,9 +789,16 @@ class _Runner:
         """Ctrl-C or SIGTERM: record ``paused`` (the open batch, if any, is rolled back)."""
         if state is None:
             return
-        with contextlib.suppress(SQLAlchemyError, BackfillError):
+        # Status only: the progress columns keep what the last committed batch wrote (the
+        # in-memory state may already describe the batch that was just rolled back).
+        with contextlib.suppress(SQLAlchemyError):
             conn.rollback()
-            self._save(conn, state, "paused")
+            with _txn(conn):
+                conn.execute(
+                    job_table.update()
+                    .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
+                    .values(status="paused", updated_at=datetime.now(UTC))
+                )
             return
         with contextlib.suppress(SQLAlchemyError):
             conn.close()  # releases row locks of a half-done batch before the fresh write
