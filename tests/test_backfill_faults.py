@@ -631,3 +631,45 @@ def test_default_duty_cycle_sleeps_at_least_as_long_as_each_batch(
     for run in runs:
         # Each batch is followed by a pause of at least its own duration (the last one too).
         assert run.seconds >= 2 * sum(run.batch_seconds), run
+
+
+@PG
+def test_downgrade_refused_while_a_backfill_process_runs(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, cfg = _expanded(
+        make_database,
+        tmp_path,
+        capsys,
+        migrate={"lock_timeout": "60s", "lock_retries": 2, "statement_timeout": "120s"},
+    )
+    token = settings.tables.token
+    engine = make_engine(settings.databases["shard"], settings)
+    row_lock = engine.connect()
+    first = _rows(settings, "shard", f"SELECT min(id) FROM {token} WHERE refresh_token IS NOT NULL")
+    row_lock.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": first[0][0]})
+    proc = _spawn(cfg, "-d", "shard", "backfill", "token-families")
+    try:
+        _wait_lock_wait(settings, "shard")  # the backfill is live, held inside its first batch
+        refused = invoke(capsys, "--config", cfg, "-d", "shard", "downgrade", "--to", "0001")
+        assert refused.code == 2
+        assert "while backfill token-families is running on its columns" in refused.err
+        assert "token_family_id" in {c["name"] for c in _token_columns(settings)}
+    finally:
+        row_lock.rollback()
+        row_lock.close()
+        engine.dispose()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert invoke(capsys, "--config", cfg, "-d", "shard", "downgrade", "--to", "0001").code == 0
+
+
+def _token_columns(settings: Settings) -> list[dict[str, Any]]:
+    from sqlalchemy import inspect
+
+    engine = make_engine(settings.databases["shard"], settings)
+    try:
+        with engine.connect() as conn:
+            return list(inspect(conn).get_columns(settings.tables.token))
+    finally:
+        engine.dispose()
