@@ -656,13 +656,14 @@ class _Runner:
             if conn.dialect.name != "postgresql":
                 return conn
             m = self.settings.migrate
-            conn.execute(text(f"SET lock_timeout = '{int(m.lock_timeout_ms)}ms'"))
-            conn.execute(text(f"SET statement_timeout = '{int(m.statement_timeout_ms)}ms'"))
-            pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
-            got = conn.execute(
-                text("SELECT pg_try_advisory_lock(:k)"), {"k": self.lock_key}
-            ).scalar()
-            conn.commit()
+            with self._deadline(conn):
+                conn.execute(text(f"SET lock_timeout = '{int(m.lock_timeout_ms)}ms'"))
+                conn.execute(text(f"SET statement_timeout = '{int(m.statement_timeout_ms)}ms'"))
+                pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+                got = conn.execute(
+                    text("SELECT pg_try_advisory_lock(:k)"), {"k": self.lock_key}
+                ).scalar()
+                conn.commit()
             if not got:
                 holder = _lock_holder(conn, self.lock_key)
                 if reconnect and holder is not None and holder == self.backend_pid:
