@@ -12,19 +12,38 @@ Mechanics, per job and database:
 * state (cursor, bounds, phase, rows done, attempts, last error) lives in
   ``oauthmig_backfill_job`` **in the target database** and is updated in the same transaction
   as each batch, so Ctrl-C, a crash or ``kill -9`` resumes exactly where it stopped;
-* one run per job and database (advisory lock on PostgreSQL, ``flock`` on SQLite);
-* transient errors (deadlock, serialization failure, lock timeout, lost connection) are
-  retried with jittered backoff; a persistent failure marks the job ``failed`` and raises.
+* pacing: after each batch the runner sleeps at least ``sleep_seconds`` and at least as long
+  as keeps the share of time spent in batches at or under ``max_duty`` (0.5: sleep as long as
+  the last batch took), so live traffic gets the server half the time;
+* one run per job and database. PostgreSQL: a session advisory lock held by the connection
+  that runs the batches, re-verified inside every batch's transaction
+  (``pg_try_advisory_xact_lock``) together with the run's owner token in the job row; a run
+  whose lock or job row was taken over by another run stops at once. SQLite: ``flock``;
+* a lost connection (server restart, failover, terminated session, client deadline passed)
+  is reconnected with backoff for ``outage_window``; the lock is taken again and the owner
+  token checked before the next batch; past the window the job is marked ``failed``;
+* on a lock timeout the batch is halved down to one row; a row that stays locked fails the
+  job with the blocking session's pid, state and transaction age (never its query text);
+* deadlocks, serialization failures and statement timeouts are retried with jittered
+  backoff (a statement timeout also halves the batch); other errors mark the job ``failed``;
+* the saved progress is valid only for the generation of the job's columns it was made on
+  (revision-log entry of the revisions adding them, plus the columns' ``attnum`` on
+  PostgreSQL): after a downgrade and upgrade re-created them, the job starts over.
 
-The token family id of a legacy token is :func:`family_id` ``(table, id)``: UUIDv3 (RFC 4122
-§4.3, MD5) of ``"<table>:<id>"`` in :data:`FAMILY_NAMESPACE`. PostgreSQL computes it in SQL
-with ``md5()``; SQLite calls the same Python function registered on the connection.
+The token family id of a legacy token is :func:`family_id` ``(table, id, database)``: UUIDv3
+(RFC 4122 §4.3, MD5) in :data:`FAMILY_NAMESPACE` of ``"<database>:<table>:<id>"`` (job version
+2, the default), where ``<database>`` is the database's name in the config, so two shards
+never share a family id. Jobs started before version 2 existed (version 1, recorded in the
+job row) keep the old name ``"<table>:<id>"`` so that ids already written stay consistent.
+PostgreSQL computes it in SQL with ``md5()``; SQLite calls the same Python function.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import os
 import random
 import threading
 import time
@@ -56,11 +75,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
 from oauthmig.config import BackfillSettings, DatabaseConfig, Settings
 from oauthmig.db import (
+    ClientDeadline,
     connect,
     describe_error,
     exclusive_run,
@@ -69,16 +89,29 @@ from oauthmig.db import (
     make_engine,
     scrub_stored,
 )
-from oauthmig.errors import BackfillError, OauthmigError, UsageError
-from oauthmig.migrations import BACKFILL_GATES, check_databases
+from oauthmig.errors import BackfillError, LockBusyError, OauthmigError, UsageError
+from oauthmig.migrations import (
+    BACKFILL_GATES,
+    DOWNGRADE_GUARDS,
+    RevisionInfo,
+    _blockers,
+    check_databases,
+    history,
+    read_log,
+)
 from oauthmig.redirect_rules import infer_app_type, split_redirect_uris
 from oauthmig.status import BACKFILL_STATUS, JobState
 from oauthmig.types import StringList
 
 JOB_TABLE = "oauthmig_backfill_job"
+STATE_INTERRUPTED = "running (no live process: interrupted)"
 FAMILY_NAMESPACE = uuid.UUID("6f1c1d1e-8a34-4c55-9b6e-0a7e5d1f2c3b")
 MIN_BATCH, MAX_BATCH = 10, 200_000
 MAX_TRANSIENT_RETRIES = 10
+LOCKED_ROW_ATTEMPTS = 3  # lock timeouts on a one-row batch before the job fails
+DEADLINE_GRACE_SECONDS = 5.0  # client deadline = statement_timeout + this
+FAMILY_VERSION = 2  # job version of new token-families jobs (see family_id)
+_LOST_SQLSTATES = ("57P01", "57P02", "57P03", "08006", "08003", "08000", "08001", "08004")
 _SQLITE_FAMILY_FN = "oauthmig_family_id"
 _SQLITE_APP_TYPE_FN = "oauthmig_app_type"
 
@@ -101,28 +134,41 @@ job_table = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=True),
+    # Added later (older job tables get them on first use): the run that owns the job, the
+    # column generation its progress belongs to, the job version (family id formula).
+    Column("owner", String(32), nullable=True),
+    Column("generation", Text, nullable=True),
+    Column("version", Integer, nullable=True),
 )
+_LATER_COLUMNS = {"owner": "VARCHAR(32)", "generation": "TEXT", "version": "INTEGER"}
 
 
-def family_id(table_name: str, row_id: int) -> uuid.UUID:
+def family_prefix(table_name: str, database: str | None) -> str:
+    """The part of a family id's UUIDv3 name before the row id (``None``: job version 1)."""
+    return f"{table_name}:" if database is None else f"{database}:{table_name}:"
+
+
+def family_id(table_name: str, row_id: int, database: str | None = None) -> uuid.UUID:
     """The deterministic family id of legacy token ``row_id`` in ``table_name``.
 
-    UUIDv3 of ``"<table>:<id>"`` in :data:`FAMILY_NAMESPACE`: one family per legacy token,
-    because legacy refreshes rewrote rows in place and kept no lineage.
+    One family per legacy token, because legacy refreshes rewrote rows in place and kept no
+    lineage. Job version 2 (``database`` given: the database's name in the config) is UUIDv3
+    of ``"<database>:<table>:<id>"`` in :data:`FAMILY_NAMESPACE`, unique across the install;
+    version 1 (``database`` omitted, jobs started before version 2) is ``"<table>:<id>"``.
     """
-    return uuid.uuid3(FAMILY_NAMESPACE, f"{table_name}:{row_id}")
+    return uuid.uuid3(FAMILY_NAMESPACE, f"{family_prefix(table_name, database)}{row_id}")
 
 
-def _pg_family_sql(table_name: str) -> str:
+def _pg_family_sql(table_name: str, database: str | None = None) -> Any:
     # UUIDv3 in SQL: md5(namespace bytes || name), then version nibble 3 (hex digit 13) and
     # variant 10xx (hex digit 17: d -> (d & 3) | 8, done by translate). md5 is written twice.
     ns = FAMILY_NAMESPACE.hex
-    h = f"md5(decode('{ns}', 'hex') || convert_to('{table_name}:' || id::text, 'UTF8'))"
-    return (
+    h = f"md5(decode('{ns}', 'hex') || convert_to(:fam_prefix || id::text, 'UTF8'))"
+    return text(
         f"overlay(overlay({h} placing '3' from 13 for 1) placing "
         f"translate(substr({h}, 17, 1), '0123456789abcdef', '89ab89ab89ab89ab') "
         "from 17 for 1)::uuid"
-    )
+    ).bindparams(fam_prefix=family_prefix(table_name, database))
 
 
 # --------------------------------------------------------------------------- jobs
@@ -135,6 +181,8 @@ class BatchContext:
     conn: Connection
     physical: str
     settings: Settings
+    database: str = ""
+    version: int = FAMILY_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +209,12 @@ def _token_pending(t: Any) -> ColumnElement[bool]:
 def _token_batch(ctx: BatchContext, lo: int, hi: int) -> int:
     t = _token_table(ctx.physical)
     where = and_(t.c.id > lo, t.c.id <= hi, _token_pending(t))
+    database = ctx.database if ctx.version >= 2 else None
     if ctx.conn.dialect.name == "postgresql":
-        value: Any = text(_pg_family_sql(ctx.physical))
+        value: Any = _pg_family_sql(ctx.physical, database)
     else:
-        value = getattr(func, _SQLITE_FAMILY_FN)(ctx.physical, t.c.id)
+        prefix = family_prefix(ctx.physical, database)
+        value = getattr(func, _SQLITE_FAMILY_FN)(prefix, t.c.id)
     result = ctx.conn.execute(update(t).where(where).values(token_family_id=value))
     return int(result.rowcount)
 
@@ -335,8 +385,8 @@ def _register_sqlite_functions(conn: Connection) -> None:
     raw = conn.connection.driver_connection
     assert raw is not None
 
-    def fam(table_name: str, row_id: int) -> str:
-        return family_id(table_name, int(row_id)).hex
+    def fam(prefix: str, row_id: int) -> str:
+        return uuid.uuid3(FAMILY_NAMESPACE, f"{prefix}{int(row_id)}").hex
 
     raw.create_function(_SQLITE_FAMILY_FN, 2, fam, deterministic=True)
 
@@ -368,9 +418,12 @@ def remaining_rows(conn: Connection, settings: Settings, database: str, job: Job
 
 
 def _read_job(conn: Connection, name: str) -> dict[str, Any] | None:
-    if not inspect(conn).has_table(JOB_TABLE):
+    insp = inspect(conn)
+    if not insp.has_table(JOB_TABLE):
         return None
-    row = conn.execute(select(job_table).where(job_table.c.job == name)).mappings().first()
+    have = {c["name"] for c in insp.get_columns(JOB_TABLE)}  # older tables lack later columns
+    cols = [c for c in job_table.c if c.name in have]
+    row = conn.execute(select(*cols).where(job_table.c.job == name)).mappings().first()
     if conn.in_transaction():
         conn.rollback()
     if not row:
@@ -401,17 +454,142 @@ def _next_hi(conn: Connection, physical: str, lo: int, bound: int, size: int) ->
     return None if value is None else int(value)
 
 
-def _transient(exc: DBAPIError) -> bool:
-    if exc.connection_invalidated:
+def _transient(exc: SQLAlchemyError) -> bool:
+    if getattr(exc, "connection_invalidated", False):
         return True
-    sqlstate = getattr(exc.orig, "sqlstate", None)
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)
     if sqlstate in ("40P01", "40001", "55P03", "57P01", "08006", "08003", "08000"):
         return True
-    return "database is locked" in str(exc.orig)
+    return "database is locked" in str(orig)
 
 
-def _is_statement_timeout(exc: DBAPIError) -> bool:
-    return getattr(exc.orig, "sqlstate", None) == "57014"
+def _is_statement_timeout(exc: SQLAlchemyError) -> bool:
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "57014"
+
+
+def _is_lock_timeout(exc: SQLAlchemyError) -> bool:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) == "55P03" or "database is locked" in str(orig)
+
+
+def _lost(exc: SQLAlchemyError, conn: Connection) -> bool:
+    """True if the connection is gone (server restart, terminated session, network)."""
+    if getattr(exc, "connection_invalidated", False) or conn.invalidated or conn.closed:
+        return True
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) in _LOST_SQLSTATES:
+        return True
+    try:
+        return bool(getattr(conn.connection.driver_connection, "closed", False))
+    except SQLAlchemyError:
+        return True
+
+
+class _StillHeld(Exception):
+    """Reconnected, but this run's previous session still holds the run lock."""
+
+
+class _TakenOver(BackfillError):
+    """Another run holds the lock or owns the job row: this run must stop at once."""
+
+
+def _lock_holder(conn: Connection, key: int) -> int | None:
+    """The pid holding session advisory lock ``key`` in the current database, if any."""
+    value = conn.execute(
+        text(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND classid = 0 AND objid = :k AND objsubid = 1 LIMIT 1"
+        ),
+        {"k": key},
+    ).scalar()
+    if conn.in_transaction():
+        conn.rollback()
+    return None if value is None else int(value)
+
+
+def _run_alive(conn: Connection, job: Job) -> bool:
+    """Whether a backfill run of ``job`` holds its lock on this database right now."""
+    purpose = f"backfill {job.name}"
+    if conn.dialect.name == "postgresql":
+        return _lock_holder(conn, lock_key(purpose)) is not None
+    path = conn.engine.url.database
+    if not path or path == ":memory:" or not os.path.exists(f"{path}.{purpose}.lock"):
+        return False
+    fd = os.open(f"{path}.{purpose}.lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock, if we got it
+    return False
+
+
+def _ensure_job_table(conn: Connection) -> None:
+    """Create the job table, or add the columns newer versions use to an older one."""
+    with _txn(conn):
+        if conn.dialect.name == "postgresql":
+            # Jobs of one database may start together (--jobs): serialize the DDL.
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key("backfill-schema")}
+            )
+        _md.create_all(conn, checkfirst=True)
+        have = {c["name"] for c in inspect(conn).get_columns(JOB_TABLE)}
+        for name, sql_type in _LATER_COLUMNS.items():
+            if name not in have:
+                conn.execute(text(f"ALTER TABLE {JOB_TABLE} ADD COLUMN {name} {sql_type}"))
+
+
+def _generation(conn: Connection, settings: Settings, job: Job) -> str:
+    """Identity of the job's columns: revision-log entries adding them, attnums on PostgreSQL.
+
+    Both change when a downgrade drops the columns and an upgrade adds them again, which
+    makes saved progress (a cursor over the old columns) meaningless.
+    """
+    log = read_log(conn)
+    parts = [
+        f"{r.revision}@{log.get(r.revision, {}).get('updated_at')}"
+        for r in history()
+        if any(c.table == job.logical_table and c.name in job.columns for c in r.columns)
+    ]
+    if conn.dialect.name == "postgresql":
+        rows = conn.execute(
+            text(
+                "SELECT attname, attnum FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) "
+                "AND attname = ANY(:c) AND NOT attisdropped ORDER BY attname"
+            ),
+            {"t": settings.tables.physical(job.logical_table), "c": list(job.columns)},
+        ).all()
+        parts.append(",".join(f"{r.attname}={r.attnum}" for r in rows))
+    if conn.in_transaction():
+        conn.rollback()
+    return ";".join(parts)
+
+
+def _row_blockers(conn: Connection, physical: str, lo: int, hi: int) -> str:
+    """Who holds the row locks in ``(lo, hi]`` (PostgreSQL): pid, state, transaction age.
+
+    A row locked for update carries the locker's transaction id in ``xmax``; a shared lock
+    (multixact) falls back to the table-level report ``upgrade`` gives. Never query text.
+    """
+    if conn.dialect.name != "postgresql":
+        return _blockers(conn, [physical])
+    parts: list[str] = []
+    with contextlib.suppress(SQLAlchemyError):
+        rows = conn.execute(
+            text(
+                "SELECT a.pid, a.state, "
+                "  EXTRACT(EPOCH FROM now() - COALESCE(a.xact_start, a.query_start))::int AS age "
+                "FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() "
+                "AND a.backend_xid IS NOT NULL AND a.backend_xid::text IN "
+                f"(SELECT xmax::text FROM {physical} WHERE id > :lo AND id <= :hi)"
+            ),
+            {"lo": lo, "hi": hi},
+        ).all()
+        conn.rollback()
+        parts = [f"locked by pid {r.pid} ({r.state}, transaction open {r.age}s)" for r in rows]
+    return "; ".join(parts) or _blockers(conn, [physical])
 
 
 def adapt_batch_size(size: int, seconds: float, target: float) -> int:
@@ -451,11 +629,24 @@ class _Runner:
     sleep: Callable[[float], None] = time.sleep
     batch_times: list[float] = field(default_factory=list)
     changed: int = 0
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    backend_pid: int | None = None
+    reconnects: int = 0
+    note: str | None = None
+    work: Connection | None = None  # the current work connection (replaced on reconnect)
+
+    @property
+    def lock_key(self) -> int:
+        # Advisory locks are scoped to the current database, so the job name is enough.
+        return lock_key(f"backfill {self.job.name}")
 
     def run(self) -> JobRun:
+        """Run the job on its database (holding the run lock) and return the outcome."""
         started = time.monotonic()
         engine = make_engine(self.db, self.settings)
         try:
+            if engine.dialect.name == "postgresql":
+                return self._run(engine, started)
             with (
                 connect(engine, self.db) as lock_conn,
                 exclusive_run(lock_conn, self.db, f"backfill {self.job.name}"),
@@ -464,20 +655,56 @@ class _Runner:
         finally:
             engine.dispose()
 
-    def _connect(self, engine: Engine) -> Connection:
+    def _connect(self, engine: Engine, *, reconnect: bool = False) -> Connection:
+        """A work connection; on PostgreSQL it also takes (or takes again) the run lock."""
         conn = for_writing(engine.connect())
-        _register_sqlite_functions(conn)
-        if conn.dialect.name == "postgresql":
+        try:
+            _register_sqlite_functions(conn)
+            if conn.dialect.name != "postgresql":
+                return conn
             m = self.settings.migrate
-            conn.execute(text(f"SET lock_timeout = '{int(m.lock_timeout_ms)}ms'"))
-            conn.execute(text(f"SET statement_timeout = '{int(m.statement_timeout_ms)}ms'"))
-            conn.commit()
-        return conn
+            with self._deadline(conn):
+                conn.execute(text(f"SET lock_timeout = '{int(m.lock_timeout_ms)}ms'"))
+                conn.execute(text(f"SET statement_timeout = '{int(m.statement_timeout_ms)}ms'"))
+                pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+                got = conn.execute(
+                    text("SELECT pg_try_advisory_lock(:k)"), {"k": self.lock_key}
+                ).scalar()
+                conn.commit()
+            if not got:
+                holder = _lock_holder(conn, self.lock_key)
+                if reconnect and holder is not None and holder == self.backend_pid:
+                    # Our own abandoned session (hung, or still being torn down): ask it to
+                    # go, and try again while the outage window lasts.
+                    with contextlib.suppress(SQLAlchemyError):
+                        conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": holder})
+                        conn.commit()
+                    raise _StillHeld(
+                        f"the previous session (pid {holder}) still holds the run lock"
+                    )
+                if reconnect:
+                    raise BackfillError(
+                        f"database {self.db.name!r}: backfill {self.job.name} lost its run lock "
+                        f"while its connection was down: another oauthmig backfill run "
+                        f"(pid {holder}) holds it now; this run stops and leaves the job to it"
+                    )
+                raise LockBusyError(
+                    f"database {self.db.name!r}: another oauthmig backfill {self.job.name} run "
+                    "holds the lock; wait for it to finish (see pg_stat_activity, "
+                    "application_name = 'oauthmig')"
+                )
+            self.backend_pid = pid
+            return conn
+        except BaseException:
+            with contextlib.suppress(SQLAlchemyError):
+                conn.close()
+            raise
 
     def _run(self, engine: Engine, started: float) -> JobRun:
         job, db, bf = self.job, self.db, self.settings.backfill
         physical = self.settings.tables.physical(job.logical_table)
         conn = self._connect(engine)
+        state: dict[str, Any] | None = None
         try:
             remaining = remaining_rows(conn, self.settings, db.name, job)
             if remaining < 0:
@@ -485,15 +712,23 @@ class _Runner:
                     f"database {db.name!r}: {physical} lacks the columns of job {job.name!r}; "
                     "run `oauthmig upgrade` first"
                 )
-            with _txn(conn):
-                if conn.dialect.name == "postgresql":
-                    # Jobs of one database may start together (--jobs): serialize the CREATE.
-                    conn.execute(
-                        text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key("backfill-schema")}
-                    )
-                _md.create_all(conn, checkfirst=True)
+            _ensure_job_table(conn)
+            generation = _generation(conn, self.settings, job)
             state = _read_job(conn, job.name)
             now = datetime.now(UTC)
+            version = FAMILY_VERSION
+            if state is not None:
+                if state.get("generation") is None or state["generation"] == generation:
+                    version = int(state.get("version") or 1)
+                if state.get("generation") != generation:
+                    self.note = (
+                        "saved progress belongs to an earlier generation of the job's columns "
+                        "(dropped and re-added by a downgrade and upgrade since); restarted "
+                        "from the beginning"
+                        if state.get("generation") is not None
+                        else "saved progress predates column tracking; restarted from the beginning"
+                    )
+                    state = None
             if state is not None and state["status"] == "finished" and not self.options.restart:
                 if remaining == 0:
                     return JobRun(
@@ -524,6 +759,9 @@ class _Runner:
                     "started_at": now,
                     "updated_at": now,
                     "finished_at": None,
+                    "owner": self.owner,
+                    "generation": generation,
+                    "version": version,
                 }
                 with _txn(conn):
                     conn.execute(job_table.delete().where(job_table.c.job == job.name))
@@ -534,34 +772,160 @@ class _Runner:
                 # Resuming: what is left is what was done plus what remains.
                 state["rows_total"] = int(state["rows_done"]) + remaining
                 state["status"] = "running"
+                state["version"] = version
                 with _txn(conn):
+                    # Claim the job for this run (we hold the lock: any previous owner is gone).
+                    conn.execute(
+                        job_table.update()
+                        .where(job_table.c.job == job.name)
+                        .values(owner=self.owner, generation=generation, version=version)
+                    )
                     self._persist(conn, state)
+            state["owner"] = self.owner
             conn = self._loop(engine, conn, physical, state, started)
             return self._result(state, started)
         except KeyboardInterrupt:
-            self._mark(engine, status="paused")
+            self._pause(engine, self.work or conn, state)
             raise
         finally:
-            with contextlib.suppress(SQLAlchemyError):
-                conn.close()
+            for c in (conn, self.work):
+                if c is not None:
+                    with contextlib.suppress(SQLAlchemyError):
+                        c.close()
+
+    def _pause(self, engine: Engine, conn: Connection, state: dict[str, Any] | None) -> None:
+        """Ctrl-C or SIGTERM: record ``paused`` (the open batch, if any, is rolled back)."""
+        if state is None:
+            return
+        # Status only: the progress columns keep what the last committed batch wrote (the
+        # in-memory state may already describe the batch that was just rolled back).
+        with contextlib.suppress(SQLAlchemyError):
+            conn.rollback()
+            with _txn(conn):
+                conn.execute(
+                    job_table.update()
+                    .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
+                    .values(status="paused", updated_at=datetime.now(UTC))
+                )
+            return
+        with contextlib.suppress(SQLAlchemyError):
+            conn.close()  # releases row locks of a half-done batch before the fresh write
+        self._mark(engine, status="paused")
 
     def _mark(self, engine: Engine, **values: Any) -> None:
-        """Record a final state on a fresh connection (the work connection may be broken)."""
+        """Record a final state on a fresh connection (the work connection may be broken).
+
+        Only while this run still owns the job; best effort (the server may be down).
+        """
         with contextlib.suppress(SQLAlchemyError), engine.begin() as c:
+            if c.dialect.name == "postgresql":
+                ms = int(self.settings.migrate.lock_timeout_ms)
+                c.execute(text(f"SET LOCAL lock_timeout = '{ms}ms'"))
+                c.execute(text(f"SET LOCAL statement_timeout = '{max(ms, 5000)}ms'"))
             c.execute(
                 job_table.update()
-                .where(job_table.c.job == self.job.name)
+                .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
                 .values(updated_at=datetime.now(UTC), **values)
             )
 
     def _persist(self, conn: Connection, state: dict[str, Any]) -> None:
-        """Write the job's progress columns from ``state`` (inside the caller's transaction)."""
+        """Write the job's progress columns from ``state`` (inside the caller's transaction).
+
+        Only while this run owns the job row; otherwise :class:`_TakenOver`.
+        """
         state["updated_at"] = datetime.now(UTC)
-        conn.execute(
+        result = conn.execute(
             job_table.update()
-            .where(job_table.c.job == self.job.name)
+            .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
             .values({name: state[name] for name in _PROGRESS_COLUMNS})
         )
+        if result.rowcount != 1:
+            raise _TakenOver(self._taken_over_message())
+
+    def _taken_over_message(self) -> str:
+        return (
+            f"database {self.db.name!r}: backfill {self.job.name} was taken over by another "
+            "oauthmig backfill run (the job row names another owner); this run stops and "
+            "leaves the job to it"
+        )
+
+    def _verify_lock(self, conn: Connection) -> None:
+        """Inside a batch's transaction: this session still holds the run lock."""
+        if conn.dialect.name != "postgresql":
+            return
+        ok = conn.execute(
+            text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self.lock_key}
+        ).scalar()
+        if not ok:
+            raise _TakenOver(
+                f"database {self.db.name!r}: backfill {self.job.name} lost its run lock to "
+                "another oauthmig backfill run; this run stops and leaves the job to it"
+            )
+
+    def _deadline(self, conn: Connection) -> ClientDeadline:
+        seconds = self.settings.migrate.statement_timeout_ms / 1000 + DEADLINE_GRACE_SECONDS
+        return ClientDeadline(conn, seconds)
+
+    def _reconnect(
+        self, engine: Engine, conn: Connection, reason: str, state: dict[str, Any]
+    ) -> Connection:
+        """Reconnect with backoff for the outage window, or mark the job failed and raise.
+
+        The progress in ``state`` is reloaded from the job row: whether the batch in flight
+        committed is known only to the server.
+        """
+        with contextlib.suppress(SQLAlchemyError):
+            conn.close()
+        window = self.settings.backfill.outage_window_ms / 1000
+        began = time.monotonic()
+        attempt = 0
+        last = reason
+        while True:
+            attempt += 1
+            delay = min(5.0, 0.2 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            left = window - (time.monotonic() - began)
+            if left <= 0:
+                break
+            self.sleep(min(delay, left))
+            if self.stop.event.is_set():
+                raise KeyboardInterrupt
+            try:
+                new = self._connect(engine, reconnect=True)
+            except _StillHeld as exc:
+                last = str(exc)
+                continue
+            except SQLAlchemyError as exc:
+                last = describe_error(exc, self.db)
+                continue
+            try:
+                row = (
+                    new.execute(select(job_table).where(job_table.c.job == self.job.name))
+                    .mappings()
+                    .first()
+                )
+                new.commit()
+            except SQLAlchemyError as exc:
+                last = describe_error(exc, self.db)
+                with contextlib.suppress(SQLAlchemyError):
+                    new.close()
+                continue
+            if row is None or row["owner"] != self.owner:
+                with contextlib.suppress(SQLAlchemyError):
+                    new.close()
+                raise _TakenOver(self._taken_over_message())
+            self.changed += int(row["rows_done"]) - int(state["rows_done"])
+            for name in ("phase", "cursor", "upper_bound", "rows_done", "batches"):
+                state[name] = row[name]
+            self.reconnects += 1
+            return new
+        message = (
+            f"database {self.db.name!r}: backfill {self.job.name} lost its connection "
+            f"({reason}) and could not resume within outage_window "
+            f"{window:g}s ({attempt - 1} reconnect attempts; last: {last}); state saved by "
+            "the last committed batch, rerun to resume"
+        )
+        self._mark(engine, status="failed", last_error=message[:2000])
+        raise BackfillError(message)
 
     def _loop(
         self, engine: Engine, conn: Connection, physical: str, state: dict[str, Any], started: float
@@ -575,55 +939,99 @@ class _Runner:
         target = bf.target_batch_seconds
         size = int(state["batch_size"])
         failures = 0
+        locked_attempts = 0
+        narrowed: tuple[int, int] | None = None  # (size before narrowing, id to get past)
         label = f"{self.db.name} {self.job.name}"
+        version = int(state.get("version") or 1)
         while True:
             if self.stop.should_stop():
                 self._save(conn, state, "paused")
                 return conn
+            snapshot = dict(state)  # what the job row holds now
             bound = int(state["upper_bound"])
             lo = int(state["cursor"])
+            hi: int | None = None
+            deadline = self._deadline(conn)
             try:
-                hi = _next_hi(conn, physical, lo, bound, size)
-                if conn.in_transaction():
-                    conn.commit()
-                if hi is None:
-                    if state["phase"] == "main":
-                        # Catch-up: rows inserted while the main pass ran.
-                        state["phase"] = "catchup"
-                        state["upper_bound"] = max(bound, _max_id(conn, physical))
+                with deadline:
+                    hi = _next_hi(conn, physical, lo, bound, size)
+                    if conn.in_transaction():
                         conn.commit()
-                        if state["upper_bound"] > bound:
-                            self._save(conn, state, "running")
-                            continue
-                    state["phase"] = "done"
-                    state["finished_at"] = datetime.now(UTC)
-                    self._save(conn, state, "finished")
-                    return conn
-                t0 = time.monotonic()
-                with _txn(conn):
-                    n = self.job.run_batch(BatchContext(conn, physical, self.settings), lo, hi)
-                    state["cursor"] = hi
-                    state["rows_done"] = int(state["rows_done"]) + n
-                    state["batches"] = int(state["batches"]) + 1
-                    state["batch_size"] = size
-                    # Same transaction as the batch: the cursor never runs ahead of the data.
-                    self._persist(conn, state)
+                    if hi is None:
+                        if state["phase"] == "main":
+                            # Catch-up: rows inserted while the main pass ran.
+                            state["phase"] = "catchup"
+                            state["upper_bound"] = max(bound, _max_id(conn, physical))
+                            conn.commit()
+                            if state["upper_bound"] > bound:
+                                self._save(conn, state, "running")
+                                continue
+                        state["phase"] = "done"
+                        state["finished_at"] = datetime.now(UTC)
+                        self._save(conn, state, "finished")
+                        return conn
+                    t0 = time.monotonic()
+                    with _txn(conn):
+                        self._verify_lock(conn)
+                        ctx = BatchContext(conn, physical, self.settings, self.db.name, version)
+                        n = self.job.run_batch(ctx, lo, hi)
+                        state["cursor"] = hi
+                        state["rows_done"] = int(state["rows_done"]) + n
+                        state["batches"] = int(state["batches"]) + 1
+                        state["batch_size"] = size
+                        # Same transaction as the batch: the cursor never runs ahead of the data.
+                        self._persist(conn, state)
                 elapsed = time.monotonic() - t0
                 self.batch_times.append(elapsed)
                 self.changed += n
                 failures = 0
+                locked_attempts = 0
                 size = adapt_batch_size(size, elapsed, target)
+                if narrowed is not None and hi >= narrowed[1]:
+                    size, narrowed = max(size, narrowed[0]), None  # past the locked range
                 if self.progress:
                     self.progress(
                         label,
                         int(state["rows_done"]),
                         max(int(state["rows_total"]), int(state["rows_done"])),
                     )
-                if sleep_s > 0:
-                    self.sleep(sleep_s)
-            except DBAPIError as exc:
+                pause = max(sleep_s, elapsed * (1 / bf.max_duty - 1))
+                if pause > 0:
+                    self.sleep(pause)
+            except _TakenOver as exc:
                 with contextlib.suppress(SQLAlchemyError):
                     conn.rollback()
+                raise BackfillError(exc.message) from None
+            except SQLAlchemyError as exc:
+                with contextlib.suppress(SQLAlchemyError):
+                    conn.rollback()
+                attempts = int(state["attempts"])
+                state.update(snapshot, attempts=attempts)  # the failed batch did not happen
+                if deadline.fired or _lost(exc, conn):
+                    reason = (
+                        f"no answer within the client deadline of {deadline.seconds:g}s "
+                        "(statement_timeout + 5s): server process stopped or hung"
+                        if deadline.fired
+                        else describe_error(exc, self.db)
+                    )
+                    if deadline.fired:
+                        size = max(1, size // 2)
+                    state["attempts"] = int(state["attempts"]) + 1
+                    conn = self.work = self._reconnect(engine, conn, reason, state)
+                    continue
+                if _is_lock_timeout(exc) and hi is not None:
+                    state["attempts"] = int(state["attempts"]) + 1
+                    if size > 1:
+                        # Halve toward the locked row; grow back once past it.
+                        if narrowed is None:
+                            narrowed = (size, hi)
+                        size = max(1, size // 2)
+                        continue
+                    locked_attempts += 1
+                    if locked_attempts < LOCKED_ROW_ATTEMPTS:
+                        self.sleep(min(5.0, 0.2 * 2**locked_attempts) * random.uniform(0.5, 1.0))
+                        continue
+                    self._fail(engine, state, self._locked_message(conn, physical, lo, hi, state))
                 if _is_statement_timeout(exc):
                     size = max(MIN_BATCH, size // 2)
                 if (
@@ -631,22 +1039,39 @@ class _Runner:
                 ) and failures < MAX_TRANSIENT_RETRIES:
                     failures += 1
                     state["attempts"] = int(state["attempts"]) + 1
-                    if exc.connection_invalidated or conn.invalidated or conn.closed:
-                        with contextlib.suppress(SQLAlchemyError):
-                            conn.close()
-                        self.sleep(min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0))
-                        conn = self._connect(engine)
-                    else:
-                        self.sleep(min(5.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0))
+                    self.sleep(min(5.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0))
                     continue
                 message = describe_error(exc, self.db)
-                self._mark(
-                    engine, status="failed", last_error=message[:2000], attempts=state["attempts"]
-                )
-                raise BackfillError(
+                self._fail(
+                    engine,
+                    state,
                     f"database {self.db.name!r}: backfill {self.job.name} failed at id > {lo} "
-                    f"after {failures + 1} attempts: {message}; state saved, rerun to resume"
-                ) from None
+                    f"after {failures + 1} attempts: {message}; state saved, rerun to resume",
+                    message,
+                )
+
+    def _locked_message(
+        self, conn: Connection, physical: str, lo: int, hi: int, state: dict[str, Any]
+    ) -> str:
+        who = _row_blockers(conn, physical, lo, hi)
+        ms = self.settings.migrate.lock_timeout_ms
+        return (
+            f"database {self.db.name!r}: backfill {self.job.name} cannot make progress: "
+            f"{physical} id {hi} stays locked (lock_timeout {ms}ms, batch narrowed to one row, "
+            f"{state['attempts']} lock attempts); {who}. End that transaction, then rerun to "
+            f"resume (state saved at id > {lo})"
+        )
+
+    def _fail(
+        self, engine: Engine, state: dict[str, Any], message: str, stored: str | None = None
+    ) -> None:
+        self._mark(
+            engine,
+            status="failed",
+            last_error=(stored or message)[:2000],
+            attempts=state["attempts"],
+        )
+        raise BackfillError(message)
 
     def _save(self, conn: Connection, state: dict[str, Any], status: str) -> None:
         state["status"] = status
@@ -665,6 +1090,7 @@ class _Runner:
             len(self.batch_times),
             time.monotonic() - started,
             tuple(self.batch_times),
+            message=self.note,
         )
 
 
@@ -694,8 +1120,10 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
             if rate is None:
                 # No history on this database: assume one target-length batch per batch_size.
                 rate = settings.backfill.batch_size / settings.backfill.target_batch_seconds
-            estimate = n / rate + settings.backfill.sleep_seconds * (
-                n / settings.backfill.batch_size
+            bf = settings.backfill
+            # Pacing: at least sleep_seconds per batch, and max_duty of the wall time in batches.
+            estimate = max(
+                n / rate / bf.max_duty, n / rate + bf.sleep_seconds * (n / bf.batch_size)
             )
             return JobRun(
                 job.name,
@@ -807,6 +1235,8 @@ def job_states(conn: Connection, settings: Settings, database: str) -> list[JobS
         status = str(state["status"])
         if status == "finished" and remaining > 0:
             status = "stale"  # rows needing the backfill appeared after it finished
+        elif status == "running" and not _run_alive(conn, job):
+            status = STATE_INTERRUPTED  # killed, crashed or lost its server: nothing holds the lock
         out.append(
             JobState(
                 job.name,
@@ -820,6 +1250,37 @@ def job_states(conn: Connection, settings: Settings, database: str) -> list[JobS
     return out
 
 
+def refuse_downgrade_during_backfill(
+    conn: Connection, settings: Settings, database: str, revisions: Sequence[RevisionInfo]
+) -> None:
+    """Downgrade guard: refuse to revert a revision whose columns a running backfill fills.
+
+    On PostgreSQL the guard also takes those jobs' run locks on the downgrade's connection
+    (released when it closes), so no backfill can start on them during the downgrade.
+    """
+    for rev in revisions:
+        for job in JOBS.values():
+            if job.logical_table not in settings.tables_on(database):
+                continue
+            if not any(c.table == job.logical_table and c.name in job.columns for c in rev.columns):
+                continue
+            if conn.dialect.name == "postgresql":
+                busy = not conn.execute(
+                    text("SELECT pg_try_advisory_lock(:k)"),
+                    {"k": lock_key(f"backfill {job.name}")},
+                ).scalar()
+                conn.commit()
+            else:
+                busy = _run_alive(conn, job)
+            if busy:
+                raise LockBusyError(
+                    f"database {database!r}: cannot downgrade revision {rev.revision} while "
+                    f"backfill {job.name} is running on its columns; wait for it to finish or "
+                    "stop it (Ctrl-C saves its state), then rerun the downgrade"
+                )
+
+
 for _job in JOBS.values():
     BACKFILL_GATES[_job.name] = functools.partial(remaining_rows, job=_job)
 BACKFILL_STATUS.append(job_states)
+DOWNGRADE_GUARDS.append(refuse_downgrade_during_backfill)

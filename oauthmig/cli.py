@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
@@ -25,12 +27,13 @@ from oauthmig.console import (
     status_to_dict,
     to_json,
 )
-from oauthmig.errors import OauthmigError, UsageError
+from oauthmig.errors import OauthmigError, Terminated, UsageError
 from oauthmig.migrations import RunResult
 from oauthmig.redact import scrub_log_records
 from oauthmig.status import status as read_status
 
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM: backfill stopped by SIGTERM, state saved
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,8 +470,18 @@ def backfill(
         batch_size, sleep_seconds, max_runtime, restart, dry_run, jobs
     )
     as_json = fmt == "json"
-    with progress_bar(c.err, enabled=not c.quiet and not dry_run) as update:
-        result = service.backfill(settings, job_names, options, progress=update)
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise Terminated  # unwinds like Ctrl-C: the job is saved as paused
+
+    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    try:
+        with progress_bar(c.err, enabled=not c.quiet and not dry_run) as update:
+            result = service.backfill(settings, job_names, options, progress=update)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     if as_json:
         click.echo(to_json(backfill_to_dict(result)))
     elif not c.quiet or result.failed:
@@ -715,7 +728,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return the exit code (0 ok, 1 findings, 2 failed, 130 interrupted)."""
+    """Run the CLI and return the exit code (0 ok, 1 findings, 2 failed, 130 interrupted,
+    143 backfill terminated by SIGTERM)."""
     ctx_obj: dict[str, Any] = {}
     try:
         cli.main(args=argv, prog_name="oauthmig", standalone_mode=False, obj=ctx_obj)
@@ -731,7 +745,10 @@ def run(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return EXIT_FAILED
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort) as exc:
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
+            click.echo("terminated (SIGTERM); state is saved, rerun to resume", err=True)
+            return EXIT_TERMINATED
         click.echo("interrupted; state is saved, rerun to resume", err=True)
         return EXIT_INTERRUPTED
     except BrokenPipeError:

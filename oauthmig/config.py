@@ -105,9 +105,11 @@ class ClientMetadataDefaults:
 class BackfillSettings:
     """Batching and pacing of backfill jobs."""
 
-    batch_size: int = 5000
-    target_batch_seconds: float = 0.5
+    batch_size: int = 1000
+    target_batch_seconds: float = 0.1
     sleep_seconds: float = 0.0
+    max_duty: float = 0.5  # share of wall time spent in batches: sleep >= batch * (1/duty - 1)
+    outage_window_ms: int = 60000  # how long a lost connection is retried before failing
     client_metadata: ClientMetadataDefaults = field(default_factory=ClientMetadataDefaults)
 
 
@@ -385,7 +387,14 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     bf_raw = _table(data, "backfill")
     _check_keys(
         bf_raw,
-        ("batch_size", "target_batch_seconds", "sleep_seconds", "client_metadata"),
+        (
+            "batch_size",
+            "target_batch_seconds",
+            "sleep_seconds",
+            "max_duty",
+            "outage_window",
+            "client_metadata",
+        ),
         "backfill",
     )
     cm_raw = bf_raw.get("client_metadata", {})
@@ -417,11 +426,15 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     if not response_types:
         raise ConfigError("backfill.client_metadata.response_types: must not be empty")
     backfill = BackfillSettings(
-        batch_size=_int(bf_raw.get("batch_size", 5000), "backfill.batch_size", 1, 10_000_000),
+        batch_size=_int(bf_raw.get("batch_size", 1000), "backfill.batch_size", 1, 10_000_000),
         target_batch_seconds=_float(
-            bf_raw.get("target_batch_seconds", 0.5), "backfill.target_batch_seconds", 0.01, 600
+            bf_raw.get("target_batch_seconds", 0.1), "backfill.target_batch_seconds", 0.01, 600
         ),
         sleep_seconds=_float(bf_raw.get("sleep_seconds", 0.0), "backfill.sleep_seconds", 0, 3600),
+        max_duty=_float(bf_raw.get("max_duty", 0.5), "backfill.max_duty", 0.01, 1.0),
+        outage_window_ms=parse_duration_ms(
+            bf_raw.get("outage_window", "60s"), "backfill.outage_window"
+        ),
         client_metadata=ClientMetadataDefaults(method, grant_types, response_types),
     )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,11 +72,71 @@ def make_engine(db: DatabaseConfig, settings: Settings, *, create: bool = False)
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    return create_engine(
-        url,
-        poolclass=NullPool,
-        connect_args={"connect_timeout": 5, "application_name": "oauthmig"},
-    )
+    return create_engine(url, poolclass=NullPool, connect_args=dict(PG_CONNECT_ARGS))
+
+
+# libpq connection options for every PostgreSQL connection. TCP keepalives (probe after 10 s
+# idle, every 5 s, give up after 3 lost probes) and tcp_user_timeout (unacknowledged data for
+# 30 s) detect a dead peer or a broken network path on an otherwise idle socket. A server
+# process that is alive for the kernel but does not answer (stopped, hung) is only caught by a
+# client-side deadline: see :class:`ClientDeadline`.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "application_name": "oauthmig",
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30000,
+}
+
+
+class ClientDeadline:
+    """Abandon a connection whose statements have not returned within ``seconds``.
+
+    A watchdog thread shuts the connection's socket down when the deadline passes, so that a
+    statement blocked on a server that does not answer (its process stopped or hung: keepalives
+    are answered by the kernel, and the server's own ``statement_timeout`` cannot fire) fails
+    at once with a lost-connection error; :attr:`fired` then tells the caller why. Use as a
+    context manager around the statements to bound; SQLite connections are left alone.
+    """
+
+    def __init__(self, conn: Connection, seconds: float) -> None:
+        self.seconds = seconds
+        self.fired = False
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        if conn.dialect.name == "postgresql":
+            raw = conn.connection.driver_connection
+            fileno = getattr(raw, "fileno", None)
+            if fileno is not None:
+                self._fd = int(fileno())
+
+    def __enter__(self) -> ClientDeadline:
+        if self._fd is not None:
+            self._timer = threading.Timer(self.seconds, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._fd = None  # the socket may be closed and its number reused after this
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            self.fired = True
+            with contextlib.suppress(OSError):
+                sock = socket.socket(fileno=os.dup(self._fd))
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                finally:
+                    sock.close()
 
 
 def describe_error(exc: BaseException, db: DatabaseConfig) -> str:

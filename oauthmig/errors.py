@@ -23,6 +23,9 @@ one line on stderr and exit code 2. Anything else escaping is a bug and may show
     └── OAuthError                     token-endpoint errors of the models library
         ├── InvalidRequest             RFC 6749 §5.2 ``invalid_request``
         └── InvalidGrant               RFC 6749 §5.2 ``invalid_grant``
+
+    KeyboardInterrupt
+    └── Terminated                     SIGTERM during a backfill: handled like Ctrl-C, exit 143
 """
 
 from __future__ import annotations
@@ -125,3 +128,7 @@ class InvalidGrant(OAuthError):
     """The grant or refresh token is invalid, expired, revoked or mismatched."""
 
     error = "invalid_grant"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (e.g. CI cancellation): unwinds like Ctrl-C, so state is saved; exit 143."""

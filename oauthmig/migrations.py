@@ -99,6 +99,12 @@ revision_log = Table(
 BackfillRemaining = Callable[[Connection, Settings, str], int]
 BACKFILL_GATES: dict[str, BackfillRemaining] = {}
 
+# Downgrade hook: function(connection, settings, database, revisions to revert) that raises an
+# OauthmigError when a revert must not run now (the backfill module refuses while one of its
+# jobs runs on the columns those revisions drop).
+DowngradeGuard = Callable[[Connection, Settings, str, Sequence["RevisionInfo"]], None]
+DOWNGRADE_GUARDS: list[DowngradeGuard] = []
+
 
 # --------------------------------------------------------------------------- column specs
 
@@ -909,6 +915,9 @@ def _run_online(
     preflight(conn, settings, db, revisions, plan.current, pending, reverting)
     if not chosen:
         return DatabaseRun(db.name, plan, (), plan.current, 0, time.monotonic() - started)
+    if req.direction == "downgrade":
+        for guard in DOWNGRADE_GUARDS:
+            guard(conn, settings, db.name, chosen)
     _apply_session_timeouts(conn, settings.migrate)
     for_writing(conn)
     stop = plan.target if plan.target is not None else "base"

@@ -87,7 +87,7 @@ def _assert_tokens_backfilled(settings: Settings, db: str) -> int:
             assert fam is None
         else:
             refreshable += 1
-            assert _as_uuid(fam) == family_id(t, row_id)
+            assert _as_uuid(fam) == family_id(t, row_id, db)
     return refreshable
 
 
@@ -576,7 +576,7 @@ def test_concurrent_writer_no_row_missed_or_clobbered(
     rows = {r[0]: r for r in _family_snapshot(settings)}
     for row_id, (_, fam, refresh) in rows.items():
         if refresh is not None and row_id <= state["upper_bound"]:
-            assert _as_uuid(fam) == family_id(token, row_id)
+            assert _as_uuid(fam) == family_id(token, row_id, "control")
     for row_id, value in updated.items():
         assert rows[row_id][2] == value  # the writer's update survived the backfill
     covered = [i for i in inserted if i <= state["upper_bound"]]
@@ -757,12 +757,12 @@ def test_lost_connection_is_retried(
     )
     _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > 0)
     dbname = settings.databases["shard"].url.rsplit("/", 1)[-1]  # type: ignore[union-attr]
-    # Kill the work connection (not the one holding the run's advisory lock).
+    # Kill the work connection (it also holds the run's advisory lock: the run takes it again).
     killed = _rows(
         settings,
         "shard",
         "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE "
-        "a.datname = :d AND a.application_name = 'oauthmig' AND a.pid NOT IN "
+        "a.datname = :d AND a.application_name = 'oauthmig' AND a.pid IN "
         "(SELECT pid FROM pg_locks WHERE locktype = 'advisory') AND a.pid <> pg_backend_pid()",
         d=dbname,
     )

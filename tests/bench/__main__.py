@@ -1,6 +1,6 @@
 """``python -m tests.bench [backfill|rules|audit ...] [options]``: run benchmarks, print results.
 
-With no benchmark named, all three run. Exit status 1 when a target is missed (the figures are
+With no benchmark named, all of them run. Exit status 1 when a target is missed (the figures are
 still printed), 2 on a usage error.
 """
 
@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("backfill", "rules", "audit")
+BENCHMARKS = ("backfill", "rules", "audit", "traffic")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="backfill, rules and/or audit (default: all)",
+        help="backfill, rules, audit and/or traffic (default: all)",
     )
     p.add_argument("--seed", type=int, default=42, help="demo data seed (default 42)")
     g = p.add_argument_group("backfill")
@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
         "--profile",
         action="store_true",
         help="time each kind of statement and commit inside the backfill run",
+    )
+    g = p.add_argument_group("traffic")
+    g.add_argument(
+        "--traffic-tokens", type=int, default=200_000, help="legacy tokens (default 200k)"
+    )
+    g.add_argument(
+        "--phase-seconds", type=int, default=20, help="pgbench seconds per phase (default 20)"
     )
     g = p.add_argument_group("rules")
     g.add_argument("--uris", type=int, default=1_000_000, help="generated URIs (default 1M)")
@@ -95,6 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
                 profile=args.profile,
                 wait_quiet=args.wait_quiet,
+            )
+        elif name == "traffic":
+            from tests.bench import bench_traffic
+
+            ok &= bench_traffic.main(
+                tokens=args.traffic_tokens, seconds=args.phase_seconds, seed=args.seed
             )
         elif name == "rules":
             from tests.bench import bench_rules

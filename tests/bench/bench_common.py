@@ -48,9 +48,14 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def single_db_settings(url: str, name: str = "main") -> Settings:
-    """Settings with one database hosting all three logical tables."""
-    return settings_from_mapping({"databases": {name: {"url": url}}}, {}, f"bench ({name})")
+def single_db_settings(
+    url: str, name: str = "main", backfill: dict[str, object] | None = None
+) -> Settings:
+    """Settings with one database hosting all three logical tables (``backfill``: that table)."""
+    data: dict[str, object] = {"databases": {name: {"url": url}}}
+    if backfill:
+        data["backfill"] = backfill
+    return settings_from_mapping(data, {}, f"bench ({name})")
 
 
 def admin_engine() -> Engine:
