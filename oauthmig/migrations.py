@@ -175,7 +175,9 @@ def history() -> list[RevisionInfo]:
     return [_info(s) for s in reversed(scripts)]
 
 
-def resolve_revision(rev: str, revisions: Sequence[RevisionInfo]) -> str | None:
+def resolve_revision(
+    rev: str, revisions: Sequence[RevisionInfo], option: str = "--to"
+) -> str | None:
     """``head``/``base``/a revision id or unique prefix -> revision id (``None`` for base)."""
     if rev == "base":
         return None
@@ -186,7 +188,10 @@ def resolve_revision(rev: str, revisions: Sequence[RevisionInfo]) -> str | None:
         matches = [r.revision for r in revisions if r.revision.startswith(rev)]
     if len(matches) != 1:
         known = ", ".join(r.revision for r in revisions)
-        raise UsageError(f"--to {rev}: unknown revision (known: base, head, {known})")
+        raise UsageError(
+            f"{option} {rev}: unknown revision (known: base, head, {known}); "
+            "no database was touched"
+        )
     return matches[0]
 
 
@@ -812,7 +817,9 @@ def _run_offline(
 ) -> DatabaseRun:
     if db.dialect not in ("postgresql", "sqlite"):
         raise DatabaseError(db.url_error or f"database {db.name!r}: unknown dialect")
-    start = resolve_revision(req.from_revision, revisions) if req.from_revision else None
+    start = (
+        resolve_revision(req.from_revision, revisions, "--from") if req.from_revision else None
+    )
     if req.direction == "downgrade" and req.from_revision is None:
         start = revisions[-1].revision if revisions else None
     rt = RevisionTarget(
