@@ -69,7 +69,7 @@ from oauthmig.db import (
     make_engine,
 )
 from oauthmig.errors import BackfillError, OauthmigError, UsageError
-from oauthmig.migrations import BACKFILL_GATES
+from oauthmig.migrations import BACKFILL_GATES, check_routed_tables
 from oauthmig.redirect_rules import infer_app_type, split_redirect_uris
 from oauthmig.status import BACKFILL_STATUS, JobState
 from oauthmig.types import StringList
@@ -473,11 +473,13 @@ class _Runner:
         physical = self.settings.tables.physical(job.logical_table)
         conn = self._connect(engine)
         try:
+            # A missing table is fixed in the config or the database, not by an upgrade.
+            check_routed_tables(conn, self.settings, db.name)
             remaining = remaining_rows(conn, self.settings, db.name, job)
             if remaining < 0:
                 raise BackfillError(
                     f"database {db.name!r}: {physical} lacks the columns of job {job.name!r}; "
-                    "run `oauthmig upgrade` first"
+                    f"run `oauthmig upgrade -d {db.name}` first"
                 )
             with _txn(conn):
                 if conn.dialect.name == "postgresql":
@@ -634,12 +636,17 @@ class _Runner:
                         self.sleep(min(5.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0))
                     continue
                 message = describe_error(exc, self.db)
+                # The failed attempt counts too: the stored count is what the message says
+                # for this run.
+                state["attempts"] = int(state["attempts"]) + 1
                 self._mark(
                     engine, status="failed", last_error=message[:2000], attempts=state["attempts"]
                 )
+                tries = failures + 1
                 raise BackfillError(
                     f"database {self.db.name!r}: backfill {self.job.name} failed at id > {lo} "
-                    f"after {failures + 1} attempts: {message}; state saved, rerun to resume"
+                    f"after {tries} attempt{'s' if tries != 1 else ''}: {message}; "
+                    "state saved, rerun to resume"
                 ) from None
 
     def _save(self, conn: Connection, state: dict[str, Any], status: str) -> None:
@@ -668,6 +675,7 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
     try:
         with connect(engine, db) as conn:
             physical = settings.tables.physical(job.logical_table)
+            check_routed_tables(conn, settings, db.name)
             n = remaining_rows(conn, settings, db.name, job)
             if n < 0:
                 return JobRun(
@@ -678,7 +686,8 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
                     0,
                     0,
                     0.0,
-                    message=f"{physical} lacks the job's columns; run `oauthmig upgrade` first",
+                    message=f"{physical} lacks the job's columns; "
+                    f"run `oauthmig upgrade -d {db.name}` first",
                 )
             state = _read_job(conn, job.name)
             rate: float | None = None

@@ -341,17 +341,32 @@ def _record_step(*, ctx: MigrationContext, step: MigrationInfo, heads: Any, run_
 
 @dataclass(frozen=True, slots=True)
 class Waiting:
-    """A gated revision that waits for a backfill on one database."""
+    """A gated revision that waits for unfinished backfills on one database: ``job`` is the
+    first, ``also`` the others (job, rows left)."""
 
     revision: str
     job: str
     remaining_rows: int | None  # None: the backfill cannot have run yet (columns missing)
+    also: tuple[tuple[str, int | None], ...] = ()
+
+    @property
+    def jobs(self) -> tuple[tuple[str, int | None], ...]:
+        """Every unfinished backfill with its rows left (``None``: cannot have run yet)."""
+        return ((self.job, self.remaining_rows), *self.also)
 
     def describe(self) -> str:
-        """``backfill X has N rows left`` or ``backfill X has not run yet``."""
-        if self.remaining_rows is None:
-            return f"backfill {self.job} has not run yet"
-        return f"backfill {self.job} has {self.remaining_rows:,} rows left"
+        """``backfill X has N rows left`` or ``backfill X has not run yet``, for every job."""
+        return ", ".join(
+            f"backfill {job} has not run yet"
+            if rows is None
+            else f"backfill {job} has {rows:,} row{'s' if rows != 1 else ''} left"
+            for job, rows in self.jobs
+        )
+
+    def backfill_command(self, database: str) -> str:
+        """The one command that runs every backfill this revision waits for."""
+        names = "" if len(self.jobs) > 1 else f" {self.job}"
+        return f"oauthmig backfill{names} -d {database}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,6 +521,7 @@ def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -
     routed = settings.tables_on(db)
     if not any(t in routed for t in rev.tables):
         return None
+    unfinished: list[tuple[str, int | None]] = []
     for job in rev.requires_backfills:
         check = BACKFILL_GATES.get(job)
         if check is None:
@@ -514,8 +530,11 @@ def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -
         if conn.in_transaction():
             conn.rollback()
         if remaining != 0:
-            return Waiting(rev.revision, job, remaining if remaining > 0 else None)
-    return None
+            unfinished.append((job, remaining if remaining > 0 else None))
+    if not unfinished:
+        return None
+    (first, rows), *others = unfinished
+    return Waiting(rev.revision, first, rows, tuple(others))
 
 
 def _plan(
@@ -538,10 +557,13 @@ def _plan(
             waiting = gate_for(conn, settings, db.name, rev)
             if waiting is not None:
                 if explicit_target:
+                    needs = " and ".join(
+                        f"backfill {job!r} to finish" for job, _rows in waiting.jobs
+                    )
                     raise GateError(
-                        f"database {db.name!r}: revision {rev.revision} requires backfill "
-                        f"{waiting.job!r} to finish ({waiting.describe()}); run "
-                        f"`oauthmig backfill {waiting.job} -d {db.name}` first"
+                        f"database {db.name!r}: revision {rev.revision} requires {needs} "
+                        f"({waiting.describe()}); run "
+                        f"`{waiting.backfill_command(db.name)}` first"
                     )
                 break
             here = tuple(x for x in rev.tables if x in routed)
@@ -759,7 +781,8 @@ def _run_online(
                 message = (
                     f"database {db.name!r}: revision {failing.revision if failing else '?'} could "
                     f"not lock {', '.join(physical) or 'its tables'} within lock_timeout "
-                    f"{settings.migrate.lock_timeout_ms}ms after {attempts} attempts; {who}. "
+                    f"{settings.migrate.lock_timeout_ms}ms after {attempts} "
+                    f"attempt{'s' if attempts != 1 else ''}; {who}. "
                     "Rerun when the blocking transaction has finished"
                 )
                 if failing:
