@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
+import pickle
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, NoReturn, cast
 
@@ -337,7 +341,7 @@ def upgrade(
     if as_json:
         click.echo(to_json({"dry_run": False, "databases": [run_to_dict(r) for r in result.runs]}))
     elif not c.quiet:
-        render_run(c.out, result)
+        render_run(c.out, result, state.command_prefix())
     _report_failures(state, result)
 
 
@@ -562,7 +566,9 @@ def _report_backfill_failures(state: AppState, result: Any) -> None:
         for line in lines:
             state.consoles.error(line)
         pairs = ", ".join(f"{r.job} on {r.database}" for r in failed)
-        raise OauthmigError(f"{len(failed)} backfills failed: {pairs}; state saved, rerun to resume")
+        raise OauthmigError(
+            f"{len(failed)} backfills failed: {pairs}; state saved, rerun to resume"
+        )
 
 
 @cli.command()
@@ -626,7 +632,7 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     c.info("demo: upgrade (expand)")
     result = migrations.upgrade(settings)
     if not c.quiet:
-        render_run(c.out, result)
+        render_run(c.out, result, state.command_prefix())
     _report_failures(state, result)
     from oauthmig import backfill as backfill_service
     from oauthmig.console import render_backfill
@@ -728,8 +734,17 @@ def check_redirect(
     show_default=True,
     help="Exit 1 when findings of this severity or worse exist.",
 )
+@click.option(
+    "--min-severity",
+    type=MIN_SEVERITY,
+    default=None,
+    help="Report only findings of this severity or worse (default: warning for text; json, "
+    "csv and sarif keep every finding). Counts always cover every finding.",
+)
 @click.pass_context
-def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: str) -> None:
+def audit_redirects(
+    ctx: click.Context, fmt: str, output: str | None, fail_on: str, min_severity: str | None
+) -> None:
     """Audit every stored redirect URI, and the URIs live grants are bound to.
 
     Reads every application on every database hosting the application table, in batches
@@ -742,12 +757,14 @@ def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: s
     \b
     Examples:
       oauthmig audit-redirects
+      oauthmig audit-redirects --min-severity info   # also the info-level findings
       oauthmig audit-redirects --format sarif --output redirects.sarif
       oauthmig audit-redirects --format json --fail-on warning | jq .summary.by_code
     """
     from oauthmig.audit import FailOn
     from oauthmig.audit import audit as audit_service
     from oauthmig.console import (
+        at_least,
         escape,
         plain_console,
         progress_bar,
@@ -760,6 +777,7 @@ def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: s
     c = state.consoles
     settings = state.settings()
     machine = fmt != "text"
+    minimum = min_severity or ("info" if machine else "warning")
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(atomic_output(output)) if output else None
         # Progress (stderr, terminals only) when the report does not go to the terminal.
@@ -770,13 +788,30 @@ def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: s
             out = sink if sink is not None else sys.stdout
             writer = writer_for(fmt, out, application_table=settings.tables.application)
             writer.begin()
-            for finding in audit:
-                writer.finding(finding)
+            try:
+                for finding in audit:
+                    if at_least(finding.severity, minimum):
+                        writer.finding(finding)
+            except KeyboardInterrupt:
+                if sink is None and fmt == "json":
+                    # Close the streamed document so that stdout still holds one JSON value.
+                    partial = audit.summary()
+                    notes = (*partial.notes, "interrupted: the audit stopped before the end")
+                    writer.end(dataclasses.replace(partial, notes=notes))
+                    ctx.meta[_META_JSON] = "done"
+                raise
             writer.end(audit.summary())
         else:
             report_console = c.out if sink is None else plain_console(sink)
-            render_audit_findings(report_console, audit)
-            render_audit_summary(report_console, audit.summary())
+            # The per-rule summary comes first: the findings wait in a temporary file meanwhile
+            # (memory stays bounded however many applications there are).
+            spool = stack.enter_context(tempfile.TemporaryFile())
+            for finding in audit:
+                if at_least(finding.severity, minimum):
+                    pickle.dump(finding, spool)
+            render_audit_summary(report_console, audit.summary(), min_severity=minimum)
+            spool.seek(0)
+            render_audit_findings(report_console, _unspool(spool), min_severity=minimum)
     summary = audit.summary()
     if sink is not None and not c.quiet:
         c.out.print(f"wrote the {fmt} report to {escape(str(output))}")
@@ -788,6 +823,14 @@ def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: s
             f"{summary.by_severity['error']:,} error(s), {summary.by_severity['warning']:,} "
             f"warning(s): findings at or above --fail-on {fail_on}"
         )
+
+
+def _unspool(spool: IO[bytes]) -> Iterator[Any]:
+    while True:
+        try:
+            yield pickle.load(spool)
+        except EOFError:
+            return
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -840,9 +840,7 @@ def _run_offline(
 ) -> DatabaseRun:
     if db.dialect not in ("postgresql", "sqlite"):
         raise DatabaseError(db.url_error or f"database {db.name!r}: unknown dialect")
-    start = (
-        resolve_revision(req.from_revision, revisions, "--from") if req.from_revision else None
-    )
+    start = resolve_revision(req.from_revision, revisions, "--from") if req.from_revision else None
     if req.direction == "downgrade" and req.from_revision is None:
         start = revisions[-1].revision if revisions else None
     rt = RevisionTarget(
