@@ -535,7 +535,7 @@ def backfill(
     Examples:
       oauthmig backfill --dry-run
       oauthmig backfill token-families --batch 2000 --sleep 0.1
-      oauthmig backfill --max-runtime 600 -d shard_eu
+      oauthmig backfill --max-runtime 600 -d shard
     """
     from oauthmig import backfill as service
     from oauthmig.console import backfill_to_dict, progress_bar, render_backfill

@@ -142,8 +142,11 @@ def run_forked(
     cases: Sequence[tuple[Sequence[str], Path, dict[str, str] | None]],
     scratch: Path,
     workers: int = 3,
+    stdout_files: Sequence[Path | None] = (),
 ) -> list[Proc]:
-    """Run many CLI commands as real child processes of one launcher (see ``_LAUNCHER``)."""
+    """Run many CLI commands as real child processes of one launcher (see ``_LAUNCHER``);
+    ``workers=1`` runs them one after the other, in order. ``stdout_files[i]``, if given,
+    receives the stdout of command i (as ``> FILE`` would)."""
     import json
 
     scratch.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,11 @@ def run_forked(
             "args": list(args),
             "cwd": str(cwd),
             "env": env or cli_env(),
-            "out": str(scratch / f"{i}.out"),
+            "out": str(
+                stdout_files[i]
+                if i < len(stdout_files) and stdout_files[i] is not None
+                else scratch / f"{i}.out"
+            ),
             "err": str(scratch / f"{i}.err"),
             "workers": workers,
         }
@@ -171,7 +178,9 @@ def run_forked(
         Proc(
             tuple(args),
             codes[i],
-            (scratch / f"{i}.out").read_text(),
+            ""
+            if i < len(stdout_files) and stdout_files[i] is not None
+            else (scratch / f"{i}.out").read_text(),
             (scratch / f"{i}.err").read_text(),
         )
         for i, (args, _cwd, _env) in enumerate(cases)
