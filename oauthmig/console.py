@@ -130,6 +130,9 @@ def print_table(console: Console, table: Table) -> None:
             width = _PLAIN_MIN_COLUMN
         needed += max(width, column.min_width or 0) + 3  # padding and border
     if needed <= console.width:
+        for column in table.columns:
+            if not column.no_wrap:
+                column.overflow = "fold"  # a long word is folded onto the next line, not cut
         console.print(table)
         return
     _print_plain(console, table)
@@ -145,7 +148,13 @@ def _print_plain(console: Console, table: Table) -> None:
             cell = cells[i]
             if isinstance(cell, str) and cell:
                 value = cell.replace("\n", " ")
-                console.print(f"{header}: {value}" if header else value)
+                if not header:
+                    console.print(value)
+                elif len(header) + 2 + _cell_width(value) <= console.width:
+                    console.print(f"{header}: {value}")
+                else:  # the value on a line of its own, so that short values stay whole
+                    console.print(f"{header}:")
+                    console.print(f"  {value}")
         console.print()
 
 
