@@ -479,7 +479,7 @@ class _Runner:
             if remaining < 0:
                 raise BackfillError(
                     f"database {db.name!r}: {physical} lacks the columns of job {job.name!r}; "
-                    f"run `oauthmig upgrade -d {db.name}` first"
+                    "run `oauthmig upgrade` first"
                 )
             with _txn(conn):
                 if conn.dialect.name == "postgresql":
@@ -686,8 +686,7 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
                     0,
                     0,
                     0.0,
-                    message=f"{physical} lacks the job's columns; "
-                    f"run `oauthmig upgrade -d {db.name}` first",
+                    message=f"{physical} lacks the job's columns; run `oauthmig upgrade` first",
                 )
             state = _read_job(conn, job.name)
             rate: float | None = None

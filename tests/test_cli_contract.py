@@ -23,7 +23,6 @@ from tests.cli_demo import (
     demo_installation,
     fingerprint,
     run_forked,
-    run_many,
 )
 from tests.helpers import write_config
 
@@ -236,7 +235,7 @@ def test_usage_errors_name_the_command_help_and_bare_oauthmig_prints_help(
     demo: Demo, tmp_path: Path
 ) -> None:
     cfg = demo.config
-    bare, late, early, pipe = run_many(
+    bare, late, early, pipe = run_forked(
         [
             ((), tmp_path, cli_env()),
             (
@@ -250,7 +249,8 @@ def test_usage_errors_name_the_command_help_and_bare_oauthmig_prints_help(
                 None,
             ),
             (("--config", cfg, "upgrade", "--sql", "--from", "7777"), tmp_path, None),
-        ]
+        ],
+        tmp_path / "streams",
     )
     assert bare.code == 0 and bare.err == ""
     assert bare.out.startswith("Usage: ") and "Commands:" in bare.out

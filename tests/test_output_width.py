@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from oauthmig.audit import audit
-from oauthmig.backfill import BackfillOptions, backfill
+from oauthmig.audit import AuditFinding, AuditSummary, audit
+from oauthmig.backfill import BackfillOptions, BackfillResult, backfill
 from oauthmig.config import Settings, load_settings
 from oauthmig.console import (
     render_audit_findings,
@@ -20,7 +20,7 @@ from oauthmig.console import (
     render_backfill,
     render_status,
 )
-from oauthmig.status import status
+from oauthmig.status import StatusReport, status
 from tests.cli_demo import Demo, demo_installation, run_forked
 from tests.helpers import write_config
 
@@ -90,20 +90,26 @@ def test_piped_at_80_columns_nothing_is_cut(demo: Demo, tmp_path: Path) -> None:
     _assert_whole(after.out, names | {"applied", "finished", "pending"})
 
 
-@pytest.mark.parametrize("width", [120, 80, 60, 40, 24])
-def test_terminals_of_any_width_cut_nothing(demo: Demo, width: int) -> None:
+@pytest.fixture(scope="module")
+def outputs(demo: Demo) -> tuple[StatusReport, list[AuditFinding], AuditSummary, BackfillResult]:
+    """What the three commands render, read once per backend."""
     settings = demo.settings
+    run = audit(settings)
+    findings = list(run)
+    dry = backfill(settings, options=BackfillOptions(dry_run=True))
+    return status(settings), findings, run.summary(), dry
+
+
+@pytest.mark.parametrize("width", [120, 80, 60, 40, 24])
+def test_terminals_of_any_width_cut_nothing(
+    outputs: tuple[StatusReport, list[AuditFinding], AuditSummary, BackfillResult], width: int
+) -> None:
+    report, findings, summary, dry = outputs
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, force_terminal=True, color_system=None)
-    report = status(settings)
     render_status(console, report)
-    findings = list(audit(settings))
-    summary_run = audit(settings)
-    for _ in summary_run:
-        pass
-    render_audit_summary(console, summary_run.summary(), min_severity="info")
+    render_audit_summary(console, summary, min_severity="info")
     render_audit_findings(console, findings)
-    dry = backfill(settings, options=BackfillOptions(dry_run=True))
     render_backfill(console, dry)
     text = buffer.getvalue()
     words = set(LONG.values()) | {"token-families", "client-metadata"}
