@@ -435,6 +435,11 @@ def status(ctx: click.Context, fmt: str, check: bool) -> None:
     else:
         render_status(state.consoles.out, report)
     errors = [d for d in report.databases if d.error]
+    if len(errors) > 1:
+        for d in errors:
+            state.consoles.error(d.error or f"database {d.database!r} could not be read")
+        names = ", ".join(d.database for d in errors)
+        raise OauthmigError(f"{len(errors)} databases could not be read: {names}")
     if errors:
         raise OauthmigError(errors[0].error or "a database could not be read")
     if check and report.outstanding:
@@ -919,7 +924,8 @@ def _run(argv: list[str] | None, meta: dict[str, Any], stdout: _PipeSafeStdout) 
         return EXIT_OK
     except click.exceptions.NoArgsIsHelpError as exc:
         # Bare `oauthmig`: help on stdout, success.
-        click.echo(exc.ctx.get_help() if exc.ctx is not None else cli.get_help(ctx))
+        root = exc.ctx or click.Context(cli, info_name="oauthmig")
+        click.echo(root.get_help())
         return EXIT_OK
     except Findings as exc:
         click.echo(str(exc), err=True)

@@ -313,8 +313,7 @@ def render_status(console: Console, report: StatusReport) -> None:
     print_table(console, table)
     for d in report.databases:
         if d.error:
-            console.print(f"[red]{escape(d.database)}: {escape(d.error)}[/]")
-            continue
+            continue  # the caller reports it once, on stderr
         for cell in d.revisions:
             if cell.detail and cell.state in ("waiting", "failed"):
                 console.print(f"{d.database} {cell.revision} {cell.state}: {escape(cell.detail)}")

@@ -804,6 +804,10 @@ def _run_online(
         )
         for s in plan.steps
     )
+    if plan.waiting is not None:
+        # Planned before the expand revisions ran: now the backfills' rows can be counted.
+        gated = next(r for r in revisions if r.revision == plan.waiting.revision)
+        plan = replace(plan, waiting=gate_for(conn, settings, db.name, gated) or plan.waiting)
     return DatabaseRun(db.name, plan, done, reached, attempts, time.monotonic() - started)
 
 
