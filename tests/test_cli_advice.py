@@ -67,3 +67,36 @@ def test_backfill_on_a_missing_table_advises_the_config_fix_that_works(
     # The advice, followed (shard removed from [routing] application), works.
     fixed = invoke(capsys, "--config", cfg, "backfill", "client-metadata")
     assert fixed.code == 0, fixed.err
+
+
+def test_one_attempt_is_singular_and_recorded_as_printed(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lock_retries = 0: the upgrade gives up after its one attempt and says so."""
+    from sqlalchemy import inspect, text
+
+    from oauthmig.db import make_engine
+    from tests.test_safety import _hold_write_lock, _setup
+
+    settings, cfg = _setup(make_database, tmp_path, lock_timeout="200ms", retries=0)
+    blocker = _hold_write_lock(settings)
+    try:
+        result = invoke(capsys, "--config", cfg, "-d", "control", "upgrade")
+    finally:
+        blocker.rollback()  # type: ignore[attr-defined]
+        blocker.close()  # type: ignore[attr-defined]
+    assert result.code == 2
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and "within lock_timeout 200ms after 1 attempt;" in lines[0], lines
+    engine = make_engine(settings.databases["control"], settings)
+    try:
+        with engine.connect() as conn:
+            logged = inspect(conn).has_table("oauthmig_revision_log")
+            query = text("SELECT detail FROM oauthmig_revision_log WHERE outcome = 'failed'")
+            stored = conn.execute(query).all() if logged else []
+            dialect = conn.dialect.name
+    finally:
+        engine.dispose()
+    # PostgreSQL records the failure (SQLite cannot: the blocker holds its write lock).
+    assert len(stored) == (1 if dialect == "postgresql" else 0)
+    assert all("after 1 attempt;" in row[0] for row in stored)
