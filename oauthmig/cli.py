@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any, NoReturn, cast
+from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 
 import click
 
@@ -33,6 +33,9 @@ from oauthmig.console import (
 from oauthmig.errors import OauthmigError, UsageError
 from oauthmig.migrations import RunResult
 from oauthmig.status import status as read_status
+
+if TYPE_CHECKING:
+    from oauthmig.backfill import BackfillResult
 
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 MAX_RUNTIME_SECONDS = 30 * 24 * 3600
@@ -561,7 +564,7 @@ def backfill(
     _report_backfill_failures(state, result)
 
 
-def _report_backfill_failures(state: AppState, result: Any) -> None:
+def _report_backfill_failures(state: AppState, result: BackfillResult) -> None:
     """One line per failed job and database; a summary line only when several failed."""
     failed = result.failed
     lines = [r.message or f"backfill {r.job} failed on {r.database}" for r in failed]
@@ -900,7 +903,8 @@ def _interrupted(ctx_obj: dict[str, Any], stdout: _PipeSafeStdout) -> None:
     message = "interrupted; state is saved, rerun to resume"
     if ctx_obj.get(_META_JSON) == "json" and not stdout.written:
         command = ctx_obj.get("command")
-        click.echo(to_json({"interrupted": True, "command": command, "message": message}))
+        document = {"interrupted": True, "command": command, "exit_code": EXIT_INTERRUPTED}
+        click.echo(to_json({**document, "message": message}))
     click.echo(message, err=True)
 
 

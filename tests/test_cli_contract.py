@@ -308,6 +308,9 @@ def test_json_interrupted_by_ctrl_c_is_one_document(demo: Demo, tmp_path: Path) 
         stderr=subprocess.PIPE,
         env=cli_env(),
         cwd=tmp_path,
+        # A background job's shell ignores SIGINT, and children inherit that: restore it, as a
+        # terminal would have it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # Wait until the job has started (its row exists), then press Ctrl-C.
     deadline = time.monotonic() + 60
