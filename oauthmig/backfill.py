@@ -96,6 +96,7 @@ from oauthmig.migrations import (
     RevisionInfo,
     _blockers,
     check_databases,
+    check_routed_tables,
     history,
     read_log,
 )
@@ -706,6 +707,8 @@ class _Runner:
         conn = self._connect(engine)
         state: dict[str, Any] | None = None
         try:
+            # A missing table is fixed in the config or the database, not by an upgrade.
+            check_routed_tables(conn, self.settings, db.name)
             remaining = remaining_rows(conn, self.settings, db.name, job)
             if remaining < 0:
                 raise BackfillError(
@@ -1042,11 +1045,16 @@ class _Runner:
                     self.sleep(min(5.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0))
                     continue
                 message = describe_error(exc, self.db)
+                # The failed attempt counts too: the stored count is what the message says
+                # for this run.
+                state["attempts"] = int(state["attempts"]) + 1
+                tries = failures + 1
                 self._fail(
                     engine,
                     state,
                     f"database {self.db.name!r}: backfill {self.job.name} failed at id > {lo} "
-                    f"after {failures + 1} attempts: {message}; state saved, rerun to resume",
+                    f"after {tries} attempt{'s' if tries != 1 else ''}: {message}; "
+                    "state saved, rerun to resume",
                     message,
                 )
 
@@ -1100,6 +1108,7 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
     try:
         with connect(engine, db) as conn:
             physical = settings.tables.physical(job.logical_table)
+            check_routed_tables(conn, settings, db.name)
             n = remaining_rows(conn, settings, db.name, job)
             if n < 0:
                 return JobRun(

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 import os
+import pickle
 import signal
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn, cast
+from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 
 import click
 
@@ -32,8 +37,12 @@ from oauthmig.migrations import RunResult
 from oauthmig.redact import scrub_log_records
 from oauthmig.status import status as read_status
 
+if TYPE_CHECKING:
+    from oauthmig.backfill import BackfillResult
+
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: backfill stopped by SIGTERM, state saved
+MAX_RUNTIME_SECONDS = 30 * 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +57,27 @@ class AppState:
         """Load the configuration and apply ``--database``."""
         return load_settings(self.config_path).restrict(self.databases)
 
+    def command_prefix(self) -> str:
+        """``oauthmig`` plus the ``--config`` in use, for commands printed as advice."""
+        if self.config_path is None:
+            return "oauthmig"
+        import shlex
+
+        return f"oauthmig --config {shlex.quote(self.config_path)}"
+
 
 class Findings(Exception):
     """Raised by a command that finished but has something CI should fail on (exit 1)."""
+
+
+class _FiniteRange(click.FloatRange):
+    """A float range that also refuses ``nan`` and ``inf`` (they compare false to any bound)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return rv
 
 
 FORMAT = click.Choice(["text", "json"])
@@ -61,16 +88,105 @@ OUTPUT_DIR = click.option(
     help="With --sql: write one script per database, DIR/<database>.sql, instead of stdout.",
 )
 FAIL_ON = click.Choice(["error", "warning", "never"])
+MIN_SEVERITY = click.Choice(["error", "warning", "info"])
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="Config file (default: $OAUTHMIG_CONFIG, ./oauthmig.toml, or the embedded "
-    "SQLite default under ./.oauthmig/).",
+# Global options, accepted before and after the subcommand name (``oauthmig -d x status`` and
+# ``oauthmig status -d x``). Values given after the name are stored in ``ctx.meta``.
+_META_LATE = "oauthmig.late_globals"
+_META_STATE = "oauthmig.state"
+_META_JSON = "oauthmig.json_output"
+_CONFIG_HELP = (
+    "Config file (default: $OAUTHMIG_CONFIG, ./oauthmig.toml, or the embedded "
+    "SQLite default under ./.oauthmig/)."
 )
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value not in (None, False, ()):
+        assert param.name is not None
+        ctx.meta.setdefault(_META_LATE, {})[param.name] = value
+    return value
+
+
+def _global_options() -> list[click.Parameter]:
+    return [
+        click.Option(
+            ["--config", "config_path"],
+            type=click.Path(dir_okay=False),
+            help=_CONFIG_HELP,
+            expose_value=False,
+            callback=_remember,
+        ),
+        click.Option(
+            ["--database", "-d", "databases"],
+            multiple=True,
+            metavar="NAME",
+            help="Only act on this database (repeatable).",
+            expose_value=False,
+            callback=_remember,
+        ),
+        click.Option(
+            ["--verbose", "-v"],
+            is_flag=True,
+            help="More detail.",
+            expose_value=False,
+            callback=_remember,
+        ),
+        click.Option(
+            ["--quiet", "-q"],
+            is_flag=True,
+            help="Only errors and requested output.",
+            expose_value=False,
+            callback=_remember,
+        ),
+    ]
+
+
+class _Command(click.Command):
+    """A subcommand that accepts the global options too, and turns the project's
+    ``UsageError`` into a click usage error (one line naming ``oauthmig CMD --help``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(_global_options())
+
+    def invoke(self, ctx: click.Context) -> Any:
+        _build_state(ctx)
+        ctx.meta[_META_JSON] = ctx.params.get("fmt")
+        ctx.meta["command"] = ctx.info_name
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            raise click.UsageError(exc.message, ctx) from None
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+def _build_state(ctx: click.Context) -> AppState:
+    """Merge the global options given before and after the subcommand into one AppState."""
+    root = ctx.find_root()
+    late: dict[str, Any] = ctx.meta.get(_META_LATE, {})
+    config_path = late.get("config_path", root.params.get("config_path"))
+    databases = tuple(root.params.get("databases", ())) + tuple(late.get("databases", ()))
+    verbose = bool(root.params.get("verbose") or late.get("verbose"))
+    quiet = bool(root.params.get("quiet") or late.get("quiet"))
+    if verbose and quiet:
+        raise click.UsageError("--verbose and --quiet exclude each other", ctx)
+    if verbose:
+        # Alembic reports each revision it runs ("Running upgrade 0001 -> 0002") at INFO.
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(name)s: %(message)s")
+    scrub_log_records()  # library log lines (psycopg, SQLAlchemy's pool) can quote driver errors
+    state = AppState(config_path, databases, Consoles.create(quiet=quiet, verbose=verbose))
+    ctx.meta[_META_STATE] = state
+    return state
+
+
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=_CONFIG_HELP)
 @click.option(
     "--database",
     "-d",
@@ -82,9 +198,7 @@ FAIL_ON = click.Choice(["error", "warning", "never"])
 @click.option("--verbose", "-v", is_flag=True, help="More detail.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and requested output.")
 @click.version_option(package_name="oauthmig")
-@click.pass_context
 def cli(
-    ctx: click.Context,
     config_path: str | None,
     databases: tuple[str, ...],
     verbose: bool,
@@ -93,24 +207,27 @@ def cli(
     """Roll out PKCE, redirect binding, refresh-token rotation and RFC 7591 client metadata on a
     live Sentry-style OAuth provider, across routed databases, without blocking traffic.
 
+    Global options (--config, -d, -v, -q) go before or after the command name.
+
     \b
     The rollout is: upgrade -> backfill -> upgrade.
       oauthmig status                 # where every database stands
       oauthmig upgrade --dry-run      # what would run, with the SQL
       oauthmig upgrade                # expand: add the new columns everywhere
     """
-    if verbose and quiet:
-        raise click.UsageError("--verbose and --quiet exclude each other")
-    if verbose:
-        # Alembic reports each revision it runs ("Running upgrade 0001 -> 0002") at INFO.
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(name)s: %(message)s")
-    scrub_log_records()  # library log lines (psycopg, SQLAlchemy's pool) can quote driver errors
-    ctx.obj = AppState(config_path, databases, Consoles.create(quiet=quiet, verbose=verbose))
 
 
 def _state(ctx: click.Context) -> AppState:
-    state: AppState = ctx.find_root().obj
+    state: AppState = ctx.meta.get(_META_STATE) or _build_state(ctx)
     return state
+
+
+def _check_revisions(target: str, from_revision: str | None) -> None:
+    """Refuse unknown ``--to``/``--from`` revisions before any database is opened."""
+    revisions = migrations.history()
+    migrations.resolve_revision(target, revisions, "--to")
+    if from_revision is not None:
+        migrations.resolve_revision(from_revision, revisions, "--from")
 
 
 def _plan_or_refuse(
@@ -118,9 +235,10 @@ def _plan_or_refuse(
 ) -> None:
     """Print the plan; refuse before touching any database if one of them cannot be planned."""
     plans = migrations.plan(settings, direction, target)
-    if not c.quiet:
-        render_plan(c.human(as_json), plans, direction)
     problems = [p for p in plans if isinstance(p, str)]
+    # With JSON on stdout the plan would go to stderr: there, only the error lines go.
+    if not c.quiet and not (as_json and problems):
+        render_plan(c.human(as_json), plans, direction)
     if problems:
         for problem in problems[1:]:
             c.error(problem)
@@ -157,16 +275,18 @@ def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | N
 
 
 def _report_failures(state: AppState, result: RunResult) -> None:
-    if len(result.runs) == 1 and result.failed:
-        # One database selected: its own line is the whole story (exit 2, one line).
-        raise OauthmigError(result.failed[0].error or "failed")
-    for run in result.failed:
-        state.consoles.error(run.error or "failed")
-    if result.failed:
-        names = ", ".join(r.database for r in result.failed)
+    """One line per failed database; a summary line only when several failed."""
+    failed = result.failed
+    if len(failed) == 1:
+        raise OauthmigError(failed[0].error or f"database {failed[0].database!r} failed")
+    if failed:
+        for run in failed:
+            state.consoles.error(run.error or f"database {run.database!r} failed")
+        names = ", ".join(r.database for r in failed)
         ok = [r.database for r in result.runs if not r.error]
-        tail = f"; {', '.join(ok)} completed and are consistent" if ok else ""
-        raise OauthmigError(f"{len(result.failed)} database(s) failed: {names}{tail}")
+        verb = "is" if len(ok) == 1 else "are"
+        tail = f"; {', '.join(ok)} completed and {verb} consistent" if ok else ""
+        raise OauthmigError(f"{len(failed)} databases failed: {names}{tail}")
 
 
 @cli.command()
@@ -237,6 +357,7 @@ def upgrade(
         raise UsageError("--from only applies to --sql")
     if output_dir is not None and not offline:
         raise UsageError("--output-dir only applies to --sql")
+    _check_revisions(target, from_revision)
     settings = state.settings()
     c = state.consoles
     as_json = fmt == "json"
@@ -259,7 +380,7 @@ def upgrade(
     if as_json:
         click.echo(to_json({"dry_run": False, "databases": [run_to_dict(r) for r in result.runs]}))
     elif not c.quiet:
-        render_run(c.out, result)
+        render_run(c.out, result, state.command_prefix())
     _report_failures(state, result)
 
 
@@ -307,6 +428,7 @@ def downgrade(
         raise UsageError("--from only applies to --sql")
     if output_dir is not None and not offline:
         raise UsageError("--output-dir only applies to --sql")
+    _check_revisions(target, from_revision)
     settings = state.settings()
     c = state.consoles
     as_json = fmt == "json"
@@ -359,6 +481,11 @@ def status(ctx: click.Context, fmt: str, check: bool) -> None:
     else:
         render_status(state.consoles.out, report)
     errors = [d for d in report.databases if d.error]
+    if len(errors) > 1:
+        for d in errors:
+            state.consoles.error(d.error or f"database {d.database!r} could not be read")
+        names = ", ".join(d.database for d in errors)
+        raise OauthmigError(f"{len(errors)} databases could not be read: {names}")
     if errors:
         raise OauthmigError(errors[0].error or "a database could not be read")
     if check and report.outstanding:
@@ -415,16 +542,17 @@ def history(ctx: click.Context, fmt: str) -> None:
 @click.option(
     "--sleep",
     "sleep_seconds",
-    type=click.FloatRange(0, 3600),
+    type=_FiniteRange(0, 3600),
     default=None,
-    help="Pause between batches, in seconds (default: backfill.sleep_seconds).",
+    help="Pause between batches, in seconds, 0 to 3600 (default: backfill.sleep_seconds).",
 )
 @click.option(
     "--max-runtime",
-    type=click.FloatRange(0.1, None),
+    type=_FiniteRange(0.1, MAX_RUNTIME_SECONDS),
     default=None,
     metavar="S",
-    help="Stop cleanly after S seconds; state is saved and the next run resumes.",
+    help="Stop cleanly after S seconds (0.1 to 2592000, 30 days); state is saved and the next "
+    "run resumes. Without it the run goes until done.",
 )
 @click.option("--restart", is_flag=True, help="Forget saved progress and start over.")
 @click.option(
@@ -458,7 +586,7 @@ def backfill(
     Examples:
       oauthmig backfill --dry-run
       oauthmig backfill token-families --batch 2000 --sleep 0.1
-      oauthmig backfill --max-runtime 600 -d shard_eu
+      oauthmig backfill --max-runtime 600 -d shard
     """
     from oauthmig import backfill as service
     from oauthmig.console import backfill_to_dict, progress_bar, render_backfill
@@ -486,9 +614,22 @@ def backfill(
         click.echo(to_json(backfill_to_dict(result)))
     elif not c.quiet or result.failed:
         render_backfill(c.out, result)
-    if result.failed:
-        first = result.failed[0]
-        raise OauthmigError(first.message or f"backfill {first.job} failed on {first.database}")
+    _report_backfill_failures(state, result)
+
+
+def _report_backfill_failures(state: AppState, result: BackfillResult) -> None:
+    """One line per failed job and database; a summary line only when several failed."""
+    failed = result.failed
+    lines = [r.message or f"backfill {r.job} failed on {r.database}" for r in failed]
+    if len(failed) == 1:
+        raise OauthmigError(lines[0])
+    if failed:
+        for line in lines:
+            state.consoles.error(line)
+        pairs = ", ".join(f"{r.job} on {r.database}" for r in failed)
+        raise OauthmigError(
+            f"{len(failed)} backfills failed: {pairs}; state saved, rerun to resume"
+        )
 
 
 @cli.command()
@@ -506,7 +647,13 @@ def backfill(
     type=click.IntRange(0, 100_000_000),
     help="Tokens to create, split over the databases hosting the token table.",
 )
-@click.option("--seed", default=42, show_default=True, type=int, help="Random seed.")
+@click.option(
+    "--seed",
+    default=42,
+    show_default=True,
+    type=click.IntRange(0, 2**63 - 1),
+    help="Random seed.",
+)
 @click.option("--setup-only", is_flag=True, help="Create and fill the legacy tables, then stop.")
 @click.pass_context
 def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool) -> None:
@@ -550,7 +697,7 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     c.info("demo: upgrade (expand)")
     result = migrations.upgrade(settings)
     if not c.quiet:
-        render_run(c.out, result)
+        render_run(c.out, result, state.command_prefix())
     _report_failures(state, result)
     from oauthmig import backfill as backfill_service
     from oauthmig.console import render_backfill
@@ -559,8 +706,7 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     filled = backfill_service.backfill(settings)
     if not c.quiet:
         render_backfill(c.out, filled)
-    if filled.failed:
-        raise OauthmigError(filled.failed[0].message or "backfill failed")
+    _report_backfill_failures(state, filled)
     c.info("demo: upgrade (finalize)")
     result = migrations.upgrade(settings)
     if not c.quiet:
@@ -653,8 +799,17 @@ def check_redirect(
     show_default=True,
     help="Exit 1 when findings of this severity or worse exist.",
 )
+@click.option(
+    "--min-severity",
+    type=MIN_SEVERITY,
+    default=None,
+    help="Report only findings of this severity or worse (default: warning for text; json, "
+    "csv and sarif keep every finding). Counts always cover every finding.",
+)
 @click.pass_context
-def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: str) -> None:
+def audit_redirects(
+    ctx: click.Context, fmt: str, output: str | None, fail_on: str, min_severity: str | None
+) -> None:
     """Audit every stored redirect URI, and the URIs live grants are bound to.
 
     Reads every application on every database hosting the application table, in batches
@@ -668,12 +823,14 @@ def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: s
     \b
     Examples:
       oauthmig audit-redirects
+      oauthmig audit-redirects --min-severity info   # also the info-level findings
       oauthmig audit-redirects --format sarif --output redirects.sarif
       oauthmig audit-redirects --format json --fail-on warning | jq .summary.by_code
     """
     from oauthmig.audit import FailOn
     from oauthmig.audit import audit as audit_service
     from oauthmig.console import (
+        at_least,
         escape,
         plain_console,
         progress_bar,
@@ -686,6 +843,7 @@ def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: s
     c = state.consoles
     settings = state.settings()
     machine = fmt != "text"
+    minimum = min_severity or ("info" if machine else "warning")
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(atomic_output(output)) if output is not None else None
         # Progress (stderr, terminals only) when the report does not go to the terminal.
@@ -701,13 +859,30 @@ def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: s
                 docs_url=settings.audit.docs_url,
             )
             writer.begin()
-            for finding in audit:
-                writer.finding(finding)
+            try:
+                for finding in audit:
+                    if at_least(finding.severity, minimum):
+                        writer.finding(finding)
+            except KeyboardInterrupt:
+                if sink is None and fmt == "json":
+                    # Close the streamed document so that stdout still holds one JSON value.
+                    partial = audit.summary()
+                    notes = (*partial.notes, "interrupted: the audit stopped before the end")
+                    writer.end(dataclasses.replace(partial, notes=notes))
+                    ctx.meta[_META_JSON] = "done"
+                raise
             writer.end(audit.summary())
         else:
             report_console = c.out if sink is None else plain_console(sink)
-            render_audit_findings(report_console, audit)
-            render_audit_summary(report_console, audit.summary())
+            # The per-rule summary comes first: the findings wait in a temporary file meanwhile
+            # (memory stays bounded however many applications there are).
+            spool = stack.enter_context(tempfile.TemporaryFile())
+            for finding in audit:
+                if at_least(finding.severity, minimum):
+                    pickle.dump(finding, spool)
+            render_audit_summary(report_console, audit.summary(), min_severity=minimum)
+            spool.seek(0)
+            render_audit_findings(report_console, _unspool(spool), min_severity=minimum)
     summary = audit.summary()
     if sink is not None and not c.quiet:
         c.out.print(f"wrote the {fmt} report to {escape(str(output))}")
@@ -721,38 +896,132 @@ def audit_redirects(ctx: click.Context, fmt: str, output: str | None, fail_on: s
         )
 
 
+def _unspool(spool: IO[bytes]) -> Iterator[Any]:
+    while True:
+        try:
+            yield pickle.load(spool)
+        except EOFError:
+            return
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: run the CLI and turn every outcome into an exit code."""
     code = run(argv)
     sys.exit(code)
 
 
+class _PipeSafeStdout:
+    """stdout that survives its reader going away (``oauthmig ... | head -1``).
+
+    On the first broken pipe the file descriptor is pointed at /dev/null, as the Python docs
+    recommend, and the command carries on, so that it exits with the code its work has. It
+    also records whether anything was written (to know if a JSON document was started).
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self.written = False
+        self.broken = False
+
+    def _devnull(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        if text:
+            self.written = True
+        if self.broken:
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        if self.broken:
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._devnull()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _usage_line(exc: click.UsageError) -> str:
+    """``error: <what>; see 'oauthmig CMD --help'`` on one line."""
+    what = " ".join(exc.format_message().split()).rstrip(".")
+    if what[:1].isupper() and what[1:2].islower():
+        what = what[0].lower() + what[1:]
+    path = exc.ctx.command_path if exc.ctx is not None else "oauthmig"
+    return f"error: {what}; see '{path} --help'"
+
+
+def _interrupted(
+    ctx_obj: dict[str, Any], stdout: _PipeSafeStdout, *, terminated: bool = False
+) -> None:
+    if terminated:
+        message, code = "terminated (SIGTERM); state is saved, rerun to resume", EXIT_TERMINATED
+    else:
+        message, code = "interrupted; state is saved, rerun to resume", EXIT_INTERRUPTED
+    if ctx_obj.get(_META_JSON) == "json" and not stdout.written:
+        command = ctx_obj.get("command")
+        document = {"interrupted": True, "command": command, "exit_code": code}
+        click.echo(to_json({**document, "message": message}))
+    click.echo(message, err=True)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return the exit code (0 ok, 1 findings, 2 failed, 130 interrupted,
     143 backfill terminated by SIGTERM)."""
-    ctx_obj: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    real_stdout = sys.stdout
+    stdout = _PipeSafeStdout(real_stdout)
+    sys.stdout = cast(IO[str], stdout)
     try:
-        cli.main(args=argv, prog_name="oauthmig", standalone_mode=False, obj=ctx_obj)
+        return _run(argv, meta, stdout)
+    finally:
+        sys.stdout = real_stdout
+
+
+def _run(argv: list[str] | None, meta: dict[str, Any], stdout: _PipeSafeStdout) -> int:
+    try:
+        with cli.make_context("oauthmig", list(sys.argv[1:] if argv is None else argv)) as ctx:
+            meta = ctx.meta
+            cli.invoke(ctx)
+        return EXIT_OK
+    except click.exceptions.NoArgsIsHelpError as exc:
+        # Bare `oauthmig`: help on stdout, success.
+        root = exc.ctx or click.Context(cli, info_name="oauthmig")
+        click.echo(root.get_help())
         return EXIT_OK
     except Findings as exc:
         click.echo(str(exc), err=True)
         return EXIT_FINDINGS
     except OauthmigError as exc:
-        click.echo(f"error: {exc.message}", err=True)
+        click.echo(f"error: {' '.join(exc.message.split())}", err=True)
         return EXIT_FAILED
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
+    except click.UsageError as exc:
+        click.echo(_usage_line(exc), err=True)
+        return EXIT_FAILED
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         return EXIT_FAILED
     except (KeyboardInterrupt, click.exceptions.Abort) as exc:
-        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
-            click.echo("terminated (SIGTERM); state is saved, rerun to resume", err=True)
-            return EXIT_TERMINATED
-        click.echo("interrupted; state is saved, rerun to resume", err=True)
+        terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
+        _interrupted(meta, stdout, terminated=terminated)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader (e.g. `| head`) went away: stop quietly, as the Python docs recommend.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_FINDINGS
+        # A write that bypassed sys.stdout: stop quietly.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ else 1)
+        return EXIT_FAILED

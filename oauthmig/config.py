@@ -7,6 +7,7 @@ databases under ``./.oauthmig/``). Every error names the offending key and exits
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -184,23 +185,43 @@ class Settings:
         )
 
 
-def parse_duration_ms(value: object, key: str) -> int:
-    """Parse ``"2s"``, ``"500ms"``, ``"1m"``, ``"2h"`` or a number of seconds into milliseconds."""
+# PostgreSQL keeps lock_timeout and statement_timeout in a 32-bit count of milliseconds.
+MAX_DURATION_MS = 2_147_483_647
+
+
+def parse_duration_ms(
+    value: object, key: str, low_ms: int = 0, high_ms: int = MAX_DURATION_MS
+) -> int:
+    """Parse ``"2s"``, ``"500ms"``, ``"1m"``, ``"2h"`` or a number of seconds into milliseconds.
+
+    ``nan``, ``inf`` and values outside ``low_ms..high_ms`` are refused, naming ``key``.
+    """
+    expected = f'{key}: expected a duration like "2s" or "500ms", got {value!r}'
     if isinstance(value, bool):
-        raise ConfigError(f'{key}: expected a duration like "2s" or "500ms", got {value!r}')
+        raise ConfigError(expected)
     if isinstance(value, int | float):
-        seconds = float(value)
-        if seconds < 0:
-            raise ConfigError(f"{key}: must not be negative")
-        return int(seconds * 1000)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            number = float(m.group(1))
-            unit = m.group(2) or "s"
-            factor = {"ms": 1, "s": 1000, "m": 60000, "min": 60000, "h": 3_600_000}[unit]
-            return int(number * factor)
-    raise ConfigError(f'{key}: expected a duration like "2s" or "500ms", got {value!r}')
+        number, factor = float(value), 1000
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        number = float(m.group(1))
+        factor = {"ms": 1, "s": 1000, "m": 60000, "min": 60000, "h": 3_600_000}[m.group(2) or "s"]
+    else:
+        raise ConfigError(expected)
+    if math.isnan(number):
+        raise ConfigError(expected)
+    if number < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    ms = number * factor
+    if not low_ms <= ms <= high_ms:
+        raise ConfigError(
+            f"{key}: must be between {_show_ms(low_ms)} and {_show_ms(high_ms)}, got {value!r}"
+        )
+    return int(ms)
+
+
+def _show_ms(ms: int) -> str:
+    if ms == MAX_DURATION_MS:
+        return f"{ms}ms (about 24 days)"
+    return f"{ms}ms"
 
 
 def redact_url(url: URL) -> str:
@@ -260,7 +281,7 @@ def _int(value: object, key: str, low: int, high: int) -> int:
 
 
 def _float(value: object, key: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if not low <= float(value) <= high:
         raise ConfigError(f"{key}: must be between {low} and {high}, got {value}")

@@ -94,6 +94,70 @@ def to_json(value: Any) -> str:
     return json.dumps(value, default=_default, indent=2, ensure_ascii=False)
 
 
+_PLAIN_MIN_COLUMN = 4  # narrowest a wrapping column may get before the plain layout is used
+
+
+def _cell_width(cell: object) -> int:
+    if isinstance(cell, str):
+        from rich.text import Text
+
+        return max((Text.from_markup(line).cell_len for line in cell.split("\n")), default=0)
+    return 0
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print ``table`` without ever cutting the columns marked ``no_wrap`` (identifiers,
+    database names, statuses, rule codes).
+
+    Not a terminal (a pipe, a CI log, a file): the table is as wide as its content, nothing
+    is wrapped or cut. A terminal: other columns wrap to make room; if even the ``no_wrap``
+    columns do not fit, every row is printed as plain ``header: value`` lines instead.
+    """
+    if not console.is_terminal:
+        natural = console.measure(table, options=console.options.update_width(100_000))
+        saved = console.width
+        console.width = max(saved, natural.maximum)
+        try:
+            console.print(table)
+        finally:
+            console.width = saved
+        return
+    needed = 1  # left border
+    for column in table.columns:
+        if column.no_wrap:
+            width = max([_cell_width(column.header), *map(_cell_width, column.cells)])
+        else:
+            width = _PLAIN_MIN_COLUMN
+        needed += max(width, column.min_width or 0) + 3  # padding and border
+    if needed <= console.width:
+        for column in table.columns:
+            if not column.no_wrap:
+                column.overflow = "fold"  # a long word is folded onto the next line, not cut
+        console.print(table)
+        return
+    _print_plain(console, table)
+
+
+def _print_plain(console: Console, table: Table) -> None:
+    if table.title:
+        console.print(table.title)
+    headers = [str(c.header) for c in table.columns]
+    columns = [list(c.cells) for c in table.columns]
+    for i in range(table.row_count):
+        for header, cells in zip(headers, columns, strict=True):
+            cell = cells[i]
+            if isinstance(cell, str) and cell:
+                value = cell.replace("\n", " ")
+                if not header:
+                    console.print(value)
+                elif len(header) + 2 + _cell_width(value) <= console.width:
+                    console.print(f"{header}: {value}")
+                else:  # the value on a line of its own, so that short values stay whole
+                    console.print(f"{header}:")
+                    console.print(f"  {value}")
+        console.print()
+
+
 @contextmanager
 def progress_bar(console: Console, enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar (rows, rate, ETA); yields ``update(label, done, total)``."""
@@ -140,9 +204,9 @@ _STATE_STYLE = {
 def render_plan(console: Console, plans: list[DatabasePlan | str], direction: str) -> None:
     """The database × revision plan, printed before anything is changed."""
     table = Table(title=f"{direction} plan", title_justify="left", show_lines=False)
-    table.add_column("database")
-    table.add_column("from")
-    table.add_column("to")
+    table.add_column("database", no_wrap=True)
+    table.add_column("from", no_wrap=True)
+    table.add_column("to", no_wrap=True)
     table.add_column("steps")
     for p in plans:
         if isinstance(p, str):
@@ -158,11 +222,13 @@ def render_plan(console: Console, plans: list[DatabasePlan | str], direction: st
         table.add_row(
             p.database, p.current or "base", p.target or "base", steps or "[dim]up to date[/]"
         )
-    console.print(table)
+    print_table(console, table)
 
 
-def render_run(console: Console, result: RunResult) -> None:
-    """Summary after an upgrade or downgrade."""
+def render_run(console: Console, result: RunResult, command: str = "oauthmig") -> None:
+    """Summary after an upgrade or downgrade; ``command`` prefixes the advice printed
+    (``oauthmig --config FILE``)."""
+    waiting: list[str] = []
     for run in result.runs:
         if run.error:
             continue
@@ -185,10 +251,13 @@ def render_run(console: Console, result: RunResult) -> None:
             )
         if run.plan.waiting:
             w = run.plan.waiting
-            console.print(
-                f"{run.database}: [cyan]waiting[/] before {w.revision}: "
-                f"{w.describe()}; run `oauthmig backfill {w.job}` then `oauthmig upgrade` again"
-            )
+            waiting.append(run.database)
+            console.print(f"{run.database}: [cyan]waiting[/] before {w.revision}: {w.describe()}")
+    if waiting:
+        only = " ".join(f"-d {escape(name)}" for name in waiting)
+        console.print(
+            f"run `{escape(command)} backfill {only}`, then `{escape(command)} upgrade` again"
+        )
 
 
 def render_dry_run(console: Console, result: RunResult) -> None:
@@ -229,7 +298,7 @@ def render_status(console: Console, report: StatusReport) -> None:
     table.add_column("revision")
     table.add_column("touches")
     for d in report.databases:
-        table.add_column(d.database)
+        table.add_column(escape(d.database), no_wrap=True)
     for i, rev in enumerate(report.revisions):
         cells = []
         for d in report.databases:
@@ -241,11 +310,10 @@ def render_status(console: Console, report: StatusReport) -> None:
             text = cell.state if cell.state != "skipped" else "skipped: not routed"
             cells.append(f"[{style}]{text}[/]" if style else text)
         table.add_row(f"{rev.revision} {escape(rev.message)}", ", ".join(rev.tables), *cells)
-    console.print(table)
+    print_table(console, table)
     for d in report.databases:
         if d.error:
-            console.print(f"[red]{escape(d.database)}: {escape(d.error)}[/]")
-            continue
+            continue  # the caller reports it once, on stderr
         for cell in d.revisions:
             if cell.detail and cell.state in ("waiting", "failed"):
                 console.print(f"{d.database} {cell.revision} {cell.state}: {escape(cell.detail)}")
@@ -269,7 +337,7 @@ def render_history(console: Console, revisions: list[RevisionInfo]) -> None:
     """Revisions with the tables they touch and the backfills they require."""
     table = Table(title="revisions (oldest first)", title_justify="left")
     for name in ("revision", "description", "touches", "columns", "requires backfill"):
-        table.add_column(name)
+        table.add_column(name, no_wrap=name == "revision")
     for rev in revisions:
         cols = ", ".join(f"{c.table}.{c.name}" for c in rev.columns)
         table.add_row(
@@ -279,7 +347,7 @@ def render_history(console: Console, revisions: list[RevisionInfo]) -> None:
             cols,
             ", ".join(rev.requires_backfills) or "-",
         )
-    console.print(table)
+    print_table(console, table)
 
 
 def run_to_dict(run: DatabaseRun) -> dict[str, Any]:
@@ -386,7 +454,7 @@ def render_backfill(console: Console, result: BackfillResult) -> None:
     cols = ["job", "database", "status", "rows to change" if result.dry_run else "rows changed"]
     cols += ["estimate"] if result.dry_run else ["batches", "time", "rows/s", "p50/p99 batch"]
     for name in cols:
-        table.add_column(name)
+        table.add_column(name, no_wrap=name in ("job", "database", "status"))
     for r in result.runs:
         style = _STATE_STYLE.get(r.status, "")
         status = f"[{style}]{r.status}[/]" if style else r.status
@@ -394,7 +462,7 @@ def render_backfill(console: Console, result: BackfillResult) -> None:
             est = f"~{r.estimated_seconds:,.1f}s" if r.estimated_seconds is not None else "-"
             table.add_row(
                 r.job,
-                r.database,
+                escape(r.database),
                 status,
                 f"{r.rows_changed:,}",
                 est + (f" ({escape(r.message)})" if r.message else ""),
@@ -403,7 +471,7 @@ def render_backfill(console: Console, result: BackfillResult) -> None:
             rate = f"{r.rows_changed / r.seconds:,.0f}" if r.seconds > 0 else "-"
             table.add_row(
                 r.job,
-                r.database,
+                escape(r.database),
                 status,
                 f"{r.rows_changed:,}",
                 str(r.batches),
@@ -411,11 +479,10 @@ def render_backfill(console: Console, result: BackfillResult) -> None:
                 rate,
                 f"{percentile(r.batch_seconds, 0.5):.3f}/{percentile(r.batch_seconds, 0.99):.3f}s",
             )
-    console.print(table)
+    print_table(console, table)
+    # Failures are reported once, on stderr, by the caller.
     for r in result.runs:
-        if r.status == "failed" and r.message:
-            console.print(f"[red]{escape(r.database)} {escape(r.job)}: {escape(r.message)}[/]")
-        elif r.status == "paused":
+        if r.status == "paused":
             console.print(f"{r.database} {r.job}: paused; state saved, rerun to resume")
 
 
@@ -469,75 +536,121 @@ def render_uri_reports(console: Console, reports: Sequence[UriReport]) -> None:
     )
 
 
-def _audit_table(first: bool) -> Table:
-    # Fixed ratios, so that the tables of successive chunks line up.
+_AuditRow = tuple[str, str, str]
+
+
+def _audit_table(console: Console, first: bool, rows: Sequence[tuple[AuditFinding, bool]]) -> Table:
     table = Table(
         title="redirect URI audit" if first else None,
         title_justify="left",
         show_header=first,
         expand=True,
     )
-    table.add_column("application", ratio=2, overflow="fold")
-    table.add_column("rule", ratio=3, overflow="fold")
-    table.add_column("URI and finding", ratio=6, overflow="fold")
+    # Wide enough that "database #id" and "RU001 warning" stay on one line and a client id
+    # takes at most three lines; the URI column gets the rest.
+    app_w = max(
+        max(len(f"{f.database} #{f.application_id}") for f, _ in rows),
+        -(-max(len(f.client_id) for f, _ in rows) // 3),
+        12,
+    )
+    rule_w = max(max(len(f"{f.code} {f.severity.value}") for f, _ in rows), 14)
+    table.add_column("application", width=app_w, overflow="fold")
+    table.add_column("rule", width=rule_w, overflow="fold")
+    table.add_column("URI and finding", ratio=1, overflow="fold", min_width=10)
     return table
 
 
-_FULL_CLIENT_ID_WIDTH = 150  # narrower consoles show client ids abbreviated
+def _audit_cells(f: AuditFinding, first_of_app: bool) -> _AuditRow:
+    app_cell = (
+        f"{escape(f.database)} [bold]#{f.application_id}[/]\n[dim]{show(f.client_id)}[/]"
+        if first_of_app
+        else ""
+    )
+    rule_cell = f"{f.code} {_severity(f.severity)}\n{f.name}"
+    detail = show(f.message)
+    if f.uri is not None:
+        detail = f"{show(f.uri)}\n[dim]{detail}[/]"
+    return app_cell, rule_cell, detail
 
 
-def _client_id(client_id: str, width: int) -> str:
-    if width >= _FULL_CLIENT_ID_WIDTH or len(client_id) <= 12:
-        return show(client_id)
-    return show(client_id[:10]) + "…"
+def _print_audit_chunk(
+    console: Console, rows: list[tuple[AuditFinding, bool]], first: bool
+) -> None:
+    table = _audit_table(console, first, rows)
+    needed = sum((c.width or 10) + 3 for c in table.columns) + 1
+    if not console.is_terminal or needed > console.width:
+        # Piped (a table would be as wide as the longest URI) or a terminal too narrow for a
+        # table that cuts nothing: plain aligned blocks, one per application.
+        if first:
+            console.print("redirect URI audit")
+        for f, first_of_app in rows:
+            if first_of_app:
+                console.print(
+                    f"{escape(f.database)} [bold]#{f.application_id}[/] "
+                    f"[dim]client_id {show(f.client_id)}[/]"
+                )
+            severity = f"[{_SEVERITY_STYLE[f.severity]}]{f.severity.value:<7}[/]"
+            uri = "" if f.uri is None else f" {show(f.uri)}"
+            console.print(f"  {f.code} {severity} {f.name}:{uri}")
+            console.print(f"  {'':13} [dim]{show(f.message)}[/]")
+        return
+    previous: AuditFinding | None = None
+    for f, first_of_app in rows:
+        if first_of_app and previous is not None:
+            table.add_section()
+        table.add_row(*_audit_cells(f, first_of_app))
+        previous = f
+    print_table(console, table)
+
+
+_SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.ERROR: 2}
+
+
+def at_least(severity: Severity, minimum: str) -> bool:
+    """Whether ``severity`` is ``minimum`` (error, warning or info) or worse."""
+    return _SEVERITY_RANK[severity] >= _SEVERITY_RANK[Severity(minimum)]
 
 
 def render_audit_findings(
-    console: Console, findings: Iterable[AuditFinding], *, chunk_applications: int = 200
+    console: Console,
+    findings: Iterable[AuditFinding],
+    *,
+    chunk_applications: int = 200,
+    min_severity: str = "info",
 ) -> int:
-    """Stream ``audit-redirects`` findings as tables grouped by application: a table is
-    printed every ``chunk_applications`` applications, so memory stays bounded. Client ids
-    are abbreviated on consoles narrower than 150 columns (the machine formats carry them
-    whole). Returns the number of findings rendered."""
-    table: Table | None = None
+    """Stream ``audit-redirects`` findings of ``min_severity`` or worse as tables grouped by
+    application: a table is printed every ``chunk_applications`` applications, so memory
+    stays bounded. Nothing is cut: piped, the table is as wide as its content; on a
+    terminal, a client id takes at most three lines. Returns the number of findings
+    rendered."""
+    rows: list[tuple[AuditFinding, bool]] = []
     first = True
-    apps_in_table = 0
+    apps_in_chunk = 0
     count = 0
     current: tuple[str, int] | None = None
     for f in findings:
+        if not at_least(f.severity, min_severity):
+            continue
         key = (f.database, f.application_id)
-        if key != current:
-            if table is not None and apps_in_table >= chunk_applications:
-                console.print(table)
-                table = None
-            if table is None:
-                table = _audit_table(first)
-                first = False
-                apps_in_table = 0
-            elif current is not None:
-                table.add_section()
+        new_app = key != current
+        if new_app:
+            if rows and apps_in_chunk >= chunk_applications:
+                _print_audit_chunk(console, rows, first)
+                rows, first, apps_in_chunk = [], False, 0
             current = key
-            apps_in_table += 1
-            app_cell = (
-                f"{escape(f.database)} [bold]#{f.application_id}[/]\n"
-                f"[dim]{_client_id(f.client_id, console.width)}[/]"
-            )
-        else:
-            app_cell = ""
-        assert table is not None
-        rule_cell = f"{f.code} {_severity(f.severity)}\n{f.name}"
-        detail = show(f.message)
-        if f.uri is not None:
-            detail = f"{show(f.uri)}\n[dim]{detail}[/]"
-        table.add_row(app_cell, rule_cell, detail)
+            apps_in_chunk += 1
+        rows.append((f, new_app))
         count += 1
-    if table is not None:
-        console.print(table)
+    if rows:
+        _print_audit_chunk(console, rows, first)
     return count
 
 
-def render_audit_summary(console: Console, summary: AuditSummary) -> None:
-    """Counts by severity and by code, ignored codes, databases and notes."""
+def render_audit_summary(
+    console: Console, summary: AuditSummary, *, min_severity: str = "info"
+) -> None:
+    """Counts by severity and by code, ignored codes, databases and notes; with
+    ``min_severity`` above info, how many findings the report below leaves out."""
     per_db = ", ".join(
         f"{escape(d.database)} ({d.applications:,} apps, app type from "
         f"{'the application_type column' if d.app_type_source == 'column' else 'redirect URIs'})"
@@ -558,11 +671,11 @@ def render_audit_summary(console: Console, summary: AuditSummary) -> None:
     if summary.by_code:
         table = Table(title="findings by rule", title_justify="left")
         for name in ("code", "name", "severity", "count"):
-            table.add_column(name, justify="right" if name == "count" else "left")
+            table.add_column(name, justify="right" if name == "count" else "left", no_wrap=True)
         for code, n in summary.by_code.items():
             rule = RULES[code]
             table.add_row(code, rule.name, _severity(rule.severity), f"{n:,}")
-        console.print(table)
+        print_table(console, table)
     if summary.ignored:
         console.print(
             "ignored ([audit] ignore): "
@@ -570,6 +683,17 @@ def render_audit_summary(console: Console, summary: AuditSummary) -> None:
         )
     for note in summary.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
+    hidden = {
+        s.value: summary.by_severity.get(s.value, 0)
+        for s in Severity
+        if not at_least(s, min_severity) and summary.by_severity.get(s.value, 0)
+    }
+    if hidden:
+        console.print(
+            "[dim]not listed below: "
+            + ", ".join(f"{n:,} {sev}" for sev, n in hidden.items())
+            + " (--min-severity info lists them)[/]"
+        )
 
 
 def render_audit_brief(console: Console, summary: AuditSummary) -> None:

@@ -195,7 +195,9 @@ def history() -> list[RevisionInfo]:
     return [_info(s) for s in reversed(scripts)]
 
 
-def resolve_revision(rev: str, revisions: Sequence[RevisionInfo]) -> str | None:
+def resolve_revision(
+    rev: str, revisions: Sequence[RevisionInfo], option: str = "--to"
+) -> str | None:
     """``head``/``base``/a revision id or unique prefix -> revision id (``None`` for base)."""
     if rev == "base":
         return None
@@ -206,7 +208,10 @@ def resolve_revision(rev: str, revisions: Sequence[RevisionInfo]) -> str | None:
         matches = [r.revision for r in revisions if r.revision.startswith(rev)]
     if len(matches) != 1:
         known = ", ".join(r.revision for r in revisions)
-        raise UsageError(f"--to {rev}: unknown revision (known: base, head, {known})")
+        raise UsageError(
+            f"{option} {rev}: unknown revision (known: base, head, {known}); "
+            "no database was touched"
+        )
     return matches[0]
 
 
@@ -399,17 +404,32 @@ def _record_step(*, ctx: MigrationContext, step: MigrationInfo, heads: Any, run_
 
 @dataclass(frozen=True, slots=True)
 class Waiting:
-    """A gated revision that waits for a backfill on one database."""
+    """A gated revision that waits for unfinished backfills on one database: ``job`` is the
+    first, ``also`` the others (job, rows left)."""
 
     revision: str
     job: str
     remaining_rows: int | None  # None: the backfill cannot have run yet (columns missing)
+    also: tuple[tuple[str, int | None], ...] = ()
+
+    @property
+    def jobs(self) -> tuple[tuple[str, int | None], ...]:
+        """Every unfinished backfill with its rows left (``None``: cannot have run yet)."""
+        return ((self.job, self.remaining_rows), *self.also)
 
     def describe(self) -> str:
-        """``backfill X has N rows left`` or ``backfill X has not run yet``."""
-        if self.remaining_rows is None:
-            return f"backfill {self.job} has not run yet"
-        return f"backfill {self.job} has {self.remaining_rows:,} rows left"
+        """``backfill X has N rows left`` or ``backfill X has not run yet``, for every job."""
+        return ", ".join(
+            f"backfill {job} has not run yet"
+            if rows is None
+            else f"backfill {job} has {rows:,} row{'s' if rows != 1 else ''} left"
+            for job, rows in self.jobs
+        )
+
+    def backfill_command(self, database: str) -> str:
+        """The one command that runs every backfill this revision waits for."""
+        names = "" if len(self.jobs) > 1 else f" {self.job}"
+        return f"oauthmig backfill{names} -d {database}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,6 +644,7 @@ def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -
     routed = settings.tables_on(db)
     if not any(t in routed for t in rev.tables):
         return None
+    unfinished: list[tuple[str, int | None]] = []
     for job in rev.requires_backfills:
         check = BACKFILL_GATES.get(job)
         if check is None:
@@ -632,8 +653,11 @@ def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -
         if conn.in_transaction():
             conn.rollback()
         if remaining != 0:
-            return Waiting(rev.revision, job, remaining if remaining > 0 else None)
-    return None
+            unfinished.append((job, remaining if remaining > 0 else None))
+    if not unfinished:
+        return None
+    (first, rows), *others = unfinished
+    return Waiting(rev.revision, first, rows, tuple(others))
 
 
 def _plan(
@@ -656,10 +680,13 @@ def _plan(
             waiting = gate_for(conn, settings, db.name, rev)
             if waiting is not None:
                 if explicit_target:
+                    needs = " and ".join(
+                        f"backfill {job!r} to finish" for job, _rows in waiting.jobs
+                    )
                     raise GateError(
-                        f"database {db.name!r}: revision {rev.revision} requires backfill "
-                        f"{waiting.job!r} to finish ({waiting.describe()}); run "
-                        f"`oauthmig backfill {waiting.job} -d {db.name}` first"
+                        f"database {db.name!r}: revision {rev.revision} requires {needs} "
+                        f"({waiting.describe()}); run "
+                        f"`{waiting.backfill_command(db.name)}` first"
                     )
                 break
             here = tuple(x for x in rev.tables if x in routed)
@@ -960,7 +987,8 @@ def _run_online(
                 message = (
                     f"database {db.name!r}: revision {failing.revision if failing else '?'} could "
                     f"not lock {', '.join(physical) or 'its tables'} within lock_timeout "
-                    f"{settings.migrate.lock_timeout_ms}ms after {attempts} attempts; {who}. "
+                    f"{settings.migrate.lock_timeout_ms}ms after {attempts} "
+                    f"attempt{'s' if attempts != 1 else ''}; {who}. "
                     "Rerun when the blocking transaction has finished"
                 )
                 if failing:
@@ -991,6 +1019,10 @@ def _run_online(
         )
         for s in plan.steps
     )
+    if plan.waiting is not None:
+        # Planned before the expand revisions ran: now the backfills' rows can be counted.
+        gated = next(r for r in revisions if r.revision == plan.waiting.revision)
+        plan = replace(plan, waiting=gate_for(conn, settings, db.name, gated) or plan.waiting)
     return DatabaseRun(db.name, plan, done, reached, attempts, time.monotonic() - started)
 
 
@@ -1074,7 +1106,7 @@ def _run_offline(
 ) -> DatabaseRun:
     if db.dialect not in ("postgresql", "sqlite"):
         raise DatabaseError(db.url_error or f"database {db.name!r}: unknown dialect")
-    start = resolve_revision(req.from_revision, revisions) if req.from_revision else None
+    start = resolve_revision(req.from_revision, revisions, "--from") if req.from_revision else None
     if req.direction == "downgrade" and req.from_revision is None:
         start = revisions[-1].revision if revisions else None
     rt = RevisionTarget(
