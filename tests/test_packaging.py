@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -70,9 +71,19 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     root = tmp_path_factory.mktemp("packaging")
     dist = root / "dist"
     env = _clean_env(root)
-    # Build from a copy-free checkout: python -m build makes the sdist, then the wheel from it.
+    # A clean copy of the checkout: build leftovers (an old *.egg-info/SOURCES.txt) would let
+    # setuptools find files that a fresh clone's build would miss.
+    source = root / "source"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "*.egg-info", "build", "dist", "__pycache__", ".*_cache", ".oauthmig"
+        ),
+    )
+    # python -m build makes the sdist, then the wheel from the unpacked sdist.
     built = _run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(REPO)],
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(source)],
         root,
         env,
     )
