@@ -314,7 +314,10 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
         )
         # the trap is real: the driver's own text carries the token row
         with pytest.raises(DBAPIError) as raw:
-            w.sql("control", "UPDATE sentry_apitoken SET token_family_id = gen_random_uuid()")
+            w.sql(
+                "control",
+                "UPDATE sentry_apitoken SET token_family_id = gen_random_uuid() WHERE id = 3",
+            )
         assert v["access token"] in str(raw.value)
         _assert_failed(w.cli("-d", "control", "backfill"), "no_family", "23514")
         _assert_failed(w.cli("-d", "control", "backfill", "--format", "json"), "no_meta")
