@@ -308,7 +308,8 @@ def _report_failures(state: AppState, result: RunResult) -> None:
     "--sql",
     "offline",
     is_flag=True,
-    help="Emit the SQL only, offline: no connection needed; one section per database.",
+    help="Emit the SQL only, offline: no connection needed; one section per database, "
+    "each guarded to stop on another database, another revision or unfinished backfills.",
 )
 @click.option(
     "--from",
@@ -414,11 +415,14 @@ def downgrade(
 ) -> None:
     """Reverse revisions down to --to on every routed database.
 
-    Columns that oauthmig adopted (they existed before it ran) are kept.
+    Columns that oauthmig adopted (they existed before it ran) are kept: only columns the
+    revision log proves oauthmig added are dropped. With --sql, PostgreSQL scripts read the
+    revision log when they run; SQLite offline downgrades are refused (run them online).
 
     \b
     Examples:
       oauthmig downgrade --to base --dry-run
+      oauthmig downgrade --to base --sql --output-dir sql/
       oauthmig downgrade --to 0001 -d shard
     """
     state = _state(ctx)
