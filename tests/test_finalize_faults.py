@@ -57,6 +57,16 @@ def _engine(settings: Settings) -> Engine:
     return make_engine(settings.databases["control"], settings)
 
 
+def _sqlite_ddl(sql: str | None) -> str | None:
+    """A table's DDL with its table constraints in name order: a batch-mode rebuild recreates
+    them in the order SQLite reflects them, which says nothing about the schema."""
+    if sql is None:
+        return None
+    lines = [line.rstrip().rstrip(",") for line in sql.split("\n")]
+    constraints = sorted(line for line in lines if line.lstrip().startswith("CONSTRAINT "))
+    return "\n".join([line for line in lines if line not in constraints] + constraints)
+
+
 def catalog(settings: Settings) -> Catalog:
     """Constraints, indexes (with validity) and column nullability of the three tables."""
     t = settings.tables
@@ -66,7 +76,7 @@ def catalog(settings: Settings) -> Catalog:
         with engine.connect() as conn:
             if conn.dialect.name == "sqlite":
                 return [
-                    tuple(r)
+                    (r[0], r[1], r[2], _sqlite_ddl(r[3]))
                     for r in conn.execute(
                         text(
                             "SELECT type, name, tbl_name, sql FROM sqlite_master "
@@ -134,6 +144,7 @@ def legacy_insert(settings: Settings) -> None:
                     expires_at=now,
                     redirect_uri="https://legacy.example.com/cb",
                     scope_list=[],
+                    scopes=0,
                 )
             )
             conn.execute(
@@ -142,6 +153,7 @@ def legacy_insert(settings: Settings) -> None:
                     token="legacy-token",
                     refresh_token="legacy-refresh",
                     scope_list=[],
+                    scopes=0,
                     date_added=now,
                 )
             )
