@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -30,10 +29,10 @@ from oauthmig.backfill import (
     infer_application_type,
 )
 from oauthmig.config import LOGICAL_TABLES, Settings, settings_from_mapping
-from oauthmig.db import connect, exclusive_run, lock_key, make_engine
+from oauthmig.db import connect, exclusive_run, make_engine
 from oauthmig.demo import setup_legacy
 from tests.conftest import DatabaseFactory, routed_config
-from tests.helpers import data_checksum, invoke, schema_dump, write_config
+from tests.helpers import data_checksum, invoke, run_lock_held, schema_dump, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -436,34 +435,6 @@ def _wait_backend_gone(settings: Settings, db: str, pid: int) -> None:
     )
 
 
-def _assert_run_lock_held(settings: Settings, db: str, job: str = "token-families") -> None:
-    """Some session (not this process) holds the run lock of ``backfill <job>`` on ``db``."""
-    purpose = f"backfill {job}"
-    engine = make_engine(settings.databases[db], settings)
-    try:
-        if engine.dialect.name == "postgresql":
-            with engine.connect() as conn:
-                holders = conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-                        "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 "
-                        "AND l.objid = :k AND l.objsubid = 1 AND a.datname = current_database()"
-                    ),
-                    {"k": lock_key(purpose)},
-                ).scalar_one()
-            assert holders == 1
-            return
-        path = f"{engine.url.database}.{purpose}.lock"
-    finally:
-        engine.dispose()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    finally:
-        os.close(fd)  # also drops the shared lock if it was (wrongly) granted
-
-
 def _wait_for(predicate: Any, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -815,7 +786,7 @@ def test_two_backfill_processes_one_refuses(
     first = _spawn(cfg, *args)
     _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > 0)
     assert _job(settings, "shard")["status"] == "running"
-    _assert_run_lock_held(settings, "shard")
+    assert run_lock_held(settings, "shard", "backfill token-families")
     second = _spawn(cfg, *args)
     _, err = second.communicate(timeout=120)
     assert first.poll() is None, "the first run should still be working"
