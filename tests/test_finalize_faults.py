@@ -134,6 +134,7 @@ def legacy_insert(settings: Settings) -> None:
                     expires_at=now,
                     redirect_uri="https://legacy.example.com/cb",
                     scope_list=[],
+                    scopes=0,  # the legacy bit field: NOT NULL, no default
                 )
             )
             conn.execute(
@@ -143,6 +144,7 @@ def legacy_insert(settings: Settings) -> None:
                     refresh_token="legacy-refresh",
                     scope_list=[],
                     date_added=now,
+                    scopes=0,
                 )
             )
             tx.rollback()
