@@ -812,12 +812,25 @@ def test_two_backfill_processes_one_refuses(
 def test_lost_connection_is_retried(
     make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings, cfg = _make(make_database, tmp_path, tokens=4000)
+    settings, cfg = _make(
+        make_database, tmp_path, tokens=4000, migrate={"lock_timeout": "60s", "lock_retries": 2}
+    )
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
+    token = settings.tables.token
+    engine = make_engine(settings.databases["shard"], settings)
+    # The run is held mid-job (inside a batch, on a row the test locks) when its session dies.
+    locker = engine.connect()
+    held = _rows(
+        settings,
+        "shard",
+        f"SELECT min(id) FROM {token} WHERE refresh_token IS NOT NULL AND id > 400",
+    )[0][0]
+    locker.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": held})
     proc = _spawn(
         cfg, "-d", "shard", "backfill", "token-families", "--batch", "20", "--sleep", "0.05"
     )
-    _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > 0)
+    _wait_blocked_by(settings, "shard", _pid(locker))
+    assert int(_job(settings, "shard")["rows_done"]) > 0
     dbname = settings.databases["shard"].url.rsplit("/", 1)[-1]  # type: ignore[union-attr]
     # Kill the work connection (it also holds the run's advisory lock: the run takes it again).
     killed = _rows(
@@ -829,6 +842,9 @@ def test_lost_connection_is_retried(
         d=dbname,
     )
     assert killed and all(ok for (ok,) in killed)
+    locker.rollback()
+    locker.close()
+    engine.dispose()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert _job(settings, "shard")["attempts"] >= 1
