@@ -999,6 +999,8 @@ class _Runner:
                         max(int(state["rows_total"]), int(state["rows_done"])),
                     )
                 pause = max(sleep_s, elapsed * (1 / bf.max_duty - 1))
+                if self.stop.deadline is not None:  # --max-runtime bounds the pause too
+                    pause = min(pause, self.stop.deadline - time.monotonic())
                 if pause > 0:
                     self.sleep(pause)
             except _TakenOver as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +13,7 @@ from sqlalchemy import inspect, select, table, text
 
 from oauthmig.cli import run
 from oauthmig.config import Settings
-from oauthmig.db import make_engine
+from oauthmig.db import lock_key, make_engine
 
 
 @dataclass(frozen=True)
@@ -229,3 +231,38 @@ def create_migrated_sentry_shape(engine: Any, models: Any, flavor: Any = None) -
                             f"{column.type.compile(dialect=dialect)}"
                         )
                     )
+
+
+def run_lock_held(settings: Settings, database: str, purpose: str) -> bool:
+    """Whether another process holds the run lock for ``purpose`` (e.g. ``upgrade``).
+
+    PostgreSQL: a granted session advisory lock on the key in ``pg_locks``; SQLite: the
+    sidecar lock file is flocked (probed with a shared, non-blocking flock, released at once).
+    """
+    engine = make_engine(settings.databases[database], settings)
+    try:
+        if engine.dialect.name == "postgresql":
+            with engine.connect() as conn:
+                holders = conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                        "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 "
+                        "AND l.objid = :k AND l.objsubid = 1 AND a.datname = current_database()"
+                    ),
+                    {"k": lock_key(purpose)},
+                ).scalar_one()
+            return bool(holders)
+        path = f"{engine.url.database}.{purpose}.lock"
+    finally:
+        engine.dispose()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the probe's shared lock if it was granted
+    return False

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, inspect, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from oauthmig import migrations
 from oauthmig.backfill import (
@@ -32,7 +32,7 @@ from oauthmig.config import LOGICAL_TABLES, Settings, settings_from_mapping
 from oauthmig.db import connect, exclusive_run, make_engine
 from oauthmig.demo import setup_legacy
 from tests.conftest import DatabaseFactory, routed_config
-from tests.helpers import data_checksum, invoke, schema_dump, write_config
+from tests.helpers import data_checksum, invoke, run_lock_held, schema_dump, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -227,6 +227,9 @@ def test_max_runtime_pauses_and_resumes(
     expanded: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings, cfg = expanded
+    # The first batch starts well within the runtime however slow the machine; the pause after
+    # it would last an hour, so the run can only stop at the deadline, which also ends the pause.
+    began = time.monotonic()
     first = invoke(
         capsys,
         "--config",
@@ -238,13 +241,14 @@ def test_max_runtime_pauses_and_resumes(
         "--batch",
         "10",
         "--sleep",
-        "0.05",
+        "3600",
         "--max-runtime",
-        "0.3",
+        "6",
         "--format",
         "json",
     )
     assert first.code == 0, first.err
+    assert time.monotonic() - began < 120
     job = json.loads(first.out)["jobs"][0]
     assert job["status"] == "paused" and 0 < job["rows_changed"] < job["rows_total"]
     state = _rows(settings, "control", f"SELECT status, rows_done FROM {JOB_TABLE}")[0]
@@ -376,6 +380,12 @@ def _job(settings: Settings, db: str = "control") -> dict[str, Any]:
     return dict(zip(keys, rows[0], strict=True))
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored and children inherit that; with the
+    # default restored, the child's Python turns SIGINT into KeyboardInterrupt (Ctrl-C).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(cfg: str, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
@@ -384,6 +394,44 @@ def _spawn(cfg: str, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=_default_sigint,
+    )
+
+
+def _pid(conn: Connection) -> int:
+    return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _blocked_by(settings: Settings, db: str, blocker: int) -> list[int]:
+    """PostgreSQL backends waiting for a lock that session ``blocker`` holds."""
+    return [
+        int(pid)
+        for (pid,) in _rows(
+            settings,
+            db,
+            "SELECT pid FROM pg_stat_activity WHERE :b = ANY(pg_blocking_pids(pid))",
+            b=blocker,
+        )
+    ]
+
+
+def _wait_blocked_by(settings: Settings, db: str, blocker: int) -> int:
+    """Wait until exactly one session waits on ``blocker``'s lock; return its pid."""
+    found: list[int] = []
+
+    def blocked() -> bool:
+        found[:] = _blocked_by(settings, db, blocker)
+        return bool(found)
+
+    _wait_for(blocked)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _wait_backend_gone(settings: Settings, db: str, pid: int) -> None:
+    """A killed client's server session ends (and drops its advisory locks) once it notices."""
+    _wait_for(
+        lambda: not _rows(settings, db, "SELECT 1 FROM pg_stat_activity WHERE pid = :p", p=pid)
     )
 
 
@@ -449,51 +497,60 @@ def test_sigkill_at_five_points_resumes_to_identical_state(
         "0.05",
     )
     token = settings.tables.token
-    refreshable = _rows(
-        settings, "control", f"SELECT count(*) FROM {token} WHERE refresh_token IS NOT NULL"
-    )[0][0]
+    pending = [
+        int(i)
+        for (i,) in _rows(
+            settings,
+            "control",
+            f"SELECT id FROM {token} WHERE refresh_token IS NOT NULL ORDER BY id",
+        )
+    ]
     engine = make_engine(settings.databases["control"], settings)
-    # Kill points: before the first batch, after some batches (x3), and mid-batch while its
-    # UPDATE waits on a row lock (the transaction is open when the process dies).
+    # Each run is held at a known row: the test locks that row before the run starts, so the
+    # run cannot get past it however fast it is. Kill points: before the first batch commits,
+    # mid-batch (its UPDATE waits on the row lock, the transaction is open when the process
+    # dies), and between batches after 5%, 40% and 70% of the rows (the batch holding the
+    # locked row commits, then the run waits for the table before its next batch).
     for point in ("start", "early", "mid-batch", "middle", "late"):
-        proc = _spawn(cfg, *args)
-        locker = None
-        if point == "start":
-            _wait_for(lambda: bool(_job(settings)))
-        elif point == "mid-batch":
-            cursor = int(_job(settings).get("cursor") or 0)
-            target_id = _rows(
-                settings,
-                "control",
-                f"SELECT min(id) FROM {token} WHERE id > :c + 300 AND refresh_token IS NOT NULL",
-                c=cursor,
-            )[0][0]
-            locker = engine.connect()
-            locker.execute(
-                text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": target_id}
-            )
-            _wait_for(
-                lambda: (
-                    _rows(
-                        settings,
-                        "control",
-                        "SELECT count(*) FROM pg_stat_activity WHERE "
-                        "application_name = 'oauthmig' AND wait_event_type = 'Lock'",
-                    )[0][0]
-                    > 0
-                )
-            )
+        cursor = int(_job(settings).get("cursor") or 0)
+        if point == "mid-batch":
+            target = next(i for i in pending if i > cursor + 300)
         else:
-            share = {"early": 0.05, "middle": 0.4, "late": 0.7}[point]
-            goal = int(refreshable * share)
-            _wait_for(lambda g=goal: int(_job(settings).get("rows_done") or 0) >= g)
+            share = {"start": 0.0, "early": 0.05, "middle": 0.4, "late": 0.7}[point]
+            target = pending[int(len(pending) * share)]
+        assert target > cursor, (point, target, cursor)
+        locker = engine.connect()
+        locker.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": target})
+        proc = _spawn(cfg, *args)
+        run_pid = _wait_blocked_by(settings, "control", _pid(locker))
+        gate: Connection | None = None
+        if point in ("early", "middle", "late"):
+            gate = engine.connect()
+            gate_pid = _pid(gate)
+            # Queue an exclusive table lock behind the run's open batch, then let that batch
+            # finish: the run commits it and waits for the table before reading its next one.
+            taken = threading.Thread(
+                target=gate.execute, args=(text(f"LOCK TABLE {token} IN ACCESS EXCLUSIVE MODE"),)
+            )
+            taken.start()
+            _wait_for(lambda g=gate_pid, r=run_pid: _blocked_by(settings, "control", r) == [g])
+            locker.rollback()
+            taken.join(timeout=60)
+            assert not taken.is_alive()
+            _wait_for(lambda g=gate_pid, r=run_pid: _blocked_by(settings, "control", g) == [r])
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        if locker is not None:
-            locker.rollback()
-            locker.close()
+        for conn in (locker, gate):
+            if conn is not None:
+                conn.rollback()
+                conn.close()
+        _wait_backend_gone(settings, "control", run_pid)
         state = _job(settings)
         assert state["status"] == "running"  # as the killed process left it
+        if gate is None:
+            assert state["cursor"] < target, (point, state)  # the blocked batch did not commit
+        else:
+            assert state["cursor"] >= target, (point, state)  # it did, and nothing after it
         # Invariant: exactly the refreshable rows at or below the cursor carry a family.
         for row_id, fam, refresh in _family_snapshot(settings):
             expected = refresh is not None and row_id <= state["cursor"]
@@ -647,7 +704,7 @@ def test_persistent_failure_is_recorded_and_resumable(
     assert failed.code == 2
     # A RAISE message can interpolate the row: only the function and SQLSTATE are shown.
     assert "backfill token-families failed" in failed.err and "function boom" in failed.err
-    assert "SQLSTATE P0001" in failed.err
+    assert "SQLSTATE P0001" in failed.err and "boom at" not in failed.err
     assert "Traceback" not in failed.err
     state = _job(settings, "shard")
     assert state["status"] == "failed" and "function boom" in state["last_error"]
@@ -725,10 +782,13 @@ def test_two_backfill_processes_one_refuses(
 ) -> None:
     settings, cfg = _make(make_database, tmp_path, tokens=4000)
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
-    # Slow enough that the first is surely mid-job while the second starts, then Ctrl-C it.
-    args = ("-d", "shard", "backfill", "token-families", "--batch", "20", "--sleep", "0.2")
+    # The first run commits its first batch, then sleeps an hour before the next: it is held
+    # mid-job, holding its run lock, for as long as the test needs; Ctrl-C then ends it.
+    args = ("-d", "shard", "backfill", "token-families", "--batch", "100", "--sleep", "3600")
     first = _spawn(cfg, *args)
     _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > 0)
+    assert _job(settings, "shard")["status"] == "running"
+    assert run_lock_held(settings, "shard", "backfill token-families")
     second = _spawn(cfg, *args)
     _, err = second.communicate(timeout=120)
     assert first.poll() is None, "the first run should still be working"
@@ -752,12 +812,25 @@ def test_two_backfill_processes_one_refuses(
 def test_lost_connection_is_retried(
     make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings, cfg = _make(make_database, tmp_path, tokens=4000)
+    settings, cfg = _make(
+        make_database, tmp_path, tokens=4000, migrate={"lock_timeout": "60s", "lock_retries": 2}
+    )
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
+    token = settings.tables.token
+    engine = make_engine(settings.databases["shard"], settings)
+    # The run is held mid-job (inside a batch, on a row the test locks) when its session dies.
+    locker = engine.connect()
+    held = _rows(
+        settings,
+        "shard",
+        f"SELECT min(id) FROM {token} WHERE refresh_token IS NOT NULL AND id > 400",
+    )[0][0]
+    locker.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": held})
     proc = _spawn(
         cfg, "-d", "shard", "backfill", "token-families", "--batch", "20", "--sleep", "0.05"
     )
-    _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > 0)
+    _wait_blocked_by(settings, "shard", _pid(locker))
+    assert int(_job(settings, "shard")["rows_done"]) > 0
     dbname = settings.databases["shard"].url.rsplit("/", 1)[-1]  # type: ignore[union-attr]
     # Kill the work connection (it also holds the run's advisory lock: the run takes it again).
     killed = _rows(
@@ -769,6 +842,9 @@ def test_lost_connection_is_retried(
         d=dbname,
     )
     assert killed and all(ok for (ok,) in killed)
+    locker.rollback()
+    locker.close()
+    engine.dispose()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert _job(settings, "shard")["attempts"] >= 1

@@ -357,8 +357,9 @@ def test_server_restart_within_the_outage_window_completes(
     pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings, cfg = _cluster_install(pg_cluster, tmp_path, capsys, "60s")
-    proc = _spawn(cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "0.1")
-    _wait_for(lambda: _job_batches(settings) >= 3)
+    # Two-second pauses: the run is still far from done when the server goes, however fast.
+    proc = _spawn(cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "2")
+    _wait_for(lambda: _job_batches(settings) >= 2)
     pg_cluster.restart("fast")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -371,8 +372,9 @@ def test_outage_past_the_window_fails_and_status_shows_interrupted(
     pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings, cfg = _cluster_install(pg_cluster, tmp_path, capsys, "2s")
-    proc = _spawn(cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "0.1")
-    _wait_for(lambda: _job_batches(settings) >= 3)
+    # Two-second pauses: the run is still far from done when the server goes, however fast.
+    proc = _spawn(cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "2")
+    _wait_for(lambda: _job_batches(settings) >= 2)
     pg_cluster.stop("fast")
     began = time.monotonic()
     try:
@@ -427,7 +429,8 @@ def test_sigterm_pauses_like_ctrl_c_and_status_tells_dead_from_live(
     make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings, cfg = _expanded(make_database, tmp_path, capsys)
-    args = ("-d", "shard", "backfill", "token-families", "--batch", "20", "--sleep", "0.2")
+    # Each run commits a batch, then pauses an hour: it is held mid-job until signalled.
+    args = ("-d", "shard", "backfill", "token-families", "--batch", "20", "--sleep", "3600")
 
     def shard_state() -> str:
         doc = json.loads(

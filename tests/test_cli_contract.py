@@ -299,8 +299,9 @@ def test_json_interrupted_by_ctrl_c_is_one_document(demo: Demo, tmp_path: Path) 
             "token-families",
             "--batch",
             "1",
+            # Parked after its first batch (an hour's pause): still running at Ctrl-C however fast.
             "--sleep",
-            "0.2",
+            "3600",
             "--format",
             "json",
         ],
@@ -319,7 +320,8 @@ def test_json_interrupted_by_ctrl_c_is_one_document(demo: Demo, tmp_path: Path) 
         if state and state["rows"][0] > 0:
             break
         time.sleep(0.2)
-    time.sleep(0.5)
+    else:
+        raise AssertionError("the backfill job did not start")
     slow.send_signal(signal.SIGINT)
     out, err = slow.communicate(timeout=60)
     assert slow.returncode == 130, err

@@ -144,7 +144,7 @@ def legacy_insert(settings: Settings) -> None:
                     expires_at=now,
                     redirect_uri="https://legacy.example.com/cb",
                     scope_list=[],
-                    scopes=0,
+                    scopes=0,  # the legacy bit field: NOT NULL, no default
                 )
             )
             conn.execute(
@@ -153,8 +153,8 @@ def legacy_insert(settings: Settings) -> None:
                     token="legacy-token",
                     refresh_token="legacy-refresh",
                     scope_list=[],
-                    scopes=0,
                     date_added=now,
+                    scopes=0,
                 )
             )
             tx.rollback()

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
-from tests.helpers import invoke, seed_legacy, write_config
+from tests.helpers import invoke, run_lock_held, seed_legacy, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,7 +126,9 @@ def _hold_write_lock(settings: Settings) -> object:
 def test_two_concurrent_upgrades_one_refuses(
     make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path, lock_timeout="1s", retries=4)
+    # Retries enough that the first run keeps waiting for its DDL (holding the run lock) for
+    # as long as the second takes to start on a loaded machine; released right after.
+    settings, cfg = _setup(make_database, tmp_path, lock_timeout="1s", retries=100)
     blocker = _hold_write_lock(settings)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "oauthmig", "--config", cfg, "-d", "control", "upgrade"]
@@ -134,7 +136,10 @@ def test_two_concurrent_upgrades_one_refuses(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     try:
-        time.sleep(2.5)  # the first run now holds the run lock and retries its DDL
+        deadline = time.monotonic() + 60
+        while not run_lock_held(settings, "control", "upgrade"):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
         assert first.poll() is None
         second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     finally:
