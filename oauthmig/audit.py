@@ -12,7 +12,7 @@ rather than one server-side cursor because a live provider should not keep one s
 for the whole audit (on PostgreSQL a long transaction holds back vacuum; on SQLite it blocks
 WAL checkpoints), and because they behave the same on both backends.
 
-Per application (DESIGN §6):
+Per application (docs/rules.md):
 
 * the app type is the ``application_type`` column when it exists and holds ``web`` or
   ``native``, else the inference of the client-metadata backfill

@@ -8,7 +8,7 @@ earlier demo it drops the demo tables and every ``oauthmig_*`` table and starts 
 
 Everything is a function of ``seed`` except absolute times, which are relative to the moment
 of the run so that "live" grants are live when the rollout runs right after.
-:data:`PLANTED` says which example of each redirect rule (DESIGN §6) the data holds.
+:data:`PLANTED` says which example of each redirect rule (docs/rules.md) the data holds.
 """
 
 from __future__ import annotations

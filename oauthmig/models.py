@@ -1,5 +1,5 @@
 """SQLAlchemy 2 models of the three OAuth tables after the expand revisions, and the token-endpoint
-behaviours their new columns exist for (DESIGN §4, §7).
+behaviours their new columns exist for (see the README, "Adopting the models").
 
 Models
     :func:`build_models` maps the tables under the configured physical names
@@ -124,13 +124,13 @@ __all__ = [
     "verify_pkce",
 ]
 
-#: Authorization codes live 10 minutes (DESIGN §1; RFC 6749 §4.1.2 recommends at most 10).
+#: Authorization codes live 10 minutes (RFC 6749 §4.1.2 recommends at most 10).
 GRANT_TTL: Final = timedelta(minutes=10)
 #: Sentry's default access-token lifetime.
 ACCESS_TOKEN_TTL: Final = timedelta(days=30)
 #: Upper bound of the reuse grace period; larger values raise ValueError.
 MAX_GRACE_SECONDS: Final = 120.0
-#: Values of ``token.revoked_reason`` (DESIGN §4).
+#: Values of ``token.revoked_reason``.
 REVOKE_REASONS: Final = ("reuse_detected", "logout", "admin")
 #: Size of Sentry's ``grant.redirect_uri varchar(255)``.
 GRANT_REDIRECT_URI_LENGTH: Final = 255
@@ -1154,7 +1154,7 @@ def find_active_token(
 def validate_redirect_uris(
     uris: Iterable[str], app_type: str, *, reject_warnings: bool = False
 ) -> list[UriReport]:
-    """Check redirect URIs as registration must (DESIGN §6); one report per URI, in order.
+    """Check redirect URIs as registration must (docs/rules.md); one report per URI, in order.
 
     Raises InvalidRequest when the list is empty, ``app_type`` is not ``web``/``native``, or
     any URI fails (any error-severity finding; with ``reject_warnings``, any warning too). The

@@ -5,7 +5,7 @@
 number of findings: a writer gets :meth:`ReportWriter.begin`, one :meth:`ReportWriter.finding`
 call per finding as the audit produces it, then :meth:`ReportWriter.end` with the summary.
 Hence the summary comes *after* the findings in the JSON document
-(``{"findings": [...], "summary": {...}}``; the same two keys as DESIGN §3, object key order
+(``{"findings": [...], "summary": {...}}``; the two keys the README documents, object key order
 carries no meaning in JSON) and in the SARIF run's ``properties``.
 
 CSV cells that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``,
@@ -96,7 +96,7 @@ def tool_version() -> str:
 
 
 def check_report_to_dict(report: UriReport) -> dict[str, Any]:
-    """JSON shape of one ``check-redirect`` result (DESIGN §3)."""
+    """JSON shape of one ``check-redirect`` result (see the README)."""
     return {
         "uri": report.uri,
         "app_type": report.app_type.value,
@@ -110,7 +110,7 @@ def check_report_to_dict(report: UriReport) -> dict[str, Any]:
 
 
 def finding_to_dict(finding: AuditFinding) -> dict[str, Any]:
-    """JSON shape of one audit finding (DESIGN §3), keys in :data:`FINDING_FIELDS` order."""
+    """JSON shape of one audit finding (see the README), keys in :data:`FINDING_FIELDS` order."""
     return {
         "database": finding.database,
         "application_id": finding.application_id,

@@ -24,8 +24,8 @@ from oauthmig.redirect_rules import (
 WEB = AppType.WEB
 NATIVE = AppType.NATIVE
 
-# DESIGN.md §6, copied by hand: codes are a public contract and must never drift.
-DESIGN_TABLE = {
+# The rule table of docs/rules.md, copied by hand: codes are a public contract and must never drift.
+RULE_TABLE = {
     "RU001": ("not-a-uri", "error"),
     "RU002": ("relative", "error"),
     "RU003": ("fragment", "error"),
@@ -42,7 +42,7 @@ DESIGN_TABLE = {
     "RU014": ("not-normalized", "info"),
     "RU015": ("duplicate", "info"),
     "RU016": ("too-long-for-grant", "warning"),
-    # Added by the host rules (issue 11); DESIGN.md §6 predates them.
+    # Added by the host rules (issue 11).
     "RU017": ("non-canonical-ipv4", "error"),
     "RU018": ("invalid-host", "error"),
     "RU101": ("no-redirect-uris", "error"),
@@ -53,7 +53,7 @@ DESIGN_TABLE = {
 
 
 def test_registry_matches_design_table() -> None:
-    assert {code: (r.name, r.severity.value) for code, r in RULES.items()} == DESIGN_TABLE
+    assert {code: (r.name, r.severity.value) for code, r in RULES.items()} == RULE_TABLE
     assert list(RULES) == sorted(RULES)
     assert all(code == rule.code for code, rule in RULES.items())
 
