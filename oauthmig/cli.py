@@ -422,7 +422,7 @@ def downgrade(
     \b
     Examples:
       oauthmig downgrade --to base --dry-run
-      oauthmig downgrade --to base --sql --output-dir sql/
+      oauthmig downgrade --to 0003 --dry-run   # PostgreSQL: also --sql --output-dir sql/
       oauthmig downgrade --to 0001 -d shard
     """
     state = _state(ctx)
