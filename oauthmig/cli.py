@@ -1022,7 +1022,6 @@ def _run(argv: list[str] | None, meta: dict[str, Any], stdout: _PipeSafeStdout) 
         terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
         _interrupted(meta, stdout, terminated=terminated)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
-        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # A write that bypassed sys.stdout: stop quietly.
         with contextlib.suppress(OSError, ValueError):
