@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect, select, table, text
+from sqlalchemy import select, table, text
 from sqlalchemy.engine import Engine, make_url
 
 from oauthmig.cli import run
 from oauthmig.config import Settings, load_settings
 from oauthmig.db import make_engine
 from tests.conftest import PG_ADMIN_URL, RUN_ID, routed_config
-from tests.helpers import write_config
+from tests.helpers import schema_dump, write_config
 
 OAUTHMIG = [sys.executable, "-m", "oauthmig"]
 STATE_TABLES = ("oauthmig_version", "oauthmig_revision_log", "oauthmig_backfill_job")
@@ -226,27 +226,19 @@ def demo_installation(
 
 
 def fingerprint(settings: Settings) -> dict[str, Any]:
-    """Schema (tables, columns, indexes) and the rows of oauthmig's own state tables, per
-    database: equal before and after means nothing was written that matters."""
-    out: dict[str, Any] = {}
-    for name in settings.database_names():
+    """:func:`tests.helpers.schema_dump` plus a digest of the rows of oauthmig's own state
+    tables and the provider's tables, per database: equal before and after means nothing was
+    written that matters."""
+    out = schema_dump(settings)
+    for name, db in out.items():
         engine = make_engine(settings.databases[name], settings)
         try:
             with engine.connect() as conn:
-                insp = inspect(conn)
-                db: dict[str, Any] = {}
-                for t in sorted(insp.get_table_names()):
-                    cols = [(c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(t)]
-                    idx = sorted(
-                        (i["name"] or "", tuple(i["column_names"])) for i in insp.get_indexes(t)
-                    )
-                    entry: dict[str, Any] = {"columns": cols, "indexes": idx}
+                for t, entry in db.items():
                     if t in STATE_TABLES or t.startswith("sentry_"):
                         rows = conn.execute(select(text("*")).select_from(table(t))).all()
                         digest = hashlib.sha256(repr(sorted(map(repr, rows))).encode())
                         entry["rows"] = (len(rows), digest.hexdigest())
-                    db[t] = entry
-                out[name] = db
         finally:
             engine.dispose()
     return out
