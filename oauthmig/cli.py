@@ -39,6 +39,7 @@ from oauthmig.status import status as read_status
 
 if TYPE_CHECKING:
     from oauthmig.backfill import BackfillResult
+    from oauthmig.report import Report
 
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: backfill stopped by SIGTERM, state saved
@@ -734,7 +735,8 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
 
 
 def _demo_report(c: Consoles, settings: Settings) -> None:
-    """The demo's last step: the HTML report, written to ./.oauthmig/report.html."""
+    """The demo's last step: the HTML report, written to ``.oauthmig/report.html`` in the
+    current directory with the embedded default, else beside the configuration file."""
     from pathlib import Path
 
     from oauthmig.config import EMBEDDED_DIR
@@ -743,7 +745,9 @@ def _demo_report(c: Consoles, settings: Settings) -> None:
     from oauthmig.outputs import output_file
     from oauthmig.report import gather_report
 
-    path = Path.cwd() / EMBEDDED_DIR / "report.html"
+    embedded = settings.source.startswith("embedded default")
+    base = Path.cwd() if embedded else Path(settings.source).resolve().parent
+    path = base / EMBEDDED_DIR / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     with output_file(path, "report") as sink:
         sink.write(render_html(gather_report(settings)))
@@ -968,7 +972,7 @@ def report(ctx: click.Context, html_path: str, max_findings: int) -> None:
         c.out.print(escape(_report_brief(data)))
 
 
-def _report_brief(data: Any) -> str:
+def _report_brief(data: Report) -> str:
     """One line summing up a report (for the terminal)."""
     finished = sum(1 for j in data.jobs if j.state == "finished")
     live = sum(p.live_grants for p in data.pkce)

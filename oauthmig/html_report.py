@@ -301,7 +301,8 @@ def _job_row(j: JobProgress) -> str:
         f'<span class="pct">{_percent(j.done_fraction)}</span></td>'
         f'<td class="num">{_int(j.rows_done)}</td><td class="num">{_int(j.remaining)}</td>'
         f'<td class="num">{_rate(j.rows_per_second)}</td><td class="num">{text(eta)}</td>'
-        f"<td>{_when(j.started_at)}</td><td>{_when(j.finished_at or j.updated_at)}</td></tr>"
+        f'<td class="when">{_when(j.started_at)}</td>'
+        f'<td class="when">{_when(j.finished_at or j.updated_at)}</td></tr>'
     )
 
 
@@ -618,7 +619,7 @@ overflow:hidden;vertical-align:middle;border:1px solid var(--line)}
 .bar.bad span{background:var(--bad)}.bar.empty{background:repeating-linear-gradient(45deg,
 var(--muted-bg),var(--muted-bg) 4px,#fff 4px,#fff 8px)}
 .pct{margin-left:6px;font-size:12px;font-variant-numeric:tabular-nums}
-td.progress{white-space:nowrap}
+td.progress,td.when{white-space:nowrap}
 .summary{display:flex;align-items:center;gap:10px}.summary p{margin:0}
 .dists{display:flex;flex-wrap:wrap;gap:24px}
 .filters{display:flex;flex-wrap:wrap;gap:14px;align-items:center;margin:8px 0;padding:8px;
@@ -701,7 +702,7 @@ def _script_hash(script: str) -> str:
 _CSP = (
     "default-src 'none'; "
     f"script-src '{_script_hash(_SCRIPT)}'; "
-    "style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
+    "style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 )
 
 
