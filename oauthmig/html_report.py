@@ -60,10 +60,6 @@ _STATE_CLASS = {
     "failed": "bad",
 }
 _SEVERITIES = ("error", "warning", "info")
-_METADATA_TITLES = {
-    "token_endpoint_auth_method": "token_endpoint_auth_method",
-    "application_type": "application_type",
-}
 NOT_BACKFILLED = "not backfilled"
 _OPEN_ROWS = 25  # longer per-application tables start folded
 
@@ -411,7 +407,7 @@ def _pkce(report: Report) -> str:
 
 
 def _distribution(dist: Distribution, total: int) -> str:
-    title = text(_METADATA_TITLES.get(dist.column, dist.column))
+    title = text(dist.column)
     if not dist.present:
         return (
             f'<div class="dist"><h4>{title}</h4><p class="note warn">column not added yet '

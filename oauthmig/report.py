@@ -23,7 +23,7 @@ Nothing secret is read: no client secret, token or grant code is selected (the a
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -392,7 +392,7 @@ def _database_extras(
         engine.dispose()
 
 
-def _keep_most_severe(findings: Any, limit: int) -> tuple[AuditFinding, ...]:
+def _keep_most_severe(findings: Iterable[AuditFinding], limit: int) -> tuple[AuditFinding, ...]:
     """The ``limit`` most severe findings of the stream (earlier ones first among equals),
     in stream order; memory holds at most ``limit`` findings."""
     if limit <= 0:
