@@ -39,6 +39,7 @@ from oauthmig.rollout.runner import RunResult
 from oauthmig.rollout.status import status as read_status
 
 if TYPE_CHECKING:
+    from oauthmig.report import Report
     from oauthmig.rollout.backfill import BackfillResult
 
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -731,6 +732,28 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
         pass
     if not c.quiet:
         render_audit_brief(c.out, audit.summary())
+    _demo_report(c, settings)
+
+
+def _demo_report(c: Consoles, settings: Settings) -> None:
+    """The demo's last step: the HTML report, written to ``.oauthmig/report.html`` in the
+    current directory with the embedded default, else beside the configuration file."""
+    from pathlib import Path
+
+    from oauthmig.config import EMBEDDED_DIR
+    from oauthmig.output.files import output_file
+    from oauthmig.output.html import render_html
+    from oauthmig.output.text import escape
+    from oauthmig.report import gather_report
+
+    embedded = settings.source.startswith("embedded default")
+    base = Path.cwd() if embedded else Path(settings.source).resolve().parent
+    path = base / EMBEDDED_DIR / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with output_file(path, "report") as sink:
+        sink.write(render_html(gather_report(settings)))
+    if not c.quiet:
+        c.out.print(f"demo: wrote the report to {escape(str(path))} (open it in a browser)")
 
 
 @cli.command("check-redirect")
@@ -899,6 +922,67 @@ def audit_redirects(
             f"{summary.by_severity['error']:,} error(s), {summary.by_severity['warning']:,} "
             f"warning(s): findings at or above --fail-on {fail_on}"
         )
+
+
+@cli.command()
+@click.option(
+    "--html",
+    "html_path",
+    required=True,
+    metavar="FILE",
+    help="Write the report to FILE (a regular file is replaced atomically when complete; a "
+    "device or FIFO is written directly).",
+)
+@click.option(
+    "--max-findings",
+    type=click.IntRange(0, 1_000_000),
+    default=10_000,
+    show_default=True,
+    help="Findings listed in the table, the most severe first (the counts cover them all).",
+)
+@click.pass_context
+def report(ctx: click.Context, html_path: str, max_findings: int) -> None:
+    """Write the rollout report: one self-contained HTML file to open in a browser.
+
+    It shows the revision x database matrix, each backfill with its progress, rows left, rate
+    and ETA, PKCE readiness (live grants with and without a code_challenge, per application),
+    the client metadata distribution (auth methods, application types) and the redirect audit
+    by rule, with a table of findings to filter by rule, severity and text. Reads only. The
+    file loads nothing from the network, and holds no secret: no client secret, token or grant
+    code is read, and database URLs are masked.
+
+    \b
+    Examples:
+      oauthmig report --html report.html
+      oauthmig report --html control.html -d control --max-findings 500
+    """
+    from oauthmig.output.files import output_file
+    from oauthmig.output.html import render_html
+    from oauthmig.output.text import escape, progress_bar
+    from oauthmig.report import gather_report
+
+    state = _state(ctx)
+    c = state.consoles
+    settings = state.settings()
+    with output_file(html_path, "--html") as sink:
+        with progress_bar(c.err, enabled=not c.quiet) as update:
+            data = gather_report(settings, max_findings=max_findings, progress=update)
+        sink.write(render_html(data))
+    if not c.quiet:
+        c.out.print(f"wrote the HTML report to {escape(html_path)}")
+        c.out.print(escape(_report_brief(data)))
+
+
+def _report_brief(data: Report) -> str:
+    """One line summing up a report (for the terminal)."""
+    finished = sum(1 for j in data.jobs if j.state == "finished")
+    live = sum(p.live_grants for p in data.pkce)
+    without = sum(p.without_challenge for p in data.pkce)
+    sev = data.audit.by_severity
+    return (
+        f"backfills: {finished} of {len(data.jobs)} finished; PKCE: {without:,} of {live:,} live "
+        f"grants without a challenge; audit: {sev['error']:,} errors, {sev['warning']:,} warnings"
+    )
 
 
 def _unspool(spool: IO[bytes]) -> Iterator[Any]:

@@ -103,6 +103,10 @@ CASES: list[Case] = [
     Case("audit-output-dir", (*G, "audit-redirects", "--output", "{dir}"), expect="directory"),
     Case("audit-min-severity", (*G, "audit-redirects", "--min-severity", "debug")),
     Case("audit-fail-on", (*G, "audit-redirects", "--fail-on", "all"), expect="'--fail-on'"),
+    Case("report-without-html", (*G, "report"), expect="'--html'"),
+    Case("report-html-dir", (*G, "report", "--html", "{dir}"), expect="directory"),
+    Case("report-html-empty", (*G, "report", "--html", ""), expect="empty"),
+    Case("report-max-findings", (*G, "report", "--html", "{dir}/r.html", "--max-findings", "-1")),
     Case("config-is-a-directory", ("--config", "{dir}", "status"), expect="directory"),
     Case("config-dir-after-command", ("status", "--config", "{dir}"), expect="directory"),
     Case("config-missing", ("--config", "{dir}/nope.toml", "status"), expect="does not exist"),
@@ -166,6 +170,12 @@ CASES: list[Case] = [
         "routed-table-missing-status",
         (*G, "status", "-d", "shard"),
         _set("routing.grant", ["control", "shard"]),
+    ),
+    Case(
+        "routed-table-missing-report",
+        (*G, "report", "--html", "{dir}/r.html"),
+        _set("routing.grant", ["control", "shard"]),
+        expect="does not exist",
     ),
     Case(
         "routed-table-missing-audit",

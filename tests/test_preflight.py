@@ -176,6 +176,7 @@ COMMANDS = {
     "downgrade": ["downgrade", "--to", "base"],
     "backfill": ["backfill"],
     "audit": ["audit-redirects"],
+    "report": ["report", "--html", os.devnull],
     "demo": ["demo", "--apps", "5", "--tokens", "5"],
 }
 

@@ -242,6 +242,9 @@ def _run_reads(w: World, tag: str) -> None:
         assert result.code == 0, result.err
         w.record_file(report)
         w.cli("audit-redirects", "--format", fmt, "--fail-on", "never")
+    html = w.tmp / f"report-{tag}.html"
+    assert w.cli("report", "--html", str(html)).code == 0
+    w.record_file(html)
 
 
 def _run_state_reads(w: World) -> None:
@@ -250,6 +253,10 @@ def _run_state_reads(w: World) -> None:
     w.cli("status", "--format", "json")
     w.cli("upgrade", "--dry-run", "--format", "json")
     w.cli("backfill", "--dry-run", "--format", "json")
+    html = w.tmp / f"report-state-{len(w.planted.transcript)}.html"
+    w.cli("report", "--html", str(html))
+    if html.exists():
+        w.record_file(html)
 
 
 def _assert_failed(result: CliResult, *expected: str) -> None:

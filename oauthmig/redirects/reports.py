@@ -48,6 +48,7 @@ __all__ = [
     "finding_fingerprint",
     "finding_to_dict",
     "rule_anchor",
+    "rule_help_uri",
     "sarif_rule",
     "summary_to_dict",
     "tool_version",
@@ -158,6 +159,12 @@ def rule_anchor(rule: Rule) -> str:
     return re.sub(r"[^a-z0-9 _-]", "", heading).replace(" ", "-")
 
 
+def rule_help_uri(rule: Rule, docs_url: str = DEFAULT_DOCS_URL) -> str:
+    """Where the rule is documented: ``docs_url#<anchor>`` (``docs_url`` being the absolute URL
+    of ``docs/rules.md``, ``[audit] docs_url``). SARIF ``helpUri`` and the HTML report link here."""
+    return f"{docs_url}#{rule_anchor(rule)}"
+
+
 def _unwrap(text: str) -> str:
     return " ".join(text.replace("``", "`").split())
 
@@ -197,7 +204,7 @@ def sarif_rule(rule: Rule, docs_url: str = DEFAULT_DOCS_URL) -> dict[str, Any]:
     """The SARIF ``reportingDescriptor`` of one rule; ``helpUri`` is ``docs_url#<anchor>``
     (``docs_url`` being the absolute URL of ``docs/rules.md``, ``[audit] docs_url``)."""
     why, anti, fix = _doc_parts(rule)
-    help_uri = f"{docs_url}#{rule_anchor(rule)}"
+    help_uri = rule_help_uri(rule, docs_url)
     labelled = [
         (label.strip(), body.strip())
         for label, _, body in (part.partition(":") for part in (anti, fix) if part)
