@@ -7,6 +7,7 @@ import importlib.resources
 import io
 import json
 import tracemalloc
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -212,7 +213,7 @@ def _empty(
 
 
 def _insert_apps(
-    settings: Settings, apps: list[tuple[int, str, str | None]], *, database: str = "control"
+    settings: Settings, apps: Sequence[tuple[int, str, str | None]], *, database: str = "control"
 ) -> None:
     """Insert (id, redirect_uris, client_secret) applications."""
     md = legacy_metadata(settings.tables, ("application",))

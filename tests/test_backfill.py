@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.interfaces import ReflectedColumn
 
 from oauthmig import migrations
 from oauthmig.backfill import (
@@ -330,7 +331,7 @@ def test_finalize_is_gated_then_applies(
     engine.dispose()
 
 
-def _columns(settings: Settings, db: str, physical: str) -> list[dict[str, Any]]:
+def _columns(settings: Settings, db: str, physical: str) -> list[ReflectedColumn]:
     engine = make_engine(settings.databases[db], settings)
     try:
         with engine.connect() as conn:
@@ -666,7 +667,12 @@ def test_transient_lock_timeout_is_retried(
         settings, "shard", f"SELECT min(id) FROM {token} WHERE refresh_token IS NOT NULL"
     )[0][0]
     locker.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": first_id})
-    timer = threading.Timer(1.5, lambda: (locker.rollback(), locker.close()))
+
+    def release() -> None:
+        locker.rollback()
+        locker.close()
+
+    timer = threading.Timer(1.5, release)
     timer.start()
     result = invoke(
         capsys, "--config", cfg, "-d", "shard", "backfill", "token-families", "--format", "json"

@@ -83,8 +83,8 @@ def test_one_attempt_is_singular_and_recorded_as_printed(
     try:
         result = invoke(capsys, "--config", cfg, "-d", "control", "upgrade")
     finally:
-        blocker.rollback()  # type: ignore[attr-defined]
-        blocker.close()  # type: ignore[attr-defined]
+        blocker.rollback()
+        blocker.close()
     assert result.code == 2
     lines = result.err.splitlines()
     assert len(lines) == 1 and "within lock_timeout 200ms after 1 attempt;" in lines[0], lines

@@ -17,7 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,7 +398,7 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
             cwd=w.tmp,
         )
         dbname = make_url(w.admin_urls["shard"]).database
-        killed: list[Any] = []
+        killed: Sequence[object] = []
         engine = w.engine("shard")
         try:
             for _ in range(400):
