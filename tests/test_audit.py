@@ -14,7 +14,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from sqlalchemy import Text, column, insert, table, text, update
+from sqlalchemy import Executable, Text, column, insert, table, text, update
 
 from oauthmig.audit import AuditFinding, audit
 from oauthmig.config import DEFAULT_DOCS_URL, Settings, settings_from_mapping
@@ -267,7 +267,7 @@ def _insert_grants(
         engine.dispose()
 
 
-def _execute(settings: Settings, database: str, statement: Any, **params: Any) -> None:
+def _execute(settings: Settings, database: str, statement: Executable, **params: Any) -> None:
     engine = make_engine(settings.databases[database], settings)
     try:
         with engine.begin() as conn:

@@ -10,14 +10,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.engine.interfaces import ReflectedColumn
+from sqlalchemy.engine.interfaces import DBAPICursor, ReflectedColumn
 
 from oauthmig import migrations
 from oauthmig.backfill import (
@@ -277,7 +277,7 @@ def test_finalize_is_gated_then_applies(
 
     statements: list[str] = []
 
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def record(conn: Connection, cursor: DBAPICursor, statement: str, *args: object) -> None:
         statements.append(statement)
 
     assert invoke(capsys, "--config", cfg, "backfill").code == 0
@@ -436,7 +436,7 @@ def _wait_backend_gone(settings: Settings, db: str, pid: int) -> None:
     )
 
 
-def _wait_for(predicate: Any, timeout: float = 60.0) -> None:
+def _wait_for(predicate: Callable[..., object], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -837,7 +837,9 @@ def test_lost_connection_is_retried(
     )
     _wait_blocked_by(settings, "shard", _pid(locker))
     assert int(_job(settings, "shard")["rows_done"]) > 0
-    dbname = settings.databases["shard"].url.rsplit("/", 1)[-1]  # type: ignore[union-attr]
+    url = settings.databases["shard"].url
+    assert url is not None
+    dbname = url.rsplit("/", 1)[-1]
     # Kill the work connection (it also holds the run's advisory lock: the run takes it again).
     killed = _rows(
         settings,

@@ -261,7 +261,7 @@ def _assert_failed(result: CliResult, *expected: str) -> None:
 
 def _hold_lock(
     w: World, physical: str, secret_query: str, mode: str = "ACCESS EXCLUSIVE"
-) -> tuple[threading.Event, Any]:
+) -> tuple[threading.Event, threading.Thread]:
     """Hold a write lock on a table from another connection whose last query text holds a
     secret (PostgreSQL shows it in pg_stat_activity); release it when the event is set."""
     release = threading.Event()
