@@ -5,7 +5,7 @@ from typing import cast
 from alembic import context
 from alembic.runtime.environment import EnvironmentContext
 
-from oauthmig.migrations import run_environment
+from oauthmig.rollout.revisions import run_environment
 
 # alembic.context is a module that proxies every call to the EnvironmentContext running this
 # script (typed as a module by Alembic's stub); run_environment takes it as that context.
