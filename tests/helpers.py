@@ -6,14 +6,18 @@ import fcntl
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import inspect, select, table, text
+from sqlalchemy.engine import Engine
 
 from oauthmig.cli import run
 from oauthmig.config import Settings
 from oauthmig.db import lock_key, make_engine
+from oauthmig.legacy import LegacyFlavor
+from oauthmig.models import OAuthModels
 
 
 @dataclass(frozen=True)
@@ -101,11 +105,11 @@ def data_checksum(
     return out
 
 
-def write_config(path: Any, data: dict[str, Any]) -> str:
+def write_config(path: Path, data: dict[str, Any]) -> str:
     """Write a TOML config (only the shapes our tests use) and return its path."""
     lines: list[str] = []
 
-    def value(v: Any) -> str:
+    def value(v: object) -> str:
         if isinstance(v, str):
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(v, bool):
@@ -203,14 +207,16 @@ def seed_legacy(settings: Settings, rows: int = 50) -> None:
             engine.dispose()
 
 
-def create_migrated_sentry_shape(engine: Any, models: Any, flavor: Any = None) -> None:
+def create_migrated_sentry_shape(
+    engine: Engine, models: OAuthModels, flavor: LegacyFlavor | None = None
+) -> None:
     """The tables a Sentry install has after ``oauthmig upgrade``: the Sentry-shaped legacy
     tables (unmanaged columns, users 1..TEST_USERS, FKs) plus every column the models map
     that the legacy shape lacks, added as ``oauthmig upgrade``'s expand revisions add them
     (nullable, no default). Faster than running the revisions for every test."""
     from sqlalchemy import insert as core_insert
 
-    from oauthmig.legacy import USERS_TABLE, LegacyFlavor, legacy_metadata, user_rows
+    from oauthmig.legacy import USERS_TABLE, legacy_metadata, user_rows
     from tests.conftest import TEST_USERS
 
     md = legacy_metadata(

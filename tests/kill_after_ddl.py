@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.interfaces import DBAPICursor
 
 DDL_PREFIXES = ("ALTER ", "CREATE ", "DROP ", "DO ")
 
@@ -28,7 +28,7 @@ def main() -> None:
     limit = int(sys.argv[1])
     seen = 0
 
-    def after(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+    def after(_conn: Connection, _cursor: DBAPICursor, statement: str, *_args: object) -> None:
         nonlocal seen
         if is_ddl(statement):
             seen += 1

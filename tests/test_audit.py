@@ -7,13 +7,14 @@ import importlib.resources
 import io
 import json
 import tracemalloc
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-from sqlalchemy import Text, column, insert, table, text, update
+from sqlalchemy import Executable, Text, column, insert, table, text, update
 
 from oauthmig.config import DEFAULT_DOCS_URL, Settings, settings_from_mapping
 from oauthmig.db import make_engine
@@ -212,7 +213,7 @@ def _empty(
 
 
 def _insert_apps(
-    settings: Settings, apps: list[tuple[int, str, str | None]], *, database: str = "control"
+    settings: Settings, apps: Sequence[tuple[int, str, str | None]], *, database: str = "control"
 ) -> None:
     """Insert (id, redirect_uris, client_secret) applications."""
     md = legacy_metadata(settings.tables, ("application",))
@@ -266,7 +267,7 @@ def _insert_grants(
         engine.dispose()
 
 
-def _execute(settings: Settings, database: str, statement: Any, **params: Any) -> None:
+def _execute(settings: Settings, database: str, statement: Executable, **params: Any) -> None:
     engine = make_engine(settings.databases[database], settings)
     try:
         with engine.begin() as conn:

@@ -10,13 +10,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.interfaces import DBAPICursor, ReflectedColumn
 
 from oauthmig.config import LOGICAL_TABLES, Settings, settings_from_mapping
 from oauthmig.db import connect, exclusive_run, make_engine
@@ -269,7 +270,7 @@ def test_finalize_is_gated_then_applies(
 
     statements: list[str] = []
 
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def record(conn: Connection, cursor: DBAPICursor, statement: str, *args: object) -> None:
         statements.append(statement)
 
     assert invoke(capsys, "--config", cfg, "backfill").code == 0
@@ -323,7 +324,7 @@ def test_finalize_is_gated_then_applies(
     engine.dispose()
 
 
-def _columns(settings: Settings, db: str, physical: str) -> list[dict[str, Any]]:
+def _columns(settings: Settings, db: str, physical: str) -> list[ReflectedColumn]:
     engine = make_engine(settings.databases[db], settings)
     try:
         with engine.connect() as conn:
@@ -428,7 +429,7 @@ def _wait_backend_gone(settings: Settings, db: str, pid: int) -> None:
     )
 
 
-def _wait_for(predicate: Any, timeout: float = 60.0) -> None:
+def _wait_for(predicate: Callable[..., object], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -659,7 +660,12 @@ def test_transient_lock_timeout_is_retried(
         settings, "shard", f"SELECT min(id) FROM {token} WHERE refresh_token IS NOT NULL"
     )[0][0]
     locker.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": first_id})
-    timer = threading.Timer(1.5, lambda: (locker.rollback(), locker.close()))
+
+    def release() -> None:
+        locker.rollback()
+        locker.close()
+
+    timer = threading.Timer(1.5, release)
     timer.start()
     result = invoke(
         capsys, "--config", cfg, "-d", "shard", "backfill", "token-families", "--format", "json"
@@ -824,7 +830,9 @@ def test_lost_connection_is_retried(
     )
     _wait_blocked_by(settings, "shard", _pid(locker))
     assert int(_job(settings, "shard")["rows_done"]) > 0
-    dbname = settings.databases["shard"].url.rsplit("/", 1)[-1]  # type: ignore[union-attr]
+    url = settings.databases["shard"].url
+    assert url is not None
+    dbname = url.rsplit("/", 1)[-1]
     # Kill the work connection (it also holds the run's advisory lock: the run takes it again).
     killed = _rows(
         settings,

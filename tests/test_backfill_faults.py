@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine.interfaces import ReflectedColumn
 
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import connect, exclusive_run, lock_key, make_engine
@@ -662,7 +663,7 @@ def test_downgrade_refused_while_a_backfill_process_runs(
     assert invoke(capsys, "--config", cfg, "-d", "shard", "downgrade", "--to", "0001").code == 0
 
 
-def _token_columns(settings: Settings) -> list[dict[str, Any]]:
+def _token_columns(settings: Settings) -> list[ReflectedColumn]:
     from sqlalchemy import inspect
 
     engine = make_engine(settings.databases["shard"], settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 import jsonschema
@@ -50,7 +51,7 @@ def _no_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OAUTHMIG_CONFIG", str(tmp_path / "does-not-exist.toml"))
 
 
-def _json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[dict[str, object]]]:
+def _json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[dict[str, Any]]]:
     result = invoke(capsys, "check-redirect", "--format", "json", *args)
     document = json.loads(result.out)
     jsonschema.Draft202012Validator(CHECK_SCHEMA).validate(document)
@@ -94,7 +95,7 @@ def test_json_verdict_and_findings(
     assert code == (1 if verdict == "fail" else 0)
     (report,) = document
     assert report["verdict"] == verdict
-    assert [f["code"] for f in report["findings"]] == codes  # type: ignore[union-attr]
+    assert [f["code"] for f in report["findings"]] == codes
     if normalized is not None:
         assert report["normalized"] == normalized
 
@@ -254,7 +255,7 @@ def test_private_use_empty_path_warns_and_literal_query_star_passes(
     )
     assert code == 1
     assert [r["verdict"] for r in document] == ["warn", "pass", "fail"]
-    assert [[f["code"] for f in r["findings"]] for r in document] == [  # type: ignore[union-attr]
+    assert [[f["code"] for f in r["findings"]] for r in document] == [
         ["RU013"],
         [],
         ["RU004"],

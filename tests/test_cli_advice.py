@@ -52,7 +52,9 @@ def test_backfill_on_a_missing_table_advises_the_config_fix_that_works(
     cfg = write_config(tmp_path / "oauthmig.toml", data)
     assert invoke(capsys, "--config", cfg, "-q", "demo", "--apps", "30", "--setup-only").code == 0
     assert invoke(capsys, "--config", cfg, "-q", "upgrade").code == 0
-    wrong = dict(data, routing={**data["routing"], "application": ["control", "shard"]})  # type: ignore[dict-item]
+    routing = data["routing"]
+    assert isinstance(routing, dict)
+    wrong = dict(data, routing={**routing, "application": ["control", "shard"]})
     bad = write_config(tmp_path / "wrong.toml", wrong)
     before = schema_dump(load_settings(cfg))
     result = invoke(capsys, "--config", bad, "-d", "shard", "backfill", "client-metadata")
@@ -83,8 +85,8 @@ def test_one_attempt_is_singular_and_recorded_as_printed(
     try:
         result = invoke(capsys, "--config", cfg, "-d", "control", "upgrade")
     finally:
-        blocker.rollback()  # type: ignore[attr-defined]
-        blocker.close()  # type: ignore[attr-defined]
+        blocker.rollback()
+        blocker.close()
     assert result.code == 2
     lines = result.err.splitlines()
     assert len(lines) == 1 and "within lock_timeout 200ms after 1 attempt;" in lines[0], lines

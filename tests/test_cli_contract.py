@@ -9,7 +9,7 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,9 @@ from tests.cli_demo import (
 )
 from tests.helpers import write_config
 
+#: A change to a copy of the demo config mapping.
+ConfigChange = Callable[[dict[str, Any]], None]
+
 SECRET = "s3cr3t-pw"
 
 
@@ -36,12 +39,12 @@ class Case:
 
     name: str
     args: tuple[str, ...]
-    config: Any = None  # callable(dict) -> None, mutating a copy of the demo config
+    config: ConfigChange | None = None  # mutates a copy of the demo config
     raw_config: str | None = None
     expect: str = ""  # a fragment the one error line must contain
 
 
-def _set(path: str, value: Any) -> Any:
+def _set(path: str, value: object) -> ConfigChange:
     def change(data: dict[str, Any]) -> None:
         *parents, last = path.split(".")
         node = data
@@ -52,7 +55,7 @@ def _set(path: str, value: Any) -> Any:
     return change
 
 
-def _database_url(name: str, url: str) -> Any:
+def _database_url(name: str, url: str) -> ConfigChange:
     return _set(f"databases.{name}.url", url)
 
 

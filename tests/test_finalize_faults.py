@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, insert, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.interfaces import DBAPICursor
 
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
@@ -177,7 +178,7 @@ def _spawn(*args: str, module: str = "oauthmig") -> subprocess.Popen[str]:
 def _count_ddl(cfg: str, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, int]:
     seen: list[str] = []
 
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+    def record(_conn: Connection, _cursor: DBAPICursor, statement: str, *_args: object) -> None:
         if is_ddl(statement):
             seen.append(statement)
 
@@ -559,7 +560,9 @@ def test_terminated_upgrade_backend_is_one_line_naming_database_step_and_next_co
     holder = engine.connect()
     holder.execute(text(f"LOCK TABLE {grant} IN ACCESS SHARE MODE"))
     proc = _spawn("--config", cfg, "-d", "control", "upgrade")
-    dbname = settings.databases["control"].url.rsplit("/", 1)[-1]  # type: ignore[union-attr]
+    url = settings.databases["control"].url
+    assert url is not None
+    dbname = url.rsplit("/", 1)[-1]
     waiting: list[Any] = []
     deadline = time.monotonic() + 60
     with engine.connect() as watcher:

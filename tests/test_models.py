@@ -27,7 +27,8 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.orm import Session
 
 from oauthmig.config import Settings, TableNames
@@ -216,7 +217,7 @@ class Statements:
 def recording(engine: Engine) -> Iterator[Statements]:
     stmts = Statements()
 
-    def after(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+    def after(_conn: Connection, cursor: DBAPICursor, statement: str, *_: object) -> None:
         stmts.seen.append((statement, cursor.rowcount))
 
     event.listen(engine, "after_cursor_execute", after)
@@ -870,7 +871,7 @@ class Interleave:
 
 
 def _watch(engine: Engine, state: Interleave) -> Callable[..., None]:
-    def after(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+    def after(_conn: Connection, cursor: DBAPICursor, statement: str, *_: object) -> None:
         if statement.startswith("SELECT") and "hashed_refresh_token =" in statement:
             if state.barrier is not None:
                 state.barrier.wait()
@@ -979,7 +980,7 @@ def test_reuse_revocation_covers_a_rotation_in_flight(
     second = rotate_refresh_token(session, first.refresh_token or "")
     paused, resume = threading.Event(), threading.Event()
 
-    def after(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    def after(_conn: Connection, _cursor: DBAPICursor, statement: str, *_: object) -> None:
         if (
             threading.current_thread().name == "rotation"
             and statement.startswith("UPDATE")

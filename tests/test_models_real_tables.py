@@ -19,9 +19,9 @@ from sqlalchemy import BigInteger, Column, MetaData, String, Table, create_engin
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from oauthmig.config import ConfigError, Settings, TableNames, settings_from_mapping
+from oauthmig.config import Settings, TableNames, settings_from_mapping
 from oauthmig.db import make_engine
-from oauthmig.errors import InvalidGrant, ModelsSchemaError
+from oauthmig.errors import ConfigError, InvalidGrant, ModelsSchemaError
 from oauthmig.legacy import LegacyFlavor
 from oauthmig.provider.models import (
     DEFAULT_MODELS,
@@ -520,7 +520,7 @@ def test_rollout_round_trip_on_an_old_install(
     )
     cfg = write_config(tmp_path / "oauthmig.toml", data)
 
-    def indexes() -> dict[str, set[tuple[str, tuple[str, ...]]]]:
+    def indexes() -> dict[str, set[tuple[str, tuple[str | None, ...]]]]:
         engine = make_engine(settings.databases["control"], settings)
         try:
             insp = inspect(engine)

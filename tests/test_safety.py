@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
@@ -112,7 +113,7 @@ def test_lock_timeout_retries_then_names_blocker(
     engine.dispose()
 
 
-def _hold_write_lock(settings: Settings) -> object:
+def _hold_write_lock(settings: Settings) -> Connection:
     """Block DDL on the control token table from another session (both backends)."""
     engine = make_engine(settings.databases["control"], settings)
     conn = engine.connect()
@@ -143,8 +144,8 @@ def test_two_concurrent_upgrades_one_refuses(
         assert first.poll() is None
         second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     finally:
-        blocker.rollback()  # type: ignore[attr-defined]
-        blocker.close()  # type: ignore[attr-defined]
+        blocker.rollback()
+        blocker.close()
     _out, err = first.communicate(timeout=120)
     assert second.returncode == 2, second.stderr
     assert "another oauthmig upgrade run holds the lock" in second.stderr

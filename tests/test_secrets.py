@@ -17,7 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,7 +268,7 @@ def _assert_failed(result: CliResult, *expected: str) -> None:
 
 def _hold_lock(
     w: World, physical: str, secret_query: str, mode: str = "ACCESS EXCLUSIVE"
-) -> tuple[threading.Event, Any]:
+) -> tuple[threading.Event, threading.Thread]:
     """Hold a write lock on a table from another connection whose last query text holds a
     secret (PostgreSQL shows it in pg_stat_activity); release it when the event is set."""
     release = threading.Event()
@@ -405,7 +405,7 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
             cwd=w.tmp,
         )
         dbname = make_url(w.admin_urls["shard"]).database
-        killed: list[Any] = []
+        killed: Sequence[object] = []
         engine = w.engine("shard")
         try:
             for _ in range(400):

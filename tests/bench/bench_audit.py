@@ -32,7 +32,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.bench.bench_common import ScratchDatabases
 
 REPO = Path(__file__).resolve().parents[2]
 MODES = ("service", "traced", "cli json", "cli sarif")
@@ -122,7 +125,7 @@ def _run_child(mode: str, config: str, out: Path) -> dict[str, Any]:
     return data
 
 
-def _install(backend: str, apps: int, work: Path, dbs: Any, seed: int) -> str:
+def _install(backend: str, apps: int, work: Path, dbs: ScratchDatabases, seed: int) -> str:
     from oauthmig.demo.data import setup_legacy
     from tests.bench.bench_common import single_db_settings
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine.interfaces import DBAPICursor
 
 from oauthmig.config import Settings
 from oauthmig.db import make_engine
@@ -156,11 +157,11 @@ def _profiling(engine_cls: type[Engine], database: str, token_table: str) -> Ite
     profile = Profile()
     started: dict[int, tuple[float, str]] = {}
 
-    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def before(conn: Connection, cursor: DBAPICursor, statement: str, *args: object) -> None:
         if conn.engine.url.database == database:
             started[id(cursor)] = (time.perf_counter(), statement)
 
-    def after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def after(conn: Connection, cursor: DBAPICursor, statement: str, *args: object) -> None:
         if id(cursor) in started:
             t0, stmt = started.pop(id(cursor))
             profile.add(_classify(stmt, token_table), time.perf_counter() - t0)

@@ -10,7 +10,7 @@ import platform
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import create_engine, text
@@ -49,7 +49,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def single_db_settings(
-    url: str, name: str = "main", backfill: dict[str, object] | None = None
+    url: str, name: str = "main", backfill: Mapping[str, object] | None = None
 ) -> Settings:
     """Settings with one database hosting all three logical tables (``backfill``: that table)."""
     data: dict[str, object] = {"databases": {name: {"url": url}}}
