@@ -1,4 +1,7 @@
-"""Alembic environment: oauthmig drives Alembic per routed database (see oauthmig.migrations)."""
+"""Alembic environment: oauthmig drives Alembic per routed database.
+
+See :func:`oauthmig.rollout.revisions.run_environment`.
+"""
 
 from typing import cast
 
