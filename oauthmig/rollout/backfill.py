@@ -344,7 +344,6 @@ class _Runner:
     work: Connection | None = None  # the current work connection (replaced on reconnect)
     observe: Observer | None = None
     health: HealthMonitor | None = None
-    held_seconds: float = 0.0
 
     @property
     def lock_key(self) -> int:
@@ -810,36 +809,23 @@ class _Runner:
             )
 
     def _held(self, conn: Connection, state: dict[str, Any]) -> bool:
-        """Between batches, when health checks are due: hold while they fail.
-
-        Holding keeps nothing open but the session's run lock: the last batch committed,
-        no transaction is left open while waiting. The reason goes to the job row (for
-        ``status``), the progress line and the observer on every check. Returns True when
-        the run was asked to stop (Ctrl-C and SIGTERM raise instead) while held.
-        """
-        health = self.health
-        if health is None or not health.due():
-            return False
-        reading = health.check()
-        if reading.healthy:
+        """Between batches: hold while health checks fail (:meth:`HealthMonitor.hold`), with
+        the reason in the job row, the progress line and the observer. True when asked to
+        stop while held (Ctrl-C and SIGTERM raise instead)."""
+        if self.health is None or not self.health.due():
             return False
         if conn.in_transaction():
-            conn.commit()
-        began = time.monotonic()
-        try:
-            while not reading.healthy:
-                self._set_held(conn, state, reading.reason)
-                self._report(state, "held", held=reading, held_for=time.monotonic() - began)
-                if self._wait(health.interval):
-                    note = f"stopped while held by health checks: {reading.reason}"
-                    self.note = f"{self.note}; {note}" if self.note else note
-                    return True
-                reading = health.check()
-        finally:
-            self.held_seconds += time.monotonic() - began
-        self._set_held(conn, state, None)
-        self._report(state, "running")
-        return False
+            conn.commit()  # nothing stays open while held
+
+        def report(reading: HealthReading | None, seconds: float) -> None:
+            status = "running" if reading is None else "held"
+            self._report(state, status, held=reading, held_for=seconds)
+
+        stopped = self.health.hold(lambda r: self._set_held(conn, state, r), report, self._wait)
+        if stopped is not None:
+            note = f"stopped while held by health checks: {stopped}"
+            self.note = f"{self.note}; {note}" if self.note else note
+        return stopped is not None
 
     def _set_held(self, conn: Connection, state: dict[str, Any], reason: str | None) -> None:
         """Record (or clear) the hold reason in the job row, in its own short transaction."""
@@ -905,7 +891,7 @@ class _Runner:
             time.monotonic() - started,
             tuple(self.batch_times),
             message=self.note,
-            held_seconds=self.held_seconds,
+            held_seconds=self.health.held_seconds if self.health is not None else 0.0,
         )
 
 

@@ -314,9 +314,9 @@ class HealthMonitor:
     """The health probes of one backfill job on one database, at most every
     ``health_interval``.
 
-    :meth:`due` tells whether the interval has passed since the last round, :meth:`check`
-    runs every configured probe and returns the first unhealthy reading (the reasons of all
-    failing probes, joined by ``; ``), or :data:`HEALTHY`. :meth:`close` releases the engines.
+    :meth:`due` tells whether a round is due, :meth:`check` runs every configured probe and
+    returns the first unhealthy reading (the reasons of all failing probes, joined by ``; ``)
+    or :data:`HEALTHY`, :meth:`hold` holds while they fail, :meth:`close` releases the engines.
     """
 
     def __init__(
@@ -333,7 +333,9 @@ class HealthMonitor:
         self.enabled = health.enabled and db.dialect == "postgresql" and db.url is not None
         self.interval = health.health_interval_ms / 1000
         self.checks = 0
+        self.held_seconds = 0.0
         self._last: float | None = None
+        self._healthy = True  # the last round's outcome
         self._engines: dict[str, Engine] = {}
         self._histories: dict[str, ReplicaHistory] = {}
 
@@ -343,8 +345,12 @@ class HealthMonitor:
         return self._engines[url]
 
     def due(self) -> bool:
-        """True when the probes should run again (always before the first round)."""
-        return self.enabled and (self._last is None or self.clock() - self._last >= self.interval)
+        """True when the probes should run again: before the first round, once
+        ``health_interval`` has passed since the last one, and after a failed round (a run
+        that left its hold without a passing round, e.g. to reconnect, checks again first)."""
+        if not self.enabled:
+            return False
+        return self._last is None or not self._healthy or self.clock() - self._last >= self.interval
 
     def check(self) -> HealthReading:
         """Run every configured probe now; never raises."""
@@ -356,6 +362,7 @@ class HealthMonitor:
         finally:
             self._last = self.clock()
         bad = [r for r in readings if not r.healthy]
+        self._healthy = not bad
         if not bad:
             return HEALTHY
         return HealthReading(False, bad[0].probe, "; ".join(r.reason for r in bad))
@@ -416,6 +423,36 @@ class HealthMonitor:
                 what = "check_sql" if stage == PROBE_CHECK_SQL else f"the {stage} probe"
                 out.append(_unhealthy(stage, f"{what} failed on {self.db.name!r}: {reason}"))
         return out
+
+    def hold(
+        self,
+        record: Callable[[str | None], None],
+        report: Callable[[HealthReading | None, float], None],
+        wait: Callable[[float], bool],
+    ) -> str | None:
+        """Run the probes and, while they fail, hold: ``record(reason)`` and ``report(reading,
+        seconds held so far)`` on every failing round, then ``wait(health_interval)`` (True:
+        stop) and probe again. When they pass again: ``record(None)``, ``report(None, 0)``.
+
+        Returns None when healthy (at once, or after a hold), or the last reason when
+        ``wait`` asked to stop. Time spent holding adds up in :attr:`held_seconds`.
+        """
+        reading = self.check()
+        if reading.healthy:
+            return None
+        began = self.clock()
+        try:
+            while not reading.healthy:
+                record(reading.reason)
+                report(reading, self.clock() - began)
+                if wait(self.interval):
+                    return reading.reason
+                reading = self.check()
+        finally:
+            self.held_seconds += self.clock() - began
+        record(None)
+        report(None, 0.0)
+        return None
 
     def close(self) -> None:
         """Dispose of the probe engines."""
