@@ -574,7 +574,7 @@ def history(ctx: click.Context, fmt: str) -> None:
     default=None,
     help="Write OpenMetrics text (rows done/left, batch seconds, paused and why, per job and "
     "database) to PATH after every batch and while held, by atomic rename: for "
-    "node_exporter's textfile collector (name it *.prom).",
+    "node_exporter's textfile collector (name it *.prom). Not written by --dry-run.",
 )
 @click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
 @click.pass_context

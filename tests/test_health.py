@@ -44,7 +44,7 @@ from oauthmig.rollout.health import (
     HealthReading,
 )
 from oauthmig.rollout.jobs import JOB_TABLE
-from tests.conftest import DatabaseFactory
+from tests.conftest import DatabaseFactory, routed_config
 from tests.helpers import invoke, write_config
 from tests.pgcluster import Cluster, free_port, private_cluster, streaming_replica
 from tests.test_backfill import PG, _assert_tokens_backfilled, _spawn
@@ -621,6 +621,32 @@ def test_unreachable_replica_holds_with_a_masked_reason_until_max_runtime(
     assert f"main backfill {JOB}: paused (stopped while held: replica {masked}" in text_status
     families = parse_metrics(prom.read_text())
     assert _value(families, "running", job=JOB) == 0 and (_value(families, "rows_left") or 0) > 0
+
+
+def test_parallel_jobs_hold_on_every_database_and_stop_together(
+    backend: str, make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = routed_config(make_database("control"), make_database("shard"))
+    data["backfill"] = {"health": {"check_sql": "SELECT 1", "check_max": 0}}
+    settings = settings_from_mapping(data, {}, "test")
+    setup_legacy(settings, apps=20, tokens=300, seed=5)
+    cfg = write_config(tmp_path / "parallel.toml", data)
+    assert invoke(capsys, "--config", cfg, "upgrade").code == 0
+    result = invoke(
+        capsys, "--config", cfg, "backfill", "--jobs", "3", "--max-runtime", "2",
+        "--format", "json",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    runs = {(r["job"], r["database"]): r for r in json.loads(result.out)["jobs"]}
+    assert set(runs) == {(JOB, "control"), (JOB, "shard"), ("client-metadata", "control")}
+    if backend == "sqlite":
+        assert {r["status"] for r in runs.values()} == {"finished"}  # no-op on SQLite
+        return
+    for run in runs.values():
+        assert run["status"] == "paused" and run["rows_changed"] == 0, run
+        assert run["message"] == "stopped while held by health checks: check_sql returned 1 > 0"
+    for label in ("control token-families", "shard token-families", "control client-metadata"):
+        assert f"{label}: paused: check_sql returned 1 > 0" in result.err
 
 
 @PG

@@ -359,6 +359,12 @@ class HealthMonitor:
         self.checks += 1
         try:
             readings = self._readings()
+        except Exception as exc:  # a probe must never end the backfill: hold, with the reason
+            secrets = url_secrets(self.db.url) + tuple(
+                s for r in self.health.replicas for s in url_secrets(r.url)
+            )
+            reason = describe_db_error(exc, secrets)
+            readings = [_unhealthy("", f"health probe error: {type(exc).__name__}: {reason}")]
         finally:
             self._last = self.clock()
         bad = [r for r in readings if not r.healthy]
