@@ -569,6 +569,14 @@ def history(ctx: click.Context, fmt: str) -> None:
     type=click.IntRange(1, 64),
     help="Run this many job x database pairs in parallel.",
 )
+@click.option(
+    "--metrics-file",
+    metavar="PATH",
+    default=None,
+    help="Write OpenMetrics text (rows done/left, batch seconds, paused and why, per job and "
+    "database) to PATH after every batch and while held, by atomic rename: for "
+    "node_exporter's textfile collector (name it *.prom). Not written by --dry-run.",
+)
 @click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
 @click.pass_context
 def backfill(
@@ -580,21 +588,26 @@ def backfill(
     max_runtime: float | None,
     restart: bool,
     jobs: int,
+    metrics_file: str | None,
     fmt: str,
 ) -> None:
     """Run backfill jobs (all by default): token-families, client-metadata.
 
     Keyset batches, each its own short transaction, guarded so a rerun is harmless; progress
     is saved in each database, so Ctrl-C, a crash or kill -9 resumes where it stopped. Only one
-    run per job and database at a time.
+    run per job and database at a time. With [backfill.health] configured, the run holds
+    between batches while a replica lags, autovacuum works on the table or check_sql is over
+    its limit, and goes on by itself (PostgreSQL; a no-op on SQLite).
 
     \b
     Examples:
       oauthmig backfill --dry-run
       oauthmig backfill token-families --batch 2000 --sleep 0.1
       oauthmig backfill --max-runtime 600 -d shard
+      oauthmig backfill --metrics-file backfill.prom
     """
-    from oauthmig.output.text import backfill_to_dict, progress_bar, render_backfill
+    from oauthmig.output.metrics import MetricsFile
+    from oauthmig.output.text import backfill_to_dict, escape, progress_bar, render_backfill
     from oauthmig.rollout import backfill as service
 
     state = _state(ctx)
@@ -604,6 +617,7 @@ def backfill(
         batch_size, sleep_seconds, max_runtime, restart, dry_run, jobs
     )
     as_json = fmt == "json"
+    metrics = None if metrics_file is None or dry_run else MetricsFile(metrics_file)
 
     def on_sigterm(_signum: int, _frame: object) -> None:
         raise Terminated  # unwinds like Ctrl-C: the job is saved as paused
@@ -612,10 +626,18 @@ def backfill(
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
     try:
         with progress_bar(c.err, enabled=not c.quiet and not dry_run) as update:
-            result = service.backfill(settings, job_names, options, progress=update)
+            result = service.backfill(
+                settings,
+                job_names,
+                options,
+                progress=update,
+                observe=metrics.update if metrics is not None else None,
+            )
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+    if metrics is not None and metrics.error:
+        c.err.print(f"warning: {escape(metrics.error)} (the backfill itself went on)")
     if as_json:
         click.echo(to_json(backfill_to_dict(result)))
     elif not c.quiet or result.failed:

@@ -103,6 +103,42 @@ class ClientMetadataDefaults:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaConfig:
+    """A replica whose lag the backfill watches. ``url`` holds the password: never print it."""
+
+    url: str = field(repr=False)
+    display_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """``[backfill.health]``: what the backfill checks between batches before going on.
+
+    All probes are off by default. ``replica_error`` is set when ``replica_url_env`` names an
+    unset variable (resolved lazily, like ``url_env``: only a backfill needs the replicas).
+    """
+
+    max_replica_lag_ms: int | None = None
+    replicas: tuple[ReplicaConfig, ...] = ()
+    replica_error: str | None = None
+    lag_on_primary: bool = False
+    max_autovacuum_on_table_ms: int | None = None
+    check_sql: str | None = None
+    check_max: float | None = None
+    health_interval_ms: int = 5000
+    probe_timeout_ms: int = 5000
+
+    @property
+    def enabled(self) -> bool:
+        """True if any probe is configured."""
+        return (
+            self.max_replica_lag_ms is not None
+            or self.max_autovacuum_on_table_ms is not None
+            or self.check_sql is not None
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class BackfillSettings:
     """Batching and pacing of backfill jobs."""
 
@@ -112,6 +148,7 @@ class BackfillSettings:
     max_duty: float = 0.5  # share of wall time spent in batches: sleep >= batch * (1/duty - 1)
     outage_window_ms: int = 60000  # how long a lost connection is retried before failing
     client_metadata: ClientMetadataDefaults = field(default_factory=ClientMetadataDefaults)
+    health: HealthSettings = field(default_factory=HealthSettings)
 
 
 #: Where ``docs/rules.md`` is published; SARIF ``helpUri`` values are this plus ``#<anchor>``.
@@ -415,6 +452,7 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
             "max_duty",
             "outage_window",
             "client_metadata",
+            "health",
         ),
         "backfill",
     )
@@ -457,6 +495,7 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
             bf_raw.get("outage_window", "60s"), "backfill.outage_window"
         ),
         client_metadata=ClientMetadataDefaults(method, grant_types, response_types),
+        health=_health(bf_raw.get("health", {}), env),
     )
 
     audit_raw = _table(data, "audit")
@@ -469,6 +508,103 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     audit = AuditSettings(ignore, docs_url)
     models = _models(_table(data, "models"))
     return Settings(databases, routing, tables, migrate, backfill, audit, source, models)
+
+
+_HEALTH_KEYS = (
+    "max_replica_lag",
+    "replica_urls",
+    "replica_url_env",
+    "lag_on_primary",
+    "max_autovacuum_on_table",
+    "check_sql",
+    "check_max",
+    "health_interval",
+    "probe_timeout",
+)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _replica(raw: str, key: str) -> ReplicaConfig:
+    url = parse_database_url(raw, key)
+    if url.get_backend_name() != "postgresql":
+        raise ConfigError(f"{key}: replicas are PostgreSQL servers; give a postgresql:// URL")
+    return ReplicaConfig(url.render_as_string(hide_password=False), redact_url(url))
+
+
+def _health(raw: object, env: Mapping[str, str]) -> HealthSettings:
+    """``[backfill.health]``: the probes the backfill runs between batches."""
+    prefix = "backfill.health"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a table ([{prefix}])")
+    _check_keys(raw, _HEALTH_KEYS, prefix)
+    lag_ms: int | None = None
+    if "max_replica_lag" in raw:
+        lag_ms = parse_duration_ms(raw["max_replica_lag"], f"{prefix}.max_replica_lag")
+        if lag_ms <= 0:
+            raise ConfigError(f'{prefix}.max_replica_lag: must be greater than zero, e.g. "10s"')
+    replicas: list[ReplicaConfig] = []
+    urls = raw.get("replica_urls", [])
+    if not isinstance(urls, list) or not all(isinstance(u, str) and u.strip() for u in urls):
+        raise ConfigError(f"{prefix}.replica_urls: expected a list of PostgreSQL URLs")
+    for i, u in enumerate(urls):
+        replicas.append(_replica(u, f"{prefix}.replica_urls[{i}]"))
+    names = raw.get("replica_url_env", [])
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not all(
+        isinstance(n, str) and _ENV_NAME.match(n) for n in names
+    ):
+        raise ConfigError(
+            f"{prefix}.replica_url_env: expected an environment variable name (or a list)"
+        )
+    replica_error: str | None = None
+    for n in names:
+        value = env.get(n)
+        if value is None or not value.strip():
+            replica_error = replica_error or (
+                f"{prefix}.replica_url_env: environment variable {n} is not set"
+            )
+            continue
+        replicas.append(_replica(value, f"{prefix}.replica_url_env ({n})"))
+    on_primary = raw.get("lag_on_primary", False)
+    if not isinstance(on_primary, bool):
+        raise ConfigError(f"{prefix}.lag_on_primary: expected true or false")
+    if lag_ms is None and (replicas or names or on_primary):
+        raise ConfigError(
+            f"{prefix}: replica_urls, replica_url_env and lag_on_primary need "
+            'max_replica_lag (e.g. max_replica_lag = "10s")'
+        )
+    autovacuum_ms: int | None = None
+    if "max_autovacuum_on_table" in raw:
+        autovacuum_ms = parse_duration_ms(
+            raw["max_autovacuum_on_table"], f"{prefix}.max_autovacuum_on_table"
+        )
+    check_sql = raw.get("check_sql")
+    check_max: float | None = None
+    if check_sql is not None and (not isinstance(check_sql, str) or not check_sql.strip()):
+        raise ConfigError(f"{prefix}.check_sql: expected a SELECT returning one number")
+    if ("check_sql" in raw) != ("check_max" in raw):
+        raise ConfigError(
+            f"{prefix}: check_sql and check_max go together (the query, and the largest "
+            "value it may return while the backfill goes on)"
+        )
+    if "check_max" in raw:
+        check_max = _float(raw["check_max"], f"{prefix}.check_max", -1e15, 1e15)
+    return HealthSettings(
+        max_replica_lag_ms=lag_ms,
+        replicas=tuple(replicas),
+        replica_error=replica_error,
+        lag_on_primary=bool(on_primary) or (lag_ms is not None and not replicas and not names),
+        max_autovacuum_on_table_ms=autovacuum_ms,
+        check_sql=check_sql.strip() if isinstance(check_sql, str) else None,
+        check_max=check_max,
+        health_interval_ms=parse_duration_ms(
+            raw.get("health_interval", "5s"), f"{prefix}.health_interval", 100, 3_600_000
+        ),
+        probe_timeout_ms=parse_duration_ms(
+            raw.get("probe_timeout", "5s"), f"{prefix}.probe_timeout", 1000, 300_000
+        ),
+    )
 
 
 def _models(raw: Mapping[str, Any]) -> ModelSettings:

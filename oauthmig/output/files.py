@@ -44,9 +44,13 @@ def _stat(path: Path) -> os.stat_result | None:
 
 
 @contextlib.contextmanager
-def output_file(path: str | os.PathLike[str], option: str = "--output") -> Iterator[IO[str]]:
+def output_file(
+    path: str | os.PathLike[str], option: str = "--output", *, durable: bool = True
+) -> Iterator[IO[str]]:
     """A text stream writing ``path`` safely (see the module docstring); ``option`` names the
-    command-line option in error messages."""
+    command-line option in error messages. ``durable=False`` skips the ``fsync`` before the
+    rename (readers still see the old or the new file whole; only a power loss can lose the
+    new one): for files rewritten often, such as ``--metrics-file``."""
     raw = os.fspath(path)
     if not raw.strip():
         raise UsageError(
@@ -66,7 +70,7 @@ def output_file(path: str | os.PathLike[str], option: str = "--output") -> Itera
         with _direct(target, raw, option) as fh:
             yield fh
         return
-    with _atomic(target, raw, option, st) as fh:
+    with _atomic(target, raw, option, st, durable) as fh:
         yield fh
 
 
@@ -82,7 +86,9 @@ def _direct(target: Path, raw: str, option: str) -> Iterator[IO[str]]:
 
 
 @contextlib.contextmanager
-def _atomic(target: Path, raw: str, option: str, st: os.stat_result | None) -> Iterator[IO[str]]:
+def _atomic(
+    target: Path, raw: str, option: str, st: os.stat_result | None, durable: bool = True
+) -> Iterator[IO[str]]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
@@ -93,7 +99,8 @@ def _atomic(target: Path, raw: str, option: str, st: os.stat_result | None) -> I
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.chmod(tmp, _existing_mode(st))
         if st is not None and os.geteuid() == 0:
             with contextlib.suppress(OSError):

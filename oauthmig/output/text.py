@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from rich.console import Console
 from rich.progress import (
@@ -159,11 +160,43 @@ def _print_plain(console: Console, table: Table) -> None:
         console.print()
 
 
+class ProgressUpdate(Protocol):
+    """``update(label, done, total[, note])``: ``note`` (e.g. ``paused: replica lag 14.2s >
+    10s``) replaces the rate until an update without one."""
+
+    def __call__(self, label: str, done: int, total: int, note: str | None = None, /) -> None: ...
+
+
+def _no_progress(_label: str, _done: int, _total: int, _note: str | None = None, /) -> None:
+    return None
+
+
+def _note_lines(console: Console) -> ProgressUpdate:
+    waiting: dict[str, float] = {}
+
+    def update(label: str, done: int, total: int, note: str | None = None, /) -> None:
+        if note and label not in waiting:
+            waiting[label] = time.monotonic()
+            console.print(escape(f"{label}: {note} (at {done:,}/{total:,} rows)"))
+        elif not note and label in waiting:
+            held = time.monotonic() - waiting.pop(label)
+            console.print(escape(f"{label}: resumed after {held:.1f}s"))
+
+    return update
+
+
 @contextmanager
-def progress_bar(console: Console, enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar (rows, rate, ETA); yields ``update(label, done, total)``."""
-    if not enabled or not console.is_terminal:
-        yield lambda _label, _done, _total: None
+def progress_bar(console: Console, enabled: bool) -> Iterator[ProgressUpdate]:
+    """A rich progress bar (rows, rate, ETA); yields ``update(label, done, total[, note])``.
+
+    Not on a terminal (CI logs, files) there is no bar, but a line when a task starts waiting
+    with a note (``control token-families: paused: ...``) and when it goes on again.
+    """
+    if not enabled:
+        yield _no_progress
+        return
+    if not console.is_terminal:
+        yield _note_lines(console)
         return
     columns = (
         TextColumn("{task.description}"),
@@ -176,12 +209,14 @@ def progress_bar(console: Console, enabled: bool) -> Iterator[Callable[[str, int
     with Progress(*columns, console=console, transient=False) as bar:
         tasks: dict[str, TaskID] = {}
 
-        def update(label: str, done: int, total: int) -> None:
+        def update(label: str, done: int, total: int, note: str | None = None, /) -> None:
             if label not in tasks:
                 tasks[label] = bar.add_task(label, total=total or None, rate="")
             task = tasks[label]
             elapsed = bar.tasks[task].elapsed or 0.0
             rate = f"{done / elapsed:,.0f} rows/s" if elapsed > 0 else ""
+            if note:
+                rate = f"[yellow]{escape(note)}[/]"
             bar.update(task, completed=done, total=total or None, rate=rate)
 
         yield update
@@ -320,9 +355,12 @@ def render_status(console: Console, report: StatusReport) -> None:
                 console.print(f"{d.database} {cell.revision} {cell.state}: {escape(cell.detail)}")
         for job in d.backfills:
             total = "?" if job.rows_total is None else f"{job.rows_total:,}"
-            line = (
-                f"{d.database} backfill {job.job}: {job.state}, {job.rows_done:,}/{total} rows"
-                + (f", {job.remaining:,} remaining" if job.remaining else "")
+            state = job.state
+            if job.held:
+                how = "paused" if job.state == "running" else "stopped while held"
+                state = f"{job.state} ({how}: {job.held})"
+            line = f"{d.database} backfill {job.job}: {state}, {job.rows_done:,}/{total} rows" + (
+                f", {job.remaining:,} remaining" if job.remaining else ""
             )
             if job.last_error:
                 line += f", last error: {job.last_error}"
@@ -439,6 +477,7 @@ def _job_dict(r: JobRun) -> dict[str, Any]:
         "batch_p50_seconds": round(percentile(r.batch_seconds, 0.5), 4),
         "batch_p99_seconds": round(percentile(r.batch_seconds, 0.99), 4),
         "estimated_seconds": r.estimated_seconds,
+        "held_seconds": round(r.held_seconds, 3),
         "message": r.message,
     }
 

@@ -28,7 +28,11 @@ Mechanics, per job and database:
   backoff (a statement timeout also halves the batch); other errors mark the job ``failed``;
 * the saved progress is valid only for the generation of the job's columns it was made on
   (revision-log entry of the revisions adding them, plus the columns' ``attnum`` on
-  PostgreSQL): after a downgrade and upgrade re-created them, the job starts over.
+  PostgreSQL): after a downgrade and upgrade re-created them, the job starts over;
+* health checks (``[backfill.health]``, :mod:`oauthmig.rollout.health`): between batches, at
+  most every ``health_interval``; while one fails the run holds with no transaction open
+  (only its session's run lock), records the reason in the job row (``held_reason``) and
+  probes again every interval until healthy, a stop request or ``--max-runtime``.
 
 The jobs themselves (what each fills, the job table, the family id formula) are in
 :mod:`oauthmig.rollout.jobs`.
@@ -45,7 +49,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import (
     and_,
@@ -68,7 +72,8 @@ from oauthmig.db import (
     lock_key,
     make_engine,
 )
-from oauthmig.errors import BackfillError, LockBusyError, OauthmigError, UsageError
+from oauthmig.errors import BackfillError, ConfigError, LockBusyError, OauthmigError, UsageError
+from oauthmig.rollout.health import HealthMonitor, HealthReading
 from oauthmig.rollout.jobs import (
     FAMILY_VERSION,
     JOBS,
@@ -115,6 +120,24 @@ class JobRun:
     batch_seconds: tuple[float, ...] = ()
     estimated_seconds: float | None = None
     message: str | None = None
+    held_seconds: float = 0.0  # time spent holding on failed health checks
+
+
+@dataclass(frozen=True, slots=True)
+class JobSample:
+    """What one job on one database looks like now: sent to ``observe`` after each batch,
+    on every health check while held, and when the run ends (``--metrics-file``)."""
+
+    job: str
+    database: str
+    state: str  # running | held | finished | paused | up-to-date
+    rows_done: int
+    rows_left: int
+    batches: int
+    batch_seconds: float | None  # the last batch's duration, if any ran in this process
+    held_probe: str = ""
+    held_reason: str = ""
+    held_seconds: float = 0.0  # how long the current hold has lasted
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +165,14 @@ class BackfillOptions:
     jobs: int = 1
 
 
-Progress = Callable[[str, int, int], None]
+class Progress(Protocol):
+    """Progress callback: ``(label, rows done, rows total, note)``; ``note`` is None, or what
+    the run waits for, such as ``paused: replica lag 14.2s > 10s``."""
+
+    def __call__(self, label: str, done: int, total: int, note: str | None, /) -> None: ...
+
+
+Observer = Callable[[JobSample], None]
 
 
 @dataclass
@@ -292,6 +322,7 @@ _PROGRESS_COLUMNS = (
     "last_error",
     "finished_at",
     "updated_at",
+    "held_reason",
 )
 
 
@@ -311,6 +342,8 @@ class _Runner:
     reconnects: int = 0
     note: str | None = None
     work: Connection | None = None  # the current work connection (replaced on reconnect)
+    observe: Observer | None = None
+    health: HealthMonitor | None = None
 
     @property
     def lock_key(self) -> int:
@@ -321,6 +354,8 @@ class _Runner:
         """Run the job on its database (holding the run lock) and return the outcome."""
         started = time.monotonic()
         engine = make_engine(self.db, self.settings)
+        physical = self.settings.tables.physical(self.job.logical_table)
+        self.health = HealthMonitor(self.settings.backfill.health, self.db, physical)
         try:
             if engine.dialect.name == "postgresql":
                 return self._run(engine, started)
@@ -330,6 +365,7 @@ class _Runner:
             ):
                 return self._run(engine, started)
         finally:
+            self.health.close()
             engine.dispose()
 
     def _connect(self, engine: Engine, *, reconnect: bool = False) -> Connection:
@@ -410,6 +446,7 @@ class _Runner:
                     state = None
             if state is not None and state["status"] == "finished" and not self.options.restart:
                 if remaining == 0:
+                    self._report(state, "up-to-date")
                     return JobRun(
                         job.name,
                         db.name,
@@ -441,6 +478,7 @@ class _Runner:
                     "owner": self.owner,
                     "generation": generation,
                     "version": version,
+                    "held_reason": None,
                 }
                 with new_transaction(conn):
                     conn.execute(job_table.delete().where(job_table.c.job == job.name))
@@ -452,6 +490,7 @@ class _Runner:
                 state["rows_total"] = int(state["rows_done"]) + remaining
                 state["status"] = "running"
                 state["version"] = version
+                state["held_reason"] = None
                 with new_transaction(conn):
                     # Claim the job for this run (we hold the lock: any previous owner is gone).
                     conn.execute(
@@ -462,6 +501,7 @@ class _Runner:
                     self._persist(conn, state)
             state["owner"] = self.owner
             conn = self._loop(engine, conn, physical, state, started)
+            self._report(state, str(state["status"]))
             return self._result(state, started)
         except KeyboardInterrupt:
             self._pause(engine, self.work or conn, state)
@@ -620,8 +660,8 @@ class _Runner:
         failures = 0
         locked_attempts = 0
         narrowed: tuple[int, int] | None = None  # (size before narrowing, id to get past)
-        label = f"{self.db.name} {self.job.name}"
         version = int(state.get("version") or 1)
+        self._report(state, "running", bar=False)
         while True:
             if self.stop.should_stop():
                 self._save(conn, state, "paused")
@@ -632,6 +672,8 @@ class _Runner:
             hi: int | None = None
             deadline = self._deadline(conn)
             try:
+                if self._held(conn, state):
+                    continue  # asked to stop while held: saved as paused above
                 with deadline:
                     hi = _next_hi(conn, physical, lo, bound, size)
                     if conn.in_transaction():
@@ -668,12 +710,7 @@ class _Runner:
                 size = adapt_batch_size(size, elapsed, target)
                 if narrowed is not None and hi >= narrowed[1]:
                     size, narrowed = max(size, narrowed[0]), None  # past the locked range
-                if self.progress:
-                    self.progress(
-                        label,
-                        int(state["rows_done"]),
-                        max(int(state["rows_total"]), int(state["rows_done"])),
-                    )
+                self._report(state, "running", elapsed)
                 pause = max(sleep_s, elapsed * (1 / bf.max_duty - 1))
                 if self.stop.deadline is not None:  # --max-runtime bounds the pause too
                     pause = min(pause, self.stop.deadline - time.monotonic())
@@ -736,6 +773,83 @@ class _Runner:
                     message,
                 )
 
+    def _report(
+        self,
+        state: dict[str, Any],
+        status: str,
+        batch_seconds: float | None = None,
+        held: HealthReading | None = None,
+        held_for: float = 0.0,
+        *,
+        bar: bool = True,
+    ) -> None:
+        """Tell the observer where the job stands, and the progress callback too (``bar``)
+        while the job runs: after a batch, and when a hold starts, goes on or ends."""
+        done = int(state["rows_done"])
+        total = max(int(state["rows_total"]), done)
+        if self.progress and bar and status in ("running", "held"):
+            note = f"paused: {held.reason}" if held is not None else None
+            self.progress(f"{self.db.name} {self.job.name}", done, total, note)
+        if self.observe:
+            self.observe(
+                JobSample(
+                    self.job.name,
+                    self.db.name,
+                    status,
+                    done,
+                    0 if status in ("finished", "up-to-date") else total - done,
+                    int(state["batches"]),
+                    batch_seconds
+                    if batch_seconds is not None
+                    else (self.batch_times[-1] if self.batch_times else None),
+                    held.probe if held is not None else "",
+                    held.reason if held is not None else "",
+                    held_for,
+                )
+            )
+
+    def _held(self, conn: Connection, state: dict[str, Any]) -> bool:
+        """Between batches: hold while health checks fail (:meth:`HealthMonitor.hold`), with
+        the reason in the job row, the progress line and the observer. True when asked to
+        stop while held (Ctrl-C and SIGTERM raise instead)."""
+        if self.health is None or not self.health.due():
+            return False
+        if conn.in_transaction():
+            conn.commit()  # nothing stays open while held
+
+        def report(reading: HealthReading | None, seconds: float) -> None:
+            status = "running" if reading is None else "held"
+            self._report(state, status, held=reading, held_for=seconds)
+
+        stopped = self.health.hold(lambda r: self._set_held(conn, state, r), report, self._wait)
+        if stopped is not None:
+            note = f"stopped while held by health checks: {stopped}"
+            self.note = f"{self.note}; {note}" if self.note else note
+        return stopped is not None
+
+    def _set_held(self, conn: Connection, state: dict[str, Any], reason: str | None) -> None:
+        """Record (or clear) the hold reason in the job row, in its own short transaction."""
+        if reason is None and state.get("held_reason") is None:
+            return
+        stored = None if reason is None else reason[:2000]
+        with self._deadline(conn), new_transaction(conn):
+            result = conn.execute(
+                job_table.update()
+                .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
+                .values(held_reason=stored, updated_at=datetime.now(UTC))
+            )
+            if result.rowcount != 1:
+                raise _TakenOver(self._taken_over_message())
+        state["held_reason"] = stored
+
+    def _wait(self, seconds: float) -> bool:
+        """Wait ``seconds`` (less if ``--max-runtime`` ends first); True if the run must stop.
+        A stop request from another thread ends the wait at once."""
+        if self.stop.deadline is not None:
+            seconds = min(seconds, max(0.0, self.stop.deadline - time.monotonic()))
+        self.stop.event.wait(seconds)
+        return self.stop.should_stop()
+
     def _locked_message(
         self, conn: Connection, physical: str, lo: int, hi: int, state: dict[str, Any]
     ) -> str:
@@ -777,6 +891,7 @@ class _Runner:
             time.monotonic() - started,
             tuple(self.batch_times),
             message=self.note,
+            held_seconds=self.health.held_seconds if self.health is not None else 0.0,
         )
 
 
@@ -833,16 +948,22 @@ def backfill(
     options: BackfillOptions | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    observe: Observer | None = None,
 ) -> BackfillResult:
     """Run (or with ``dry_run`` estimate) backfill jobs on every database hosting their table.
 
-    Failures are captured per job and database; other databases go on.
+    Failures are captured per job and database; other databases go on. ``observe`` receives
+    a :class:`JobSample` after each batch, on each health check while held, and at the end
+    of each job's run (from worker threads with ``jobs`` > 1).
     """
     options = options or BackfillOptions()
     names = list(job_names) or list(JOBS)
     for n in names:
         if n not in JOBS:
             raise UsageError(f"unknown backfill job {n!r} (jobs: {', '.join(JOBS)})")
+    health = settings.backfill.health
+    if health.enabled and health.replica_error and not options.dry_run:
+        raise ConfigError(health.replica_error)
     # The same preflight as upgrade, on every database a job runs on, before any job writes
     # anywhere (and before --max-runtime starts counting).
     tables = {JOBS[n].logical_table for n in names}
@@ -865,7 +986,7 @@ def backfill(
         try:
             if options.dry_run:
                 return _dry_run(settings, db, job)
-            return _Runner(settings, db, job, options, progress, stopper).run()
+            return _Runner(settings, db, job, options, progress, stopper, observe=observe).run()
         except OauthmigError as exc:
             return JobRun(job.name, db.name, "failed", 0, 0, 0, 0.0, message=exc.message)
         except SQLAlchemyError as exc:

@@ -62,6 +62,7 @@ class JobState:
     rows_total: int | None
     remaining: int | None
     last_error: str | None = None
+    held: str | None = None  # why a live run holds before its next batch (health checks)
 
 
 JOB_TABLE = "oauthmig_backfill_job"
@@ -108,10 +109,17 @@ job_table = Table(
     Column("owner", String(32), nullable=True),
     Column("generation", Text, nullable=True),
     Column("version", Integer, nullable=True),
+    # Set while a live run holds between batches because a health check failed (the reason).
+    Column("held_reason", Text, nullable=True),
 )
 
 
-_LATER_COLUMNS = {"owner": "VARCHAR(32)", "generation": "TEXT", "version": "INTEGER"}
+_LATER_COLUMNS = {
+    "owner": "VARCHAR(32)",
+    "generation": "TEXT",
+    "version": "INTEGER",
+    "held_reason": "TEXT",
+}
 
 
 def family_prefix(table_name: str, database: str | None) -> str:
@@ -338,6 +346,7 @@ def read_job(conn: Connection, name: str) -> dict[str, Any] | None:
     state = dict(row)
     # Older versions stored raw driver text; a resumed run writes the scrubbed text back.
     state["last_error"] = scrub_stored(state["last_error"], conn.engine.url)
+    state["held_reason"] = scrub_stored(state.get("held_reason"), conn.engine.url)
     return state
 
 
@@ -412,10 +421,13 @@ def job_states(conn: Connection, settings: Settings, database: str) -> list[JobS
             )
             continue
         status = str(state["status"])
+        held = None
         if status == "finished" and remaining > 0:
             status = "stale"  # rows needing the backfill appeared after it finished
         elif status == "running" and not run_alive(conn, job):
             status = STATE_INTERRUPTED  # killed, crashed or lost its server: nothing holds the lock
+        elif status in ("running", "paused"):
+            held = state["held_reason"]  # running: holds now; paused: stopped while held
         out.append(
             JobState(
                 job.name,
@@ -424,6 +436,7 @@ def job_states(conn: Connection, settings: Settings, database: str) -> list[JobS
                 int(state["rows_total"]),
                 remaining,
                 state["last_error"],
+                held,
             )
         )
     return out

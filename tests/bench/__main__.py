@@ -1,4 +1,6 @@
-"""``python -m tests.bench [backfill|rules|audit ...] [options]``: run benchmarks, print results.
+"""``python -m tests.bench [backfill|rules|audit|traffic|health ...] [options]``: benchmarks.
+
+Prints the results.
 
 With no benchmark named, all of them run. Exit status 1 when a target is missed (the figures are
 still printed), 2 on a usage error.
@@ -11,7 +13,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("backfill", "rules", "audit", "traffic")
+BENCHMARKS = ("backfill", "rules", "audit", "traffic", "health")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="backfill, rules, audit and/or traffic (default: all)",
+        help="backfill, rules, audit, traffic and/or health (default: all)",
     )
     p.add_argument("--seed", type=int, default=42, help="demo data seed (default 42)")
     g = p.add_argument_group("backfill")
@@ -56,6 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--phase-seconds", type=int, default=20, help="pgbench seconds per phase (default 20)"
+    )
+    g = p.add_argument_group("health")
+    g.add_argument(
+        "--health-tokens", type=int, default=100_000, help="legacy tokens (default 100k)"
+    )
+    g.add_argument(
+        "--period",
+        type=float,
+        default=8.0,
+        help="seconds between replay pauses on the replica (default 8)",
+    )
+    g.add_argument(
+        "--hold-seconds",
+        type=float,
+        default=4.0,
+        help="how long each replay pause lasts (default 4; more than max_replica_lag 1s)",
     )
     g = p.add_argument_group("rules")
     g.add_argument("--uris", type=int, default=1_000_000, help="generated URIs (default 1M)")
@@ -108,6 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             ok &= bench_traffic.main(
                 tokens=args.traffic_tokens, seconds=args.phase_seconds, seed=args.seed
+            )
+        elif name == "health":
+            from tests.bench import bench_health
+
+            ok &= bench_health.main(
+                tokens=args.health_tokens,
+                seed=args.seed,
+                period=args.period,
+                hold=args.hold_seconds,
             )
         elif name == "rules":
             from tests.bench import bench_rules
