@@ -43,9 +43,10 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, NoReturn
 
 from sqlalchemy import (
     and_,
@@ -74,6 +75,9 @@ from oauthmig.rollout.jobs import (
     JOBS,
     BatchContext,
     Job,
+    JobPhase,
+    JobProgress,
+    JobStatus,
     ensure_job_table,
     job_table,
     lock_holder,
@@ -82,10 +86,7 @@ from oauthmig.rollout.jobs import (
     register_sqlite_functions,
     remaining_rows,
 )
-from oauthmig.rollout.revisions import (
-    history,
-    read_log,
-)
+from oauthmig.rollout.revisions import Catalogue, RevisionInfo, read_log
 from oauthmig.rollout.runner import check_databases, check_routed_tables, lock_blockers
 
 MIN_BATCH, MAX_BATCH = 10, 200_000
@@ -107,7 +108,7 @@ class JobRun:
 
     job: str
     database: str
-    status: str  # finished | paused | failed | skipped | dry-run | up-to-date
+    status: JobStatus  # finished, paused or failed; dry-run or up-to-date
     rows_changed: int
     rows_total: int
     batches: int
@@ -127,7 +128,7 @@ class BackfillResult:
     @property
     def failed(self) -> tuple[JobRun, ...]:
         """Runs that failed."""
-        return tuple(r for r in self.runs if r.status == "failed")
+        return tuple(r for r in self.runs if r.status is JobStatus.FAILED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +219,9 @@ class _TakenOver(BackfillError):
     """Another run holds the lock or owns the job row: this run must stop at once."""
 
 
-def _generation(conn: Connection, settings: Settings, job: Job) -> str:
+def _generation(
+    conn: Connection, settings: Settings, job: Job, revisions: Sequence[RevisionInfo]
+) -> str:
     """Identity of the job's columns: revision-log entries adding them, attnums on PostgreSQL.
 
     Both change when a downgrade drops the columns and an upgrade adds them again, which
@@ -227,7 +230,7 @@ def _generation(conn: Connection, settings: Settings, job: Job) -> str:
     log = read_log(conn)
     parts = [
         f"{r.revision}@{log.get(r.revision, {}).get('updated_at')}"
-        for r in history()
+        for r in revisions
         if any(c.table == job.logical_table and c.name in job.columns for c in r.columns)
     ]
     if conn.dialect.name == "postgresql":
@@ -311,6 +314,8 @@ class _Runner:
     reconnects: int = 0
     note: str | None = None
     work: Connection | None = None  # the current work connection (replaced on reconnect)
+    state: JobProgress | None = None  # what the job row holds (or will, once committed)
+    revisions: Sequence[RevisionInfo] = ()
 
     @property
     def lock_key(self) -> int:
@@ -381,7 +386,6 @@ class _Runner:
         job, db, bf = self.job, self.db, self.settings.backfill
         physical = self.settings.tables.physical(job.logical_table)
         conn = self._connect(engine)
-        state: dict[str, Any] | None = None
         try:
             # A missing table is fixed in the config or the database, not by an upgrade.
             check_routed_tables(conn, self.settings, db.name)
@@ -392,66 +396,73 @@ class _Runner:
                     "run `oauthmig upgrade` first"
                 )
             ensure_job_table(conn)
-            generation = _generation(conn, self.settings, job)
-            state = read_job(conn, job.name)
+            generation = _generation(conn, self.settings, job, self.revisions)
+            saved = read_job(conn, job.name)
             now = datetime.now(UTC)
             version = FAMILY_VERSION
-            if state is not None:
-                if state.get("generation") is None or state["generation"] == generation:
-                    version = int(state.get("version") or 1)
-                if state.get("generation") != generation:
+            if saved is not None:
+                if saved.generation is None or saved.generation == generation:
+                    version = saved.version or 1
+                if saved.generation != generation:
                     self.note = (
                         "saved progress belongs to an earlier generation of the job's columns "
                         "(dropped and re-added by a downgrade and upgrade since); restarted "
                         "from the beginning"
-                        if state.get("generation") is not None
+                        if saved.generation is not None
                         else "saved progress predates column tracking; restarted from the beginning"
                     )
-                    state = None
-            if state is not None and state["status"] == "finished" and not self.options.restart:
+                    saved = None
+            if (
+                saved is not None
+                and saved.status is JobStatus.FINISHED
+                and not self.options.restart
+            ):
                 if remaining == 0:
                     return JobRun(
                         job.name,
                         db.name,
-                        "up-to-date",
+                        JobStatus.UP_TO_DATE,
                         0,
-                        int(state["rows_done"]),
+                        saved.rows_done,
                         0,
                         time.monotonic() - started,
                     )
-                state = None  # new NULL rows appeared since: a fresh pass (guarded, cheap)
-            if state is None or self.options.restart:
-                size = self.options.batch_size or bf.batch_size
-                state = {
-                    "job": job.name,
-                    "table_name": physical,
-                    "status": "running",
-                    "phase": "main",
-                    "cursor": 0,
-                    "upper_bound": _max_id(conn, physical),
-                    "rows_done": 0,
-                    "rows_total": remaining,
-                    "batches": 0,
-                    "batch_size": size,
-                    "attempts": 0,
-                    "last_error": None,
-                    "started_at": now,
-                    "updated_at": now,
-                    "finished_at": None,
-                    "owner": self.owner,
-                    "generation": generation,
-                    "version": version,
-                }
+                saved = None  # new NULL rows appeared since: a fresh pass (guarded, cheap)
+            if saved is None or self.options.restart:
+                self.state = JobProgress(
+                    job=job.name,
+                    table_name=physical,
+                    status=JobStatus.RUNNING,
+                    phase=JobPhase.MAIN,
+                    cursor=0,
+                    upper_bound=_max_id(conn, physical),
+                    rows_done=0,
+                    rows_total=remaining,
+                    batches=0,
+                    batch_size=self.options.batch_size or bf.batch_size,
+                    attempts=0,
+                    last_error=None,
+                    started_at=now,
+                    updated_at=now,
+                    finished_at=None,
+                    owner=self.owner,
+                    generation=generation,
+                    version=version,
+                )
                 with new_transaction(conn):
                     conn.execute(job_table.delete().where(job_table.c.job == job.name))
-                    conn.execute(job_table.insert().values(**state))
+                    conn.execute(job_table.insert().values(**self.state.values()))
             else:
-                if self.options.batch_size:
-                    state["batch_size"] = self.options.batch_size
-                # Resuming: what is left is what was done plus what remains.
-                state["rows_total"] = int(state["rows_done"]) + remaining
-                state["status"] = "running"
-                state["version"] = version
+                self.state = replace(
+                    saved,
+                    batch_size=self.options.batch_size or saved.batch_size,
+                    # Resuming: what is left is what was done plus what remains.
+                    rows_total=saved.rows_done + remaining,
+                    status=JobStatus.RUNNING,
+                    owner=self.owner,
+                    generation=generation,
+                    version=version,
+                )
                 with new_transaction(conn):
                     # Claim the job for this run (we hold the lock: any previous owner is gone).
                     conn.execute(
@@ -459,12 +470,11 @@ class _Runner:
                         .where(job_table.c.job == job.name)
                         .values(owner=self.owner, generation=generation, version=version)
                     )
-                    self._persist(conn, state)
-            state["owner"] = self.owner
-            conn = self._loop(engine, conn, physical, state, started)
-            return self._result(state, started)
+                    self._persist(conn)
+            conn = self._loop(engine, conn, physical, started)
+            return self._result(started)
         except KeyboardInterrupt:
-            self._pause(engine, self.work or conn, state)
+            self._pause(engine, self.work or conn)
             raise
         finally:
             for c in (conn, self.work):
@@ -472,9 +482,9 @@ class _Runner:
                     with contextlib.suppress(SQLAlchemyError):
                         c.close()
 
-    def _pause(self, engine: Engine, conn: Connection, state: dict[str, Any] | None) -> None:
+    def _pause(self, engine: Engine, conn: Connection) -> None:
         """Ctrl-C or SIGTERM: record ``paused`` (the open batch, if any, is rolled back)."""
-        if state is None:
+        if self.state is None:
             return
         # Status only: the progress columns keep what the last committed batch wrote (the
         # in-memory state may already describe the batch that was just rolled back).
@@ -484,12 +494,12 @@ class _Runner:
                 conn.execute(
                     job_table.update()
                     .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
-                    .values(status="paused", updated_at=datetime.now(UTC))
+                    .values(status=JobStatus.PAUSED.value, updated_at=datetime.now(UTC))
                 )
             return
         with contextlib.suppress(SQLAlchemyError):
             conn.close()  # releases row locks of a half-done batch before the fresh write
-        self._mark(engine, status="paused")
+        self._mark(engine, status=JobStatus.PAUSED)
 
     def _mark(self, engine: Engine, **values: Any) -> None:
         """Record a final state on a fresh connection (the work connection may be broken).
@@ -504,19 +514,22 @@ class _Runner:
             c.execute(
                 job_table.update()
                 .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
-                .values(updated_at=datetime.now(UTC), **values)
+                .values(
+                    updated_at=datetime.now(UTC),
+                    **{k: v.value if isinstance(v, StrEnum) else v for k, v in values.items()},
+                )
             )
 
-    def _persist(self, conn: Connection, state: dict[str, Any]) -> None:
-        """Write the job's progress columns from ``state`` (inside the caller's transaction).
-
-        Only while this run owns the job row; otherwise :class:`_TakenOver`.
+    def _persist(self, conn: Connection) -> None:
+        """Write the job's progress columns from :attr:`state` (inside the caller's
+        transaction). Only while this run owns the job row; otherwise :class:`_TakenOver`.
         """
-        state["updated_at"] = datetime.now(UTC)
+        assert self.state is not None
+        self.state = replace(self.state, updated_at=datetime.now(UTC))
         result = conn.execute(
             job_table.update()
             .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
-            .values({name: state[name] for name in _PROGRESS_COLUMNS})
+            .values(self.state.values(_PROGRESS_COLUMNS))
         )
         if result.rowcount != 1:
             raise _TakenOver(self._taken_over_message())
@@ -545,14 +558,13 @@ class _Runner:
         seconds = self.settings.migrate.statement_timeout_ms / 1000 + DEADLINE_GRACE_SECONDS
         return ClientDeadline(conn, seconds)
 
-    def _reconnect(
-        self, engine: Engine, conn: Connection, reason: str, state: dict[str, Any]
-    ) -> Connection:
+    def _reconnect(self, engine: Engine, conn: Connection, reason: str) -> Connection:
         """Reconnect with backoff for the outage window, or mark the job failed and raise.
 
-        The progress in ``state`` is reloaded from the job row: whether the batch in flight
+        The progress in :attr:`state` is reloaded from the job row: whether the batch in flight
         committed is known only to the server.
         """
+        assert self.state is not None
         with contextlib.suppress(SQLAlchemyError):
             conn.close()
         window = self.settings.backfill.outage_window_ms / 1000
@@ -592,9 +604,16 @@ class _Runner:
                 with contextlib.suppress(SQLAlchemyError):
                     new.close()
                 raise _TakenOver(self._taken_over_message())
-            self.changed += int(row["rows_done"]) - int(state["rows_done"])
-            for name in ("phase", "cursor", "upper_bound", "rows_done", "batches"):
-                state[name] = row[name]
+            stored = JobProgress.from_row(row)
+            self.changed += stored.rows_done - self.state.rows_done
+            self.state = replace(
+                self.state,
+                phase=stored.phase,
+                cursor=stored.cursor,
+                upper_bound=stored.upper_bound,
+                rows_done=stored.rows_done,
+                batches=stored.batches,
+            )
             self.reconnects += 1
             return new
         message = (
@@ -603,12 +622,10 @@ class _Runner:
             f"{window:g}s ({attempt - 1} reconnect attempts; last: {last}); state saved by "
             "the last committed batch, rerun to resume"
         )
-        self._mark(engine, status="failed", last_error=message[:2000])
+        self._mark(engine, status=JobStatus.FAILED, last_error=message[:2000])
         raise BackfillError(message)
 
-    def _loop(
-        self, engine: Engine, conn: Connection, physical: str, state: dict[str, Any], started: float
-    ) -> Connection:
+    def _loop(self, engine: Engine, conn: Connection, physical: str, started: float) -> Connection:
         bf: BackfillSettings = self.settings.backfill
         sleep_s = (
             self.options.sleep_seconds
@@ -616,19 +633,20 @@ class _Runner:
             else bf.sleep_seconds
         )
         target = bf.target_batch_seconds
-        size = int(state["batch_size"])
+        assert self.state is not None
+        size = self.state.batch_size
         failures = 0
         locked_attempts = 0
         narrowed: tuple[int, int] | None = None  # (size before narrowing, id to get past)
         label = f"{self.db.name} {self.job.name}"
-        version = int(state.get("version") or 1)
+        version = self.state.version or 1
         while True:
             if self.stop.should_stop():
-                self._save(conn, state, "paused")
+                self._save(conn, JobStatus.PAUSED)
                 return conn
-            snapshot = dict(state)  # what the job row holds now
-            bound = int(state["upper_bound"])
-            lo = int(state["cursor"])
+            snapshot = self.state  # what the job row holds now
+            bound = snapshot.upper_bound
+            lo = snapshot.cursor
             hi: int | None = None
             deadline = self._deadline(conn)
             try:
@@ -637,29 +655,36 @@ class _Runner:
                     if conn.in_transaction():
                         conn.commit()
                     if hi is None:
-                        if state["phase"] == "main":
+                        if self.state.phase is JobPhase.MAIN:
                             # Catch-up: rows inserted while the main pass ran.
-                            state["phase"] = "catchup"
-                            state["upper_bound"] = max(bound, _max_id(conn, physical))
+                            self.state = replace(
+                                self.state,
+                                phase=JobPhase.CATCHUP,
+                                upper_bound=max(bound, _max_id(conn, physical)),
+                            )
                             conn.commit()
-                            if state["upper_bound"] > bound:
-                                self._save(conn, state, "running")
+                            if self.state.upper_bound > bound:
+                                self._save(conn, JobStatus.RUNNING)
                                 continue
-                        state["phase"] = "done"
-                        state["finished_at"] = datetime.now(UTC)
-                        self._save(conn, state, "finished")
+                        self.state = replace(
+                            self.state, phase=JobPhase.DONE, finished_at=datetime.now(UTC)
+                        )
+                        self._save(conn, JobStatus.FINISHED)
                         return conn
                     t0 = time.monotonic()
                     with new_transaction(conn):
                         self._verify_lock(conn)
                         ctx = BatchContext(conn, physical, self.settings, self.db.name, version)
                         n = self.job.run_batch(ctx, lo, hi)
-                        state["cursor"] = hi
-                        state["rows_done"] = int(state["rows_done"]) + n
-                        state["batches"] = int(state["batches"]) + 1
-                        state["batch_size"] = size
+                        self.state = replace(
+                            self.state,
+                            cursor=hi,
+                            rows_done=self.state.rows_done + n,
+                            batches=self.state.batches + 1,
+                            batch_size=size,
+                        )
                         # Same transaction as the batch: the cursor never runs ahead of the data.
-                        self._persist(conn, state)
+                        self._persist(conn)
                 elapsed = time.monotonic() - t0
                 self.batch_times.append(elapsed)
                 self.changed += n
@@ -669,11 +694,8 @@ class _Runner:
                 if narrowed is not None and hi >= narrowed[1]:
                     size, narrowed = max(size, narrowed[0]), None  # past the locked range
                 if self.progress:
-                    self.progress(
-                        label,
-                        int(state["rows_done"]),
-                        max(int(state["rows_total"]), int(state["rows_done"])),
-                    )
+                    done = self.state.rows_done
+                    self.progress(label, done, max(self.state.rows_total, done))
                 pause = max(sleep_s, elapsed * (1 / bf.max_duty - 1))
                 if self.stop.deadline is not None:  # --max-runtime bounds the pause too
                     pause = min(pause, self.stop.deadline - time.monotonic())
@@ -686,8 +708,8 @@ class _Runner:
             except SQLAlchemyError as exc:
                 with contextlib.suppress(SQLAlchemyError):
                     conn.rollback()
-                attempts = int(state["attempts"])
-                state.update(snapshot, attempts=attempts)  # the failed batch did not happen
+                # The failed batch did not happen; its attempt counts.
+                self.state = replace(snapshot, attempts=self.state.attempts + 1)
                 if deadline.fired or _lost(exc, conn):
                     reason = (
                         f"no answer within the client deadline of {deadline.seconds:g}s "
@@ -697,11 +719,9 @@ class _Runner:
                     )
                     if deadline.fired:
                         size = max(1, size // 2)
-                    state["attempts"] = int(state["attempts"]) + 1
-                    conn = self.work = self._reconnect(engine, conn, reason, state)
+                    conn = self.work = self._reconnect(engine, conn, reason)
                     continue
                 if _is_lock_timeout(exc) and hi is not None:
-                    state["attempts"] = int(state["attempts"]) + 1
                     if size > 1:
                         # Halve toward the locked row; grow back once past it.
                         if narrowed is None:
@@ -712,67 +732,64 @@ class _Runner:
                     if locked_attempts < LOCKED_ROW_ATTEMPTS:
                         self.sleep(min(5.0, 0.2 * 2**locked_attempts) * random.uniform(0.5, 1.0))
                         continue
-                    self._fail(engine, state, self._locked_message(conn, physical, lo, hi, state))
+                    self._fail(engine, self._locked_message(conn, physical, lo, hi))
                 if _is_statement_timeout(exc):
                     size = max(MIN_BATCH, size // 2)
                 if (
                     _is_statement_timeout(exc) or _transient(exc)
                 ) and failures < MAX_TRANSIENT_RETRIES:
                     failures += 1
-                    state["attempts"] = int(state["attempts"]) + 1
                     self.sleep(min(5.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0))
                     continue
                 message = describe_error(exc, self.db)
                 # The failed attempt counts too: the stored count is what the message says
                 # for this run.
-                state["attempts"] = int(state["attempts"]) + 1
                 tries = failures + 1
                 self._fail(
                     engine,
-                    state,
                     f"database {self.db.name!r}: backfill {self.job.name} failed at id > {lo} "
                     f"after {tries} attempt{'s' if tries != 1 else ''}: {message}; "
                     "state saved, rerun to resume",
                     message,
                 )
 
-    def _locked_message(
-        self, conn: Connection, physical: str, lo: int, hi: int, state: dict[str, Any]
-    ) -> str:
+    def _locked_message(self, conn: Connection, physical: str, lo: int, hi: int) -> str:
+        assert self.state is not None
         who = _row_blockers(conn, physical, lo, hi)
         ms = self.settings.migrate.lock_timeout_ms
         return (
             f"database {self.db.name!r}: backfill {self.job.name} cannot make progress: "
             f"{physical} id {hi} stays locked (lock_timeout {ms}ms, batch narrowed to one row, "
-            f"{state['attempts']} lock attempts); {who}. End that transaction, then rerun to "
+            f"{self.state.attempts} lock attempts); {who}. End that transaction, then rerun to "
             f"resume (state saved at id > {lo})"
         )
 
-    def _fail(
-        self, engine: Engine, state: dict[str, Any], message: str, stored: str | None = None
-    ) -> None:
+    def _fail(self, engine: Engine, message: str, stored: str | None = None) -> NoReturn:
+        assert self.state is not None
         self._mark(
             engine,
-            status="failed",
+            status=JobStatus.FAILED,
             last_error=(stored or message)[:2000],
-            attempts=state["attempts"],
+            attempts=self.state.attempts,
         )
         raise BackfillError(message)
 
-    def _save(self, conn: Connection, state: dict[str, Any], status: str) -> None:
-        state["status"] = status
-        if status == "finished":
-            state["last_error"] = None
+    def _save(self, conn: Connection, status: JobStatus) -> None:
+        assert self.state is not None
+        self.state = replace(self.state, status=status)
+        if status is JobStatus.FINISHED:
+            self.state = replace(self.state, last_error=None)
         with new_transaction(conn):
-            self._persist(conn, state)
+            self._persist(conn)
 
-    def _result(self, state: dict[str, Any], started: float) -> JobRun:
+    def _result(self, started: float) -> JobRun:
+        assert self.state is not None
         return JobRun(
             self.job.name,
             self.db.name,
-            str(state["status"]),
+            self.state.status,
             self.changed,
-            int(state["rows_total"]),
+            self.state.rows_total,
             len(self.batch_times),
             time.monotonic() - started,
             tuple(self.batch_times),
@@ -792,18 +809,18 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
                 return JobRun(
                     job.name,
                     db.name,
-                    "dry-run",
+                    JobStatus.DRY_RUN,
                     0,
                     0,
                     0,
                     0.0,
                     message=f"{physical} lacks the job's columns; run `oauthmig upgrade` first",
                 )
-            state = read_job(conn, job.name)
+            saved = read_job(conn, job.name)
             rate: float | None = None
-            if state and state["rows_done"] and state["finished_at"] and state["started_at"]:
-                spent = (state["finished_at"] - state["started_at"]).total_seconds()
-                rate = state["rows_done"] / spent if spent > 0 else None
+            if saved and saved.rows_done and saved.finished_at:
+                spent = (saved.finished_at - saved.started_at).total_seconds()
+                rate = saved.rows_done / spent if spent > 0 else None
             if rate is None:
                 # No history on this database: assume one target-length batch per batch_size.
                 rate = settings.backfill.batch_size / settings.backfill.target_batch_seconds
@@ -815,7 +832,7 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
             return JobRun(
                 job.name,
                 db.name,
-                "dry-run",
+                JobStatus.DRY_RUN,
                 n,
                 n,
                 0,
@@ -833,10 +850,12 @@ def backfill(
     options: BackfillOptions | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    revisions: Sequence[RevisionInfo] | None = None,
 ) -> BackfillResult:
     """Run (or with ``dry_run`` estimate) backfill jobs on every database hosting their table.
 
-    Failures are captured per job and database; other databases go on.
+    Failures are captured per job and database; other databases go on. ``revisions``: the
+    invocation's catalogue, if it has one.
     """
     options = options or BackfillOptions()
     names = list(job_names) or list(JOBS)
@@ -846,8 +865,12 @@ def backfill(
     # The same preflight as upgrade, on every database a job runs on, before any job writes
     # anywhere (and before --max-runtime starts counting).
     tables = {JOBS[n].logical_table for n in names}
+    if revisions is None:
+        revisions = Catalogue.load().revisions
     check_databases(
-        settings, [d for d in settings.database_names() if tables & set(settings.tables_on(d))]
+        settings,
+        [d for d in settings.database_names() if tables & set(settings.tables_on(d))],
+        revisions,
     )
     stopper = _Stop(
         stop or threading.Event(),
@@ -865,14 +888,14 @@ def backfill(
         try:
             if options.dry_run:
                 return _dry_run(settings, db, job)
-            return _Runner(settings, db, job, options, progress, stopper).run()
+            return _Runner(settings, db, job, options, progress, stopper, revisions=revisions).run()
         except OauthmigError as exc:
-            return JobRun(job.name, db.name, "failed", 0, 0, 0, 0.0, message=exc.message)
+            return JobRun(job.name, db.name, JobStatus.FAILED, 0, 0, 0, 0.0, message=exc.message)
         except SQLAlchemyError as exc:
             return JobRun(
                 job.name,
                 db.name,
-                "failed",
+                JobStatus.FAILED,
                 0,
                 0,
                 0,
