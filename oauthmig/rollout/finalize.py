@@ -89,7 +89,7 @@ class Finalize:
     indexes: tuple[IndexSpec, ...]
     added: tuple[AddedColumn, ...]
 
-    def routed(self, routed: Sequence[str]) -> Finalize:
+    def restricted_to(self, routed: Sequence[str]) -> Finalize:
         """Only what concerns the tables in ``routed``."""
         return replace(
             self,
@@ -457,7 +457,7 @@ def _run_for(t: RevisionTarget, spec: Finalize, direction: str) -> _Run:
 def _dispatch(spec: Finalize, direction: str, pg: _Step, sqlite: _Step) -> None:
     t = current_target()
     step = pg if t.dialect == "postgresql" else sqlite
-    step(t, _run_for(t, spec, direction), spec.routed(t.routed))
+    step(t, _run_for(t, spec, direction), spec.restricted_to(t.routed))
 
 
 def _pg_upgrade(t: RevisionTarget, run: _Run, spec: Finalize) -> None:
