@@ -306,6 +306,7 @@ class _Runner:
     options: BackfillOptions
     progress: Progress | None
     stop: _Stop
+    revisions: Sequence[RevisionInfo]  # the catalogue: a job's progress is tied to them
     sleep: Callable[[float], None] = time.sleep
     batch_times: list[float] = field(default_factory=list)
     changed: int = 0
@@ -315,7 +316,6 @@ class _Runner:
     note: str | None = None
     work: Connection | None = None  # the current work connection (replaced on reconnect)
     state: JobProgress | None = None  # what the job row holds (or will, once committed)
-    revisions: Sequence[RevisionInfo] = ()
 
     @property
     def lock_key(self) -> int:
@@ -888,7 +888,7 @@ def backfill(
         try:
             if options.dry_run:
                 return _dry_run(settings, db, job)
-            return _Runner(settings, db, job, options, progress, stopper, revisions=revisions).run()
+            return _Runner(settings, db, job, options, progress, stopper, revisions).run()
         except OauthmigError as exc:
             return JobRun(job.name, db.name, JobStatus.FAILED, 0, 0, 0, 0.0, message=exc.message)
         except SQLAlchemyError as exc:

@@ -5,7 +5,7 @@ touches), ``columns`` (the :class:`ColumnSpec` it adds, if any) and ``requires_b
 On each database the revision runs only the operations for tables routed there and records its
 outcome (``applied`` or ``skipped``: not routed) in that database's own
 ``oauthmig_revision_log``; Alembic's own version table (``oauthmig_version``) tracks the head.
-This module reads the catalogue (:func:`history`), gives revision files :func:`expand` and
+This module reads the catalogue (:class:`Catalogue`), gives revision files :func:`expand` and
 :func:`contract`, is the Alembic environment (:func:`run_environment`) and reads the version
 table and revision log. :mod:`oauthmig.rollout.runner` plans and runs revisions.
 """
