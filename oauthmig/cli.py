@@ -8,39 +8,59 @@ import logging
 import math
 import os
 import pickle
+import shlex
 import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
+from typing import IO, Any, NoReturn, cast
 
 import click
 
 from oauthmig.config import Settings, load_settings
-from oauthmig.errors import OauthmigError, Terminated, UsageError
+from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep, run_demo
+from oauthmig.errors import OauthmigError, PlanRefusedError, Terminated, UsageError
+from oauthmig.output.files import output_file
+from oauthmig.output.html import render_html
+from oauthmig.output.metrics import MetricsFile
 from oauthmig.output.text import (
     Consoles,
+    at_least,
+    backfill_to_dict,
+    escape,
+    plain_console,
+    progress_bar,
+    render_audit_brief,
+    render_audit_findings,
+    render_audit_summary,
+    render_backfill,
     render_dry_run,
     render_history,
     render_plan,
     render_run,
     render_status,
+    render_uri_reports,
     run_to_dict,
     sql_script,
+    sql_section,
     status_to_dict,
     to_json,
 )
 from oauthmig.redact import scrub_log_records
-from oauthmig.rollout import revisions as catalogue
+from oauthmig.redirects.audit import FailOn
+from oauthmig.redirects.audit import audit as audit_service
+from oauthmig.redirects.reports import atomic_output, check_report_to_dict, writer_for
+from oauthmig.redirects.rules import check_uri
+from oauthmig.report import Report, gather_report
+from oauthmig.rollout import backfill as backfill_service
 from oauthmig.rollout import runner
-from oauthmig.rollout.runner import RunResult
+from oauthmig.rollout.backfill import BackfillResult
+from oauthmig.rollout.offline import write_scripts
+from oauthmig.rollout.revisions import Catalogue
+from oauthmig.rollout.runner import Direction, Mode, PlanOutcome, RunResult
 from oauthmig.rollout.status import status as read_status
-
-if TYPE_CHECKING:
-    from oauthmig.report import Report
-    from oauthmig.rollout.backfill import BackfillResult
 
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: backfill stopped by SIGTERM, state saved
@@ -63,8 +83,6 @@ class AppState:
         """``oauthmig`` plus the ``--config`` in use, for commands printed as advice."""
         if self.config_path is None:
             return "oauthmig"
-        import shlex
-
         return f"oauthmig --config {shlex.quote(self.config_path)}"
 
 
@@ -224,39 +242,43 @@ def _state(ctx: click.Context) -> AppState:
     return state
 
 
-def _check_revisions(target: str, from_revision: str | None) -> None:
-    """Refuse unknown ``--to``/``--from`` revisions before any database is opened."""
-    revisions = catalogue.history()
-    catalogue.resolve_revision(target, revisions, "--to")
+def _catalogue(target: str, from_revision: str | None) -> Catalogue:
+    """The invocation's revision catalogue; refuses unknown ``--to``/``--from`` revisions
+    before any database is opened."""
+    cat = Catalogue.load()
+    cat.resolve(target, "--to")
     if from_revision is not None:
-        catalogue.resolve_revision(from_revision, revisions, "--from")
+        cat.resolve(from_revision, "--from")
+    return cat
 
 
-def _plan_or_refuse(
-    c: Consoles, settings: Settings, direction: str, target: str, as_json: bool
-) -> None:
-    """Print the plan; refuse before touching any database if one of them cannot be planned."""
-    plans = runner.plan(settings, direction, target)
-    problems = [p for p in plans if isinstance(p, str)]
-    # With JSON on stdout the plan would go to stderr: there, only the error lines go.
-    if not c.quiet and not (as_json and problems):
-        render_plan(c.human(as_json), plans, direction)
-    if problems:
-        for problem in problems[1:]:
-            c.error(problem)
-        more = f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""
-        raise OauthmigError(
-            f"{problems[0]}{more}; nothing was changed on any database (fix it, or leave that "
-            "database out with -d)"
-        )
+def _show_plan(
+    c: Consoles, direction: Direction, as_json: bool
+) -> Callable[[Sequence[PlanOutcome]], None]:
+    """Prints the plan the runner made before it writes anything (or refuses)."""
+
+    def show(plans: Sequence[PlanOutcome]) -> None:
+        problems = any(isinstance(p, OauthmigError) for p in plans)
+        # With JSON on stdout the plan would go to stderr: there, only the error lines go.
+        if not c.quiet and not (as_json and problems):
+            render_plan(c.human(as_json), plans, direction)
+
+    return show
+
+
+def _refused(c: Consoles, exc: PlanRefusedError) -> PlanRefusedError:
+    """Print every refusal but the first above the error line that ends the command."""
+    for error in exc.errors[1:]:
+        c.error(error.message)
+    return exc
 
 
 def _refuse_failed(result: RunResult, outcome: str) -> None:
     """One line for runs that write nothing (dry-run, --sql): the first failure, and a count."""
-    if result.failed:
-        first = result.failed[0].error or "failed"
-        more = f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else ""
-        raise OauthmigError(f"{first}{more}; {outcome}")
+    failed = [r.error for r in result.failed if r.error is not None]
+    if failed:
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise OauthmigError(f"{failed[0].message}{more}; {outcome}")
 
 
 def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | None) -> None:
@@ -268,9 +290,6 @@ def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | N
             nl=False,
         )
         return
-    from oauthmig.output.text import sql_section
-    from oauthmig.rollout.offline import write_scripts
-
     files = {r.database: sql_section(r) for r in result.runs}
     for path in write_scripts(output_dir, files):
         c.info(f"wrote {path}")
@@ -278,14 +297,14 @@ def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | N
 
 def _report_failures(state: AppState, result: RunResult) -> None:
     """One line per failed database; a summary line only when several failed."""
-    failed = result.failed
+    failed = [(r.database, r.error) for r in result.failed if r.error is not None]
     if len(failed) == 1:
-        raise OauthmigError(failed[0].error or f"database {failed[0].database!r} failed")
+        raise OauthmigError(failed[0][1].message)
     if failed:
-        for run in failed:
-            state.consoles.error(run.error or f"database {run.database!r} failed")
-        names = ", ".join(r.database for r in failed)
-        ok = [r.database for r in result.runs if not r.error]
+        for _name, error in failed:
+            state.consoles.error(error.message)
+        names = ", ".join(name for name, _error in failed)
+        ok = [r.database for r in result.runs if r.error is None]
         verb = "is" if len(ok) == 1 else "are"
         tail = f"; {', '.join(ok)} completed and {verb} consistent" if ok else ""
         raise OauthmigError(f"{len(failed)} databases failed: {names}{tail}")
@@ -360,16 +379,18 @@ def upgrade(
         raise UsageError("--from only applies to --sql")
     if output_dir is not None and not offline:
         raise UsageError("--output-dir only applies to --sql")
-    _check_revisions(target, from_revision)
+    cat = _catalogue(target, from_revision)
     settings = state.settings()
     c = state.consoles
     as_json = fmt == "json"
     if offline:
-        result = runner.upgrade(settings, target, mode="sql", from_revision=from_revision)
+        result = runner.upgrade(
+            settings, target, mode=Mode.SQL, from_revision=from_revision, catalogue=cat
+        )
         _emit_sql(c, result, as_json, output_dir)
         return
     if dry_run:
-        result = runner.upgrade(settings, target, mode="dry-run")
+        result = runner.upgrade(settings, target, mode=Mode.DRY_RUN, catalogue=cat)
         _refuse_failed(result, "nothing was changed")
         if as_json:
             click.echo(
@@ -378,8 +399,16 @@ def upgrade(
         else:
             render_dry_run(c.out, result)
         return
-    _plan_or_refuse(c, settings, "upgrade", target, as_json)
-    result = runner.upgrade(settings, target, jobs=jobs)
+    try:
+        result = runner.upgrade(
+            settings,
+            target,
+            jobs=jobs,
+            catalogue=cat,
+            on_plan=_show_plan(c, Direction.UPGRADE, as_json),
+        )
+    except PlanRefusedError as exc:
+        raise _refused(c, exc) from None
     if as_json:
         click.echo(to_json({"dry_run": False, "databases": [run_to_dict(r) for r in result.runs]}))
     elif not c.quiet:
@@ -434,27 +463,38 @@ def downgrade(
         raise UsageError("--from only applies to --sql")
     if output_dir is not None and not offline:
         raise UsageError("--output-dir only applies to --sql")
-    _check_revisions(target, from_revision)
+    cat = _catalogue(target, from_revision)
     settings = state.settings()
     c = state.consoles
     as_json = fmt == "json"
-    mode = "sql" if offline else "dry-run" if dry_run else "online"
-    if mode == "online":
-        _plan_or_refuse(c, settings, "downgrade", target, as_json)
-    result = runner.downgrade(settings, target, mode=mode, from_revision=from_revision)
-    if mode == "sql":
+    mode = Mode.SQL if offline else Mode.DRY_RUN if dry_run else Mode.ONLINE
+    try:
+        result = runner.downgrade(
+            settings,
+            target,
+            mode=mode,
+            from_revision=from_revision,
+            catalogue=cat,
+            on_plan=_show_plan(c, Direction.DOWNGRADE, as_json),
+        )
+    except PlanRefusedError as exc:
+        raise _refused(c, exc) from None
+    if mode is Mode.SQL:
         _emit_sql(c, result, as_json, output_dir)
         return
-    if mode == "dry-run":
+    if mode is Mode.DRY_RUN:
         _refuse_failed(result, "nothing was changed")
     _report_failures(state, result)
     if as_json:
         click.echo(
             to_json(
-                {"dry_run": mode != "online", "databases": [run_to_dict(r) for r in result.runs]}
+                {
+                    "dry_run": mode is not Mode.ONLINE,
+                    "databases": [run_to_dict(r) for r in result.runs],
+                }
             )
         )
-    elif mode == "dry-run":
+    elif mode is Mode.DRY_RUN:
         render_dry_run(c.out, result)
     elif not c.quiet:
         render_run(c.out, result)
@@ -508,7 +548,7 @@ def history(ctx: click.Context, fmt: str) -> None:
     Example:
       oauthmig history
     """
-    revisions = catalogue.history()
+    revisions = Catalogue.load().revisions
     if fmt == "json":
         click.echo(
             to_json(
@@ -606,14 +646,10 @@ def backfill(
       oauthmig backfill --max-runtime 600 -d shard
       oauthmig backfill --metrics-file backfill.prom
     """
-    from oauthmig.output.metrics import MetricsFile
-    from oauthmig.output.text import backfill_to_dict, escape, progress_bar, render_backfill
-    from oauthmig.rollout import backfill as service
-
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
-    options = service.BackfillOptions(
+    options = backfill_service.BackfillOptions(
         batch_size, sleep_seconds, max_runtime, restart, dry_run, jobs
     )
     as_json = fmt == "json"
@@ -626,7 +662,7 @@ def backfill(
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
     try:
         with progress_bar(c.err, enabled=not c.quiet and not dry_run) as update:
-            result = service.backfill(
+            result = backfill_service.backfill(
                 settings,
                 job_names,
                 options,
@@ -697,85 +733,63 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
       oauthmig demo
       oauthmig demo --apps 200 --tokens 5000 --setup-only
     """
-    from oauthmig.demo.data import setup_legacy
-    from oauthmig.identity import check_distinct
-
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
-    if not setup_only:
-        catalogue.script_directory()  # a broken install fails here, before any table exists
-    check_distinct(settings)
-    c.info(
-        f"demo: creating legacy tables on {', '.join(settings.database_names())} "
-        f"({settings.source})"
+    command = state.command_prefix()
+
+    def starting(step: DemoStep) -> None:
+        if step is DemoStep.SETUP:
+            c.info(
+                f"demo: creating legacy tables on {', '.join(settings.database_names())} "
+                f"({settings.source})"
+            )
+        elif step is not DemoStep.STATUS:
+            c.info(f"demo: {step}")
+
+    def finished(step: DemoStep, run: DemoRun) -> None:
+        if step is DemoStep.SETUP:
+            for d in run.setup.databases:
+                c.info(
+                    f"  {d.database}: {d.applications:,} applications, {d.grants:,} grants "
+                    f"({d.live_grants:,} live), {d.tokens:,} tokens ({d.refreshable_tokens:,} "
+                    "refreshable)"
+                )
+        elif c.quiet:
+            return
+        elif step is DemoStep.EXPAND and run.expand is not None:
+            render_run(c.out, run.expand, command)
+        elif step is DemoStep.BACKFILL and run.backfill is not None:
+            render_backfill(c.out, run.backfill)
+        elif step is DemoStep.FINALIZE and run.finalize is not None:
+            render_run(c.out, run.finalize, command)
+        elif step is DemoStep.STATUS and run.status is not None:
+            render_status(c.out, run.status)
+        elif step is DemoStep.AUDIT and run.audit is not None:
+            # The demo data holds every kind of redirect-URI mess on purpose: findings are
+            # expected and never fail the demo (`oauthmig audit-redirects` gates CI).
+            render_audit_brief(c.out, run.audit)
+        elif step is DemoStep.REPORT and run.report is not None:
+            c.out.print(
+                f"demo: wrote the report to {escape(str(run.report))} (open it in a browser)"
+            )
+
+    hooks = DemoHooks(
+        loading=lambda: progress_bar(c.err, enabled=not c.quiet),
+        starting=starting,
+        finished=finished,
     )
-    from oauthmig.output.text import progress_bar
-
-    with progress_bar(c.err, enabled=not c.quiet) as update:
-        setup = setup_legacy(settings, apps=apps, tokens=tokens, seed=seed, progress=update)
-    for d in setup.databases:
-        c.info(
-            f"  {d.database}: {d.applications:,} applications, {d.grants:,} grants "
-            f"({d.live_grants:,} live), {d.tokens:,} tokens ({d.refreshable_tokens:,} "
-            "refreshable)"
+    try:
+        run = run_demo(
+            settings, apps=apps, tokens=tokens, seed=seed, setup_only=setup_only, hooks=hooks
         )
-    if setup_only:
-        return
-    c.info("demo: upgrade (expand)")
-    result = runner.upgrade(settings)
-    if not c.quiet:
-        render_run(c.out, result, state.command_prefix())
-    _report_failures(state, result)
-    from oauthmig.output.text import render_backfill
-    from oauthmig.rollout import backfill as backfill_service
-
-    c.info("demo: backfill")
-    filled = backfill_service.backfill(settings)
-    if not c.quiet:
-        render_backfill(c.out, filled)
-    _report_backfill_failures(state, filled)
-    c.info("demo: upgrade (finalize)")
-    result = runner.upgrade(settings)
-    if not c.quiet:
-        render_run(c.out, result)
-    _report_failures(state, result)
-    report = read_status(settings)
-    if not c.quiet:
-        render_status(c.out, report)
-    from oauthmig.output.text import render_audit_brief
-    from oauthmig.redirects.audit import audit as audit_service
-
-    # The demo data holds every kind of redirect-URI mess on purpose: findings are expected
-    # and never fail the demo (`oauthmig audit-redirects` is the command that gates CI).
-    c.info("demo: audit-redirects")
-    audit = audit_service(settings)
-    for _finding in audit:
-        pass
-    if not c.quiet:
-        render_audit_brief(c.out, audit.summary())
-    _demo_report(c, settings)
-
-
-def _demo_report(c: Consoles, settings: Settings) -> None:
-    """The demo's last step: the HTML report, written to ``.oauthmig/report.html`` in the
-    current directory with the embedded default, else beside the configuration file."""
-    from pathlib import Path
-
-    from oauthmig.config import EMBEDDED_DIR
-    from oauthmig.output.files import output_file
-    from oauthmig.output.html import render_html
-    from oauthmig.output.text import escape
-    from oauthmig.report import gather_report
-
-    embedded = settings.source.startswith("embedded default")
-    base = Path.cwd() if embedded else Path(settings.source).resolve().parent
-    path = base / EMBEDDED_DIR / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with output_file(path, "report") as sink:
-        sink.write(render_html(gather_report(settings)))
-    if not c.quiet:
-        c.out.print(f"demo: wrote the report to {escape(str(path))} (open it in a browser)")
+    except PlanRefusedError as exc:
+        raise _refused(c, exc) from None
+    for result in (run.expand, run.finalize):
+        if result is not None:
+            _report_failures(state, result)
+    if run.backfill is not None:
+        _report_backfill_failures(state, run.backfill)
 
 
 @cli.command("check-redirect")
@@ -811,10 +825,6 @@ def check_redirect(
       oauthmig check-redirect --app-type native com.example.app:/cb http://127.0.0.1/cb
       oauthmig check-redirect --format json 'https://*.example.com/cb' | jq '.[].verdict'
     """
-    from oauthmig.output.text import render_uri_reports
-    from oauthmig.redirects.reports import check_report_to_dict
-    from oauthmig.redirects.rules import check_uri
-
     reports = [check_uri(uri, app_type) for uri in uris]
     if fmt == "json":
         click.echo(to_json([check_report_to_dict(r) for r in reports]))
@@ -877,18 +887,6 @@ def audit_redirects(
       oauthmig audit-redirects --format sarif --output redirects.sarif
       oauthmig audit-redirects --format json --fail-on warning | jq .summary.by_code
     """
-    from oauthmig.output.text import (
-        at_least,
-        escape,
-        plain_console,
-        progress_bar,
-        render_audit_findings,
-        render_audit_summary,
-    )
-    from oauthmig.redirects.audit import FailOn
-    from oauthmig.redirects.audit import audit as audit_service
-    from oauthmig.redirects.reports import atomic_output, writer_for
-
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
@@ -978,11 +976,6 @@ def report(ctx: click.Context, html_path: str, max_findings: int) -> None:
       oauthmig report --html report.html
       oauthmig report --html control.html -d control --max-findings 500
     """
-    from oauthmig.output.files import output_file
-    from oauthmig.output.html import render_html
-    from oauthmig.output.text import escape, progress_bar
-    from oauthmig.report import gather_report
-
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()

@@ -6,6 +6,7 @@ one line on stderr and exit code 2. Anything else escaping is a bug and may show
     OauthmigError                      one-line message, exit 2
     ├── ConfigError                    bad config file, key or value (names the key)
     ├── UsageError                     arguments that do not fit together
+    ├── PlanRefusedError               a database cannot be planned: nothing written anywhere
     ├── DatabaseError                  a database cannot be used as configured
     │   ├── UnreachableError           cannot connect
     │   ├── MissingTableError          a routed table does not exist
@@ -30,6 +31,8 @@ one line on stderr and exit code 2. Anything else escaping is a bug and may show
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class OauthmigError(Exception):
     """Base class: a user-facing failure with a one-line message."""
@@ -50,6 +53,22 @@ class ConfigError(OauthmigError):
 
 class UsageError(OauthmigError):
     """Command-line arguments that do not fit together."""
+
+
+class PlanRefusedError(OauthmigError):
+    """An upgrade or downgrade refused before writing to any database, because at least one
+    of them cannot be planned; ``errors`` holds why, one error per such database."""
+
+    def __init__(self, errors: Sequence[OauthmigError]) -> None:
+        more = f" (and {len(errors) - 1} more above)" if len(errors) > 1 else ""
+        super().__init__(
+            f"{errors[0].message}{more}; nothing was changed on any database (fix it, or leave "
+            "that database out with -d)"
+        )
+        self.errors = tuple(errors)
+
+    def __reduce__(self) -> tuple[type[PlanRefusedError], tuple[tuple[OauthmigError, ...]]]:
+        return (type(self), (self.errors,))
 
 
 class DatabaseError(OauthmigError):

@@ -6,7 +6,7 @@ anything else. Then it collects, into one :class:`Report`:
 
 * the revision × database matrix (:func:`oauthmig.rollout.status.status`);
 * each backfill job with its progress and the timestamps its job table records
-  (``started_at``, ``updated_at``, ``finished_at``), from which :class:`JobProgress` derives an
+  (``started_at``, ``updated_at``, ``finished_at``), from which :class:`JobReport` derives an
   average rate (rows done / elapsed, pauses included: the job table records nothing finer) and
   an ETA for the rows left;
 * PKCE readiness: live grants (``expires_at > now``) with and without a ``code_challenge`` per
@@ -40,6 +40,7 @@ from oauthmig.redirects.audit import AuditFinding, AuditSummary
 from oauthmig.redirects.audit import audit as run_audit
 from oauthmig.redirects.reports import rule_help_uri, tool_version
 from oauthmig.redirects.rules import RULES
+from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import check_databases
 from oauthmig.rollout.status import StatusReport
 from oauthmig.rollout.status import status as read_status
@@ -52,7 +53,7 @@ __all__ = [
     "DatabaseMetadata",
     "DatabasePkce",
     "Distribution",
-    "JobProgress",
+    "JobReport",
     "Report",
     "RuleCount",
     "gather_report",
@@ -79,7 +80,7 @@ def _aware(value: Any) -> datetime | None:
 
 
 @dataclass(frozen=True, slots=True)
-class JobProgress:
+class JobReport:
     """One backfill job on one database: its state and counts (as ``status`` shows them) and
     the timestamps of its job-table row (None when the job has never run there)."""
 
@@ -226,7 +227,7 @@ class Report:
     config_source: str
     docs_url: str
     status: StatusReport
-    jobs: tuple[JobProgress, ...]
+    jobs: tuple[JobReport, ...]
     pkce: tuple[DatabasePkce, ...]
     metadata: tuple[DatabaseMetadata, ...]
     audited: bool
@@ -417,10 +418,11 @@ def gather_report(
     max_findings: int = DEFAULT_MAX_FINDINGS,
     max_applications: int = DEFAULT_MAX_APPLICATIONS,
     progress: Progress | None = None,
+    catalogue: Catalogue | None = None,
 ) -> Report:
     """Read everything the report shows from every selected database (never writes).
 
-    Every database is checked first (:func:`oauthmig.migrations.check_databases`): an
+    Every database is checked first (:func:`oauthmig.rollout.runner.check_databases`): an
     unreachable or broken one raises :class:`~oauthmig.errors.DatabaseError` before anything
     else is read. ``now`` decides which grants are live (default: the current time);
     ``progress`` is called by the audit after each batch of applications.
@@ -428,14 +430,15 @@ def gather_report(
     if max_findings < 0 or max_applications < 0:
         raise ValueError("max_findings and max_applications must not be negative")
     moment = now or datetime.now(UTC)
-    check_databases(settings)
+    revisions = (catalogue or Catalogue.load()).revisions
+    check_databases(settings, None, revisions)
     audit = run_audit(settings, now=moment, progress=progress)
-    state = read_status(settings)
+    state = read_status(settings, revisions)
     broken = [d for d in state.databases if d.error]
     if broken:
         more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
         raise DatabaseError(f"{broken[0].error}{more}")
-    jobs: list[JobProgress] = []
+    jobs: list[JobReport] = []
     pkce: list[DatabasePkce] = []
     metadata: list[DatabaseMetadata] = []
     for d in state.databases:
@@ -443,7 +446,7 @@ def gather_report(
         for j in d.backfills:
             t = times.get(j.job) if j.rows_total is not None else None
             jobs.append(
-                JobProgress(
+                JobReport(
                     d.database,
                     j.job,
                     j.state,

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select, text
 
 from oauthmig.config import Settings
 from oauthmig.db import make_engine
 from oauthmig.demo.data import MARKER_TABLE, PLANTED, DemoSetup, setup_legacy
+from oauthmig.demo.run import DemoHooks, DemoStep, run_demo
 from oauthmig.errors import DatabaseError, UnreachableError
 from oauthmig.legacy import USERS_TABLE, legacy_metadata
 from oauthmig.redirects.rules import check_application, infer_app_type, split_redirect_uris
+from oauthmig.rollout.jobs import JobStatus
 
 APPS = 60
 TOKENS = 400
@@ -352,3 +357,59 @@ def test_small_app_counts_still_plant_every_kind(routed_settings: Settings) -> N
     setup_legacy(routed_settings, apps=50, tokens=0)
     inferred, _ = _findings(routed_settings)
     assert set(PLANTED) <= inferred
+
+
+def test_the_demo_service_runs_every_step_and_reads_the_revisions_once_for_the_rollout(
+    routed_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[int] = []
+    original = ScriptDirectory.__init__
+
+    def counting_init(self: ScriptDirectory, *args: Any, **kwargs: Any) -> None:
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ScriptDirectory, "__init__", counting_init)
+    events: list[tuple[str, DemoStep]] = []
+    loads: list[tuple[str, int, int]] = []
+
+    @contextlib.contextmanager
+    def loading() -> Iterator[Callable[[str, int, int], None]]:
+        events.append(("loading", DemoStep.SETUP))
+        yield lambda label, done, total: loads.append((label, done, total))
+
+    built_before: dict[DemoStep, int] = {}
+
+    def starting(step: DemoStep) -> None:
+        built_before[step] = len(built)
+        events.append(("start", step))
+
+    hooks = DemoHooks(
+        loading=loading,
+        starting=starting,
+        finished=lambda step, _run: events.append(("done", step)),
+    )
+    run = run_demo(routed_settings, apps=APPS, tokens=TOKENS, seed=7, hooks=hooks)
+    steps = list(DemoStep)
+    assert events[:3] == [("start", steps[0]), ("loading", steps[0]), ("done", steps[0])]
+    assert events[3:] == [(kind, step) for step in steps[1:] for kind in ("start", "done")]
+    assert {label for label, _done, _total in loads} >= {"control: tokens", "shard: tokens"}
+    # One catalogue for the whole rollout (the redirect audit checks the databases itself).
+    assert built_before[DemoStep.AUDIT] == 1
+    assert run.failed is None
+    assert run.expand is not None and run.finalize is not None and run.backfill is not None
+    assert {r.database: r.reached for r in run.expand.runs} == {"control": "0003", "shard": "0003"}
+    assert {r.database: r.reached for r in run.finalize.runs} == {
+        "control": "0004",
+        "shard": "0004",
+    }
+    assert {j.status for j in run.backfill.runs} == {JobStatus.FINISHED}
+    assert run.status is not None and not run.status.outstanding
+    assert run.audit is not None and run.audit.applications_scanned == APPS
+    assert set(PLANTED) <= {code for code, n in run.audit.by_code.items() if n}
+
+
+def test_the_demo_service_stops_after_setup_when_asked(routed_settings: Settings) -> None:
+    run = run_demo(routed_settings, apps=APPS, tokens=TOKENS, setup_only=True)
+    assert run.expand is None and run.status is None and run.audit is None
+    assert "oauthmig_version" not in _tables(routed_settings, "control")

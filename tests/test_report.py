@@ -29,7 +29,7 @@ from oauthmig.report import (
     DatabaseMetadata,
     DatabasePkce,
     Distribution,
-    JobProgress,
+    JobReport,
     Report,
     RuleCount,
     gather_report,
@@ -572,7 +572,7 @@ def _hostile_report(docs_url: str = "javascript:alert(1)") -> Report:
         config_source=evil,
         docs_url=docs_url,
         status=StatusReport((), ()),
-        jobs=(JobProgress(evil, evil, evil, 1, 2, 1, NOW, NOW, None, evil),),
+        jobs=(JobReport(evil, evil, evil, 1, 2, 1, NOW, NOW, None, evil),),
         pkce=(DatabasePkce(evil, True, 1, 1, 1, 1, 0, (ApplicationPkce(7, evil, evil, 1, 1),)),),
         metadata=(DatabaseMetadata(evil, 1, (Distribution(evil, True, ((evil, 1),)),)),),
         audited=True,
@@ -597,18 +597,18 @@ def test_hostile_values_everywhere_render_as_text() -> None:
 
 def test_job_progress_rate_and_eta_come_from_the_recorded_times() -> None:
     t0 = NOW
-    running = JobProgress("db", "j", "running", 500, 1000, 1500, t0, t0 + timedelta(seconds=50))
+    running = JobReport("db", "j", "running", 500, 1000, 1500, t0, t0 + timedelta(seconds=50))
     assert running.rows_per_second == 10.0 and running.eta_seconds == 150.0
     assert running.done_fraction == 0.25
-    finished = JobProgress(
+    finished = JobReport(
         "db", "j", "finished", 80, 80, 0, t0, t0 + timedelta(seconds=9), t0 + timedelta(seconds=4)
     )
     assert finished.elapsed_seconds == 4.0 and finished.eta_seconds == 0.0
     assert finished.done_fraction == 1.0
-    instant = JobProgress("db", "j", "running", 5, 10, 5, t0, t0)
+    instant = JobReport("db", "j", "running", 5, 10, 5, t0, t0)
     assert instant.rows_per_second is None and instant.eta_seconds is None
-    assert JobProgress("db", "j", "not started", 0, 9, 9).eta_seconds is None
-    assert JobProgress("db", "j", "finished", 0, 0, 0).done_fraction == 1.0
+    assert JobReport("db", "j", "not started", 0, 9, 9).eta_seconds is None
+    assert JobReport("db", "j", "finished", 0, 0, 0).done_fraction == 1.0
 
 
 # --------------------------------------------------------------------------- in a browser

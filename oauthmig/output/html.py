@@ -36,7 +36,7 @@ from oauthmig.report import (
     DatabaseMetadata,
     DatabasePkce,
     Distribution,
-    JobProgress,
+    JobReport,
     Report,
     RuleCount,
 )
@@ -282,7 +282,7 @@ def _matrix(report: Report) -> str:
     )
 
 
-def _job_row(j: JobProgress) -> str:
+def _job_row(j: JobReport) -> str:
     if j.eta_seconds == 0:
         eta = "done"
     else:

@@ -31,8 +31,16 @@ from rich.table import Table
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
 from oauthmig.redirects.rules import RULES, Severity, UriReport
 from oauthmig.rollout.backfill import BackfillResult, JobRun
+from oauthmig.rollout.jobs import JobStatus
 from oauthmig.rollout.revisions import RevisionInfo
-from oauthmig.rollout.runner import DatabasePlan, DatabaseRun, RunResult
+from oauthmig.rollout.runner import (
+    DatabasePlan,
+    DatabaseRun,
+    Direction,
+    PlanOutcome,
+    RunResult,
+    StepAction,
+)
 from oauthmig.rollout.status import StatusReport
 
 
@@ -224,20 +232,23 @@ def progress_bar(console: Console, enabled: bool) -> Iterator[ProgressUpdate]:
 
 # --------------------------------------------------------------------------- renderers
 
-_STATE_STYLE = {
+_REVISION_STYLE = {
     "applied": "green",
     "skipped": "dim",
     "pending": "yellow",
     "waiting": "cyan",
     "failed": "bold red",
-    "finished": "green",
-    "running": "yellow",
-    "paused": "yellow",
-    "not started": "yellow",
+}
+_JOB_STYLE = {
+    JobStatus.FAILED: "bold red",
+    JobStatus.FINISHED: "green",
+    JobStatus.RUNNING: "yellow",
+    JobStatus.PAUSED: "yellow",
+    JobStatus.NOT_STARTED: "yellow",
 }
 
 
-def render_plan(console: Console, plans: list[DatabasePlan | str], direction: str) -> None:
+def render_plan(console: Console, plans: Sequence[PlanOutcome], direction: Direction) -> None:
     """The database × revision plan, printed before anything is changed."""
     table = Table(title=f"{direction} plan", title_justify="left", show_lines=False)
     table.add_column("database", no_wrap=True)
@@ -245,8 +256,8 @@ def render_plan(console: Console, plans: list[DatabasePlan | str], direction: st
     table.add_column("to", no_wrap=True)
     table.add_column("steps")
     for p in plans:
-        if isinstance(p, str):
-            table.add_row("?", "", "", f"[red]{escape(p)}[/]")
+        if not isinstance(p, DatabasePlan):
+            table.add_row("?", "", "", f"[red]{escape(p.message)}[/]")
             continue
         steps = ", ".join(
             f"{s.revision} {s.action}" + (f" ({'+'.join(s.tables)})" if s.tables else "")
@@ -261,23 +272,26 @@ def render_plan(console: Console, plans: list[DatabasePlan | str], direction: st
     print_table(console, table)
 
 
+_DONE_LABEL = {
+    StepAction.APPLY: "applied",
+    StepAction.SKIP: "skipped (not routed)",
+    StepAction.REVERT: "reverted",
+}
+
+
 def render_run(console: Console, result: RunResult, command: str = "oauthmig") -> None:
     """Summary after an upgrade or downgrade; ``command`` prefixes the advice printed
     (``oauthmig --config FILE``)."""
     waiting: list[str] = []
     for run in result.runs:
-        if run.error:
+        if run.error is not None:
             continue
         if not run.done and not run.plan.steps:
             console.print(f"{run.database}: up to date at {run.reached or 'base'}")
         else:
             parts = []
             for s in run.done:
-                label = {
-                    "apply": "applied",
-                    "skip": "skipped (not routed)",
-                    "revert": "reverted",
-                }.get(s.action, s.action)
+                label = _DONE_LABEL[s.action]
                 extra = f", adopted {', '.join(s.adopted)}" if s.adopted else ""
                 parts.append(f"{s.revision} {label}{extra}")
             console.print(
@@ -299,7 +313,7 @@ def render_run(console: Console, result: RunResult, command: str = "oauthmig") -
 def render_dry_run(console: Console, result: RunResult) -> None:
     """Per database: pending revisions and the SQL they would run."""
     for run in result.runs:
-        if run.error:
+        if run.error is not None:
             continue
         console.rule(
             f"{run.database} ({run.plan.dialect}): "
@@ -325,7 +339,7 @@ def sql_section(run: DatabaseRun) -> str:
 
 def sql_script(result: RunResult) -> str:
     """``--sql`` output: one commented section per database."""
-    return "\n".join(sql_section(run) for run in result.runs if not run.error)
+    return "\n".join(sql_section(run) for run in result.runs if run.error is None)
 
 
 def render_status(console: Console, report: StatusReport) -> None:
@@ -342,7 +356,7 @@ def render_status(console: Console, report: StatusReport) -> None:
                 cells.append("[red]error[/]")
                 continue
             cell = d.revisions[i]
-            style = _STATE_STYLE.get(cell.state, "")
+            style = _REVISION_STYLE.get(cell.state, "")
             text = cell.state if cell.state != "skipped" else "skipped: not routed"
             cells.append(f"[{style}]{text}[/]" if style else text)
         table.add_row(f"{rev.revision} {escape(rev.message)}", ", ".join(rev.tables), *cells)
@@ -355,9 +369,9 @@ def render_status(console: Console, report: StatusReport) -> None:
                 console.print(f"{d.database} {cell.revision} {cell.state}: {escape(cell.detail)}")
         for job in d.backfills:
             total = "?" if job.rows_total is None else f"{job.rows_total:,}"
-            state = job.state
+            state = str(job.state)
             if job.held:
-                how = "paused" if job.state == "running" else "stopped while held"
+                how = "paused" if job.state is JobStatus.RUNNING else "stopped while held"
                 state = f"{job.state} ({how}: {job.held})"
             line = f"{d.database} backfill {job.job}: {state}, {job.rows_done:,}/{total} rows" + (
                 f", {job.remaining:,} remaining" if job.remaining else ""
@@ -372,7 +386,7 @@ def render_status(console: Console, report: StatusReport) -> None:
             )
 
 
-def render_history(console: Console, revisions: list[RevisionInfo]) -> None:
+def render_history(console: Console, revisions: Sequence[RevisionInfo]) -> None:
     """Revisions with the tables they touch and the backfills they require."""
     table = Table(title="revisions (oldest first)", title_justify="left")
     for name in ("revision", "description", "touches", "columns", "requires backfill"):
@@ -395,7 +409,7 @@ def run_to_dict(run: DatabaseRun) -> dict[str, Any]:
         "database": run.database,
         "dialect": run.plan.dialect,
         "from": run.plan.current,
-        "to": run.reached if run.reached is not None or not run.error else None,
+        "to": run.reached if run.reached is not None or run.error is None else None,
         "steps": [
             {
                 "revision": s.revision,
@@ -416,7 +430,7 @@ def run_to_dict(run: DatabaseRun) -> dict[str, Any]:
         ),
         "attempts": run.attempts,
         "seconds": round(run.seconds, 3),
-        "error": run.error,
+        "error": None if run.error is None else run.error.message,
         "sql": run.sql,
     }
 
@@ -496,7 +510,7 @@ def render_backfill(console: Console, result: BackfillResult) -> None:
     for name in cols:
         table.add_column(name, no_wrap=name in ("job", "database", "status"))
     for r in result.runs:
-        style = _STATE_STYLE.get(r.status, "")
+        style = _JOB_STYLE.get(r.status, "")
         status = f"[{style}]{r.status}[/]" if style else r.status
         if result.dry_run:
             est = f"~{r.estimated_seconds:,.1f}s" if r.estimated_seconds is not None else "-"
@@ -522,7 +536,7 @@ def render_backfill(console: Console, result: BackfillResult) -> None:
     print_table(console, table)
     # Failures are reported once, on stderr, by the caller.
     for r in result.runs:
-        if r.status == "paused":
+        if r.status is JobStatus.PAUSED:
             console.print(f"{r.database} {r.job}: paused; state saved, rerun to resume")
 
 

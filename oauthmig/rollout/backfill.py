@@ -47,9 +47,10 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from enum import StrEnum
+from typing import Any, NoReturn, Protocol
 
 from sqlalchemy import (
     and_,
@@ -79,6 +80,9 @@ from oauthmig.rollout.jobs import (
     JOBS,
     BatchContext,
     Job,
+    JobPhase,
+    JobProgress,
+    JobStatus,
     ensure_job_table,
     job_table,
     lock_holder,
@@ -87,10 +91,7 @@ from oauthmig.rollout.jobs import (
     register_sqlite_functions,
     remaining_rows,
 )
-from oauthmig.rollout.revisions import (
-    history,
-    read_log,
-)
+from oauthmig.rollout.revisions import Catalogue, RevisionInfo, read_log
 from oauthmig.rollout.runner import check_databases, check_routed_tables, lock_blockers
 
 MIN_BATCH, MAX_BATCH = 10, 200_000
@@ -112,7 +113,7 @@ class JobRun:
 
     job: str
     database: str
-    status: str  # finished | paused | failed | skipped | dry-run | up-to-date
+    status: JobStatus  # finished, paused or failed; dry-run or up-to-date
     rows_changed: int
     rows_total: int
     batches: int
@@ -150,7 +151,7 @@ class BackfillResult:
     @property
     def failed(self) -> tuple[JobRun, ...]:
         """Runs that failed."""
-        return tuple(r for r in self.runs if r.status == "failed")
+        return tuple(r for r in self.runs if r.status is JobStatus.FAILED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +249,9 @@ class _TakenOver(BackfillError):
     """Another run holds the lock or owns the job row: this run must stop at once."""
 
 
-def _generation(conn: Connection, settings: Settings, job: Job) -> str:
+def _generation(
+    conn: Connection, settings: Settings, job: Job, revisions: Sequence[RevisionInfo]
+) -> str:
     """Identity of the job's columns: revision-log entries adding them, attnums on PostgreSQL.
 
     Both change when a downgrade drops the columns and an upgrade adds them again, which
@@ -257,7 +260,7 @@ def _generation(conn: Connection, settings: Settings, job: Job) -> str:
     log = read_log(conn)
     parts = [
         f"{r.revision}@{log.get(r.revision, {}).get('updated_at')}"
-        for r in history()
+        for r in revisions
         if any(c.table == job.logical_table and c.name in job.columns for c in r.columns)
     ]
     if conn.dialect.name == "postgresql":
@@ -334,6 +337,7 @@ class _Runner:
     options: BackfillOptions
     progress: Progress | None
     stop: _Stop
+    revisions: Sequence[RevisionInfo]  # the catalogue: a job's progress is tied to them
     sleep: Callable[[float], None] = time.sleep
     batch_times: list[float] = field(default_factory=list)
     changed: int = 0
@@ -342,6 +346,7 @@ class _Runner:
     reconnects: int = 0
     note: str | None = None
     work: Connection | None = None  # the current work connection (replaced on reconnect)
+    state: JobProgress | None = None  # what the job row holds (or will, once committed)
     observe: Observer | None = None
     health: HealthMonitor | None = None
 
@@ -417,7 +422,6 @@ class _Runner:
         job, db, bf = self.job, self.db, self.settings.backfill
         physical = self.settings.tables.physical(job.logical_table)
         conn = self._connect(engine)
-        state: dict[str, Any] | None = None
         try:
             # A missing table is fixed in the config or the database, not by an upgrade.
             check_routed_tables(conn, self.settings, db.name)
@@ -428,69 +432,76 @@ class _Runner:
                     "run `oauthmig upgrade` first"
                 )
             ensure_job_table(conn)
-            generation = _generation(conn, self.settings, job)
-            state = read_job(conn, job.name)
+            generation = _generation(conn, self.settings, job, self.revisions)
+            saved = read_job(conn, job.name)
             now = datetime.now(UTC)
             version = FAMILY_VERSION
-            if state is not None:
-                if state.get("generation") is None or state["generation"] == generation:
-                    version = int(state.get("version") or 1)
-                if state.get("generation") != generation:
+            if saved is not None:
+                if saved.generation is None or saved.generation == generation:
+                    version = saved.version or 1
+                if saved.generation != generation:
                     self.note = (
                         "saved progress belongs to an earlier generation of the job's columns "
                         "(dropped and re-added by a downgrade and upgrade since); restarted "
                         "from the beginning"
-                        if state.get("generation") is not None
+                        if saved.generation is not None
                         else "saved progress predates column tracking; restarted from the beginning"
                     )
-                    state = None
-            if state is not None and state["status"] == "finished" and not self.options.restart:
+                    saved = None
+            if (
+                saved is not None
+                and saved.status is JobStatus.FINISHED
+                and not self.options.restart
+            ):
                 if remaining == 0:
-                    self._report(state, "up-to-date")
+                    self._report(saved, "up-to-date")
                     return JobRun(
                         job.name,
                         db.name,
-                        "up-to-date",
+                        JobStatus.UP_TO_DATE,
                         0,
-                        int(state["rows_done"]),
+                        saved.rows_done,
                         0,
                         time.monotonic() - started,
                     )
-                state = None  # new NULL rows appeared since: a fresh pass (guarded, cheap)
-            if state is None or self.options.restart:
-                size = self.options.batch_size or bf.batch_size
-                state = {
-                    "job": job.name,
-                    "table_name": physical,
-                    "status": "running",
-                    "phase": "main",
-                    "cursor": 0,
-                    "upper_bound": _max_id(conn, physical),
-                    "rows_done": 0,
-                    "rows_total": remaining,
-                    "batches": 0,
-                    "batch_size": size,
-                    "attempts": 0,
-                    "last_error": None,
-                    "started_at": now,
-                    "updated_at": now,
-                    "finished_at": None,
-                    "owner": self.owner,
-                    "generation": generation,
-                    "version": version,
-                    "held_reason": None,
-                }
+                saved = None  # new NULL rows appeared since: a fresh pass (guarded, cheap)
+            if saved is None or self.options.restart:
+                self.state = JobProgress(
+                    job=job.name,
+                    table_name=physical,
+                    status=JobStatus.RUNNING,
+                    phase=JobPhase.MAIN,
+                    cursor=0,
+                    upper_bound=_max_id(conn, physical),
+                    rows_done=0,
+                    rows_total=remaining,
+                    batches=0,
+                    batch_size=self.options.batch_size or bf.batch_size,
+                    attempts=0,
+                    last_error=None,
+                    started_at=now,
+                    updated_at=now,
+                    finished_at=None,
+                    owner=self.owner,
+                    generation=generation,
+                    version=version,
+                    held_reason=None,
+                )
                 with new_transaction(conn):
                     conn.execute(job_table.delete().where(job_table.c.job == job.name))
-                    conn.execute(job_table.insert().values(**state))
+                    conn.execute(job_table.insert().values(**self.state.values()))
             else:
-                if self.options.batch_size:
-                    state["batch_size"] = self.options.batch_size
-                # Resuming: what is left is what was done plus what remains.
-                state["rows_total"] = int(state["rows_done"]) + remaining
-                state["status"] = "running"
-                state["version"] = version
-                state["held_reason"] = None
+                self.state = replace(
+                    saved,
+                    batch_size=self.options.batch_size or saved.batch_size,
+                    # Resuming: what is left is what was done plus what remains.
+                    rows_total=saved.rows_done + remaining,
+                    status=JobStatus.RUNNING,
+                    owner=self.owner,
+                    generation=generation,
+                    version=version,
+                    held_reason=None,
+                )
                 with new_transaction(conn):
                     # Claim the job for this run (we hold the lock: any previous owner is gone).
                     conn.execute(
@@ -498,13 +509,12 @@ class _Runner:
                         .where(job_table.c.job == job.name)
                         .values(owner=self.owner, generation=generation, version=version)
                     )
-                    self._persist(conn, state)
-            state["owner"] = self.owner
-            conn = self._loop(engine, conn, physical, state, started)
-            self._report(state, str(state["status"]))
-            return self._result(state, started)
+                    self._persist(conn)
+            conn = self._loop(engine, conn, physical, started)
+            self._report(self.state, str(self.state.status))
+            return self._result(started)
         except KeyboardInterrupt:
-            self._pause(engine, self.work or conn, state)
+            self._pause(engine, self.work or conn)
             raise
         finally:
             for c in (conn, self.work):
@@ -512,9 +522,9 @@ class _Runner:
                     with contextlib.suppress(SQLAlchemyError):
                         c.close()
 
-    def _pause(self, engine: Engine, conn: Connection, state: dict[str, Any] | None) -> None:
+    def _pause(self, engine: Engine, conn: Connection) -> None:
         """Ctrl-C or SIGTERM: record ``paused`` (the open batch, if any, is rolled back)."""
-        if state is None:
+        if self.state is None:
             return
         # Status only: the progress columns keep what the last committed batch wrote (the
         # in-memory state may already describe the batch that was just rolled back).
@@ -524,12 +534,12 @@ class _Runner:
                 conn.execute(
                     job_table.update()
                     .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
-                    .values(status="paused", updated_at=datetime.now(UTC))
+                    .values(status=JobStatus.PAUSED.value, updated_at=datetime.now(UTC))
                 )
             return
         with contextlib.suppress(SQLAlchemyError):
             conn.close()  # releases row locks of a half-done batch before the fresh write
-        self._mark(engine, status="paused")
+        self._mark(engine, status=JobStatus.PAUSED)
 
     def _mark(self, engine: Engine, **values: Any) -> None:
         """Record a final state on a fresh connection (the work connection may be broken).
@@ -544,19 +554,22 @@ class _Runner:
             c.execute(
                 job_table.update()
                 .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
-                .values(updated_at=datetime.now(UTC), **values)
+                .values(
+                    updated_at=datetime.now(UTC),
+                    **{k: v.value if isinstance(v, StrEnum) else v for k, v in values.items()},
+                )
             )
 
-    def _persist(self, conn: Connection, state: dict[str, Any]) -> None:
-        """Write the job's progress columns from ``state`` (inside the caller's transaction).
-
-        Only while this run owns the job row; otherwise :class:`_TakenOver`.
+    def _persist(self, conn: Connection) -> None:
+        """Write the job's progress columns from :attr:`state` (inside the caller's
+        transaction). Only while this run owns the job row; otherwise :class:`_TakenOver`.
         """
-        state["updated_at"] = datetime.now(UTC)
+        assert self.state is not None
+        self.state = replace(self.state, updated_at=datetime.now(UTC))
         result = conn.execute(
             job_table.update()
             .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
-            .values({name: state[name] for name in _PROGRESS_COLUMNS})
+            .values(self.state.values(_PROGRESS_COLUMNS))
         )
         if result.rowcount != 1:
             raise _TakenOver(self._taken_over_message())
@@ -585,14 +598,13 @@ class _Runner:
         seconds = self.settings.migrate.statement_timeout_ms / 1000 + DEADLINE_GRACE_SECONDS
         return ClientDeadline(conn, seconds)
 
-    def _reconnect(
-        self, engine: Engine, conn: Connection, reason: str, state: dict[str, Any]
-    ) -> Connection:
+    def _reconnect(self, engine: Engine, conn: Connection, reason: str) -> Connection:
         """Reconnect with backoff for the outage window, or mark the job failed and raise.
 
-        The progress in ``state`` is reloaded from the job row: whether the batch in flight
+        The progress in :attr:`state` is reloaded from the job row: whether the batch in flight
         committed is known only to the server.
         """
+        assert self.state is not None
         with contextlib.suppress(SQLAlchemyError):
             conn.close()
         window = self.settings.backfill.outage_window_ms / 1000
@@ -632,9 +644,16 @@ class _Runner:
                 with contextlib.suppress(SQLAlchemyError):
                     new.close()
                 raise _TakenOver(self._taken_over_message())
-            self.changed += int(row["rows_done"]) - int(state["rows_done"])
-            for name in ("phase", "cursor", "upper_bound", "rows_done", "batches"):
-                state[name] = row[name]
+            stored = JobProgress.from_row(row)
+            self.changed += stored.rows_done - self.state.rows_done
+            self.state = replace(
+                self.state,
+                phase=stored.phase,
+                cursor=stored.cursor,
+                upper_bound=stored.upper_bound,
+                rows_done=stored.rows_done,
+                batches=stored.batches,
+            )
             self.reconnects += 1
             return new
         message = (
@@ -643,12 +662,10 @@ class _Runner:
             f"{window:g}s ({attempt - 1} reconnect attempts; last: {last}); state saved by "
             "the last committed batch, rerun to resume"
         )
-        self._mark(engine, status="failed", last_error=message[:2000])
+        self._mark(engine, status=JobStatus.FAILED, last_error=message[:2000])
         raise BackfillError(message)
 
-    def _loop(
-        self, engine: Engine, conn: Connection, physical: str, state: dict[str, Any], started: float
-    ) -> Connection:
+    def _loop(self, engine: Engine, conn: Connection, physical: str, started: float) -> Connection:
         bf: BackfillSettings = self.settings.backfill
         sleep_s = (
             self.options.sleep_seconds
@@ -656,52 +673,60 @@ class _Runner:
             else bf.sleep_seconds
         )
         target = bf.target_batch_seconds
-        size = int(state["batch_size"])
+        assert self.state is not None
+        size = self.state.batch_size
         failures = 0
         locked_attempts = 0
         narrowed: tuple[int, int] | None = None  # (size before narrowing, id to get past)
-        version = int(state.get("version") or 1)
-        self._report(state, "running", bar=False)
+        version = self.state.version or 1
+        self._report(self.state, "running", bar=False)
         while True:
             if self.stop.should_stop():
-                self._save(conn, state, "paused")
+                self._save(conn, JobStatus.PAUSED)
                 return conn
-            snapshot = dict(state)  # what the job row holds now
-            bound = int(state["upper_bound"])
-            lo = int(state["cursor"])
+            snapshot = self.state  # what the job row holds now
+            bound = snapshot.upper_bound
+            lo = snapshot.cursor
             hi: int | None = None
             deadline = self._deadline(conn)
             try:
-                if self._held(conn, state):
+                if self._held(conn):
                     continue  # asked to stop while held: saved as paused above
                 with deadline:
                     hi = _next_hi(conn, physical, lo, bound, size)
                     if conn.in_transaction():
                         conn.commit()
                     if hi is None:
-                        if state["phase"] == "main":
+                        if self.state.phase is JobPhase.MAIN:
                             # Catch-up: rows inserted while the main pass ran.
-                            state["phase"] = "catchup"
-                            state["upper_bound"] = max(bound, _max_id(conn, physical))
+                            self.state = replace(
+                                self.state,
+                                phase=JobPhase.CATCHUP,
+                                upper_bound=max(bound, _max_id(conn, physical)),
+                            )
                             conn.commit()
-                            if state["upper_bound"] > bound:
-                                self._save(conn, state, "running")
+                            if self.state.upper_bound > bound:
+                                self._save(conn, JobStatus.RUNNING)
                                 continue
-                        state["phase"] = "done"
-                        state["finished_at"] = datetime.now(UTC)
-                        self._save(conn, state, "finished")
+                        self.state = replace(
+                            self.state, phase=JobPhase.DONE, finished_at=datetime.now(UTC)
+                        )
+                        self._save(conn, JobStatus.FINISHED)
                         return conn
                     t0 = time.monotonic()
                     with new_transaction(conn):
                         self._verify_lock(conn)
                         ctx = BatchContext(conn, physical, self.settings, self.db.name, version)
                         n = self.job.run_batch(ctx, lo, hi)
-                        state["cursor"] = hi
-                        state["rows_done"] = int(state["rows_done"]) + n
-                        state["batches"] = int(state["batches"]) + 1
-                        state["batch_size"] = size
+                        self.state = replace(
+                            self.state,
+                            cursor=hi,
+                            rows_done=self.state.rows_done + n,
+                            batches=self.state.batches + 1,
+                            batch_size=size,
+                        )
                         # Same transaction as the batch: the cursor never runs ahead of the data.
-                        self._persist(conn, state)
+                        self._persist(conn)
                 elapsed = time.monotonic() - t0
                 self.batch_times.append(elapsed)
                 self.changed += n
@@ -710,7 +735,7 @@ class _Runner:
                 size = adapt_batch_size(size, elapsed, target)
                 if narrowed is not None and hi >= narrowed[1]:
                     size, narrowed = max(size, narrowed[0]), None  # past the locked range
-                self._report(state, "running", elapsed)
+                self._report(self.state, "running", elapsed)
                 pause = max(sleep_s, elapsed * (1 / bf.max_duty - 1))
                 if self.stop.deadline is not None:  # --max-runtime bounds the pause too
                     pause = min(pause, self.stop.deadline - time.monotonic())
@@ -723,8 +748,8 @@ class _Runner:
             except SQLAlchemyError as exc:
                 with contextlib.suppress(SQLAlchemyError):
                     conn.rollback()
-                attempts = int(state["attempts"])
-                state.update(snapshot, attempts=attempts)  # the failed batch did not happen
+                # The failed batch did not happen; its attempt counts.
+                self.state = replace(snapshot, attempts=self.state.attempts + 1)
                 if deadline.fired or _lost(exc, conn):
                     reason = (
                         f"no answer within the client deadline of {deadline.seconds:g}s "
@@ -734,11 +759,9 @@ class _Runner:
                     )
                     if deadline.fired:
                         size = max(1, size // 2)
-                    state["attempts"] = int(state["attempts"]) + 1
-                    conn = self.work = self._reconnect(engine, conn, reason, state)
+                    conn = self.work = self._reconnect(engine, conn, reason)
                     continue
                 if _is_lock_timeout(exc) and hi is not None:
-                    state["attempts"] = int(state["attempts"]) + 1
                     if size > 1:
                         # Halve toward the locked row; grow back once past it.
                         if narrowed is None:
@@ -749,24 +772,21 @@ class _Runner:
                     if locked_attempts < LOCKED_ROW_ATTEMPTS:
                         self.sleep(min(5.0, 0.2 * 2**locked_attempts) * random.uniform(0.5, 1.0))
                         continue
-                    self._fail(engine, state, self._locked_message(conn, physical, lo, hi, state))
+                    self._fail(engine, self._locked_message(conn, physical, lo, hi))
                 if _is_statement_timeout(exc):
                     size = max(MIN_BATCH, size // 2)
                 if (
                     _is_statement_timeout(exc) or _transient(exc)
                 ) and failures < MAX_TRANSIENT_RETRIES:
                     failures += 1
-                    state["attempts"] = int(state["attempts"]) + 1
                     self.sleep(min(5.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0))
                     continue
                 message = describe_error(exc, self.db)
                 # The failed attempt counts too: the stored count is what the message says
                 # for this run.
-                state["attempts"] = int(state["attempts"]) + 1
                 tries = failures + 1
                 self._fail(
                     engine,
-                    state,
                     f"database {self.db.name!r}: backfill {self.job.name} failed at id > {lo} "
                     f"after {tries} attempt{'s' if tries != 1 else ''}: {message}; "
                     "state saved, rerun to resume",
@@ -775,7 +795,7 @@ class _Runner:
 
     def _report(
         self,
-        state: dict[str, Any],
+        state: JobProgress,
         status: str,
         batch_seconds: float | None = None,
         held: HealthReading | None = None,
@@ -785,8 +805,8 @@ class _Runner:
     ) -> None:
         """Tell the observer where the job stands, and the progress callback too (``bar``)
         while the job runs: after a batch, and when a hold starts, goes on or ends."""
-        done = int(state["rows_done"])
-        total = max(int(state["rows_total"]), done)
+        done = state.rows_done
+        total = max(state.rows_total, done)
         if self.progress and bar and status in ("running", "held"):
             note = f"paused: {held.reason}" if held is not None else None
             self.progress(f"{self.db.name} {self.job.name}", done, total, note)
@@ -798,7 +818,7 @@ class _Runner:
                     status,
                     done,
                     0 if status in ("finished", "up-to-date") else total - done,
-                    int(state["batches"]),
+                    state.batches,
                     batch_seconds
                     if batch_seconds is not None
                     else (self.batch_times[-1] if self.batch_times else None),
@@ -808,7 +828,7 @@ class _Runner:
                 )
             )
 
-    def _held(self, conn: Connection, state: dict[str, Any]) -> bool:
+    def _held(self, conn: Connection) -> bool:
         """Between batches: hold while health checks fail (:meth:`HealthMonitor.hold`), with
         the reason in the job row, the progress line and the observer. True when asked to
         stop while held (Ctrl-C and SIGTERM raise instead)."""
@@ -818,18 +838,20 @@ class _Runner:
             conn.commit()  # nothing stays open while held
 
         def report(reading: HealthReading | None, seconds: float) -> None:
+            assert self.state is not None
             status = "running" if reading is None else "held"
-            self._report(state, status, held=reading, held_for=seconds)
+            self._report(self.state, status, held=reading, held_for=seconds)
 
-        stopped = self.health.hold(lambda r: self._set_held(conn, state, r), report, self._wait)
+        stopped = self.health.hold(lambda r: self._set_held(conn, r), report, self._wait)
         if stopped is not None:
             note = f"stopped while held by health checks: {stopped}"
             self.note = f"{self.note}; {note}" if self.note else note
         return stopped is not None
 
-    def _set_held(self, conn: Connection, state: dict[str, Any], reason: str | None) -> None:
+    def _set_held(self, conn: Connection, reason: str | None) -> None:
         """Record (or clear) the hold reason in the job row, in its own short transaction."""
-        if reason is None and state.get("held_reason") is None:
+        assert self.state is not None
+        if reason is None and self.state.held_reason is None:
             return
         stored = None if reason is None else reason[:2000]
         with self._deadline(conn), new_transaction(conn):
@@ -840,7 +862,7 @@ class _Runner:
             )
             if result.rowcount != 1:
                 raise _TakenOver(self._taken_over_message())
-        state["held_reason"] = stored
+        self.state = replace(self.state, held_reason=stored)
 
     def _wait(self, seconds: float) -> bool:
         """Wait ``seconds`` (less if ``--max-runtime`` ends first); True if the run must stop.
@@ -850,43 +872,43 @@ class _Runner:
         self.stop.event.wait(seconds)
         return self.stop.should_stop()
 
-    def _locked_message(
-        self, conn: Connection, physical: str, lo: int, hi: int, state: dict[str, Any]
-    ) -> str:
+    def _locked_message(self, conn: Connection, physical: str, lo: int, hi: int) -> str:
+        assert self.state is not None
         who = _row_blockers(conn, physical, lo, hi)
         ms = self.settings.migrate.lock_timeout_ms
         return (
             f"database {self.db.name!r}: backfill {self.job.name} cannot make progress: "
             f"{physical} id {hi} stays locked (lock_timeout {ms}ms, batch narrowed to one row, "
-            f"{state['attempts']} lock attempts); {who}. End that transaction, then rerun to "
+            f"{self.state.attempts} lock attempts); {who}. End that transaction, then rerun to "
             f"resume (state saved at id > {lo})"
         )
 
-    def _fail(
-        self, engine: Engine, state: dict[str, Any], message: str, stored: str | None = None
-    ) -> None:
+    def _fail(self, engine: Engine, message: str, stored: str | None = None) -> NoReturn:
+        assert self.state is not None
         self._mark(
             engine,
-            status="failed",
+            status=JobStatus.FAILED,
             last_error=(stored or message)[:2000],
-            attempts=state["attempts"],
+            attempts=self.state.attempts,
         )
         raise BackfillError(message)
 
-    def _save(self, conn: Connection, state: dict[str, Any], status: str) -> None:
-        state["status"] = status
-        if status == "finished":
-            state["last_error"] = None
+    def _save(self, conn: Connection, status: JobStatus) -> None:
+        assert self.state is not None
+        self.state = replace(self.state, status=status)
+        if status is JobStatus.FINISHED:
+            self.state = replace(self.state, last_error=None)
         with new_transaction(conn):
-            self._persist(conn, state)
+            self._persist(conn)
 
-    def _result(self, state: dict[str, Any], started: float) -> JobRun:
+    def _result(self, started: float) -> JobRun:
+        assert self.state is not None
         return JobRun(
             self.job.name,
             self.db.name,
-            str(state["status"]),
+            self.state.status,
             self.changed,
-            int(state["rows_total"]),
+            self.state.rows_total,
             len(self.batch_times),
             time.monotonic() - started,
             tuple(self.batch_times),
@@ -907,18 +929,18 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
                 return JobRun(
                     job.name,
                     db.name,
-                    "dry-run",
+                    JobStatus.DRY_RUN,
                     0,
                     0,
                     0,
                     0.0,
                     message=f"{physical} lacks the job's columns; run `oauthmig upgrade` first",
                 )
-            state = read_job(conn, job.name)
+            saved = read_job(conn, job.name)
             rate: float | None = None
-            if state and state["rows_done"] and state["finished_at"] and state["started_at"]:
-                spent = (state["finished_at"] - state["started_at"]).total_seconds()
-                rate = state["rows_done"] / spent if spent > 0 else None
+            if saved and saved.rows_done and saved.finished_at:
+                spent = (saved.finished_at - saved.started_at).total_seconds()
+                rate = saved.rows_done / spent if spent > 0 else None
             if rate is None:
                 # No history on this database: assume one target-length batch per batch_size.
                 rate = settings.backfill.batch_size / settings.backfill.target_batch_seconds
@@ -930,7 +952,7 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
             return JobRun(
                 job.name,
                 db.name,
-                "dry-run",
+                JobStatus.DRY_RUN,
                 n,
                 n,
                 0,
@@ -948,13 +970,15 @@ def backfill(
     options: BackfillOptions | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    revisions: Sequence[RevisionInfo] | None = None,
     observe: Observer | None = None,
 ) -> BackfillResult:
     """Run (or with ``dry_run`` estimate) backfill jobs on every database hosting their table.
 
-    Failures are captured per job and database; other databases go on. ``observe`` receives
-    a :class:`JobSample` after each batch, on each health check while held, and at the end
-    of each job's run (from worker threads with ``jobs`` > 1).
+    Failures are captured per job and database; other databases go on. ``revisions``: the
+    invocation's catalogue, if it has one. ``observe`` receives a :class:`JobSample` after
+    each batch, on each health check while held, and at the end of each job's run (from worker
+    threads with ``jobs`` > 1).
     """
     options = options or BackfillOptions()
     names = list(job_names) or list(JOBS)
@@ -967,8 +991,12 @@ def backfill(
     # The same preflight as upgrade, on every database a job runs on, before any job writes
     # anywhere (and before --max-runtime starts counting).
     tables = {JOBS[n].logical_table for n in names}
+    if revisions is None:
+        revisions = Catalogue.load().revisions
     check_databases(
-        settings, [d for d in settings.database_names() if tables & set(settings.tables_on(d))]
+        settings,
+        [d for d in settings.database_names() if tables & set(settings.tables_on(d))],
+        revisions,
     )
     stopper = _Stop(
         stop or threading.Event(),
@@ -986,14 +1014,16 @@ def backfill(
         try:
             if options.dry_run:
                 return _dry_run(settings, db, job)
-            return _Runner(settings, db, job, options, progress, stopper, observe=observe).run()
+            return _Runner(
+                settings, db, job, options, progress, stopper, revisions, observe=observe
+            ).run()
         except OauthmigError as exc:
-            return JobRun(job.name, db.name, "failed", 0, 0, 0, 0.0, message=exc.message)
+            return JobRun(job.name, db.name, JobStatus.FAILED, 0, 0, 0, 0.0, message=exc.message)
         except SQLAlchemyError as exc:
             return JobRun(
                 job.name,
                 db.name,
-                "failed",
+                JobStatus.FAILED,
                 0,
                 0,
                 0,

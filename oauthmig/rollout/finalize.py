@@ -22,18 +22,19 @@ from __future__ import annotations
 import contextlib
 import time
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Column, Table, inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.types import TypeEngine
 
 from oauthmig.errors import IndexTimeoutError, RevisionFailedError
 from oauthmig.legacy import legacy_metadata
 from oauthmig.rollout import offline
-from oauthmig.rollout.revisions import ColumnSpec, RevisionTarget, current_target, history
+from oauthmig.rollout.revisions import RevisionTarget, current_target
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +56,48 @@ class IndexSpec:
 
 @dataclass(frozen=True, slots=True)
 class NotNull:
-    """A column made NOT NULL (PostgreSQL: via a validated CHECK, no full-lock scan)."""
+    """A column made NOT NULL (PostgreSQL: via a validated CHECK, no full-lock scan);
+    ``type_`` is its type (SQLite's table rebuild restates it)."""
 
     table: str
     column: str
-    spec: ColumnSpec
+    type_: TypeEngine[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AddedColumn:
+    """A column an earlier revision added to a table that finalize rebuilds on SQLite.
+
+    Offline (``--sql``) the rebuild cannot reflect the table, so it is described as the legacy
+    table plus these columns: the table as it is when the finalize revision runs.
+    """
+
+    table: str
+    column: str
+    type_: TypeEngine[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Finalize:
+    """Everything a finalize revision does, spelled out in its revision file so that it never
+    changes meaning when the code or the history around it evolves."""
+
+    revision: str
+    down_revision: str | None
+    checks: tuple[Check, ...]
+    not_nulls: tuple[NotNull, ...]
+    indexes: tuple[IndexSpec, ...]
+    added: tuple[AddedColumn, ...]
+
+    def restricted_to(self, routed: Sequence[str]) -> Finalize:
+        """Only what concerns the tables in ``routed``."""
+        return replace(
+            self,
+            checks=tuple(c for c in self.checks if c.table in routed),
+            not_nulls=tuple(n for n in self.not_nulls if n.table in routed),
+            indexes=tuple(i for i in self.indexes if i.table in routed),
+            added=tuple(a for a in self.added if a.table in routed),
+        )
 
 
 def object_name(physical: str, suffix: str) -> str:
@@ -388,18 +426,14 @@ class _PgFinalize:
                 )
 
 
-def upgrade(
-    revision: str, checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]
-) -> None:
+def upgrade(spec: Finalize) -> None:
     """Apply the finalize operations for the tables routed to this database."""
-    _dispatch(revision, "upgrade", checks, not_nulls, indexes, _pg_upgrade, _sqlite_upgrade)
+    _dispatch(spec, "upgrade", _pg_upgrade, _sqlite_upgrade)
 
 
-def downgrade(
-    revision: str, checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]
-) -> None:
+def downgrade(spec: Finalize) -> None:
     """Remove everything :func:`upgrade` (any attempt of it) added."""
-    _dispatch(revision, "downgrade", checks, not_nulls, indexes, _pg_downgrade, _sqlite_downgrade)
+    _dispatch(spec, "downgrade", _pg_downgrade, _sqlite_downgrade)
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,45 +444,26 @@ class _Run:
     rerun: str
 
 
-_Step = Callable[[RevisionTarget, _Run, list[Check], list[NotNull], list[IndexSpec]], None]
+_Step = Callable[[RevisionTarget, _Run, Finalize], None]
 
 
-def _run_for(t: RevisionTarget, revision: str, direction: str) -> _Run:
+def _run_for(t: RevisionTarget, spec: Finalize, direction: str) -> _Run:
     if direction == "upgrade":
-        return _Run(revision, f"oauthmig upgrade -d {t.database}")
-    down = next((r.down_revision for r in history() if r.revision == revision), None)
-    return _Run(revision, f"oauthmig downgrade --to {down or 'base'} -d {t.database}")
+        return _Run(spec.revision, f"oauthmig upgrade -d {t.database}")
+    down = spec.down_revision or "base"
+    return _Run(spec.revision, f"oauthmig downgrade --to {down} -d {t.database}")
 
 
-def _dispatch(
-    revision: str,
-    direction: str,
-    checks: list[Check],
-    not_nulls: list[NotNull],
-    indexes: list[IndexSpec],
-    pg: _Step,
-    sqlite: _Step,
-) -> None:
+def _dispatch(spec: Finalize, direction: str, pg: _Step, sqlite: _Step) -> None:
     t = current_target()
     step = pg if t.dialect == "postgresql" else sqlite
-    step(
-        t,
-        _run_for(t, revision, direction),
-        [c for c in checks if c.table in t.routed],
-        [n for n in not_nulls if n.table in t.routed],
-        [i for i in indexes if i.table in t.routed],
-    )
+    step(t, _run_for(t, spec, direction), spec.restricted_to(t.routed))
 
 
-def _pg_upgrade(
-    t: RevisionTarget,
-    run: _Run,
-    checks: list[Check],
-    not_nulls: list[NotNull],
-    indexes: list[IndexSpec],
-) -> None:
+def _pg_upgrade(t: RevisionTarget, run: _Run, spec: Finalize) -> None:
     from alembic import op
 
+    checks, not_nulls, indexes = spec.checks, spec.not_nulls, spec.indexes
     if not (checks or not_nulls or indexes):
         return
     adopted = _adopted_columns(t)
@@ -475,7 +490,10 @@ def _pg_upgrade(
 
 
 def _offline_postcondition(
-    t: RevisionTarget, checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]
+    t: RevisionTarget,
+    checks: Sequence[Check],
+    not_nulls: Sequence[NotNull],
+    indexes: Sequence[IndexSpec],
 ) -> str:
     conditions: list[tuple[str, str]] = []
     for c in checks:
@@ -492,15 +510,10 @@ def _offline_postcondition(
     return offline.pg_finalize_postcondition(conditions)
 
 
-def _pg_downgrade(
-    t: RevisionTarget,
-    run: _Run,
-    checks: list[Check],
-    not_nulls: list[NotNull],
-    indexes: list[IndexSpec],
-) -> None:
+def _pg_downgrade(t: RevisionTarget, run: _Run, spec: Finalize) -> None:
     from alembic import op
 
+    checks, not_nulls, indexes = spec.checks, spec.not_nulls, spec.indexes
     if not (checks or not_nulls or indexes):
         return
     adopted = _adopted_columns(t)
@@ -526,28 +539,23 @@ def _pg_downgrade(
                 pg.exec(f"ALTER TABLE {physical} DROP CONSTRAINT IF EXISTS {name}")
 
 
-def _copy_from(t: RevisionTarget, logical: str) -> Table | None:
-    """Offline (``--sql``) SQLite batch mode cannot reflect: describe the expanded table."""
+def _copy_from(t: RevisionTarget, spec: Finalize, logical: str) -> Table | None:
+    """Offline (``--sql``) SQLite batch mode cannot reflect: describe the expanded table (the
+    legacy one plus what earlier revisions added, as the finalize revision spells it out)."""
     if _bind() is not None:
         return None
     md = legacy_metadata(t.tables, (logical,))
     legacy = md.tables[t.tables.physical(logical)]
-    for rev in history():
-        for spec in rev.columns:
-            if spec.table == logical and spec.name not in legacy.c:
-                legacy.append_column(Column(spec.name, spec.type_, nullable=True))
+    for added in spec.added:
+        if added.table == logical and added.column not in legacy.c:
+            legacy.append_column(Column(added.column, added.type_, nullable=True))
     return legacy
 
 
-def _sqlite_upgrade(
-    t: RevisionTarget,
-    run: _Run,
-    checks: list[Check],
-    not_nulls: list[NotNull],
-    indexes: list[IndexSpec],
-) -> None:
+def _sqlite_upgrade(t: RevisionTarget, run: _Run, spec: Finalize) -> None:
     from alembic import op
 
+    checks, not_nulls, indexes = spec.checks, spec.not_nulls, spec.indexes
     conn = _bind()
     for logical in ("application", "grant", "token"):
         mine = [c for c in checks if c.table == logical]
@@ -561,12 +569,12 @@ def _sqlite_upgrade(
         # SQLite cannot add a CHECK or NOT NULL in place: Alembic's batch mode rebuilds the
         # table inside the revision's transaction (fine for the embedded database's sizes).
         with op.batch_alter_table(
-            physical, recreate="always", copy_from=_copy_from(t, logical)
+            physical, recreate="always", copy_from=_copy_from(t, spec, logical)
         ) as batch:
             for c in mine:
                 batch.create_check_constraint(object_name(physical, c.suffix), text(c.sql))
             for n in nn:
-                batch.alter_column(n.column, existing_type=n.spec.type_, nullable=False)
+                batch.alter_column(n.column, existing_type=n.type_, nullable=False)
     for i in indexes:
         physical = t.tables.physical(i.table)
         if conn is not None and any(
@@ -578,15 +586,10 @@ def _sqlite_upgrade(
         )
 
 
-def _sqlite_downgrade(
-    t: RevisionTarget,
-    run: _Run,
-    checks: list[Check],
-    not_nulls: list[NotNull],
-    indexes: list[IndexSpec],
-) -> None:
+def _sqlite_downgrade(t: RevisionTarget, run: _Run, spec: Finalize) -> None:
     from alembic import op
 
+    checks, not_nulls, indexes = spec.checks, spec.not_nulls, spec.indexes
     conn = _bind()
 
     for i in indexes:
@@ -602,9 +605,9 @@ def _sqlite_downgrade(
             existing = {c["name"] for c in inspect(conn).get_check_constraints(physical)}
             mine = [c for c in mine if object_name(physical, c.suffix) in existing]
         with op.batch_alter_table(
-            physical, recreate="always", copy_from=_copy_from(t, logical)
+            physical, recreate="always", copy_from=_copy_from(t, spec, logical)
         ) as batch:
             for c in mine:
                 batch.drop_constraint(object_name(physical, c.suffix), type_="check")
             for n in nn:
-                batch.alter_column(n.column, existing_type=n.spec.type_, nullable=True)
+                batch.alter_column(n.column, existing_type=n.type_, nullable=True)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import fcntl
 import os
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -48,16 +50,55 @@ from oauthmig.db import (
     lock_key,
     scrub_stored,
 )
+from oauthmig.errors import SchemaStateError
 from oauthmig.redirects.rules import infer_app_type, split_redirect_uris
 from oauthmig.types import StringList
 
 
+class JobStatus(StrEnum):
+    """The one vocabulary of backfill job state.
+
+    The job table stores ``running``, ``paused``, ``finished`` or ``failed``
+    (:attr:`STORED`). One run's outcome (:class:`~oauthmig.rollout.backfill.JobRun`) is
+    ``finished``, ``paused`` or ``failed``, or ``dry-run`` (estimated, nothing written) or
+    ``up-to-date`` (finished before, nothing new). ``status`` derives the rest from the
+    stored row and the table: ``interrupted`` (stored ``running``, but no process holds the
+    run lock), ``stale`` (finished, but rows needing it appeared since), ``not started`` (no
+    row) and ``waiting for upgrade`` (the table lacks the job's columns).
+    """
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    FINISHED = "finished"
+    FAILED = "failed"
+    DRY_RUN = "dry-run"
+    UP_TO_DATE = "up-to-date"
+    INTERRUPTED = "running (no live process: interrupted)"
+    STALE = "stale"
+    NOT_STARTED = "not started"
+    WAITING_FOR_UPGRADE = "waiting for upgrade"
+
+
+STORED_STATUSES = frozenset(
+    {JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.FINISHED, JobStatus.FAILED}
+)
+
+
+class JobPhase(StrEnum):
+    """Where a job's pass is: the main pass to the bound fixed at start, the catch-up pass
+    over rows inserted meanwhile, or done."""
+
+    MAIN = "main"
+    CATCHUP = "catchup"
+    DONE = "done"
+
+
 @dataclass(frozen=True, slots=True)
 class JobState:
-    """Progress of one backfill job on one database."""
+    """Progress of one backfill job on one database, as ``status`` shows it."""
 
     job: str
-    state: str
+    state: JobStatus
     rows_done: int
     rows_total: int | None
     remaining: int | None
@@ -66,9 +107,6 @@ class JobState:
 
 
 JOB_TABLE = "oauthmig_backfill_job"
-
-
-STATE_INTERRUPTED = "running (no live process: interrupted)"
 
 
 FAMILY_NAMESPACE = uuid.UUID("6f1c1d1e-8a34-4c55-9b6e-0a7e5d1f2c3b")
@@ -91,8 +129,8 @@ job_table = Table(
     _md,
     Column("job", String(64), primary_key=True),
     Column("table_name", String(63), nullable=False),
-    Column("status", String(16), nullable=False),  # running | paused | finished | failed
-    Column("phase", String(16), nullable=False),  # main | catchup | done
+    Column("status", String(16), nullable=False),  # JobStatus, one of STORED_STATUSES
+    Column("phase", String(16), nullable=False),  # JobPhase
     Column("cursor", BigInteger, nullable=False),
     Column("upper_bound", BigInteger, nullable=False),
     Column("rows_done", BigInteger, nullable=False),
@@ -120,6 +158,77 @@ _LATER_COLUMNS = {
     "version": "INTEGER",
     "held_reason": "TEXT",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """One row of the job table: a job's saved progress on one database.
+
+    ``owner``, ``generation`` and ``version`` are ``None`` when the row predates them (job
+    tables of older versions lack those columns until a run adds them).
+    """
+
+    job: str
+    table_name: str
+    status: JobStatus
+    phase: JobPhase
+    cursor: int
+    upper_bound: int
+    rows_done: int
+    rows_total: int
+    batches: int
+    batch_size: int
+    attempts: int
+    last_error: str | None
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    owner: str | None = None
+    generation: str | None = None
+    version: int | None = None
+    held_reason: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> JobProgress:
+        """Parse a job-table row (a later column missing from ``row`` reads as ``None``)."""
+        status = next((s for s in STORED_STATUSES if s.value == row["status"]), None)
+        phase = next((p for p in JobPhase if p.value == row["phase"]), None)
+        if status is None or phase is None:
+            raise SchemaStateError(
+                f"{JOB_TABLE}: job {row['job']!r} has status {row['status']!r} and phase "
+                f"{row['phase']!r}, which this oauthmig does not know; use the version that "
+                f"wrote it, or `oauthmig backfill {row['job']} --restart`"
+            )
+        return cls(
+            job=str(row["job"]),
+            table_name=str(row["table_name"]),
+            status=status,
+            phase=phase,
+            cursor=int(row["cursor"]),
+            upper_bound=int(row["upper_bound"]),
+            rows_done=int(row["rows_done"]),
+            rows_total=int(row["rows_total"]),
+            batches=int(row["batches"]),
+            batch_size=int(row["batch_size"]),
+            attempts=int(row["attempts"]),
+            last_error=row["last_error"],
+            started_at=row["started_at"],
+            updated_at=row["updated_at"],
+            finished_at=row["finished_at"],
+            owner=row.get("owner"),
+            generation=row.get("generation"),
+            version=None if row.get("version") is None else int(row["version"]),
+            held_reason=row.get("held_reason"),
+        )
+
+    def values(self, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """Column values to write (all columns by default), enums as their stored strings."""
+        chosen = [f.name for f in fields(self)] if names is None else names
+        out = {name: getattr(self, name) for name in chosen}
+        for name in ("status", "phase"):
+            if name in out:
+                out[name] = out[name].value
+        return out
 
 
 def family_prefix(table_name: str, database: str | None) -> str:
@@ -332,7 +441,8 @@ def remaining_rows(conn: Connection, settings: Settings, database: str, job: Job
     return int(n)
 
 
-def read_job(conn: Connection, name: str) -> dict[str, Any] | None:
+def read_job(conn: Connection, name: str) -> JobProgress | None:
+    """The saved progress of job ``name`` on this database (``None``: no job table or row)."""
     insp = inspect(conn)
     if not insp.has_table(JOB_TABLE):
         return None
@@ -343,11 +453,13 @@ def read_job(conn: Connection, name: str) -> dict[str, Any] | None:
         conn.rollback()
     if not row:
         return None
-    state = dict(row)
+    progress = JobProgress.from_row(row)
     # Older versions stored raw driver text; a resumed run writes the scrubbed text back.
-    state["last_error"] = scrub_stored(state["last_error"], conn.engine.url)
-    state["held_reason"] = scrub_stored(state.get("held_reason"), conn.engine.url)
-    return state
+    return replace(
+        progress,
+        last_error=scrub_stored(progress.last_error, conn.engine.url),
+        held_reason=scrub_stored(progress.held_reason, conn.engine.url),
+    )
 
 
 def lock_holder(conn: Connection, key: int) -> int | None:
@@ -406,36 +518,30 @@ def job_states(conn: Connection, settings: Settings, database: str) -> list[JobS
             continue
         remaining = remaining_rows(conn, settings, database, job)
         if remaining < 0:
-            out.append(JobState(job.name, "waiting for upgrade", 0, None, None))
+            out.append(JobState(job.name, JobStatus.WAITING_FOR_UPGRADE, 0, None, None))
             continue
-        state = read_job(conn, job.name)
-        if state is None:
-            out.append(
-                JobState(
-                    job.name,
-                    "finished" if remaining == 0 else "not started",
-                    0,
-                    remaining,
-                    remaining,
-                )
-            )
+        progress = read_job(conn, job.name)
+        if progress is None:
+            state = JobStatus.FINISHED if remaining == 0 else JobStatus.NOT_STARTED
+            out.append(JobState(job.name, state, 0, remaining, remaining))
             continue
-        status = str(state["status"])
+        state = progress.status
         held = None
-        if status == "finished" and remaining > 0:
-            status = "stale"  # rows needing the backfill appeared after it finished
-        elif status == "running" and not run_alive(conn, job):
-            status = STATE_INTERRUPTED  # killed, crashed or lost its server: nothing holds the lock
-        elif status in ("running", "paused"):
-            held = state["held_reason"]  # running: holds now; paused: stopped while held
+        if state is JobStatus.FINISHED and remaining > 0:
+            state = JobStatus.STALE  # rows needing the backfill appeared after it finished
+        elif state is JobStatus.RUNNING and not run_alive(conn, job):
+            # Killed, crashed or lost its server: nothing holds the lock.
+            state = JobStatus.INTERRUPTED
+        elif state in (JobStatus.RUNNING, JobStatus.PAUSED):
+            held = progress.held_reason  # running: holds now; paused: stopped while held
         out.append(
             JobState(
                 job.name,
-                status,
-                int(state["rows_done"]),
-                int(state["rows_total"]),
+                state,
+                progress.rows_done,
+                progress.rows_total,
                 remaining,
-                state["last_error"],
+                progress.last_error,
                 held,
             )
         )

@@ -5,7 +5,7 @@ touches), ``columns`` (the :class:`ColumnSpec` it adds, if any) and ``requires_b
 On each database the revision runs only the operations for tables routed there and records its
 outcome (``applied`` or ``skipped``: not routed) in that database's own
 ``oauthmig_revision_log``; Alembic's own version table (``oauthmig_version``) tracks the head.
-This module reads the catalogue (:func:`history`), gives revision files :func:`expand` and
+This module reads the catalogue (:class:`Catalogue`), gives revision files :func:`expand` and
 :func:`contract`, is the Alembic environment (:func:`run_environment`) and reads the version
 table and revision log. :mod:`oauthmig.rollout.runner` plans and runs revisions.
 """
@@ -127,12 +127,14 @@ class RevisionInfo:
     columns: tuple[ColumnSpec, ...]
     requires_backfills: tuple[str, ...]
 
+    def applies_to(self, routed: Sequence[str]) -> bool:
+        """The routing rule: a revision runs on a database where one of its tables is routed
+        (or everywhere, when it names no table); elsewhere it is recorded as skipped."""
+        return not self.tables or any(t in routed for t in self.tables)
 
-def script_directory() -> ScriptDirectory:
-    """Alembic's view of ``revisions/``."""
-    cfg = Config()
-    cfg.set_main_option("script_location", str(revisions_dir()))
-    return ScriptDirectory.from_config(cfg)
+    def tables_on(self, routed: Sequence[str]) -> tuple[str, ...]:
+        """The revision's tables among ``routed``, in the revision's order."""
+        return tuple(t for t in self.tables if t in routed)
 
 
 def _info(script: Script) -> RevisionInfo:
@@ -154,15 +156,44 @@ def _info(script: Script) -> RevisionInfo:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Catalogue:
+    """The revision history of one invocation: Alembic's script directory over ``revisions/``
+    (which loads every revision module once) and the revisions it holds, oldest first.
+
+    Building it reads and imports the revision files, so a command builds one
+    (:meth:`load`) and passes it down to everything that plans or runs revisions.
+    """
+
+    script: ScriptDirectory
+    revisions: tuple[RevisionInfo, ...]
+
+    @classmethod
+    def load(cls) -> Catalogue:
+        """Read ``revisions/`` (the packaged copy when installed); the history must be linear."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(revisions_dir()))
+        script = ScriptDirectory.from_config(cfg)
+        heads = script.get_heads()
+        if len(heads) > 1:
+            raise RevisionFailedError(
+                f"revisions/ has several heads {heads}; the history must be linear"
+            )
+        scripts = list(script.walk_revisions("base", "heads"))
+        return cls(script, tuple(_info(s) for s in reversed(scripts)))
+
+    def resolve(self, rev: str, option: str = "--to") -> str | None:
+        """``head``/``base``/a revision id or unique prefix -> revision id (``None``: base)."""
+        return resolve_revision(rev, self.revisions, option)
+
+    def get(self, revision: str) -> RevisionInfo:
+        """The revision with id ``revision`` (which must be in the history)."""
+        return next(r for r in self.revisions if r.revision == revision)
+
+
 def history() -> list[RevisionInfo]:
-    """All revisions, oldest first."""
-    scripts = list(script_directory().walk_revisions("base", "heads"))
-    heads = script_directory().get_heads()
-    if len(heads) > 1:
-        raise RevisionFailedError(
-            f"revisions/ has several heads {heads}; the history must be linear"
-        )
-    return [_info(s) for s in reversed(scripts)]
+    """All revisions, oldest first (a new :class:`Catalogue`: build one per command)."""
+    return list(Catalogue.load().revisions)
 
 
 def resolve_revision(
@@ -344,8 +375,8 @@ def _record_step(*, ctx: MigrationContext, step: MigrationInfo, heads: Any, run_
         rev = step.up_revision_id
         assert rev is not None
         info = _info(cast(Script, step.up_revision))
-        here = tuple(x for x in info.tables if x in t.routed)
-        outcome = "applied" if here or not info.tables else "skipped"
+        here = info.tables_on(t.routed)
+        outcome = "applied" if info.applies_to(t.routed) else "skipped"
         adopted: Any = ",".join(t.adopted.get(rev, [])) or None
         when: Any = datetime.now(UTC)
         if ctx.as_sql:

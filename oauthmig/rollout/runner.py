@@ -3,7 +3,10 @@
 Online, ``--dry-run`` and ``--sql`` all run the same revision code through Alembic: online
 against a connection, the other two in Alembic's offline mode writing SQL to a buffer
 (``--dry-run`` additionally reads the current revision and existing columns, read-only).
-The catalogue and the revision API are in :mod:`oauthmig.rollout.revisions`.
+Online runs are all or nothing across databases: every selected database is planned and checked
+first, and if any cannot be, nothing is written anywhere (:class:`PlanRefusedError`); each
+database then runs its plan, confirmed under its run lock. The catalogue and the revision API
+are in :mod:`oauthmig.rollout.revisions`.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
-from alembic import command
 from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     delete,
     insert,
@@ -40,11 +45,12 @@ from oauthmig.errors import (
     LockTimeoutError,
     MissingTableError,
     OauthmigError,
+    PlanRefusedError,
     RevisionFailedError,
     SchemaStateError,
     UsageError,
 )
-from oauthmig.resources import revisions_dir
+from oauthmig.identity import check_distinct
 from oauthmig.rollout.jobs import JOBS, remaining_rows, run_alive
 from oauthmig.rollout.offline import (
     database_guard,
@@ -56,19 +62,42 @@ from oauthmig.rollout.revisions import (
     LOG_TABLE,
     TARGET_KEY,
     VERSION_TABLE,
+    Catalogue,
     RevisionInfo,
     RevisionTarget,
-    history,
     incompatible_column,
     log_metadata,
     read_current,
     read_log,
-    resolve_revision,
     revision_log,
     revision_position,
 )
 
 # --------------------------------------------------------------------------- results
+
+
+class Direction(StrEnum):
+    """Which way a run goes through the history."""
+
+    UPGRADE = "upgrade"
+    DOWNGRADE = "downgrade"
+
+
+class Mode(StrEnum):
+    """How a run reaches the databases: ``online`` writes; ``dry-run`` connects read-only and
+    renders the SQL; ``sql`` renders guarded scripts without connecting."""
+
+    ONLINE = "online"
+    DRY_RUN = "dry-run"
+    SQL = "sql"
+
+
+class StepAction(StrEnum):
+    """What a planned step does on one database."""
+
+    APPLY = "apply"
+    SKIP = "skip"  # upgrade of a revision none of whose tables is routed there: recorded only
+    REVERT = "revert"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +136,19 @@ class PlannedStep:
 
     revision: str
     message: str
-    action: str  # "apply", "skip" (not routed) or "revert"
+    action: StepAction
     tables: tuple[str, ...]
     adopted: tuple[str, ...] = ()
+
+
+def planned_step(rev: RevisionInfo, routed: Sequence[str], direction: Direction) -> PlannedStep:
+    """The step ``rev`` is on a database hosting ``routed`` tables (see
+    :meth:`RevisionInfo.applies_to`)."""
+    if direction is Direction.DOWNGRADE:
+        action = StepAction.REVERT
+    else:
+        action = StepAction.APPLY if rev.applies_to(routed) else StepAction.SKIP
+    return PlannedStep(rev.revision, rev.message, action, rev.tables_on(routed))
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +164,13 @@ class DatabasePlan:
     waiting: Waiting | None = None
 
 
+#: What planning one database gave: its plan, or why it cannot be planned.
+PlanOutcome = DatabasePlan | OauthmigError
+
+
 @dataclass(frozen=True, slots=True)
 class DatabaseRun:
-    """The outcome on one database."""
+    """The outcome on one database; ``error`` is why it failed (its message is one line)."""
 
     database: str
     plan: DatabasePlan
@@ -135,7 +178,7 @@ class DatabaseRun:
     reached: str | None
     attempts: int
     seconds: float
-    error: str | None = None
+    error: OauthmigError | None = None
     sql: str | None = None
 
 
@@ -143,14 +186,14 @@ class DatabaseRun:
 class RunResult:
     """The outcome of upgrade/downgrade over every selected database."""
 
-    direction: str
-    mode: str  # "online", "dry-run" or "sql"
+    direction: Direction
+    mode: Mode
     runs: tuple[DatabaseRun, ...]
 
     @property
     def failed(self) -> tuple[DatabaseRun, ...]:
         """Runs that ended in an error."""
-        return tuple(r for r in self.runs if r.error)
+        return tuple(r for r in self.runs if r.error is not None)
 
 
 def check_routed_tables(conn: Connection, settings: Settings, database: str) -> None:
@@ -247,16 +290,14 @@ def check_state(
     return current
 
 
-def check_databases(settings: Settings, names: Sequence[str] | None = None) -> None:
-    """Run :func:`check_state` on each database (all selected by default); raise the first error.
-
-    Also refuses two configured names that reach the same database.
+def check_databases(
+    settings: Settings, names: Sequence[str] | None, revisions: Sequence[RevisionInfo]
+) -> None:
+    """Run :func:`check_state` on each database (all selected when ``names`` is ``None``);
+    raise the first error. Also refuses two configured names that reach the same database.
     """
-    from oauthmig.identity import check_distinct
-
     chosen = list(settings.database_names() if names is None else names)
     check_distinct(settings, chosen)
-    revisions = history()
     for name in chosen:
         db = settings.databases[name]
         engine = make_engine(db, settings)
@@ -301,8 +342,7 @@ def refuse_downgrade_during_backfill(
 
 def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -> Waiting | None:
     """The unfinished backfill ``rev`` waits for on database ``db``, if any."""
-    routed = settings.tables_on(db)
-    if not any(t in routed for t in rev.tables):
+    if not rev.requires_backfills or not rev.applies_to(settings.tables_on(db)):
         return None
     unfinished: list[tuple[str, int | None]] = []
     for job in rev.requires_backfills:
@@ -320,70 +360,126 @@ def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -
     return Waiting(rev.revision, first, rows, tuple(others))
 
 
+def _gate_error(db: DatabaseConfig, waiting: Waiting) -> GateError:
+    needs = " and ".join(f"backfill {job!r} to finish" for job, _rows in waiting.jobs)
+    return GateError(
+        f"database {db.name!r}: revision {waiting.revision} requires {needs} "
+        f"({waiting.describe()}); run `{waiting.backfill_command(db.name)}` first"
+    )
+
+
 def _plan(
     conn: Connection,
     settings: Settings,
     db: DatabaseConfig,
     revisions: Sequence[RevisionInfo],
     target: str | None,
-    direction: str,
+    direction: Direction,
     explicit_target: bool,
 ) -> tuple[DatabasePlan, list[RevisionInfo]]:
+    """The plan on one database and the revisions it runs, checked as the run will check it
+    (routed tables, applied and adoptable columns, gates): raises what the run would fail on."""
     current = read_current(conn, db.name, revisions)
     cur_i, tgt_i = revision_position(current, revisions), revision_position(target, revisions)
     routed = settings.tables_on(db.name)
-    steps: list[PlannedStep] = []
     chosen: list[RevisionInfo] = []
     waiting: Waiting | None = None
-    if direction == "upgrade":
+    if direction is Direction.UPGRADE:
         for rev in revisions[cur_i:tgt_i]:
             waiting = gate_for(conn, settings, db.name, rev)
             if waiting is not None:
                 if explicit_target:
-                    needs = " and ".join(
-                        f"backfill {job!r} to finish" for job, _rows in waiting.jobs
-                    )
-                    raise GateError(
-                        f"database {db.name!r}: revision {rev.revision} requires {needs} "
-                        f"({waiting.describe()}); run "
-                        f"`{waiting.backfill_command(db.name)}` first"
-                    )
+                    raise _gate_error(db, waiting)
                 break
-            here = tuple(x for x in rev.tables if x in routed)
-            steps.append(
-                PlannedStep(
-                    rev.revision, rev.message, "apply" if here or not rev.tables else "skip", here
-                )
-            )
             chosen.append(rev)
     else:
-        for rev in reversed(revisions[tgt_i:cur_i]):
-            here = tuple(x for x in rev.tables if x in routed)
-            steps.append(PlannedStep(rev.revision, rev.message, "revert", here))
-            chosen.append(rev)
+        chosen = list(reversed(revisions[tgt_i:cur_i]))
     reach = (
-        (chosen[-1].revision if direction == "upgrade" else chosen[-1].down_revision)
+        (chosen[-1].revision if direction is Direction.UPGRADE else chosen[-1].down_revision)
         if chosen
         else current
     )
-    plan = DatabasePlan(
-        db.name, conn.dialect.name, db.display_url, current, reach, tuple(steps), waiting
-    )
+    steps = tuple(planned_step(rev, routed, direction) for rev in chosen)
+    plan = DatabasePlan(db.name, conn.dialect.name, db.display_url, current, reach, steps, waiting)
+    up = direction is Direction.UPGRADE
+    preflight(conn, settings, db, revisions, current, chosen if up else [], [] if up else chosen)
     return plan, chosen
+
+
+def _confirm_plan(
+    conn: Connection,
+    req: RunRequest,
+    db: DatabaseConfig,
+    revisions: Sequence[RevisionInfo],
+    target: str | None,
+) -> tuple[DatabasePlan, list[RevisionInfo]]:
+    """Under the run's lock: the plan of the plan pass, re-checked where it can have changed.
+
+    Another run may have moved the version table since (then the database is planned again),
+    and rows that need a backfill may have appeared since a gate was passed (every gated step
+    is checked again). Columns and tables are not looked at again: only DDL changes them.
+    """
+    planned = req.plan
+    if planned is None or read_current(conn, db.name, revisions) != planned.current:
+        return _plan(conn, req.settings, db, revisions, target, req.direction, req.explicit_target)
+    by_id = {r.revision: r for r in revisions}
+    chosen = [by_id[s.revision] for s in planned.steps]
+    if req.direction is Direction.DOWNGRADE:
+        return planned, chosen
+    for i, rev in enumerate(chosen):
+        waiting = gate_for(conn, req.settings, db.name, rev)
+        if waiting is None:
+            continue
+        if req.explicit_target:
+            raise _gate_error(db, waiting)
+        reach = chosen[i - 1].revision if i else planned.current
+        return replace(planned, target=reach, steps=planned.steps[:i], waiting=waiting), chosen[:i]
+    return planned, chosen
 
 
 # --------------------------------------------------------------------------- running
 
 
 def _alembic_config(
-    target: RevisionTarget, conn: Connection | None, buffer: io.StringIO | None = None
+    script: ScriptDirectory,
+    target: RevisionTarget,
+    conn: Connection | None,
+    buffer: io.StringIO | None = None,
 ) -> Config:
     cfg = Config(output_buffer=buffer) if buffer is not None else Config()
-    cfg.set_main_option("script_location", str(revisions_dir()))
+    cfg.set_main_option("script_location", script.dir)
     cfg.attributes[TARGET_KEY] = target
     if conn is not None:
         cfg.attributes[CONNECTION_KEY] = conn
     return cfg
+
+
+def _alembic(
+    script: ScriptDirectory,
+    cfg: Config,
+    direction: Direction,
+    destination: str,
+    *,
+    sql: bool = False,
+    starting: str | None = None,
+) -> None:
+    """``alembic upgrade``/``downgrade`` to ``destination`` through the catalogue's script
+    directory (Alembic's commands would read ``revisions/`` again for every call)."""
+
+    def steps(rev: Any, _context: Any) -> Any:
+        if direction is Direction.UPGRADE:
+            return script._upgrade_revs(destination, rev)
+        return script._downgrade_revs(destination, rev)
+
+    with EnvironmentContext(
+        cfg,
+        script,
+        fn=steps,
+        as_sql=sql,
+        starting_rev=starting,
+        destination_rev=destination,
+    ):
+        script.run_env()
 
 
 def _is_lock_timeout(exc: BaseException) -> bool:
@@ -421,7 +517,7 @@ def statement_kind(statement: str | None) -> str | None:
 
 
 def _rerun_command(req: RunRequest, db: str) -> str:
-    if req.direction == "downgrade":
+    if req.direction is Direction.DOWNGRADE:
         return f"oauthmig downgrade --to {req.target} -d {db}"
     to = f" --to {req.target}" if req.explicit_target else ""
     return f"oauthmig upgrade{to} -d {db}"
@@ -452,7 +548,7 @@ def _step_after_loss(
     db: DatabaseConfig,
     revisions: Sequence[RevisionInfo],
     plan: DatabasePlan,
-    direction: str,
+    direction: Direction,
 ) -> str:
     """``revision N`` that was running when the connection dropped, read over a new connection
     (the old one is gone); from the plan alone when the database cannot be reached."""
@@ -521,52 +617,60 @@ def _apply_session_timeouts(conn: Connection, migrate: MigrateSettings) -> None:
 
 @dataclass(frozen=True, slots=True)
 class RunRequest:
-    """Picklable description of one database's run (so ``--jobs`` can use processes)."""
+    """Picklable description of one database's run (so ``--jobs`` can use processes);
+    ``plan`` is what the plan pass found (online runs), confirmed under the run's lock."""
 
     settings: Settings
     database: str
-    direction: str
+    direction: Direction
     target: str
-    mode: str
+    mode: Mode
     explicit_target: bool
     from_revision: str | None = None
+    plan: DatabasePlan | None = None
 
 
-def run_database(req: RunRequest, sleep: Callable[[float], None] = time.sleep) -> DatabaseRun:
-    """Upgrade or downgrade one database; errors are captured into the result, never raised."""
+def _as_error(exc: SQLAlchemyError, db: DatabaseConfig) -> DatabaseError:
+    return DatabaseError(f"database {db.name!r}: {describe_error(exc, db)}")
+
+
+def run_database(
+    req: RunRequest,
+    sleep: Callable[[float], None] = time.sleep,
+    catalogue: Catalogue | None = None,
+) -> DatabaseRun:
+    """Upgrade or downgrade one database; errors are captured into the result, never raised.
+
+    ``catalogue`` is the invocation's (a worker process of ``--jobs`` reads its own).
+    """
     settings, db = req.settings, req.settings.databases[req.database]
     started = time.monotonic()
-    revisions = history()
     empty_plan = DatabasePlan(db.name, db.dialect, db.display_url, None, None, ())
+    error: OauthmigError
     try:
-        target = resolve_revision(req.target, revisions)
-        if req.mode == "sql":
-            return _run_offline(req, db, revisions, target, started)
+        cat = catalogue or Catalogue.load()
+        target = cat.resolve(req.target)
+        if req.mode is Mode.SQL:
+            return _run_offline(req, db, cat, target, started)
         engine = make_engine(db, settings)
         try:
             with connect(engine, db) as conn:
-                if req.mode == "dry-run":
-                    return _run_dry(req, conn, db, revisions, target, started)
+                if req.mode is Mode.DRY_RUN:
+                    return _run_dry(req, conn, db, cat, target, started)
                 with exclusive_run(conn, db, "upgrade"):
-                    return _run_online(req, conn, db, revisions, target, started, sleep)
+                    return _run_online(req, conn, db, cat, target, started, sleep)
         finally:
             engine.dispose()
     except OauthmigError as exc:
-        return DatabaseRun(
-            db.name,
-            empty_plan,
-            (),
-            None,
-            0,
-            time.monotonic() - started,
-            exc.message,
-        )
+        error = exc
     except SQLAlchemyError as exc:
         if is_connection_lost(exc):
-            message = connection_lost_message(req, db, req.direction, exc)
+            error = ConnectionLostError(connection_lost_message(req, db, req.direction, exc))
         else:
-            message = f"database {db.name!r}: {describe_error(exc, db)}"
-        return DatabaseRun(db.name, empty_plan, (), None, 0, time.monotonic() - started, message)
+            error = _as_error(exc, db)
+    # Kept in a result: without the traceback, which holds the run's frames (and connections).
+    error = error.with_traceback(None)
+    return DatabaseRun(db.name, empty_plan, (), None, 0, time.monotonic() - started, error)
 
 
 def _target_for(
@@ -590,19 +694,16 @@ def _run_online(
     req: RunRequest,
     conn: Connection,
     db: DatabaseConfig,
-    revisions: list[RevisionInfo],
+    cat: Catalogue,
     target: str | None,
     started: float,
     sleep: Callable[[float], None],
 ) -> DatabaseRun:
-    settings = req.settings
-    plan, chosen = _plan(conn, settings, db, revisions, target, req.direction, req.explicit_target)
-    pending = chosen if req.direction == "upgrade" else []
-    reverting = chosen if req.direction == "downgrade" else []
-    preflight(conn, settings, db, revisions, plan.current, pending, reverting)
+    settings, revisions = req.settings, cat.revisions
+    plan, chosen = _confirm_plan(conn, req, db, revisions, target)
     if not chosen:
         return DatabaseRun(db.name, plan, (), plan.current, 0, time.monotonic() - started)
-    if req.direction == "downgrade":
+    if req.direction is Direction.DOWNGRADE:
         refuse_downgrade_during_backfill(conn, settings, db.name, chosen)
     _apply_session_timeouts(conn, settings.migrate)
     for_writing(conn)
@@ -615,11 +716,7 @@ def _run_online(
             with conn.begin():
                 log_metadata.create_all(conn, checkfirst=True)
             rt = _target_for(db, settings, conn, read_log(conn))
-            cfg = _alembic_config(rt, conn)
-            if req.direction == "upgrade":
-                command.upgrade(cfg, stop)
-            else:
-                command.downgrade(cfg, stop)
+            _alembic(cat.script, _alembic_config(cat.script, rt, conn), req.direction, stop)
             break
         except (DBAPIError, PendingRollbackError) as exc:
             with contextlib.suppress(SQLAlchemyError):
@@ -631,11 +728,8 @@ def _run_online(
             reached_now = read_current(conn, db.name, revisions)
             failing = _next_step(revisions, reached_now, req.direction)
             routed = settings.tables_on(db.name)
-            physical = [
-                settings.tables.physical(t)
-                for t in (failing.tables if failing else ())
-                if t in routed
-            ]
+            here = failing.tables_on(routed) if failing else ()
+            physical = [settings.tables.physical(t) for t in here]
             if _is_lock_timeout(exc) and attempts <= retries:
                 # Nothing is held while we wait: the failed revision's transaction is rolled back.
                 delay = min(30.0, 0.2 * (2 ** (attempts - 1))) * random.uniform(0.5, 1.0)
@@ -678,42 +772,45 @@ def _run_online(
         )
         for s in plan.steps
     )
-    if plan.waiting is not None:
+    if plan.waiting is not None and any(rows is None for _job, rows in plan.waiting.jobs):
         # Planned before the expand revisions ran: now the backfills' rows can be counted.
-        gated = next(r for r in revisions if r.revision == plan.waiting.revision)
+        gated = cat.get(plan.waiting.revision)
         plan = replace(plan, waiting=gate_for(conn, settings, db.name, gated) or plan.waiting)
     return DatabaseRun(db.name, plan, done, reached, attempts, time.monotonic() - started)
 
 
 def _next_step(
-    revisions: Sequence[RevisionInfo], current: str | None, direction: str
+    revisions: Sequence[RevisionInfo], current: str | None, direction: Direction
 ) -> RevisionInfo | None:
     i = revision_position(current, revisions)
-    if direction == "upgrade":
+    if direction is Direction.UPGRADE:
         return revisions[i] if i < len(revisions) else None
     return revisions[i - 1] if i > 0 else None
 
 
-def _offline_sql(rt: RevisionTarget, direction: str, start: str | None, stop: str | None) -> str:
+def _offline_sql(
+    script: ScriptDirectory,
+    rt: RevisionTarget,
+    direction: Direction,
+    start: str | None,
+    stop: str | None,
+) -> str:
     buffer = io.StringIO()
-    cfg = _alembic_config(rt, None, buffer)
-    if direction == "upgrade":
-        rng = f"{start}:{stop or 'base'}" if start else (stop or "base")
-        if stop is None or start == stop:
-            return ""
-        command.upgrade(cfg, rng, sql=True)
-    else:
-        if start is None or start == stop:
-            return ""
-        command.downgrade(cfg, f"{start}:{stop or 'base'}", sql=True)
+    cfg = _alembic_config(script, rt, None, buffer)
+    if start == stop or (direction is Direction.UPGRADE and stop is None):
+        return ""
+    if direction is Direction.DOWNGRADE and start is None:
+        return ""
+    _alembic(script, cfg, direction, stop or "base", sql=True, starting=start)
     return buffer.getvalue()
 
 
 def _guarded_sql(
     settings: Settings,
     db: DatabaseConfig,
+    script: ScriptDirectory,
     rt: RevisionTarget,
-    direction: str,
+    direction: Direction,
     selected: Sequence[RevisionInfo],
 ) -> str:
     """``--sql``: one transaction per revision, each opened by its run-time guards."""
@@ -722,20 +819,23 @@ def _guarded_sql(
     for i, rev in enumerate(selected):
         rt.header = i == 0
         rt.header_guards = database_guard(db, rt.sqlite_guards) if i == 0 else []
-        begins = rev.down_revision if direction == "upgrade" else rev.revision
+        up = direction is Direction.UPGRADE
+        begins = rev.down_revision if up else rev.revision
         guards = database_guard(db, rt.sqlite_guards)
         guards += version_guard(db, VERSION_TABLE, begins, rt.sqlite_guards)
-        if direction == "upgrade" and rev.requires_backfills:
+        if up and rev.requires_backfills:
             guards += gate_guards(
                 settings, db, rev.revision, rev.requires_backfills, rt.sqlite_guards
             )
         rt.step_guards = guards
-        ends = rev.revision if direction == "upgrade" else rev.down_revision
-        parts.append(_offline_sql(rt, direction, begins, ends))
+        ends = rev.revision if up else rev.down_revision
+        parts.append(_offline_sql(script, rt, direction, begins, ends))
     return "".join(parts)
 
 
-def _script_header(db: DatabaseConfig, direction: str, start: str | None, stop: str | None) -> str:
+def _script_header(
+    db: DatabaseConfig, direction: Direction, start: str | None, stop: str | None
+) -> str:
     span = f"{start or 'base'} -> {stop or 'base'}"
     if db.dialect == "postgresql":
         how = (
@@ -759,14 +859,15 @@ def _script_header(db: DatabaseConfig, direction: str, start: str | None, stop: 
 def _run_offline(
     req: RunRequest,
     db: DatabaseConfig,
-    revisions: list[RevisionInfo],
+    cat: Catalogue,
     target: str | None,
     started: float,
 ) -> DatabaseRun:
     if db.dialect not in ("postgresql", "sqlite"):
         raise DatabaseError(db.url_error or f"database {db.name!r}: unknown dialect")
-    start = resolve_revision(req.from_revision, revisions, "--from") if req.from_revision else None
-    if req.direction == "downgrade" and req.from_revision is None:
+    revisions = cat.revisions
+    start = cat.resolve(req.from_revision, "--from") if req.from_revision else None
+    if req.direction is Direction.DOWNGRADE and req.from_revision is None:
         start = revisions[-1].revision if revisions else None
     rt = RevisionTarget(
         db.name,
@@ -777,28 +878,15 @@ def _run_offline(
         None,
     )
     s_i, t_i = revision_position(start, revisions), revision_position(target, revisions)
-    routed = rt.routed
-    if req.direction == "upgrade":
-        sel = revisions[s_i:t_i]
-        steps = tuple(
-            PlannedStep(
-                r.revision,
-                r.message,
-                "apply" if any(t in routed for t in r.tables) or not r.tables else "skip",
-                tuple(t for t in r.tables if t in routed),
-            )
-            for r in sel
-        )
+    if req.direction is Direction.UPGRADE:
+        sel = list(revisions[s_i:t_i])
     else:
         sel = list(reversed(revisions[t_i:s_i]))
-        steps = tuple(
-            PlannedStep(r.revision, r.message, "revert", tuple(t for t in r.tables if t in routed))
-            for r in sel
-        )
         if db.dialect == "sqlite":
-            _refuse_sqlite_offline_drops(db, sel, routed)
+            _refuse_sqlite_offline_drops(db, sel, rt.routed)
+    steps = tuple(planned_step(r, rt.routed, req.direction) for r in sel)
     plan = DatabasePlan(db.name, db.dialect, db.display_url, start, target, steps)
-    sql = _guarded_sql(req.settings, db, rt, req.direction, sel)
+    sql = _guarded_sql(req.settings, db, cat.script, rt, req.direction, sel)
     if sql:
         sql = _script_header(db, req.direction, start, target) + sql
     return DatabaseRun(db.name, plan, (), None, 0, time.monotonic() - started, sql=sql)
@@ -818,7 +906,7 @@ def _refuse_sqlite_offline_drops(
                 "SQL cannot check the revision log when it runs; run `oauthmig downgrade` online, "
                 f"or leave {db.name!r} out with -d"
             )
-    if any(rev.tables and any(t in routed for t in rev.tables) for rev in reverting):
+    if any(rev.tables_on(routed) for rev in reverting):
         raise UsageError(
             f"database {db.name!r}: offline downgrades of SQLite databases are not supported "
             "(reverting rebuilds tables from a schema the script cannot read); run `oauthmig "
@@ -830,44 +918,31 @@ def _run_dry(
     req: RunRequest,
     conn: Connection,
     db: DatabaseConfig,
-    revisions: list[RevisionInfo],
+    cat: Catalogue,
     target: str | None,
     started: float,
 ) -> DatabaseRun:
     settings = req.settings
-    plan, chosen = _plan(conn, settings, db, revisions, target, req.direction, req.explicit_target)
-    up = req.direction == "upgrade"
-    preflight(
-        conn, settings, db, revisions, plan.current, chosen if up else [], [] if up else chosen
+    plan, chosen = _plan(
+        conn, settings, db, cat.revisions, target, req.direction, req.explicit_target
     )
     rt = _target_for(db, settings, conn, read_log(conn))
-    sql = _offline_sql(rt, req.direction, plan.current, plan.target) if chosen else ""
+    sql = _offline_sql(cat.script, rt, req.direction, plan.current, plan.target) if chosen else ""
     if conn.in_transaction():
         conn.rollback()
     return DatabaseRun(db.name, plan, (), plan.current, 0, time.monotonic() - started, sql=sql)
 
 
-def _requests(
-    settings: Settings,
-    direction: str,
-    target: str,
-    mode: str,
-    explicit_target: bool,
-    from_revision: str | None,
-) -> list[RunRequest]:
-    return [
-        RunRequest(settings, name, direction, target, mode, explicit_target, from_revision)
-        for name in settings.database_names()
-    ]
-
-
 def _execute(
-    reqs: list[RunRequest], jobs: int, on_done: Callable[[DatabaseRun], None] | None
+    reqs: list[RunRequest],
+    jobs: int,
+    on_done: Callable[[DatabaseRun], None] | None,
+    cat: Catalogue,
 ) -> list[DatabaseRun]:
     runs: list[DatabaseRun] = []
     if jobs > 1 and len(reqs) > 1:
         # Alembic's ``op``/``context`` proxies are module globals: parallel databases need
-        # processes, not threads.
+        # processes, not threads (each reads the catalogue itself: it does not pickle).
         with ProcessPoolExecutor(max_workers=min(jobs, len(reqs))) as pool:
             for run in pool.map(run_database, reqs):
                 runs.append(run)
@@ -875,87 +950,137 @@ def _execute(
                     on_done(run)
         return runs
     for req in reqs:
-        run = run_database(req)
+        run = run_database(req, catalogue=cat)
         runs.append(run)
         if on_done:
             on_done(run)
     return runs
 
 
-def _refuse_shared(settings: Settings, mode: str) -> None:
-    if mode != "sql":  # offline needs no connection, and cannot tell
-        from oauthmig.identity import check_distinct
-
-        check_distinct(settings)
-
-
-def upgrade(
+def plan(
     settings: Settings,
-    target: str = "head",
-    *,
-    mode: str = "online",
-    jobs: int = 1,
-    from_revision: str | None = None,
-    on_done: Callable[[DatabaseRun], None] | None = None,
-) -> RunResult:
-    """Upgrade every selected database to ``target`` (``mode``: online, dry-run or sql)."""
-    explicit = target not in ("head", "heads")
-    resolve_revision(target, history())
-    _refuse_shared(settings, mode)
-    reqs = _requests(settings, "upgrade", target, mode, explicit, from_revision)
-    return RunResult("upgrade", mode, tuple(_execute(reqs, jobs, on_done)))
-
-
-def downgrade(
-    settings: Settings,
+    direction: Direction,
     target: str,
     *,
-    mode: str = "online",
-    jobs: int = 1,
-    from_revision: str | None = None,
-    on_done: Callable[[DatabaseRun], None] | None = None,
-) -> RunResult:
-    """Downgrade every selected database to ``target`` (a revision or ``base``)."""
-    resolve_revision(target, history())
-    _refuse_shared(settings, mode)
-    reqs = _requests(settings, "downgrade", target, mode, True, from_revision)
-    return RunResult("downgrade", mode, tuple(_execute(reqs, jobs, on_done)))
+    catalogue: Catalogue | None = None,
+) -> list[PlanOutcome]:
+    """Read-only plan per selected database, checked as the run will check it (tables,
+    columns, gates); a database that cannot be planned yields the error instead.
 
-
-def plan(settings: Settings, direction: str, target: str) -> list[DatabasePlan | str]:
-    """Read-only plan per database, checked as the run will check it (tables, columns, gates).
-
-    A database that cannot be planned yields its one-line error instead, so that the CLI can
-    refuse before writing anything anywhere.
+    Refuses two configured names that reach one database (raises).
     """
-    from oauthmig.identity import check_distinct
-
-    revisions = history()
-    resolved = resolve_revision(target, revisions)
-    explicit = target not in ("head", "heads") or direction == "downgrade"
+    cat = catalogue or Catalogue.load()
+    resolved = cat.resolve(target)
+    explicit = target not in ("head", "heads") or direction is Direction.DOWNGRADE
     check_distinct(settings)
-    out: list[DatabasePlan | str] = []
+    out: list[PlanOutcome] = []
     for name in settings.database_names():
         db = settings.databases[name]
         try:
             engine = make_engine(db, settings)
             try:
                 with connect(engine, db) as conn:
-                    p, chosen = _plan(conn, settings, db, revisions, resolved, direction, explicit)
-                    preflight(
-                        conn,
-                        settings,
-                        db,
-                        revisions,
-                        p.current,
-                        chosen if direction == "upgrade" else [],
-                        chosen if direction == "downgrade" else [],
+                    out.append(
+                        _plan(conn, settings, db, cat.revisions, resolved, direction, explicit)[0]
                     )
-                    out.append(p)
             finally:
                 engine.dispose()
         except OauthmigError as exc:
-            out.append(exc.message)
+            out.append(exc.with_traceback(None))
         except SQLAlchemyError as exc:
-            out.append(f"database {name!r}: {describe_error(exc, db)}")
+            out.append(_as_error(exc, db))
     return out
+
+
+def _run(
+    settings: Settings,
+    direction: Direction,
+    target: str,
+    mode: Mode,
+    jobs: int,
+    from_revision: str | None,
+    catalogue: Catalogue | None,
+    on_plan: Callable[[Sequence[PlanOutcome]], None] | None,
+    on_done: Callable[[DatabaseRun], None] | None,
+) -> RunResult:
+    cat = catalogue or Catalogue.load()
+    cat.resolve(target)
+    if from_revision is not None:
+        cat.resolve(from_revision, "--from")
+    explicit = target not in ("head", "heads") or direction is Direction.DOWNGRADE
+    plans: dict[str, DatabasePlan] = {}
+    if mode is Mode.ONLINE:
+        # All or nothing: every database is planned before any is written to.
+        planned = plan(settings, direction, target, catalogue=cat)
+        if on_plan is not None:
+            on_plan(planned)
+        errors = [p for p in planned if isinstance(p, OauthmigError)]
+        if errors:
+            raise PlanRefusedError(errors)
+        plans = {p.database: p for p in planned if isinstance(p, DatabasePlan)}
+    elif mode is Mode.DRY_RUN:
+        check_distinct(settings)  # offline (--sql) needs no connection, and cannot tell
+    reqs = [
+        RunRequest(
+            settings, name, direction, target, mode, explicit, from_revision, plans.get(name)
+        )
+        for name in settings.database_names()
+    ]
+    return RunResult(direction, mode, tuple(_execute(reqs, jobs, on_done, cat)))
+
+
+def upgrade(
+    settings: Settings,
+    target: str = "head",
+    *,
+    mode: Mode = Mode.ONLINE,
+    jobs: int = 1,
+    from_revision: str | None = None,
+    catalogue: Catalogue | None = None,
+    on_plan: Callable[[Sequence[PlanOutcome]], None] | None = None,
+    on_done: Callable[[DatabaseRun], None] | None = None,
+) -> RunResult:
+    """Upgrade every selected database to ``target``.
+
+    Online, every database is planned and checked first (:func:`plan`, shown to ``on_plan``);
+    if any cannot be, :class:`PlanRefusedError` is raised before anything is written anywhere.
+    Otherwise each database runs its plan (confirmed under its run lock) and its outcome,
+    failure included, is in the result. ``catalogue``: the invocation's, if it has one.
+    """
+    return _run(
+        settings,
+        Direction.UPGRADE,
+        target,
+        mode,
+        jobs,
+        from_revision,
+        catalogue,
+        on_plan,
+        on_done,
+    )
+
+
+def downgrade(
+    settings: Settings,
+    target: str,
+    *,
+    mode: Mode = Mode.ONLINE,
+    jobs: int = 1,
+    from_revision: str | None = None,
+    catalogue: Catalogue | None = None,
+    on_plan: Callable[[Sequence[PlanOutcome]], None] | None = None,
+    on_done: Callable[[DatabaseRun], None] | None = None,
+) -> RunResult:
+    """Downgrade every selected database to ``target`` (a revision or ``base``); all or
+    nothing online, as :func:`upgrade`."""
+    return _run(
+        settings,
+        Direction.DOWNGRADE,
+        target,
+        mode,
+        jobs,
+        from_revision,
+        catalogue,
+        on_plan,
+        on_done,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +15,7 @@ from oauthmig.config import Settings
 from oauthmig.db import connect, describe_error, make_engine, scrub_stored
 from oauthmig.errors import OauthmigError
 from oauthmig.identity import check_distinct
-from oauthmig.rollout.jobs import JobState, job_states
+from oauthmig.rollout.jobs import JobState, JobStatus, job_states
 from oauthmig.rollout.revisions import RevisionInfo, history, read_log, revision_position
 from oauthmig.rollout.runner import check_state, gate_for
 
@@ -50,7 +51,7 @@ class DatabaseStatus:
             return True
         if any(r.state in ("pending", "waiting", "failed") for r in self.revisions):
             return True
-        return any(j.state != "finished" for j in self.backfills)
+        return any(j.state is not JobStatus.FINISHED for j in self.backfills)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +65,6 @@ class StatusReport:
     def outstanding(self) -> bool:
         """True if any database has outstanding work."""
         return any(d.outstanding for d in self.databases)
-
-
-# Backfill status hook: (connection, settings, database) -> job states. Registered by the
-# backfill module so that this module does not depend on it.
 
 
 def _live_grants(conn: Connection, settings: Settings, db: str) -> tuple[int | None, int | None]:
@@ -164,9 +161,10 @@ def _database_status(
         engine.dispose()
 
 
-def status(settings: Settings) -> StatusReport:
-    """Read the state of every selected database (never writes)."""
-    revisions = history()
+def status(settings: Settings, revisions: Sequence[RevisionInfo] | None = None) -> StatusReport:
+    """Read the state of every selected database (never writes); ``revisions``: the
+    invocation's catalogue, if it has one."""
+    revisions = list(history() if revisions is None else revisions)
     check_distinct(settings)
     return StatusReport(
         tuple(revisions),

@@ -4,9 +4,12 @@ Revision ID: 0004
 Revises: 0003
 """
 
+from sqlalchemy import String, Text
+
 from oauthmig.rollout import finalize
-from oauthmig.rollout.finalize import Check, IndexSpec, NotNull
-from oauthmig.rollout.revisions import ColumnSpec, history
+from oauthmig.rollout.finalize import AddedColumn, Check, Finalize, IndexSpec, NotNull
+from oauthmig.rollout.revisions import ColumnSpec
+from oauthmig.types import StringList
 
 revision = "0004"
 down_revision = "0003"
@@ -17,8 +20,9 @@ tables: tuple[str, ...] = ("application", "grant", "token")
 requires_backfills: tuple[str, ...] = ("token-families", "client-metadata")
 columns: tuple[ColumnSpec, ...] = ()
 
-# Spelled out rather than imported from oauthmig.config: a revision must not change meaning when
-# the code around it evolves (RFC 7591 §2 and OpenID Connect Registration values).
+# Everything below is spelled out rather than imported from oauthmig.config or read from the
+# other revisions: a revision must not change meaning when the code or the history around it
+# evolves (RFC 7591 §2 and OpenID Connect Registration values).
 AUTH_METHODS = (
     "none",
     "client_secret_basic",
@@ -29,7 +33,7 @@ AUTH_METHODS = (
     "self_signed_tls_client_auth",
 )
 
-CHECKS = [
+CHECKS = (
     Check("grant", "code_challenge_method_check", "code_challenge_method IN ('S256', 'plain')"),
     Check(
         "grant",
@@ -42,26 +46,33 @@ CHECKS = [
         "token_endpoint_auth_method IN (" + ", ".join(f"'{m}'" for m in AUTH_METHODS) + ")",
     ),
     Check("application", "application_type_check", "application_type IN ('web', 'native')"),
-]
-INDEXES = [IndexSpec("token", "token_family_id"), IndexSpec("token", "parent_token_id")]
+)
+# The client-metadata backfill fills these; the types are the ones revision 0003 added.
+NOT_NULLS = (
+    NotNull("application", "token_endpoint_auth_method", String(40)),
+    NotNull("application", "grant_types", StringList()),
+    NotNull("application", "response_types", StringList()),
+    NotNull("application", "application_type", String(8)),
+)
+INDEXES = (IndexSpec("token", "token_family_id"), IndexSpec("token", "parent_token_id"))
+# The tables SQLite rebuilds here (those with CHECKs or NOT NULLs) as revisions 0001 and 0003
+# left them, beyond the legacy columns: offline, the rebuild cannot reflect them.
+ADDED = (
+    AddedColumn("grant", "code_challenge", Text()),
+    AddedColumn("grant", "code_challenge_method", String(10)),
+    AddedColumn("grant", "redirect_uri", Text()),
+    AddedColumn("application", "token_endpoint_auth_method", String(40)),
+    AddedColumn("application", "grant_types", StringList()),
+    AddedColumn("application", "response_types", StringList()),
+    AddedColumn("application", "application_type", String(8)),
+)
 
-
-def _not_nulls() -> list[NotNull]:
-    specs = {c.name: c for rev in history() for c in rev.columns if c.table == "application"}
-    return [
-        NotNull("application", name, specs[name])
-        for name in (
-            "token_endpoint_auth_method",
-            "grant_types",
-            "response_types",
-            "application_type",
-        )
-    ]
+FINALIZE = Finalize(revision, down_revision, CHECKS, NOT_NULLS, INDEXES, ADDED)
 
 
 def upgrade() -> None:
-    finalize.upgrade(revision, CHECKS, _not_nulls(), INDEXES)
+    finalize.upgrade(FINALIZE)
 
 
 def downgrade() -> None:
-    finalize.downgrade(revision, CHECKS, _not_nulls(), INDEXES)
+    finalize.downgrade(FINALIZE)
