@@ -14,32 +14,55 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
+from typing import IO, Any, NoReturn, cast
 
 import click
 
 from oauthmig.config import Settings, load_settings
+from oauthmig.demo.data import setup_legacy
 from oauthmig.errors import OauthmigError, Terminated, UsageError
+from oauthmig.identity import check_distinct
+from oauthmig.output.json import (
+    backfill_to_dict,
+    check_reports_to_list,
+    history_to_list,
+    interrupted_to_dict,
+    runs_to_dict,
+    sql_runs_to_list,
+    status_to_dict,
+    to_json,
+)
 from oauthmig.output.text import (
     Consoles,
+    at_least,
+    escape,
+    plain_console,
+    progress_bar,
+    render_audit_brief,
+    render_audit_findings,
+    render_audit_summary,
+    render_backfill,
     render_dry_run,
     render_history,
     render_plan,
     render_run,
     render_status,
-    run_to_dict,
+    render_uri_reports,
     sql_script,
-    status_to_dict,
-    to_json,
+    sql_section,
 )
 from oauthmig.redact import scrub_log_records
+from oauthmig.redirects.audit import FailOn
+from oauthmig.redirects.audit import audit as audit_service
+from oauthmig.redirects.reports import atomic_output, writer_for
+from oauthmig.redirects.rules import check_uri
+from oauthmig.rollout import backfill as backfill_service
 from oauthmig.rollout import revisions as catalogue
 from oauthmig.rollout import runner
+from oauthmig.rollout.backfill import BackfillResult
+from oauthmig.rollout.offline import write_scripts
 from oauthmig.rollout.runner import RunResult
 from oauthmig.rollout.status import status as read_status
-
-if TYPE_CHECKING:
-    from oauthmig.rollout.backfill import BackfillResult
 
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: backfill stopped by SIGTERM, state saved
@@ -262,14 +285,8 @@ def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | N
     """Print or write ``--sql`` output; nothing at all if any database cannot be scripted."""
     _refuse_failed(result, "no SQL was written")
     if output_dir is None:
-        click.echo(
-            to_json([run_to_dict(r) for r in result.runs]) if as_json else sql_script(result),
-            nl=False,
-        )
+        click.echo(to_json(sql_runs_to_list(result)) if as_json else sql_script(result), nl=False)
         return
-    from oauthmig.output.text import sql_section
-    from oauthmig.rollout.offline import write_scripts
-
     files = {r.database: sql_section(r) for r in result.runs}
     for path in write_scripts(output_dir, files):
         c.info(f"wrote {path}")
@@ -371,16 +388,14 @@ def upgrade(
         result = runner.upgrade(settings, target, mode="dry-run")
         _refuse_failed(result, "nothing was changed")
         if as_json:
-            click.echo(
-                to_json({"dry_run": True, "databases": [run_to_dict(r) for r in result.runs]})
-            )
+            click.echo(to_json(runs_to_dict(result, dry_run=True)))
         else:
             render_dry_run(c.out, result)
         return
     _plan_or_refuse(c, settings, "upgrade", target, as_json)
     result = runner.upgrade(settings, target, jobs=jobs)
     if as_json:
-        click.echo(to_json({"dry_run": False, "databases": [run_to_dict(r) for r in result.runs]}))
+        click.echo(to_json(runs_to_dict(result, dry_run=False)))
     elif not c.quiet:
         render_run(c.out, result, state.command_prefix())
     _report_failures(state, result)
@@ -448,11 +463,7 @@ def downgrade(
         _refuse_failed(result, "nothing was changed")
     _report_failures(state, result)
     if as_json:
-        click.echo(
-            to_json(
-                {"dry_run": mode != "online", "databases": [run_to_dict(r) for r in result.runs]}
-            )
-        )
+        click.echo(to_json(runs_to_dict(result, dry_run=mode != "online")))
     elif mode == "dry-run":
         render_dry_run(c.out, result)
     elif not c.quiet:
@@ -509,21 +520,7 @@ def history(ctx: click.Context, fmt: str) -> None:
     """
     revisions = catalogue.history()
     if fmt == "json":
-        click.echo(
-            to_json(
-                [
-                    {
-                        "revision": r.revision,
-                        "down_revision": r.down_revision,
-                        "message": r.message,
-                        "tables": list(r.tables),
-                        "columns": [f"{c.table}.{c.name}" for c in r.columns],
-                        "requires_backfills": list(r.requires_backfills),
-                    }
-                    for r in revisions
-                ]
-            )
-        )
+        click.echo(to_json(history_to_list(revisions)))
     else:
         render_history(_state(ctx).consoles.out, revisions)
 
@@ -593,13 +590,10 @@ def backfill(
       oauthmig backfill token-families --batch 2000 --sleep 0.1
       oauthmig backfill --max-runtime 600 -d shard
     """
-    from oauthmig.output.text import backfill_to_dict, progress_bar, render_backfill
-    from oauthmig.rollout import backfill as service
-
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
-    options = service.BackfillOptions(
+    options = backfill_service.BackfillOptions(
         batch_size, sleep_seconds, max_runtime, restart, dry_run, jobs
     )
     as_json = fmt == "json"
@@ -611,7 +605,7 @@ def backfill(
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
     try:
         with progress_bar(c.err, enabled=not c.quiet and not dry_run) as update:
-            result = service.backfill(settings, job_names, options, progress=update)
+            result = backfill_service.backfill(settings, job_names, options, progress=update)
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
@@ -674,9 +668,6 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
       oauthmig demo
       oauthmig demo --apps 200 --tokens 5000 --setup-only
     """
-    from oauthmig.demo.data import setup_legacy
-    from oauthmig.identity import check_distinct
-
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
@@ -687,8 +678,6 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
         f"demo: creating legacy tables on {', '.join(settings.database_names())} "
         f"({settings.source})"
     )
-    from oauthmig.output.text import progress_bar
-
     with progress_bar(c.err, enabled=not c.quiet) as update:
         setup = setup_legacy(settings, apps=apps, tokens=tokens, seed=seed, progress=update)
     for d in setup.databases:
@@ -704,9 +693,6 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     if not c.quiet:
         render_run(c.out, result, state.command_prefix())
     _report_failures(state, result)
-    from oauthmig.output.text import render_backfill
-    from oauthmig.rollout import backfill as backfill_service
-
     c.info("demo: backfill")
     filled = backfill_service.backfill(settings)
     if not c.quiet:
@@ -720,13 +706,10 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     report = read_status(settings)
     if not c.quiet:
         render_status(c.out, report)
-    from oauthmig.output.text import render_audit_brief
-    from oauthmig.redirects.audit import audit as audit_service
-
     # The demo data holds every kind of redirect-URI mess on purpose: findings are expected
     # and never fail the demo (`oauthmig audit-redirects` is the command that gates CI).
     c.info("demo: audit-redirects")
-    audit = audit_service(settings)
+    audit = audit_service(settings, revisions=catalogue.history())
     for _finding in audit:
         pass
     if not c.quiet:
@@ -766,13 +749,9 @@ def check_redirect(
       oauthmig check-redirect --app-type native com.example.app:/cb http://127.0.0.1/cb
       oauthmig check-redirect --format json 'https://*.example.com/cb' | jq '.[].verdict'
     """
-    from oauthmig.output.text import render_uri_reports
-    from oauthmig.redirects.reports import check_report_to_dict
-    from oauthmig.redirects.rules import check_uri
-
     reports = [check_uri(uri, app_type) for uri in uris]
     if fmt == "json":
-        click.echo(to_json([check_report_to_dict(r) for r in reports]))
+        click.echo(to_json(check_reports_to_list(reports)))
     else:
         render_uri_reports(_state(ctx).consoles.out, reports)
     failing = {"error": ("fail",), "warning": ("fail", "warn"), "never": ()}[fail_on]
@@ -832,18 +811,6 @@ def audit_redirects(
       oauthmig audit-redirects --format sarif --output redirects.sarif
       oauthmig audit-redirects --format json --fail-on warning | jq .summary.by_code
     """
-    from oauthmig.output.text import (
-        at_least,
-        escape,
-        plain_console,
-        progress_bar,
-        render_audit_findings,
-        render_audit_summary,
-    )
-    from oauthmig.redirects.audit import FailOn
-    from oauthmig.redirects.audit import audit as audit_service
-    from oauthmig.redirects.reports import atomic_output, writer_for
-
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
@@ -854,7 +821,7 @@ def audit_redirects(
         # Progress (stderr, terminals only) when the report does not go to the terminal.
         show_progress = not c.quiet and (sink is not None or not c.out.is_terminal)
         update = stack.enter_context(progress_bar(c.err, enabled=show_progress))
-        audit = audit_service(settings, progress=update)
+        audit = audit_service(settings, revisions=catalogue.history(), progress=update)
         if machine:
             out = sink if sink is not None else sys.stdout
             writer = writer_for(
@@ -975,9 +942,7 @@ def _interrupted(
     else:
         message, code = "interrupted; state is saved, rerun to resume", EXIT_INTERRUPTED
     if ctx_obj.get(_META_JSON) == "json" and not stdout.written:
-        command = ctx_obj.get("command")
-        document = {"interrupted": True, "command": command, "exit_code": code}
-        click.echo(to_json({**document, "message": message}))
+        click.echo(to_json(interrupted_to_dict(ctx_obj.get("command"), code, message)))
     click.echo(message, err=True)
 
 

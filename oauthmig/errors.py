@@ -34,8 +34,6 @@ from __future__ import annotations
 class OauthmigError(Exception):
     """Base class: a user-facing failure with a one-line message."""
 
-    exit_code: int = 2
-
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -23,27 +22,34 @@ from alembic.config import Config
 from sqlalchemy import (
     delete,
     insert,
-    inspect,
     text,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, PendingRollbackError, SQLAlchemyError
-from sqlalchemy.types import TypeEngine
 
 from oauthmig.config import DatabaseConfig, MigrateSettings, Settings
-from oauthmig.db import connect, describe_error, exclusive_run, for_writing, lock_key, make_engine
+from oauthmig.db import (
+    backoff_delay,
+    db_error_message,
+    exclusive_run,
+    for_writing,
+    lock_blockers,
+    lock_key,
+    map_db_errors,
+    open_database,
+    set_timeouts,
+)
 from oauthmig.errors import (
     ConnectionLostError,
     DatabaseError,
     GateError,
     LockBusyError,
     LockTimeoutError,
-    MissingTableError,
     OauthmigError,
     RevisionFailedError,
-    SchemaStateError,
     UsageError,
 )
+from oauthmig.identity import check_distinct
 from oauthmig.resources import revisions_dir
 from oauthmig.rollout.jobs import JOBS, remaining_rows, run_alive
 from oauthmig.rollout.offline import (
@@ -51,21 +57,23 @@ from oauthmig.rollout.offline import (
     gate_guards,
     version_guard,
 )
-from oauthmig.rollout.revisions import (
-    CONNECTION_KEY,
-    LOG_TABLE,
-    TARGET_KEY,
+from oauthmig.rollout.preflight import (
     VERSION_TABLE,
     RevisionInfo,
-    RevisionTarget,
-    history,
-    incompatible_column,
+    check_state,
     log_metadata,
+    preflight,
     read_current,
     read_log,
-    resolve_revision,
     revision_log,
     revision_position,
+)
+from oauthmig.rollout.revisions import (
+    CONNECTION_KEY,
+    TARGET_KEY,
+    RevisionTarget,
+    history,
+    resolve_revision,
 )
 
 # --------------------------------------------------------------------------- results
@@ -153,120 +161,19 @@ class RunResult:
         return tuple(r for r in self.runs if r.error)
 
 
-def check_routed_tables(conn: Connection, settings: Settings, database: str) -> None:
-    """Raise :class:`MissingTableError` naming the first routed table absent from ``database``."""
-    existing = set(inspect(conn).get_table_names())
-    if conn.in_transaction():
-        conn.rollback()
-    for logical in settings.tables_on(database):
-        physical = settings.tables.physical(logical)
-        if physical not in existing:
-            raise MissingTableError(
-                f"database {database!r}: routed table {logical!r} ({physical}) does not exist; "
-                f"create it, or remove {database!r} from [routing] {logical}"
-            )
-
-
-def preflight(
-    conn: Connection,
-    settings: Settings,
-    db: DatabaseConfig,
-    revisions: Sequence[RevisionInfo],
-    current: str | None,
-    pending: Sequence[RevisionInfo],
-    reverting: Sequence[RevisionInfo] = (),
-) -> None:
-    """Refuse, before writing anything, what would fail midway.
-
-    Checks that every routed table exists, that applied revisions' columns are present (else the
-    database is half-migrated), and that pending columns that already exist can be adopted.
-    Revisions being reverted may miss columns (that is how a half-migrated database is
-    repaired), but their revision log row must prove which columns oauthmig added.
-    """
-    insp = inspect(conn)
-    routed = settings.tables_on(db.name)
-    check_routed_tables(conn, settings, db.name)
-    columns: dict[str, dict[str, TypeEngine[Any]]] = {}
-    for logical in routed:
-        physical = settings.tables.physical(logical)
-        columns[logical] = {c["name"]: c["type"] for c in insp.get_columns(physical)}
-    reverted = {r.revision for r in reverting}
-    log = read_log(conn) if reverting else {}
-    for rev in reverting:
-        row = log.get(rev.revision)
-        if any(c.table in routed for c in rev.columns) and (
-            row is None or row.get("outcome") != "applied"
-        ):
-            raise SchemaStateError(
-                f"database {db.name!r}: revision {rev.revision} has no 'applied' row in "
-                f"{LOG_TABLE}, so nothing proves which of its columns oauthmig added (and which "
-                "existed before); restore the row, or drop the columns by hand"
-            )
-    for rev in revisions[: revision_position(current, revisions)]:
-        if rev.revision in reverted:
-            continue
-        for spec in rev.columns:
-            if spec.table in routed and spec.name not in columns[spec.table]:
-                raise SchemaStateError(
-                    f"database {db.name!r}: revision {rev.revision} is recorded as applied but "
-                    f"{settings.tables.physical(spec.table)}.{spec.name} is missing "
-                    f"(half-migrated); restore the column, or `oauthmig downgrade --to "
-                    f"{rev.down_revision or 'base'} -d {db.name}` then upgrade again"
-                )
-            found = columns[spec.table].get(spec.name) if spec.table in routed else None
-            if found is not None and not spec.compatible(found, conn.dialect.name):
-                # Only an adoption by an offline script, which cannot compare types, gets here.
-                raise incompatible_column(
-                    db.name, settings.tables.physical(spec.table), spec, found, conn.dialect.name
-                )
-    for rev in pending:
-        for spec in rev.columns:
-            if spec.table not in routed:
-                continue
-            found = columns[spec.table].get(spec.name)
-            if found is not None and not spec.compatible(found, conn.dialect.name):
-                raise incompatible_column(
-                    db.name, settings.tables.physical(spec.table), spec, found, conn.dialect.name
-                )
-    if conn.in_transaction():
-        conn.rollback()
-
-
-def check_state(
-    conn: Connection, settings: Settings, db: DatabaseConfig, revisions: Sequence[RevisionInfo]
-) -> str | None:
-    """The preflight every command that reads or writes a database runs; the current revision.
-
-    Raises (:class:`SchemaStateError`, :class:`MissingTableError`) when a routed table is
-    missing, the version table names an unknown revision or holds several rows, or a column
-    of an applied revision is missing (half-migrated).
-    """
-    check_routed_tables(conn, settings, db.name)
-    current = read_current(conn, db.name, revisions)
-    preflight(conn, settings, db, revisions, current, [])
-    return current
-
-
 def check_databases(settings: Settings, names: Sequence[str] | None = None) -> None:
-    """Run :func:`check_state` on each database (all selected by default); raise the first error.
+    """Run :func:`~oauthmig.rollout.preflight.check_state` on each database (all selected by
+    default); raise the first error.
 
     Also refuses two configured names that reach the same database.
     """
-    from oauthmig.identity import check_distinct
-
     chosen = list(settings.database_names() if names is None else names)
     check_distinct(settings, chosen)
     revisions = history()
     for name in chosen:
         db = settings.databases[name]
-        engine = make_engine(db, settings)
-        try:
-            with connect(engine, db) as conn:
-                check_state(conn, settings, db, revisions)
-        except SQLAlchemyError as exc:
-            raise DatabaseError(f"database {name!r}: {describe_error(exc, db)}") from None
-        finally:
-            engine.dispose()
+        with map_db_errors(db), open_database(settings, db) as conn:
+            check_state(conn, settings, db, revisions)
 
 
 def refuse_downgrade_during_backfill(
@@ -466,32 +373,6 @@ def _step_after_loss(
     return f"revision {revs[0]}" if len(revs) == 1 else f"one of revisions {', '.join(revs)}"
 
 
-def lock_blockers(conn: Connection, physical_tables: Sequence[str]) -> str:
-    """Who holds locks on the tables (PostgreSQL); never includes query text (may hold secrets)."""
-    if conn.dialect.name != "postgresql":
-        return "another connection is writing to the SQLite database"
-    parts: list[str] = []
-    with contextlib.suppress(SQLAlchemyError):
-        rows = conn.execute(
-            text(
-                "SELECT c.relname, a.pid, a.state, l.mode, "
-                "  EXTRACT(EPOCH FROM now() - COALESCE(a.xact_start, a.query_start))::int AS age "
-                "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-                "JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.granted AND l.pid <> pg_backend_pid() AND c.relname = ANY(:names) "
-                "ORDER BY age DESC NULLS LAST LIMIT 5"
-            ),
-            {"names": list(physical_tables)},
-        ).all()
-        conn.rollback()
-        for r in rows:
-            parts.append(
-                f"{r.relname} locked by pid {r.pid} ({r.state}, {r.mode}, "
-                f"transaction open {r.age}s)"
-            )
-    return "; ".join(parts) or "a conflicting lock was held and has since been released"
-
-
 def _record_failure(conn: Connection, rev: str, message: str) -> None:
     with contextlib.suppress(SQLAlchemyError):
         if conn.in_transaction():
@@ -514,8 +395,7 @@ def _record_failure(conn: Connection, rev: str, message: str) -> None:
 def _apply_session_timeouts(conn: Connection, migrate: MigrateSettings) -> None:
     if conn.dialect.name == "postgresql":
         # Session level, so every statement of every revision transaction is bounded.
-        conn.execute(text(f"SET lock_timeout = '{int(migrate.lock_timeout_ms)}ms'"))
-        conn.execute(text(f"SET statement_timeout = '{int(migrate.statement_timeout_ms)}ms'"))
+        set_timeouts(conn, migrate.lock_timeout_ms, migrate.statement_timeout_ms)
         conn.commit()
 
 
@@ -542,15 +422,11 @@ def run_database(req: RunRequest, sleep: Callable[[float], None] = time.sleep) -
         target = resolve_revision(req.target, revisions)
         if req.mode == "sql":
             return _run_offline(req, db, revisions, target, started)
-        engine = make_engine(db, settings)
-        try:
-            with connect(engine, db) as conn:
-                if req.mode == "dry-run":
-                    return _run_dry(req, conn, db, revisions, target, started)
-                with exclusive_run(conn, db, "upgrade"):
-                    return _run_online(req, conn, db, revisions, target, started, sleep)
-        finally:
-            engine.dispose()
+        with open_database(settings, db) as conn:
+            if req.mode == "dry-run":
+                return _run_dry(req, conn, db, revisions, target, started)
+            with exclusive_run(conn, db, "upgrade"):
+                return _run_online(req, conn, db, revisions, target, started, sleep)
     except OauthmigError as exc:
         return DatabaseRun(
             db.name,
@@ -565,7 +441,7 @@ def run_database(req: RunRequest, sleep: Callable[[float], None] = time.sleep) -
         if is_connection_lost(exc):
             message = connection_lost_message(req, db, req.direction, exc)
         else:
-            message = f"database {db.name!r}: {describe_error(exc, db)}"
+            message = db_error_message(exc, db)
         return DatabaseRun(db.name, empty_plan, (), None, 0, time.monotonic() - started, message)
 
 
@@ -638,8 +514,7 @@ def _run_online(
             ]
             if _is_lock_timeout(exc) and attempts <= retries:
                 # Nothing is held while we wait: the failed revision's transaction is rolled back.
-                delay = min(30.0, 0.2 * (2 ** (attempts - 1))) * random.uniform(0.5, 1.0)
-                sleep(delay)
+                sleep(backoff_delay(attempts - 1, base=0.2, cap=30.0))
                 continue
             if _is_lock_timeout(exc):
                 who = lock_blockers(conn, physical)
@@ -653,9 +528,8 @@ def _run_online(
                 if failing:
                     _record_failure(conn, failing.revision, message)
                 raise LockTimeoutError(message) from None
-            message = (
-                f"database {db.name!r}: revision {failing.revision if failing else '?'} "
-                f"failed: {describe_error(exc, db)}"
+            message = db_error_message(
+                exc, db, f"revision {failing.revision if failing else '?'} failed"
             )
             if failing:
                 _record_failure(conn, failing.revision, message)
@@ -884,8 +758,6 @@ def _execute(
 
 def _refuse_shared(settings: Settings, mode: str) -> None:
     if mode != "sql":  # offline needs no connection, and cannot tell
-        from oauthmig.identity import check_distinct
-
         check_distinct(settings)
 
 
@@ -928,8 +800,6 @@ def plan(settings: Settings, direction: str, target: str) -> list[DatabasePlan |
     A database that cannot be planned yields its one-line error instead, so that the CLI can
     refuse before writing anything anywhere.
     """
-    from oauthmig.identity import check_distinct
-
     revisions = history()
     resolved = resolve_revision(target, revisions)
     explicit = target not in ("head", "heads") or direction == "downgrade"
@@ -938,24 +808,18 @@ def plan(settings: Settings, direction: str, target: str) -> list[DatabasePlan |
     for name in settings.database_names():
         db = settings.databases[name]
         try:
-            engine = make_engine(db, settings)
-            try:
-                with connect(engine, db) as conn:
-                    p, chosen = _plan(conn, settings, db, revisions, resolved, direction, explicit)
-                    preflight(
-                        conn,
-                        settings,
-                        db,
-                        revisions,
-                        p.current,
-                        chosen if direction == "upgrade" else [],
-                        chosen if direction == "downgrade" else [],
-                    )
-                    out.append(p)
-            finally:
-                engine.dispose()
+            with map_db_errors(db), open_database(settings, db) as conn:
+                p, chosen = _plan(conn, settings, db, revisions, resolved, direction, explicit)
+                preflight(
+                    conn,
+                    settings,
+                    db,
+                    revisions,
+                    p.current,
+                    chosen if direction == "upgrade" else [],
+                    chosen if direction == "downgrade" else [],
+                )
+                out.append(p)
         except OauthmigError as exc:
             out.append(exc.message)
-        except SQLAlchemyError as exc:
-            out.append(f"database {name!r}: {describe_error(exc, db)}")
     return out

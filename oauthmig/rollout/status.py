@@ -8,15 +8,15 @@ from typing import Any
 
 from sqlalchemy import and_, column, func, inspect, select, table
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
 
 from oauthmig.config import Settings
-from oauthmig.db import connect, describe_error, make_engine, scrub_stored
+from oauthmig.db import map_db_errors, open_database, scrub_stored
 from oauthmig.errors import OauthmigError
 from oauthmig.identity import check_distinct
 from oauthmig.rollout.jobs import JobState, job_states
-from oauthmig.rollout.revisions import RevisionInfo, history, read_log, revision_position
-from oauthmig.rollout.runner import check_state, gate_for
+from oauthmig.rollout.preflight import RevisionInfo, check_state, read_log, revision_position
+from oauthmig.rollout.revisions import history
+from oauthmig.rollout.runner import gate_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +66,6 @@ class StatusReport:
         return any(d.outstanding for d in self.databases)
 
 
-# Backfill status hook: (connection, settings, database) -> job states. Registered by the
-# backfill module so that this module does not depend on it.
-
-
 def _live_grants(conn: Connection, settings: Settings, db: str) -> tuple[int | None, int | None]:
     if "grant" not in settings.tables_on(db):
         return None, None
@@ -93,9 +89,8 @@ def _database_status(
 ) -> DatabaseStatus:
     db = settings.databases[name]
     routed = settings.tables_on(name)
-    engine = make_engine(db, settings)
     try:
-        with connect(engine, db) as conn:
+        with map_db_errors(db), open_database(settings, db) as conn:
             current = check_state(conn, settings, db, revisions)
             log = read_log(conn)
             applied_upto = revision_position(current, revisions)
@@ -147,21 +142,6 @@ def _database_status(
         return DatabaseStatus(
             name, db.dialect, db.display_url, routed, None, (), (), None, None, exc.message
         )
-    except SQLAlchemyError as exc:
-        return DatabaseStatus(
-            name,
-            db.dialect,
-            db.display_url,
-            routed,
-            None,
-            (),
-            (),
-            None,
-            None,
-            f"database {name!r}: {describe_error(exc, db)}",
-        )
-    finally:
-        engine.dispose()
 
 
 def status(settings: Settings) -> StatusReport:
