@@ -3,7 +3,8 @@
 Online, ``--dry-run`` and ``--sql`` all run the same revision code through Alembic: online
 against a connection, the other two in Alembic's offline mode writing SQL to a buffer
 (``--dry-run`` additionally reads the current revision and existing columns, read-only).
-The catalogue and the revision API are in :mod:`oauthmig.rollout.revisions`.
+The catalogue and the revision API are in :mod:`oauthmig.rollout.revisions`, the preflight
+checks every command runs in :mod:`oauthmig.rollout.preflight`.
 """
 
 from __future__ import annotations
