@@ -822,7 +822,7 @@ def _check(settings: Settings, database: str) -> None:
     db = settings.databases[database]
     if _sqlite_file_missing(db):
         return  # checked without creating the file: a refusal elsewhere must leave no trace
-    with open_database(settings, db) as conn:
+    with map_db_errors(db), open_database(settings, db) as conn:
         existing = set(inspect(conn).get_table_names())
         found = _foreign_table(settings, database, existing)
     if found is not None:
