@@ -24,11 +24,20 @@ from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep, run_demo
 from oauthmig.errors import OauthmigError, PlanRefusedError, Terminated, UsageError
 from oauthmig.output.files import output_file
 from oauthmig.output.html import render_html
+from oauthmig.output.json import (
+    backfill_to_dict,
+    check_reports_to_list,
+    history_to_list,
+    interrupted_to_dict,
+    runs_to_dict,
+    sql_runs_to_list,
+    status_to_dict,
+    to_json,
+)
 from oauthmig.output.metrics import MetricsFile
 from oauthmig.output.text import (
     Consoles,
     at_least,
-    backfill_to_dict,
     escape,
     plain_console,
     progress_bar,
@@ -42,16 +51,13 @@ from oauthmig.output.text import (
     render_run,
     render_status,
     render_uri_reports,
-    run_to_dict,
     sql_script,
     sql_section,
-    status_to_dict,
-    to_json,
 )
 from oauthmig.redact import scrub_log_records
 from oauthmig.redirects.audit import FailOn
 from oauthmig.redirects.audit import audit as audit_service
-from oauthmig.redirects.reports import atomic_output, check_report_to_dict, writer_for
+from oauthmig.redirects.reports import atomic_output, writer_for
 from oauthmig.redirects.rules import check_uri
 from oauthmig.report import Report, gather_report
 from oauthmig.rollout import backfill as backfill_service
@@ -285,10 +291,7 @@ def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | N
     """Print or write ``--sql`` output; nothing at all if any database cannot be scripted."""
     _refuse_failed(result, "no SQL was written")
     if output_dir is None:
-        click.echo(
-            to_json([run_to_dict(r) for r in result.runs]) if as_json else sql_script(result),
-            nl=False,
-        )
+        click.echo(to_json(sql_runs_to_list(result)) if as_json else sql_script(result), nl=False)
         return
     files = {r.database: sql_section(r) for r in result.runs}
     for path in write_scripts(output_dir, files):
@@ -393,9 +396,7 @@ def upgrade(
         result = runner.upgrade(settings, target, mode=Mode.DRY_RUN, catalogue=cat)
         _refuse_failed(result, "nothing was changed")
         if as_json:
-            click.echo(
-                to_json({"dry_run": True, "databases": [run_to_dict(r) for r in result.runs]})
-            )
+            click.echo(to_json(runs_to_dict(result, dry_run=True)))
         else:
             render_dry_run(c.out, result)
         return
@@ -410,7 +411,7 @@ def upgrade(
     except PlanRefusedError as exc:
         raise _refused(c, exc) from None
     if as_json:
-        click.echo(to_json({"dry_run": False, "databases": [run_to_dict(r) for r in result.runs]}))
+        click.echo(to_json(runs_to_dict(result, dry_run=False)))
     elif not c.quiet:
         render_run(c.out, result, state.command_prefix())
     _report_failures(state, result)
@@ -486,14 +487,7 @@ def downgrade(
         _refuse_failed(result, "nothing was changed")
     _report_failures(state, result)
     if as_json:
-        click.echo(
-            to_json(
-                {
-                    "dry_run": mode is not Mode.ONLINE,
-                    "databases": [run_to_dict(r) for r in result.runs],
-                }
-            )
-        )
+        click.echo(to_json(runs_to_dict(result, dry_run=mode is not Mode.ONLINE)))
     elif mode is Mode.DRY_RUN:
         render_dry_run(c.out, result)
     elif not c.quiet:
@@ -550,21 +544,7 @@ def history(ctx: click.Context, fmt: str) -> None:
     """
     revisions = Catalogue.load().revisions
     if fmt == "json":
-        click.echo(
-            to_json(
-                [
-                    {
-                        "revision": r.revision,
-                        "down_revision": r.down_revision,
-                        "message": r.message,
-                        "tables": list(r.tables),
-                        "columns": [f"{c.table}.{c.name}" for c in r.columns],
-                        "requires_backfills": list(r.requires_backfills),
-                    }
-                    for r in revisions
-                ]
-            )
-        )
+        click.echo(to_json(history_to_list(revisions)))
     else:
         render_history(_state(ctx).consoles.out, revisions)
 
@@ -827,7 +807,7 @@ def check_redirect(
     """
     reports = [check_uri(uri, app_type) for uri in uris]
     if fmt == "json":
-        click.echo(to_json([check_report_to_dict(r) for r in reports]))
+        click.echo(to_json(check_reports_to_list(reports)))
     else:
         render_uri_reports(_state(ctx).consoles.out, reports)
     failing = {"error": ("fail",), "warning": ("fail", "warn"), "never": ()}[fail_on]
@@ -897,7 +877,7 @@ def audit_redirects(
         # Progress (stderr, terminals only) when the report does not go to the terminal.
         show_progress = not c.quiet and (sink is not None or not c.out.is_terminal)
         update = stack.enter_context(progress_bar(c.err, enabled=show_progress))
-        audit = audit_service(settings, progress=update)
+        audit = audit_service(settings, revisions=Catalogue.load().revisions, progress=update)
         if machine:
             out = sink if sink is not None else sys.stdout
             writer = writer_for(
@@ -1074,9 +1054,7 @@ def _interrupted(
     else:
         message, code = "interrupted; state is saved, rerun to resume", EXIT_INTERRUPTED
     if ctx_obj.get(_META_JSON) == "json" and not stdout.written:
-        command = ctx_obj.get("command")
-        document = {"interrupted": True, "command": command, "exit_code": code}
-        click.echo(to_json({**document, "message": message}))
+        click.echo(to_json(interrupted_to_dict(ctx_obj.get("command"), code, message)))
     click.echo(message, err=True)
 
 

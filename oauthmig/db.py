@@ -1,24 +1,26 @@
-"""Engines for routed databases: timeouts, transactional DDL on SQLite, password hiding, locks."""
+"""Engines for routed databases: opening and closing them, driver errors as one-line messages,
+session timeouts, retry backoff, transactional DDL on SQLite, who blocks a lock, run locks."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import random
 import socket
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from oauthmig.config import DatabaseConfig, Settings
-from oauthmig.errors import ConfigError, LockBusyError, UnreachableError
+from oauthmig.errors import ConfigError, DatabaseError, LockBusyError, UnreachableError
 from oauthmig.redact import describe_db_error, scrub_text, url_secrets
 
 SQLITE_IMMEDIATE = "oauthmig_sqlite_immediate"
@@ -151,6 +153,33 @@ def scrub_stored(text: str | None, url: URL | str | None) -> str | None:
     return None if text is None else scrub_text(text, url_secrets(url), limit=2000)
 
 
+def db_error_message(exc: BaseException, db: DatabaseConfig, doing: str | None = None) -> str:
+    """``database 'NAME': [doing: ]<safe description of exc>``: how a driver error reads in
+    every message, log line and stored error (see :func:`describe_error`)."""
+    what = f"{doing}: " if doing else ""
+    return f"database {db.name!r}: {what}{describe_error(exc, db)}"
+
+
+@contextlib.contextmanager
+def map_db_errors(
+    db: DatabaseConfig,
+    doing: str | None = None,
+    *,
+    also: tuple[type[BaseException], ...] = (),
+) -> Iterator[None]:
+    """Turn a driver error raised inside the block into :class:`DatabaseError` with the one-line
+    :func:`db_error_message` (``doing`` says what failed, e.g. ``reading applications failed``).
+
+    SQLAlchemy errors are mapped, plus the exception types in ``also`` (e.g. ``psycopg.Error``
+    from code that talks to the driver directly); oauthmig's own errors pass through unchanged.
+    """
+    caught: tuple[type[BaseException], ...] = (SQLAlchemyError, *also)
+    try:
+        yield
+    except caught as exc:
+        raise DatabaseError(db_error_message(exc, db, doing)) from None
+
+
 @contextlib.contextmanager
 def connect(engine: Engine, db: DatabaseConfig) -> Iterator[Connection]:
     """Open a connection, turning connection failures into :class:`UnreachableError`."""
@@ -165,6 +194,115 @@ def connect(engine: Engine, db: DatabaseConfig) -> Iterator[Connection]:
         yield conn
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def open_engine(
+    settings: Settings, db: DatabaseConfig, *, create: bool = False
+) -> Iterator[Engine]:
+    """An engine of one routed database (:func:`make_engine`), disposed on exit; for code that
+    opens connections itself (several, or again after losing one)."""
+    engine = make_engine(db, settings, create=create)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def open_database(
+    settings: Settings, db: DatabaseConfig, *, create: bool = False
+) -> Iterator[Connection]:
+    """One connection to one routed database, on an engine of its own that is disposed on exit.
+
+    A database that cannot be reached raises :class:`UnreachableError` naming it; a SQLite file
+    that does not exist is refused unless ``create`` (see :func:`make_engine`). Errors of the
+    statements run inside are not translated here: wrap the block in :func:`map_db_errors`.
+    """
+    with open_engine(settings, db, create=create) as engine, connect(engine, db) as conn:
+        yield conn
+
+
+def timeout_statements(
+    lock_timeout_ms: float, statement_timeout_ms: float, *, local: bool = False
+) -> tuple[str, str]:
+    """The PostgreSQL ``SET [LOCAL] lock_timeout`` and ``statement_timeout`` statements (whole
+    milliseconds), as run on a connection or written into an offline script."""
+    scope = "SET LOCAL" if local else "SET"
+    return (
+        f"{scope} lock_timeout = '{int(lock_timeout_ms)}ms'",
+        f"{scope} statement_timeout = '{int(statement_timeout_ms)}ms'",
+    )
+
+
+def set_timeouts(
+    conn: Connection, lock_timeout_ms: float, statement_timeout_ms: float, *, local: bool = False
+) -> None:
+    """Bound every later statement of the session (``local``: of the current transaction) on a
+    PostgreSQL connection; SQLite connections have their ``busy_timeout`` from
+    :func:`make_engine` and are left alone."""
+    if conn.dialect.name != "postgresql":
+        return
+    for statement in timeout_statements(lock_timeout_ms, statement_timeout_ms, local=local):
+        conn.execute(text(statement))
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float) -> float:
+    """Seconds to wait before retry ``attempt`` (0 first): ``base * 2**attempt``, at most
+    ``cap``, times a random factor in [0.5, 1] so that concurrent retries spread out."""
+    return min(cap, base * 2.0**attempt) * random.uniform(0.5, 1.0)
+
+
+_AGE = "EXTRACT(EPOCH FROM now() - COALESCE(a.xact_start, a.query_start))::int AS age"
+
+
+def lock_blockers(
+    conn: Connection, physical_tables: Sequence[str], *, id_range: tuple[int, int] | None = None
+) -> str:
+    """Who holds locks on the tables (PostgreSQL): pid, state, lock mode, transaction age.
+
+    With ``id_range`` ``(lo, hi)`` on one table, the sessions holding row locks on ``id > lo
+    AND id <= hi`` come first: a row locked for update carries its locker's transaction id in
+    ``xmax``; a shared row lock (a multixact) falls back to the table-level report. Never
+    includes query text (it may hold secrets). Errors while looking are swallowed: this only
+    adds detail to an error being reported.
+    """
+    if conn.dialect.name != "postgresql":
+        return "another connection is writing to the SQLite database"
+    parts: list[str] = []
+    if id_range is not None:
+        (physical,) = physical_tables
+        with contextlib.suppress(SQLAlchemyError):
+            rows = conn.execute(
+                text(
+                    f"SELECT a.pid, a.state, {_AGE} "
+                    "FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() "
+                    "AND a.backend_xid IS NOT NULL AND a.backend_xid::text IN "
+                    f"(SELECT xmax::text FROM {physical} WHERE id > :lo AND id <= :hi)"
+                ),
+                {"lo": id_range[0], "hi": id_range[1]},
+            ).all()
+            conn.rollback()
+            parts = [f"locked by pid {r.pid} ({r.state}, transaction open {r.age}s)" for r in rows]
+    if not parts:
+        with contextlib.suppress(SQLAlchemyError):
+            rows = conn.execute(
+                text(
+                    f"SELECT c.relname, a.pid, a.state, l.mode, {_AGE} "
+                    "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                    "JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.granted AND l.pid <> pg_backend_pid() AND c.relname = ANY(:names) "
+                    "ORDER BY age DESC NULLS LAST LIMIT 5"
+                ),
+                {"names": list(physical_tables)},
+            ).all()
+            conn.rollback()
+            parts = [
+                f"{r.relname} locked by pid {r.pid} ({r.state}, {r.mode}, "
+                f"transaction open {r.age}s)"
+                for r in rows
+            ]
+    return "; ".join(parts) or "a conflicting lock was held and has since been released"
 
 
 def lock_key(purpose: str) -> int:

@@ -37,8 +37,6 @@ from collections.abc import Sequence
 class OauthmigError(Exception):
     """Base class: a user-facing failure with a one-line message."""
 
-    exit_code: int = 2
-
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from oauthmig.config import DatabaseConfig, Settings
-from oauthmig.db import connect, describe_error, make_engine
+from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import ConfigError, DatabaseError, OauthmigError
 
 
@@ -35,28 +35,22 @@ def database_identity(settings: Settings, db: DatabaseConfig) -> str | None:
             st = os.stat(path)
             return f"sqlite:{st.st_dev}:{st.st_ino}"
         return f"sqlite:{path}"
-    engine = make_engine(db, settings)
-    try:
-        with connect(engine, db) as conn:
-            oid = conn.execute(
-                text("SELECT oid FROM pg_database WHERE datname = current_database()")
-            ).scalar_one()
-            try:
-                with conn.begin_nested():
-                    cluster = str(
-                        conn.execute(
-                            text("SELECT system_identifier FROM pg_control_system()")
-                        ).scalar_one()
-                    )
-            except SQLAlchemyError:
-                row = conn.execute(text("SELECT inet_server_addr(), inet_server_port()")).one()
-                cluster = f"{row[0]}:{row[1]}"
-            conn.rollback()
-            return f"postgresql:{cluster}:{oid}"
-    except SQLAlchemyError as exc:
-        raise DatabaseError(f"database {db.name!r}: {describe_error(exc, db)}") from None
-    finally:
-        engine.dispose()
+    with map_db_errors(db), open_database(settings, db) as conn:
+        oid = conn.execute(
+            text("SELECT oid FROM pg_database WHERE datname = current_database()")
+        ).scalar_one()
+        try:
+            with conn.begin_nested():
+                cluster = str(
+                    conn.execute(
+                        text("SELECT system_identifier FROM pg_control_system()")
+                    ).scalar_one()
+                )
+        except SQLAlchemyError:
+            row = conn.execute(text("SELECT inet_server_addr(), inet_server_port()")).one()
+            cluster = f"{row[0]}:{row[1]}"
+        conn.rollback()
+        return f"postgresql:{cluster}:{oid}"
 
 
 def check_distinct(settings: Settings, names: Sequence[str] | None = None) -> None:

@@ -10,6 +10,11 @@ table it references is on the same database: every database hosting one of the t
 gets its own users table, and a shard hosting only ``token`` has no FK to the application.
 PostgreSQL also gets Django's ``varchar_pattern_ops`` ``_like`` indexes.
 
+The columns, unique constraints and indexes are declared once, in :data:`SENTRY_COLUMNS`,
+:data:`SENTRY_UNIQUE` and :data:`SENTRY_INDEXED`: :func:`legacy_metadata` builds the tables of
+an install from them, and :func:`oauthmig.models.build_models` maps the columns marked
+``mapped`` (the ones the models manage).
+
 Two flavors (:class:`LegacyFlavor`): ``fresh`` (identity ids, ``<table>_<column>_idx`` index
 names) and ``old`` (``bigserial`` ids and Django's hashed index names), since index names and
 id types differ between installs.
@@ -18,7 +23,10 @@ id types differ between installs.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, Final
 
 from sqlalchemy import (
     BigInteger,
@@ -37,14 +45,124 @@ from sqlalchemy import (
     false,
     true,
 )
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeEngine
 
 from oauthmig.config import TableNames
+from oauthmig.redirects.rules import GRANT_REDIRECT_URI_LENGTH
 from oauthmig.types import StringList
 
 # INTEGER PRIMARY KEY is SQLite's rowid alias (auto-assigned); BIGINT would not be.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 #: The users table the legacy tables reference (Sentry's, from Django's auth app).
 USERS_TABLE = "auth_user"
+
+
+@dataclass(frozen=True, slots=True)
+class SentryColumn:
+    """One column of a legacy Sentry table (the ``id`` primary key aside).
+
+    ``default`` is the value Django's model gives (also the column's server default here);
+    ``references`` is ``"users"`` or ``"application"`` for a foreign key to that table's id;
+    ``mapped`` is False for the columns :mod:`oauthmig.models` leaves to the database's
+    defaults or to ``extra=`` (Sentry's ``scopes`` bit field, ``scoping_organization_id``, ...).
+    """
+
+    name: str
+    type_: TypeEngine[Any]
+    nullable: bool = True
+    default: int | bool | None = None
+    references: str | None = None
+    mapped: bool = True
+
+    def column(
+        self, *foreign_keys: ForeignKey, type_: TypeEngine[Any] | None = None
+    ) -> Column[Any]:
+        """A new ``Column`` for a table (``type_`` replaces the declared type, e.g. by one that
+        converts values, as the models' timezone-aware datetimes do)."""
+        server_default: str | ColumnElement[bool] | None
+        if isinstance(self.default, bool):
+            server_default = true() if self.default else false()
+        else:
+            server_default = None if self.default is None else str(self.default)
+        return Column(
+            self.name,
+            self.type_ if type_ is None else type_,
+            *foreign_keys,
+            nullable=self.nullable,
+            default=self.default,
+            server_default=server_default,
+        )
+
+
+_Col = SentryColumn
+_Stamp = DateTime(timezone=True)
+
+#: The columns of each logical table on a legacy install, in table order.
+SENTRY_COLUMNS: Final[Mapping[str, tuple[SentryColumn, ...]]] = {
+    "application": (
+        _Col("client_id", String(64), nullable=False),
+        _Col("client_secret", Text()),
+        _Col("owner_id", BigInteger(), references="users"),
+        _Col("name", String(64), nullable=False),
+        _Col("status", Integer(), nullable=False, default=0),
+        _Col("allowed_origins", Text()),
+        _Col("redirect_uris", Text(), nullable=False),
+        _Col("homepage_url", String(200)),
+        _Col("privacy_url", String(200)),
+        _Col("terms_url", String(200)),
+        _Col("scopes", StringList(), nullable=False),
+        _Col("version", Integer(), nullable=False, default=0),
+        _Col("date_added", _Stamp, nullable=False),
+        _Col("requires_org_level_access", Boolean(), nullable=False, default=False, mapped=False),
+    ),
+    "grant": (
+        _Col("user_id", BigInteger(), nullable=False, references="users"),
+        _Col("application_id", BigInteger(), nullable=False, references="application"),
+        _Col("code", String(64), nullable=False),
+        _Col("expires_at", _Stamp, nullable=False),
+        _Col("redirect_uri", String(GRANT_REDIRECT_URI_LENGTH), nullable=False),
+        _Col("scope_list", StringList(), nullable=False),
+        _Col("organization_id", BigInteger()),
+        _Col("scopes", BigInteger(), nullable=False, mapped=False),  # bit field, no default
+    ),
+    "token": (
+        _Col("user_id", BigInteger(), nullable=False, references="users"),
+        _Col("application_id", BigInteger(), references="application"),
+        _Col("token", String(71), nullable=False),
+        _Col("hashed_token", String(128)),
+        _Col("token_last_characters", String(4)),
+        _Col("refresh_token", String(71)),
+        _Col("hashed_refresh_token", String(128)),
+        _Col("token_type", String(7)),  # Sentry's prefixes such as "sntrya_"
+        _Col("scope_list", StringList(), nullable=False),
+        _Col("expires_at", _Stamp),
+        _Col("date_added", _Stamp, nullable=False),
+        _Col("scopes", BigInteger(), nullable=False, mapped=False),  # bit field, no default
+        _Col("scoping_organization_id", BigInteger(), mapped=False),
+        _Col("name", String(255), mapped=False),
+    ),
+}
+#: Columns with a unique constraint, per logical table.
+SENTRY_UNIQUE: Final[Mapping[str, tuple[str, ...]]] = {
+    "application": ("client_id",),
+    "grant": (),
+    "token": ("token", "hashed_token", "refresh_token", "hashed_refresh_token"),
+}
+#: Columns with a plain index, per logical table (Sentry indexes the grant code, not unique).
+SENTRY_INDEXED: Final[Mapping[str, tuple[str, ...]]] = {
+    "application": ("owner_id",),
+    "grant": ("code", "application_id", "expires_at", "user_id"),
+    "token": ("application_id", "user_id"),
+}
+
+
+def sentry_column(logical: str, name: str) -> SentryColumn:
+    """The declaration of one legacy column (KeyError if the table has no such column)."""
+    for col in SENTRY_COLUMNS[logical]:
+        if col.name == name:
+            return col
+    raise KeyError(f"{logical}.{name}")
 
 
 class LegacyFlavor(StrEnum):
@@ -58,7 +176,9 @@ def _digest(*parts: str) -> str:
     return hashlib.md5(":".join(parts).encode()).hexdigest()[:8]
 
 
-def _names(flavor: LegacyFlavor, table: str, column: str, kind: str) -> str:
+def index_name(flavor: LegacyFlavor, table: str, column: str, kind: str) -> str:
+    """The name of a unique constraint (``kind`` ``key``), index (``idx``) or LIKE index
+    (``like``) on one column, as an install of ``flavor`` has it."""
     if flavor is LegacyFlavor.OLD:
         suffix = {"key": "_uniq", "idx": "", "like": "_like"}[kind]
         return f"{table}_{column}_{_digest(table, column)}{suffix}"[:63]
@@ -88,7 +208,7 @@ def _fk(
 def _like(flavor: LegacyFlavor, table: str, column: str) -> Index:
     """Django's extra index for LIKE lookups on varchar columns (PostgreSQL only)."""
     return Index(
-        _names(flavor, table, column, "like"),
+        index_name(flavor, table, column, "like"),
         column,
         postgresql_ops={column: "varchar_pattern_ops"},
     ).ddl_if(dialect="postgresql")
@@ -99,9 +219,6 @@ def legacy_metadata(
 ) -> MetaData:
     """A MetaData holding the legacy shape of the given logical tables (and the users table)."""
     md = MetaData()
-    app, grant, token = tables.application, tables.grant, tables.token
-    n = _names
-    has_app = "application" in logical
     if logical:
         Table(
             USERS_TABLE,
@@ -110,100 +227,35 @@ def legacy_metadata(
             Column("username", String(128), nullable=False),
             Column("is_active", Boolean, nullable=False, server_default=true()),
         )
-    if has_app:
+    targets = {
+        "users": (USERS_TABLE, True),
+        "application": (tables.application, "application" in logical),
+    }
+    for name in ("application", "grant", "token"):
+        if name not in logical:
+            continue
+        physical = tables.physical(name)
+        columns: list[Column[Any]] = []
+        for col in SENTRY_COLUMNS[name]:
+            fks: list[ForeignKey] = []
+            if col.references is not None:
+                target, present = targets[col.references]
+                fks = _fk(flavor, physical, col.name, target, present)
+            columns.append(col.column(*fks))
+        varchar = {c.name for c in SENTRY_COLUMNS[name] if isinstance(c.type_, String)}
+        keyed = (*SENTRY_UNIQUE[name], *SENTRY_INDEXED[name])
         Table(
-            app,
+            physical,
             md,
             _id(flavor),
-            Column("client_id", String(64), nullable=False),
-            Column("client_secret", Text, nullable=True),
-            Column("owner_id", BigInteger, *_fk(flavor, app, "owner_id", USERS_TABLE, True)),
-            Column("name", String(64), nullable=False),
-            Column("status", Integer, nullable=False, server_default="0"),
-            Column("allowed_origins", Text, nullable=True),
-            Column("redirect_uris", Text, nullable=False),
-            Column("homepage_url", String(200), nullable=True),
-            Column("privacy_url", String(200), nullable=True),
-            Column("terms_url", String(200), nullable=True),
-            Column("scopes", StringList(), nullable=False),
-            Column("version", Integer, nullable=False, server_default="0"),
-            Column("date_added", DateTime(timezone=True), nullable=False),
-            Column("requires_org_level_access", Boolean, nullable=False, server_default=false()),
-            UniqueConstraint("client_id", name=n(flavor, app, "client_id", "key")),
-            _like(flavor, app, "client_id"),
-            Index(n(flavor, app, "owner_id", "idx"), "owner_id"),
-        )
-    if "grant" in logical:
-        Table(
-            grant,
-            md,
-            _id(flavor),
-            Column(
-                "user_id",
-                BigInteger,
-                *_fk(flavor, grant, "user_id", USERS_TABLE, True),
-                nullable=False,
+            *columns,
+            *(
+                UniqueConstraint(c, name=index_name(flavor, physical, c, "key"))
+                for c in SENTRY_UNIQUE[name]
             ),
-            Column(
-                "application_id",
-                BigInteger,
-                *_fk(flavor, grant, "application_id", app, has_app),
-                nullable=False,
-            ),
-            Column("code", String(64), nullable=False),
-            Column("expires_at", DateTime(timezone=True), nullable=False),
-            Column("redirect_uri", String(255), nullable=False),
-            Column("scope_list", StringList(), nullable=False),
-            Column("organization_id", BigInteger, nullable=True),
-            Column("scopes", BigInteger, nullable=False),  # legacy bit field, no default
-            # Indexed, not unique (Sentry's).
-            Index(n(flavor, grant, "code", "idx"), "code"),
-            _like(flavor, grant, "code"),
-            Index(n(flavor, grant, "application_id", "idx"), "application_id"),
-            Index(n(flavor, grant, "expires_at", "idx"), "expires_at"),
-            Index(n(flavor, grant, "user_id", "idx"), "user_id"),
-        )
-    if "token" in logical:
-        Table(
-            token,
-            md,
-            _id(flavor),
-            Column(
-                "user_id",
-                BigInteger,
-                *_fk(flavor, token, "user_id", USERS_TABLE, True),
-                nullable=False,
-            ),
-            Column(
-                "application_id",
-                BigInteger,
-                *_fk(flavor, token, "application_id", app, has_app),
-                nullable=True,
-            ),
-            Column("token", String(71), nullable=False),
-            Column("hashed_token", String(128), nullable=True),
-            Column("token_last_characters", String(4), nullable=True),
-            Column("refresh_token", String(71), nullable=True),
-            Column("hashed_refresh_token", String(128), nullable=True),
-            Column("token_type", String(7), nullable=True),
-            Column("scope_list", StringList(), nullable=False),
-            Column("expires_at", DateTime(timezone=True), nullable=True),
-            Column("date_added", DateTime(timezone=True), nullable=False),
-            Column("scopes", BigInteger, nullable=False),  # legacy bit field, no default
-            Column("scoping_organization_id", BigInteger, nullable=True),
-            Column("name", String(255), nullable=True),
-            UniqueConstraint("token", name=n(flavor, token, "token", "key")),
-            UniqueConstraint("hashed_token", name=n(flavor, token, "hashed_token", "key")),
-            UniqueConstraint("refresh_token", name=n(flavor, token, "refresh_token", "key")),
-            UniqueConstraint(
-                "hashed_refresh_token", name=n(flavor, token, "hashed_refresh_token", "key")
-            ),
-            _like(flavor, token, "token"),
-            _like(flavor, token, "hashed_token"),
-            _like(flavor, token, "refresh_token"),
-            _like(flavor, token, "hashed_refresh_token"),
-            Index(n(flavor, token, "application_id", "idx"), "application_id"),
-            Index(n(flavor, token, "user_id", "idx"), "user_id"),
+            *(Index(index_name(flavor, physical, c, "idx"), c) for c in SENTRY_INDEXED[name]),
+            # Django adds a varchar_pattern_ops index beside each indexed or unique varchar.
+            *(_like(flavor, physical, c) for c in keyed if c in varchar),
         )
     return md
 

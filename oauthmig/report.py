@@ -432,7 +432,7 @@ def gather_report(
     moment = now or datetime.now(UTC)
     revisions = (catalogue or Catalogue.load()).revisions
     check_databases(settings, None, revisions)
-    audit = run_audit(settings, now=moment, progress=progress)
+    audit = run_audit(settings, revisions=revisions, now=moment, progress=progress)
     state = read_status(settings, revisions)
     broken = [d for d in state.databases if d.error]
     if broken:

@@ -1,9 +1,10 @@
-"""Files that ship inside the package: the Alembic revisions and the rules reference.
+"""Files that ship inside the package: the Alembic revisions, the rules reference and the JSON
+Schemas of the ``--format json`` documents.
 
-In the repository they live at the top level (``revisions/``, ``docs/rules.md``); a built wheel
-or sdist carries them as ``oauthmig/revisions`` and ``oauthmig/docs`` (see ``pyproject.toml``).
-An installed copy uses the packaged files; a source checkout (editable install) the top-level
-ones. Nothing here depends on the working directory.
+In the repository they live at the top level (``revisions/``, ``docs/rules.md``,
+``docs/schemas/``); a built wheel or sdist carries them as ``oauthmig/revisions`` and
+``oauthmig/docs`` (see ``pyproject.toml``). An installed copy uses the packaged files; a source
+checkout (editable install) the top-level ones. Nothing here depends on the working directory.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from oauthmig.errors import InstallationError
 
-__all__ = ["packaged_path", "revisions_dir", "rules_doc"]
+__all__ = ["json_schema", "packaged_path", "revisions_dir", "rules_doc", "schemas_dir"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -51,5 +52,24 @@ def rules_doc() -> Path:
     if not path.is_file():
         raise InstallationError(
             f"oauthmig is installed without its rules reference ({path} is missing); reinstall it"
+        )
+    return path
+
+
+def schemas_dir() -> Path:
+    """The folder of JSON Schemas (draft 2020-12), ``<command>.schema.json`` for every
+    ``--format json`` document (``upgrade-sql``/``downgrade-sql`` for ``--sql``, and
+    ``interrupted``)."""
+    return packaged_path("docs", "docs") / "schemas"
+
+
+def json_schema(document: str) -> Path:
+    """The JSON Schema of one document (``status``, ``upgrade-sql``, ...); raises
+    InstallationError if it is missing."""
+    path = schemas_dir() / f"{document}.schema.json"
+    if not path.is_file():
+        raise InstallationError(
+            f"oauthmig is installed without the JSON Schema {path.name} ({path} is missing); "
+            "reinstall it"
         )
     return path

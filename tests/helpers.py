@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from sqlalchemy import inspect, select, table, text
 from sqlalchemy.engine import Engine
@@ -18,6 +21,7 @@ from oauthmig.config import Settings
 from oauthmig.db import lock_key, make_engine
 from oauthmig.legacy import LegacyFlavor
 from oauthmig.models import OAuthModels
+from oauthmig.resources import json_schema
 
 
 @dataclass(frozen=True)
@@ -272,3 +276,18 @@ def run_lock_held(settings: Settings, database: str, purpose: str) -> bool:
     finally:
         os.close(fd)  # also drops the probe's shared lock if it was granted
     return False
+
+
+@functools.cache
+def _validator(document: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads(json_schema(document).read_text())
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+def assert_matches_schema(document: str, value: Any) -> None:
+    """Fail, listing every violation, unless ``value`` is valid for the shipped JSON Schema of
+    ``document`` (``status``, ``upgrade-sql``, ...: ``docs/schemas/<document>.schema.json``)."""
+    errors = sorted(_validator(document).iter_errors(value), key=lambda e: list(e.absolute_path))
+    assert not errors, f"{document}: " + "; ".join(
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:10]
+    )

@@ -24,11 +24,13 @@ from oauthmig.legacy import USERS_TABLE, legacy_metadata, user_rows
 from oauthmig.redirects.audit import AuditFinding, audit
 from oauthmig.redirects.reports import FINDING_FIELDS
 from oauthmig.redirects.rules import RULES
+from oauthmig.rollout.revisions import history
 from oauthmig.types import StringList
 from tests.conftest import DatabaseFactory, routed_config
 from tests.helpers import invoke, write_config
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+REVISIONS = history()  # the revision catalogue the audit's preflight checks databases against
 
 _FINDING_SCHEMA = {
     "type": "object",
@@ -642,7 +644,7 @@ def test_findings_stream_in_database_and_id_order(
             for i in range(1, 40)
         ],
     )
-    run = audit(settings, batch_size=7, now=NOW)
+    run = audit(settings, revisions=REVISIONS, batch_size=7, now=NOW)
     findings = list(run)
     ids = [f.application_id for f in findings]
     assert ids == sorted(ids)
@@ -668,7 +670,7 @@ def test_live_grants_are_checked_for_ru103(make_database: DatabaseFactory, tmp_p
             (3, 2, "https://b.example.com/cb", NOW + timedelta(minutes=5)),  # live, registered
         ],
     )
-    run = audit(settings, now=NOW)
+    run = audit(settings, revisions=REVISIONS, now=NOW)
     findings = list(run)
     assert [(f.application_id, f.code, f.uri) for f in findings] == [
         (1, "RU103", "https://a.example.com/old")
@@ -704,7 +706,7 @@ def test_text_grant_column_has_no_length_limit(
     settings, _ = _empty(make_database, tmp_path, text_grant_uri=True)
     long_uri = "https://a.example.com/cb?" + "x" * 400
     _insert_apps(settings, [(1, long_uri, None)])
-    run = audit(settings, now=NOW)
+    run = audit(settings, revisions=REVISIONS, now=NOW)
     assert [f.code for f in run] == []
     assert run.summary().databases[0].grant_column_length is None
 
@@ -714,7 +716,7 @@ def test_varchar_grant_column_sets_the_length_limit(
 ) -> None:
     settings, _ = _empty(make_database, tmp_path)
     _insert_apps(settings, [(1, "https://a.example.com/cb?" + "x" * 300, None)])
-    assert [f.code for f in audit(settings, now=NOW)] == ["RU016"]
+    assert [f.code for f in audit(settings, revisions=REVISIONS, now=NOW)] == ["RU016"]
 
 
 @pytest.mark.parametrize(
@@ -727,7 +729,7 @@ def test_has_secret_is_not_null_and_not_empty(
 ) -> None:
     settings, _ = _empty(make_database, tmp_path)
     _insert_apps(settings, [(1, "com.example.app:/cb", secret)])
-    assert [f.code for f in audit(settings, now=NOW)] == codes
+    assert [f.code for f in audit(settings, revisions=REVISIONS, now=NOW)] == codes
 
 
 def test_application_type_column_wins_over_inference(
@@ -742,7 +744,8 @@ def test_application_type_column_wins_over_inference(
             (3, "", None),
         ],
     )
-    assert [f.code for f in audit(settings, now=NOW)] == ["RU101"]  # all inferred native
+    # All inferred native.
+    assert [f.code for f in audit(settings, revisions=REVISIONS, now=NOW)] == ["RU101"]
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
     apps = table(
         settings.tables.application,
@@ -756,7 +759,7 @@ def test_application_type_column_wins_over_inference(
         "control",
         update(apps).where(apps.c.id == 3).values(grant_types=["client_credentials"]),
     )
-    findings = list(audit(settings, now=NOW))
+    findings = list(audit(settings, revisions=REVISIONS, now=NOW))
     # App 1 is stored as web: http is refused. App 2 (NULL type) is still inferred native.
     # App 3 cannot use the code grant, so no redirect URI is fine.
     assert [(f.application_id, f.code) for f in findings] == [(1, "RU008")]
@@ -769,7 +772,7 @@ def test_unreachable_database_exits_2_before_any_output(
     settings = settings_from_mapping(data, {}, "test")
     cfg = write_config(tmp_path / "oauthmig.toml", data)
     with pytest.raises(DatabaseError):
-        audit(settings)
+        audit(settings, revisions=REVISIONS)
     result = invoke(capsys, "--config", cfg, "audit-redirects", "--format", "json")
     assert result.code == 2
     assert result.out == ""
@@ -784,7 +787,7 @@ def test_database_hosting_only_tokens_is_not_needed(
     data = routed_config(
         settings.databases["control"].url or "", f"sqlite:///{tmp_path / 'gone.sqlite3'}"
     )
-    run = audit(settings_from_mapping(data, {}, "test"), now=NOW)
+    run = audit(settings_from_mapping(data, {}, "test"), revisions=REVISIONS, now=NOW)
     assert [f.code for f in run] == ["RU003"]
     assert run.databases == ("control",)
 
@@ -817,7 +820,7 @@ def test_demo_runs_the_audit_and_does_not_fail_on_findings(
 def _peak(settings: Settings) -> tuple[int, int]:
     tracemalloc.start()
     try:
-        count = sum(1 for _ in audit(settings, batch_size=100, now=NOW))
+        count = sum(1 for _ in audit(settings, revisions=REVISIONS, batch_size=100, now=NOW))
         return tracemalloc.get_traced_memory()[1], count
     finally:
         tracemalloc.stop()

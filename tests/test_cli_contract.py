@@ -24,7 +24,7 @@ from tests.cli_demo import (
     fingerprint,
     run_forked,
 )
-from tests.helpers import write_config
+from tests.helpers import assert_matches_schema, write_config
 
 #: A change to a copy of the demo config mapping.
 ConfigChange = Callable[[dict[str, Any]], None]
@@ -339,6 +339,7 @@ def test_json_interrupted_by_ctrl_c_is_one_document(demo: Demo, tmp_path: Path) 
     out, err = slow.communicate(timeout=60)
     assert slow.returncode == 130, err
     document = json.loads(out)
+    assert_matches_schema("interrupted", document)
     assert document["interrupted"] is True and document["command"] == "backfill"
     assert err.decode().strip().endswith("interrupted; state is saved, rerun to resume")
     assert "Traceback" not in err.decode()

@@ -34,10 +34,14 @@ from sqlalchemy.orm import Session
 from oauthmig.config import Settings, TableNames
 from oauthmig.db import make_engine
 from oauthmig.errors import InvalidGrant, InvalidRequest
+from oauthmig.legacy import SENTRY_COLUMNS
 from oauthmig.provider.models import (
     DEFAULT_MODELS,
+    EXPANDED_COLUMNS,
+    GRANT_REDIRECT_URI_LENGTH,
     MAX_GRACE_SECONDS,
     ApplicationModel,
+    GrantModel,
     IssuedToken,
     OAuthModels,
     TokenModel,
@@ -285,6 +289,28 @@ def test_build_models_uses_configured_table_names(make_database: DatabaseFactory
             assert rows[1].parent_token_id == rows[0].id
     finally:
         eng.dispose()
+
+
+def test_models_map_the_legacy_declaration_and_annotate_every_column() -> None:
+    """One declaration: the mapped columns are the legacy ones marked ``mapped`` plus the
+    expanded ones, typed like the legacy schema, and each base class annotates exactly those."""
+    for logical, base in (
+        ("application", ApplicationModel),
+        ("grant", GrantModel),
+        ("token", TokenModel),
+    ):
+        mapped = M.mapped_table(logical)
+        legacy = [c for c in SENTRY_COLUMNS[logical] if c.mapped]
+        expected = ["id", *(c.name for c in legacy), *(n for n, _ in EXPANDED_COLUMNS[logical])]
+        assert [c.name for c in mapped.columns] == expected, logical
+        assert list(base.__annotations__) == expected, logical
+        for col in legacy:
+            assert mapped.c[col.name].nullable == col.nullable, (logical, col.name)
+            assert str(mapped.c[col.name].type) == str(col.type_), (logical, col.name)
+        unmapped = {c.name for c in SENTRY_COLUMNS[logical] if not c.mapped}
+        assert not unmapped & set(mapped.c.keys()), logical
+    uri_type = M.mapped_table("grant").c.redirect_uri.type
+    assert isinstance(uri_type, String) and uri_type.length == GRANT_REDIRECT_URI_LENGTH
 
 
 # --------------------------------------------------------------------------- PKCE

@@ -20,6 +20,7 @@ from oauthmig.output.text import (
 )
 from oauthmig.redirects.audit import AuditFinding, AuditSummary, audit
 from oauthmig.rollout.backfill import BackfillOptions, BackfillResult, backfill
+from oauthmig.rollout.revisions import history
 from oauthmig.rollout.status import StatusReport, status
 from tests.cli_demo import Demo, demo_installation, run_forked
 from tests.helpers import write_config
@@ -60,7 +61,7 @@ def _assert_whole(text: str, words: set[str]) -> None:
 
 
 def _rule_codes(settings: Settings) -> set[str]:
-    return {f.code for f in audit(settings)}
+    return {f.code for f in audit(settings, revisions=history())}
 
 
 def test_piped_at_80_columns_nothing_is_cut(demo: Demo, tmp_path: Path) -> None:
@@ -94,7 +95,7 @@ def test_piped_at_80_columns_nothing_is_cut(demo: Demo, tmp_path: Path) -> None:
 def outputs(demo: Demo) -> tuple[StatusReport, list[AuditFinding], AuditSummary, BackfillResult]:
     """What the three commands render, read once per backend."""
     settings = demo.settings
-    run = audit(settings)
+    run = audit(settings, revisions=history())
     findings = list(run)
     dry = backfill(settings, options=BackfillOptions(dry_run=True))
     return status(settings), findings, run.summary(), dry

@@ -35,6 +35,8 @@ def _shipped_files() -> dict[str, str]:
         "oauthmig/revisions/env.py": "revisions/env.py",
         "oauthmig/revisions/script.py.mako": "revisions/script.py.mako",
     }
+    for path in sorted((REPO / "docs" / "schemas").glob("*.schema.json")):
+        files[f"oauthmig/docs/schemas/{path.name}"] = f"docs/schemas/{path.name}"
     for path in sorted((REPO / "revisions" / "versions").glob("*.py")):
         files[f"oauthmig/revisions/versions/{path.name}"] = f"revisions/versions/{path.name}"
     for path in sorted((REPO / "oauthmig").glob("*.py")):
@@ -179,6 +181,19 @@ def test_installed_wheel_runs_from_an_empty_directory(installed: Installed, tmp_
     cli("demo", "--apps", "60", "--tokens", "300")
     status = cli("status", "--format", "json")
     assert json.loads(status.stdout)
+    schema = Path(
+        _run(
+            [
+                str(installed.python),
+                "-c",
+                "from oauthmig.resources import json_schema; print(json_schema('status'))",
+            ],
+            work,
+            env,
+        ).stdout.strip()
+    )
+    assert schema.is_relative_to(installed.venv), schema
+    assert json.loads(schema.read_text())["$schema"].endswith("/draft/2020-12/schema")
 
     sarif = cli("audit-redirects", "--format", "sarif", "--fail-on", "never")
     document = json.loads(sarif.stdout)

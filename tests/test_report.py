@@ -37,6 +37,7 @@ from oauthmig.report import (
 from oauthmig.rollout import runner
 from oauthmig.rollout.backfill import backfill
 from oauthmig.rollout.jobs import job_table
+from oauthmig.rollout.revisions import history
 from oauthmig.rollout.status import StatusReport
 from oauthmig.types import StringList
 from tests.conftest import DatabaseFactory, routed_config
@@ -320,7 +321,7 @@ def test_report_gathers_matrix_jobs_pkce_metadata_and_audit(planted: Planted) ->
     assert {"none", "client_secret_basic"} <= set(dict(meta.distributions[0].counts))
 
     # Audit: grouped by rule, with the counts of an audit of its own.
-    codes = Counter(f.code for f in run_audit(s, now=NOW))
+    codes = Counter(f.code for f in run_audit(s, revisions=history(), now=NOW))
     assert {r.code: r.count for r in report.rules} == dict(codes)
     for r in report.rules:
         assert (r.name, r.severity) == (RULES[r.code].name, RULES[r.code].severity.value)

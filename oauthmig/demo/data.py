@@ -37,8 +37,7 @@ from sqlalchemy import (
     inspect,
     text,
 )
-from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.schema import (
     AddConstraint,
     CreateIndex,
@@ -48,9 +47,10 @@ from sqlalchemy.schema import (
 )
 
 from oauthmig.config import DatabaseConfig, Settings
-from oauthmig.db import connect, describe_error, make_engine
+from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import DatabaseError, UsageError
 from oauthmig.legacy import USERS_TABLE, legacy_metadata
+from oauthmig.redirects.rules import GRANT_REDIRECT_URI_LENGTH
 
 __all__ = [
     "MARKER_TABLE",
@@ -76,7 +76,6 @@ GRANTS_PER_APP = 1.5
 LIVE_GRANT_SHARE = 0.3
 UNREGISTERED_LIVE_GRANTS = 3  # per database hosting grants (RU103)
 MESSY_APP_SHARE = 0.25  # of the applications that are not planted examples
-GRANT_URI_LENGTH = 255  # legacy grant.redirect_uri is varchar(255)
 
 _CHUNK = 5_000  # rows per executemany on SQLite
 _REPORT_EVERY = 10_000  # rows between progress calls
@@ -455,7 +454,7 @@ class _App:
     def grant_uris(self) -> list[str]:
         """The URIs a legacy authorization could have bound a grant to, cut to the column."""
         return [
-            line.strip(" \t\r")[:GRANT_URI_LENGTH]
+            line.strip(" \t\r")[:GRANT_REDIRECT_URI_LENGTH]
             for line in self.redirect_uris.split("\n")
             if line.strip(" \t\r")
         ]
@@ -823,13 +822,9 @@ def _check(settings: Settings, database: str) -> None:
     db = settings.databases[database]
     if _sqlite_file_missing(db):
         return  # checked without creating the file: a refusal elsewhere must leave no trace
-    engine = make_engine(db, settings)
-    try:
-        with connect(engine, db) as conn:
-            existing = set(inspect(conn).get_table_names())
-            found = _foreign_table(settings, database, existing)
-    finally:
-        engine.dispose()
+    with map_db_errors(db), open_database(settings, db) as conn:
+        existing = set(inspect(conn).get_table_names())
+        found = _foreign_table(settings, database, existing)
     if found is not None:
         raise DatabaseError(
             f"database {database!r}: table {found} already exists and was not created by "
@@ -973,39 +968,27 @@ def setup_legacy(
     targets = [name for name in settings.database_names() if settings.tables_on(name)]
     for name in targets:  # every database first: refuse before writing anywhere
         _check(settings, name)
-    engines: dict[str, Engine] = {}
-    try:
-        for name in targets:
-            engines[name] = make_engine(settings.databases[name], settings, create=True)
-
-        now = datetime.now(UTC)
-        users = _user_count(apps, tokens)
-        planned = _plan_apps(seed, apps, now, users)
-        grant_dbs = [n for n in targets if "grant" in settings.tables_on(n)]
-        token_dbs = [n for n in targets if "token" in settings.tables_on(n)]
-        grant_split = dict(
-            zip(grant_dbs, _split(round(apps * GRANTS_PER_APP), len(grant_dbs)), strict=True)
-        )
-        token_split = dict(zip(token_dbs, _split(tokens, len(token_dbs)), strict=True))
-        results: list[DemoCounts] = []
-        for name in targets:
-            job = _Job(name, planned, grant_split.get(name, 0), token_split.get(name, 0), users)
-            db = settings.databases[name]
-            try:
-                with connect(engines[name], db) as conn:
-                    with conn.begin():
-                        if conn.dialect.name == "postgresql":
-                            conn.execute(text("SET LOCAL synchronous_commit = off"))
-                        results.append(
-                            _fill(conn, settings, job, seed, now, (apps, tokens), progress)
-                        )
-                    with conn.begin():
-                        _analyze(conn, settings, name)
-            except (SQLAlchemyError, psycopg.Error) as exc:
-                raise DatabaseError(
-                    f"database {name!r}: loading the demo data failed: {describe_error(exc, db)}"
-                ) from None
-        return DemoSetup(seed, tuple(results))
-    finally:
-        for engine in engines.values():
-            engine.dispose()
+    now = datetime.now(UTC)
+    users = _user_count(apps, tokens)
+    planned = _plan_apps(seed, apps, now, users)
+    grant_dbs = [n for n in targets if "grant" in settings.tables_on(n)]
+    token_dbs = [n for n in targets if "token" in settings.tables_on(n)]
+    grant_split = dict(
+        zip(grant_dbs, _split(round(apps * GRANTS_PER_APP), len(grant_dbs)), strict=True)
+    )
+    token_split = dict(zip(token_dbs, _split(tokens, len(token_dbs)), strict=True))
+    results: list[DemoCounts] = []
+    for name in targets:
+        job = _Job(name, planned, grant_split.get(name, 0), token_split.get(name, 0), users)
+        db = settings.databases[name]
+        with (
+            map_db_errors(db, "loading the demo data failed", also=(psycopg.Error,)),
+            open_database(settings, db, create=True) as conn,
+        ):
+            with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SET LOCAL synchronous_commit = off"))
+                results.append(_fill(conn, settings, job, seed, now, (apps, tokens), progress))
+            with conn.begin():
+                _analyze(conn, settings, name)
+    return DemoSetup(seed, tuple(results))

@@ -1,20 +1,18 @@
-"""Consoles and renderers: rich tables and progress for people, JSON for machines.
+"""Consoles and renderers for people: rich tables, plain lines and progress bars.
 
-One ``Console`` per stream. When JSON goes to stdout, everything human goes to stderr.
+One ``Console`` per stream. When JSON goes to stdout (built by :mod:`oauthmig.output.json`),
+everything human goes to stderr.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import sys
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime
-from typing import IO, Any, Protocol
+from typing import IO, Protocol
 
 from rich.console import Console
 from rich.progress import (
@@ -28,9 +26,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from oauthmig.output.json import percentile
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
 from oauthmig.redirects.rules import RULES, Severity, UriReport
-from oauthmig.rollout.backfill import BackfillResult, JobRun
+from oauthmig.rollout.backfill import BackfillResult
 from oauthmig.rollout.jobs import JobStatus
 from oauthmig.rollout.revisions import RevisionInfo
 from oauthmig.rollout.runner import (
@@ -87,21 +86,6 @@ def escape(text: str) -> str:
     from rich.markup import escape as _escape
 
     return _escape(text)
-
-
-def _default(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, tuple | set | frozenset):
-        return list(value)
-    return str(value)
-
-
-def to_json(value: Any) -> str:
-    """Serialize dataclasses, tuples and datetimes as one JSON document."""
-    return json.dumps(value, default=_default, indent=2, ensure_ascii=False)
 
 
 _PLAIN_MIN_COLUMN = 4  # narrowest a wrapping column may get before the plain layout is used
@@ -401,104 +385,6 @@ def render_history(console: Console, revisions: Sequence[RevisionInfo]) -> None:
             ", ".join(rev.requires_backfills) or "-",
         )
     print_table(console, table)
-
-
-def run_to_dict(run: DatabaseRun) -> dict[str, Any]:
-    """JSON shape of one database's run."""
-    return {
-        "database": run.database,
-        "dialect": run.plan.dialect,
-        "from": run.plan.current,
-        "to": run.reached if run.reached is not None or run.error is None else None,
-        "steps": [
-            {
-                "revision": s.revision,
-                "action": s.action,
-                "tables": list(s.tables),
-                "adopted": list(s.adopted),
-            }
-            for s in (run.done or run.plan.steps)
-        ],
-        "waiting": (
-            None
-            if run.plan.waiting is None
-            else {
-                "revision": run.plan.waiting.revision,
-                "job": run.plan.waiting.job,
-                "remaining_rows": run.plan.waiting.remaining_rows,
-            }
-        ),
-        "attempts": run.attempts,
-        "seconds": round(run.seconds, 3),
-        "error": None if run.error is None else run.error.message,
-        "sql": run.sql,
-    }
-
-
-def status_to_dict(report: StatusReport) -> dict[str, Any]:
-    """JSON shape of ``status``."""
-    return {
-        "head": report.revisions[-1].revision if report.revisions else None,
-        "outstanding": report.outstanding,
-        "revisions": [
-            {
-                "revision": r.revision,
-                "message": r.message,
-                "tables": list(r.tables),
-                "requires_backfills": list(r.requires_backfills),
-            }
-            for r in report.revisions
-        ],
-        "databases": [
-            {
-                "database": d.database,
-                "dialect": d.dialect,
-                "url": d.display_url,
-                "tables": list(d.tables),
-                "current": d.current,
-                "error": d.error,
-                "revisions": {
-                    c.revision: {"state": c.state, "detail": c.detail} for c in d.revisions
-                },
-                "backfills": [dataclasses.asdict(j) for j in d.backfills],
-                "live_grants": d.live_grants,
-                "live_grants_without_pkce": d.live_grants_without_pkce,
-            }
-            for d in report.databases
-        ],
-    }
-
-
-def percentile(values: tuple[float, ...], q: float) -> float:
-    """The q-quantile (0..1) of values by nearest rank; 0.0 for none."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[k]
-
-
-def _job_dict(r: JobRun) -> dict[str, Any]:
-    return {
-        "job": r.job,
-        "database": r.database,
-        "status": r.status,
-        "rows_changed": r.rows_changed,
-        "rows_total": r.rows_total,
-        "batches": r.batches,
-        "seconds": round(r.seconds, 3),
-        "rows_per_second": round(r.rows_changed / r.seconds, 1) if r.seconds > 0 else None,
-        "batch_p50_seconds": round(percentile(r.batch_seconds, 0.5), 4),
-        "batch_p99_seconds": round(percentile(r.batch_seconds, 0.99), 4),
-        "estimated_seconds": r.estimated_seconds,
-        "held_seconds": round(r.held_seconds, 3),
-        "message": r.message,
-    }
-
-
-def backfill_to_dict(result: BackfillResult) -> dict[str, Any]:
-    """JSON shape of ``backfill``."""
-    return {"dry_run": result.dry_run, "jobs": [_job_dict(r) for r in result.runs]}
 
 
 def render_backfill(console: Console, result: BackfillResult) -> None:

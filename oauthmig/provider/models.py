@@ -6,9 +6,10 @@ Models
     (:class:`~oauthmig.config.TableNames`) on their own registry and returns an
     :class:`OAuthModels` with the classes ``Application``, ``Grant`` and ``Token``.
     :data:`DEFAULT_MODELS` (and the module-level ``Application``, ``Grant``, ``Token``) use
-    Sentry's default names. Column types are those of the legacy schema (:mod:`oauthmig.legacy`)
-    plus what the expand revisions add, so the classes work on a database migrated by
-    ``oauthmig upgrade`` as well as on one made with ``metadata.create_all``. Annotate with
+    Sentry's default names. The mapped columns, their types, unique constraints and indexes are
+    those the legacy schema declares (:data:`oauthmig.legacy.SENTRY_COLUMNS`, the columns marked
+    ``mapped``) plus what the expand revisions add, so the classes work on a database migrated
+    by ``oauthmig upgrade`` as well as on one made with ``metadata.create_all``. Annotate with
     :class:`ApplicationModel`, :class:`GrantModel` and :class:`TokenModel`, which every built
     class derives from. Datetimes are timezone-aware UTC on both PostgreSQL and SQLite.
 
@@ -64,7 +65,6 @@ from sqlalchemy import (
     DateTime,
     Identity,
     Index,
-    Integer,
     MetaData,
     String,
     Table,
@@ -83,19 +83,35 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
-from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, Session
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from oauthmig.config import ColumnDefault, TableNames
 from oauthmig.errors import ConfigError, InvalidGrant, InvalidRequest, ModelsSchemaError, OAuthError
+from oauthmig.legacy import (
+    SENTRY_COLUMNS,
+    SENTRY_INDEXED,
+    SENTRY_UNIQUE,
+    BigId,
+    LegacyFlavor,
+    index_name,
+    sentry_column,
+)
 from oauthmig.provider.pkce import parse_code_challenge, verify_code_verifier
-from oauthmig.redirects.rules import AppType, UriReport, check_uri, split_redirect_uris
+from oauthmig.redirects.rules import (
+    GRANT_REDIRECT_URI_LENGTH,
+    AppType,
+    UriReport,
+    check_uri,
+    split_redirect_uris,
+)
 from oauthmig.types import StringList
 
 __all__ = [
     "ACCESS_TOKEN_TTL",
     "DEFAULT_MODELS",
+    "EXPANDED_COLUMNS",
     "GRANT_REDIRECT_URI_LENGTH",
     "GRANT_TTL",
     "MAX_GRACE_SECONDS",
@@ -132,12 +148,10 @@ ACCESS_TOKEN_TTL: Final = timedelta(days=30)
 MAX_GRACE_SECONDS: Final = 120.0
 #: Values of ``token.revoked_reason``.
 REVOKE_REASONS: Final = ("reuse_detected", "logout", "admin")
-#: Size of Sentry's ``grant.redirect_uri varchar(255)``.
-GRANT_REDIRECT_URI_LENGTH: Final = 255
-_TOKEN_TYPE_LENGTH = 7  # token.token_type varchar(7): Sentry's prefixes such as "sntrya_"
-
-# INTEGER PRIMARY KEY is SQLite's rowid alias (auto-assigned); BIGINT would not be.
-_BigId = BigInteger().with_variant(Integer(), "sqlite")
+# token.token_type's varchar length (Sentry's prefixes such as "sntrya_").
+_TOKEN_TYPE_LENGTH: Final = cast(
+    int, cast(String, sentry_column("token", "token_type").type_).length
+)
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -177,27 +191,31 @@ class _Columns:
 
 
 class ApplicationModel(_Columns):
-    """Columns of the ``application`` table (OAuth clients); base of every built ``Application``."""
+    """Columns of the ``application`` table (OAuth clients); base of every built ``Application``.
 
-    id: Mapped[int] = mapped_column(_BigId, Identity(), primary_key=True)
-    client_id: Mapped[str] = mapped_column(String(64))
-    client_secret: Mapped[str | None] = mapped_column(Text)
-    owner_id: Mapped[int | None] = mapped_column(BigInteger)
-    name: Mapped[str] = mapped_column(String(64))
-    status: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
-    allowed_origins: Mapped[str | None] = mapped_column(Text)
-    redirect_uris: Mapped[str] = mapped_column(Text)
-    homepage_url: Mapped[str | None] = mapped_column(String(200))
-    privacy_url: Mapped[str | None] = mapped_column(String(200))
-    terms_url: Mapped[str | None] = mapped_column(String(200))
-    scopes: Mapped[list[str]] = mapped_column(StringList())
-    version: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
-    date_added: Mapped[datetime] = mapped_column(UtcDateTime())
+    The annotations give the attributes their Python types; the columns themselves are built
+    from the legacy declaration and :data:`EXPANDED_COLUMNS` by :func:`build_models`.
+    """
+
+    id: Mapped[int]
+    client_id: Mapped[str]
+    client_secret: Mapped[str | None]
+    owner_id: Mapped[int | None]
+    name: Mapped[str]
+    status: Mapped[int]
+    allowed_origins: Mapped[str | None]
+    redirect_uris: Mapped[str]
+    homepage_url: Mapped[str | None]
+    privacy_url: Mapped[str | None]
+    terms_url: Mapped[str | None]
+    scopes: Mapped[list[str]]
+    version: Mapped[int]
+    date_added: Mapped[datetime]
     # Expand revision 0003 (RFC 7591 / OpenID Connect Registration metadata).
-    token_endpoint_auth_method: Mapped[str | None] = mapped_column(String(40))
-    grant_types: Mapped[list[str] | None] = mapped_column(StringList())
-    response_types: Mapped[list[str] | None] = mapped_column(StringList())
-    application_type: Mapped[str | None] = mapped_column(String(8))
+    token_endpoint_auth_method: Mapped[str | None]
+    grant_types: Mapped[list[str] | None]
+    response_types: Mapped[list[str] | None]
+    application_type: Mapped[str | None]
 
     @property
     def redirect_uri_list(self) -> list[str]:
@@ -213,40 +231,88 @@ class ApplicationModel(_Columns):
 class GrantModel(_Columns):
     """Columns of the ``grant`` table (authorization codes); base of every built ``Grant``."""
 
-    id: Mapped[int] = mapped_column(_BigId, Identity(), primary_key=True)
-    user_id: Mapped[int] = mapped_column(BigInteger)
-    application_id: Mapped[int] = mapped_column(BigInteger)
-    code: Mapped[str] = mapped_column(String(64))
-    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
-    redirect_uri: Mapped[str] = mapped_column(String(GRANT_REDIRECT_URI_LENGTH))
-    scope_list: Mapped[list[str]] = mapped_column(StringList())
-    organization_id: Mapped[int | None] = mapped_column(BigInteger)
+    id: Mapped[int]
+    user_id: Mapped[int]
+    application_id: Mapped[int]
+    code: Mapped[str]
+    expires_at: Mapped[datetime]
+    redirect_uri: Mapped[str]
+    scope_list: Mapped[list[str]]
+    organization_id: Mapped[int | None]
     # Expand revision 0001 (RFC 7636).
-    code_challenge: Mapped[str | None] = mapped_column(Text)
-    code_challenge_method: Mapped[str | None] = mapped_column(String(10))
+    code_challenge: Mapped[str | None]
+    code_challenge_method: Mapped[str | None]
 
 
 class TokenModel(_Columns):
     """Columns of the ``token`` table (access + refresh tokens); base of every built ``Token``."""
 
-    id: Mapped[int] = mapped_column(_BigId, Identity(), primary_key=True)
-    user_id: Mapped[int] = mapped_column(BigInteger)
-    application_id: Mapped[int | None] = mapped_column(BigInteger)
-    token: Mapped[str] = mapped_column(String(71))
-    hashed_token: Mapped[str | None] = mapped_column(String(128))
-    token_last_characters: Mapped[str | None] = mapped_column(String(4))
-    refresh_token: Mapped[str | None] = mapped_column(String(71))
-    hashed_refresh_token: Mapped[str | None] = mapped_column(String(128))
-    token_type: Mapped[str | None] = mapped_column(String(_TOKEN_TYPE_LENGTH))
-    scope_list: Mapped[list[str]] = mapped_column(StringList())
-    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
-    date_added: Mapped[datetime] = mapped_column(UtcDateTime())
+    id: Mapped[int]
+    user_id: Mapped[int]
+    application_id: Mapped[int | None]
+    token: Mapped[str]
+    hashed_token: Mapped[str | None]
+    token_last_characters: Mapped[str | None]
+    refresh_token: Mapped[str | None]
+    hashed_refresh_token: Mapped[str | None]
+    token_type: Mapped[str | None]
+    scope_list: Mapped[list[str]]
+    expires_at: Mapped[datetime | None]
+    date_added: Mapped[datetime]
     # Expand revision 0002 (rotation lineage and revocation).
-    token_family_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
-    parent_token_id: Mapped[int | None] = mapped_column(BigInteger)
-    refresh_token_rotated_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
-    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
-    revoked_reason: Mapped[str | None] = mapped_column(String(32))
+    token_family_id: Mapped[uuid.UUID | None]
+    parent_token_id: Mapped[int | None]
+    refresh_token_rotated_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    revoked_reason: Mapped[str | None]
+
+
+#: The nullable columns the expand revisions add, as the models map them, per logical table.
+EXPANDED_COLUMNS: Final[Mapping[str, tuple[tuple[str, TypeEngine[Any]], ...]]] = {
+    "application": (
+        ("token_endpoint_auth_method", String(40)),
+        ("grant_types", StringList()),
+        ("response_types", StringList()),
+        ("application_type", String(8)),
+    ),
+    "grant": (("code_challenge", Text()), ("code_challenge_method", String(10))),
+    "token": (
+        ("token_family_id", Uuid()),
+        ("parent_token_id", BigInteger()),
+        ("refresh_token_rotated_at", UtcDateTime()),
+        ("revoked_at", UtcDateTime()),
+        ("revoked_reason", String(32)),
+    ),
+}
+# What reuse revocation and the within-grace lookup filter on.
+_EXPANDED_INDEXED: Final[Mapping[str, tuple[str, ...]]] = {
+    "token": ("token_family_id", "parent_token_id")
+}
+
+
+def _mapped_table(metadata: MetaData, logical: str, physical: str) -> Table:
+    """The table a built class maps: ``id``, the legacy columns the models manage (timestamps
+    as :class:`UtcDateTime`), the expanded columns, and the legacy unique constraints and
+    indexes under ``<table>_<column>_key`` / ``_idx`` names."""
+    legacy = [
+        c.column(type_=UtcDateTime() if isinstance(c.type_, DateTime) else None)
+        for c in SENTRY_COLUMNS[logical]
+        if c.mapped
+    ]
+    expanded = [Column(name, type_, nullable=True) for name, type_ in EXPANDED_COLUMNS[logical]]
+    indexed = (*SENTRY_INDEXED[logical], *_EXPANDED_INDEXED.get(logical, ()))
+    return Table(
+        physical,
+        metadata,
+        Column("id", BigId, Identity(), primary_key=True),
+        *legacy,
+        *expanded,
+        *(
+            UniqueConstraint(c, name=index_name(LegacyFlavor.FRESH, physical, c, "key"))
+            for c in SENTRY_UNIQUE[logical]
+        ),
+        *(Index(index_name(LegacyFlavor.FRESH, physical, c, "idx"), c) for c in indexed),
+    )
 
 
 #: Token column <- grant column copied at code exchange when both exist and the token column
@@ -328,35 +394,13 @@ def build_models(
         pass
 
     class Application(ApplicationModel, Base):
-        __tablename__ = app
-        __table_args__ = (
-            UniqueConstraint("client_id", name=f"{app}_client_id_key"),
-            Index(f"{app}_owner_id_idx", "owner_id"),
-        )
+        __table__ = _mapped_table(Base.metadata, "application", app)
 
     class Grant(GrantModel, Base):
-        __tablename__ = grant
-        # Sentry indexes the code without making it unique.
-        __table_args__ = (
-            Index(f"{grant}_code_idx", "code"),
-            Index(f"{grant}_application_id_idx", "application_id"),
-            Index(f"{grant}_expires_at_idx", "expires_at"),
-            Index(f"{grant}_user_id_idx", "user_id"),
-        )
+        __table__ = _mapped_table(Base.metadata, "grant", grant)
 
     class Token(TokenModel, Base):
-        __tablename__ = token
-        __table_args__ = (
-            UniqueConstraint("token", name=f"{token}_token_key"),
-            UniqueConstraint("hashed_token", name=f"{token}_hashed_token_key"),
-            UniqueConstraint("refresh_token", name=f"{token}_refresh_token_key"),
-            UniqueConstraint("hashed_refresh_token", name=f"{token}_hashed_refresh_token_key"),
-            Index(f"{token}_application_id_idx", "application_id"),
-            Index(f"{token}_user_id_idx", "user_id"),
-            # What reuse revocation and the within-grace lookup filter on.
-            Index(f"{token}_token_family_id_idx", "token_family_id"),
-            Index(f"{token}_parent_token_id_idx", "parent_token_id"),
-        )
+        __table__ = _mapped_table(Base.metadata, "token", token)
 
     chosen: dict[str, dict[str, ColumnDefault]] = {}
     for logical, columns in (defaults or {}).items():

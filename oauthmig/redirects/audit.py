@@ -1,8 +1,9 @@
 """Audit every stored redirect URI (and live grants' bound URIs) against the redirect rules.
 
-:func:`audit` checks the routed databases up front (reachable, routed tables present, which
-optional columns exist) and returns an :class:`Audit`: iterate it to stream
-:class:`AuditFinding` values, one application after another in ``(database, id)`` order; once
+:func:`audit` checks the routed databases up front (the preflight of every command, with the
+revision catalogue the caller gives: reachable, routed tables present, a known revision in the
+version table; then which optional columns exist) and returns an :class:`Audit`: iterate it to
+stream :class:`AuditFinding` values, one application after another in ``(database, id)`` order; once
 the iteration is exhausted, :meth:`Audit.summary` holds the counts.
 
 Memory stays constant in the number of applications: applications are read in keyset batches
@@ -25,7 +26,9 @@ Per application (docs/rules.md):
   table is routed to the same database (one query per batch); otherwise RU103 is skipped there
   and the summary says so;
 * RU016 uses the length of the grant table's ``redirect_uri`` column on that database
-  (``varchar(255)`` -> 255, ``text`` -> no limit), or 255 when no grant table is routed there.
+  (``varchar(255)`` -> 255, ``text`` -> no limit), or Sentry's 255
+  (:data:`~oauthmig.redirects.rules.GRANT_REDIRECT_URI_LENGTH`) when no grant table is routed
+  there.
 
 Findings whose code is in ``[audit] ignore`` are dropped and counted in
 :attr:`AuditSummary.ignored`.
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -53,14 +56,14 @@ from sqlalchemy import (
     table,
 )
 from sqlalchemy.engine import Connection, Row
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
 from oauthmig.config import Settings
-from oauthmig.db import connect, describe_error, make_engine
+from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import DatabaseError
 from oauthmig.identity import check_distinct
 from oauthmig.redirects.rules import (
+    GRANT_REDIRECT_URI_LENGTH,
     RULES,
     AppType,
     Severity,
@@ -68,12 +71,10 @@ from oauthmig.redirects.rules import (
     infer_app_type,
     split_redirect_uris,
 )
-from oauthmig.rollout.revisions import history
-from oauthmig.rollout.runner import check_state
+from oauthmig.rollout.preflight import RevisionInfo, check_state
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
-    "DEFAULT_GRANT_URI_LENGTH",
     "Audit",
     "AuditFinding",
     "AuditSummary",
@@ -84,8 +85,6 @@ __all__ = [
 ]
 
 DEFAULT_BATCH_SIZE = 1000
-#: RU016 limit when no grant table is routed beside the applications (Sentry's varchar(255)).
-DEFAULT_GRANT_URI_LENGTH = 255
 
 FailOn = Literal["error", "warning", "never"]
 Progress = Callable[[str, int, int], None]
@@ -180,55 +179,50 @@ def _column_length(col_type: Any) -> int | None:
     return int(length) if isinstance(length, int) and length > 0 else None
 
 
-def _preflight(settings: Settings, database: str) -> tuple[_Target, list[str]]:
-    """Connect, check the routed tables and read the columns the audit depends on."""
+def _preflight(
+    settings: Settings, database: str, revisions: Sequence[RevisionInfo]
+) -> tuple[_Target, list[str]]:
+    """Connect, run the common preflight and read the columns the audit depends on."""
     db = settings.databases[database]
     routed = settings.tables_on(database)
-    engine = make_engine(db, settings)
     notes: list[str] = []
-    try:
-        with connect(engine, db) as conn:
-            check_state(conn, settings, db, history())
-            insp = inspect(conn)
-            app_columns = frozenset(
-                c["name"] for c in insp.get_columns(settings.tables.application)
+    with (
+        map_db_errors(db, "cannot read the tables to audit"),
+        open_database(settings, db) as conn,
+    ):
+        check_state(conn, settings, db, revisions)
+        insp = inspect(conn)
+        app_columns = frozenset(c["name"] for c in insp.get_columns(settings.tables.application))
+        missing = {"id", "client_id", "redirect_uris"} - app_columns
+        if missing:
+            raise DatabaseError(
+                f"database {database!r}: table {settings.tables.application} has no "
+                f"{', '.join(sorted(missing))} column; is [tables] application right?"
             )
-            missing = {"id", "client_id", "redirect_uris"} - app_columns
-            if missing:
-                raise DatabaseError(
-                    f"database {database!r}: table {settings.tables.application} has no "
-                    f"{', '.join(sorted(missing))} column; is [tables] application right?"
-                )
-            grants_here = False
-            length: int | None = DEFAULT_GRANT_URI_LENGTH
-            if "grant" in routed:
-                grant_cols = {c["name"]: c for c in insp.get_columns(settings.tables.grant)}
-                uri_col = grant_cols.get("redirect_uri")
-                # Without the column the expand revision adds it as TEXT: no length limit.
-                length = None if uri_col is None else _column_length(uri_col["type"])
-                needed = {"redirect_uri", "application_id", "expires_at"}
-                grants_here = needed <= set(grant_cols)
-                if not grants_here:
-                    absent = ", ".join(sorted(needed - set(grant_cols)))
-                    notes.append(
-                        f"{database}: live grants not checked (RU103): "
-                        f"{settings.tables.grant} has no {absent} column"
-                    )
-            elif settings.routing.get("grant"):
-                elsewhere = ", ".join(settings.routing["grant"])
+        grants_here = False
+        length: int | None = GRANT_REDIRECT_URI_LENGTH
+        if "grant" in routed:
+            grant_cols = {c["name"]: c for c in insp.get_columns(settings.tables.grant)}
+            uri_col = grant_cols.get("redirect_uri")
+            # Without the column the expand revision adds it as TEXT: no length limit.
+            length = None if uri_col is None else _column_length(uri_col["type"])
+            needed = {"redirect_uri", "application_id", "expires_at"}
+            grants_here = needed <= set(grant_cols)
+            if not grants_here:
+                absent = ", ".join(sorted(needed - set(grant_cols)))
                 notes.append(
-                    f"{database}: live grants not checked (RU103): the grant table is routed "
-                    f"to {elsewhere}, not beside the applications"
+                    f"{database}: live grants not checked (RU103): "
+                    f"{settings.tables.grant} has no {absent} column"
                 )
-            if conn.in_transaction():
-                conn.rollback()
-            return _Target(database, app_columns, grants_here, length), notes
-    except SQLAlchemyError as exc:
-        raise DatabaseError(
-            f"database {database!r}: cannot read the tables to audit: {describe_error(exc, db)}"
-        ) from None
-    finally:
-        engine.dispose()
+        elif settings.routing.get("grant"):
+            elsewhere = ", ".join(settings.routing["grant"])
+            notes.append(
+                f"{database}: live grants not checked (RU103): the grant table is routed "
+                f"to {elsewhere}, not beside the applications"
+            )
+        if conn.in_transaction():
+            conn.rollback()
+        return _Target(database, app_columns, grants_here, length), notes
 
 
 def _grant_types(value: object) -> list[str] | None:
@@ -274,17 +268,11 @@ class Audit:
         self._ignored: Counter[str] = Counter()
         self._tallies: dict[str, _Tally] = {t.database: _Tally() for t in targets}
         self._started = False
-        self._finished = False
 
     @property
     def databases(self) -> tuple[str, ...]:
         """The databases whose applications are audited, in configuration order."""
         return tuple(t.database for t in self._targets)
-
-    @property
-    def finished(self) -> bool:
-        """True once every finding has been produced."""
-        return self._finished
 
     def __iter__(self) -> Iterator[AuditFinding]:
         if self._started:
@@ -292,7 +280,6 @@ class Audit:
         self._started = True
         for target in self._targets:
             yield from self._database(target)
-        self._finished = True
 
     def summary(self) -> AuditSummary:
         """The counts so far (final once the iteration is exhausted)."""
@@ -380,45 +367,39 @@ class Audit:
     def _database(self, target: _Target) -> Iterator[AuditFinding]:
         db = self._settings.databases[target.database]
         first, following, grants = self._queries(target)
-        engine = make_engine(db, self._settings)
         tally = self._tallies[target.database]
-        try:
-            with connect(engine, db) as conn:
-                total = self._count(conn) if self._progress is not None else 0
-                after: int | None = None
-                while True:
-                    live: dict[int, list[str]] = {}
-                    try:
-                        if after is None:
-                            rows = conn.execute(first).all()
-                        else:
-                            rows = conn.execute(following, {"after": after}).all()
-                        if rows and target.grants_here:
-                            params = {"lo": rows[0].id, "hi": rows[-1].id, "now": self._now}
-                            for app_id, uri in conn.execute(grants, params):
-                                live.setdefault(int(app_id), []).append(str(uri))
-                    finally:
-                        # One short read transaction per batch: no snapshot is held while
-                        # the caller writes the findings out.
-                        if conn.in_transaction():
-                            conn.rollback()
-                    if not rows:
-                        break
-                    for row in rows:
-                        yield from self._application(target, row, live.get(int(row.id), ()))
-                    tally.applications += len(rows)
-                    after = int(rows[-1].id)
-                    if self._progress is not None:
-                        self._progress(target.database, tally.applications, total)
-                    if len(rows) < self._batch_size:
-                        break
-        except SQLAlchemyError as exc:
-            raise DatabaseError(
-                f"database {target.database!r}: reading applications failed: "
-                f"{describe_error(exc, db)}"
-            ) from None
-        finally:
-            engine.dispose()
+        with (
+            map_db_errors(db, "reading applications failed"),
+            open_database(self._settings, db) as conn,
+        ):
+            total = self._count(conn) if self._progress is not None else 0
+            after: int | None = None
+            while True:
+                live: dict[int, list[str]] = {}
+                try:
+                    if after is None:
+                        rows = conn.execute(first).all()
+                    else:
+                        rows = conn.execute(following, {"after": after}).all()
+                    if rows and target.grants_here:
+                        params = {"lo": rows[0].id, "hi": rows[-1].id, "now": self._now}
+                        for app_id, uri in conn.execute(grants, params):
+                            live.setdefault(int(app_id), []).append(str(uri))
+                finally:
+                    # One short read transaction per batch: no snapshot is held while
+                    # the caller writes the findings out.
+                    if conn.in_transaction():
+                        conn.rollback()
+                if not rows:
+                    break
+                for row in rows:
+                    yield from self._application(target, row, live.get(int(row.id), ()))
+                tally.applications += len(rows)
+                after = int(rows[-1].id)
+                if self._progress is not None:
+                    self._progress(target.database, tally.applications, total)
+                if len(rows) < self._batch_size:
+                    break
 
     def _application(
         self, target: _Target, row: Row[Any], live_grant_uris: list[str] | tuple[()]
@@ -465,14 +446,18 @@ class Audit:
 def audit(
     settings: Settings,
     *,
+    revisions: Sequence[RevisionInfo],
     batch_size: int = DEFAULT_BATCH_SIZE,
     now: datetime | None = None,
     progress: Progress | None = None,
 ) -> Audit:
     """Prepare an audit of every database hosting ``application`` (in configuration order).
 
-    Checks every routed database first, so that an unreachable database or a missing routed
-    table raises (:class:`~oauthmig.errors.DatabaseError`) before any finding is produced.
+    Checks every routed database first, as every command does (``revisions`` is the revision
+    catalogue, :func:`oauthmig.rollout.revisions.history`, which the caller loads: this module
+    does not load Alembic), so that an unreachable, half-migrated or unknown database or a
+    missing routed table raises (:class:`~oauthmig.errors.DatabaseError`) before any finding is
+    produced.
     ``now`` decides which grants are live (default: the current time). Iterate the result for
     the findings; nothing is read until then.
     """
@@ -487,7 +472,7 @@ def audit(
         # database hosting only tokens or grants is not needed and may be down.
         if "application" not in settings.tables_on(name):
             continue
-        target, db_notes = _preflight(settings, name)
+        target, db_notes = _preflight(settings, name, revisions)
         notes.extend(db_notes)
         targets.append(target)
     app_dbs = {t.database for t in targets}

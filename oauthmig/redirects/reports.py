@@ -1,12 +1,12 @@
-"""Machine-readable documents for the redirect rules: JSON, CSV and SARIF 2.1.0.
+"""The ``audit-redirects`` reports for machines: JSON, CSV and SARIF 2.1.0.
 
-``check-redirect --format json`` is one small list (:func:`check_report_to_dict`). The
-``audit-redirects`` documents are written incrementally, so that memory does not grow with the
-number of findings: a writer gets :meth:`ReportWriter.begin`, one :meth:`ReportWriter.finding`
-call per finding as the audit produces it, then :meth:`ReportWriter.end` with the summary.
-Hence the summary comes *after* the findings in the JSON document
-(``{"findings": [...], "summary": {...}}``; the two keys the README documents, object key order
-carries no meaning in JSON) and in the SARIF run's ``properties``.
+The documents are written incrementally, so that memory does not grow with the number of
+findings: a writer gets :meth:`ReportWriter.begin`, one :meth:`ReportWriter.finding` call per
+finding as the audit produces it, then :meth:`ReportWriter.end` with the summary. Hence the
+summary comes *after* the findings in the JSON document (``{"findings": [...], "summary":
+{...}}``; object key order carries no meaning in JSON) and in the SARIF run's ``properties``.
+The JSON shapes (of findings and summary, also inside SARIF, and the JSON writer itself) are in
+:mod:`oauthmig.output.json`.
 
 CSV cells that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``,
 tab or carriage return) get a leading ``'`` (OWASP CSV injection guidance): stored redirect
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
-import json
 import os
 import re
 from importlib import metadata
@@ -28,14 +27,21 @@ from typing import IO, Any, Protocol
 
 from oauthmig.config import DEFAULT_DOCS_URL
 from oauthmig.output.files import output_file
+from oauthmig.output.json import (
+    FINDING_FIELDS,
+    JsonWriter,
+    dumps_compact,
+    dumps_indented,
+    finding_to_dict,
+    summary_to_dict,
+)
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
-from oauthmig.redirects.rules import RULES, Rule, Severity, UriReport
+from oauthmig.redirects.rules import RULES, Rule, Severity
 
 __all__ = [
     "ARTIFACT_BASE_ID",
     "ARTIFACT_BASE_URI",
     "FINDING_FIELDS",
-    "FORMATS",
     "INFORMATION_URI",
     "RULES_DOC",
     "SARIF_SCHEMA_URI",
@@ -44,30 +50,14 @@ __all__ = [
     "ReportWriter",
     "SarifWriter",
     "atomic_output",
-    "check_report_to_dict",
     "finding_fingerprint",
-    "finding_to_dict",
     "rule_anchor",
     "rule_help_uri",
     "sarif_rule",
-    "summary_to_dict",
     "tool_version",
     "writer_for",
 ]
 
-#: The fields of one audit finding, in document order (JSON keys and CSV header).
-FINDING_FIELDS: tuple[str, ...] = (
-    "database",
-    "application_id",
-    "client_id",
-    "uri",
-    "code",
-    "name",
-    "severity",
-    "message",
-    "normalized",
-)
-FORMATS: tuple[str, ...] = ("json", "csv", "sarif")
 #: Where the rules are documented, relative to the project root.
 RULES_DOC = "docs/rules.md"
 SARIF_SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -91,63 +81,6 @@ def tool_version() -> str:
         return metadata.version("oauthmig")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
         return "0+unknown"
-
-
-# --------------------------------------------------------------------------- plain shapes
-
-
-def check_report_to_dict(report: UriReport) -> dict[str, Any]:
-    """JSON shape of one ``check-redirect`` result (see the README)."""
-    return {
-        "uri": report.uri,
-        "app_type": report.app_type.value,
-        "verdict": report.verdict,
-        "normalized": report.normalized,
-        "findings": [
-            {"code": f.code, "name": f.name, "severity": f.severity.value, "message": f.message}
-            for f in report.findings
-        ],
-    }
-
-
-def finding_to_dict(finding: AuditFinding) -> dict[str, Any]:
-    """JSON shape of one audit finding (see the README), keys in :data:`FINDING_FIELDS` order."""
-    return {
-        "database": finding.database,
-        "application_id": finding.application_id,
-        "client_id": finding.client_id,
-        "uri": finding.uri,
-        "code": finding.code,
-        "name": finding.name,
-        "severity": finding.severity.value,
-        "message": finding.message,
-        "normalized": finding.normalized,
-    }
-
-
-def summary_to_dict(summary: AuditSummary) -> dict[str, Any]:
-    """JSON shape of an audit summary."""
-    return {
-        "applications_scanned": summary.applications_scanned,
-        "uris_scanned": summary.uris_scanned,
-        "live_grants_checked": summary.live_grants_checked,
-        "findings": summary.findings,
-        "by_severity": dict(summary.by_severity),
-        "by_code": dict(summary.by_code),
-        "ignored": dict(summary.ignored),
-        "databases": [
-            {
-                "database": d.database,
-                "applications": d.applications,
-                "uris": d.uris,
-                "live_grants": d.live_grants,
-                "grant_column_length": d.grant_column_length,
-                "app_type_source": d.app_type_source,
-            }
-            for d in summary.databases
-        ],
-        "notes": list(summary.notes),
-    }
 
 
 # --------------------------------------------------------------------------- rule documentation
@@ -272,33 +205,6 @@ class ReportWriter(Protocol):
         """Write the summary and close the document."""
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _indented(value: Any, indent: str) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=2).replace("\n", "\n" + indent)
-
-
-class JsonWriter:
-    """``{"findings": [...], "summary": {...}}``, one finding per line."""
-
-    def __init__(self, out: IO[str]) -> None:
-        self._out = out
-        self._first = True
-
-    def begin(self) -> None:
-        self._out.write('{\n  "findings": [')
-
-    def finding(self, finding: AuditFinding) -> None:
-        self._out.write(("\n    " if self._first else ",\n    ") + _dumps(finding_to_dict(finding)))
-        self._first = False
-
-    def end(self, summary: AuditSummary) -> None:
-        close = "]" if self._first else "\n  ]"
-        self._out.write(f'{close},\n  "summary": {_indented(summary_to_dict(summary), "  ")}\n}}\n')
-
-
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -357,9 +263,9 @@ class SarifWriter:
         head = {"$schema": SARIF_SCHEMA_URI, "version": SARIF_VERSION}
         self._out.write(
             "{\n"
-            + "".join(f"  {_dumps(k)}: {_dumps(v)},\n" for k, v in head.items())
+            + "".join(f"  {dumps_compact(k)}: {dumps_compact(v)},\n" for k, v in head.items())
             + '  "runs": [\n    {\n'
-            + f'      "tool": {{"driver": {_indented(driver, "      ")}}},\n'
+            + f'      "tool": {{"driver": {dumps_indented(driver, "      ")}}},\n'
             + '      "results": ['
         )
 
@@ -427,7 +333,7 @@ class SarifWriter:
 
     def finding(self, finding: AuditFinding) -> None:
         sep = "\n        " if self._first else ",\n        "
-        self._out.write(sep + _dumps(self._result(finding)))
+        self._out.write(sep + dumps_compact(self._result(finding)))
         self._first = False
 
     def end(self, summary: AuditSummary) -> None:
@@ -442,11 +348,12 @@ class SarifWriter:
                 },
             }
         }
+        summary_json = dumps_indented(summary_to_dict(summary), "      ")
         self._out.write(
             f"{close},\n"
-            f'      "originalUriBaseIds": {_dumps(bases)},\n'
-            f'      "invocations": [{_dumps(invocation)}],\n'
-            f'      "properties": {{"summary": {_indented(summary_to_dict(summary), "      ")}}}\n'
+            f'      "originalUriBaseIds": {dumps_compact(bases)},\n'
+            f'      "invocations": [{dumps_compact(invocation)}],\n'
+            f'      "properties": {{"summary": {summary_json}}}\n'
             "    }\n  ]\n}\n"
         )
 

@@ -40,6 +40,7 @@ from oauthmig.redirects.uri import (
 )
 
 __all__ = [
+    "GRANT_REDIRECT_URI_LENGTH",
     "RULES",
     "AppFinding",
     "AppReport",
@@ -57,6 +58,10 @@ __all__ = [
     "infer_app_type",
     "split_redirect_uris",
 ]
+
+#: Length of Sentry's ``grant.redirect_uri varchar(255)``: what the legacy schema declares, what
+#: the models refuse beyond, and RU016's limit where the live column length is unknown.
+GRANT_REDIRECT_URI_LENGTH = 255
 
 
 class Severity(StrEnum):
@@ -1066,7 +1071,10 @@ def _evaluate(s: UriSubject) -> UriReport:
 
 
 def check_uri(
-    uri: str, app_type: AppType | str, *, grant_column_length: int | None = 255
+    uri: str,
+    app_type: AppType | str,
+    *,
+    grant_column_length: int | None = GRANT_REDIRECT_URI_LENGTH,
 ) -> UriReport:
     """Check one redirect URI as registration would, for a ``web`` or ``native`` application.
 
@@ -1156,7 +1164,7 @@ def check_application(
     has_secret: bool,
     can_use_code_grant: bool = True,
     live_grant_uris: Iterable[str] = (),
-    grant_column_length: int | None = 255,
+    grant_column_length: int | None = GRANT_REDIRECT_URI_LENGTH,
 ) -> AppReport:
     """Check every redirect URI of one application, then the application as a whole.
 

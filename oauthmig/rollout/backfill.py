@@ -41,7 +41,6 @@ The jobs themselves (what each fills, the job table, the family id formula) are 
 from __future__ import annotations
 
 import contextlib
-import random
 import threading
 import time
 import uuid
@@ -66,12 +65,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from oauthmig.config import BackfillSettings, DatabaseConfig, Settings
 from oauthmig.db import (
     ClientDeadline,
+    backoff_delay,
     connect,
     describe_error,
     exclusive_run,
     for_writing,
+    lock_blockers,
     lock_key,
-    make_engine,
+    map_db_errors,
+    open_database,
+    open_engine,
+    set_timeouts,
 )
 from oauthmig.errors import BackfillError, ConfigError, LockBusyError, OauthmigError, UsageError
 from oauthmig.rollout.health import HealthMonitor, HealthReading
@@ -91,8 +95,9 @@ from oauthmig.rollout.jobs import (
     register_sqlite_functions,
     remaining_rows,
 )
-from oauthmig.rollout.revisions import Catalogue, RevisionInfo, read_log
-from oauthmig.rollout.runner import check_databases, check_routed_tables, lock_blockers
+from oauthmig.rollout.preflight import RevisionInfo, check_routed_tables, read_log
+from oauthmig.rollout.revisions import Catalogue
+from oauthmig.rollout.runner import check_databases
 
 MIN_BATCH, MAX_BATCH = 10, 200_000
 MAX_TRANSIENT_RETRIES = 10
@@ -277,31 +282,6 @@ def _generation(
     return ";".join(parts)
 
 
-def _row_blockers(conn: Connection, physical: str, lo: int, hi: int) -> str:
-    """Who holds the row locks in ``(lo, hi]`` (PostgreSQL): pid, state, transaction age.
-
-    A row locked for update carries the locker's transaction id in ``xmax``; a shared lock
-    (multixact) falls back to the table-level report ``upgrade`` gives. Never query text.
-    """
-    if conn.dialect.name != "postgresql":
-        return lock_blockers(conn, [physical])
-    parts: list[str] = []
-    with contextlib.suppress(SQLAlchemyError):
-        rows = conn.execute(
-            text(
-                "SELECT a.pid, a.state, "
-                "  EXTRACT(EPOCH FROM now() - COALESCE(a.xact_start, a.query_start))::int AS age "
-                "FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() "
-                "AND a.backend_xid IS NOT NULL AND a.backend_xid::text IN "
-                f"(SELECT xmax::text FROM {physical} WHERE id > :lo AND id <= :hi)"
-            ),
-            {"lo": lo, "hi": hi},
-        ).all()
-        conn.rollback()
-        parts = [f"locked by pid {r.pid} ({r.state}, transaction open {r.age}s)" for r in rows]
-    return "; ".join(parts) or lock_blockers(conn, [physical])
-
-
 def adapt_batch_size(size: int, seconds: float, target: float) -> int:
     """Next batch size: grow gently (≤ +25 %), shrink at once in proportion to a slow batch."""
     ratio = target / max(seconds, 1e-4)
@@ -358,20 +338,19 @@ class _Runner:
     def run(self) -> JobRun:
         """Run the job on its database (holding the run lock) and return the outcome."""
         started = time.monotonic()
-        engine = make_engine(self.db, self.settings)
         physical = self.settings.tables.physical(self.job.logical_table)
         self.health = HealthMonitor(self.settings.backfill.health, self.db, physical)
         try:
-            if engine.dialect.name == "postgresql":
-                return self._run(engine, started)
-            with (
-                connect(engine, self.db) as lock_conn,
-                exclusive_run(lock_conn, self.db, f"backfill {self.job.name}"),
-            ):
-                return self._run(engine, started)
+            with open_engine(self.settings, self.db) as engine:
+                if engine.dialect.name == "postgresql":
+                    return self._run(engine, started)
+                with (
+                    connect(engine, self.db) as lock_conn,
+                    exclusive_run(lock_conn, self.db, f"backfill {self.job.name}"),
+                ):
+                    return self._run(engine, started)
         finally:
             self.health.close()
-            engine.dispose()
 
     def _connect(self, engine: Engine, *, reconnect: bool = False) -> Connection:
         """A work connection; on PostgreSQL it also takes (or takes again) the run lock."""
@@ -382,8 +361,7 @@ class _Runner:
                 return conn
             m = self.settings.migrate
             with self._deadline(conn):
-                conn.execute(text(f"SET lock_timeout = '{int(m.lock_timeout_ms)}ms'"))
-                conn.execute(text(f"SET statement_timeout = '{int(m.statement_timeout_ms)}ms'"))
+                set_timeouts(conn, m.lock_timeout_ms, m.statement_timeout_ms)
                 pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
                 got = conn.execute(
                     text("SELECT pg_try_advisory_lock(:k)"), {"k": self.lock_key}
@@ -547,10 +525,8 @@ class _Runner:
         Only while this run still owns the job; best effort (the server may be down).
         """
         with contextlib.suppress(SQLAlchemyError), engine.begin() as c:
-            if c.dialect.name == "postgresql":
-                ms = int(self.settings.migrate.lock_timeout_ms)
-                c.execute(text(f"SET LOCAL lock_timeout = '{ms}ms'"))
-                c.execute(text(f"SET LOCAL statement_timeout = '{max(ms, 5000)}ms'"))
+            ms = self.settings.migrate.lock_timeout_ms
+            set_timeouts(c, ms, max(ms, 5000), local=True)
             c.execute(
                 job_table.update()
                 .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
@@ -613,7 +589,7 @@ class _Runner:
         last = reason
         while True:
             attempt += 1
-            delay = min(5.0, 0.2 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            delay = backoff_delay(attempt - 1, base=0.2, cap=5.0)
             left = window - (time.monotonic() - began)
             if left <= 0:
                 break
@@ -770,7 +746,7 @@ class _Runner:
                         continue
                     locked_attempts += 1
                     if locked_attempts < LOCKED_ROW_ATTEMPTS:
-                        self.sleep(min(5.0, 0.2 * 2**locked_attempts) * random.uniform(0.5, 1.0))
+                        self.sleep(backoff_delay(locked_attempts, base=0.2, cap=5.0))
                         continue
                     self._fail(engine, self._locked_message(conn, physical, lo, hi))
                 if _is_statement_timeout(exc):
@@ -779,7 +755,7 @@ class _Runner:
                     _is_statement_timeout(exc) or _transient(exc)
                 ) and failures < MAX_TRANSIENT_RETRIES:
                     failures += 1
-                    self.sleep(min(5.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0))
+                    self.sleep(backoff_delay(failures, base=0.05, cap=5.0))
                     continue
                 message = describe_error(exc, self.db)
                 # The failed attempt counts too: the stored count is what the message says
@@ -874,7 +850,7 @@ class _Runner:
 
     def _locked_message(self, conn: Connection, physical: str, lo: int, hi: int) -> str:
         assert self.state is not None
-        who = _row_blockers(conn, physical, lo, hi)
+        who = lock_blockers(conn, [physical], id_range=(lo, hi))
         ms = self.settings.migrate.lock_timeout_ms
         return (
             f"database {self.db.name!r}: backfill {self.job.name} cannot make progress: "
@@ -919,49 +895,43 @@ class _Runner:
 
 def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
     started = time.monotonic()
-    engine = make_engine(db, settings)
-    try:
-        with connect(engine, db) as conn:
-            physical = settings.tables.physical(job.logical_table)
-            check_routed_tables(conn, settings, db.name)
-            n = remaining_rows(conn, settings, db.name, job)
-            if n < 0:
-                return JobRun(
-                    job.name,
-                    db.name,
-                    JobStatus.DRY_RUN,
-                    0,
-                    0,
-                    0,
-                    0.0,
-                    message=f"{physical} lacks the job's columns; run `oauthmig upgrade` first",
-                )
-            saved = read_job(conn, job.name)
-            rate: float | None = None
-            if saved and saved.rows_done and saved.finished_at:
-                spent = (saved.finished_at - saved.started_at).total_seconds()
-                rate = saved.rows_done / spent if spent > 0 else None
-            if rate is None:
-                # No history on this database: assume one target-length batch per batch_size.
-                rate = settings.backfill.batch_size / settings.backfill.target_batch_seconds
-            bf = settings.backfill
-            # Pacing: at least sleep_seconds per batch, and max_duty of the wall time in batches.
-            estimate = max(
-                n / rate / bf.max_duty, n / rate + bf.sleep_seconds * (n / bf.batch_size)
-            )
+    with open_database(settings, db) as conn:
+        physical = settings.tables.physical(job.logical_table)
+        check_routed_tables(conn, settings, db.name)
+        n = remaining_rows(conn, settings, db.name, job)
+        if n < 0:
             return JobRun(
                 job.name,
                 db.name,
                 JobStatus.DRY_RUN,
-                n,
-                n,
                 0,
-                time.monotonic() - started,
-                estimated_seconds=round(estimate, 1),
-                message=f"assuming {rate:,.0f} rows/s",
+                0,
+                0,
+                0.0,
+                message=f"{physical} lacks the job's columns; run `oauthmig upgrade` first",
             )
-    finally:
-        engine.dispose()
+        saved = read_job(conn, job.name)
+        rate: float | None = None
+        if saved and saved.rows_done and saved.finished_at:
+            spent = (saved.finished_at - saved.started_at).total_seconds()
+            rate = saved.rows_done / spent if spent > 0 else None
+        if rate is None:
+            # No history on this database: assume one target-length batch per batch_size.
+            rate = settings.backfill.batch_size / settings.backfill.target_batch_seconds
+        bf = settings.backfill
+        # Pacing: at least sleep_seconds per batch, and max_duty of the wall time in batches.
+        estimate = max(n / rate / bf.max_duty, n / rate + bf.sleep_seconds * (n / bf.batch_size))
+        return JobRun(
+            job.name,
+            db.name,
+            JobStatus.DRY_RUN,
+            n,
+            n,
+            0,
+            time.monotonic() - started,
+            estimated_seconds=round(estimate, 1),
+            message=f"assuming {rate:,.0f} rows/s",
+        )
 
 
 def backfill(
@@ -1012,24 +982,14 @@ def backfill(
     def one(item: tuple[DatabaseConfig, Job]) -> JobRun:
         db, job = item
         try:
-            if options.dry_run:
-                return _dry_run(settings, db, job)
-            return _Runner(
-                settings, db, job, options, progress, stopper, revisions, observe=observe
-            ).run()
+            with map_db_errors(db):
+                if options.dry_run:
+                    return _dry_run(settings, db, job)
+                return _Runner(
+                    settings, db, job, options, progress, stopper, revisions, observe=observe
+                ).run()
         except OauthmigError as exc:
             return JobRun(job.name, db.name, JobStatus.FAILED, 0, 0, 0, 0.0, message=exc.message)
-        except SQLAlchemyError as exc:
-            return JobRun(
-                job.name,
-                db.name,
-                JobStatus.FAILED,
-                0,
-                0,
-                0,
-                0.0,
-                message=f"database {db.name!r}: {describe_error(exc, db)}",
-            )
 
     if options.jobs > 1 and len(work) > 1:
         pool = ThreadPoolExecutor(max_workers=options.jobs)

@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.types import TypeEngine
 
+from oauthmig.db import timeout_statements
 from oauthmig.errors import IndexTimeoutError, RevisionFailedError
 from oauthmig.legacy import legacy_metadata
 from oauthmig.rollout import offline
@@ -162,8 +163,8 @@ class _PgFinalize:
         op.execute(text(sql))
 
     def _timeouts(self, lock_ms: int, statement_ms: int) -> None:
-        self.exec(f"SET lock_timeout = '{int(lock_ms)}ms'")
-        self.exec(f"SET statement_timeout = '{int(statement_ms)}ms'")
+        for statement in timeout_statements(lock_ms, statement_ms):
+            self.exec(statement)
 
     def exec_long(self, sql: str, what: str, physical: str) -> None:
         """Run an index build/drop or VALIDATE under ``index_timeout`` instead of the DDL limits.

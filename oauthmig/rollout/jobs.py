@@ -118,9 +118,6 @@ FAMILY_VERSION = 2  # job version of new token-families jobs (see family_id)
 _SQLITE_FAMILY_FN = "oauthmig_family_id"
 
 
-_SQLITE_APP_TYPE_FN = "oauthmig_app_type"
-
-
 _md = MetaData()
 
 

@@ -6,13 +6,15 @@ On each database the revision runs only the operations for tables routed there a
 outcome (``applied`` or ``skipped``: not routed) in that database's own
 ``oauthmig_revision_log``; Alembic's own version table (``oauthmig_version``) tracks the head.
 This module reads the catalogue (:class:`Catalogue`), gives revision files :func:`expand` and
-:func:`contract`, is the Alembic environment (:func:`run_environment`) and reads the version
-table and revision log. :mod:`oauthmig.rollout.runner` plans and runs revisions.
+:func:`contract` and is the Alembic environment (:func:`run_environment`). The revision
+descriptions, the version table and revision log readers and the preflight are in
+:mod:`oauthmig.rollout.preflight` (no Alembic there) and re-exported here for revision files;
+:mod:`oauthmig.rollout.runner` plans and runs revisions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import ModuleType
@@ -22,31 +24,14 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.script import Script, ScriptDirectory
-from sqlalchemy import (
-    Column,
-    DateTime,
-    MetaData,
-    String,
-    Table,
-    Text,
-    delete,
-    func,
-    insert,
-    inspect,
-    literal_column,
-    select,
-    text,
-)
+from sqlalchemy import Column, delete, func, insert, inspect, literal_column, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateTable
 from sqlalchemy.types import TypeEngine
 
 from oauthmig.config import LOGICAL_TABLES, MigrateSettings, TableNames
-from oauthmig.errors import (
-    IncompatibleColumnError,
-    RevisionFailedError,
-    SchemaStateError,
-    UsageError,
-)
+from oauthmig.db import timeout_statements
+from oauthmig.errors import RevisionFailedError, UsageError
 from oauthmig.resources import packaged_path, revisions_dir
 from oauthmig.rollout.offline import (
     SqliteGuards,
@@ -55,86 +40,26 @@ from oauthmig.rollout.offline import (
     pg_drop_if_added,
     sqlite_column_absent,
 )
+from oauthmig.rollout.preflight import LOG_TABLE as LOG_TABLE
+from oauthmig.rollout.preflight import VERSION_TABLE as VERSION_TABLE
+from oauthmig.rollout.preflight import ColumnSpec as ColumnSpec
+from oauthmig.rollout.preflight import RevisionInfo as RevisionInfo
+from oauthmig.rollout.preflight import incompatible_column as incompatible_column
+from oauthmig.rollout.preflight import log_metadata as log_metadata
+from oauthmig.rollout.preflight import read_current as read_current
+from oauthmig.rollout.preflight import read_log as read_log
+from oauthmig.rollout.preflight import revision_log as revision_log
+from oauthmig.rollout.preflight import revision_position as revision_position
+from oauthmig.rollout.preflight import text_like as text_like
+from oauthmig.rollout.preflight import type_name as type_name
 
 #: Where the revisions are (packaged copy when installed); see :mod:`oauthmig.resources`.
 REVISIONS_DIR = packaged_path("revisions", "revisions")
-VERSION_TABLE = "oauthmig_version"
-LOG_TABLE = "oauthmig_revision_log"
 TARGET_KEY = "oauthmig_target"
 CONNECTION_KEY = "connection"
 
-log_metadata = MetaData()
-revision_log = Table(
-    LOG_TABLE,
-    log_metadata,
-    Column("revision", String(32), primary_key=True),
-    Column("outcome", String(16), nullable=False),
-    Column("tables", String(100), nullable=False),
-    Column("adopted", Text, nullable=True),
-    Column("detail", Text, nullable=True),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-)
-
-
-# --------------------------------------------------------------------------- column specs
-
-
-@dataclass(frozen=True, slots=True)
-class ColumnSpec:
-    """A nullable column an expand revision adds, and which existing types it adopts."""
-
-    table: str
-    name: str
-    type_: TypeEngine[Any]
-    expected: str
-    compatible: Callable[[TypeEngine[Any], str], bool]
-
-
-def text_like(min_length: int) -> Callable[[TypeEngine[Any], str], bool]:
-    """Adopt TEXT, or VARCHAR/CHAR of at least ``min_length``."""
-
-    def check(found: TypeEngine[Any], _dialect: str) -> bool:
-        if not isinstance(found, String):
-            return False
-        return found.length is None or found.length >= min_length
-
-    return check
-
-
-def type_name(found: TypeEngine[Any], dialect_name: str) -> str:
-    """How a reflected type reads in messages (``varchar(64)``, ``integer``)."""
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    module = postgresql if dialect_name == "postgresql" else sqlite
-    dialect = module.dialect()
-    try:
-        return found.compile(dialect=dialect).lower()
-    except Exception:
-        return str(found).lower()
-
 
 # --------------------------------------------------------------------------- revisions
-
-
-@dataclass(frozen=True, slots=True)
-class RevisionInfo:
-    """One revision of the linear history."""
-
-    revision: str
-    down_revision: str | None
-    message: str
-    tables: tuple[str, ...]
-    columns: tuple[ColumnSpec, ...]
-    requires_backfills: tuple[str, ...]
-
-    def applies_to(self, routed: Sequence[str]) -> bool:
-        """The routing rule: a revision runs on a database where one of its tables is routed
-        (or everywhere, when it names no table); elsewhere it is recorded as skipped."""
-        return not self.tables or any(t in routed for t in self.tables)
-
-    def tables_on(self, routed: Sequence[str]) -> tuple[str, ...]:
-        """The revision's tables among ``routed``, in the revision's order."""
-        return tuple(t for t in self.tables if t in routed)
 
 
 def _info(script: Script) -> RevisionInfo:
@@ -214,16 +139,6 @@ def resolve_revision(
             "no database was touched"
         )
     return matches[0]
-
-
-def revision_position(rev: str | None, revisions: Sequence[RevisionInfo]) -> int:
-    """Position after ``rev`` in the history (0 for base)."""
-    if rev is None:
-        return 0
-    for i, r in enumerate(revisions):
-        if r.revision == rev:
-            return i + 1
-    raise SchemaStateError(f"unknown revision {rev!r}")
 
 
 # --------------------------------------------------------------------------- run context
@@ -323,15 +238,6 @@ def _dialect(name: str) -> Any:
     return module.dialect()
 
 
-def incompatible_column(
-    database: str, physical: str, spec: ColumnSpec, found: TypeEngine[Any], dialect: str
-) -> IncompatibleColumnError:
-    return IncompatibleColumnError(
-        f"database {database!r}: column {physical}.{spec.name} exists as "
-        f"{type_name(found, dialect)}, expected {spec.expected}; alter or rename it, then rerun"
-    )
-
-
 # --------------------------------------------------------------------------- environment
 
 
@@ -353,10 +259,9 @@ def run_environment(context: EnvironmentContext) -> None:
             for stmt in t.header_guards:  # before anything, even CREATE TABLE IF NOT EXISTS
                 context.execute(text(stmt))
             if t.dialect == "postgresql":
-                context.execute(f"SET lock_timeout = '{t.migrate.lock_timeout_ms}ms'")
-                context.execute(f"SET statement_timeout = '{t.migrate.statement_timeout_ms}ms'")
-            from sqlalchemy.schema import CreateTable
-
+                m = t.migrate
+                for statement in timeout_statements(m.lock_timeout_ms, m.statement_timeout_ms):
+                    context.execute(statement)
             context.execute(CreateTable(revision_log, if_not_exists=True))
         with context.begin_transaction():
             for stmt in t.step_guards:
@@ -398,40 +303,3 @@ def _record_step(*, ctx: MigrationContext, step: MigrationInfo, heads: Any, run_
     else:
         for rev in step.source_revision_ids:
             ctx.execute(delete(revision_log).where(revision_log.c.revision == rev))
-
-
-# --------------------------------------------------------------------------- state reading
-
-
-def _version_heads(conn: Connection) -> tuple[str, ...]:
-    mc = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-    heads = tuple(mc.get_current_heads())
-    if conn.in_transaction():
-        conn.rollback()
-    return heads
-
-
-def read_current(conn: Connection, db: str, revisions: Sequence[RevisionInfo]) -> str | None:
-    """The revision recorded on this database (``None`` = base); unknown ones are an error."""
-    heads = _version_heads(conn)
-    if not heads:
-        return None
-    if len(heads) > 1:
-        raise SchemaStateError(f"database {db!r}: version table {VERSION_TABLE} has several rows")
-    known = {r.revision for r in revisions}
-    if heads[0] not in known:
-        raise SchemaStateError(
-            f"database {db!r}: version table records revision {heads[0]!r}, which this oauthmig "
-            "does not know; upgrade oauthmig, or use the version that applied it"
-        )
-    return heads[0]
-
-
-def read_log(conn: Connection) -> dict[str, dict[str, Any]]:
-    """Rows of the revision log keyed by revision (empty if the table does not exist)."""
-    if not inspect(conn).has_table(LOG_TABLE):
-        return {}
-    rows = conn.execute(select(revision_log)).mappings().all()
-    if conn.in_transaction():
-        conn.rollback()
-    return {r["revision"]: dict(r) for r in rows}

@@ -6,14 +6,14 @@ against a connection, the other two in Alembic's offline mode writing SQL to a b
 Online runs are all or nothing across databases: every selected database is planned and checked
 first, and if any cannot be, nothing is written anywhere (:class:`PlanRefusedError`); each
 database then runs its plan, confirmed under its run lock. The catalogue and the revision API
-are in :mod:`oauthmig.rollout.revisions`.
+are in :mod:`oauthmig.rollout.revisions`, the preflight checks every command runs in
+:mod:`oauthmig.rollout.preflight`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -28,26 +28,32 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import (
     delete,
     insert,
-    inspect,
     text,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, PendingRollbackError, SQLAlchemyError
-from sqlalchemy.types import TypeEngine
 
 from oauthmig.config import DatabaseConfig, MigrateSettings, Settings
-from oauthmig.db import connect, describe_error, exclusive_run, for_writing, lock_key, make_engine
+from oauthmig.db import (
+    backoff_delay,
+    db_error_message,
+    exclusive_run,
+    for_writing,
+    lock_blockers,
+    lock_key,
+    map_db_errors,
+    open_database,
+    set_timeouts,
+)
 from oauthmig.errors import (
     ConnectionLostError,
     DatabaseError,
     GateError,
     LockBusyError,
     LockTimeoutError,
-    MissingTableError,
     OauthmigError,
     PlanRefusedError,
     RevisionFailedError,
-    SchemaStateError,
     UsageError,
 )
 from oauthmig.identity import check_distinct
@@ -57,20 +63,22 @@ from oauthmig.rollout.offline import (
     gate_guards,
     version_guard,
 )
-from oauthmig.rollout.revisions import (
-    CONNECTION_KEY,
-    LOG_TABLE,
-    TARGET_KEY,
+from oauthmig.rollout.preflight import (
     VERSION_TABLE,
-    Catalogue,
     RevisionInfo,
-    RevisionTarget,
-    incompatible_column,
+    check_state,
     log_metadata,
+    preflight,
     read_current,
     read_log,
     revision_log,
     revision_position,
+)
+from oauthmig.rollout.revisions import (
+    CONNECTION_KEY,
+    TARGET_KEY,
+    Catalogue,
+    RevisionTarget,
 )
 
 # --------------------------------------------------------------------------- results
@@ -196,118 +204,19 @@ class RunResult:
         return tuple(r for r in self.runs if r.error is not None)
 
 
-def check_routed_tables(conn: Connection, settings: Settings, database: str) -> None:
-    """Raise :class:`MissingTableError` naming the first routed table absent from ``database``."""
-    existing = set(inspect(conn).get_table_names())
-    if conn.in_transaction():
-        conn.rollback()
-    for logical in settings.tables_on(database):
-        physical = settings.tables.physical(logical)
-        if physical not in existing:
-            raise MissingTableError(
-                f"database {database!r}: routed table {logical!r} ({physical}) does not exist; "
-                f"create it, or remove {database!r} from [routing] {logical}"
-            )
-
-
-def preflight(
-    conn: Connection,
-    settings: Settings,
-    db: DatabaseConfig,
-    revisions: Sequence[RevisionInfo],
-    current: str | None,
-    pending: Sequence[RevisionInfo],
-    reverting: Sequence[RevisionInfo] = (),
-) -> None:
-    """Refuse, before writing anything, what would fail midway.
-
-    Checks that every routed table exists, that applied revisions' columns are present (else the
-    database is half-migrated), and that pending columns that already exist can be adopted.
-    Revisions being reverted may miss columns (that is how a half-migrated database is
-    repaired), but their revision log row must prove which columns oauthmig added.
-    """
-    insp = inspect(conn)
-    routed = settings.tables_on(db.name)
-    check_routed_tables(conn, settings, db.name)
-    columns: dict[str, dict[str, TypeEngine[Any]]] = {}
-    for logical in routed:
-        physical = settings.tables.physical(logical)
-        columns[logical] = {c["name"]: c["type"] for c in insp.get_columns(physical)}
-    reverted = {r.revision for r in reverting}
-    log = read_log(conn) if reverting else {}
-    for rev in reverting:
-        row = log.get(rev.revision)
-        if any(c.table in routed for c in rev.columns) and (
-            row is None or row.get("outcome") != "applied"
-        ):
-            raise SchemaStateError(
-                f"database {db.name!r}: revision {rev.revision} has no 'applied' row in "
-                f"{LOG_TABLE}, so nothing proves which of its columns oauthmig added (and which "
-                "existed before); restore the row, or drop the columns by hand"
-            )
-    for rev in revisions[: revision_position(current, revisions)]:
-        if rev.revision in reverted:
-            continue
-        for spec in rev.columns:
-            if spec.table in routed and spec.name not in columns[spec.table]:
-                raise SchemaStateError(
-                    f"database {db.name!r}: revision {rev.revision} is recorded as applied but "
-                    f"{settings.tables.physical(spec.table)}.{spec.name} is missing "
-                    f"(half-migrated); restore the column, or `oauthmig downgrade --to "
-                    f"{rev.down_revision or 'base'} -d {db.name}` then upgrade again"
-                )
-            found = columns[spec.table].get(spec.name) if spec.table in routed else None
-            if found is not None and not spec.compatible(found, conn.dialect.name):
-                # Only an adoption by an offline script, which cannot compare types, gets here.
-                raise incompatible_column(
-                    db.name, settings.tables.physical(spec.table), spec, found, conn.dialect.name
-                )
-    for rev in pending:
-        for spec in rev.columns:
-            if spec.table not in routed:
-                continue
-            found = columns[spec.table].get(spec.name)
-            if found is not None and not spec.compatible(found, conn.dialect.name):
-                raise incompatible_column(
-                    db.name, settings.tables.physical(spec.table), spec, found, conn.dialect.name
-                )
-    if conn.in_transaction():
-        conn.rollback()
-
-
-def check_state(
-    conn: Connection, settings: Settings, db: DatabaseConfig, revisions: Sequence[RevisionInfo]
-) -> str | None:
-    """The preflight every command that reads or writes a database runs; the current revision.
-
-    Raises (:class:`SchemaStateError`, :class:`MissingTableError`) when a routed table is
-    missing, the version table names an unknown revision or holds several rows, or a column
-    of an applied revision is missing (half-migrated).
-    """
-    check_routed_tables(conn, settings, db.name)
-    current = read_current(conn, db.name, revisions)
-    preflight(conn, settings, db, revisions, current, [])
-    return current
-
-
 def check_databases(
     settings: Settings, names: Sequence[str] | None, revisions: Sequence[RevisionInfo]
 ) -> None:
-    """Run :func:`check_state` on each database (all selected when ``names`` is ``None``);
-    raise the first error. Also refuses two configured names that reach the same database.
+    """Run :func:`~oauthmig.rollout.preflight.check_state` on each database (all selected when
+    ``names`` is ``None``); raise the first error. Also refuses two configured names that reach
+    the same database.
     """
     chosen = list(settings.database_names() if names is None else names)
     check_distinct(settings, chosen)
     for name in chosen:
         db = settings.databases[name]
-        engine = make_engine(db, settings)
-        try:
-            with connect(engine, db) as conn:
-                check_state(conn, settings, db, revisions)
-        except SQLAlchemyError as exc:
-            raise DatabaseError(f"database {name!r}: {describe_error(exc, db)}") from None
-        finally:
-            engine.dispose()
+        with map_db_errors(db), open_database(settings, db) as conn:
+            check_state(conn, settings, db, revisions)
 
 
 def refuse_downgrade_during_backfill(
@@ -562,32 +471,6 @@ def _step_after_loss(
     return f"revision {revs[0]}" if len(revs) == 1 else f"one of revisions {', '.join(revs)}"
 
 
-def lock_blockers(conn: Connection, physical_tables: Sequence[str]) -> str:
-    """Who holds locks on the tables (PostgreSQL); never includes query text (may hold secrets)."""
-    if conn.dialect.name != "postgresql":
-        return "another connection is writing to the SQLite database"
-    parts: list[str] = []
-    with contextlib.suppress(SQLAlchemyError):
-        rows = conn.execute(
-            text(
-                "SELECT c.relname, a.pid, a.state, l.mode, "
-                "  EXTRACT(EPOCH FROM now() - COALESCE(a.xact_start, a.query_start))::int AS age "
-                "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-                "JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.granted AND l.pid <> pg_backend_pid() AND c.relname = ANY(:names) "
-                "ORDER BY age DESC NULLS LAST LIMIT 5"
-            ),
-            {"names": list(physical_tables)},
-        ).all()
-        conn.rollback()
-        for r in rows:
-            parts.append(
-                f"{r.relname} locked by pid {r.pid} ({r.state}, {r.mode}, "
-                f"transaction open {r.age}s)"
-            )
-    return "; ".join(parts) or "a conflicting lock was held and has since been released"
-
-
 def _record_failure(conn: Connection, rev: str, message: str) -> None:
     with contextlib.suppress(SQLAlchemyError):
         if conn.in_transaction():
@@ -610,8 +493,7 @@ def _record_failure(conn: Connection, rev: str, message: str) -> None:
 def _apply_session_timeouts(conn: Connection, migrate: MigrateSettings) -> None:
     if conn.dialect.name == "postgresql":
         # Session level, so every statement of every revision transaction is bounded.
-        conn.execute(text(f"SET lock_timeout = '{int(migrate.lock_timeout_ms)}ms'"))
-        conn.execute(text(f"SET statement_timeout = '{int(migrate.statement_timeout_ms)}ms'"))
+        set_timeouts(conn, migrate.lock_timeout_ms, migrate.statement_timeout_ms)
         conn.commit()
 
 
@@ -631,7 +513,7 @@ class RunRequest:
 
 
 def _as_error(exc: SQLAlchemyError, db: DatabaseConfig) -> DatabaseError:
-    return DatabaseError(f"database {db.name!r}: {describe_error(exc, db)}")
+    return DatabaseError(db_error_message(exc, db))
 
 
 def run_database(
@@ -652,15 +534,11 @@ def run_database(
         target = cat.resolve(req.target)
         if req.mode is Mode.SQL:
             return _run_offline(req, db, cat, target, started)
-        engine = make_engine(db, settings)
-        try:
-            with connect(engine, db) as conn:
-                if req.mode is Mode.DRY_RUN:
-                    return _run_dry(req, conn, db, cat, target, started)
-                with exclusive_run(conn, db, "upgrade"):
-                    return _run_online(req, conn, db, cat, target, started, sleep)
-        finally:
-            engine.dispose()
+        with open_database(settings, db) as conn:
+            if req.mode is Mode.DRY_RUN:
+                return _run_dry(req, conn, db, cat, target, started)
+            with exclusive_run(conn, db, "upgrade"):
+                return _run_online(req, conn, db, cat, target, started, sleep)
     except OauthmigError as exc:
         error = exc
     except SQLAlchemyError as exc:
@@ -732,8 +610,7 @@ def _run_online(
             physical = [settings.tables.physical(t) for t in here]
             if _is_lock_timeout(exc) and attempts <= retries:
                 # Nothing is held while we wait: the failed revision's transaction is rolled back.
-                delay = min(30.0, 0.2 * (2 ** (attempts - 1))) * random.uniform(0.5, 1.0)
-                sleep(delay)
+                sleep(backoff_delay(attempts - 1, base=0.2, cap=30.0))
                 continue
             if _is_lock_timeout(exc):
                 who = lock_blockers(conn, physical)
@@ -747,9 +624,8 @@ def _run_online(
                 if failing:
                     _record_failure(conn, failing.revision, message)
                 raise LockTimeoutError(message) from None
-            message = (
-                f"database {db.name!r}: revision {failing.revision if failing else '?'} "
-                f"failed: {describe_error(exc, db)}"
+            message = db_error_message(
+                exc, db, f"revision {failing.revision if failing else '?'} failed"
             )
             if failing:
                 _record_failure(conn, failing.revision, message)
@@ -977,18 +853,12 @@ def plan(
     for name in settings.database_names():
         db = settings.databases[name]
         try:
-            engine = make_engine(db, settings)
-            try:
-                with connect(engine, db) as conn:
-                    out.append(
-                        _plan(conn, settings, db, cat.revisions, resolved, direction, explicit)[0]
-                    )
-            finally:
-                engine.dispose()
+            with map_db_errors(db), open_database(settings, db) as conn:
+                out.append(
+                    _plan(conn, settings, db, cat.revisions, resolved, direction, explicit)[0]
+                )
         except OauthmigError as exc:
             out.append(exc.with_traceback(None))
-        except SQLAlchemyError as exc:
-            out.append(_as_error(exc, db))
     return out
 
 

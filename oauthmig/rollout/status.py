@@ -9,15 +9,15 @@ from typing import Any
 
 from sqlalchemy import and_, column, func, inspect, select, table
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
 
 from oauthmig.config import Settings
-from oauthmig.db import connect, describe_error, make_engine, scrub_stored
+from oauthmig.db import connect, map_db_errors, open_engine, scrub_stored
 from oauthmig.errors import OauthmigError
 from oauthmig.identity import check_distinct
 from oauthmig.rollout.jobs import JobState, JobStatus, job_states
-from oauthmig.rollout.revisions import RevisionInfo, history, read_log, revision_position
-from oauthmig.rollout.runner import check_state, gate_for
+from oauthmig.rollout.preflight import RevisionInfo, check_state, read_log, revision_position
+from oauthmig.rollout.revisions import history
+from oauthmig.rollout.runner import gate_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,75 +90,62 @@ def _database_status(
 ) -> DatabaseStatus:
     db = settings.databases[name]
     routed = settings.tables_on(name)
-    engine = make_engine(db, settings)
-    try:
-        with connect(engine, db) as conn:
-            current = check_state(conn, settings, db, revisions)
-            log = read_log(conn)
-            applied_upto = revision_position(current, revisions)
-            cells: list[RevisionState] = []
-            gate_found = False
-            for i, rev in enumerate(revisions):
-                row: dict[str, Any] = log.get(rev.revision, {})
-                if i < applied_upto:
-                    state = str(row.get("outcome") or "applied")
-                    adopted = row.get("adopted")
-                    cells.append(
-                        RevisionState(
-                            rev.revision, state, f"adopted {adopted}" if adopted else None
-                        )
-                    )
-                    continue
-                if row.get("outcome") == "failed":
-                    detail = scrub_stored(row.get("detail"), db.url)
-                    cells.append(RevisionState(rev.revision, "failed", detail))
-                    continue
-                if not gate_found:
-                    waiting = gate_for(conn, settings, name, rev)
-                    if waiting is not None:
-                        gate_found = True
+    # A config error or a missing SQLite file fails the command (raised here, as every
+    # command does); what goes wrong once the database is reached is reported in its row.
+    with open_engine(settings, db) as engine:
+        try:
+            with map_db_errors(db), connect(engine, db) as conn:
+                current = check_state(conn, settings, db, revisions)
+                log = read_log(conn)
+                applied_upto = revision_position(current, revisions)
+                cells: list[RevisionState] = []
+                gate_found = False
+                for i, rev in enumerate(revisions):
+                    row: dict[str, Any] = log.get(rev.revision, {})
+                    if i < applied_upto:
+                        state = str(row.get("outcome") or "applied")
+                        adopted = row.get("adopted")
                         cells.append(
                             RevisionState(
-                                rev.revision,
-                                "waiting",
-                                waiting.describe(),
+                                rev.revision, state, f"adopted {adopted}" if adopted else None
                             )
                         )
                         continue
-                cells.append(RevisionState(rev.revision, "pending"))
-            jobs: list[JobState] = []
-            jobs.extend(job_states(conn, settings, name))
-            live, without = _live_grants(conn, settings, name)
+                    if row.get("outcome") == "failed":
+                        detail = scrub_stored(row.get("detail"), db.url)
+                        cells.append(RevisionState(rev.revision, "failed", detail))
+                        continue
+                    if not gate_found:
+                        waiting = gate_for(conn, settings, name, rev)
+                        if waiting is not None:
+                            gate_found = True
+                            cells.append(
+                                RevisionState(
+                                    rev.revision,
+                                    "waiting",
+                                    waiting.describe(),
+                                )
+                            )
+                            continue
+                    cells.append(RevisionState(rev.revision, "pending"))
+                jobs: list[JobState] = []
+                jobs.extend(job_states(conn, settings, name))
+                live, without = _live_grants(conn, settings, name)
+                return DatabaseStatus(
+                    name,
+                    conn.dialect.name,
+                    db.display_url,
+                    routed,
+                    current,
+                    tuple(cells),
+                    tuple(jobs),
+                    live,
+                    without,
+                )
+        except OauthmigError as exc:
             return DatabaseStatus(
-                name,
-                conn.dialect.name,
-                db.display_url,
-                routed,
-                current,
-                tuple(cells),
-                tuple(jobs),
-                live,
-                without,
+                name, db.dialect, db.display_url, routed, None, (), (), None, None, exc.message
             )
-    except OauthmigError as exc:
-        return DatabaseStatus(
-            name, db.dialect, db.display_url, routed, None, (), (), None, None, exc.message
-        )
-    except SQLAlchemyError as exc:
-        return DatabaseStatus(
-            name,
-            db.dialect,
-            db.display_url,
-            routed,
-            None,
-            (),
-            (),
-            None,
-            None,
-            f"database {name!r}: {describe_error(exc, db)}",
-        )
-    finally:
-        engine.dispose()
 
 
 def status(settings: Settings, revisions: Sequence[RevisionInfo] | None = None) -> StatusReport:

@@ -62,6 +62,7 @@ def _child(mode: str, config: str, out: str) -> None:
     from oauthmig.config import load_settings
     from oauthmig.redirects.audit import audit
     from oauthmig.redirects.reports import writer_for
+    from oauthmig.rollout.revisions import history
 
     baseline = peak_rss_mb()
     traced: float | None = None
@@ -74,9 +75,10 @@ def _child(mode: str, config: str, out: str) -> None:
             raise SystemExit(f"audit-redirects exited {code}")
     else:
         settings = load_settings(config)
+        revisions = history()
         if mode == "traced":
             tracemalloc.start()
-        result = audit(settings)
+        result = audit(settings, revisions=revisions)
         findings = 0
         with open(out, "w", encoding="utf-8") as f:
             writer = writer_for("json", f, application_table=settings.tables.application)

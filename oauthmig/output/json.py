@@ -1,0 +1,315 @@
+"""Every ``--format json`` document: the shapes, built from the services' results, in one place.
+
+Each command prints one JSON document on stdout; its JSON Schema (draft 2020-12) ships in the
+package as ``oauthmig/docs/schemas/<command>.schema.json`` and is checked by the tests against
+real runs. The builders take plain data and return plain ``dict``/``list`` values:
+
+=====================================  ===============================================
+``status``                              :func:`status_to_dict`
+``upgrade`` / ``downgrade``             :func:`runs_to_dict` (also with ``--dry-run``)
+``upgrade`` / ``downgrade --sql``       :func:`sql_runs_to_list`
+``history``                             :func:`history_to_list`
+``backfill``                            :func:`backfill_to_dict` (also with ``--dry-run``)
+``check-redirect``                      :func:`check_reports_to_list`
+``audit-redirects``                     :class:`JsonWriter` (streamed: findings, then summary)
+interrupted (Ctrl-C, SIGTERM)           :func:`interrupted_to_dict`
+=====================================  ===============================================
+
+This module imports no service at run time (the types are for annotations only), so that the
+redirect audit, which must not load Alembic, can write its JSON report from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from oauthmig.redirects.audit import AuditFinding, AuditSummary
+    from oauthmig.redirects.rules import UriReport
+    from oauthmig.rollout.backfill import BackfillResult, JobRun
+    from oauthmig.rollout.preflight import RevisionInfo
+    from oauthmig.rollout.runner import DatabaseRun, RunResult
+    from oauthmig.rollout.status import StatusReport
+
+__all__ = [
+    "FINDING_FIELDS",
+    "JsonWriter",
+    "backfill_to_dict",
+    "check_report_to_dict",
+    "check_reports_to_list",
+    "dumps_compact",
+    "dumps_indented",
+    "finding_to_dict",
+    "history_to_list",
+    "interrupted_to_dict",
+    "percentile",
+    "run_to_dict",
+    "runs_to_dict",
+    "sql_runs_to_list",
+    "status_to_dict",
+    "summary_to_dict",
+    "to_json",
+]
+
+#: The fields of one audit finding, in document order (JSON keys and CSV header).
+FINDING_FIELDS: tuple[str, ...] = (
+    "database",
+    "application_id",
+    "client_id",
+    "uri",
+    "code",
+    "name",
+    "severity",
+    "message",
+    "normalized",
+)
+
+
+def _default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    return str(value)
+
+
+def to_json(value: Any) -> str:
+    """Serialize dataclasses, tuples and datetimes as one JSON document."""
+    return json.dumps(value, default=_default, indent=2, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+def run_to_dict(run: DatabaseRun) -> dict[str, Any]:
+    """JSON shape of one database's upgrade or downgrade (run, dry run or ``--sql`` script)."""
+    return {
+        "database": run.database,
+        "dialect": run.plan.dialect,
+        "from": run.plan.current,
+        "to": run.reached if run.reached is not None or run.error is None else None,
+        "steps": [
+            {
+                "revision": s.revision,
+                "action": s.action,
+                "tables": list(s.tables),
+                "adopted": list(s.adopted),
+            }
+            for s in (run.done or run.plan.steps)
+        ],
+        "waiting": (
+            None
+            if run.plan.waiting is None
+            else {
+                "revision": run.plan.waiting.revision,
+                "job": run.plan.waiting.job,
+                "remaining_rows": run.plan.waiting.remaining_rows,
+            }
+        ),
+        "attempts": run.attempts,
+        "seconds": round(run.seconds, 3),
+        "error": None if run.error is None else run.error.message,
+        "sql": run.sql,
+    }
+
+
+def runs_to_dict(result: RunResult, *, dry_run: bool) -> dict[str, Any]:
+    """JSON shape of ``upgrade`` and ``downgrade``, run or ``--dry-run``."""
+    return {"dry_run": dry_run, "databases": [run_to_dict(r) for r in result.runs]}
+
+
+def sql_runs_to_list(result: RunResult) -> list[dict[str, Any]]:
+    """JSON shape of ``upgrade --sql`` and ``downgrade --sql``: one entry per database."""
+    return [run_to_dict(r) for r in result.runs]
+
+
+def history_to_list(revisions: Sequence[RevisionInfo]) -> list[dict[str, Any]]:
+    """JSON shape of ``history``: the revisions, oldest first."""
+    return [
+        {
+            "revision": r.revision,
+            "down_revision": r.down_revision,
+            "message": r.message,
+            "tables": list(r.tables),
+            "columns": [f"{c.table}.{c.name}" for c in r.columns],
+            "requires_backfills": list(r.requires_backfills),
+        }
+        for r in revisions
+    ]
+
+
+def status_to_dict(report: StatusReport) -> dict[str, Any]:
+    """JSON shape of ``status``."""
+    return {
+        "head": report.revisions[-1].revision if report.revisions else None,
+        "outstanding": report.outstanding,
+        "revisions": [
+            {
+                "revision": r.revision,
+                "message": r.message,
+                "tables": list(r.tables),
+                "requires_backfills": list(r.requires_backfills),
+            }
+            for r in report.revisions
+        ],
+        "databases": [
+            {
+                "database": d.database,
+                "dialect": d.dialect,
+                "url": d.display_url,
+                "tables": list(d.tables),
+                "current": d.current,
+                "error": d.error,
+                "revisions": {
+                    c.revision: {"state": c.state, "detail": c.detail} for c in d.revisions
+                },
+                "backfills": [dataclasses.asdict(j) for j in d.backfills],
+                "live_grants": d.live_grants,
+                "live_grants_without_pkce": d.live_grants_without_pkce,
+            }
+            for d in report.databases
+        ],
+    }
+
+
+def percentile(values: tuple[float, ...], q: float) -> float:
+    """The q-quantile (0..1) of values by nearest rank; 0.0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def _job_dict(r: JobRun) -> dict[str, Any]:
+    return {
+        "job": r.job,
+        "database": r.database,
+        "status": r.status,
+        "rows_changed": r.rows_changed,
+        "rows_total": r.rows_total,
+        "batches": r.batches,
+        "seconds": round(r.seconds, 3),
+        "rows_per_second": round(r.rows_changed / r.seconds, 1) if r.seconds > 0 else None,
+        "batch_p50_seconds": round(percentile(r.batch_seconds, 0.5), 4),
+        "batch_p99_seconds": round(percentile(r.batch_seconds, 0.99), 4),
+        "estimated_seconds": r.estimated_seconds,
+        "held_seconds": round(r.held_seconds, 3),
+        "message": r.message,
+    }
+
+
+def backfill_to_dict(result: BackfillResult) -> dict[str, Any]:
+    """JSON shape of ``backfill`` (run or ``--dry-run``)."""
+    return {"dry_run": result.dry_run, "jobs": [_job_dict(r) for r in result.runs]}
+
+
+def interrupted_to_dict(command: str | None, exit_code: int, message: str) -> dict[str, Any]:
+    """The document a command with ``--format json`` leaves on stdout when Ctrl-C or SIGTERM
+    stops it before it printed its own."""
+    return {"interrupted": True, "command": command, "exit_code": exit_code, "message": message}
+
+
+# --------------------------------------------------------------------------- redirect rules
+
+
+def check_report_to_dict(report: UriReport) -> dict[str, Any]:
+    """JSON shape of one ``check-redirect`` result (see the README)."""
+    return {
+        "uri": report.uri,
+        "app_type": report.app_type.value,
+        "verdict": report.verdict,
+        "normalized": report.normalized,
+        "findings": [
+            {"code": f.code, "name": f.name, "severity": f.severity.value, "message": f.message}
+            for f in report.findings
+        ],
+    }
+
+
+def check_reports_to_list(reports: Sequence[UriReport]) -> list[dict[str, Any]]:
+    """JSON shape of ``check-redirect``: one entry per URI, in argument order."""
+    return [check_report_to_dict(r) for r in reports]
+
+
+def finding_to_dict(finding: AuditFinding) -> dict[str, Any]:
+    """JSON shape of one audit finding (see the README), keys in :data:`FINDING_FIELDS` order."""
+    return {
+        "database": finding.database,
+        "application_id": finding.application_id,
+        "client_id": finding.client_id,
+        "uri": finding.uri,
+        "code": finding.code,
+        "name": finding.name,
+        "severity": finding.severity.value,
+        "message": finding.message,
+        "normalized": finding.normalized,
+    }
+
+
+def summary_to_dict(summary: AuditSummary) -> dict[str, Any]:
+    """JSON shape of an audit summary (also the SARIF run's ``properties.summary``)."""
+    return {
+        "applications_scanned": summary.applications_scanned,
+        "uris_scanned": summary.uris_scanned,
+        "live_grants_checked": summary.live_grants_checked,
+        "findings": summary.findings,
+        "by_severity": dict(summary.by_severity),
+        "by_code": dict(summary.by_code),
+        "ignored": dict(summary.ignored),
+        "databases": [
+            {
+                "database": d.database,
+                "applications": d.applications,
+                "uris": d.uris,
+                "live_grants": d.live_grants,
+                "grant_column_length": d.grant_column_length,
+                "app_type_source": d.app_type_source,
+            }
+            for d in summary.databases
+        ],
+        "notes": list(summary.notes),
+    }
+
+
+def dumps_compact(value: Any) -> str:
+    """One JSON value on one line (what the streamed documents hold per finding)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def dumps_indented(value: Any, indent: str) -> str:
+    """A JSON value indented by two spaces per level, continuation lines prefixed by
+    ``indent`` (to nest it in a document written piece by piece)."""
+    return json.dumps(value, ensure_ascii=False, indent=2).replace("\n", "\n" + indent)
+
+
+class JsonWriter:
+    """``audit-redirects --format json``: ``{"findings": [...], "summary": {...}}``, written
+    incrementally with one finding per line, so that memory does not grow with the number of
+    findings (hence the summary comes after them)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+        self._first = True
+
+    def begin(self) -> None:
+        """Open the document and the findings list."""
+        self._out.write('{\n  "findings": [')
+
+    def finding(self, finding: AuditFinding) -> None:
+        """Write one finding."""
+        sep = "\n    " if self._first else ",\n    "
+        self._out.write(sep + dumps_compact(finding_to_dict(finding)))
+        self._first = False
+
+    def end(self, summary: AuditSummary) -> None:
+        """Close the findings list, write the summary and close the document."""
+        close = "]" if self._first else "\n  ]"
+        body = dumps_indented(summary_to_dict(summary), "  ")
+        self._out.write(f'{close},\n  "summary": {body}\n}}\n')
