@@ -69,6 +69,17 @@ from oauthmig.db import (
     make_engine,
 )
 from oauthmig.errors import BackfillError, LockBusyError, OauthmigError, UsageError
+from oauthmig.rollout.batches import BatchLog, ensure_batch_table, error_class, reset_history
+from oauthmig.rollout.control import (
+    CANCELLED,
+    POLL_SECONDS,
+    Request,
+    cancelled_message,
+    carried_request,
+    paused_message,
+    recorded_request,
+    requested_stop,
+)
 from oauthmig.rollout.jobs import (
     FAMILY_VERSION,
     JOBS,
@@ -107,7 +118,7 @@ class JobRun:
 
     job: str
     database: str
-    status: str  # finished | paused | failed | skipped | dry-run | up-to-date
+    status: str  # finished | paused | cancelled | failed | skipped | dry-run | up-to-date
     rows_changed: int
     rows_total: int
     batches: int
@@ -126,8 +137,8 @@ class BackfillResult:
 
     @property
     def failed(self) -> tuple[JobRun, ...]:
-        """Runs that failed."""
-        return tuple(r for r in self.runs if r.status == "failed")
+        """Runs that failed, or stopped because their job is cancelled (exit 2)."""
+        return tuple(r for r in self.runs if r.status in ("failed", CANCELLED))
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +322,10 @@ class _Runner:
     reconnects: int = 0
     note: str | None = None
     work: Connection | None = None  # the current work connection (replaced on reconnect)
+    log: BatchLog = field(init=False)  # the batch history this run writes
+
+    def __post_init__(self) -> None:
+        self.log = BatchLog(self.job.name, self.owner, self.settings.backfill.keep_batches)
 
     @property
     def lock_key(self) -> int:
@@ -392,21 +407,30 @@ class _Runner:
                     "run `oauthmig upgrade` first"
                 )
             ensure_job_table(conn)
+            ensure_batch_table(conn)
             generation = _generation(conn, self.settings, job)
             state = read_job(conn, job.name)
+            if state is not None and state["status"] == CANCELLED and not self.options.restart:
+                message = cancelled_message(recorded_request(state), db.name, job.name)
+                seconds = time.monotonic() - started
+                return JobRun(job.name, db.name, CANCELLED, 0, 0, 0, seconds, message=message)
             now = datetime.now(UTC)
             version = FAMILY_VERSION
             if state is not None:
                 if state.get("generation") is None or state["generation"] == generation:
                     version = int(state.get("version") or 1)
                 if state.get("generation") != generation:
-                    self.note = (
-                        "saved progress belongs to an earlier generation of the job's columns "
-                        "(dropped and re-added by a downgrade and upgrade since); restarted "
-                        "from the beginning"
-                        if state.get("generation") is not None
-                        else "saved progress predates column tracking; restarted from the beginning"
-                    )
+                    # (A row that only holds a request for a job that never ran has nothing
+                    # to restart: no run ever owned it.)
+                    if state.get("owner") is not None or int(state["batches"]):
+                        self.note = (
+                            "saved progress belongs to an earlier generation of the job's "
+                            "columns (dropped and re-added by a downgrade and upgrade since); "
+                            "restarted from the beginning"
+                            if state.get("generation") is not None
+                            else "saved progress predates column tracking; restarted from the "
+                            "beginning"
+                        )
                     state = None
             if state is not None and state["status"] == "finished" and not self.options.restart:
                 if remaining == 0:
@@ -443,8 +467,10 @@ class _Runner:
                     "version": version,
                 }
                 with new_transaction(conn):
+                    carried = carried_request(conn, job.name)  # a pause outlives --restart
                     conn.execute(job_table.delete().where(job_table.c.job == job.name))
-                    conn.execute(job_table.insert().values(**state))
+                    conn.execute(job_table.insert().values(**state, **carried))
+                    reset_history(conn, job.name)  # a new record for the new pass
             else:
                 if self.options.batch_size:
                     state["batch_size"] = self.options.batch_size
@@ -630,9 +656,13 @@ class _Runner:
             bound = int(state["upper_bound"])
             lo = int(state["cursor"])
             hi: int | None = None
+            began = datetime.now(UTC)
             deadline = self._deadline(conn)
             try:
                 with deadline:
+                    wanted = requested_stop(conn, self.job.name)  # pause / cancel from anywhere
+                    if wanted is not None:
+                        return self._obey(conn, state, wanted)
                     hi = _next_hi(conn, physical, lo, bound, size)
                     if conn.in_transaction():
                         conn.commit()
@@ -649,7 +679,7 @@ class _Runner:
                         state["finished_at"] = datetime.now(UTC)
                         self._save(conn, state, "finished")
                         return conn
-                    t0 = time.monotonic()
+                    t0, began = time.monotonic(), datetime.now(UTC)
                     with new_transaction(conn):
                         self._verify_lock(conn)
                         ctx = BatchContext(conn, physical, self.settings, self.db.name, version)
@@ -658,8 +688,10 @@ class _Runner:
                         state["rows_done"] = int(state["rows_done"]) + n
                         state["batches"] = int(state["batches"]) + 1
                         state["batch_size"] = size
-                        # Same transaction as the batch: the cursor never runs ahead of the data.
+                        # Same transaction as the batch: the cursor never runs ahead of the data,
+                        # and the batch's history row exists exactly when the batch committed.
                         self._persist(conn, state)
+                        self.log.committed(conn, lo, hi, n, time.monotonic() - t0, began)
                 elapsed = time.monotonic() - t0
                 self.batch_times.append(elapsed)
                 self.changed += n
@@ -678,7 +710,7 @@ class _Runner:
                 if self.stop.deadline is not None:  # --max-runtime bounds the pause too
                     pause = min(pause, self.stop.deadline - time.monotonic())
                 if pause > 0:
-                    self.sleep(pause)
+                    conn = self.work = self._rest(engine, conn, pause, state)
             except _TakenOver as exc:
                 with contextlib.suppress(SQLAlchemyError):
                     conn.rollback()
@@ -688,13 +720,11 @@ class _Runner:
                     conn.rollback()
                 attempts = int(state["attempts"])
                 state.update(snapshot, attempts=attempts)  # the failed batch did not happen
-                if deadline.fired or _lost(exc, conn):
-                    reason = (
-                        f"no answer within the client deadline of {deadline.seconds:g}s "
-                        "(statement_timeout + 5s): server process stopped or hung"
-                        if deadline.fired
-                        else describe_error(exc, self.db)
-                    )
+                lost = deadline.fired or _lost(exc, conn)
+                cls = "client deadline" if deadline.fired else error_class(exc)
+                self.log.failed(None if lost else conn, lo, hi, cls, began)
+                if lost:
+                    reason = self._lost_reason(deadline, exc)
                     if deadline.fired:
                         size = max(1, size // 2)
                     state["attempts"] = int(state["attempts"]) + 1
@@ -735,6 +765,52 @@ class _Runner:
                     "state saved, rerun to resume",
                     message,
                 )
+
+    def _obey(self, conn: Connection, state: dict[str, Any], request: Request) -> Connection:
+        """A pause or cancel request: stop before the next batch, state saved."""
+        if request.action == "pause":
+            self._save(conn, state, "paused")
+            message = paused_message(request, self.db.name, self.job.name)
+        else:
+            self._save(conn, state, CANCELLED)
+            message = cancelled_message(request, self.db.name, self.job.name)
+        self.note = f"{self.note}; {message}" if self.note else message
+        return conn
+
+    def _rest(
+        self, engine: Engine, conn: Connection, seconds: float, state: dict[str, Any]
+    ) -> Connection:
+        """The pause between batches, cut short when a pause or cancel request arrives.
+
+        Returns the work connection: a new one (through :meth:`_reconnect`, run lock taken
+        again) if the connection was lost meanwhile.
+        """
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.sleep(min(left, POLL_SECONDS))
+            if self.stop.event.is_set() or end - time.monotonic() <= 0:
+                return conn
+            deadline = self._deadline(conn)
+            try:
+                with deadline:
+                    if requested_stop(conn, self.job.name) is not None:
+                        return conn
+            except SQLAlchemyError as exc:
+                with contextlib.suppress(SQLAlchemyError):
+                    conn.rollback()
+                if not (deadline.fired or _lost(exc, conn)):
+                    return conn  # the next batch meets the same error and deals with it
+                state["attempts"] = int(state["attempts"]) + 1
+                return self._reconnect(engine, conn, self._lost_reason(deadline, exc), state)
+        return conn
+
+    def _lost_reason(self, deadline: ClientDeadline, exc: SQLAlchemyError) -> str:
+        if deadline.fired:
+            return (
+                f"no answer within the client deadline of {deadline.seconds:g}s "
+                "(statement_timeout + 5s): server process stopped or hung"
+            )
+        return describe_error(exc, self.db)
 
     def _locked_message(
         self, conn: Connection, physical: str, lo: int, hi: int, state: dict[str, Any]

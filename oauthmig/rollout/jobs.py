@@ -18,6 +18,7 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -49,6 +50,7 @@ from oauthmig.db import (
     scrub_stored,
 )
 from oauthmig.redirects.rules import infer_app_type, split_redirect_uris
+from oauthmig.rollout.batches import BatchStats, as_utc, batch_stats
 from oauthmig.types import StringList
 
 
@@ -62,6 +64,11 @@ class JobState:
     rows_total: int | None
     remaining: int | None
     last_error: str | None = None
+    # The last pause / resume / cancel request (rollout.control): action, OS user@host, when.
+    requested_action: str | None = None
+    requested_by: str | None = None
+    requested_at: datetime | None = None
+    history: BatchStats | None = None  # rate, ETA, p50/p99 from the batch table
 
 
 JOB_TABLE = "oauthmig_backfill_job"
@@ -90,7 +97,8 @@ job_table = Table(
     _md,
     Column("job", String(64), primary_key=True),
     Column("table_name", String(63), nullable=False),
-    Column("status", String(16), nullable=False),  # running | paused | finished | failed
+    # running | paused | finished | failed | cancelled
+    Column("status", String(16), nullable=False),
     Column("phase", String(16), nullable=False),  # main | catchup | done
     Column("cursor", BigInteger, nullable=False),
     Column("upper_bound", BigInteger, nullable=False),
@@ -104,14 +112,25 @@ job_table = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=True),
     # Added later (older job tables get them on first use): the run that owns the job, the
-    # column generation its progress belongs to, the job version (family id formula).
+    # column generation its progress belongs to, the job version (family id formula); the
+    # last operator request (pause | resume | cancel), who made it (OS user@host) and when.
     Column("owner", String(32), nullable=True),
     Column("generation", Text, nullable=True),
     Column("version", Integer, nullable=True),
+    Column("requested_action", String(16), nullable=True),
+    Column("requested_by", String(255), nullable=True),
+    Column("requested_at", DateTime(timezone=True), nullable=True),
 )
 
 
-_LATER_COLUMNS = {"owner": "VARCHAR(32)", "generation": "TEXT", "version": "INTEGER"}
+_LATER_COLUMNS = (
+    "owner",
+    "generation",
+    "version",
+    "requested_action",
+    "requested_by",
+    "requested_at",
+)
 
 
 def family_prefix(table_name: str, database: str | None) -> str:
@@ -384,8 +403,9 @@ def ensure_job_table(conn: Connection) -> None:
             )
         _md.create_all(conn, checkfirst=True)
         have = {c["name"] for c in inspect(conn).get_columns(JOB_TABLE)}
-        for name, sql_type in _LATER_COLUMNS.items():
+        for name in _LATER_COLUMNS:
             if name not in have:
+                sql_type = job_table.c[name].type.compile(dialect=conn.dialect)
                 conn.execute(text(f"ALTER TABLE {JOB_TABLE} ADD COLUMN {name} {sql_type}"))
 
 
@@ -424,6 +444,10 @@ def job_states(conn: Connection, settings: Settings, database: str) -> list[JobS
                 int(state["rows_total"]),
                 remaining,
                 state["last_error"],
+                state.get("requested_action"),
+                state.get("requested_by"),
+                None if state.get("requested_at") is None else as_utc(state["requested_at"]),
+                batch_stats(conn, job.name, remaining),
             )
         )
     return out
