@@ -660,7 +660,8 @@ class _Runner:
             deadline = self._deadline(conn)
             try:
                 with deadline:
-                    wanted = requested_stop(conn, self.job.name)  # pause / cancel from anywhere
+                    # A pause or cancel from anywhere; the read shares _next_hi's transaction.
+                    wanted = requested_stop(conn, self.job.name, end=False)
                     if wanted is not None:
                         return self._obey(conn, state, wanted)
                     hi = _next_hi(conn, physical, lo, bound, size)
