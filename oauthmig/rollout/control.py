@@ -48,10 +48,10 @@ from oauthmig.rollout.jobs import (
     STATE_INTERRUPTED,
     Job,
     ensure_job_table,
+    has_columns,
     job_table,
     new_transaction,
     read_job,
-    remaining_rows,
     run_alive,
 )
 from oauthmig.rollout.runner import check_databases
@@ -213,7 +213,6 @@ def request(
     databases = list(dict.fromkeys(db for db, _ in targets))
     check_databases(settings, databases)
     problems: list[str] = []
-    remaining: dict[tuple[str, str], int] = {}
     for dbname in databases:
         db = settings.databases[dbname]
         engine = make_engine(db, settings)
@@ -222,15 +221,14 @@ def request(
                 for name, job in targets:
                     if name != dbname:
                         continue
-                    left = remaining_rows(conn, settings, dbname, job)
-                    if left < 0:
-                        physical = settings.tables.physical(job.logical_table)
+                    # A catalog read, not a count: a pause must be instant on any table size.
+                    physical = settings.tables.physical(job.logical_table)
+                    if not has_columns(conn, physical, job.columns):
                         problems.append(
                             f"database {dbname!r}: {physical} lacks the columns of job "
                             f"{job.name!r}; run `oauthmig upgrade` first"
                         )
                         continue
-                    remaining[(dbname, job.name)] = left
                     state = read_job(conn, job.name)
                     if action == "resume" and state is not None and state["status"] == CANCELLED:
                         problems.append(
@@ -262,9 +260,7 @@ def request(
                     ensure_job_table(conn)
                 for name, job in targets:
                     if name == dbname:
-                        req = Request(action, me, now)
-                        left = remaining[(dbname, job.name)]
-                        out.append(_apply(conn, settings, dbname, job, req, left))
+                        out.append(_apply(conn, settings, dbname, job, Request(action, me, now)))
         except SQLAlchemyError as exc:
             recorded = ", ".join(f"{o.job} on {o.database}" for o in out if o.recorded)
             raise OauthmigError(
@@ -279,7 +275,7 @@ def request(
 
 
 def _apply(
-    conn: Connection, settings: Settings, database: str, job: Job, req: Request, remaining: int
+    conn: Connection, settings: Settings, database: str, job: Job, req: Request
 ) -> RequestOutcome:
     alive = run_alive(conn, job)
     if req.action == "resume":
@@ -344,7 +340,7 @@ def _apply(
         if before is not None and before.action == req.action:
             return outcome(False, f"already requested ({before.describe()})", before)
         if state is None:
-            conn.execute(job_table.insert().values(**_placeholder(settings, job, req, remaining)))
+            conn.execute(job_table.insert().values(**_placeholder(settings, job, req)))
             if req.action == "pause":
                 return outcome(True, "not started: `oauthmig backfill` holds it until resumed", req)
             return outcome(True, "not started: marked cancelled; `--restart` starts it", req)
@@ -365,9 +361,9 @@ def _apply(
         return outcome(True, "marked cancelled; `--restart` starts it over", req)
 
 
-def _placeholder(settings: Settings, job: Job, req: Request, remaining: int) -> dict[str, Any]:
-    """The job row of a job that never ran, holding a request: no progress, no bounds yet, no
-    column generation (so the first real run initialises it, keeping the request)."""
+def _placeholder(settings: Settings, job: Job, req: Request) -> dict[str, Any]:
+    """The job row of a job that never ran, holding a request: no progress, no bounds or row
+    count yet, no column generation (the first real run initialises it, keeping the request)."""
     return {
         "job": job.name,
         "table_name": settings.tables.physical(job.logical_table),
@@ -376,7 +372,7 @@ def _placeholder(settings: Settings, job: Job, req: Request, remaining: int) -> 
         "cursor": 0,
         "upper_bound": 0,
         "rows_done": 0,
-        "rows_total": remaining,
+        "rows_total": 0,
         "batches": 0,
         "batch_size": settings.backfill.batch_size,
         "attempts": 0,
