@@ -22,6 +22,12 @@ import click
 from oauthmig.config import Settings, load_settings
 from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep, run_demo
 from oauthmig.errors import OauthmigError, PlanRefusedError, Terminated, UsageError
+from oauthmig.output.backfill_text import (
+    render_report,
+    render_requests,
+    report_to_dict,
+    requests_to_dict,
+)
 from oauthmig.output.files import output_file
 from oauthmig.output.html import render_html
 from oauthmig.output.json import (
@@ -61,8 +67,9 @@ from oauthmig.redirects.reports import atomic_output, writer_for
 from oauthmig.redirects.rules import check_uri
 from oauthmig.report import Report, gather_report
 from oauthmig.rollout import backfill as backfill_service
-from oauthmig.rollout import runner
+from oauthmig.rollout import control, runner
 from oauthmig.rollout.backfill import BackfillResult
+from oauthmig.rollout.batch_report import DEFAULT_LAST, backfill_report
 from oauthmig.rollout.offline import write_scripts
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import Direction, Mode, PlanOutcome, RunResult
@@ -549,8 +556,71 @@ def history(ctx: click.Context, fmt: str) -> None:
         render_history(_state(ctx).consoles.out, revisions)
 
 
-@cli.command()
-@click.argument("job_names", nargs=-1, metavar="[JOB]...")
+class _BackfillGroup(click.Group):
+    """``backfill [JOB]...`` runs jobs; ``backfill pause|resume|cancel [JOB]...`` are its
+    subcommands. The first word decides: a subcommand name, or else the run with job names
+    (job names never collide with the subcommands), options before and after them."""
+
+    command_class = _Command
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(_global_options())
+
+    def _first_word(self, ctx: click.Context, args: list[str]) -> str | None:
+        parser = self.make_parser(ctx)
+        parser.allow_interspersed_args = False
+        try:
+            _, rest, _ = parser.parse_args(args=list(args))
+        except click.UsageError:
+            return None  # parsed again below, where the error is reported
+        return rest[0] if rest else None
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if self._first_word(ctx, args) in self.commands:
+            return super().parse_args(ctx, args)
+        ctx.allow_interspersed_args = True
+        ctx.allow_extra_args = True
+        rest = click.Command.parse_args(self, ctx, args)
+        ctx.params["job_names"] = tuple(rest)
+        ctx.args = []
+        return []
+
+    def invoke(self, ctx: click.Context) -> Any:
+        _build_state(ctx)
+        ctx.meta[_META_JSON] = ctx.params.get("fmt")
+        ctx.meta["command"] = ctx.info_name
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            raise click.UsageError(exc.message, ctx) from None
+
+
+_RUN_OPTIONS = {
+    "batch_size": "--batch",
+    "dry_run": "--dry-run",
+    "sleep_seconds": "--sleep",
+    "max_runtime": "--max-runtime",
+    "restart": "--restart",
+    "jobs": "--jobs",
+    "metrics_file": "--metrics-file",
+}
+
+
+def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
+    """The options of ``names`` given on the command line (not defaults)."""
+    return [
+        flag
+        for name, flag in names.items()
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+    ]
+
+
+@cli.group(
+    cls=_BackfillGroup,
+    invoke_without_command=True,
+    subcommand_metavar="[JOB]... | pause|resume|cancel [JOB]...",
+)
 @click.option(
     "--batch",
     "batch_size",
@@ -597,9 +667,93 @@ def history(ctx: click.Context, fmt: str) -> None:
     "database) to PATH after every batch and while held, by atomic rename: for "
     "node_exporter's textfile collector (name it *.prom). Not written by --dry-run.",
 )
+@click.option(
+    "--report",
+    is_flag=True,
+    help="Print each job's batch history instead of running: state, rate, ETA, p50/p99 "
+    "batch time, failed attempts by error class, the last batches. Reads only.",
+)
+@click.option(
+    "--last",
+    type=click.IntRange(0, 100_000),
+    default=None,
+    metavar="N",
+    help="With --report: how many recent batches to list per job (default 20).",
+)
 @click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
 @click.pass_context
 def backfill(
+    ctx: click.Context,
+    batch_size: int | None,
+    dry_run: bool,
+    sleep_seconds: float | None,
+    max_runtime: float | None,
+    restart: bool,
+    jobs: int,
+    metrics_file: str | None,
+    report: bool,
+    last: int | None,
+    fmt: str,
+    job_names: tuple[str, ...] = (),
+) -> None:
+    """Run backfill jobs (all by default): token-families, client-metadata; or pause, resume
+    or cancel them from any shell.
+
+    Keyset batches, each its own short transaction, guarded so a rerun is harmless; progress
+    is saved in each database, so Ctrl-C, a crash or kill -9 resumes where it stopped. Only one
+    run per job and database at a time. Every batch is recorded in oauthmig_backfill_batch
+    (the last backfill.keep_batches per job); --report prints that history. With
+    [backfill.health] configured, the run holds between batches while a replica lags,
+    autovacuum works on the table or check_sql is over its limit, and goes on by itself
+    (PostgreSQL; a no-op on SQLite).
+
+    pause / cancel are seen by the running backfill, on any host, before its next batch: pause
+    saves the state and exits 0 ("paused by request"), and holds the job (later runs stop
+    before their first batch) until resume; cancel marks the job cancelled, and only --restart
+    runs it again. status shows who asked and when.
+
+    \b
+    Examples:
+      oauthmig backfill --dry-run
+      oauthmig backfill token-families --batch 2000 --sleep 0.1
+      oauthmig backfill --max-runtime 600 -d shard
+      oauthmig backfill --metrics-file backfill.prom
+      oauthmig backfill pause token-families -d shard   # from another shell
+      oauthmig backfill resume token-families -d shard
+      oauthmig backfill --report token-families --last 5
+      oauthmig backfill --report --format json | jq '.jobs[].state.history'
+    """
+    if ctx.invoked_subcommand is not None:
+        given = _given(ctx, {**_RUN_OPTIONS, "report": "--report", "last": "--last"})
+        if given:
+            raise UsageError(
+                f"{given[0]} does not apply to `backfill {ctx.invoked_subcommand}`; "
+                f"give the options after the subcommand name"
+            )
+        return
+    if report:
+        given = _given(ctx, _RUN_OPTIONS)
+        if given:
+            raise UsageError(f"--report reads the history only; it does not take {given[0]}")
+        _backfill_report(ctx, job_names, last, fmt)
+        return
+    if last is not None:
+        raise UsageError("--last only applies to --report")
+    _backfill_run(
+        ctx,
+        job_names,
+        batch_size,
+        dry_run,
+        sleep_seconds,
+        max_runtime,
+        restart,
+        jobs,
+        metrics_file,
+        fmt,
+    )
+
+
+def _backfill_run(
     ctx: click.Context,
     job_names: tuple[str, ...],
     batch_size: int | None,
@@ -611,21 +765,6 @@ def backfill(
     metrics_file: str | None,
     fmt: str,
 ) -> None:
-    """Run backfill jobs (all by default): token-families, client-metadata.
-
-    Keyset batches, each its own short transaction, guarded so a rerun is harmless; progress
-    is saved in each database, so Ctrl-C, a crash or kill -9 resumes where it stopped. Only one
-    run per job and database at a time. With [backfill.health] configured, the run holds
-    between batches while a replica lags, autovacuum works on the table or check_sql is over
-    its limit, and goes on by itself (PostgreSQL; a no-op on SQLite).
-
-    \b
-    Examples:
-      oauthmig backfill --dry-run
-      oauthmig backfill token-families --batch 2000 --sleep 0.1
-      oauthmig backfill --max-runtime 600 -d shard
-      oauthmig backfill --metrics-file backfill.prom
-    """
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
@@ -661,6 +800,138 @@ def backfill(
     _report_backfill_failures(state, result)
 
 
+def _backfill_report(
+    ctx: click.Context, job_names: tuple[str, ...], last: int | None, fmt: str
+) -> None:
+    state = _state(ctx)
+    histories = backfill_report(state.settings(), job_names, DEFAULT_LAST if last is None else last)
+    if fmt == "json":
+        click.echo(to_json(report_to_dict(histories)))
+    else:
+        render_report(state.consoles.out, histories)
+    errors = list(dict.fromkeys(h.error for h in histories if h.error))
+    for error in errors[1:]:
+        state.consoles.error(error)
+    if errors:
+        more = f" (and {len(errors) - 1} more databases)" if len(errors) > 1 else ""
+        raise OauthmigError(f"{errors[0]}{more}")
+
+
+_REQUEST_FORMAT = click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+_WAIT = click.option(
+    "--wait",
+    is_flag=True,
+    help="Return only once no backfill runs the jobs any more (the running one has seen the "
+    "request and stopped), or fail after --timeout.",
+)
+_TIMEOUT = click.option(
+    "--timeout",
+    type=_FiniteRange(0.1, MAX_RUNTIME_SECONDS),
+    default=600.0,
+    show_default=True,
+    metavar="S",
+    help="With --wait: how long to wait, in seconds.",
+)
+
+
+def _request(
+    ctx: click.Context,
+    action: str,
+    job_names: tuple[str, ...],
+    fmt: str,
+    wait: bool = False,
+    timeout: float = 600.0,
+) -> None:
+
+    if ctx.get_parameter_source("timeout") == click.core.ParameterSource.COMMANDLINE and not wait:
+        raise UsageError("--timeout only applies to --wait")
+    state = _state(ctx)
+    settings = state.settings()
+    outcomes = control.request(settings, action, job_names)
+    if fmt == "json":
+        click.echo(to_json(requests_to_dict(action, outcomes)))
+    elif not state.consoles.quiet:
+        render_requests(state.consoles.out, action, outcomes)
+    if wait:
+        still = control.wait_stopped(settings, outcomes, timeout)
+        if still:
+            pairs = ", ".join(f"{o.job} on {o.database}" for o in still)
+            raise OauthmigError(
+                f"still running after {timeout:g}s: {pairs} (a batch can take up to "
+                "statement_timeout); the request stays recorded, check again with "
+                "`oauthmig status`"
+            )
+        state.consoles.info("no backfill runs these jobs now", fmt == "json")
+
+
+@backfill.command("pause")
+@click.argument("job_names", nargs=-1, metavar="[JOB]...")
+@_WAIT
+@_TIMEOUT
+@_REQUEST_FORMAT
+@click.pass_context
+def backfill_pause(
+    ctx: click.Context, job_names: tuple[str, ...], wait: bool, timeout: float, fmt: str
+) -> None:
+    """Pause jobs (all by default) on every selected database, from any shell or host.
+
+    Recorded in the job table with your OS user@host and the time. A running backfill stops
+    before its next batch (the batch in flight commits first), saves its state and exits 0
+    with "paused by request". The pause holds: every later `oauthmig backfill` of the job
+    stops before its first batch until `oauthmig backfill resume`. A job that is not running,
+    or never started, is held the same way.
+
+    \b
+    Examples:
+      oauthmig backfill pause
+      oauthmig backfill pause token-families -d shard
+      oauthmig backfill pause token-families --wait --timeout 120
+    """
+    _request(ctx, "pause", job_names, fmt, wait, timeout)
+
+
+@backfill.command("resume")
+@click.argument("job_names", nargs=-1, metavar="[JOB]...")
+@_REQUEST_FORMAT
+@click.pass_context
+def backfill_resume(ctx: click.Context, job_names: tuple[str, ...], fmt: str) -> None:
+    """Withdraw a pause (or a cancel the running backfill has not acted on yet).
+
+    Starts nothing by itself: the next `oauthmig backfill` continues from the saved cursor.
+    A job already cancelled is refused: `oauthmig backfill --restart JOB` starts it over.
+
+    \b
+    Examples:
+      oauthmig backfill resume
+      oauthmig backfill resume token-families -d shard
+    """
+    _request(ctx, "resume", job_names, fmt)
+
+
+@backfill.command("cancel")
+@click.argument("job_names", nargs=-1, metavar="[JOB]...")
+@_WAIT
+@_TIMEOUT
+@_REQUEST_FORMAT
+@click.pass_context
+def backfill_cancel(
+    ctx: click.Context, job_names: tuple[str, ...], wait: bool, timeout: float, fmt: str
+) -> None:
+    """Cancel jobs (all by default) on every selected database, from any shell or host.
+
+    A running backfill stops before its next batch and marks the job cancelled; a job that is
+    not running is marked at once. Progress is kept, but no run continues a cancelled job: a
+    plain `oauthmig backfill` says so and exits 2; `oauthmig backfill --restart JOB` starts it
+    over.
+
+    \b
+    Examples:
+      oauthmig backfill cancel client-metadata
+      oauthmig backfill cancel token-families -d shard --wait
+    """
+    _request(ctx, "cancel", job_names, fmt, wait, timeout)
+
+
 def _report_backfill_failures(state: AppState, result: BackfillResult) -> None:
     """One line per failed job and database; a summary line only when several failed."""
     failed = result.failed
@@ -671,8 +942,12 @@ def _report_backfill_failures(state: AppState, result: BackfillResult) -> None:
         for line in lines:
             state.consoles.error(line)
         pairs = ", ".join(f"{r.job} on {r.database}" for r in failed)
+        if all(r.status == "failed" for r in failed):
+            raise OauthmigError(
+                f"{len(failed)} backfills failed: {pairs}; state saved, rerun to resume"
+            )
         raise OauthmigError(
-            f"{len(failed)} backfills failed: {pairs}; state saved, rerun to resume"
+            f"{len(failed)} backfills failed or are cancelled: {pairs}; state saved (see above)"
         )
 
 

@@ -147,6 +147,7 @@ class BackfillSettings:
     sleep_seconds: float = 0.0
     max_duty: float = 0.5  # share of wall time spent in batches: sleep >= batch * (1/duty - 1)
     outage_window_ms: int = 60000  # how long a lost connection is retried before failing
+    keep_batches: int = 1000  # batch-history rows kept per job (older ones are summarized)
     client_metadata: ClientMetadataDefaults = field(default_factory=ClientMetadataDefaults)
     health: HealthSettings = field(default_factory=HealthSettings)
 
@@ -451,6 +452,7 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
             "sleep_seconds",
             "max_duty",
             "outage_window",
+            "keep_batches",
             "client_metadata",
             "health",
         ),
@@ -494,6 +496,7 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
         outage_window_ms=parse_duration_ms(
             bf_raw.get("outage_window", "60s"), "backfill.outage_window"
         ),
+        keep_batches=_int(bf_raw.get("keep_batches", 1000), "backfill.keep_batches", 1, 1_000_000),
         client_metadata=ClientMetadataDefaults(method, grant_types, response_types),
         health=_health(bf_raw.get("health", {}), env),
     )

@@ -28,7 +28,12 @@ from tests.conftest import PG_ADMIN_URL, RUN_ID, routed_config
 from tests.helpers import schema_dump, write_config
 
 OAUTHMIG = [sys.executable, "-m", "oauthmig"]
-STATE_TABLES = ("oauthmig_version", "oauthmig_revision_log", "oauthmig_backfill_job")
+STATE_TABLES = (
+    "oauthmig_version",
+    "oauthmig_revision_log",
+    "oauthmig_backfill_job",
+    "oauthmig_backfill_batch",
+)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,15 @@ def help_examples() -> list[str]:
     """Command lines shown in the description part of every ``--help`` text."""
     root = click.Context(cli, info_name="oauthmig")
     texts = [cli.get_help(root)]
-    for name, command in cli.commands.items():
-        texts.append(command.get_help(click.Context(command, info_name=name, parent=root)))
+    pending: list[tuple[click.Context, str, click.Command]] = [
+        (root, name, command) for name, command in cli.commands.items()
+    ]
+    while pending:  # subcommands of groups too (``backfill pause``)
+        parent, name, command = pending.pop(0)
+        ctx = click.Context(command, info_name=name, parent=parent)
+        texts.append(command.get_help(ctx))
+        if isinstance(command, click.Group):
+            pending.extend((ctx, n, c) for n, c in command.commands.items())
     found: list[str] = []
     for help_text in texts:
         description = help_text.split("\nOptions:")[0]

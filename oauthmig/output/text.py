@@ -30,7 +30,9 @@ from oauthmig.output.json import percentile
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
 from oauthmig.redirects.rules import RULES, Severity, UriReport
 from oauthmig.rollout.backfill import BackfillResult
-from oauthmig.rollout.jobs import JobStatus
+from oauthmig.rollout.batches import BatchStats
+from oauthmig.rollout.control import STOPPING, when
+from oauthmig.rollout.jobs import JobState, JobStatus
 from oauthmig.rollout.revisions import RevisionInfo
 from oauthmig.rollout.runner import (
     DatabasePlan,
@@ -229,7 +231,39 @@ _JOB_STYLE = {
     JobStatus.RUNNING: "yellow",
     JobStatus.PAUSED: "yellow",
     JobStatus.NOT_STARTED: "yellow",
+    JobStatus.CANCELLED: "bold red",
 }
+
+
+def duration_text(seconds: float) -> str:
+    """``42s``, ``4m12s``, ``3h05m``: a duration as an operator reads it."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def request_brief(job: JobState) -> str | None:
+    """``pause requested by alice@host at 2025-01-02 10:00:00Z`` while one is in force."""
+    if job.requested_action not in STOPPING or job.requested_at is None:
+        return None
+    return f"{job.requested_action} requested by {job.requested_by} at {when(job.requested_at)}"
+
+
+def history_brief(stats: BatchStats) -> str:
+    """Rate, ETA and batch-time percentiles from the batch history, for one line."""
+    parts = []
+    if stats.rows_per_second is not None:
+        parts.append(f"{stats.rows_per_second:,.0f} rows/s")
+    if stats.eta_seconds is not None and stats.eta_seconds > 0:
+        parts.append(f"ETA {duration_text(stats.eta_seconds)}")
+    if stats.p50_seconds is not None and stats.p99_seconds is not None:
+        parts.append(f"batch p50/p99 {stats.p50_seconds:.3f}/{stats.p99_seconds:.3f}s")
+    if stats.failed_attempts:
+        parts.append(f"{stats.failed_attempts} failed attempts")
+    return ", ".join(parts)
 
 
 def render_plan(console: Console, plans: Sequence[PlanOutcome], direction: Direction) -> None:
@@ -360,6 +394,11 @@ def render_status(console: Console, report: StatusReport) -> None:
             line = f"{d.database} backfill {job.job}: {state}, {job.rows_done:,}/{total} rows" + (
                 f", {job.remaining:,} remaining" if job.remaining else ""
             )
+            request = request_brief(job)
+            if request:
+                line += f", {request}"
+            if job.history is not None and history_brief(job.history):
+                line += f", {history_brief(job.history)}"
             if job.last_error:
                 line += f", last error: {job.last_error}"
             console.print(escape(line))
@@ -422,7 +461,9 @@ def render_backfill(console: Console, result: BackfillResult) -> None:
     print_table(console, table)
     # Failures are reported once, on stderr, by the caller.
     for r in result.runs:
-        if r.status is JobStatus.PAUSED:
+        if r.status is JobStatus.PAUSED and r.message and "paused by request" in r.message:
+            console.print(escape(f"{r.database} {r.job}: {r.message}"))
+        elif r.status is JobStatus.PAUSED:
             console.print(f"{r.database} {r.job}: paused; state saved, rerun to resume")
 
 

@@ -78,6 +78,16 @@ from oauthmig.db import (
     set_timeouts,
 )
 from oauthmig.errors import BackfillError, ConfigError, LockBusyError, OauthmigError, UsageError
+from oauthmig.rollout.batches import BatchLog, ensure_batch_table, error_class, reset_history
+from oauthmig.rollout.control import (
+    POLL_SECONDS,
+    Request,
+    cancelled_message,
+    carried_request,
+    paused_message,
+    recorded_request,
+    requested_stop,
+)
 from oauthmig.rollout.health import HealthMonitor, HealthReading
 from oauthmig.rollout.jobs import (
     FAMILY_VERSION,
@@ -118,7 +128,7 @@ class JobRun:
 
     job: str
     database: str
-    status: JobStatus  # finished, paused or failed; dry-run or up-to-date
+    status: JobStatus  # finished, paused, cancelled or failed; dry-run or up-to-date
     rows_changed: int
     rows_total: int
     batches: int
@@ -155,8 +165,8 @@ class BackfillResult:
 
     @property
     def failed(self) -> tuple[JobRun, ...]:
-        """Runs that failed."""
-        return tuple(r for r in self.runs if r.status is JobStatus.FAILED)
+        """Runs that failed, or stopped because their job is cancelled (exit 2)."""
+        return tuple(r for r in self.runs if r.status in (JobStatus.FAILED, JobStatus.CANCELLED))
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +339,10 @@ class _Runner:
     state: JobProgress | None = None  # what the job row holds (or will, once committed)
     observe: Observer | None = None
     health: HealthMonitor | None = None
+    log: BatchLog = field(init=False)  # the batch history this run writes
+
+    def __post_init__(self) -> None:
+        self.log = BatchLog(self.job.name, self.owner, self.settings.backfill.keep_batches)
 
     @property
     def lock_key(self) -> int:
@@ -410,21 +424,36 @@ class _Runner:
                     "run `oauthmig upgrade` first"
                 )
             ensure_job_table(conn)
+            ensure_batch_table(conn)
             generation = _generation(conn, self.settings, job, self.revisions)
             saved = read_job(conn, job.name)
+            if (
+                saved is not None
+                and saved.status is JobStatus.CANCELLED
+                and not self.options.restart
+            ):
+                message = cancelled_message(recorded_request(saved), db.name, job.name)
+                seconds = time.monotonic() - started
+                return JobRun(
+                    job.name, db.name, JobStatus.CANCELLED, 0, 0, 0, seconds, message=message
+                )
             now = datetime.now(UTC)
             version = FAMILY_VERSION
             if saved is not None:
                 if saved.generation is None or saved.generation == generation:
                     version = saved.version or 1
                 if saved.generation != generation:
-                    self.note = (
-                        "saved progress belongs to an earlier generation of the job's columns "
-                        "(dropped and re-added by a downgrade and upgrade since); restarted "
-                        "from the beginning"
-                        if saved.generation is not None
-                        else "saved progress predates column tracking; restarted from the beginning"
-                    )
+                    # (A row that only holds a request for a job that never ran has nothing
+                    # to restart: no run ever owned it.)
+                    if saved.owner is not None or saved.batches:
+                        self.note = (
+                            "saved progress belongs to an earlier generation of the job's "
+                            "columns (dropped and re-added by a downgrade and upgrade since); "
+                            "restarted from the beginning"
+                            if saved.generation is not None
+                            else "saved progress predates column tracking; restarted from the "
+                            "beginning"
+                        )
                     saved = None
             if (
                 saved is not None
@@ -466,8 +495,11 @@ class _Runner:
                     held_reason=None,
                 )
                 with new_transaction(conn):
+                    carried = carried_request(conn, job.name)  # a pause outlives --restart
                     conn.execute(job_table.delete().where(job_table.c.job == job.name))
+                    self.state = replace(self.state, **carried)
                     conn.execute(job_table.insert().values(**self.state.values()))
+                    reset_history(conn, job.name)  # a new record for the new pass
             else:
                 self.state = replace(
                     saved,
@@ -664,11 +696,16 @@ class _Runner:
             bound = snapshot.upper_bound
             lo = snapshot.cursor
             hi: int | None = None
+            began = datetime.now(UTC)
             deadline = self._deadline(conn)
             try:
                 if self._held(conn):
                     continue  # asked to stop while held: saved as paused above
                 with deadline:
+                    # A pause or cancel from anywhere; the read shares _next_hi's transaction.
+                    wanted = requested_stop(conn, self.job.name, end=False)
+                    if wanted is not None:
+                        return self._obey(conn, wanted)
                     hi = _next_hi(conn, physical, lo, bound, size)
                     if conn.in_transaction():
                         conn.commit()
@@ -689,7 +726,7 @@ class _Runner:
                         )
                         self._save(conn, JobStatus.FINISHED)
                         return conn
-                    t0 = time.monotonic()
+                    t0, began = time.monotonic(), datetime.now(UTC)
                     with new_transaction(conn):
                         self._verify_lock(conn)
                         ctx = BatchContext(conn, physical, self.settings, self.db.name, version)
@@ -701,8 +738,10 @@ class _Runner:
                             batches=self.state.batches + 1,
                             batch_size=size,
                         )
-                        # Same transaction as the batch: the cursor never runs ahead of the data.
+                        # Same transaction as the batch: the cursor never runs ahead of the data,
+                        # and the batch's history row exists exactly when the batch committed.
                         self._persist(conn)
+                        self.log.committed(conn, lo, hi, n, time.monotonic() - t0, began)
                 elapsed = time.monotonic() - t0
                 self.batch_times.append(elapsed)
                 self.changed += n
@@ -716,7 +755,7 @@ class _Runner:
                 if self.stop.deadline is not None:  # --max-runtime bounds the pause too
                     pause = min(pause, self.stop.deadline - time.monotonic())
                 if pause > 0:
-                    self.sleep(pause)
+                    conn = self.work = self._rest(engine, conn, pause)
             except _TakenOver as exc:
                 with contextlib.suppress(SQLAlchemyError):
                     conn.rollback()
@@ -726,13 +765,11 @@ class _Runner:
                     conn.rollback()
                 # The failed batch did not happen; its attempt counts.
                 self.state = replace(snapshot, attempts=self.state.attempts + 1)
-                if deadline.fired or _lost(exc, conn):
-                    reason = (
-                        f"no answer within the client deadline of {deadline.seconds:g}s "
-                        "(statement_timeout + 5s): server process stopped or hung"
-                        if deadline.fired
-                        else describe_error(exc, self.db)
-                    )
+                lost = deadline.fired or _lost(exc, conn)
+                cls = "client deadline" if deadline.fired else error_class(exc)
+                self.log.failed(None if lost else conn, lo, hi, cls, began)
+                if lost:
+                    reason = self._lost_reason(deadline, exc)
                     if deadline.fired:
                         size = max(1, size // 2)
                     conn = self.work = self._reconnect(engine, conn, reason)
@@ -818,7 +855,20 @@ class _Runner:
             status = "running" if reading is None else "held"
             self._report(self.state, status, held=reading, held_for=seconds)
 
-        stopped = self.health.hold(lambda r: self._set_held(conn, r), report, self._wait)
+        requested = False
+
+        def wait(seconds: float) -> bool:
+            # A pause or cancel request ends a hold too: the loop obeys it before any batch.
+            nonlocal requested
+            if self._wait(seconds):
+                return True
+            requested = requested_stop(conn, self.job.name) is not None
+            return requested
+
+        stopped = self.health.hold(lambda r: self._set_held(conn, r), report, wait)
+        if requested:
+            self._set_held(conn, None)  # stopped by the request, not by the health checks
+            return False
         if stopped is not None:
             note = f"stopped while held by health checks: {stopped}"
             self.note = f"{self.note}; {note}" if self.note else note
@@ -847,6 +897,51 @@ class _Runner:
             seconds = min(seconds, max(0.0, self.stop.deadline - time.monotonic()))
         self.stop.event.wait(seconds)
         return self.stop.should_stop()
+
+    def _obey(self, conn: Connection, request: Request) -> Connection:
+        """A pause or cancel request: stop before the next batch, state saved."""
+        if request.action == "pause":
+            self._save(conn, JobStatus.PAUSED)
+            message = paused_message(request, self.db.name, self.job.name)
+        else:
+            self._save(conn, JobStatus.CANCELLED)
+            message = cancelled_message(request, self.db.name, self.job.name)
+        self.note = f"{self.note}; {message}" if self.note else message
+        return conn
+
+    def _rest(self, engine: Engine, conn: Connection, seconds: float) -> Connection:
+        """The pause between batches, cut short when a pause or cancel request arrives.
+
+        Returns the work connection: a new one (through :meth:`_reconnect`, run lock taken
+        again) if the connection was lost meanwhile.
+        """
+        assert self.state is not None
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.sleep(min(left, POLL_SECONDS))
+            if self.stop.event.is_set() or end - time.monotonic() <= 0:
+                return conn
+            deadline = self._deadline(conn)
+            try:
+                with deadline:
+                    if requested_stop(conn, self.job.name) is not None:
+                        return conn
+            except SQLAlchemyError as exc:
+                with contextlib.suppress(SQLAlchemyError):
+                    conn.rollback()
+                if not (deadline.fired or _lost(exc, conn)):
+                    return conn  # the next batch meets the same error and deals with it
+                self.state = replace(self.state, attempts=self.state.attempts + 1)
+                return self._reconnect(engine, conn, self._lost_reason(deadline, exc))
+        return conn
+
+    def _lost_reason(self, deadline: ClientDeadline, exc: SQLAlchemyError) -> str:
+        if deadline.fired:
+            return (
+                f"no answer within the client deadline of {deadline.seconds:g}s "
+                "(statement_timeout + 5s): server process stopped or hung"
+            )
+        return describe_error(exc, self.db)
 
     def _locked_message(self, conn: Connection, physical: str, lo: int, hi: int) -> str:
         assert self.state is not None

@@ -52,16 +52,18 @@ from oauthmig.db import (
 )
 from oauthmig.errors import SchemaStateError
 from oauthmig.redirects.rules import infer_app_type, split_redirect_uris
+from oauthmig.rollout.batches import BatchStats, as_utc, batch_stats
 from oauthmig.types import StringList
 
 
 class JobStatus(StrEnum):
     """The one vocabulary of backfill job state.
 
-    The job table stores ``running``, ``paused``, ``finished`` or ``failed``
-    (:attr:`STORED`). One run's outcome (:class:`~oauthmig.rollout.backfill.JobRun`) is
-    ``finished``, ``paused`` or ``failed``, or ``dry-run`` (estimated, nothing written) or
-    ``up-to-date`` (finished before, nothing new). ``status`` derives the rest from the
+    The job table stores ``running``, ``paused``, ``finished``, ``failed`` or ``cancelled``
+    (:data:`STORED_STATUSES`; ``cancelled``: by ``oauthmig backfill cancel``, until
+    ``--restart``). One run's outcome (:class:`~oauthmig.rollout.backfill.JobRun`) is
+    ``finished``, ``paused``, ``cancelled`` or ``failed``, or ``dry-run`` (estimated, nothing
+    written) or ``up-to-date`` (finished before, nothing new). ``status`` derives the rest from the
     stored row and the table: ``interrupted`` (stored ``running``, but no process holds the
     run lock), ``stale`` (finished, but rows needing it appeared since), ``not started`` (no
     row) and ``waiting for upgrade`` (the table lacks the job's columns).
@@ -77,10 +79,17 @@ class JobStatus(StrEnum):
     STALE = "stale"
     NOT_STARTED = "not started"
     WAITING_FOR_UPGRADE = "waiting for upgrade"
+    CANCELLED = "cancelled"
 
 
 STORED_STATUSES = frozenset(
-    {JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.FINISHED, JobStatus.FAILED}
+    {
+        JobStatus.RUNNING,
+        JobStatus.PAUSED,
+        JobStatus.FINISHED,
+        JobStatus.FAILED,
+        JobStatus.CANCELLED,
+    }
 )
 
 
@@ -104,6 +113,11 @@ class JobState:
     remaining: int | None
     last_error: str | None = None
     held: str | None = None  # why a live run holds before its next batch (health checks)
+    # The last pause / resume / cancel request (rollout.control): action, OS user@host, when.
+    requested_action: str | None = None
+    requested_by: str | None = None
+    requested_at: datetime | None = None
+    history: BatchStats | None = None  # rate, ETA, p50/p99 from the batch table
 
 
 JOB_TABLE = "oauthmig_backfill_job"
@@ -140,29 +154,38 @@ job_table = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=True),
     # Added later (older job tables get them on first use): the run that owns the job, the
-    # column generation its progress belongs to, the job version (family id formula).
+    # column generation its progress belongs to, the job version (family id formula); the
+    # last operator request (pause | resume | cancel), who made it (OS user@host) and when.
     Column("owner", String(32), nullable=True),
     Column("generation", Text, nullable=True),
     Column("version", Integer, nullable=True),
     # Set while a live run holds between batches because a health check failed (the reason).
     Column("held_reason", Text, nullable=True),
+    # The last operator request (pause | resume | cancel), who made it (OS user@host) and when.
+    Column("requested_action", String(16), nullable=True),
+    Column("requested_by", String(255), nullable=True),
+    Column("requested_at", DateTime(timezone=True), nullable=True),
 )
 
 
-_LATER_COLUMNS = {
-    "owner": "VARCHAR(32)",
-    "generation": "TEXT",
-    "version": "INTEGER",
-    "held_reason": "TEXT",
-}
+_LATER_COLUMNS = (
+    "owner",
+    "generation",
+    "version",
+    "held_reason",
+    "requested_action",
+    "requested_by",
+    "requested_at",
+)
 
 
 @dataclass(frozen=True, slots=True)
 class JobProgress:
     """One row of the job table: a job's saved progress on one database.
 
-    ``owner``, ``generation`` and ``version`` are ``None`` when the row predates them (job
-    tables of older versions lack those columns until a run adds them).
+    ``owner``, ``generation``, ``version``, ``held_reason`` and the ``requested_*`` columns
+    are ``None`` when the row predates them (job tables of older versions lack those columns
+    until a run adds them).
     """
 
     job: str
@@ -184,6 +207,9 @@ class JobProgress:
     generation: str | None = None
     version: int | None = None
     held_reason: str | None = None
+    requested_action: str | None = None  # the last pause/resume/cancel request (rollout.control)
+    requested_by: str | None = None
+    requested_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> JobProgress:
@@ -216,6 +242,9 @@ class JobProgress:
             generation=row.get("generation"),
             version=None if row.get("version") is None else int(row["version"]),
             held_reason=row.get("held_reason"),
+            requested_action=row.get("requested_action"),
+            requested_by=row.get("requested_by"),
+            requested_at=None if row.get("requested_at") is None else as_utc(row["requested_at"]),
         )
 
     def values(self, names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -502,8 +531,9 @@ def ensure_job_table(conn: Connection) -> None:
             )
         _md.create_all(conn, checkfirst=True)
         have = {c["name"] for c in inspect(conn).get_columns(JOB_TABLE)}
-        for name, sql_type in _LATER_COLUMNS.items():
+        for name in _LATER_COLUMNS:
             if name not in have:
+                sql_type = job_table.c[name].type.compile(dialect=conn.dialect)
                 conn.execute(text(f"ALTER TABLE {JOB_TABLE} ADD COLUMN {name} {sql_type}"))
 
 
@@ -540,6 +570,10 @@ def job_states(conn: Connection, settings: Settings, database: str) -> list[JobS
                 remaining,
                 progress.last_error,
                 held,
+                progress.requested_action,
+                progress.requested_by,
+                progress.requested_at,
+                batch_stats(conn, job.name, remaining),
             )
         )
     return out

@@ -143,6 +143,10 @@ def _classify(statement: str, token_table: str) -> str:
         return "batch UPDATE (token)"
     if s.startswith("update oauthmig_backfill_job"):
         return "job-state UPDATE"
+    if s.startswith("insert into oauthmig_backfill_batch"):
+        return "batch-history INSERT"
+    if s.startswith("select oauthmig_backfill_job.requested_action"):
+        return "pause/cancel request read"
     if s.startswith("select max(anon"):
         return "_next_hi keyset read"
     if s.startswith("select count(*)"):
