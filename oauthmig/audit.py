@@ -27,6 +27,12 @@ Per application (docs/rules.md):
 * RU016 uses the length of the grant table's ``redirect_uri`` column on that database
   (``varchar(255)`` -> 255, ``text`` -> no limit), or 255 when no grant table is routed there.
 
+The client metadata rules (RU105-RU110, :mod:`oauthmig.metadata_rules`) run on the same rows:
+the metadata URLs (``homepage_url``, ``privacy_url``, ``terms_url`` as ``client_uri``,
+``policy_uri``, ``tos_uri``; ``jwks_uri`` and ``logo_uri`` once revision 0006 added them) and
+``token_endpoint_auth_method`` against ``has_secret``, each read only where the column exists.
+Their findings carry ``field``, the RFC 7591 name they are about.
+
 Findings whose code is in ``[audit] ignore`` are dropped and counted in
 :attr:`AuditSummary.ignored`.
 """
@@ -60,6 +66,7 @@ from oauthmig.config import Settings
 from oauthmig.db import connect, describe_error, make_engine
 from oauthmig.errors import DatabaseError
 from oauthmig.identity import check_distinct
+from oauthmig.metadata_rules import AUTH_METHOD_COLUMN, METADATA_URL_COLUMNS, check_metadata
 from oauthmig.migrations import check_state, history
 from oauthmig.redirect_rules import (
     RULES,
@@ -91,6 +98,8 @@ Progress = Callable[[str, int, int], None]
 """``progress(label, applications_done, applications_total)``, called after every batch."""
 
 _APP_TYPES = {t.value: t for t in AppType}
+# Application columns the client metadata rules read, when the table has them.
+_METADATA_COLUMNS = (*dict.fromkeys(METADATA_URL_COLUMNS.values()), AUTH_METHOD_COLUMN)
 _SEVERITY_ORDER = tuple(s.value for s in Severity)  # error, warning, info
 
 
@@ -98,7 +107,10 @@ _SEVERITY_ORDER = tuple(s.value for s in Severity)  # error, warning, info
 class AuditFinding:
     """One rule firing on one stored application (``uri`` is None for application-level
     findings such as RU101; for RU103 it is the live grant's URI). ``line`` is the 1-based
-    line of ``redirect_uris`` the finding is on, None when it is on no line."""
+    line of ``redirect_uris`` the finding is on, None when it is on no line. ``field`` is set
+    for the client metadata rules: the RFC 7591 name (``client_uri``, ``jwks_uri``, ...,
+    ``token_endpoint_auth_method``); ``uri`` is then the metadata URL, its userinfo and
+    secret-looking query values masked."""
 
     database: str
     application_id: int
@@ -110,6 +122,7 @@ class AuditFinding:
     message: str
     normalized: str | None
     line: int | None = None
+    field: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +140,7 @@ class DatabaseAudit:
     live_grants: int | None
     grant_column_length: int | None
     app_type_source: Literal["column", "inferred"]
+    metadata_urls: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +157,7 @@ class AuditSummary:
     ignored: Mapping[str, int]
     databases: tuple[DatabaseAudit, ...]
     notes: tuple[str, ...]
+    metadata_urls_scanned: int = 0
 
     def fails(self, fail_on: FailOn) -> bool:
         """Whether findings at or above ``fail_on`` exist (``never``: never)."""
@@ -172,6 +187,7 @@ class _Tally:
     applications: int = 0
     uris: int = 0
     live_grants: int = 0
+    metadata_urls: int = 0
 
 
 def _column_length(col_type: Any) -> int | None:
@@ -306,6 +322,7 @@ class Audit:
                 self._tallies[t.database].live_grants if t.grants_here else None,
                 t.grant_column_length,
                 "column" if "application_type" in t.app_columns else "inferred",
+                self._tallies[t.database].metadata_urls,
             )
             for t in self._targets
         )
@@ -319,6 +336,7 @@ class Audit:
             ignored=dict(sorted(self._ignored.items())),
             databases=databases,
             notes=self._notes,
+            metadata_urls_scanned=sum(d.metadata_urls for d in databases),
         )
 
     # ------------------------------------------------------------------ reading
@@ -335,6 +353,7 @@ class Audit:
             column("redirect_uris"),
             column("application_type"),
             column("grant_types"),
+            *(column(name) for name in _METADATA_COLUMNS),
         )
         has_secret: ColumnElement[Any]
         if "client_secret" in cols:
@@ -354,6 +373,7 @@ class Audit:
             selected.append(t.c.application_type)
         if "grant_types" in cols:
             selected.append(t.c.grant_types)
+        selected.extend(t.c[name] for name in _METADATA_COLUMNS if name in cols)
         first = select(*selected).order_by(t.c.id).limit(self._batch_size)
         following = first.where(t.c.id > bindparam("after"))
         g = table(
@@ -458,6 +478,33 @@ class Audit:
                 f.message,
                 f.normalized,
                 f.line,
+            )
+        urls = {
+            name: mapping.get(col) for name, col in METADATA_URL_COLUMNS.items() if col in mapping
+        }
+        tally.metadata_urls += sum(1 for v in urls.values() if v is not None and v.strip())
+        for m in check_metadata(
+            urls,
+            auth_method=mapping.get(AUTH_METHOD_COLUMN),
+            has_secret=bool(mapping["has_secret"]),
+            jwks_uri_column="jwks_uri" in target.app_columns,
+        ):
+            if m.code in self._ignore:
+                self._ignored[m.code] += 1
+                continue
+            self._by_code[m.code] += 1
+            yield AuditFinding(
+                target.database,
+                app_id,
+                client_id,
+                m.uri,
+                m.code,
+                m.name,
+                m.severity,
+                m.message,
+                m.normalized,
+                None,
+                m.field,
             )
 
 

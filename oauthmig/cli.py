@@ -636,6 +636,93 @@ def _report_backfill_failures(state: AppState, result: BackfillResult) -> None:
         )
 
 
+@cli.command("prune-grants")
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 100_000),
+    default=1000,
+    show_default=True,
+    help="Grants deleted per transaction (1 to 100000).",
+)
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    default="0s",
+    show_default=True,
+    help="Only delete grants that expired more than DURATION ago (e.g. 30min, 12h, 7d; at "
+    "most 3650d): a consumed code is recognized as a replay until it is deleted.",
+)
+@click.option(
+    "--sleep",
+    "sleep_seconds",
+    type=_FiniteRange(0, 3600),
+    default=None,
+    help="Pause between batches, in seconds (default: backfill.sleep_seconds).",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; write nothing.")
+@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@click.pass_context
+def prune_grants(
+    ctx: click.Context,
+    batch: int,
+    older_than: str,
+    sleep_seconds: float | None,
+    dry_run: bool,
+    fmt: str,
+) -> None:
+    """Delete expired authorization codes (grant rows) in short batches.
+
+    Since revision 0005 an exchanged code is kept, marked consumed, until it expires, so that
+    presenting it again revokes the tokens it produced; this deletes every grant whose
+    expiry is more than --older-than in the past, consumed or not. Each batch is one
+    keyset-bounded DELETE in its own short transaction under lock_timeout and
+    statement_timeout (rows being exchanged right now are skipped, not waited for); rerun at
+    any time, e.g. from cron, or after an interruption.
+
+    \b
+    Examples:
+      oauthmig prune-grants --dry-run
+      oauthmig prune-grants --older-than 1d --batch 500
+      oauthmig prune-grants -d control --format json | jq '.databases[].deleted'
+    """
+    from datetime import timedelta
+
+    from oauthmig.config import parse_duration_ms
+    from oauthmig.console import prune_to_dict, render_prune
+    from oauthmig.errors import ConfigError
+    from oauthmig.prune import prune
+
+    try:
+        keep_ms = parse_duration_ms(older_than, "--older-than", high_ms=3650 * 86_400_000)
+    except ConfigError as exc:
+        raise UsageError(exc.message) from None
+    state = _state(ctx)
+    settings = state.settings()
+    result = prune(
+        settings,
+        batch=batch,
+        older_than=timedelta(milliseconds=keep_ms),
+        dry_run=dry_run,
+        sleep=sleep_seconds,
+    )
+    c = state.consoles
+    if fmt == "json":
+        click.echo(to_json(prune_to_dict(result)))
+    elif not c.quiet or result.failed:
+        render_prune(c.out, result)
+    failed = result.failed
+    if len(failed) == 1:
+        raise OauthmigError(failed[0].error or f"database {failed[0].database!r} failed")
+    if failed:
+        for d in failed:
+            c.error(d.error or f"database {d.database!r} failed")
+        raise OauthmigError(
+            f"prune-grants failed on {len(failed)} databases: "
+            + ", ".join(d.database for d in failed)
+            + "; what was deleted stays deleted, rerun to go on"
+        )
+
+
 @cli.command()
 @click.option(
     "--apps",

@@ -97,6 +97,7 @@ from sqlalchemy.types import TypeDecorator
 
 from oauthmig.config import ColumnDefault, TableNames
 from oauthmig.errors import ConfigError, InvalidGrant, InvalidRequest, ModelsSchemaError, OAuthError
+from oauthmig.metadata_rules import METADATA_URL_COLUMNS
 from oauthmig.pkce import parse_code_challenge, verify_code_verifier
 from oauthmig.redirect_rules import (
     AppType,
@@ -389,7 +390,7 @@ def build_models(
 
     class Application(ApplicationModel, Base):
         __tablename__ = app
-        __mapper_args__ = {"eager_defaults": False}
+        __mapper_args__ = {"eager_defaults": False}  # noqa: RUF012 (SQLAlchemy reads it)
         __table_args__ = (
             UniqueConstraint("client_id", name=f"{app}_client_id_key"),
             Index(f"{app}_owner_id_idx", "owner_id"),
@@ -397,7 +398,7 @@ def build_models(
 
     class Grant(GrantModel, Base):
         __tablename__ = grant
-        __mapper_args__ = {"eager_defaults": False}
+        __mapper_args__ = {"eager_defaults": False}  # noqa: RUF012 (SQLAlchemy reads it)
         # Sentry indexes the code without making it unique.
         __table_args__ = (
             Index(f"{grant}_code_idx", "code"),
@@ -1395,16 +1396,6 @@ def set_redirect_uris(
 
 # --------------------------------------------------------------------------- client metadata
 
-#: RFC 7591 §2 metadata name -> the Sentry application column that holds it. The three legacy
-#: URL columns are reported under their RFC names rather than duplicated; ``jwks_uri`` and
-#: ``logo_uri`` are columns of their own (revision 0006).
-METADATA_URL_COLUMNS: Final[Mapping[str, str]] = {
-    "client_uri": "homepage_url",
-    "policy_uri": "privacy_url",
-    "tos_uri": "terms_url",
-    "jwks_uri": "jwks_uri",
-    "logo_uri": "logo_uri",
-}
 #: RFC 7591 §2 defaults, reported for applications whose metadata columns are still NULL
 #: (before the client-metadata backfill): what a client would assume for an omitted field.
 _DEFAULT_GRANT_TYPES: Final = ("authorization_code",)

@@ -65,6 +65,7 @@ FINDING_FIELDS: tuple[str, ...] = (
     "severity",
     "message",
     "normalized",
+    "field",
 )
 FORMATS: tuple[str, ...] = ("json", "csv", "sarif")
 #: Where the rules are documented, relative to the project root.
@@ -121,6 +122,7 @@ def finding_to_dict(finding: AuditFinding) -> dict[str, Any]:
         "severity": finding.severity.value,
         "message": finding.message,
         "normalized": finding.normalized,
+        "field": finding.field,
     }
 
 
@@ -129,6 +131,7 @@ def summary_to_dict(summary: AuditSummary) -> dict[str, Any]:
     return {
         "applications_scanned": summary.applications_scanned,
         "uris_scanned": summary.uris_scanned,
+        "metadata_urls_scanned": summary.metadata_urls_scanned,
         "live_grants_checked": summary.live_grants_checked,
         "findings": summary.findings,
         "by_severity": dict(summary.by_severity),
@@ -139,6 +142,7 @@ def summary_to_dict(summary: AuditSummary) -> dict[str, Any]:
                 "database": d.database,
                 "applications": d.applications,
                 "uris": d.uris,
+                "metadata_urls": d.metadata_urls,
                 "live_grants": d.live_grants,
                 "grant_column_length": d.grant_column_length,
                 "app_type_source": d.app_type_source,
@@ -226,6 +230,8 @@ def sarif_rule(rule: Rule, docs_url: str = DEFAULT_DOCS_URL) -> dict[str, Any]:
 
 
 def _position(finding: AuditFinding) -> str:
+    if finding.field is not None:
+        return f"metadata:{finding.field}"
     if finding.line is not None:
         return f"line:{finding.line}"
     return "grant" if finding.uri is not None else "application"
@@ -234,9 +240,10 @@ def _position(finding: AuditFinding) -> str:
 def finding_fingerprint(finding: AuditFinding) -> str:
     """A digest of (database, application id, position, code, URI): the same finding keeps it
     from one audit to the next. The position is the line of ``redirect_uris`` (blank lines
-    and identical URIs on different lines differ), ``grant`` for a live grant's URI (RU103) or
-    ``application``. Two findings with the same digest (one line, one code, two messages) are
-    told apart by the occurrence count that :class:`SarifWriter` appends."""
+    and identical URIs on different lines differ), ``grant`` for a live grant's URI (RU103),
+    ``metadata:<field>`` for a client metadata finding (RU105-RU110) or ``application``.
+    Two findings with the same digest (one line, one code, two messages) are told apart by
+    the occurrence count that :class:`SarifWriter` appends."""
     key = "\x1f".join(
         (
             finding.database,
@@ -401,6 +408,7 @@ class SarifWriter:
                                 "applicationId": f.application_id,
                                 "clientId": f.client_id,
                                 "redirectUrisLine": f.line,
+                                "field": f.field,
                             },
                         }
                     ],
@@ -415,6 +423,7 @@ class SarifWriter:
                 "normalized": f.normalized,
                 "severity": f.severity.value,
                 "redirectUrisLine": f.line,
+                "field": f.field,
             },
         }
 

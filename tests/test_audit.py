@@ -21,6 +21,7 @@ from oauthmig.db import make_engine
 from oauthmig.demo import PLANTED, setup_legacy
 from oauthmig.errors import DatabaseError
 from oauthmig.legacy import USERS_TABLE, legacy_metadata, user_rows
+from oauthmig.metadata_rules import METADATA_URL_COLUMNS
 from oauthmig.redirect_rules import RULES
 from oauthmig.reports import FINDING_FIELDS
 from oauthmig.types import StringList
@@ -43,6 +44,7 @@ _FINDING_SCHEMA = {
         "severity": {"enum": ["error", "warning", "info"]},
         "message": {"type": "string", "minLength": 1},
         "normalized": {"type": ["string", "null"]},
+        "field": {"enum": [None, *METADATA_URL_COLUMNS, "token_endpoint_auth_method"]},
     },
 }
 _COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1}}
@@ -59,6 +61,7 @@ AUDIT_SCHEMA = {
             "required": [
                 "applications_scanned",
                 "uris_scanned",
+                "metadata_urls_scanned",
                 "live_grants_checked",
                 "findings",
                 "by_severity",
@@ -70,6 +73,7 @@ AUDIT_SCHEMA = {
             "properties": {
                 "applications_scanned": {"type": "integer", "minimum": 0},
                 "uris_scanned": {"type": "integer", "minimum": 0},
+                "metadata_urls_scanned": {"type": "integer", "minimum": 0},
                 "live_grants_checked": {"type": "integer", "minimum": 0},
                 "findings": {"type": "integer", "minimum": 0},
                 "by_severity": {
@@ -91,6 +95,7 @@ AUDIT_SCHEMA = {
                             "database",
                             "applications",
                             "uris",
+                            "metadata_urls",
                             "live_grants",
                             "grant_column_length",
                             "app_type_source",
@@ -99,6 +104,7 @@ AUDIT_SCHEMA = {
                             "database": {"type": "string"},
                             "applications": {"type": "integer", "minimum": 0},
                             "uris": {"type": "integer", "minimum": 0},
+                            "metadata_urls": {"type": "integer", "minimum": 0},
                             "live_grants": {"type": ["integer", "null"], "minimum": 0},
                             "grant_column_length": {"type": ["integer", "null"], "minimum": 1},
                             "app_type_source": {"enum": ["column", "inferred"]},
