@@ -123,7 +123,7 @@ def grant_count(session: Session, models: OAuthModels = M) -> int:
     G = models.Grant
     query = select(func.count()).select_from(G)
     if "consumed_at" in {
-        c["name"] for c in inspect(session.connection()).get_columns(G.__tablename__)
+        c["name"] for c in inspect(session.connection()).get_columns(models.tables.grant)
     }:
         query = query.where(G.consumed_at.is_(None))
     return session.scalar(query) or 0
