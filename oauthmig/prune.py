@@ -330,7 +330,7 @@ def prune(
     from oauthmig.migrations import check_state, history
 
     hosting = [n for n in settings.database_names() if "grant" in settings.tables_on(n)]
-    check_distinct(settings, hosting)
+    check_distinct(settings)
     revisions = history()
     pause = settings.backfill.sleep_seconds if sleep is None else sleep
     at = datetime.now(UTC) if now is None else now

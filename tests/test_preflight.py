@@ -176,6 +176,7 @@ COMMANDS = {
     "downgrade": ["downgrade", "--to", "base"],
     "backfill": ["backfill"],
     "audit": ["audit-redirects"],
+    "prune-grants": ["prune-grants"],
     "demo": ["demo", "--apps", "5", "--tokens", "5"],
 }
 

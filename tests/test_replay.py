@@ -32,7 +32,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from oauthmig.config import Settings, settings_from_mapping
-from oauthmig.db import make_engine
+from oauthmig.db import exclusive_run, make_engine
 from oauthmig.errors import InvalidGrant, LockTimeoutError, OAuthError
 from oauthmig.legacy import legacy_metadata
 from oauthmig.models import (
@@ -789,3 +789,24 @@ def test_offline_sql_of_0005_and_0006_applies(
         assert outcomes == {r: v[:2] for r, v in online_log[db].items()}
     for db, t in tables:
         assert columns_of(settings, db, settings.tables.physical(t)) == online_columns[(db, t)]
+
+
+def test_one_prune_run_per_database(
+    rolled_out: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, cfg = rolled_out
+    _legacy_grants(settings, [(1, datetime(2020, 1, 1, tzinfo=UTC), None)])
+    db = settings.databases["control"]
+    engine = make_engine(db, settings)
+    try:
+        with engine.connect() as conn, exclusive_run(conn, db, "prune-grants"):
+            busy = invoke(capsys, "--config", cfg, "prune-grants")
+            dry = invoke(capsys, "--config", cfg, "prune-grants", "--dry-run")
+    finally:
+        engine.dispose()
+    assert busy.code == 2 and "another oauthmig prune-grants run holds the lock" in busy.err
+    assert len(busy.err.strip().splitlines()) == 1 and "Traceback" not in busy.err
+    assert dry.code == 0, dry.err  # a dry run writes nothing and takes no lock
+    assert _grant_ids(settings) == {1}
+    assert invoke(capsys, "--config", cfg, "prune-grants").code == 0
+    assert _grant_ids(settings) == set()
