@@ -726,8 +726,7 @@ def render_audit_summary(
     console.print(
         f"audited {summary.applications_scanned:,} applications, {summary.uris_scanned:,} "
         f"redirect URIs, {summary.live_grants_checked:,} live grants, "
-        f"{summary.metadata_urls_scanned:,} metadata URLs"
-        + (f" on {per_db}" if per_db else "")
+        f"{summary.metadata_urls_scanned:,} metadata URLs" + (f" on {per_db}" if per_db else "")
     )
     console.print(
         "findings: "
