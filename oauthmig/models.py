@@ -11,13 +11,18 @@ Models
     ``oauthmig upgrade`` as well as on one made with ``metadata.create_all``. Annotate with
     :class:`ApplicationModel`, :class:`GrantModel` and :class:`TokenModel`, which every built
     class derives from. Datetimes are timezone-aware UTC on both PostgreSQL and SQLite.
+    The columns of revisions 0005 and 0006 (:data:`OPTIONAL_COLUMNS`), which run after the
+    gated finalize, are deferred: the classes load and insert rows on databases without them,
+    and the services fall back (see :func:`check_models`).
 
 Services (raising :class:`~oauthmig.errors.InvalidRequest` and
 :class:`~oauthmig.errors.InvalidGrant`, whose ``.error`` is the OAuth wire code)
     :func:`new_grant` / :func:`store_challenge` (authorization), :func:`exchange_code` (code ->
-    tokens with redirect binding and PKCE, :func:`verify_pkce`), :func:`rotate_refresh_token`
-    (rotation with reuse detection), :func:`revoke_family`, :func:`find_active_token`,
-    :func:`validate_redirect_uris` / :func:`set_redirect_uris` (registration).
+    tokens with redirect binding and PKCE, :func:`verify_pkce`; a replayed code revokes the
+    family it produced), :func:`rotate_refresh_token` (rotation with reuse detection),
+    :func:`revoke_family`, :func:`find_active_token`, :func:`validate_redirect_uris` /
+    :func:`set_redirect_uris` (registration), :func:`client_metadata` (the RFC 7591 client
+    information response). Expired grants are purged by :func:`oauthmig.prune.prune_grants`.
 
 Columns the models do not manage
     Live tables carry more columns than the models map (Sentry's ``scopes bigint NOT NULL``

@@ -108,6 +108,16 @@ def _columns(work: Connection | Session, physical: str) -> set[str]:
     return found
 
 
+def _rollback(work: Connection | Session) -> None:
+    """Roll back, also on the driver: a COMMIT that SQLite refused (``database is locked``)
+    leaves its transaction open while SQLAlchemy already considers it over."""
+    work.rollback()
+    if isinstance(work, Connection) and not work.closed and not work.invalidated:
+        raw = work.connection.driver_connection
+        if raw is not None and getattr(raw, "in_transaction", False):
+            raw.rollback()
+
+
 def _retryable(exc: SQLAlchemyError) -> bool:
     orig = getattr(exc, "orig", None)
     if getattr(orig, "sqlstate", None) in _RETRY_SQLSTATES:
@@ -255,11 +265,11 @@ def _delete_batches(
                 work.commit()
                 break
             except DBAPIError as exc:
-                work.rollback()
+                _rollback(work)
                 if not _retryable(exc) or attempt >= max_retries:
                     if _retryable(exc):
                         raise LockTimeoutError(
-                            f"{g.name}: a batch could not lock its rows within lock_timeout "
+                            f"{g.name}: a batch could not get its locks within lock_timeout "
                             f"{int(lock_timeout_ms)}ms after {attempt + 1} attempts; "
                             f"{deleted:,} expired grants were deleted before it; rerun later"
                         ) from None
@@ -268,7 +278,7 @@ def _delete_batches(
                 retries += 1
                 time.sleep(min(_MAX_BACKOFF_SECONDS, 0.05 * 2**attempt) * random.uniform(0.5, 1))
             except BaseException:
-                work.rollback()
+                _rollback(work)
                 raise
         if not rows:
             return deleted, consumed, batches, retries

@@ -553,6 +553,30 @@ def test_prune_gives_up_on_a_locked_table_without_a_long_wait(
     assert _ids(engine) == before
 
 
+@sqlite_only
+def test_prune_waits_for_a_sqlite_reader_at_most_its_busy_timeout(
+    make_database: DatabaseFactory, prunable: tuple[datetime, set[int]]
+) -> None:
+    """A read transaction holds SQLite's shared lock, so a batch cannot commit: it is rolled
+    back (also on the driver, which SQLite leaves in the transaction) and retried, then the
+    run gives up. Once the reader is gone, the next run deletes everything."""
+    now, survivors = prunable
+    url = make_database("replay")  # the same file the engine fixture uses
+    quick = create_engine(url, connect_args={"timeout": 0.1})
+    try:
+        with quick.connect() as reader:
+            raw = reader.connection.driver_connection
+            assert raw is not None
+            raw.execute("BEGIN")  # a read transaction: SELECT takes the shared lock and keeps it
+            assert raw.execute(f"SELECT count(*) FROM {GRANTS}").fetchone() == (33,)
+            with pytest.raises(LockTimeoutError, match="after 2 attempts; 0 expired grants"):
+                prune_grants(quick, batch=10, now=now, max_retries=1)
+        assert prune_grants(quick, batch=10, now=now).deleted == 25
+        assert _ids(quick) == survivors
+    finally:
+        quick.dispose()
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
