@@ -337,7 +337,8 @@ def prune(
     others go on. ``sleep`` defaults to ``[backfill] sleep_seconds``.
     """
     from oauthmig.identity import check_distinct
-    from oauthmig.migrations import check_state, history
+    from oauthmig.rollout.revisions import history
+    from oauthmig.rollout.runner import check_state
 
     hosting = [n for n in settings.database_names() if "grant" in settings.tables_on(n)]
     check_distinct(settings)

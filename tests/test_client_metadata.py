@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from oauthmig.errors import ModelsSchemaError
-from oauthmig.models import (
+from oauthmig.provider.models import (
     DEFAULT_MODELS,
     ApplicationModel,
     build_models,

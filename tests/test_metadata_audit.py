@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import column, table, update
 
 from oauthmig.config import Settings
-from oauthmig.metadata_rules import METADATA_RULE_CODES
+from oauthmig.redirects.metadata_rules import METADATA_RULE_CODES
 from tests.conftest import DatabaseFactory
 from tests.helpers import invoke
 from tests.test_audit import (

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from oauthmig.metadata_rules import (
+from oauthmig.redirects.metadata_rules import (
     METADATA_RULE_CODES,
     METADATA_URL_COLUMNS,
     check_metadata,
     display_url,
 )
-from oauthmig.redirect_rules import RULES
+from oauthmig.redirects.rules import RULES
 
 #: (urls, keyword arguments of check_metadata, code, whether it fires)
 METADATA_CASES: list[Any] = []

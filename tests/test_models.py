@@ -30,11 +30,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from oauthmig import migrations
 from oauthmig.config import Settings, TableNames
 from oauthmig.db import make_engine
 from oauthmig.errors import InvalidGrant, InvalidRequest, ModelsSchemaError
-from oauthmig.models import (
+from oauthmig.provider.models import (
     DEFAULT_MODELS,
     MAX_GRACE_SECONDS,
     OPTIONAL_COLUMNS,
@@ -54,7 +53,8 @@ from oauthmig.models import (
     set_redirect_uris,
     validate_redirect_uris,
 )
-from oauthmig.pkce import s256_challenge
+from oauthmig.provider.pkce import s256_challenge
+from oauthmig.rollout import runner
 from tests.conftest import DatabaseFactory, create_legacy
 from tests.helpers import create_migrated_sentry_shape
 
@@ -244,7 +244,7 @@ def test_models_work_on_a_database_migrated_by_upgrade(routed_settings: Settings
     """A plain upgrade stops before the gated finalize: the expand revisions 0001-0003 are in,
     0005 and 0006 (after 0004) are not, and the models work without them."""
     create_legacy(routed_settings)
-    result = migrations.upgrade(routed_settings)
+    result = runner.upgrade(routed_settings)
     assert result.failed == ()
     assert {run.reached for run in result.runs} == {"0003"}
     eng = make_engine(routed_settings.databases["control"], routed_settings)

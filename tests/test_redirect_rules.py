@@ -1,4 +1,4 @@
-"""Redirect URI rules (oauthmig.redirect_rules): registry, per-URI and application checks."""
+"""Redirect URI rules (oauthmig.redirects.rules): registry, per-URI and application checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oauthmig.redirect_rules import (
+from oauthmig.redirects.rules import (
     RULES,
     AppType,
     Severity,
@@ -50,7 +50,7 @@ RULE_TABLE = {
     "RU102": ("mixed-app-type", "warning"),
     "RU103": ("grant-redirect-unregistered", "warning"),
     "RU104": ("native-with-secret", "info"),
-    # Client metadata rules (oauthmig.metadata_rules, issue 15).
+    # Client metadata rules (oauthmig.redirects.metadata_rules, issue 15).
     "RU105": ("metadata-url-invalid", "error"),
     "RU106": ("metadata-url-not-https", "error"),
     "RU107": ("metadata-url-userinfo", "error"),

@@ -35,7 +35,7 @@ from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import exclusive_run, make_engine
 from oauthmig.errors import InvalidGrant, LockTimeoutError, OAuthError
 from oauthmig.legacy import legacy_metadata
-from oauthmig.models import (
+from oauthmig.provider.models import (
     DEFAULT_MODELS,
     ApplicationModel,
     IssuedToken,
@@ -47,8 +47,10 @@ from oauthmig.models import (
     revoke_family,
     rotate_refresh_token,
 )
-from oauthmig.pkce import s256_challenge
+from oauthmig.provider.pkce import s256_challenge
 from oauthmig.prune import prune_grants
+from oauthmig.rollout import runner
+from oauthmig.rollout.backfill import backfill
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import columns_of, create_migrated_sentry_shape, invoke, write_config
 from tests.test_models import (
@@ -588,13 +590,9 @@ def rolled_out(make_database: DatabaseFactory, tmp_path: Path) -> tuple[Settings
     settings = settings_from_mapping(data, {}, "test")
     create_legacy(settings)
     _app_row(settings)
-    from oauthmig import migrations
-
-    assert migrations.upgrade(settings).failed == ()
-    from oauthmig import backfill
-
-    assert backfill.backfill(settings).failed == ()
-    result = migrations.upgrade(settings)
+    assert runner.upgrade(settings).failed == ()
+    assert backfill(settings).failed == ()
+    result = runner.upgrade(settings)
     assert result.failed == () and {r.reached for r in result.runs} == {"0006"}
     return settings, write_config(tmp_path / "oauthmig.toml", data)
 

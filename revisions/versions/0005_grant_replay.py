@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import DateTime, String, Uuid
 from sqlalchemy.types import TypeEngine
 
-from oauthmig.migrations import ColumnSpec, contract, expand
+from oauthmig.rollout.revisions import ColumnSpec, contract, expand
 
 revision = "0005"
 down_revision = "0004"

@@ -13,7 +13,7 @@ varchar(200+) column is adopted.
 
 from sqlalchemy import Text
 
-from oauthmig.migrations import ColumnSpec, contract, expand, text_like
+from oauthmig.rollout.revisions import ColumnSpec, contract, expand, text_like
 
 revision = "0006"
 down_revision = "0005"

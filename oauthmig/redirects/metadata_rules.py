@@ -1,7 +1,7 @@
 """Client metadata rules (RU105-RU110): the RFC 7591 §2 metadata URLs of an application and
 its token endpoint authentication method.
 
-The rules share the registry of :mod:`oauthmig.redirect_rules` (:data:`RULES`, stable codes,
+The rules share the registry of :mod:`oauthmig.redirects.rules` (:data:`RULES`, stable codes,
 one ``docs/rules.md`` section each; importing that module registers these too) and are
 reported by ``audit-redirects`` beside the redirect URI rules. :func:`check_metadata` is pure:
 it gets the stored values and returns :class:`MetadataFinding` values, never raising on any
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from oauthmig.redact import is_secret_param
-from oauthmig.redirect_rules import RULES, Rule, Severity, _make_rule
-from oauthmig.uri import ParsedURI, URIError, normalize_uri, parse_uri
+from oauthmig.redirects.rules import RULES, Rule, Severity, _make_rule
+from oauthmig.redirects.uri import ParsedURI, URIError, normalize_uri, parse_uri
 
 __all__ = [
     "METADATA_RULE_CODES",

@@ -27,8 +27,8 @@ Per application (docs/rules.md):
 * RU016 uses the length of the grant table's ``redirect_uri`` column on that database
   (``varchar(255)`` -> 255, ``text`` -> no limit), or 255 when no grant table is routed there.
 
-The client metadata rules (RU105-RU110, :mod:`oauthmig.metadata_rules`) run on the same rows:
-the metadata URLs (``homepage_url``, ``privacy_url``, ``terms_url`` as ``client_uri``,
+The client metadata rules (RU105-RU110, :mod:`oauthmig.redirects.metadata_rules`) run on the
+same rows: the metadata URLs (``homepage_url``, ``privacy_url``, ``terms_url`` as ``client_uri``,
 ``policy_uri``, ``tos_uri``; ``jwks_uri`` and ``logo_uri`` once revision 0006 added them) and
 ``token_endpoint_auth_method`` against ``has_secret``, each read only where the column exists.
 Their findings carry ``field``, the RFC 7591 name they are about.
@@ -66,9 +66,12 @@ from oauthmig.config import Settings
 from oauthmig.db import connect, describe_error, make_engine
 from oauthmig.errors import DatabaseError
 from oauthmig.identity import check_distinct
-from oauthmig.metadata_rules import AUTH_METHOD_COLUMN, METADATA_URL_COLUMNS, check_metadata
-from oauthmig.migrations import check_state, history
-from oauthmig.redirect_rules import (
+from oauthmig.redirects.metadata_rules import (
+    AUTH_METHOD_COLUMN,
+    METADATA_URL_COLUMNS,
+    check_metadata,
+)
+from oauthmig.redirects.rules import (
     RULES,
     AppType,
     Severity,
@@ -76,6 +79,8 @@ from oauthmig.redirect_rules import (
     infer_app_type,
     split_redirect_uris,
 )
+from oauthmig.rollout.revisions import history
+from oauthmig.rollout.runner import check_state
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
