@@ -832,3 +832,31 @@ def test_one_prune_run_per_database(
     assert _grant_ids(settings) == {1}
     assert invoke(capsys, "--config", cfg, "prune-grants").code == 0
     assert _grant_ids(settings) == set()
+
+
+def test_exchanged_codes_are_not_live_grants(
+    rolled_out: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status counts, and RU103 checks, only grants that can still be exchanged: a consumed
+    code kept for replay detection is neither."""
+    settings, cfg = rolled_out
+    now = datetime.now(UTC)
+    later = now + timedelta(minutes=9)
+    _legacy_grants(settings, [(1, later, None), (2, later, now), (3, later, now)])
+    engine = make_engine(settings.databases["control"], settings)
+    try:
+        with engine.begin() as conn:  # bound to URIs app 1 does not register (RU103)
+            conn.execute(
+                text(f"UPDATE {settings.tables.grant} SET redirect_uri = :u WHERE id > 1"),
+                {"u": "https://gone.example/cb"},
+            )
+    finally:
+        engine.dispose()
+    status = invoke(capsys, "--config", cfg, "status", "--format", "json")
+    assert status.code == 0, status.err
+    control = next(d for d in json.loads(status.out)["databases"] if d["database"] == "control")
+    assert (control["live_grants"], control["live_grants_without_pkce"]) == (1, 1)
+    audit = invoke(capsys, "--config", cfg, "audit-redirects", "--format", "json")
+    document = json.loads(audit.out)
+    assert not [f for f in document["findings"] if f["code"] == "RU103"]
+    assert document["summary"]["live_grants_checked"] == 1

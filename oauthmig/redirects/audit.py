@@ -21,8 +21,9 @@ Per application (docs/rules.md):
   no secret, token or other credential is ever selected;
 * it can use the authorization code grant unless a filled ``grant_types`` column leaves
   ``authorization_code`` out;
-* RU103 compares the ``redirect_uri`` of its live grants (``expires_at > now``) when the grant
-  table is routed to the same database (one query per batch); otherwise RU103 is skipped there
+* RU103 compares the ``redirect_uri`` of its live grants (``expires_at > now``, and not yet
+  exchanged where revision 0005's ``consumed_at`` exists) when the grant table is routed to
+  the same database (one query per batch); otherwise RU103 is skipped there
   and the summary says so;
 * RU016 uses the length of the grant table's ``redirect_uri`` column on that database
   (``varchar(255)`` -> 255, ``text`` -> no limit), or 255 when no grant table is routed there.
@@ -185,6 +186,7 @@ class _Target:
     app_columns: frozenset[str]
     grants_here: bool  # live grants are read beside the applications (RU103)
     grant_column_length: int | None
+    grant_consumed_column: bool = False  # revision 0005: exchanged codes are not live
 
 
 @dataclass(slots=True)
@@ -219,7 +221,7 @@ def _preflight(settings: Settings, database: str) -> tuple[_Target, list[str]]:
                     f"database {database!r}: table {settings.tables.application} has no "
                     f"{', '.join(sorted(missing))} column; is [tables] application right?"
                 )
-            grants_here = False
+            grants_here = consumed_column = False
             length: int | None = DEFAULT_GRANT_URI_LENGTH
             if "grant" in routed:
                 grant_cols = {c["name"]: c for c in insp.get_columns(settings.tables.grant)}
@@ -228,6 +230,7 @@ def _preflight(settings: Settings, database: str) -> tuple[_Target, list[str]]:
                 length = None if uri_col is None else _column_length(uri_col["type"])
                 needed = {"redirect_uri", "application_id", "expires_at"}
                 grants_here = needed <= set(grant_cols)
+                consumed_column = "consumed_at" in grant_cols
                 if not grants_here:
                     absent = ", ".join(sorted(needed - set(grant_cols)))
                     notes.append(
@@ -242,7 +245,8 @@ def _preflight(settings: Settings, database: str) -> tuple[_Target, list[str]]:
                 )
             if conn.in_transaction():
                 conn.rollback()
-            return _Target(database, app_columns, grants_here, length), notes
+            target = _Target(database, app_columns, grants_here, length, consumed_column)
+            return target, notes
     except SQLAlchemyError as exc:
         raise DatabaseError(
             f"database {database!r}: cannot read the tables to audit: {describe_error(exc, db)}"
@@ -386,6 +390,7 @@ class Audit:
             column("application_id"),
             column("redirect_uri"),
             column("expires_at", DateTime(timezone=True)),
+            column("consumed_at"),
         )
         grants = select(g.c.application_id, g.c.redirect_uri).where(
             g.c.application_id >= bindparam("lo"),
@@ -393,6 +398,8 @@ class Audit:
             g.c.expires_at > bindparam("now", type_=DateTime(timezone=True)),
             g.c.redirect_uri.is_not(None),
         )
+        if target.grant_consumed_column:
+            grants = grants.where(g.c.consumed_at.is_(None))
         return first, following, grants
 
     def _count(self, conn: Connection) -> int:
