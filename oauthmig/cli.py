@@ -15,13 +15,14 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import IO, Any, NoReturn, cast
 
 import click
 
-from oauthmig.config import Settings, load_settings
+from oauthmig.config import Settings, load_settings, parse_duration_ms
 from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep, run_demo
-from oauthmig.errors import OauthmigError, PlanRefusedError, Terminated, UsageError
+from oauthmig.errors import ConfigError, OauthmigError, PlanRefusedError, Terminated, UsageError
 from oauthmig.output.backfill_text import (
     render_report,
     render_requests,
@@ -35,6 +36,7 @@ from oauthmig.output.json import (
     check_reports_to_list,
     history_to_list,
     interrupted_to_dict,
+    prune_to_dict,
     runs_to_dict,
     sql_runs_to_list,
     status_to_dict,
@@ -54,12 +56,14 @@ from oauthmig.output.text import (
     render_dry_run,
     render_history,
     render_plan,
+    render_prune,
     render_run,
     render_status,
     render_uri_reports,
     sql_script,
     sql_section,
 )
+from oauthmig.prune import prune
 from oauthmig.redact import scrub_log_records
 from oauthmig.redirects.audit import FailOn
 from oauthmig.redirects.audit import audit as audit_service
@@ -948,6 +952,87 @@ def _report_backfill_failures(state: AppState, result: BackfillResult) -> None:
             )
         raise OauthmigError(
             f"{len(failed)} backfills failed or are cancelled: {pairs}; state saved (see above)"
+        )
+
+
+@cli.command("prune-grants")
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 100_000),
+    default=1000,
+    show_default=True,
+    help="Grants deleted per transaction (1 to 100000).",
+)
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    default="0s",
+    show_default=True,
+    help="Only delete grants that expired more than DURATION ago (e.g. 30min, 12h, 7d; at "
+    "most 3650d): a consumed code is recognized as a replay until it is deleted.",
+)
+@click.option(
+    "--sleep",
+    "sleep_seconds",
+    type=_FiniteRange(0, 3600),
+    default=None,
+    help="Pause between batches, in seconds (default: backfill.sleep_seconds).",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; write nothing.")
+@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@click.pass_context
+def prune_grants(
+    ctx: click.Context,
+    batch: int,
+    older_than: str,
+    sleep_seconds: float | None,
+    dry_run: bool,
+    fmt: str,
+) -> None:
+    """Delete expired authorization codes (grant rows) in short batches.
+
+    Since revision 0005 an exchanged code is kept, marked consumed, until it expires, so that
+    presenting it again revokes the tokens it produced; this deletes every grant whose
+    expiry is more than --older-than in the past, consumed or not. Each batch is one
+    keyset-bounded DELETE in its own short transaction under lock_timeout and
+    statement_timeout (rows being exchanged right now are skipped, not waited for); rerun at
+    any time, e.g. from cron, or after an interruption.
+
+    \b
+    Examples:
+      oauthmig prune-grants --dry-run
+      oauthmig prune-grants --older-than 1d --batch 500
+      oauthmig prune-grants -d control --format json | jq '.databases[].deleted'
+    """
+    try:
+        keep_ms = parse_duration_ms(older_than, "--older-than", high_ms=3650 * 86_400_000)
+    except ConfigError as exc:
+        raise UsageError(exc.message) from None
+    state = _state(ctx)
+    settings = state.settings()
+    result = prune(
+        settings,
+        batch=batch,
+        older_than=timedelta(milliseconds=keep_ms),
+        dry_run=dry_run,
+        sleep=sleep_seconds,
+        revisions=Catalogue.load().revisions,
+    )
+    c = state.consoles
+    if fmt == "json":
+        click.echo(to_json(prune_to_dict(result)))
+    elif not c.quiet or result.failed:
+        render_prune(c.out, result)
+    failed = result.failed
+    if len(failed) == 1:
+        raise OauthmigError(failed[0].error or f"database {failed[0].database!r} failed")
+    if failed:
+        for d in failed:
+            c.error(d.error or f"database {d.database!r} failed")
+        raise OauthmigError(
+            f"prune-grants failed on {len(failed)} databases: "
+            + ", ".join(d.database for d in failed)
+            + "; what was deleted stays deleted, rerun to go on"
         )
 
 

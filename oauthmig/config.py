@@ -53,7 +53,7 @@ ENV_CONFIG = "OAUTHMIG_CONFIG"
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _DB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +230,7 @@ MAX_DURATION_MS = 2_147_483_647
 def parse_duration_ms(
     value: object, key: str, low_ms: int = 0, high_ms: int = MAX_DURATION_MS
 ) -> int:
-    """Parse ``"2s"``, ``"500ms"``, ``"1m"``, ``"2h"`` or a number of seconds into milliseconds.
+    """Parse ``"2s"``, ``"500ms"``, ``"1m"``, ``"2h"``, ``"7d"`` or a number of seconds into ms.
 
     ``nan``, ``inf`` and values outside ``low_ms..high_ms`` are refused, naming ``key``.
     """
@@ -241,7 +241,9 @@ def parse_duration_ms(
         number, factor = float(value), 1000
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         number = float(m.group(1))
-        factor = {"ms": 1, "s": 1000, "m": 60000, "min": 60000, "h": 3_600_000}[m.group(2) or "s"]
+        factor = {"ms": 1, "s": 1000, "m": 60000, "min": 60000, "h": 3_600_000, "d": 86_400_000}[
+            m.group(2) or "s"
+        ]
     else:
         raise ConfigError(expected)
     if math.isnan(number):

@@ -22,6 +22,7 @@ from oauthmig.demo.data import PLANTED, setup_legacy
 from oauthmig.errors import DatabaseError
 from oauthmig.legacy import USERS_TABLE, legacy_metadata, user_rows
 from oauthmig.redirects.audit import AuditFinding, audit
+from oauthmig.redirects.metadata_rules import METADATA_URL_COLUMNS
 from oauthmig.redirects.reports import FINDING_FIELDS
 from oauthmig.redirects.rules import RULES
 from oauthmig.rollout.revisions import history
@@ -46,6 +47,7 @@ _FINDING_SCHEMA = {
         "severity": {"enum": ["error", "warning", "info"]},
         "message": {"type": "string", "minLength": 1},
         "normalized": {"type": ["string", "null"]},
+        "field": {"enum": [None, *METADATA_URL_COLUMNS, "token_endpoint_auth_method"]},
     },
 }
 _COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1}}
@@ -62,6 +64,7 @@ AUDIT_SCHEMA = {
             "required": [
                 "applications_scanned",
                 "uris_scanned",
+                "metadata_urls_scanned",
                 "live_grants_checked",
                 "findings",
                 "by_severity",
@@ -73,6 +76,7 @@ AUDIT_SCHEMA = {
             "properties": {
                 "applications_scanned": {"type": "integer", "minimum": 0},
                 "uris_scanned": {"type": "integer", "minimum": 0},
+                "metadata_urls_scanned": {"type": "integer", "minimum": 0},
                 "live_grants_checked": {"type": "integer", "minimum": 0},
                 "findings": {"type": "integer", "minimum": 0},
                 "by_severity": {
@@ -94,6 +98,7 @@ AUDIT_SCHEMA = {
                             "database",
                             "applications",
                             "uris",
+                            "metadata_urls",
                             "live_grants",
                             "grant_column_length",
                             "app_type_source",
@@ -102,6 +107,7 @@ AUDIT_SCHEMA = {
                             "database": {"type": "string"},
                             "applications": {"type": "integer", "minimum": 0},
                             "uris": {"type": "integer", "minimum": 0},
+                            "metadata_urls": {"type": "integer", "minimum": 0},
                             "live_grants": {"type": ["integer", "null"], "minimum": 0},
                             "grant_column_length": {"type": ["integer", "null"], "minimum": 1},
                             "app_type_source": {"enum": ["column", "inferred"]},

@@ -282,8 +282,8 @@ def test_usage_errors_name_the_command_help_and_bare_oauthmig_prints_help(
     assert late.code == 0, late.err
     assert late.out == early.out and "control" in late.out and "shard" not in late.out
     assert pipe.err == (
-        "error: --from 7777: unknown revision (known: base, head, 0001, 0002, 0003, 0004); "
-        "no database was touched; see 'oauthmig upgrade --help'\n"
+        "error: --from 7777: unknown revision (known: base, head, 0001, 0002, 0003, 0004, 0005, "
+        "0006); no database was touched; see 'oauthmig upgrade --help'\n"
     )
 
 

@@ -18,12 +18,13 @@ from oauthmig.demo.data import MARKER_TABLE, PLANTED, DemoSetup, setup_legacy
 from oauthmig.demo.run import DemoHooks, DemoStep, run_demo
 from oauthmig.errors import DatabaseError, UnreachableError
 from oauthmig.legacy import USERS_TABLE, legacy_metadata
+from oauthmig.redirects.metadata_rules import METADATA_URL_COLUMNS, check_metadata
 from oauthmig.redirects.rules import check_application, infer_app_type, split_redirect_uris
 from oauthmig.rollout.jobs import JobStatus
 
 APPS = 60
 TOKENS = 400
-ALL_CODES = {f"RU{n:03d}" for n in range(1, 17)} | {f"RU{n}" for n in range(101, 105)}
+ALL_CODES = {f"RU{n:03d}" for n in range(1, 17)} | {f"RU{n}" for n in range(101, 109)}
 
 
 def _rows(settings: Settings, database: str, logical: str) -> list[dict[str, Any]]:
@@ -160,8 +161,9 @@ def test_planted_examples_are_stored(routed_settings: Settings, demo: DemoSetup)
 
 
 def _findings(settings: Settings) -> tuple[set[str], set[str]]:
-    """Codes the redirect rules report on the stored data (app type inferred as the backfill
-    does), and codes they report when every application is taken as native."""
+    """Codes the redirect and client metadata rules report on the stored data (app type
+    inferred as the backfill does), and codes they report when every application is taken as
+    native."""
     now = datetime.now(UTC)
     live: dict[int, list[str]] = {}
     for g in _rows(settings, "control", "grant"):
@@ -180,6 +182,8 @@ def _findings(settings: Settings) -> tuple[set[str], set[str]]:
                 live_grant_uris=live.get(a["id"], ()),
             )
             out.update(f.code for f in report.all_findings())
+        urls = {name: a[column] for name, column in METADATA_URL_COLUMNS.items() if column in a}
+        inferred.update(f.code for f in check_metadata(urls, auth_method=None, has_secret=secret))
     return inferred, as_native
 
 

@@ -69,12 +69,16 @@ def test_upgrade_adds_columns_exactly_where_routed(
         "0002": "applied",
         "0003": "applied",
         "0004": "waiting",
+        "0005": "pending",
+        "0006": "pending",
     }
     assert {r: c["state"] for r, c in by_db["shard"]["revisions"].items()} == {
         "0001": "skipped",
         "0002": "applied",
         "0003": "skipped",
         "0004": "waiting",
+        "0005": "pending",
+        "0006": "pending",
     }
     # The expand revisions are in; finalize waits for the backfills, so --check still fails.
     assert by_db["control"]["current"] == by_db["shard"]["current"] == "0003"
@@ -102,12 +106,16 @@ def test_status_check_fails_while_pending(
         "0002": "pending",
         "0003": "pending",
         "0004": "waiting",
+        "0005": "pending",
+        "0006": "pending",
     }
     assert states["shard"] == {
         "0001": "skipped",
         "0002": "pending",
         "0003": "pending",
         "0004": "waiting",
+        "0005": "pending",
+        "0006": "pending",
     }
 
 

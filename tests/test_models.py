@@ -33,19 +33,22 @@ from sqlalchemy.orm import Session
 
 from oauthmig.config import Settings, TableNames
 from oauthmig.db import make_engine
-from oauthmig.errors import InvalidGrant, InvalidRequest
+from oauthmig.errors import InvalidGrant, InvalidRequest, ModelsSchemaError
 from oauthmig.legacy import SENTRY_COLUMNS
 from oauthmig.provider.models import (
     DEFAULT_MODELS,
     EXPANDED_COLUMNS,
     GRANT_REDIRECT_URI_LENGTH,
     MAX_GRACE_SECONDS,
+    OPTIONAL_COLUMNS,
     ApplicationModel,
     GrantModel,
     IssuedToken,
     OAuthModels,
     TokenModel,
     build_models,
+    check_models,
+    client_metadata,
     exchange_code,
     find_active_token,
     hash_token,
@@ -120,7 +123,15 @@ def app(session: Session) -> ApplicationModel:
 
 
 def grant_count(session: Session, models: OAuthModels = M) -> int:
-    return session.scalar(select(func.count()).select_from(models.Grant)) or 0
+    """Grants whose code can still be exchanged: rows not yet consumed (revision 0005 keeps a
+    consumed grant, marked; without 0005 the row is deleted)."""
+    G = models.Grant
+    query = select(func.count()).select_from(G)
+    if "consumed_at" in {
+        c["name"] for c in inspect(session.connection()).get_columns(models.tables.grant)
+    }:
+        query = query.where(G.consumed_at.is_(None))
+    return session.scalar(query) or 0
 
 
 def tokens(session: Session, models: OAuthModels = M) -> list[TokenModel]:
@@ -235,20 +246,37 @@ def recording(engine: Engine) -> Iterator[Statements]:
 
 
 def test_models_work_on_a_database_migrated_by_upgrade(routed_settings: Settings) -> None:
+    """A plain upgrade stops before the gated finalize: the expand revisions 0001-0003 are in,
+    0005 and 0006 (after 0004) are not, and the models work without them."""
     create_legacy(routed_settings)
     result = runner.upgrade(routed_settings)
     assert result.failed == ()
+    assert {run.reached for run in result.runs} == {"0003"}
     eng = make_engine(routed_settings.databases["control"], routed_settings)
     try:
         insp = inspect(eng)
-        for table in M.metadata.sorted_tables:
+        for logical in ("application", "grant", "token"):
+            table = M.mapped_table(logical)
             reflected = {c["name"] for c in insp.get_columns(table.name)}
-            # The live tables are Sentry's: every mapped column plus Sentry's own.
-            assert reflected >= set(table.columns.keys()), table.name
+            later = set(OPTIONAL_COLUMNS.get(logical, {}))
+            # The live tables are Sentry's: every mapped column but those of 0005/0006, plus
+            # Sentry's own.
+            assert reflected >= set(table.columns.keys()) - later, table.name
+            assert not reflected & later
             assert reflected - set(table.columns.keys()) == SENTRY_UNMANAGED[table.name]
+        # Sentry's grant.scopes is NOT NULL without default: the calls below pass it in extra.
+        sentry = build_models(supplied_by_caller={"grant": ["scopes"]})
+        check_models(eng, sentry)
+        with pytest.raises(
+            ModelsSchemaError, match=r"consumed_at, token_family_id \(revision 0005"
+        ):
+            check_models(eng, sentry, require=("0005",))
         with Session(eng) as s:
             app = add_application(s)
             first = issue(s, app)
+            # Without 0005 an exchanged code is deleted, as before replay detection existed.
+            assert grant_count(s) == 0
+            assert client_metadata(app).get("jwks_uri") is None
             second = rotate_refresh_token(s, first.refresh_token or "")
             assert find_active_token(s, second.access_token) is not None
             with pytest.raises(InvalidGrant):

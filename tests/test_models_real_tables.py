@@ -318,7 +318,11 @@ def test_a_code_matching_two_grants_is_rejected_and_consumed(sentry_engine: Engi
         with pytest.raises(InvalidGrant):
             exchange_code(s, application=app, code=code, redirect_uri=REDIRECT, models=SENTRY)
     with sentry_engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM sentry_apigrant")).scalar_one() == 0
+        # Both rows are kept (revision 0005) and marked consumed; no token was issued.
+        rows = conn.execute(text("SELECT consumed_at, token_family_id FROM sentry_apigrant")).all()
+        assert len(rows) == 2
+        assert all(consumed is not None and family is None for consumed, family in rows)
+        assert conn.execute(text("SELECT count(*) FROM sentry_apitoken")).scalar_one() == 0
 
 
 def test_the_sentry_shape_is_real(sentry_engine: Engine, flavor: LegacyFlavor) -> None:

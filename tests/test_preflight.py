@@ -177,6 +177,7 @@ COMMANDS = {
     "backfill": ["backfill"],
     "audit": ["audit-redirects"],
     "report": ["report", "--html", os.devnull],
+    "prune-grants": ["prune-grants"],
     "demo": ["demo", "--apps", "5", "--tokens", "5"],
 }
 

@@ -20,6 +20,7 @@ from oauthmig.redirects.rules import (
     infer_app_type,
     split_redirect_uris,
 )
+from tests.test_metadata_rules import METADATA_CASES
 
 WEB = AppType.WEB
 NATIVE = AppType.NATIVE
@@ -49,6 +50,13 @@ RULE_TABLE = {
     "RU102": ("mixed-app-type", "warning"),
     "RU103": ("grant-redirect-unregistered", "warning"),
     "RU104": ("native-with-secret", "info"),
+    # Client metadata rules (oauthmig.redirects.metadata_rules, issue 15).
+    "RU105": ("metadata-url-invalid", "error"),
+    "RU106": ("metadata-url-not-https", "error"),
+    "RU107": ("metadata-url-userinfo", "error"),
+    "RU108": ("metadata-url-fragment", "warning"),
+    "RU109": ("private-key-jwt-without-jwks-uri", "error"),
+    "RU110": ("auth-none-with-secret", "warning"),
 }
 
 
@@ -840,6 +848,9 @@ def test_every_rule_has_a_firing_and_a_quiet_case() -> None:
         seen[(code, fires)] = seen.get((code, fires), 0) + 1
     for param in APP_CASES:
         _text, _kwargs, code, fires = param.values
+        seen[(code, fires)] = seen.get((code, fires), 0) + 1
+    for param in METADATA_CASES:  # RU105-RU110, tests/test_metadata_rules.py
+        _urls, _kwargs, code, fires = param.values
         seen[(code, fires)] = seen.get((code, fires), 0) + 1
     missing = [
         (code, fires) for code in RULES for fires in (True, False) if (code, fires) not in seen

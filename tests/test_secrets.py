@@ -499,6 +499,9 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
     assert w.cli("downgrade", "--to", "base", "--format", "json").code == 0
     w.cli("downgrade", "--to", "base", "--sql", "--from", "head")
     assert w.cli("upgrade", "--format", "json").code == 0
+    # --- the grant purge reads and deletes rows holding the planted codes
+    assert w.cli("prune-grants", "--dry-run").code == 0
+    assert w.cli("prune-grants", "--format", "json", "--batch", "2").code == 0
 
     # --- unreachable database, secrets still in its URL
     bad = _unreachable_config(w)
@@ -513,6 +516,8 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
         ("backfill", "--format", "json"),
         ("downgrade", "--to", "base"),
         ("audit-redirects", "--format", "json"),
+        ("prune-grants",),
+        ("prune-grants", "--format", "json"),
     ):
         result = w.cli(*args, cfg=bad)
         if args != ("upgrade", "--sql"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
@@ -347,6 +347,48 @@ _PLANTS: tuple[_Plant, ...] = (
     ),
 )
 
+
+@dataclass(frozen=True, slots=True)
+class _MetadataPlant:
+    """A legacy client metadata URL (RU105-RU108): the rule code, a note for :data:`PLANTED`,
+    the column it is stored in and the value it gets for application number ``n``. Each goes
+    on the application of the redirect plant with the same position, so no extra application
+    is needed. RU109 and RU110 read ``token_endpoint_auth_method``, which legacy data lacks
+    (the client-metadata backfill writes ``none`` only for clients without a secret)."""
+
+    code: str
+    note: str
+    column: str
+    build: Callable[[str], str]
+
+
+_METADATA_PLANTS: tuple[_MetadataPlant, ...] = (
+    _MetadataPlant(
+        "RU105",
+        "homepage_url without a scheme `www.app-N.example.com`",
+        "homepage_url",
+        lambda n: f"www.app-{n}.example.com",
+    ),
+    _MetadataPlant(
+        "RU106",
+        "homepage_url over http `http://app-N.example.com/`",
+        "homepage_url",
+        lambda n: f"http://app-{n}.example.com/",
+    ),
+    _MetadataPlant(
+        "RU107",
+        "terms_url with credentials `https://legal:…@app-N.example.com/terms` (masked in reports)",
+        "terms_url",
+        lambda n: f"https://legal:hunter{n}@app-{n}.example.com/terms",
+    ),
+    _MetadataPlant(
+        "RU108",
+        "privacy_url with a fragment `https://app-N.example.com/legal#privacy`",
+        "privacy_url",
+        lambda n: f"https://app-{n}.example.com/legal#privacy",
+    ),
+)
+
 _RU103_NOTE = (
     f"{UNREGISTERED_LIVE_GRANTS} live grants per database hosting grants, bound to "
     "`https://app-N.example.com/oauth/old-callback`, which app N does not register"
@@ -358,6 +400,8 @@ def _planted() -> Mapping[str, str]:
     for plant in _PLANTS:
         notes.setdefault(plant.code, []).append(plant.note)
     notes["RU103"] = [_RU103_NOTE]
+    for meta in _METADATA_PLANTS:
+        notes.setdefault(meta.code, []).append(meta.note)
     return MappingProxyType({code: "; ".join(notes[code]) for code in sorted(notes)})
 
 
@@ -551,6 +595,7 @@ def _plan_apps(seed: int, count: int, now: datetime, users: int) -> list[_App]:
     plants = _PLANTS[: min(count, len(_PLANTS))]
     step = max(1, count // max(1, len(plants)))
     planted_at = {i * step: plant for i, plant in enumerate(plants)}
+    metadata_at = {i * step: meta for i, meta in enumerate(_METADATA_PLANTS[: len(plants)])}
     apps: list[_App] = []
     next_id = rng.randint(2, 40)
     for index in range(count):
@@ -566,24 +611,32 @@ def _plan_apps(seed: int, count: int, now: datetime, users: int) -> list[_App]:
             status = 0 if r < 0.9 else 1 if r < 0.96 else 2  # 1 inactive, 2 pending deletion
         uris = plant.build(n) if plant is not None else _clean_uris(rng, n)
         homepage = f"https://app-{n}.example.com/" if rng.random() < 0.6 else None
-        apps.append(
-            _App(
-                id=app_id,
-                client_id=_hex64(rng),
-                client_secret=_secret(rng, plant.secret if plant is not None else None),
-                owner_id=rng.randint(1, users),
-                name=f"{rng.choice(_NAME_A)} {rng.choice(_NAME_B)} {rng.choice(_NAME_C)} {n}"[:64],
-                status=status,
-                allowed_origins=f"https://app-{n}.example.com" if rng.random() < 0.2 else None,
-                redirect_uris=uris,
-                homepage_url=homepage,
-                privacy_url=f"{homepage}privacy" if homepage and rng.random() < 0.5 else None,
-                terms_url=f"{homepage}terms" if homepage and rng.random() < 0.4 else None,
-                scopes=rng.choice(_SCOPE_SETS),
-                date_added=now - timedelta(seconds=rng.randrange(6 * _YEAR)),
-                requires_org_level_access=rng.random() < 0.1,
-            )
+        app = _App(
+            id=app_id,
+            client_id=_hex64(rng),
+            client_secret=_secret(rng, plant.secret if plant is not None else None),
+            owner_id=rng.randint(1, users),
+            name=f"{rng.choice(_NAME_A)} {rng.choice(_NAME_B)} {rng.choice(_NAME_C)} {n}"[:64],
+            status=status,
+            allowed_origins=f"https://app-{n}.example.com" if rng.random() < 0.2 else None,
+            redirect_uris=uris,
+            homepage_url=homepage,
+            privacy_url=f"{homepage}privacy" if homepage and rng.random() < 0.5 else None,
+            terms_url=f"{homepage}terms" if homepage and rng.random() < 0.4 else None,
+            scopes=rng.choice(_SCOPE_SETS),
+            date_added=now - timedelta(seconds=rng.randrange(6 * _YEAR)),
+            requires_org_level_access=rng.random() < 0.1,
         )
+        meta = metadata_at.get(index)
+        if meta is not None:  # after every draw of the generator: the rest stays the same
+            value = meta.build(n)
+            if meta.column == "homepage_url":
+                app = replace(app, homepage_url=value)
+            elif meta.column == "privacy_url":
+                app = replace(app, privacy_url=value)
+            else:
+                app = replace(app, terms_url=value)
+        apps.append(app)
     return apps
 
 

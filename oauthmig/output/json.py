@@ -28,6 +28,7 @@ from datetime import date, datetime
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from oauthmig.prune import PruneResult
     from oauthmig.redirects.audit import AuditFinding, AuditSummary
     from oauthmig.redirects.rules import UriReport
     from oauthmig.rollout.backfill import BackfillResult, JobRun
@@ -66,6 +67,7 @@ FINDING_FIELDS: tuple[str, ...] = (
     "severity",
     "message",
     "normalized",
+    "field",
 )
 
 
@@ -250,6 +252,7 @@ def finding_to_dict(finding: AuditFinding) -> dict[str, Any]:
         "severity": finding.severity.value,
         "message": finding.message,
         "normalized": finding.normalized,
+        "field": finding.field,
     }
 
 
@@ -258,6 +261,7 @@ def summary_to_dict(summary: AuditSummary) -> dict[str, Any]:
     return {
         "applications_scanned": summary.applications_scanned,
         "uris_scanned": summary.uris_scanned,
+        "metadata_urls_scanned": summary.metadata_urls_scanned,
         "live_grants_checked": summary.live_grants_checked,
         "findings": summary.findings,
         "by_severity": dict(summary.by_severity),
@@ -268,6 +272,7 @@ def summary_to_dict(summary: AuditSummary) -> dict[str, Any]:
                 "database": d.database,
                 "applications": d.applications,
                 "uris": d.uris,
+                "metadata_urls": d.metadata_urls,
                 "live_grants": d.live_grants,
                 "grant_column_length": d.grant_column_length,
                 "app_type_source": d.app_type_source,
@@ -313,3 +318,31 @@ class JsonWriter:
         close = "]" if self._first else "\n  ]"
         body = dumps_indented(summary_to_dict(summary), "  ")
         self._out.write(f'{close},\n  "summary": {body}\n}}\n')
+
+
+def prune_to_dict(result: PruneResult) -> dict[str, Any]:
+    """JSON shape of ``prune-grants``."""
+    return {
+        "dry_run": result.dry_run,
+        "older_than_seconds": result.older_than.total_seconds(),
+        "batch": result.batch,
+        "databases": [
+            {"database": d.database, "error": d.error}
+            | (
+                {}
+                if d.stats is None
+                else {
+                    "table": d.stats.table,
+                    "cutoff": d.stats.cutoff.isoformat(),
+                    "deleted": d.stats.deleted,
+                    "consumed_deleted": d.stats.consumed,
+                    "batches": d.stats.batches,
+                    "kept": d.stats.kept,
+                    "kept_consumed": d.stats.kept_consumed,
+                    "retries": d.stats.retries,
+                    "seconds": round(d.stats.seconds, 3),
+                }
+            )
+            for d in result.databases
+        ],
+    }

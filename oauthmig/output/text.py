@@ -27,6 +27,7 @@ from rich.progress import (
 from rich.table import Table
 
 from oauthmig.output.json import percentile
+from oauthmig.prune import PruneResult
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
 from oauthmig.redirects.rules import RULES, Severity, UriReport
 from oauthmig.rollout.backfill import BackfillResult
@@ -467,6 +468,44 @@ def render_backfill(console: Console, result: BackfillResult) -> None:
             console.print(f"{r.database} {r.job}: paused; state saved, rerun to resume")
 
 
+def render_prune(console: Console, result: PruneResult) -> None:
+    """One row per database hosting the grant table."""
+    if not result.databases:
+        console.print("prune-grants: no selected database hosts the grant table")
+        return
+    dry = result.dry_run
+    table = Table(
+        title="prune-grants (dry run: nothing deleted)" if dry else "prune-grants",
+        title_justify="left",
+    )
+    columns = ["database", "table", "expired before", "to delete" if dry else "deleted"]
+    columns += ["of them consumed", "batches", "kept (live or in replay window)", "time"]
+    for name in columns:
+        table.add_column(name, no_wrap=name in ("database", "table"))
+    for d in result.databases:
+        st = d.stats
+        if st is None:
+            table.add_row(escape(d.database), "-", "-", "[bold red]failed[/]", "", "", "", "")
+            continue
+        table.add_row(
+            escape(d.database),
+            escape(st.table),
+            st.cutoff.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            f"{st.deleted:,}",
+            "-" if st.consumed is None else f"{st.consumed:,}",
+            f"{st.batches:,}",
+            f"{st.kept:,}"
+            + ("" if st.kept_consumed is None else f" ({st.kept_consumed:,} consumed)"),
+            f"{st.seconds:.1f}s",
+        )
+    print_table(console, table)
+    if any(d.stats is not None and d.stats.consumed is None for d in result.databases):
+        console.print(
+            "[dim]note: without revision 0005 exchanged codes are deleted at once; only "
+            "unexchanged expired codes are left to prune[/]"
+        )
+
+
 # --------------------------------------------------------------------------- redirect rules
 
 _SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
@@ -639,8 +678,8 @@ def render_audit_summary(
     )
     console.print(
         f"audited {summary.applications_scanned:,} applications, {summary.uris_scanned:,} "
-        f"redirect URIs, {summary.live_grants_checked:,} live grants"
-        + (f" on {per_db}" if per_db else "")
+        f"redirect URIs, {summary.live_grants_checked:,} live grants, "
+        f"{summary.metadata_urls_scanned:,} metadata URLs" + (f" on {per_db}" if per_db else "")
     )
     console.print(
         "findings: "

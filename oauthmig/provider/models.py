@@ -12,13 +12,18 @@ Models
     by ``oauthmig upgrade`` as well as on one made with ``metadata.create_all``. Annotate with
     :class:`ApplicationModel`, :class:`GrantModel` and :class:`TokenModel`, which every built
     class derives from. Datetimes are timezone-aware UTC on both PostgreSQL and SQLite.
+    The columns of revisions 0005 and 0006 (:data:`OPTIONAL_COLUMNS`), which run after the
+    gated finalize, are deferred: the classes load and insert rows on databases without them,
+    and the services fall back (see :func:`check_models`).
 
 Services (raising :class:`~oauthmig.errors.InvalidRequest` and
 :class:`~oauthmig.errors.InvalidGrant`, whose ``.error`` is the OAuth wire code)
     :func:`new_grant` / :func:`store_challenge` (authorization), :func:`exchange_code` (code ->
-    tokens with redirect binding and PKCE, :func:`verify_pkce`), :func:`rotate_refresh_token`
-    (rotation with reuse detection), :func:`revoke_family`, :func:`find_active_token`,
-    :func:`validate_redirect_uris` / :func:`set_redirect_uris` (registration).
+    tokens with redirect binding and PKCE, :func:`verify_pkce`; a replayed code revokes the
+    family it produced), :func:`rotate_refresh_token` (rotation with reuse detection),
+    :func:`revoke_family`, :func:`find_active_token`, :func:`validate_redirect_uris` /
+    :func:`set_redirect_uris` (registration), :func:`client_metadata` (the RFC 7591 client
+    information response). Expired grants are purged by :func:`oauthmig.prune.prune_grants`.
 
 Columns the models do not manage
     Live tables carry more columns than the models map (Sentry's ``scopes bigint NOT NULL``
@@ -57,12 +62,13 @@ import zlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
 from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    FetchedValue,
     Identity,
     Index,
     MetaData,
@@ -83,7 +89,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
-from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, Session
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    InstrumentedAttribute,
+    Mapped,
+    Session,
+    deferred,
+    undefer,
+)
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
@@ -99,11 +112,13 @@ from oauthmig.legacy import (
     sentry_column,
 )
 from oauthmig.provider.pkce import parse_code_challenge, verify_code_verifier
+from oauthmig.redirects.metadata_rules import METADATA_URL_COLUMNS
 from oauthmig.redirects.rules import (
     GRANT_REDIRECT_URI_LENGTH,
     AppType,
     UriReport,
     check_uri,
+    infer_app_type,
     split_redirect_uris,
 )
 from oauthmig.types import StringList
@@ -115,6 +130,8 @@ __all__ = [
     "GRANT_REDIRECT_URI_LENGTH",
     "GRANT_TTL",
     "MAX_GRACE_SECONDS",
+    "METADATA_URL_COLUMNS",
+    "OPTIONAL_COLUMNS",
     "REVOKE_REASONS",
     "Application",
     "ApplicationModel",
@@ -128,6 +145,7 @@ __all__ = [
     "build_models",
     "check_models",
     "check_redirect_binding",
+    "client_metadata",
     "exchange_code",
     "find_active_token",
     "hash_token",
@@ -146,8 +164,16 @@ GRANT_TTL: Final = timedelta(minutes=10)
 ACCESS_TOKEN_TTL: Final = timedelta(days=30)
 #: Upper bound of the reuse grace period; larger values raise ValueError.
 MAX_GRACE_SECONDS: Final = 120.0
-#: Values of ``token.revoked_reason``.
-REVOKE_REASONS: Final = ("reuse_detected", "logout", "admin")
+#: Values of ``token.revoked_reason``; ``code_replay``: the authorization code that started the
+#: family was presented again (RFC 6749 §4.1.2). No CHECK constrains the column (finalize 0004
+#: adds none for it); at most 32 characters (``varchar(32)``, revision 0002).
+REVOKE_REASONS: Final = ("reuse_detected", "code_replay", "logout", "admin")
+#: Columns of later expand revisions that the models use when present and do without otherwise
+#: (logical table -> column -> revision): see :func:`check_models`.
+OPTIONAL_COLUMNS: Final[Mapping[str, Mapping[str, str]]] = {
+    "grant": {"consumed_at": "0005", "token_family_id": "0005"},
+    "application": {"jwks_uri": "0006", "logo_uri": "0006"},
+}
 # token.token_type's varchar length (Sentry's prefixes such as "sntrya_").
 _TOKEN_TYPE_LENGTH: Final = cast(
     int, cast(String, sentry_column("token", "token_type").type_).length
@@ -216,6 +242,10 @@ class ApplicationModel(_Columns):
     grant_types: Mapped[list[str] | None]
     response_types: Mapped[list[str] | None]
     application_type: Mapped[str | None]
+    # Expand revision 0006 (RFC 7591 §2 metadata URLs), which may not have run yet
+    # (OPTIONAL_COLUMNS: deferred, see _mapped_table).
+    jwks_uri: Mapped[str | None]
+    logo_uri: Mapped[str | None]
 
     @property
     def redirect_uri_list(self) -> list[str]:
@@ -242,6 +272,10 @@ class GrantModel(_Columns):
     # Expand revision 0001 (RFC 7636).
     code_challenge: Mapped[str | None]
     code_challenge_method: Mapped[str | None]
+    # Expand revision 0005 (replay detection), which may not have run yet (OPTIONAL_COLUMNS):
+    # when the code was exchanged, and the family of the tokens that exchange issued.
+    consumed_at: Mapped[datetime | None]
+    token_family_id: Mapped[uuid.UUID | None]
 
 
 class TokenModel(_Columns):
@@ -284,6 +318,11 @@ EXPANDED_COLUMNS: Final[Mapping[str, tuple[tuple[str, TypeEngine[Any]], ...]]] =
         ("revoked_reason", String(32)),
     ),
 }
+#: The columns of the expand revisions after the gated finalize (:data:`OPTIONAL_COLUMNS`).
+LATER_COLUMNS: Final[Mapping[str, tuple[tuple[str, TypeEngine[Any]], ...]]] = {
+    "application": (("jwks_uri", Text()), ("logo_uri", Text())),
+    "grant": (("consumed_at", UtcDateTime()), ("token_family_id", Uuid())),
+}
 # What reuse revocation and the within-grace lookup filter on.
 _EXPANDED_INDEXED: Final[Mapping[str, tuple[str, ...]]] = {
     "token": ("token_family_id", "parent_token_id")
@@ -300,6 +339,10 @@ def _mapped_table(metadata: MetaData, logical: str, physical: str) -> Table:
         if c.mapped
     ]
     expanded = [Column(name, type_, nullable=True) for name, type_ in EXPANDED_COLUMNS[logical]]
+    later = [
+        Column(name, type_, nullable=True, server_default=FetchedValue())
+        for name, type_ in LATER_COLUMNS.get(logical, ())
+    ]
     indexed = (*SENTRY_INDEXED[logical], *_EXPANDED_INDEXED.get(logical, ()))
     return Table(
         physical,
@@ -307,12 +350,22 @@ def _mapped_table(metadata: MetaData, logical: str, physical: str) -> Table:
         Column("id", BigId, Identity(), primary_key=True),
         *legacy,
         *expanded,
+        *later,
         *(
             UniqueConstraint(c, name=index_name(LegacyFlavor.FRESH, physical, c, "key"))
             for c in SENTRY_UNIQUE[logical]
         ),
         *(Index(index_name(LegacyFlavor.FRESH, physical, c, "idx"), c) for c in indexed),
     )
+
+
+def _mapper_args(table: Table, logical: str) -> dict[str, Any]:
+    """Mapper options of a built class: the :data:`LATER_COLUMNS` deferred (left out of the
+    default SELECT) and, having a ``FetchedValue`` server default that emits no DDL, left out
+    of an INSERT that sets no value, so the class works on a database without them; and no
+    eager defaults, so nothing fetches them back."""
+    later = {name: deferred(table.c[name]) for name, _ in LATER_COLUMNS.get(logical, ())}
+    return {"eager_defaults": False, "properties": later}
 
 
 #: Token column <- grant column copied at code exchange when both exist and the token column
@@ -328,7 +381,9 @@ class LiveTable:
     ``table`` has the mapped columns (with the models' types) plus every unmanaged column
     (reflected types); ``unmanaged`` are the unmanaged columns a row can be given a value for
     (identity, serial and generated columns excluded); ``required`` those of them that are
-    ``NOT NULL`` without a database default.
+    ``NOT NULL`` without a database default. ``missing`` are mapped columns the table lacks
+    (an expand revision has not run), :data:`OPTIONAL_COLUMNS` excepted: those are
+    ``optional_missing``.
     """
 
     logical: str
@@ -337,9 +392,14 @@ class LiveTable:
     unmanaged: tuple[str, ...]
     required: frozenset[str]
     missing: tuple[str, ...]
+    optional_missing: tuple[str, ...] = ()
+
+    def has(self, *names: str) -> bool:
+        """Whether the live table has every one of ``names``."""
+        return all(name in self.columns for name in names)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class OAuthModels:
     """The mapped classes for one set of physical table names, on their own registry.
 
@@ -367,12 +427,23 @@ class OAuthModels:
         return table
 
 
+# Built class -> the OAuthModels it belongs to (weak both ways), for functions given an instance.
+_MODELS_OF: weakref.WeakKeyDictionary[type, weakref.ref[OAuthModels]] = weakref.WeakKeyDictionary()
+
+
+def _remember_models(models: OAuthModels) -> OAuthModels:
+    for cls in (models.Application, models.Grant, models.Token):
+        _MODELS_OF[cls] = weakref.ref(models)
+    return models
+
+
 def build_models(
     tables: TableNames | None = None,
     *,
     defaults: Mapping[str, Mapping[str, ColumnDefault]] | None = None,
     supplied_by_caller: Mapping[str, Collection[str]] | None = None,
     engine: Engine | Sequence[Engine] | None = None,
+    require: Collection[str] = (),
 ) -> OAuthModels:
     """Map the three tables under ``tables`` (default: Sentry's names) on a fresh registry.
 
@@ -384,8 +455,9 @@ def build_models(
     ``[models.defaults.<table>]`` section, ``Settings.models.defaults``); ``supplied_by_caller``
     names the unmanaged columns your code passes in ``extra=`` on every call instead. With
     ``engine`` (one or several, e.g. every database hosting the tables), :func:`check_models`
-    runs on each before the models are returned. Raises ConfigError for a default naming a
-    column the models manage, ModelsSchemaError from the check.
+    runs on each before the models are returned (with ``require``, see there). Raises
+    ConfigError for a default naming a column the models manage, ModelsSchemaError from the
+    check.
     """
     names = tables if tables is not None else TableNames()
     app, grant, token = names.application, names.grant, names.token
@@ -395,9 +467,11 @@ def build_models(
 
     class Application(ApplicationModel, Base):
         __table__ = _mapped_table(Base.metadata, "application", app)
+        __mapper_args__ = _mapper_args(__table__, "application")
 
     class Grant(GrantModel, Base):
         __table__ = _mapped_table(Base.metadata, "grant", grant)
+        __mapper_args__ = _mapper_args(__table__, "grant")
 
     class Token(TokenModel, Base):
         __table__ = _mapped_table(Base.metadata, "token", token)
@@ -415,10 +489,12 @@ def build_models(
                 )
         chosen[logical] = dict(columns)
     supplied = {k: frozenset(v) for k, v in (supplied_by_caller or {}).items()}
-    models = OAuthModels(names, Base, Base.metadata, Application, Grant, Token, chosen, supplied)
+    models = _remember_models(
+        OAuthModels(names, Base, Base.metadata, Application, Grant, Token, chosen, supplied)
+    )
     engines = [] if engine is None else [engine] if isinstance(engine, Engine) else list(engine)
     for each in engines:
-        check_models(each, models)
+        check_models(each, models, require=require)
     return models
 
 
@@ -450,8 +526,11 @@ def _reflect(conn: Connection, models: OAuthModels, logical: str) -> LiveTable |
         if not info["nullable"] and info.get("default") is None:
             required.add(name)
     present = frozenset(info["name"] for info in reflected)
-    missing = tuple(c.name for c in mapped.columns if c.name not in present)
-    return LiveTable(logical, live, present, tuple(unmanaged), frozenset(required), missing)
+    optional = OPTIONAL_COLUMNS.get(logical, {})
+    absent = [c.name for c in mapped.columns if c.name not in present]
+    missing = tuple(c for c in absent if c not in optional)
+    later = tuple(c for c in absent if c in optional)
+    return LiveTable(logical, live, present, tuple(unmanaged), frozenset(required), missing, later)
 
 
 def _live_tables(
@@ -491,7 +570,12 @@ def _covered_by_copy(tables: Mapping[str, LiveTable], logical: str, column: str)
     return column in grant.columns or source in grant.columns
 
 
-def check_models(engine: Engine | Connection, models: OAuthModels | None = None) -> None:
+def check_models(
+    engine: Engine | Connection,
+    models: OAuthModels | None = None,
+    *,
+    require: Collection[str] = (),
+) -> None:
     """Check, at boot, that the models can write to the tables on this database.
 
     Reflects the grant, token and application tables present on the database (routed
@@ -502,7 +586,19 @@ def check_models(engine: Engine | Connection, models: OAuthModels | None = None)
     ``supplied_by_caller``, nor a copy rule (rotation copies the parent row; code exchange
     copies same-named grant columns and :data:`EXCHANGE_RENAMES`). The reflected shape is
     kept for later calls on this engine. Application rows are never inserted by the library.
+
+    The columns of revisions 0005 and 0006 (:data:`OPTIONAL_COLUMNS`) come after the gated
+    finalize, so they may be missing while the models are already in use: without 0005,
+    :func:`exchange_code` deletes a code when it is exchanged (a replay is then an unknown code
+    and revokes nothing); without 0006, :func:`client_metadata` leaves ``jwks_uri`` and
+    ``logo_uri`` out. ``require=("0005",)`` (or ``"0006"``) makes their absence an error too.
     """
+    optional_revisions = {rev for cols in OPTIONAL_COLUMNS.values() for rev in cols.values()}
+    unknown = sorted(set(require) - optional_revisions)
+    if unknown:
+        raise ValueError(
+            f"require: {', '.join(unknown)} is not one of {', '.join(sorted(optional_revisions))}"
+        )
     chosen = models if models is not None else DEFAULT_MODELS
     if isinstance(engine, Connection):
         tables = _live_tables(engine, chosen, refresh=True)
@@ -520,6 +616,14 @@ def check_models(engine: Engine | Connection, models: OAuthModels | None = None)
         if live.missing:
             problems.append(
                 f"{physical} lacks {', '.join(live.missing)} (run `oauthmig upgrade` first)"
+            )
+        later = OPTIONAL_COLUMNS.get(logical, {})
+        needed = [c for c in live.optional_missing if later[c] in require]
+        if needed:
+            revisions = ", ".join(sorted({later[c] for c in needed}))
+            problems.append(
+                f"{physical} lacks {', '.join(needed)} (revision {revisions}, required here; "
+                "run `oauthmig upgrade` once the backfills it waits for are finished)"
             )
         if logical == "application":
             continue
@@ -892,14 +996,27 @@ def exchange_code(
 ) -> IssuedToken:
     """Exchange an authorization code for tokens (RFC 6749 §4.1.3) and commit.
 
-    ``application`` is the client the caller has authenticated. The code is consumed (its row
-    deleted) first, so it is gone after any failure as after success, and two concurrent
-    exchanges cannot both win. Then: same client, not expired, redirect binding, PKCE. On
-    success a token starts a new family (random UUID). ``token_type`` (at most 7 characters,
-    e.g. Sentry's ``sntrya_``) is stored and prefixes the raw tokens. Token columns the models
-    do not manage take, in order: ``extra``, the grant's column of the same name (or the one
-    :data:`EXCHANGE_RENAMES` names), the configured default.
-    Raises InvalidRequest or InvalidGrant.
+    ``application`` is the client the caller has authenticated. Checks: same client, not
+    expired, redirect binding, PKCE. The code is consumed by the first exchange, whether it
+    succeeds or fails: with revision 0005 the grant row is kept and marked (``consumed_at``,
+    and ``token_family_id`` = the family of the tokens issued, NULL when the exchange failed)
+    by a conditional ``UPDATE ... WHERE consumed_at IS NULL``, so that of two concurrent
+    exchanges exactly one wins. On success a token starts a new family (random UUID).
+
+    A consumed code presented again (RFC 6749 §4.1.2, RFC 9700 §4.x) revokes, in one UPDATE,
+    every token of the family its exchange produced (every generation of rotation,
+    ``revoked_reason = 'code_replay'``; tokens already revoked keep their reason), commits and
+    raises InvalidGrant, whoever presents it. The loser of a concurrent exchange is such a
+    replay: it waits for the winner's row lock, then revokes what the winner issued. Consumed
+    grants stay until :func:`oauthmig.prune.prune_grants` deletes them after expiry.
+
+    Without revision 0005 (its columns are absent) the grant row is deleted instead, as before
+    it existed: a replay then finds no code and revokes nothing.
+
+    ``token_type`` (at most 7 characters, e.g. Sentry's ``sntrya_``) is stored and prefixes the
+    raw tokens. Token columns the models do not manage take, in order: ``extra``, the grant's
+    column of the same name (or the one :data:`EXCHANGE_RENAMES` names), the configured
+    default. Raises InvalidRequest or InvalidGrant; no message ever contains the code.
     """
     if not code:
         raise InvalidRequest("code is required")
@@ -908,20 +1025,25 @@ def exchange_code(
     at = _now(now)
     G = models.Grant
     try:
-        # Sentry's code column is indexed, not unique: a code matching two rows is unusable.
-        found = list(session.scalars(select(G).where(G.code == code).order_by(G.id).limit(2)))
+        grant_live = _live(session, models, "grant")
+        marks = grant_live.has(*_REPLAY_COLUMNS)
+        query = select(G).where(G.code == code).order_by(G.id).limit(2)
+        if marks:
+            query = query.options(undefer(G.consumed_at), undefer(G.token_family_id))
+        found = list(session.scalars(query.execution_options(populate_existing=True)))
         if len(found) != 1:
             if found:
-                session.execute(
-                    delete(G).where(G.code == code).execution_options(synchronize_session=False)
-                )
+                # Sentry's code column is indexed, not unique: a code matching two rows is
+                # unusable. Retire every row, and revoke what any of them already produced.
+                _retire_code(session, models, code, found, at, marks)
                 session.commit()
             else:
                 session.rollback()
-            raise InvalidGrant("the authorization code is invalid, expired or already used")
+            raise InvalidGrant(_CODE_UNUSABLE)
         grant = found[0]
+        if marks and grant.consumed_at is not None:
+            _replayed(session, models, grant.token_family_id, at)
         token_live = _live(session, models, "token")
-        grant_live = _live(session, models, "grant")
         sources: dict[str, str] = {}
         for column in token_live.unmanaged:
             renamed = EXCHANGE_RENAMES.get(column)
@@ -931,14 +1053,7 @@ def exchange_code(
                 sources[column] = renamed
         held = _row_values(session, grant_live, grant.id, set(sources.values()))
         copied = {c: held[src] for c, src in sources.items() if src in held}
-        # Consume first: only the transaction that deletes the row may use it.
-        deleted = session.execute(
-            delete(G).where(G.id == grant.id).execution_options(synchronize_session=False)
-        )
-        session.expunge(grant)  # keep its loaded values; the row is gone
-        if _rowcount(deleted) != 1:
-            session.rollback()
-            raise InvalidGrant("the authorization code is invalid, expired or already used")
+        failure: OAuthError | None = None
         try:
             if grant.application_id != application.id:
                 raise InvalidGrant("the authorization code was issued to another client")
@@ -946,9 +1061,37 @@ def exchange_code(
                 raise InvalidGrant("the authorization code has expired")
             check_redirect_binding(grant, redirect_uri)
             verify_pkce(grant, code_verifier, allow_plain=allow_plain)
-        except OAuthError:
+        except OAuthError as exc:
+            failure = exc
+        family = uuid.uuid4() if failure is None else None
+        # Consume before issuing anything: only the transaction whose statement changed the row
+        # may use it. PostgreSQL re-checks ``consumed_at IS NULL`` after a concurrent consumer
+        # commits, so the loser sees rowcount 0 and the winner's committed tokens.
+        if marks:
+            claim: Any = (
+                update(G)
+                .where(G.id == grant.id, G.consumed_at.is_(None))
+                .values(consumed_at=at, token_family_id=family)
+            )
+        else:
+            claim = delete(G).where(G.id == grant.id)
+        claimed = session.execute(claim.execution_options(synchronize_session=False))
+        if _rowcount(claimed) != 1:
+            if not marks:
+                session.rollback()
+                raise InvalidGrant(_CODE_UNUSABLE)
+            winner = session.scalar(
+                select(G.token_family_id)
+                .where(G.id == grant.id)
+                .execution_options(populate_existing=True)
+            )
+            _replayed(session, models, winner, at)
+        if not marks:
+            session.expunge(grant)  # keep its loaded values; the row is gone
+        if failure is not None:
             session.commit()  # the code stays consumed (RFC 6749 §10.5)
-            raise
+            raise failure
+        assert family is not None
         row, access, refresh = _new_token(
             session,
             models,
@@ -956,7 +1099,7 @@ def exchange_code(
             application_id=grant.application_id,
             scopes=grant.scope_list,
             token_type=token_type,
-            family=uuid.uuid4(),
+            family=family,
             parent_id=None,
             now=at,
             ttl=access_token_ttl,
@@ -971,6 +1114,63 @@ def exchange_code(
     except BaseException:
         session.rollback()
         raise
+
+
+#: The grant columns of revision 0005, which let :func:`exchange_code` detect a replay.
+_REPLAY_COLUMNS: Final = ("consumed_at", "token_family_id")
+_CODE_UNUSABLE: Final = "the authorization code is invalid, expired or already used"
+
+
+def _revoke_family_now(
+    session: Session, models: OAuthModels, family: uuid.UUID, reason: str, at: datetime
+) -> int:
+    """Revoke every unrevoked token of ``family`` in one UPDATE (not committed)."""
+    _lock_family(session, family)
+    T = models.Token
+    return _rowcount(
+        session.execute(_revoke_statement(models, T.token_family_id == family, reason, at))
+    )
+
+
+def _replayed(
+    session: Session, models: OAuthModels, family: uuid.UUID | None, at: datetime
+) -> NoReturn:
+    """A consumed code came back: revoke the family its exchange issued, commit, refuse."""
+    if family is not None:
+        _revoke_family_now(session, models, family, "code_replay", at)
+    session.commit()
+    raise InvalidGrant(
+        "the authorization code was already used; the tokens issued for it have been revoked"
+        if family is not None
+        else _CODE_UNUSABLE
+    )
+
+
+def _retire_code(
+    session: Session,
+    models: OAuthModels,
+    code: str,
+    found: Sequence[GrantModel],
+    at: datetime,
+    marks: bool,
+) -> None:
+    """Make every grant row holding ``code`` unusable (not committed): mark them consumed and
+    revoke the families of those already exchanged, or delete them without revision 0005."""
+    G = models.Grant
+    if not marks:
+        session.execute(
+            delete(G).where(G.code == code).execution_options(synchronize_session=False)
+        )
+        return
+    families = {g.token_family_id for g in found if g.token_family_id is not None}
+    session.execute(
+        update(G)
+        .where(G.code == code, G.consumed_at.is_(None))
+        .values(consumed_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    for family in sorted(families):
+        _revoke_family_now(session, models, family, "code_replay", at)
 
 
 def rotate_refresh_token(
@@ -1249,3 +1449,83 @@ def set_redirect_uris(
     application.redirect_uris = "\n".join(normalized)
     application.application_type = app_type
     return reports
+
+
+# --------------------------------------------------------------------------- client metadata
+
+#: RFC 7591 §2 defaults, reported for applications whose metadata columns are still NULL
+#: (before the client-metadata backfill): what a client would assume for an omitted field.
+_DEFAULT_GRANT_TYPES: Final = ("authorization_code",)
+_DEFAULT_RESPONSE_TYPES: Final = ("code",)
+
+
+def _column_value(application: ApplicationModel, name: str) -> Any:
+    """``application.<name>``; None for a deferred column the live table does not have yet
+    (revision 0006 not applied), instead of a failing lazy load."""
+    state = inspect(application)
+    if name not in state.unloaded:
+        return state.dict.get(name)
+    if state.transient or state.pending:
+        return None
+    session = state.session
+    ref = _MODELS_OF.get(type(application))
+    models = ref() if ref is not None else None
+    if session is not None and models is not None:
+        live = _live_tables(session.connection(), models).get("application")
+        if live is not None and not live.has(name):
+            return None
+    return getattr(application, name)  # loads it (a detached instance raises, as usual)
+
+
+def client_metadata(
+    application: ApplicationModel, *, include_secret: bool = False
+) -> dict[str, Any]:
+    """The RFC 7591 §3.2.1 client information response for ``application``.
+
+    ``client_id``, ``client_id_issued_at`` (``date_added``, seconds since the epoch),
+    ``client_name``, ``application_type``, ``token_endpoint_auth_method``, ``grant_types``,
+    ``response_types``, ``redirect_uris`` (normalized as registration stores them, duplicates
+    dropped, order kept), ``scope`` when the application has scopes, and the metadata URLs of
+    :data:`METADATA_URL_COLUMNS` that are set: ``client_uri`` (Sentry's ``homepage_url``),
+    ``policy_uri`` (``privacy_url``), ``tos_uri`` (``terms_url``), ``jwks_uri``,
+    ``logo_uri``. Absent values are omitted, never ``null``. The secret is left out unless
+    ``include_secret`` (then ``client_secret`` and ``client_secret_expires_at: 0``, "does not
+    expire", for a confidential client).
+
+    Metadata columns still NULL (before the client-metadata backfill) are reported as RFC
+    7591 §2 defaults would have a client assume: ``none`` for a client without a secret and
+    ``client_secret_basic`` otherwise, ``["authorization_code"]``, ``["code"]``, and the
+    application type inferred from the redirect URIs. Reads only the instance (and, once,
+    which columns the live table has); nothing is written.
+    """
+    app_type = application.application_type
+    if app_type not in (AppType.WEB.value, AppType.NATIVE.value):
+        app_type = infer_app_type(application.redirect_uri_list).value
+    redirect_uris: list[str] = []
+    for uri in application.redirect_uri_list:
+        normalized = check_uri(uri, app_type, grant_column_length=None).normalized or uri
+        if normalized not in redirect_uris:
+            redirect_uris.append(normalized)
+    method = application.token_endpoint_auth_method or (
+        "none" if application.is_public else "client_secret_basic"
+    )
+    body: dict[str, Any] = {"client_id": application.client_id}
+    if include_secret and not application.is_public:
+        body["client_secret"] = application.client_secret
+        body["client_secret_expires_at"] = 0
+    if application.date_added is not None:
+        body["client_id_issued_at"] = int(application.date_added.timestamp())
+    if application.name:
+        body["client_name"] = application.name
+    body["application_type"] = app_type
+    body["token_endpoint_auth_method"] = method
+    body["grant_types"] = list(application.grant_types or _DEFAULT_GRANT_TYPES)
+    body["response_types"] = list(application.response_types or _DEFAULT_RESPONSE_TYPES)
+    body["redirect_uris"] = redirect_uris
+    if application.scopes:
+        body["scope"] = " ".join(application.scopes)
+    for name, column in METADATA_URL_COLUMNS.items():
+        value = _column_value(application, column)
+        if value:
+            body[name] = value
+    return body

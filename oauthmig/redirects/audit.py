@@ -22,13 +22,20 @@ Per application (docs/rules.md):
   no secret, token or other credential is ever selected;
 * it can use the authorization code grant unless a filled ``grant_types`` column leaves
   ``authorization_code`` out;
-* RU103 compares the ``redirect_uri`` of its live grants (``expires_at > now``) when the grant
-  table is routed to the same database (one query per batch); otherwise RU103 is skipped there
+* RU103 compares the ``redirect_uri`` of its live grants (``expires_at > now``, and not yet
+  exchanged where revision 0005's ``consumed_at`` exists) when the grant table is routed to
+  the same database (one query per batch); otherwise RU103 is skipped there
   and the summary says so;
 * RU016 uses the length of the grant table's ``redirect_uri`` column on that database
   (``varchar(255)`` -> 255, ``text`` -> no limit), or Sentry's 255
   (:data:`~oauthmig.redirects.rules.GRANT_REDIRECT_URI_LENGTH`) when no grant table is routed
   there.
+
+The client metadata rules (RU105-RU110, :mod:`oauthmig.redirects.metadata_rules`) run on the
+same rows: the metadata URLs (``homepage_url``, ``privacy_url``, ``terms_url`` as ``client_uri``,
+``policy_uri``, ``tos_uri``; ``jwks_uri`` and ``logo_uri`` once revision 0006 added them) and
+``token_endpoint_auth_method`` against ``has_secret``, each read only where the column exists.
+Their findings carry ``field``, the RFC 7591 name they are about.
 
 Findings whose code is in ``[audit] ignore`` are dropped and counted in
 :attr:`AuditSummary.ignored`.
@@ -62,6 +69,11 @@ from oauthmig.config import Settings
 from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import DatabaseError
 from oauthmig.identity import check_distinct
+from oauthmig.redirects.metadata_rules import (
+    AUTH_METHOD_COLUMN,
+    METADATA_URL_COLUMNS,
+    check_metadata,
+)
 from oauthmig.redirects.rules import (
     GRANT_REDIRECT_URI_LENGTH,
     RULES,
@@ -91,6 +103,8 @@ Progress = Callable[[str, int, int], None]
 """``progress(label, applications_done, applications_total)``, called after every batch."""
 
 _APP_TYPES = {t.value: t for t in AppType}
+# Application columns the client metadata rules read, when the table has them.
+_METADATA_COLUMNS = (*dict.fromkeys(METADATA_URL_COLUMNS.values()), AUTH_METHOD_COLUMN)
 _SEVERITY_ORDER = tuple(s.value for s in Severity)  # error, warning, info
 
 
@@ -98,7 +112,10 @@ _SEVERITY_ORDER = tuple(s.value for s in Severity)  # error, warning, info
 class AuditFinding:
     """One rule firing on one stored application (``uri`` is None for application-level
     findings such as RU101; for RU103 it is the live grant's URI). ``line`` is the 1-based
-    line of ``redirect_uris`` the finding is on, None when it is on no line."""
+    line of ``redirect_uris`` the finding is on, None when it is on no line. ``field`` is set
+    for the client metadata rules: the RFC 7591 name (``client_uri``, ``jwks_uri``, ...,
+    ``token_endpoint_auth_method``); ``uri`` is then the metadata URL, its userinfo and
+    secret-looking query values masked."""
 
     database: str
     application_id: int
@@ -110,6 +127,7 @@ class AuditFinding:
     message: str
     normalized: str | None
     line: int | None = None
+    field: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +145,7 @@ class DatabaseAudit:
     live_grants: int | None
     grant_column_length: int | None
     app_type_source: Literal["column", "inferred"]
+    metadata_urls: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +162,7 @@ class AuditSummary:
     ignored: Mapping[str, int]
     databases: tuple[DatabaseAudit, ...]
     notes: tuple[str, ...]
+    metadata_urls_scanned: int = 0
 
     def fails(self, fail_on: FailOn) -> bool:
         """Whether findings at or above ``fail_on`` exist (``never``: never)."""
@@ -165,6 +185,7 @@ class _Target:
     app_columns: frozenset[str]
     grants_here: bool  # live grants are read beside the applications (RU103)
     grant_column_length: int | None
+    grant_consumed_column: bool = False  # revision 0005: exchanged codes are not live
 
 
 @dataclass(slots=True)
@@ -172,6 +193,7 @@ class _Tally:
     applications: int = 0
     uris: int = 0
     live_grants: int = 0
+    metadata_urls: int = 0
 
 
 def _column_length(col_type: Any) -> int | None:
@@ -199,7 +221,7 @@ def _preflight(
                 f"database {database!r}: table {settings.tables.application} has no "
                 f"{', '.join(sorted(missing))} column; is [tables] application right?"
             )
-        grants_here = False
+        grants_here = consumed_column = False
         length: int | None = GRANT_REDIRECT_URI_LENGTH
         if "grant" in routed:
             grant_cols = {c["name"]: c for c in insp.get_columns(settings.tables.grant)}
@@ -208,6 +230,7 @@ def _preflight(
             length = None if uri_col is None else _column_length(uri_col["type"])
             needed = {"redirect_uri", "application_id", "expires_at"}
             grants_here = needed <= set(grant_cols)
+            consumed_column = "consumed_at" in grant_cols
             if not grants_here:
                 absent = ", ".join(sorted(needed - set(grant_cols)))
                 notes.append(
@@ -222,7 +245,7 @@ def _preflight(
             )
         if conn.in_transaction():
             conn.rollback()
-        return _Target(database, app_columns, grants_here, length), notes
+        return _Target(database, app_columns, grants_here, length, consumed_column), notes
 
 
 def _grant_types(value: object) -> list[str] | None:
@@ -294,6 +317,7 @@ class Audit:
                 self._tallies[t.database].live_grants if t.grants_here else None,
                 t.grant_column_length,
                 "column" if "application_type" in t.app_columns else "inferred",
+                self._tallies[t.database].metadata_urls,
             )
             for t in self._targets
         )
@@ -307,6 +331,7 @@ class Audit:
             ignored=dict(sorted(self._ignored.items())),
             databases=databases,
             notes=self._notes,
+            metadata_urls_scanned=sum(d.metadata_urls for d in databases),
         )
 
     # ------------------------------------------------------------------ reading
@@ -323,6 +348,7 @@ class Audit:
             column("redirect_uris"),
             column("application_type"),
             column("grant_types"),
+            *(column(name) for name in _METADATA_COLUMNS),
         )
         has_secret: ColumnElement[Any]
         if "client_secret" in cols:
@@ -342,6 +368,7 @@ class Audit:
             selected.append(t.c.application_type)
         if "grant_types" in cols:
             selected.append(t.c.grant_types)
+        selected.extend(t.c[name] for name in _METADATA_COLUMNS if name in cols)
         first = select(*selected).order_by(t.c.id).limit(self._batch_size)
         following = first.where(t.c.id > bindparam("after"))
         g = table(
@@ -349,6 +376,7 @@ class Audit:
             column("application_id"),
             column("redirect_uri"),
             column("expires_at", DateTime(timezone=True)),
+            column("consumed_at"),
         )
         grants = select(g.c.application_id, g.c.redirect_uri).where(
             g.c.application_id >= bindparam("lo"),
@@ -356,6 +384,8 @@ class Audit:
             g.c.expires_at > bindparam("now", type_=DateTime(timezone=True)),
             g.c.redirect_uri.is_not(None),
         )
+        if target.grant_consumed_column:
+            grants = grants.where(g.c.consumed_at.is_(None))
         return first, following, grants
 
     def _count(self, conn: Connection) -> int:
@@ -440,6 +470,33 @@ class Audit:
                 f.message,
                 f.normalized,
                 f.line,
+            )
+        urls = {
+            name: mapping.get(col) for name, col in METADATA_URL_COLUMNS.items() if col in mapping
+        }
+        tally.metadata_urls += sum(1 for v in urls.values() if v is not None and v.strip())
+        for m in check_metadata(
+            urls,
+            auth_method=mapping.get(AUTH_METHOD_COLUMN),
+            has_secret=bool(mapping["has_secret"]),
+            jwks_uri_column="jwks_uri" in target.app_columns,
+        ):
+            if m.code in self._ignore:
+                self._ignored[m.code] += 1
+                continue
+            self._by_code[m.code] += 1
+            yield AuditFinding(
+                target.database,
+                app_id,
+                client_id,
+                m.uri,
+                m.code,
+                m.name,
+                m.severity,
+                m.message,
+                m.normalized,
+                None,
+                m.field,
             )
 
 

@@ -166,6 +166,8 @@ def sarif_rule(rule: Rule, docs_url: str = DEFAULT_DOCS_URL) -> dict[str, Any]:
 
 
 def _position(finding: AuditFinding) -> str:
+    if finding.field is not None:
+        return f"metadata:{finding.field}"
     if finding.line is not None:
         return f"line:{finding.line}"
     return "grant" if finding.uri is not None else "application"
@@ -174,9 +176,10 @@ def _position(finding: AuditFinding) -> str:
 def finding_fingerprint(finding: AuditFinding) -> str:
     """A digest of (database, application id, position, code, URI): the same finding keeps it
     from one audit to the next. The position is the line of ``redirect_uris`` (blank lines
-    and identical URIs on different lines differ), ``grant`` for a live grant's URI (RU103) or
-    ``application``. Two findings with the same digest (one line, one code, two messages) are
-    told apart by the occurrence count that :class:`SarifWriter` appends."""
+    and identical URIs on different lines differ), ``grant`` for a live grant's URI (RU103),
+    ``metadata:<field>`` for a client metadata finding (RU105-RU110) or ``application``.
+    Two findings with the same digest (one line, one code, two messages) are told apart by
+    the occurrence count that :class:`SarifWriter` appends."""
     key = "\x1f".join(
         (
             finding.database,
@@ -314,6 +317,7 @@ class SarifWriter:
                                 "applicationId": f.application_id,
                                 "clientId": f.client_id,
                                 "redirectUrisLine": f.line,
+                                "field": f.field,
                             },
                         }
                     ],
@@ -328,6 +332,7 @@ class SarifWriter:
                 "normalized": f.normalized,
                 "severity": f.severity.value,
                 "redirectUrisLine": f.line,
+                "field": f.field,
             },
         }
 

@@ -1223,3 +1223,8 @@ def check_application(
     severities.extend(f.severity for f in findings)
     lines = tuple(entry.line for entry in entries)
     return AppReport(app, _verdict(severities), tuple(reports), tuple(findings), lines)
+
+
+# The client metadata rules (RU105-RU110) share this registry; importing them here keeps
+# RULES complete for every reader (audit summaries, SARIF, docs/rules.md checks).
+import oauthmig.redirects.metadata_rules  # noqa: E402, F401

@@ -72,8 +72,10 @@ def _live_grants(conn: Connection, settings: Settings, db: str) -> tuple[int | N
         return None, None
     physical = settings.tables.physical("grant")
     names = {c["name"] for c in inspect(conn).get_columns(physical)}
-    g = table(physical, column("expires_at"), column("code_challenge"))
+    g = table(physical, column("expires_at"), column("code_challenge"), column("consumed_at"))
     live = g.c.expires_at > datetime.now(UTC)
+    if "consumed_at" in names:  # revision 0005 keeps exchanged codes: those are not live
+        live = and_(live, g.c.consumed_at.is_(None))
     total = conn.execute(select(func.count()).select_from(g).where(live)).scalar_one()
     if "code_challenge" not in names:
         without = total
