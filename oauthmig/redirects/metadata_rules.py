@@ -1,8 +1,8 @@
 """Client metadata rules (RU105-RU110): the RFC 7591 §2 metadata URLs of an application and
 its token endpoint authentication method.
 
-The rules share the registry of :mod:`oauthmig.redirects.rules` (:data:`RULES`, stable codes,
-one ``docs/rules.md`` section each; importing that module registers these too) and are
+The rules are collected in :data:`METADATA_RULES` and joined into the one registry,
+:data:`oauthmig.redirects.rules.RULES` (stable codes, one ``docs/rules.md`` section each), and are
 reported by ``audit-redirects`` beside the redirect URI rules. :func:`check_metadata` is pure:
 it gets the stored values and returns :class:`MetadataFinding` values, never raising on any
 input.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from oauthmig.redact import is_secret_param
-from oauthmig.redirects.rules import RULES, Rule, Severity, _make_rule
+from oauthmig.redirects.rule_types import Rule, Severity, make_rule
 from oauthmig.redirects.uri import ParsedURI, URIError, normalize_uri, parse_uri
 
 __all__ = [
@@ -88,6 +88,8 @@ class _AppSubject(NamedTuple):
 
 _UrlCheck = Callable[[_UrlSubject], str | None]
 _AppCheck = Callable[[_AppSubject], str | None]
+#: The rules of this module by code (part of :data:`oauthmig.redirects.rules.RULES`).
+METADATA_RULES: dict[str, Rule] = {}
 _URL_GATE: list[tuple[Rule, _UrlCheck]] = []
 _URL_CHECKS: list[tuple[Rule, _UrlCheck]] = []
 _APP_CHECKS: list[tuple[Rule, _AppCheck]] = []
@@ -99,7 +101,7 @@ def _url_rule(
     """Register a metadata URL rule; a ``gate`` rule (RU105) stops the others when it fires."""
 
     def register(func: _UrlCheck) -> _UrlCheck:
-        rule = _make_rule(code, name, severity, summary, rfc, func)
+        rule = make_rule(METADATA_RULES, code, name, severity, summary, rfc, func)
         (_URL_GATE if gate else _URL_CHECKS).append((rule, func))
         return func
 
@@ -112,7 +114,9 @@ def _app_rule(
     """Register an application-level metadata rule."""
 
     def register(func: _AppCheck) -> _AppCheck:
-        _APP_CHECKS.append((_make_rule(code, name, severity, summary, rfc, func), func))
+        _APP_CHECKS.append(
+            (make_rule(METADATA_RULES, code, name, severity, summary, rfc, func), func)
+        )
         return func
 
     return register
@@ -271,8 +275,6 @@ def auth_none_with_secret(a: _AppSubject) -> str | None:
 METADATA_RULE_CODES: tuple[str, ...] = tuple(
     sorted([r.code for r, _ in _URL_GATE + _URL_CHECKS] + [r.code for r, _ in _APP_CHECKS])
 )
-# The registry is kept in code order; these codes come after every redirect rule.
-assert tuple(RULES)[-len(METADATA_RULE_CODES) :] == METADATA_RULE_CODES
 
 
 _AUTHORITY_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*@)")

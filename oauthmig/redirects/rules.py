@@ -16,7 +16,6 @@ string input.
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from oauthmig.redirects.hosts import (
     ipv4_text,
     non_ascii_host_hint,
 )
+from oauthmig.redirects.metadata_rules import METADATA_RULES
+from oauthmig.redirects.rule_types import Rule, Severity, make_rule
 from oauthmig.redirects.uri import (
     ParsedURI,
     URIError,
@@ -64,14 +65,6 @@ __all__ = [
 GRANT_REDIRECT_URI_LENGTH = 255
 
 
-class Severity(StrEnum):
-    """How bad a finding is: errors fail a URI, warnings warn, info never affects the verdict."""
-
-    ERROR = "error"
-    WARNING = "warning"
-    INFO = "info"
-
-
 class AppType(StrEnum):
     """OpenID Connect Registration ``application_type``."""
 
@@ -81,19 +74,6 @@ class AppType(StrEnum):
 
 Verdict = Literal["pass", "warn", "fail"]
 UriStyle = Literal["web", "native", "unknown"]
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One rule of the registry: stable code, name, severity, one-line summary, the RFC
-    section it enforces and its documentation (anti-pattern and fix)."""
-
-    code: str
-    name: str
-    severity: Severity
-    summary: str
-    rfc: str
-    doc: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,11 +193,7 @@ _APP_CHECKS: list[tuple[Rule, _AppCheck]] = []
 def _make_rule(
     code: str, name: str, severity: Severity, summary: str, rfc: str, func: Callable[..., object]
 ) -> Rule:
-    if code in RULES:  # pragma: no cover - guards the registry while editing
-        raise RuntimeError(f"duplicate rule code {code}")
-    rule = Rule(code, name, severity, summary, rfc, inspect.cleandoc(func.__doc__ or ""))
-    RULES[code] = rule
-    return rule
+    return make_rule(RULES, code, name, severity, summary, rfc, func)
 
 
 def _uri_rule(
@@ -981,7 +957,11 @@ _ALWAYS = _plan("always")  # all that runs once RU001 has fired
 _RELATIVE_PLAN = _plan("parsed", "always")
 _ABSOLUTE_PLAN = _plan("parsed", "absolute", "always")
 _APP = tuple(_APP_CHECKS)
-_BY_CODE = sorted(RULES.items())
+# The client metadata rules (RU105-RU110, oauthmig.redirects.metadata_rules) are part of the
+# one registry every reader sees (audit summaries, SARIF, the docs/rules.md checks).
+if set(RULES) & set(METADATA_RULES):  # pragma: no cover - guards the registry while editing
+    raise RuntimeError(f"duplicate rule codes {sorted(set(RULES) & set(METADATA_RULES))}")
+_BY_CODE = sorted([*RULES.items(), *METADATA_RULES.items()])
 RULES.clear()
 RULES.update(_BY_CODE)
 del _BY_CODE
@@ -1223,8 +1203,3 @@ def check_application(
     severities.extend(f.severity for f in findings)
     lines = tuple(entry.line for entry in entries)
     return AppReport(app, _verdict(severities), tuple(reports), tuple(findings), lines)
-
-
-# The client metadata rules (RU105-RU110) share this registry; importing them here keeps
-# RULES complete for every reader (audit summaries, SARIF, docs/rules.md checks).
-import oauthmig.redirects.metadata_rules  # noqa: E402, F401
