@@ -23,12 +23,7 @@ import click
 from oauthmig.config import Settings, load_settings, parse_duration_ms
 from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep, run_demo
 from oauthmig.errors import ConfigError, OauthmigError, PlanRefusedError, Terminated, UsageError
-from oauthmig.output.backfill_text import (
-    render_report,
-    render_requests,
-    report_to_dict,
-    requests_to_dict,
-)
+from oauthmig.output.backfill_text import render_report, render_requests
 from oauthmig.output.files import output_file
 from oauthmig.output.html import render_html
 from oauthmig.output.json import (
@@ -37,6 +32,8 @@ from oauthmig.output.json import (
     history_to_list,
     interrupted_to_dict,
     prune_to_dict,
+    report_to_dict,
+    requests_to_dict,
     runs_to_dict,
     sql_runs_to_list,
     status_to_dict,

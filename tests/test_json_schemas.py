@@ -29,6 +29,14 @@ from tests.helpers import assert_matches_schema, invoke, seed_legacy, write_conf
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 # Documents that are not "the output of command X": what Ctrl-C leaves (test_cli_contract).
 NOT_A_COMMAND = {"interrupted"}
+# Subcommands that print one shared document; any other command path "a b" has schema "a-b".
+SHARED = {
+    "backfill pause": "backfill-request",
+    "backfill resume": "backfill-request",
+    "backfill cancel": "backfill-request",
+}
+# Options that select a different document: `upgrade --sql` prints `upgrade-sql`, and so on.
+VARIANTS = {"--sql": "sql", "--report": "report"}
 
 
 class Runner:
@@ -57,6 +65,8 @@ class Runner:
             "upgrade-dry": self.json("upgrade", "upgrade", "--dry-run"),
             "upgrade-sql": self.json("upgrade-sql", "upgrade", "--sql"),
             "backfill-dry": self.json("backfill", "backfill", "--dry-run"),
+            "report": self.json("backfill-report", "backfill", "--report"),
+            "prune-dry": self.json("prune-grants", "prune-grants", "--dry-run"),
             "audit": self.json("audit-redirects", "audit-redirects", "--fail-on", "never"),
         }
         if backend == "postgresql":  # offline SQLite downgrades are refused (exit 2)
@@ -105,7 +115,10 @@ def _states(doc: dict[str, Any], database: str) -> dict[str, str]:
 @pytest.fixture
 def installation(make_database: DatabaseFactory, tmp_path: Path) -> Iterator[tuple[Settings, str]]:
     """Legacy tables with a few rows on control (all three tables) and shard (token)."""
-    data = routed_config(make_database("control"), make_database("shard"))
+    # keep_batches 2: a backfill of more batches folds the older ones into the summary row.
+    data = routed_config(
+        make_database("control"), make_database("shard"), backfill={"keep_batches": 2}
+    )
     settings = settings_from_mapping(data, {}, "test")
     create_legacy(settings)
     seed_legacy(settings, rows=30)
@@ -134,6 +147,8 @@ def test_every_json_document_matches_its_schema_through_a_rollout(
     assert {j["state"] for d in fresh["status"]["databases"] for j in d["backfills"]} == {
         "waiting for upgrade"
     }
+    assert {j["state"]["history"] is None for j in fresh["report"]["jobs"]} == {True}
+    assert [d["consumed_deleted"] for d in fresh["prune-dry"]["databases"]] == [None]
     assert all(d["sql"] for d in fresh["upgrade-dry"]["databases"])
 
     if backend == "postgresql":
@@ -162,29 +177,57 @@ def test_every_json_document_matches_its_schema_through_a_rollout(
 
     # A backfill that fails on one database: failed there, finished elsewhere, and status says so.
     _break_token_updates(settings, backend)
-    broken = run.json("backfill", "backfill", code=2)
+    broken = run.json("backfill", "backfill", "--batch", "5", code=2)
     assert {(j["database"], j["status"]) for j in broken["jobs"]} >= {("shard", "failed")}
     shard = next(d for d in run.json("status", "status")["databases"] if d["database"] == "shard")
     assert [j["state"] for j in shard["backfills"]] == ["failed"]
     assert shard["backfills"][0]["last_error"]
+    history = run.json("backfill-report", "backfill", "--report", "token-families", "-d", "shard")
+    [failed_job] = history["jobs"]
+    assert [r["outcome"] for r in failed_job["recent"]][:1] == ["failed"]
+    assert failed_job["recent"][0]["error_class"]
     on_table = f" ON {settings.tables.token}" if backend == "postgresql" else ""
     _exec(settings, "shard", f"DROP TRIGGER refuse{on_table}")
 
     # Backfilled: every job finished, 0004 pending.
-    filled = run.json("backfill", "backfill")
+    filled = run.json("backfill", "backfill", "--batch", "5")
     assert {j["status"] for j in filled["jobs"]} <= {"finished", "up-to-date"}
     backfilled = run.every_reader(backend)
     assert _states(backfilled["status"], "control")["0004"] == "pending"
+    # More batches than keep_batches: the older ones are folded into the summary row.
+    assert all(j["summary"] is not None for j in backfilled["report"]["jobs"])
+    assert {len(j["recent"]) for j in backfilled["report"]["jobs"]} == {2}
+
+    # Requests from another shell: pause holds the finished jobs, resume withdraws it, and a
+    # cancel of a finished job records nothing.
+    paused = run.json("backfill-request", "backfill", "pause")
+    assert {(r["recorded"], r["request"]["action"]) for r in paused["requests"]} == {
+        (True, "pause")
+    }
+    resumed = run.json("backfill-request", "backfill", "resume", "token-families")
+    assert {r["request"]["action"] for r in resumed["requests"]} == {"resume"}
+    cancelled = run.json("backfill-request", "backfill", "cancel", "client-metadata")
+    assert [(r["state"], r["recorded"]) for r in cancelled["requests"]] == [("finished", False)]
+    run.json("backfill-request", "backfill", "resume")
 
     # Finalized: nothing outstanding; reruns are no-ops with their own shapes.
     finalized = run.json("upgrade", "upgrade")
-    assert {d["to"] for d in finalized["databases"]} == {"0004"}
+    assert {d["to"] for d in finalized["databases"]} == {backfilled["status"]["head"]}
     done = run.every_reader(backend)
     assert done["status"]["outstanding"] is False
     assert run.json("upgrade", "upgrade")["databases"][0]["steps"] == []
     assert {j["status"] for j in run.json("backfill", "backfill")["jobs"]} == {"up-to-date"}
     if backend == "postgresql":
         run.json("downgrade", "downgrade", "--to", "0003", "--dry-run")
+
+    # Pruning for real, then a database that fails: its error, every other key null.
+    pruned = run.json("prune-grants", "prune-grants", "--batch", "7")
+    [control] = pruned["databases"]
+    assert control["deleted"] == done["prune-dry"]["databases"][0]["deleted"]
+    assert control["consumed_deleted"] == 0
+    _exec(settings, "control", f"DROP TABLE {settings.tables.grant}")
+    [lost] = run.json("prune-grants", "prune-grants", "--dry-run", code=2)["databases"]
+    assert lost["error"] and lost["deleted"] is None
 
     expected = {p.name.removesuffix(".schema.json") for p in schemas_dir().glob("*.json")}
     if backend == "sqlite":
@@ -219,29 +262,44 @@ def test_each_schema_is_a_valid_strict_draft_2020_12_schema(path: Path) -> None:
         assert sorted(node["required"]) == sorted(node["properties"]), where
 
 
-def _json_commands(group: click.Group) -> dict[str, bool]:
-    """Command name -> whether it has --sql, for every command whose --format offers json."""
-    found: dict[str, bool] = {}
+def _json_commands(group: click.Group, prefix: str = "") -> dict[str, set[str]]:
+    """Command path ("backfill pause") -> the options among VARIANTS it has, for every
+    command whose --format offers json, subcommands of groups included."""
+    found: dict[str, set[str]] = {}
     for name, command in group.commands.items():
-        formats = [
-            p
-            for p in command.params
-            if isinstance(p, click.Option)
-            and "--format" in p.opts
-            and isinstance(p.type, click.Choice)
-            and "json" in p.type.choices
-        ]
-        if formats:
-            found[name] = any(
-                "--sql" in p.opts for p in command.params if isinstance(p, click.Option)
-            )
+        path = f"{prefix}{name}"
+        options = [p for p in command.params if isinstance(p, click.Option)]
+        if any(
+            "--format" in p.opts and isinstance(p.type, click.Choice) and "json" in p.type.choices
+            for p in options
+        ):
+            found[path] = {opt for p in options for opt in p.opts if opt in VARIANTS}
+        if isinstance(command, click.Group):
+            found |= _json_commands(command, f"{path} ")
     return found
+
+
+def _schema_names(commands: dict[str, set[str]]) -> set[str]:
+    """The schemas the commands need: one each (SHARED or "a-b"), one per variant option."""
+    names: set[str] = set()
+    for path, variants in commands.items():
+        base = SHARED.get(path, path.replace(" ", "-"))
+        names |= {base} | {f"{base}-{VARIANTS[opt]}" for opt in variants}
+    return names
+
+
+def test_the_walk_finds_subcommands_and_variants() -> None:
+    commands = _json_commands(cli)
+    assert {"backfill pause", "backfill resume", "backfill cancel"} <= set(commands)
+    assert commands["backfill"] == {"--report"} and commands["upgrade"] == {"--sql"}
+    assert {"backfill-request", "backfill-report", "upgrade-sql"} <= _schema_names(commands)
 
 
 def test_every_command_with_json_output_has_a_schema() -> None:
     commands = _json_commands(cli)
     assert {"status", "upgrade", "downgrade", "backfill", "history"} <= set(commands)
-    wanted = set(commands) | {f"{name}-sql" for name, sql in commands.items() if sql}
+    assert set(SHARED) <= set(commands), "SHARED names a command that does not exist"
+    wanted = _schema_names(commands)
     shipped = {p.name.removesuffix(".schema.json") for p in schemas_dir().glob("*.json")}
     assert wanted <= shipped, f"no schema for: {sorted(wanted - shipped)}"
     assert shipped - wanted == NOT_A_COMMAND, f"schemas of no command: {sorted(shipped - wanted)}"

@@ -1,10 +1,9 @@
-"""Renderers and JSON shapes of ``backfill pause|resume|cancel`` and ``backfill --report``."""
+"""Text renderers of ``backfill pause|resume|cancel`` and ``backfill --report`` (their JSON
+shapes are in :mod:`oauthmig.output.json`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -13,27 +12,6 @@ from oauthmig.output.text import duration_text, escape, history_brief, print_tab
 from oauthmig.rollout.batch_report import JobHistory
 from oauthmig.rollout.batches import FAILED, BatchRow
 from oauthmig.rollout.control import RequestOutcome, when
-
-
-def requests_to_dict(action: str, outcomes: Sequence[RequestOutcome]) -> dict[str, Any]:
-    """JSON shape of ``backfill pause|resume|cancel``."""
-    return {
-        "action": action,
-        "requests": [
-            {
-                "job": o.job,
-                "database": o.database,
-                "state": o.state,
-                "running": o.running,
-                "recorded": o.recorded,
-                "effect": o.effect,
-                "request": None
-                if o.request is None
-                else {"action": o.request.action, "by": o.request.by, "at": o.request.at},
-            }
-            for o in outcomes
-        ],
-    }
 
 
 def render_requests(console: Console, action: str, outcomes: Sequence[RequestOutcome]) -> None:
@@ -47,27 +25,6 @@ def render_requests(console: Console, action: str, outcomes: Sequence[RequestOut
             done = f"recorded ({o.request.describe()})"
         table.add_row(o.job, escape(o.database), o.state, escape(done), escape(o.effect))
     print_table(console, table)
-
-
-def _row_dict(r: BatchRow) -> dict[str, Any]:
-    return dataclasses.asdict(r)
-
-
-def report_to_dict(histories: Sequence[JobHistory]) -> dict[str, Any]:
-    """JSON shape of ``backfill --report``."""
-    return {
-        "jobs": [
-            {
-                "database": h.database,
-                "job": h.job,
-                "error": h.error,
-                "state": None if h.state is None else dataclasses.asdict(h.state),
-                "summary": None if h.summary is None else _row_dict(h.summary),
-                "recent": [_row_dict(r) for r in h.recent],
-            }
-            for h in histories
-        ]
-    }
 
 
 def _range(r: BatchRow) -> str:

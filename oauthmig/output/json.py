@@ -10,6 +10,9 @@ real runs. The builders take plain data and return plain ``dict``/``list`` value
 ``upgrade`` / ``downgrade --sql``       :func:`sql_runs_to_list`
 ``history``                             :func:`history_to_list`
 ``backfill``                            :func:`backfill_to_dict` (also with ``--dry-run``)
+``backfill --report``                   :func:`report_to_dict`
+``backfill pause|resume|cancel``        :func:`requests_to_dict`
+``prune-grants``                        :func:`prune_to_dict` (also with ``--dry-run``)
 ``check-redirect``                      :func:`check_reports_to_list`
 ``audit-redirects``                     :class:`JsonWriter` (streamed: findings, then summary)
 interrupted (Ctrl-C, SIGTERM)           :func:`interrupted_to_dict`
@@ -28,10 +31,13 @@ from datetime import date, datetime
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from oauthmig.prune import PruneResult
+    from oauthmig.prune import PruneResult, PruneStats
     from oauthmig.redirects.audit import AuditFinding, AuditSummary
     from oauthmig.redirects.rules import UriReport
     from oauthmig.rollout.backfill import BackfillResult, JobRun
+    from oauthmig.rollout.batch_report import JobHistory
+    from oauthmig.rollout.batches import BatchRow
+    from oauthmig.rollout.control import RequestOutcome
     from oauthmig.rollout.preflight import RevisionInfo
     from oauthmig.rollout.runner import DatabaseRun, RunResult
     from oauthmig.rollout.status import StatusReport
@@ -48,6 +54,9 @@ __all__ = [
     "history_to_list",
     "interrupted_to_dict",
     "percentile",
+    "prune_to_dict",
+    "report_to_dict",
+    "requests_to_dict",
     "run_to_dict",
     "runs_to_dict",
     "sql_runs_to_list",
@@ -212,6 +221,48 @@ def backfill_to_dict(result: BackfillResult) -> dict[str, Any]:
     return {"dry_run": result.dry_run, "jobs": [_job_dict(r) for r in result.runs]}
 
 
+def requests_to_dict(action: str, outcomes: Sequence[RequestOutcome]) -> dict[str, Any]:
+    """JSON shape of ``backfill pause|resume|cancel``."""
+    return {
+        "action": action,
+        "requests": [
+            {
+                "job": o.job,
+                "database": o.database,
+                "state": o.state,
+                "running": o.running,
+                "recorded": o.recorded,
+                "effect": o.effect,
+                "request": None
+                if o.request is None
+                else {"action": o.request.action, "by": o.request.by, "at": o.request.at},
+            }
+            for o in outcomes
+        ],
+    }
+
+
+def _row_dict(r: BatchRow) -> dict[str, Any]:
+    return dataclasses.asdict(r)
+
+
+def report_to_dict(histories: Sequence[JobHistory]) -> dict[str, Any]:
+    """JSON shape of ``backfill --report``."""
+    return {
+        "jobs": [
+            {
+                "database": h.database,
+                "job": h.job,
+                "error": h.error,
+                "state": None if h.state is None else dataclasses.asdict(h.state),
+                "summary": None if h.summary is None else _row_dict(h.summary),
+                "recent": [_row_dict(r) for r in h.recent],
+            }
+            for h in histories
+        ]
+    }
+
+
 def interrupted_to_dict(command: str | None, exit_code: int, message: str) -> dict[str, Any]:
     """The document a command with ``--format json`` leaves on stdout when Ctrl-C or SIGTERM
     stops it before it printed its own."""
@@ -320,29 +371,44 @@ class JsonWriter:
         self._out.write(f'{close},\n  "summary": {body}\n}}\n')
 
 
+_PRUNE_FIELDS = (
+    "table",
+    "cutoff",
+    "deleted",
+    "consumed_deleted",
+    "batches",
+    "kept",
+    "kept_consumed",
+    "retries",
+    "seconds",
+)
+
+
+def _prune_stats(stats: PruneStats | None) -> dict[str, Any]:
+    if stats is None:  # the database failed: every key is there, null
+        return dict.fromkeys(_PRUNE_FIELDS)
+    return {
+        "table": stats.table,
+        "cutoff": stats.cutoff.isoformat(),
+        "deleted": stats.deleted,
+        "consumed_deleted": stats.consumed,
+        "batches": stats.batches,
+        "kept": stats.kept,
+        "kept_consumed": stats.kept_consumed,
+        "retries": stats.retries,
+        "seconds": round(stats.seconds, 3),
+    }
+
+
 def prune_to_dict(result: PruneResult) -> dict[str, Any]:
-    """JSON shape of ``prune-grants``."""
+    """JSON shape of ``prune-grants`` (run or ``--dry-run``); a failed database has its
+    error and every other key null."""
     return {
         "dry_run": result.dry_run,
         "older_than_seconds": result.older_than.total_seconds(),
         "batch": result.batch,
         "databases": [
-            {"database": d.database, "error": d.error}
-            | (
-                {}
-                if d.stats is None
-                else {
-                    "table": d.stats.table,
-                    "cutoff": d.stats.cutoff.isoformat(),
-                    "deleted": d.stats.deleted,
-                    "consumed_deleted": d.stats.consumed,
-                    "batches": d.stats.batches,
-                    "kept": d.stats.kept,
-                    "kept_consumed": d.stats.kept_consumed,
-                    "retries": d.stats.retries,
-                    "seconds": round(d.stats.seconds, 3),
-                }
-            )
+            {"database": d.database, "error": d.error} | _prune_stats(d.stats)
             for d in result.databases
         ],
     }
