@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine, make_url
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
 from oauthmig.legacy import USERS_TABLE, LegacyFlavor, legacy_metadata, user_rows
+from tests.forkserver import ForkServer
 
 PG_ADMIN_URL = os.environ.get(
     "OAUTHMIG_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -219,3 +220,11 @@ def old_install_settings(routed_settings: Settings) -> Settings:
     and Django's hashed index names."""
     create_legacy(routed_settings, LegacyFlavor.OLD)
     return routed_settings
+
+
+@pytest.fixture(scope="session")
+def forkserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
+    """Real CLI processes forked from one pre-imported server (:mod:`tests.forkserver`)."""
+    server = ForkServer(tmp_path_factory.mktemp("forkserver"))
+    yield server
+    server.close()

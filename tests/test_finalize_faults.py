@@ -4,10 +4,8 @@ blocking index builds, the upgrade's own backend terminated mid-run."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ from oauthmig.errors import ConfigError
 from oauthmig.legacy import legacy_metadata
 from oauthmig.migrations import LOG_TABLE
 from tests.conftest import DatabaseFactory, routed_config
+from tests.forkserver import ForkedProcess, ForkServer
 from tests.helpers import invoke, write_config
 from tests.kill_after_ddl import is_ddl
 
@@ -162,16 +161,8 @@ def legacy_insert(settings: Settings) -> None:
         engine.dispose()
 
 
-def _spawn(*args: str, module: str = "oauthmig") -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
+def _spawn(server: ForkServer, *args: str, module: str = "oauthmig") -> ForkedProcess:
+    return server.spawn(args, module=module, cwd=ROOT)
 
 
 def _count_ddl(cfg: str, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, int]:
@@ -193,7 +184,10 @@ def _count_ddl(cfg: str, capsys: pytest.CaptureFixture[str], *args: str) -> tupl
 
 
 def test_finalize_killed_after_each_statement_converges_and_downgrades_cleanly(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _setup(make_database, tmp_path, capsys)
     before = catalog(settings)
@@ -212,7 +206,9 @@ def test_finalize_killed_after_each_statement_converges_and_downgrades_cleanly(
     assert total >= expected, total
     for n in range(1, total + 1):
         killed = _spawn(
-            str(n), "--config", cfg, "-d", "control", "upgrade", module="tests.kill_after_ddl"
+            forkserver,
+            *(str(n), "--config", cfg, "-d", "control", "upgrade"),
+            module="tests.kill_after_ddl",
         )
         _, err = killed.communicate(timeout=120)
         assert killed.returncode == -signal.SIGKILL, (n, err)
@@ -226,7 +222,10 @@ def test_finalize_killed_after_each_statement_converges_and_downgrades_cleanly(
 
 
 def test_downgrade_killed_after_each_statement_converges(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _setup(make_database, tmp_path, capsys)
     assert invoke(capsys, "--config", cfg, "-d", "control", "upgrade").code == 0
@@ -237,6 +236,7 @@ def test_downgrade_killed_after_each_statement_converges(
     for n in range(1, total + 1):
         assert invoke(capsys, "--config", cfg, "-d", "control", "upgrade").code == 0
         killed = _spawn(
+            forkserver,
             str(n),
             *("--config", cfg, "-d", "control", "downgrade", "--to", "0003"),
             module="tests.kill_after_ddl",
@@ -546,6 +546,7 @@ def test_terminated_upgrade_backend_is_one_line_naming_database_step_and_next_co
     expand: bool,
     revision: str,
     statement: str,
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _setup(
         make_database,
@@ -558,7 +559,7 @@ def test_terminated_upgrade_backend_is_one_line_naming_database_step_and_next_co
     engine = _engine(settings)
     holder = engine.connect()
     holder.execute(text(f"LOCK TABLE {grant} IN ACCESS SHARE MODE"))
-    proc = _spawn("--config", cfg, "-d", "control", "upgrade")
+    proc = _spawn(forkserver, "--config", cfg, "-d", "control", "upgrade")
     dbname = settings.databases["control"].url.rsplit("/", 1)[-1]  # type: ignore[union-attr]
     waiting: list[Any] = []
     deadline = time.monotonic() + 60
