@@ -18,9 +18,9 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 
 import click
 
-from oauthmig import migrations
 from oauthmig.config import Settings, load_settings
-from oauthmig.console import (
+from oauthmig.errors import OauthmigError, Terminated, UsageError
+from oauthmig.output.text import (
     Consoles,
     render_dry_run,
     render_history,
@@ -32,13 +32,14 @@ from oauthmig.console import (
     status_to_dict,
     to_json,
 )
-from oauthmig.errors import OauthmigError, Terminated, UsageError
-from oauthmig.migrations import RunResult
 from oauthmig.redact import scrub_log_records
-from oauthmig.status import status as read_status
+from oauthmig.rollout import revisions as catalogue
+from oauthmig.rollout import runner
+from oauthmig.rollout.runner import RunResult
+from oauthmig.rollout.status import status as read_status
 
 if TYPE_CHECKING:
-    from oauthmig.backfill import BackfillResult
+    from oauthmig.rollout.backfill import BackfillResult
 
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: backfill stopped by SIGTERM, state saved
@@ -224,17 +225,17 @@ def _state(ctx: click.Context) -> AppState:
 
 def _check_revisions(target: str, from_revision: str | None) -> None:
     """Refuse unknown ``--to``/``--from`` revisions before any database is opened."""
-    revisions = migrations.history()
-    migrations.resolve_revision(target, revisions, "--to")
+    revisions = catalogue.history()
+    catalogue.resolve_revision(target, revisions, "--to")
     if from_revision is not None:
-        migrations.resolve_revision(from_revision, revisions, "--from")
+        catalogue.resolve_revision(from_revision, revisions, "--from")
 
 
 def _plan_or_refuse(
     c: Consoles, settings: Settings, direction: str, target: str, as_json: bool
 ) -> None:
     """Print the plan; refuse before touching any database if one of them cannot be planned."""
-    plans = migrations.plan(settings, direction, target)
+    plans = runner.plan(settings, direction, target)
     problems = [p for p in plans if isinstance(p, str)]
     # With JSON on stdout the plan would go to stderr: there, only the error lines go.
     if not c.quiet and not (as_json and problems):
@@ -266,8 +267,8 @@ def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | N
             nl=False,
         )
         return
-    from oauthmig.console import sql_section
-    from oauthmig.offline import write_scripts
+    from oauthmig.output.text import sql_section
+    from oauthmig.rollout.offline import write_scripts
 
     files = {r.database: sql_section(r) for r in result.runs}
     for path in write_scripts(output_dir, files):
@@ -363,11 +364,11 @@ def upgrade(
     c = state.consoles
     as_json = fmt == "json"
     if offline:
-        result = migrations.upgrade(settings, target, mode="sql", from_revision=from_revision)
+        result = runner.upgrade(settings, target, mode="sql", from_revision=from_revision)
         _emit_sql(c, result, as_json, output_dir)
         return
     if dry_run:
-        result = migrations.upgrade(settings, target, mode="dry-run")
+        result = runner.upgrade(settings, target, mode="dry-run")
         _refuse_failed(result, "nothing was changed")
         if as_json:
             click.echo(
@@ -377,7 +378,7 @@ def upgrade(
             render_dry_run(c.out, result)
         return
     _plan_or_refuse(c, settings, "upgrade", target, as_json)
-    result = migrations.upgrade(settings, target, jobs=jobs)
+    result = runner.upgrade(settings, target, jobs=jobs)
     if as_json:
         click.echo(to_json({"dry_run": False, "databases": [run_to_dict(r) for r in result.runs]}))
     elif not c.quiet:
@@ -439,7 +440,7 @@ def downgrade(
     mode = "sql" if offline else "dry-run" if dry_run else "online"
     if mode == "online":
         _plan_or_refuse(c, settings, "downgrade", target, as_json)
-    result = migrations.downgrade(settings, target, mode=mode, from_revision=from_revision)
+    result = runner.downgrade(settings, target, mode=mode, from_revision=from_revision)
     if mode == "sql":
         _emit_sql(c, result, as_json, output_dir)
         return
@@ -506,7 +507,7 @@ def history(ctx: click.Context, fmt: str) -> None:
     Example:
       oauthmig history
     """
-    revisions = migrations.history()
+    revisions = catalogue.history()
     if fmt == "json":
         click.echo(
             to_json(
@@ -592,8 +593,8 @@ def backfill(
       oauthmig backfill token-families --batch 2000 --sleep 0.1
       oauthmig backfill --max-runtime 600 -d shard
     """
-    from oauthmig import backfill as service
-    from oauthmig.console import backfill_to_dict, progress_bar, render_backfill
+    from oauthmig.output.text import backfill_to_dict, progress_bar, render_backfill
+    from oauthmig.rollout import backfill as service
 
     state = _state(ctx)
     c = state.consoles
@@ -673,20 +674,20 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
       oauthmig demo
       oauthmig demo --apps 200 --tokens 5000 --setup-only
     """
-    from oauthmig.demo import setup_legacy
+    from oauthmig.demo.data import setup_legacy
     from oauthmig.identity import check_distinct
 
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
     if not setup_only:
-        migrations.script_directory()  # a broken install fails here, before any table exists
+        catalogue.script_directory()  # a broken install fails here, before any table exists
     check_distinct(settings)
     c.info(
         f"demo: creating legacy tables on {', '.join(settings.database_names())} "
         f"({settings.source})"
     )
-    from oauthmig.console import progress_bar
+    from oauthmig.output.text import progress_bar
 
     with progress_bar(c.err, enabled=not c.quiet) as update:
         setup = setup_legacy(settings, apps=apps, tokens=tokens, seed=seed, progress=update)
@@ -699,12 +700,12 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     if setup_only:
         return
     c.info("demo: upgrade (expand)")
-    result = migrations.upgrade(settings)
+    result = runner.upgrade(settings)
     if not c.quiet:
         render_run(c.out, result, state.command_prefix())
     _report_failures(state, result)
-    from oauthmig import backfill as backfill_service
-    from oauthmig.console import render_backfill
+    from oauthmig.output.text import render_backfill
+    from oauthmig.rollout import backfill as backfill_service
 
     c.info("demo: backfill")
     filled = backfill_service.backfill(settings)
@@ -712,15 +713,15 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
         render_backfill(c.out, filled)
     _report_backfill_failures(state, filled)
     c.info("demo: upgrade (finalize)")
-    result = migrations.upgrade(settings)
+    result = runner.upgrade(settings)
     if not c.quiet:
         render_run(c.out, result)
     _report_failures(state, result)
     report = read_status(settings)
     if not c.quiet:
         render_status(c.out, report)
-    from oauthmig.audit import audit as audit_service
-    from oauthmig.console import render_audit_brief
+    from oauthmig.output.text import render_audit_brief
+    from oauthmig.redirects.audit import audit as audit_service
 
     # The demo data holds every kind of redirect-URI mess on purpose: findings are expected
     # and never fail the demo (`oauthmig audit-redirects` is the command that gates CI).
@@ -765,9 +766,9 @@ def check_redirect(
       oauthmig check-redirect --app-type native com.example.app:/cb http://127.0.0.1/cb
       oauthmig check-redirect --format json 'https://*.example.com/cb' | jq '.[].verdict'
     """
-    from oauthmig.console import render_uri_reports
-    from oauthmig.redirect_rules import check_uri
-    from oauthmig.reports import check_report_to_dict
+    from oauthmig.output.text import render_uri_reports
+    from oauthmig.redirects.reports import check_report_to_dict
+    from oauthmig.redirects.rules import check_uri
 
     reports = [check_uri(uri, app_type) for uri in uris]
     if fmt == "json":
@@ -831,9 +832,7 @@ def audit_redirects(
       oauthmig audit-redirects --format sarif --output redirects.sarif
       oauthmig audit-redirects --format json --fail-on warning | jq .summary.by_code
     """
-    from oauthmig.audit import FailOn
-    from oauthmig.audit import audit as audit_service
-    from oauthmig.console import (
+    from oauthmig.output.text import (
         at_least,
         escape,
         plain_console,
@@ -841,7 +840,9 @@ def audit_redirects(
         render_audit_findings,
         render_audit_summary,
     )
-    from oauthmig.reports import atomic_output, writer_for
+    from oauthmig.redirects.audit import FailOn
+    from oauthmig.redirects.audit import audit as audit_service
+    from oauthmig.redirects.reports import atomic_output, writer_for
 
     state = _state(ctx)
     c = state.consoles

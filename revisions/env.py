@@ -2,6 +2,6 @@
 
 from alembic import context
 
-from oauthmig.migrations import run_environment
+from oauthmig.rollout.revisions import run_environment
 
 run_environment(context)

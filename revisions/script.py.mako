@@ -5,7 +5,7 @@ Revises: ${down_revision | comma,n}
 Created: ${create_date}
 """
 
-from oauthmig.migrations import ColumnSpec, contract, expand
+from oauthmig.rollout.revisions import ColumnSpec, contract, expand
 
 revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}

@@ -88,8 +88,9 @@ def run_many(
 # machine. Spawned with a fresh interpreter, so that nothing of pytest is inherited.
 _LAUNCHER = r"""
 import json, os, sys
-import oauthmig.audit, oauthmig.backfill, oauthmig.cli, oauthmig.console, oauthmig.demo
-import oauthmig.migrations, oauthmig.status, psycopg, sqlalchemy.dialects.postgresql.psycopg
+import oauthmig.redirects.audit, oauthmig.rollout.backfill, oauthmig.cli, oauthmig.output.text
+import oauthmig.demo.data, oauthmig.rollout.runner, oauthmig.rollout.status, psycopg
+import sqlalchemy.dialects.postgresql.psycopg
 import sqlalchemy.dialects.sqlite
 jobs = [json.loads(line) for line in sys.stdin]
 running = {}

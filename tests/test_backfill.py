@@ -18,19 +18,12 @@ import pytest
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-from oauthmig import migrations
-from oauthmig.backfill import (
-    JOB_TABLE,
-    JOBS,
-    MAX_BATCH,
-    MIN_BATCH,
-    adapt_batch_size,
-    family_id,
-    infer_application_type,
-)
 from oauthmig.config import LOGICAL_TABLES, Settings, settings_from_mapping
 from oauthmig.db import connect, exclusive_run, make_engine
-from oauthmig.demo import setup_legacy
+from oauthmig.demo.data import setup_legacy
+from oauthmig.rollout import revisions
+from oauthmig.rollout.backfill import MAX_BATCH, MIN_BATCH, adapt_batch_size
+from oauthmig.rollout.jobs import JOB_TABLE, JOBS, family_id, infer_application_type
 from tests.conftest import DatabaseFactory, routed_config
 from tests.helpers import data_checksum, invoke, run_lock_held, schema_dump, write_config
 
@@ -757,7 +750,7 @@ def test_finalize_rebuilds_invalid_leftover_index(
 
 def test_jobs_registry_is_documented() -> None:
     assert set(JOBS) == {"token-families", "client-metadata"}
-    gated = [r for r in migrations.history() if r.requires_backfills]
+    gated = [r for r in revisions.history() if r.requires_backfills]
     assert [r.revision for r in gated] == ["0004"]
     assert set(gated[0].requires_backfills) == set(JOBS)
     readme = (ROOT / "README.md").read_text()

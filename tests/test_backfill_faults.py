@@ -20,16 +20,11 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from oauthmig.backfill import (
-    JOB_TABLE,
-    STATE_INTERRUPTED,
-    BackfillOptions,
-    backfill,
-    family_id,
-)
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import connect, exclusive_run, lock_key, make_engine
-from oauthmig.demo import setup_legacy
+from oauthmig.demo.data import setup_legacy
+from oauthmig.rollout.backfill import BackfillOptions, backfill
+from oauthmig.rollout.jobs import JOB_TABLE, STATE_INTERRUPTED, family_id
 from tests.conftest import DatabaseFactory
 from tests.helpers import invoke, schema_dump, write_config
 from tests.pgcluster import Cluster, pg_cluster_fixture  # noqa: F401  (fixture)

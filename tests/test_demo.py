@@ -11,10 +11,10 @@ from sqlalchemy import func, inspect, select, text
 
 from oauthmig.config import Settings
 from oauthmig.db import make_engine
-from oauthmig.demo import MARKER_TABLE, PLANTED, DemoSetup, setup_legacy
+from oauthmig.demo.data import MARKER_TABLE, PLANTED, DemoSetup, setup_legacy
 from oauthmig.errors import DatabaseError, UnreachableError
 from oauthmig.legacy import USERS_TABLE, legacy_metadata
-from oauthmig.redirect_rules import check_application, infer_app_type, split_redirect_uris
+from oauthmig.redirects.rules import check_application, infer_app_type, split_redirect_uris
 
 APPS = 60
 TOKENS = 400

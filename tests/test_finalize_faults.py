@@ -18,10 +18,10 @@ from sqlalchemy.engine import Connection, Engine
 
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
-from oauthmig.demo import setup_legacy
+from oauthmig.demo.data import setup_legacy
 from oauthmig.errors import ConfigError
 from oauthmig.legacy import legacy_metadata
-from oauthmig.migrations import LOG_TABLE
+from oauthmig.rollout.revisions import LOG_TABLE
 from tests.conftest import DatabaseFactory, routed_config
 from tests.forkserver import ForkedProcess, ForkServer
 from tests.helpers import invoke, write_config
@@ -631,6 +631,6 @@ def test_index_timeout_is_a_strict_migrate_key() -> None:
     ids=["check", "set-not-null", "update", "insert", "select", "index"],
 )
 def test_statement_kind_never_carries_literals(statement: str, kind: str) -> None:
-    from oauthmig.migrations import statement_kind
+    from oauthmig.rollout.runner import statement_kind
 
     assert statement_kind(statement) == kind

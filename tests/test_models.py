@@ -30,11 +30,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from oauthmig import migrations
 from oauthmig.config import Settings, TableNames
 from oauthmig.db import make_engine
 from oauthmig.errors import InvalidGrant, InvalidRequest
-from oauthmig.models import (
+from oauthmig.provider.models import (
     DEFAULT_MODELS,
     MAX_GRACE_SECONDS,
     ApplicationModel,
@@ -51,7 +50,8 @@ from oauthmig.models import (
     set_redirect_uris,
     validate_redirect_uris,
 )
-from oauthmig.pkce import s256_challenge
+from oauthmig.provider.pkce import s256_challenge
+from oauthmig.rollout import runner
 from tests.conftest import DatabaseFactory, create_legacy
 from tests.helpers import create_migrated_sentry_shape
 
@@ -231,7 +231,7 @@ def recording(engine: Engine) -> Iterator[Statements]:
 
 def test_models_work_on_a_database_migrated_by_upgrade(routed_settings: Settings) -> None:
     create_legacy(routed_settings)
-    result = migrations.upgrade(routed_settings)
+    result = runner.upgrade(routed_settings)
     assert result.failed == ()
     eng = make_engine(routed_settings.databases["control"], routed_settings)
     try:

@@ -23,7 +23,7 @@ from oauthmig.config import ConfigError, Settings, TableNames, settings_from_map
 from oauthmig.db import make_engine
 from oauthmig.errors import InvalidGrant, ModelsSchemaError
 from oauthmig.legacy import LegacyFlavor
-from oauthmig.models import (
+from oauthmig.provider.models import (
     DEFAULT_MODELS,
     ApplicationModel,
     OAuthModels,
@@ -35,7 +35,7 @@ from oauthmig.models import (
     new_grant,
     rotate_refresh_token,
 )
-from oauthmig.pkce import s256_challenge
+from oauthmig.provider.pkce import s256_challenge
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import create_migrated_sentry_shape, invoke, seed_legacy, write_config
 

@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
-from oauthmig.migrations import LOG_TABLE, VERSION_TABLE
+from oauthmig.rollout.revisions import LOG_TABLE, VERSION_TABLE
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import columns_of, invoke, schema_dump, seed_legacy, write_config
 

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from oauthmig.audit import AuditFinding, AuditSummary, audit
-from oauthmig.backfill import BackfillOptions, BackfillResult, backfill
 from oauthmig.config import Settings, load_settings
-from oauthmig.console import (
+from oauthmig.output.text import (
     render_audit_findings,
     render_audit_summary,
     render_backfill,
     render_status,
 )
-from oauthmig.status import StatusReport, status
+from oauthmig.redirects.audit import AuditFinding, AuditSummary, audit
+from oauthmig.rollout.backfill import BackfillOptions, BackfillResult, backfill
+from oauthmig.rollout.status import StatusReport, status
 from tests.cli_demo import Demo, demo_installation, run_forked
 from tests.helpers import write_config
 

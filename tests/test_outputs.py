@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from oauthmig.errors import UsageError
-from oauthmig.outputs import output_file
+from oauthmig.output.files import output_file
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import invoke, seed_legacy, write_config
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from oauthmig.errors import InvalidGrant, InvalidRequest, OAuthError
-from oauthmig.pkce import (
+from oauthmig.provider.pkce import (
     CodeChallenge,
     check_code_verifier,
     parse_code_challenge,

@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from oauthmig.backfill import JOB_TABLE
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
-from oauthmig.migrations import VERSION_TABLE
+from oauthmig.rollout.jobs import JOB_TABLE
+from oauthmig.rollout.revisions import VERSION_TABLE
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import CliResult, data_checksum, invoke, schema_dump, seed_legacy, write_config
 

@@ -1,4 +1,4 @@
-"""Redirect URI rules (oauthmig.redirect_rules): registry, per-URI and application checks."""
+"""Redirect URI rules (oauthmig.redirects.rules): registry, per-URI and application checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oauthmig.redirect_rules import (
+from oauthmig.redirects.rules import (
     RULES,
     AppType,
     Severity,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from oauthmig.redirect_rules import RULES
+from oauthmig.redirects.rules import RULES
 
 RULES_MD = Path(__file__).resolve().parent.parent / "docs" / "rules.md"
 _HEADING = re.compile(r"^## (.*)$", re.M)

@@ -1,4 +1,4 @@
-"""RFC 3986 parsing and normalization (oauthmig.uri)."""
+"""RFC 3986 parsing and normalization (oauthmig.redirects.uri)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oauthmig.hosts import (
+from oauthmig.redirects.hosts import (
     a_label_form,
     browser_ipv4,
     dns_host_problem,
     ends_in_a_number,
     ipv4_text,
 )
-from oauthmig.uri import (
+from oauthmig.redirects.uri import (
     ParsedURI,
     URIError,
     _parse_strict,
@@ -453,7 +453,7 @@ def test_parse_raises_only_uri_error(text: str) -> None:
     normalize_uri(parsed)
 
 
-# --- what browsers and resolvers make of a host (oauthmig.hosts) -----------------------------
+# --- what browsers and resolvers make of a host (oauthmig.redirects.hosts) ----------------
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ Revises:
 
 from sqlalchemy import String, Text
 
-from oauthmig.migrations import ColumnSpec, contract, expand, text_like
+from oauthmig.rollout.revisions import ColumnSpec, contract, expand, text_like
 
 revision = "0001"
 down_revision = None

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import BigInteger, DateTime, Integer, String, Uuid
 from sqlalchemy.types import TypeEngine
 
-from oauthmig.migrations import ColumnSpec, contract, expand, text_like
+from oauthmig.rollout.revisions import ColumnSpec, contract, expand, text_like
 
 revision = "0002"
 down_revision = "0001"

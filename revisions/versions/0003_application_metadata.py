@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import ARRAY, JSON, String, Text
 from sqlalchemy.types import TypeEngine
 
-from oauthmig.migrations import ColumnSpec, contract, expand, text_like
+from oauthmig.rollout.revisions import ColumnSpec, contract, expand, text_like
 from oauthmig.types import StringList
 
 revision = "0003"

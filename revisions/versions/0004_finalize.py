@@ -4,9 +4,9 @@ Revision ID: 0004
 Revises: 0003
 """
 
-from oauthmig import finalize
-from oauthmig.finalize import Check, IndexSpec, NotNull
-from oauthmig.migrations import ColumnSpec, history
+from oauthmig.rollout import finalize
+from oauthmig.rollout.finalize import Check, IndexSpec, NotNull
+from oauthmig.rollout.revisions import ColumnSpec, history
 
 revision = "0004"
 down_revision = "0003"

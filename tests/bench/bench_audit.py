@@ -5,8 +5,8 @@ application count (always 0 as a reference, then by default 10k and 100k),
 ``setup_legacy(apps=N, tokens=0)`` builds a legacy install (about 1.5 grants per application, a
 quarter of the applications messy). Every measurement then runs in a **fresh subprocess**:
 
-* ``service``: :func:`oauthmig.audit.audit` iterated to the end, every finding written by the
-  JSON report writer (:func:`oauthmig.reports.writer_for`) to a temporary file;
+* ``service``: :func:`oauthmig.redirects.audit.audit` iterated to the end, every finding written
+  by the JSON report writer (:func:`oauthmig.redirects.reports.writer_for`) to a temporary file;
 * ``traced``: the same in another subprocess under :mod:`tracemalloc` (its peak is the Python
   heap the audit allocated; tracemalloc slows the run and inflates RSS, hence separate runs);
 * ``cli json`` / ``cli sarif``: the command itself, ``oauthmig --config CFG audit-redirects
@@ -55,10 +55,10 @@ def _child(mode: str, config: str, out: str) -> None:
 
     import psycopg  # noqa: F401  (the dialect imports it on first connect: part of the baseline)
 
-    from oauthmig.audit import audit
     from oauthmig.cli import run
     from oauthmig.config import load_settings
-    from oauthmig.reports import writer_for
+    from oauthmig.redirects.audit import audit
+    from oauthmig.redirects.reports import writer_for
 
     baseline = peak_rss_mb()
     traced: float | None = None
@@ -123,7 +123,7 @@ def _run_child(mode: str, config: str, out: Path) -> dict[str, Any]:
 
 
 def _install(backend: str, apps: int, work: Path, dbs: Any, seed: int) -> str:
-    from oauthmig.demo import setup_legacy
+    from oauthmig.demo.data import setup_legacy
     from tests.bench.bench_common import single_db_settings
 
     if backend == "sqlite":

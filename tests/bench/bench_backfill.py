@@ -33,11 +33,12 @@ from typing import Any
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine, make_url
 
-from oauthmig.backfill import BackfillOptions, _pg_family_sql, backfill, family_id, family_prefix
 from oauthmig.config import Settings
 from oauthmig.db import make_engine
-from oauthmig.demo import setup_legacy
-from oauthmig.migrations import upgrade
+from oauthmig.demo.data import setup_legacy
+from oauthmig.rollout.backfill import BackfillOptions, backfill
+from oauthmig.rollout.jobs import _pg_family_sql, family_id, family_prefix
+from oauthmig.rollout.runner import upgrade
 from tests.bench.bench_common import (
     Interference,
     admin_engine,

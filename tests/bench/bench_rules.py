@@ -1,4 +1,4 @@
-"""Benchmark (issue 4): throughput of :func:`oauthmig.redirect_rules.check_uri`.
+"""Benchmark (issue 4): throughput of :func:`oauthmig.redirects.rules.check_uri`.
 
 Generates ``--uris`` distinct redirect URIs (a realistic registration mix: mostly clean https
 web callbacks, native private-use and loopback redirects, plus a share of bad ones hitting
@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from oauthmig.redirect_rules import check_uri
+from oauthmig.redirects.rules import check_uri
 from tests.bench.bench_common import load, machine, pass_fail, percentile
 
 TARGET_PER_SECOND = 100_000

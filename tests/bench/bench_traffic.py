@@ -31,10 +31,10 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from oauthmig.backfill import BackfillOptions, backfill
 from oauthmig.config import Settings
-from oauthmig.demo import setup_legacy
-from oauthmig.migrations import upgrade
+from oauthmig.demo.data import setup_legacy
+from oauthmig.rollout.backfill import BackfillOptions, backfill
+from oauthmig.rollout.runner import upgrade
 from tests.bench.bench_common import (
     autocommit,
     load,

@@ -1,14 +1,9 @@
 """Routed Alembic runner: one linear revision history applied to every routed database.
 
-Each revision module in ``revisions/versions`` declares ``tables`` (the logical tables it
-touches), ``columns`` (the :class:`ColumnSpec` it adds, if any) and ``requires_backfills``.
-On each database the revision runs only the operations for tables routed there and records its
-outcome (``applied`` or ``skipped``: not routed) in that database's own
-``oauthmig_revision_log``; Alembic's own version table (``oauthmig_version``) tracks the head.
-
 Online, ``--dry-run`` and ``--sql`` all run the same revision code through Alembic: online
 against a connection, the other two in Alembic's offline mode writing SQL to a buffer
 (``--dry-run`` additionally reads the current revision and existing columns, read-only).
+The catalogue and the revision API are in :mod:`oauthmig.rollout.revisions`.
 """
 
 from __future__ import annotations
@@ -19,42 +14,29 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from types import ModuleType
-from typing import Any, cast
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.environment import EnvironmentContext
-from alembic.runtime.migration import MigrationContext, MigrationInfo
-from alembic.script import Script, ScriptDirectory
 from sqlalchemy import (
-    Column,
-    DateTime,
-    MetaData,
-    String,
-    Table,
-    Text,
     delete,
-    func,
     insert,
     inspect,
-    literal_column,
-    select,
     text,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, PendingRollbackError, SQLAlchemyError
 from sqlalchemy.types import TypeEngine
 
-from oauthmig.config import LOGICAL_TABLES, DatabaseConfig, MigrateSettings, Settings, TableNames
-from oauthmig.db import connect, describe_error, exclusive_run, for_writing, make_engine
+from oauthmig.config import DatabaseConfig, MigrateSettings, Settings
+from oauthmig.db import connect, describe_error, exclusive_run, for_writing, lock_key, make_engine
 from oauthmig.errors import (
     ConnectionLostError,
     DatabaseError,
     GateError,
-    IncompatibleColumnError,
+    LockBusyError,
     LockTimeoutError,
     MissingTableError,
     OauthmigError,
@@ -62,342 +44,29 @@ from oauthmig.errors import (
     SchemaStateError,
     UsageError,
 )
-from oauthmig.offline import (
-    SqliteGuards,
+from oauthmig.resources import revisions_dir
+from oauthmig.rollout.jobs import JOBS, remaining_rows, run_alive
+from oauthmig.rollout.offline import (
     database_guard,
     gate_guards,
-    pg_add_or_adopt,
-    pg_adopted_expression,
-    pg_drop_if_added,
-    sqlite_column_absent,
     version_guard,
 )
-from oauthmig.resources import packaged_path, revisions_dir
-
-#: Where the revisions are (packaged copy when installed); see :mod:`oauthmig.resources`.
-REVISIONS_DIR = packaged_path("revisions", "revisions")
-VERSION_TABLE = "oauthmig_version"
-LOG_TABLE = "oauthmig_revision_log"
-TARGET_KEY = "oauthmig_target"
-CONNECTION_KEY = "connection"
-
-_log_md = MetaData()
-revision_log = Table(
+from oauthmig.rollout.revisions import (
+    CONNECTION_KEY,
     LOG_TABLE,
-    _log_md,
-    Column("revision", String(32), primary_key=True),
-    Column("outcome", String(16), nullable=False),
-    Column("tables", String(100), nullable=False),
-    Column("adopted", Text, nullable=True),
-    Column("detail", Text, nullable=True),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    TARGET_KEY,
+    VERSION_TABLE,
+    RevisionInfo,
+    RevisionTarget,
+    history,
+    incompatible_column,
+    log_metadata,
+    read_current,
+    read_log,
+    resolve_revision,
+    revision_log,
+    revision_position,
 )
-
-# Gate hook: job name -> function(connection, settings, database) -> rows still to backfill
-# (-1: cannot run yet, its columns are missing).
-# The backfill module registers its jobs here; a revision naming an unregistered job is a bug.
-BackfillRemaining = Callable[[Connection, Settings, str], int]
-BACKFILL_GATES: dict[str, BackfillRemaining] = {}
-
-# Downgrade hook: function(connection, settings, database, revisions to revert) that raises an
-# OauthmigError when a revert must not run now (the backfill module refuses while one of its
-# jobs runs on the columns those revisions drop).
-DowngradeGuard = Callable[[Connection, Settings, str, Sequence["RevisionInfo"]], None]
-DOWNGRADE_GUARDS: list[DowngradeGuard] = []
-
-
-# --------------------------------------------------------------------------- column specs
-
-
-@dataclass(frozen=True, slots=True)
-class ColumnSpec:
-    """A nullable column an expand revision adds, and which existing types it adopts."""
-
-    table: str
-    name: str
-    type_: TypeEngine[Any]
-    expected: str
-    compatible: Callable[[TypeEngine[Any], str], bool]
-
-
-def text_like(min_length: int) -> Callable[[TypeEngine[Any], str], bool]:
-    """Adopt TEXT, or VARCHAR/CHAR of at least ``min_length``."""
-
-    def check(found: TypeEngine[Any], _dialect: str) -> bool:
-        if not isinstance(found, String):
-            return False
-        return found.length is None or found.length >= min_length
-
-    return check
-
-
-def type_name(found: TypeEngine[Any], dialect_name: str) -> str:
-    """How a reflected type reads in messages (``varchar(64)``, ``integer``)."""
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    module = postgresql if dialect_name == "postgresql" else sqlite
-    dialect = module.dialect()
-    try:
-        return found.compile(dialect=dialect).lower()
-    except Exception:
-        return str(found).lower()
-
-
-# --------------------------------------------------------------------------- revisions
-
-
-@dataclass(frozen=True, slots=True)
-class RevisionInfo:
-    """One revision of the linear history."""
-
-    revision: str
-    down_revision: str | None
-    message: str
-    tables: tuple[str, ...]
-    columns: tuple[ColumnSpec, ...]
-    requires_backfills: tuple[str, ...]
-
-
-def script_directory() -> ScriptDirectory:
-    """Alembic's view of ``revisions/``."""
-    cfg = Config()
-    cfg.set_main_option("script_location", str(revisions_dir()))
-    return ScriptDirectory.from_config(cfg)
-
-
-def _info(script: Script) -> RevisionInfo:
-    module: ModuleType = script.module
-    down = script.down_revision
-    if isinstance(down, tuple | list):
-        raise RevisionFailedError(f"revision {script.revision}: branches are not supported")
-    tables = tuple(getattr(module, "tables", ()))
-    for t in tables:
-        if t not in LOGICAL_TABLES:
-            raise RevisionFailedError(f"revision {script.revision}: unknown logical table {t!r}")
-    return RevisionInfo(
-        revision=script.revision,
-        down_revision=down,
-        message=(script.doc or "").strip().splitlines()[0] if script.doc else "",
-        tables=tables,
-        columns=tuple(getattr(module, "columns", ())),
-        requires_backfills=tuple(getattr(module, "requires_backfills", ())),
-    )
-
-
-def history() -> list[RevisionInfo]:
-    """All revisions, oldest first."""
-    scripts = list(script_directory().walk_revisions("base", "heads"))
-    heads = script_directory().get_heads()
-    if len(heads) > 1:
-        raise RevisionFailedError(
-            f"revisions/ has several heads {heads}; the history must be linear"
-        )
-    return [_info(s) for s in reversed(scripts)]
-
-
-def resolve_revision(
-    rev: str, revisions: Sequence[RevisionInfo], option: str = "--to"
-) -> str | None:
-    """``head``/``base``/a revision id or unique prefix -> revision id (``None`` for base)."""
-    if rev == "base":
-        return None
-    if rev == "head" or rev == "heads":
-        return revisions[-1].revision if revisions else None
-    matches = [r.revision for r in revisions if r.revision == rev]
-    if not matches:
-        matches = [r.revision for r in revisions if r.revision.startswith(rev)]
-    if len(matches) != 1:
-        known = ", ".join(r.revision for r in revisions)
-        raise UsageError(
-            f"{option} {rev}: unknown revision (known: base, head, {known}); "
-            "no database was touched"
-        )
-    return matches[0]
-
-
-def revision_position(rev: str | None, revisions: Sequence[RevisionInfo]) -> int:
-    """Position after ``rev`` in the history (0 for base)."""
-    if rev is None:
-        return 0
-    for i, r in enumerate(revisions):
-        if r.revision == rev:
-            return i + 1
-    raise SchemaStateError(f"unknown revision {rev!r}")
-
-
-# --------------------------------------------------------------------------- run context
-
-
-@dataclass(slots=True)
-class RevisionTarget:
-    """What a revision needs to know about the database it runs on (via Alembic's config)."""
-
-    database: str
-    dialect: str
-    routed: tuple[str, ...]
-    tables: TableNames
-    migrate: MigrateSettings
-    inspect_conn: Connection | None
-    previously_adopted: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    adopted: dict[str, list[str]] = field(default_factory=dict)
-    # --sql only: guard the script at run time (see oauthmig.offline).
-    guarded: bool = False
-    header: bool = True
-    header_guards: list[str] = field(default_factory=list)
-    step_guards: list[str] = field(default_factory=list)
-    sqlite_guards: SqliteGuards = field(default_factory=SqliteGuards)
-
-    def existing_column(self, physical: str, column: str) -> TypeEngine[Any] | bool | None:
-        """The reflected type of ``physical.column``; ``None`` if absent; ``False`` if unknown."""
-        if self.inspect_conn is None:
-            return False
-        for col in inspect(self.inspect_conn).get_columns(physical):
-            if col["name"] == column:
-                found: TypeEngine[Any] = col["type"]
-                return found
-        return None
-
-
-def current_target() -> RevisionTarget:
-    """The :class:`RevisionTarget` of the revision being run (call from revision code)."""
-    from alembic import op
-
-    target: RevisionTarget = op.get_context().config.attributes[TARGET_KEY]  # type: ignore[union-attr]
-    return target
-
-
-def expand(revision: str, columns: Sequence[ColumnSpec]) -> None:
-    """Add ``columns`` on the tables routed to this database, adopting compatible ones."""
-    from alembic import op
-
-    t = current_target()
-    for spec in columns:
-        if spec.table not in t.routed:
-            continue
-        physical = t.tables.physical(spec.table)
-        found = t.existing_column(physical, spec.name)
-        if found is not None and found is not False:
-            assert not isinstance(found, bool)
-            if not spec.compatible(found, t.dialect):
-                raise _incompatible(t.database, physical, spec, found, t.dialect)
-            t.adopted.setdefault(revision, []).append(f"{spec.table}.{spec.name}")
-            continue
-        if found is False and t.guarded:
-            # Offline (--sql) cannot look: the script decides when it runs.
-            key = f"{spec.table}.{spec.name}"
-            if t.dialect == "postgresql":
-                ddl = f"{spec.name} {spec.type_.compile(dialect=_dialect(t.dialect))}"
-                op.execute(text(pg_add_or_adopt(physical, spec.name, ddl, key)))
-                continue
-            for stmt in sqlite_column_absent(physical, spec.name, t.database, t.sqlite_guards):
-                op.execute(text(stmt))
-        op.add_column(physical, Column(spec.name, spec.type_, nullable=True))
-
-
-def contract(revision: str, columns: Sequence[ColumnSpec]) -> None:
-    """Drop what :func:`expand` added; columns adopted from the provider's schema are kept."""
-    from alembic import op
-
-    t = current_target()
-    kept = set(t.previously_adopted.get(revision, ()))
-    for spec in reversed(columns):
-        key = f"{spec.table}.{spec.name}"
-        if spec.table not in t.routed or key in kept:
-            continue
-        physical = t.tables.physical(spec.table)
-        if t.guarded:
-            # Offline (--sql): only the revision log, read when the script runs, can prove that
-            # oauthmig added the column. SQLite offline downgrades are refused before this.
-            op.execute(text(pg_drop_if_added(LOG_TABLE, revision, physical, spec.name, key)))
-            continue
-        if t.existing_column(physical, spec.name) is None:
-            continue  # already gone (a half-migrated database being repaired)
-        op.drop_column(physical, spec.name)
-
-
-def _dialect(name: str) -> Any:
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    module: Any = postgresql if name == "postgresql" else sqlite
-    return module.dialect()
-
-
-def _incompatible(
-    database: str, physical: str, spec: ColumnSpec, found: TypeEngine[Any], dialect: str
-) -> IncompatibleColumnError:
-    return IncompatibleColumnError(
-        f"database {database!r}: column {physical}.{spec.name} exists as "
-        f"{type_name(found, dialect)}, expected {spec.expected}; alter or rename it, then rerun"
-    )
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def run_environment(context: EnvironmentContext) -> None:
-    """Body of ``revisions/env.py``: configure Alembic for one routed database and run."""
-    t: RevisionTarget = context.config.attributes[TARGET_KEY]
-    opts: dict[str, Any] = {
-        "version_table": VERSION_TABLE,
-        "transaction_per_migration": True,
-        "on_version_apply": _record_step,
-    }
-    if context.is_offline_mode():
-        if t.guarded:
-            # One step per call (see _offline_sql): BEGIN; guards; revision; record; COMMIT.
-            opts["transaction_per_migration"] = False
-            opts["transactional_ddl"] = True
-        context.configure(dialect_name=t.dialect, literal_binds=True, **opts)
-        if t.header:
-            for stmt in t.header_guards:  # before anything, even CREATE TABLE IF NOT EXISTS
-                context.execute(text(stmt))
-            if t.dialect == "postgresql":
-                context.execute(f"SET lock_timeout = '{t.migrate.lock_timeout_ms}ms'")
-                context.execute(f"SET statement_timeout = '{t.migrate.statement_timeout_ms}ms'")
-            from sqlalchemy.schema import CreateTable
-
-            context.execute(CreateTable(revision_log, if_not_exists=True))
-        with context.begin_transaction():
-            for stmt in t.step_guards:
-                context.execute(text(stmt))
-            context.run_migrations()
-        return
-    conn: Connection = context.config.attributes[CONNECTION_KEY]
-    context.configure(connection=conn, **opts)
-    with context.begin_transaction():
-        context.run_migrations()
-
-
-def _record_step(*, ctx: MigrationContext, step: MigrationInfo, heads: Any, run_args: Any) -> None:
-    t: RevisionTarget = ctx.config.attributes[TARGET_KEY]  # type: ignore[union-attr]
-    if step.is_upgrade:
-        rev = step.up_revision_id
-        assert rev is not None
-        info = _info(cast(Script, step.up_revision))
-        here = tuple(x for x in info.tables if x in t.routed)
-        outcome = "applied" if here or not info.tables else "skipped"
-        adopted: Any = ",".join(t.adopted.get(rev, [])) or None
-        when: Any = datetime.now(UTC)
-        if ctx.as_sql:
-            # Offline: the database's clock when the script runs, not the generation time.
-            when = func.now() if t.dialect == "postgresql" else func.current_timestamp()
-            if t.guarded and t.dialect == "postgresql":
-                adopted = literal_column(pg_adopted_expression())
-        ctx.execute(delete(revision_log).where(revision_log.c.revision == rev))
-        ctx.execute(
-            insert(revision_log).values(
-                revision=rev,
-                outcome=outcome,
-                tables=",".join(here),
-                adopted=adopted,
-                detail=None,
-                updated_at=when,
-            )
-        )
-    else:
-        for rev in step.source_revision_ids:
-            ctx.execute(delete(revision_log).where(revision_log.c.revision == rev))
-
 
 # --------------------------------------------------------------------------- results
 
@@ -484,43 +153,6 @@ class RunResult:
         return tuple(r for r in self.runs if r.error)
 
 
-# --------------------------------------------------------------------------- state reading
-
-
-def _version_heads(conn: Connection) -> tuple[str, ...]:
-    mc = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-    heads = tuple(mc.get_current_heads())
-    if conn.in_transaction():
-        conn.rollback()
-    return heads
-
-
-def read_current(conn: Connection, db: str, revisions: Sequence[RevisionInfo]) -> str | None:
-    """The revision recorded on this database (``None`` = base); unknown ones are an error."""
-    heads = _version_heads(conn)
-    if not heads:
-        return None
-    if len(heads) > 1:
-        raise SchemaStateError(f"database {db!r}: version table {VERSION_TABLE} has several rows")
-    known = {r.revision for r in revisions}
-    if heads[0] not in known:
-        raise SchemaStateError(
-            f"database {db!r}: version table records revision {heads[0]!r}, which this oauthmig "
-            "does not know; upgrade oauthmig, or use the version that applied it"
-        )
-    return heads[0]
-
-
-def read_log(conn: Connection) -> dict[str, dict[str, Any]]:
-    """Rows of the revision log keyed by revision (empty if the table does not exist)."""
-    if not inspect(conn).has_table(LOG_TABLE):
-        return {}
-    rows = conn.execute(select(revision_log)).mappings().all()
-    if conn.in_transaction():
-        conn.rollback()
-    return {r["revision"]: dict(r) for r in rows}
-
-
 def check_routed_tables(conn: Connection, settings: Settings, database: str) -> None:
     """Raise :class:`MissingTableError` naming the first routed table absent from ``database``."""
     existing = set(inspect(conn).get_table_names())
@@ -584,7 +216,7 @@ def preflight(
             found = columns[spec.table].get(spec.name) if spec.table in routed else None
             if found is not None and not spec.compatible(found, conn.dialect.name):
                 # Only an adoption by an offline script, which cannot compare types, gets here.
-                raise _incompatible(
+                raise incompatible_column(
                     db.name, settings.tables.physical(spec.table), spec, found, conn.dialect.name
                 )
     for rev in pending:
@@ -593,7 +225,7 @@ def preflight(
                 continue
             found = columns[spec.table].get(spec.name)
             if found is not None and not spec.compatible(found, conn.dialect.name):
-                raise _incompatible(
+                raise incompatible_column(
                     db.name, settings.tables.physical(spec.table), spec, found, conn.dialect.name
                 )
     if conn.in_transaction():
@@ -637,19 +269,47 @@ def check_databases(settings: Settings, names: Sequence[str] | None = None) -> N
             engine.dispose()
 
 
+def refuse_downgrade_during_backfill(
+    conn: Connection, settings: Settings, database: str, revisions: Sequence[RevisionInfo]
+) -> None:
+    """Downgrade guard: refuse to revert a revision whose columns a running backfill fills.
+
+    On PostgreSQL the guard also takes those jobs' run locks on the downgrade's connection
+    (released when it closes), so no backfill can start on them during the downgrade.
+    """
+    for rev in revisions:
+        for job in JOBS.values():
+            if job.logical_table not in settings.tables_on(database):
+                continue
+            if not any(c.table == job.logical_table and c.name in job.columns for c in rev.columns):
+                continue
+            if conn.dialect.name == "postgresql":
+                busy = not conn.execute(
+                    text("SELECT pg_try_advisory_lock(:k)"),
+                    {"k": lock_key(f"backfill {job.name}")},
+                ).scalar()
+                conn.commit()
+            else:
+                busy = run_alive(conn, job)
+            if busy:
+                raise LockBusyError(
+                    f"database {database!r}: cannot downgrade revision {rev.revision} while "
+                    f"backfill {job.name} is running on its columns; wait for it to finish or "
+                    "stop it (Ctrl-C saves its state), then rerun the downgrade"
+                )
+
+
 def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -> Waiting | None:
     """The unfinished backfill ``rev`` waits for on database ``db``, if any."""
-    import oauthmig.backfill  # noqa: F401  (registers the backfill gates)
-
     routed = settings.tables_on(db)
     if not any(t in routed for t in rev.tables):
         return None
     unfinished: list[tuple[str, int | None]] = []
     for job in rev.requires_backfills:
-        check = BACKFILL_GATES.get(job)
-        if check is None:
+        spec = JOBS.get(job)
+        if spec is None:
             raise RevisionFailedError(f"revision {rev.revision}: unknown backfill job {job!r}")
-        remaining = check(conn, settings, db)
+        remaining = remaining_rows(conn, settings, db, spec)
         if conn.in_transaction():
             conn.rollback()
         if remaining != 0:
@@ -806,7 +466,7 @@ def _step_after_loss(
     return f"revision {revs[0]}" if len(revs) == 1 else f"one of revisions {', '.join(revs)}"
 
 
-def _blockers(conn: Connection, physical_tables: Sequence[str]) -> str:
+def lock_blockers(conn: Connection, physical_tables: Sequence[str]) -> str:
     """Who holds locks on the tables (PostgreSQL); never includes query text (may hold secrets)."""
     if conn.dialect.name != "postgresql":
         return "another connection is writing to the SQLite database"
@@ -837,7 +497,7 @@ def _record_failure(conn: Connection, rev: str, message: str) -> None:
         if conn.in_transaction():
             conn.rollback()
         with conn.begin():
-            _log_md.create_all(conn, checkfirst=True)
+            log_metadata.create_all(conn, checkfirst=True)
             conn.execute(delete(revision_log).where(revision_log.c.revision == rev))
             conn.execute(
                 insert(revision_log).values(
@@ -943,8 +603,7 @@ def _run_online(
     if not chosen:
         return DatabaseRun(db.name, plan, (), plan.current, 0, time.monotonic() - started)
     if req.direction == "downgrade":
-        for guard in DOWNGRADE_GUARDS:
-            guard(conn, settings, db.name, chosen)
+        refuse_downgrade_during_backfill(conn, settings, db.name, chosen)
     _apply_session_timeouts(conn, settings.migrate)
     for_writing(conn)
     stop = plan.target if plan.target is not None else "base"
@@ -954,7 +613,7 @@ def _run_online(
         attempts += 1
         try:
             with conn.begin():
-                _log_md.create_all(conn, checkfirst=True)
+                log_metadata.create_all(conn, checkfirst=True)
             rt = _target_for(db, settings, conn, read_log(conn))
             cfg = _alembic_config(rt, conn)
             if req.direction == "upgrade":
@@ -983,7 +642,7 @@ def _run_online(
                 sleep(delay)
                 continue
             if _is_lock_timeout(exc):
-                who = _blockers(conn, physical)
+                who = lock_blockers(conn, physical)
                 message = (
                     f"database {db.name!r}: revision {failing.revision if failing else '?'} could "
                     f"not lock {', '.join(physical) or 'its tables'} within lock_timeout "

@@ -27,11 +27,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from oauthmig.audit import AuditFinding, AuditSummary
-from oauthmig.backfill import BackfillResult, JobRun
-from oauthmig.migrations import DatabasePlan, DatabaseRun, RevisionInfo, RunResult
-from oauthmig.redirect_rules import RULES, Severity, UriReport
-from oauthmig.status import StatusReport
+from oauthmig.redirects.audit import AuditFinding, AuditSummary
+from oauthmig.redirects.rules import RULES, Severity, UriReport
+from oauthmig.rollout.backfill import BackfillResult, JobRun
+from oauthmig.rollout.revisions import RevisionInfo
+from oauthmig.rollout.runner import DatabasePlan, DatabaseRun, RunResult
+from oauthmig.rollout.status import StatusReport
 
 
 @dataclass(frozen=True, slots=True)

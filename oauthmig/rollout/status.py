@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -15,14 +14,9 @@ from oauthmig.config import Settings
 from oauthmig.db import connect, describe_error, make_engine, scrub_stored
 from oauthmig.errors import OauthmigError
 from oauthmig.identity import check_distinct
-from oauthmig.migrations import (
-    RevisionInfo,
-    check_state,
-    gate_for,
-    history,
-    read_log,
-    revision_position,
-)
+from oauthmig.rollout.jobs import JobState, job_states
+from oauthmig.rollout.revisions import RevisionInfo, history, read_log, revision_position
+from oauthmig.rollout.runner import check_state, gate_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,18 +26,6 @@ class RevisionState:
     revision: str
     state: str  # applied | skipped | pending | waiting | failed
     detail: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class JobState:
-    """Progress of one backfill job on one database."""
-
-    job: str
-    state: str
-    rows_done: int
-    rows_total: int | None
-    remaining: int | None
-    last_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +68,6 @@ class StatusReport:
 
 # Backfill status hook: (connection, settings, database) -> job states. Registered by the
 # backfill module so that this module does not depend on it.
-BACKFILL_STATUS: list[Callable[[Connection, Settings, str], list[JobState]]] = []
 
 
 def _live_grants(conn: Connection, settings: Settings, db: str) -> tuple[int | None, int | None]:
@@ -149,8 +130,7 @@ def _database_status(
                         continue
                 cells.append(RevisionState(rev.revision, "pending"))
             jobs: list[JobState] = []
-            for hook in BACKFILL_STATUS:
-                jobs.extend(hook(conn, settings, name))
+            jobs.extend(job_states(conn, settings, name))
             live, without = _live_grants(conn, settings, name)
             return DatabaseStatus(
                 name,
@@ -186,8 +166,6 @@ def _database_status(
 
 def status(settings: Settings) -> StatusReport:
     """Read the state of every selected database (never writes)."""
-    import oauthmig.backfill  # noqa: F401  (registers the backfill status hook)
-
     revisions = history()
     check_distinct(settings)
     return StatusReport(

@@ -31,7 +31,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from oauthmig.errors import IndexTimeoutError, RevisionFailedError
-from oauthmig.migrations import ColumnSpec, RevisionTarget, current_target
+from oauthmig.legacy import legacy_metadata
+from oauthmig.rollout import offline
+from oauthmig.rollout.revisions import ColumnSpec, RevisionTarget, current_target, history
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,8 +416,6 @@ _Step = Callable[[RevisionTarget, _Run, list[Check], list[NotNull], list[IndexSp
 def _run_for(t: RevisionTarget, revision: str, direction: str) -> _Run:
     if direction == "upgrade":
         return _Run(revision, f"oauthmig upgrade -d {t.database}")
-    from oauthmig.migrations import history
-
     down = next((r.down_revision for r in history() if r.revision == revision), None)
     return _Run(revision, f"oauthmig downgrade --to {down or 'base'} -d {t.database}")
 
@@ -477,8 +477,6 @@ def _pg_upgrade(
 def _offline_postcondition(
     t: RevisionTarget, checks: list[Check], not_nulls: list[NotNull], indexes: list[IndexSpec]
 ) -> str:
-    from oauthmig import offline
-
     conditions: list[tuple[str, str]] = []
     for c in checks:
         name = object_name(t.tables.physical(c.table), c.suffix)
@@ -532,9 +530,6 @@ def _copy_from(t: RevisionTarget, logical: str) -> Table | None:
     """Offline (``--sql``) SQLite batch mode cannot reflect: describe the expanded table."""
     if _bind() is not None:
         return None
-    from oauthmig.legacy import legacy_metadata
-    from oauthmig.migrations import history
-
     md = legacy_metadata(t.tables, (logical,))
     legacy = md.tables[t.tables.physical(logical)]
     for rev in history():

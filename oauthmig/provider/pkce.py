@@ -1,6 +1,6 @@
 """PKCE (RFC 7636) as pure functions: challenge checks at authorization, verifier at exchange.
 
-Nothing here touches a database; :mod:`oauthmig.models` applies these rules to grant rows.
+Nothing here touches a database; :mod:`oauthmig.provider.models` applies these rules to grant rows.
 
 * :func:`parse_code_challenge` checks ``code_challenge`` / ``code_challenge_method`` of an
   authorization request. ``S256`` only by default; ``plain`` (and a challenge without a method,

@@ -33,6 +33,8 @@ from sqlalchemy.schema import CreateTable
 
 from oauthmig.config import DatabaseConfig, Settings
 from oauthmig.errors import UsageError
+from oauthmig.output.files import output_file
+from oauthmig.rollout.jobs import JOB_TABLE, JOBS, job_table
 
 ADOPTED_SETTING = "oauthmig.adopted"
 PSQL_HEADER = "\\set ON_ERROR_STOP on\n"
@@ -179,8 +181,6 @@ def gate_guards(
     guards: SqliteGuards,
 ) -> list[str]:
     """Fail unless every backfill ``revision`` requires is finished on this database."""
-    from oauthmig.backfill import JOB_TABLE, JOBS, job_table
-
     out: list[str] = []
     routed = settings.tables_on(db.name)
     for name in jobs:
@@ -308,8 +308,6 @@ def pg_index_valid(name: str) -> str:
 
 def write_scripts(directory: str, scripts: Mapping[str, str]) -> list[str]:
     """Write ``<directory>/<database>.sql`` for each script (created, or replaced atomically)."""
-    from oauthmig.reports import atomic_output
-
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise UsageError(f"--output-dir {directory}: exists and is not a directory")
@@ -320,7 +318,7 @@ def write_scripts(directory: str, scripts: Mapping[str, str]) -> list[str]:
     written: list[str] = []
     for database, sql in scripts.items():
         path = target / f"{database}.sql"
-        with atomic_output(path) as fh:
+        with output_file(path) as fh:
             fh.write(sql)
         written.append(str(path))
     return written

@@ -30,20 +30,13 @@ Mechanics, per job and database:
   (revision-log entry of the revisions adding them, plus the columns' ``attnum`` on
   PostgreSQL): after a downgrade and upgrade re-created them, the job starts over.
 
-The token family id of a legacy token is :func:`family_id` ``(table, id, database)``: UUIDv3
-(RFC 4122 §4.3, MD5) in :data:`FAMILY_NAMESPACE` of ``"<database>:<table>:<id>"`` (job version
-2, the default), where ``<database>`` is the database's name in the config, so two shards
-never share a family id. Jobs started before version 2 existed (version 1, recorded in the
-job row) keep the old name ``"<table>:<id>"`` so that ids already written stay consistent.
-PostgreSQL computes it in SQL with ``md5()``; SQLite calls the same Python function.
+The jobs themselves (what each fills, the job table, the family id formula) are in
+:mod:`oauthmig.rollout.jobs`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import functools
-import os
 import random
 import threading
 import time
@@ -55,28 +48,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
     and_,
-    bindparam,
     column,
     func,
-    inspect,
-    or_,
     select,
     table,
     text,
-    update,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.sql.elements import ColumnElement
 
 from oauthmig.config import BackfillSettings, DatabaseConfig, Settings
 from oauthmig.db import (
@@ -87,229 +67,35 @@ from oauthmig.db import (
     for_writing,
     lock_key,
     make_engine,
-    scrub_stored,
 )
 from oauthmig.errors import BackfillError, LockBusyError, OauthmigError, UsageError
-from oauthmig.migrations import (
-    BACKFILL_GATES,
-    DOWNGRADE_GUARDS,
-    RevisionInfo,
-    _blockers,
-    check_databases,
-    check_routed_tables,
+from oauthmig.rollout.jobs import (
+    FAMILY_VERSION,
+    JOBS,
+    BatchContext,
+    Job,
+    ensure_job_table,
+    job_table,
+    lock_holder,
+    new_transaction,
+    read_job,
+    register_sqlite_functions,
+    remaining_rows,
+)
+from oauthmig.rollout.revisions import (
     history,
     read_log,
 )
-from oauthmig.redirect_rules import infer_app_type, split_redirect_uris
-from oauthmig.status import BACKFILL_STATUS, JobState
-from oauthmig.types import StringList
+from oauthmig.rollout.runner import check_databases, check_routed_tables, lock_blockers
 
-JOB_TABLE = "oauthmig_backfill_job"
-STATE_INTERRUPTED = "running (no live process: interrupted)"
-FAMILY_NAMESPACE = uuid.UUID("6f1c1d1e-8a34-4c55-9b6e-0a7e5d1f2c3b")
 MIN_BATCH, MAX_BATCH = 10, 200_000
 MAX_TRANSIENT_RETRIES = 10
 LOCKED_ROW_ATTEMPTS = 3  # lock timeouts on a one-row batch before the job fails
 DEADLINE_GRACE_SECONDS = 5.0  # client deadline = statement_timeout + this
-FAMILY_VERSION = 2  # job version of new token-families jobs (see family_id)
 _LOST_SQLSTATES = ("57P01", "57P02", "57P03", "08006", "08003", "08000", "08001", "08004")
-_SQLITE_FAMILY_FN = "oauthmig_family_id"
-_SQLITE_APP_TYPE_FN = "oauthmig_app_type"
-
-_md = MetaData()
-job_table = Table(
-    JOB_TABLE,
-    _md,
-    Column("job", String(64), primary_key=True),
-    Column("table_name", String(63), nullable=False),
-    Column("status", String(16), nullable=False),  # running | paused | finished | failed
-    Column("phase", String(16), nullable=False),  # main | catchup | done
-    Column("cursor", BigInteger, nullable=False),
-    Column("upper_bound", BigInteger, nullable=False),
-    Column("rows_done", BigInteger, nullable=False),
-    Column("rows_total", BigInteger, nullable=False),
-    Column("batches", Integer, nullable=False),
-    Column("batch_size", Integer, nullable=False),
-    Column("attempts", Integer, nullable=False),
-    Column("last_error", Text, nullable=True),
-    Column("started_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("finished_at", DateTime(timezone=True), nullable=True),
-    # Added later (older job tables get them on first use): the run that owns the job, the
-    # column generation its progress belongs to, the job version (family id formula).
-    Column("owner", String(32), nullable=True),
-    Column("generation", Text, nullable=True),
-    Column("version", Integer, nullable=True),
-)
-_LATER_COLUMNS = {"owner": "VARCHAR(32)", "generation": "TEXT", "version": "INTEGER"}
-
-
-def family_prefix(table_name: str, database: str | None) -> str:
-    """The part of a family id's UUIDv3 name before the row id (``None``: job version 1)."""
-    return f"{table_name}:" if database is None else f"{database}:{table_name}:"
-
-
-def family_id(table_name: str, row_id: int, database: str | None = None) -> uuid.UUID:
-    """The deterministic family id of legacy token ``row_id`` in ``table_name``.
-
-    One family per legacy token, because legacy refreshes rewrote rows in place and kept no
-    lineage. Job version 2 (``database`` given: the database's name in the config) is UUIDv3
-    of ``"<database>:<table>:<id>"`` in :data:`FAMILY_NAMESPACE`, unique across the install;
-    version 1 (``database`` omitted, jobs started before version 2) is ``"<table>:<id>"``.
-    """
-    return uuid.uuid3(FAMILY_NAMESPACE, f"{family_prefix(table_name, database)}{row_id}")
-
-
-def _pg_family_sql(table_name: str, database: str | None = None) -> Any:
-    # UUIDv3 in SQL: md5(namespace bytes || name), then version nibble 3 (hex digit 13) and
-    # variant 10xx (hex digit 17: d -> (d & 3) | 8, done by translate). md5 is written twice.
-    ns = FAMILY_NAMESPACE.hex
-    h = f"md5(decode('{ns}', 'hex') || convert_to(:fam_prefix || id::text, 'UTF8'))"
-    return text(
-        f"overlay(overlay({h} placing '3' from 13 for 1) placing "
-        f"translate(substr({h}, 17, 1), '0123456789abcdef', '89ab89ab89ab89ab') "
-        "from 17 for 1)::uuid"
-    ).bindparams(fam_prefix=family_prefix(table_name, database))
 
 
 # --------------------------------------------------------------------------- jobs
-
-
-@dataclass(frozen=True, slots=True)
-class BatchContext:
-    """What a job's batch function needs."""
-
-    conn: Connection
-    physical: str
-    settings: Settings
-    database: str = ""
-    version: int = FAMILY_VERSION
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """A backfill job over one logical table."""
-
-    name: str
-    logical_table: str
-    description: str
-    columns: tuple[str, ...]
-    table: Callable[[str], Any]  # physical name -> lightweight table with the job's columns
-    pending: Callable[[Any], ColumnElement[bool]]
-    run_batch: Callable[[BatchContext, int, int], int]
-
-
-def _token_table(physical: str) -> Any:
-    return table(physical, column("id"), column("refresh_token"), column("token_family_id"))
-
-
-def _token_pending(t: Any) -> ColumnElement[bool]:
-    return and_(t.c.refresh_token.is_not(None), t.c.token_family_id.is_(None))
-
-
-def _token_batch(ctx: BatchContext, lo: int, hi: int) -> int:
-    t = _token_table(ctx.physical)
-    where = and_(t.c.id > lo, t.c.id <= hi, _token_pending(t))
-    database = ctx.database if ctx.version >= 2 else None
-    if ctx.conn.dialect.name == "postgresql":
-        value: Any = _pg_family_sql(ctx.physical, database)
-    else:
-        prefix = family_prefix(ctx.physical, database)
-        value = getattr(func, _SQLITE_FAMILY_FN)(prefix, t.c.id)
-    result = ctx.conn.execute(update(t).where(where).values(token_family_id=value))
-    return int(result.rowcount)
-
-
-def _app_table(physical: str) -> Any:
-    return table(
-        physical,
-        column("id"),
-        column("client_secret"),
-        column("redirect_uris"),
-        column("token_endpoint_auth_method"),
-        column("grant_types", StringList()),
-        column("response_types", StringList()),
-        column("application_type"),
-    )
-
-
-def _app_pending(t: Any) -> ColumnElement[bool]:
-    return or_(
-        t.c.token_endpoint_auth_method.is_(None),
-        t.c.grant_types.is_(None),
-        t.c.response_types.is_(None),
-        t.c.application_type.is_(None),
-    )
-
-
-def infer_application_type(redirect_uris: str | None) -> str:
-    """``native`` when the stored redirect URIs are native-style, else ``web``.
-
-    The same inference ``audit-redirects`` uses (:func:`redirect_rules.infer_app_type`).
-    """
-    return str(infer_app_type(split_redirect_uris(redirect_uris)))
-
-
-def _app_batch(ctx: BatchContext, lo: int, hi: int) -> int:
-    t = _app_table(ctx.physical)
-    cm = ctx.settings.backfill.client_metadata
-    where = and_(t.c.id > lo, t.c.id <= hi, _app_pending(t))
-    # The app type needs the redirect rules (Python); the ids and URIs of one batch are read,
-    # classified, and written back in one statement per type: no per-row round trips.
-    rows = ctx.conn.execute(
-        select(t.c.id, t.c.redirect_uris, t.c.application_type).where(where)
-    ).all()
-    by_type: dict[str, list[int]] = {"web": [], "native": []}
-    for row in rows:
-        by_type[infer_application_type(row.redirect_uris)].append(int(row.id))
-    changed = 0
-    for app_type, ids in by_type.items():
-        if not ids:
-            continue
-        stmt = (
-            update(t)
-            .where(and_(where, t.c.id.in_(bindparam("ids", expanding=True))))
-            .values(
-                token_endpoint_auth_method=func.coalesce(
-                    t.c.token_endpoint_auth_method,
-                    text(
-                        f"CASE WHEN client_secret IS NULL OR client_secret = '' THEN 'none' "
-                        f"ELSE '{cm.confidential_auth_method}' END"
-                    ),
-                ),
-                grant_types=func.coalesce(
-                    t.c.grant_types, bindparam("gt", list(cm.grant_types), StringList())
-                ),
-                response_types=func.coalesce(
-                    t.c.response_types, bindparam("rt", list(cm.response_types), StringList())
-                ),
-                application_type=func.coalesce(t.c.application_type, app_type),
-            )
-        )
-        changed += int(ctx.conn.execute(stmt, {"ids": ids}).rowcount)
-    return changed
-
-
-JOBS: dict[str, Job] = {
-    "token-families": Job(
-        "token-families",
-        "token",
-        "token_family_id for every legacy token with a refresh token (one family per token)",
-        ("token_family_id", "refresh_token"),
-        _token_table,
-        _token_pending,
-        _token_batch,
-    ),
-    "client-metadata": Job(
-        "client-metadata",
-        "application",
-        "token_endpoint_auth_method, grant_types, response_types, application_type",
-        ("token_endpoint_auth_method", "grant_types", "response_types", "application_type"),
-        _app_table,
-        _app_pending,
-        _app_batch,
-    ),
-}
 
 
 # --------------------------------------------------------------------------- results
@@ -373,68 +159,6 @@ class _Stop:
 # --------------------------------------------------------------------------- helpers
 
 
-def _txn(conn: Connection) -> Any:
-    """A new transaction, ending the implicit one a preceding read may have begun."""
-    if conn.in_transaction():
-        conn.commit()
-    return conn.begin()
-
-
-def _register_sqlite_functions(conn: Connection) -> None:
-    if conn.dialect.name != "sqlite":
-        return
-    raw = conn.connection.driver_connection
-    assert raw is not None
-
-    def fam(prefix: str, row_id: int) -> str:
-        return uuid.uuid3(FAMILY_NAMESPACE, f"{prefix}{int(row_id)}").hex
-
-    raw.create_function(_SQLITE_FAMILY_FN, 2, fam, deterministic=True)
-
-
-def _has_columns(conn: Connection, physical: str, names: Sequence[str]) -> bool:
-    insp = inspect(conn)
-    have = {c["name"] for c in insp.get_columns(physical)} if insp.has_table(physical) else set()
-    if conn.in_transaction():
-        conn.rollback()
-    return all(n in have for n in names)
-
-
-def remaining_rows(conn: Connection, settings: Settings, database: str, job: Job) -> int:
-    """Rows of ``job`` still to backfill on ``database``.
-
-    0 where its table is not routed there; -1 while the table lacks the job's columns (the
-    expand revision has not run, so neither can the backfill).
-    """
-    if job.logical_table not in settings.tables_on(database):
-        return 0
-    physical = settings.tables.physical(job.logical_table)
-    if not _has_columns(conn, physical, job.columns):
-        return -1
-    t = job.table(physical)
-    n = conn.execute(select(func.count()).select_from(t).where(job.pending(t))).scalar_one()
-    if conn.in_transaction():
-        conn.rollback()
-    return int(n)
-
-
-def _read_job(conn: Connection, name: str) -> dict[str, Any] | None:
-    insp = inspect(conn)
-    if not insp.has_table(JOB_TABLE):
-        return None
-    have = {c["name"] for c in insp.get_columns(JOB_TABLE)}  # older tables lack later columns
-    cols = [c for c in job_table.c if c.name in have]
-    row = conn.execute(select(*cols).where(job_table.c.job == name)).mappings().first()
-    if conn.in_transaction():
-        conn.rollback()
-    if not row:
-        return None
-    state = dict(row)
-    # Older versions stored raw driver text; a resumed run writes the scrubbed text back.
-    state["last_error"] = scrub_stored(state["last_error"], conn.engine.url)
-    return state
-
-
 def _max_id(conn: Connection, physical: str) -> int:
     t = table(physical, column("id"))
     value = conn.execute(select(func.max(t.c.id))).scalar()
@@ -494,54 +218,6 @@ class _TakenOver(BackfillError):
     """Another run holds the lock or owns the job row: this run must stop at once."""
 
 
-def _lock_holder(conn: Connection, key: int) -> int | None:
-    """The pid holding session advisory lock ``key`` in the current database, if any."""
-    value = conn.execute(
-        text(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND classid = 0 AND objid = :k AND objsubid = 1 LIMIT 1"
-        ),
-        {"k": key},
-    ).scalar()
-    if conn.in_transaction():
-        conn.rollback()
-    return None if value is None else int(value)
-
-
-def _run_alive(conn: Connection, job: Job) -> bool:
-    """Whether a backfill run of ``job`` holds its lock on this database right now."""
-    purpose = f"backfill {job.name}"
-    if conn.dialect.name == "postgresql":
-        return _lock_holder(conn, lock_key(purpose)) is not None
-    path = conn.engine.url.database
-    if not path or path == ":memory:" or not os.path.exists(f"{path}.{purpose}.lock"):
-        return False
-    fd = os.open(f"{path}.{purpose}.lock", os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also drops the shared lock, if we got it
-    return False
-
-
-def _ensure_job_table(conn: Connection) -> None:
-    """Create the job table, or add the columns newer versions use to an older one."""
-    with _txn(conn):
-        if conn.dialect.name == "postgresql":
-            # Jobs of one database may start together (--jobs): serialize the DDL.
-            conn.execute(
-                text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key("backfill-schema")}
-            )
-        _md.create_all(conn, checkfirst=True)
-        have = {c["name"] for c in inspect(conn).get_columns(JOB_TABLE)}
-        for name, sql_type in _LATER_COLUMNS.items():
-            if name not in have:
-                conn.execute(text(f"ALTER TABLE {JOB_TABLE} ADD COLUMN {name} {sql_type}"))
-
-
 def _generation(conn: Connection, settings: Settings, job: Job) -> str:
     """Identity of the job's columns: revision-log entries adding them, attnums on PostgreSQL.
 
@@ -575,7 +251,7 @@ def _row_blockers(conn: Connection, physical: str, lo: int, hi: int) -> str:
     (multixact) falls back to the table-level report ``upgrade`` gives. Never query text.
     """
     if conn.dialect.name != "postgresql":
-        return _blockers(conn, [physical])
+        return lock_blockers(conn, [physical])
     parts: list[str] = []
     with contextlib.suppress(SQLAlchemyError):
         rows = conn.execute(
@@ -590,7 +266,7 @@ def _row_blockers(conn: Connection, physical: str, lo: int, hi: int) -> str:
         ).all()
         conn.rollback()
         parts = [f"locked by pid {r.pid} ({r.state}, transaction open {r.age}s)" for r in rows]
-    return "; ".join(parts) or _blockers(conn, [physical])
+    return "; ".join(parts) or lock_blockers(conn, [physical])
 
 
 def adapt_batch_size(size: int, seconds: float, target: float) -> int:
@@ -660,7 +336,7 @@ class _Runner:
         """A work connection; on PostgreSQL it also takes (or takes again) the run lock."""
         conn = for_writing(engine.connect())
         try:
-            _register_sqlite_functions(conn)
+            register_sqlite_functions(conn)
             if conn.dialect.name != "postgresql":
                 return conn
             m = self.settings.migrate
@@ -673,7 +349,7 @@ class _Runner:
                 ).scalar()
                 conn.commit()
             if not got:
-                holder = _lock_holder(conn, self.lock_key)
+                holder = lock_holder(conn, self.lock_key)
                 if reconnect and holder is not None and holder == self.backend_pid:
                     # Our own abandoned session (hung, or still being torn down): ask it to
                     # go, and try again while the outage window lasts.
@@ -715,9 +391,9 @@ class _Runner:
                     f"database {db.name!r}: {physical} lacks the columns of job {job.name!r}; "
                     "run `oauthmig upgrade` first"
                 )
-            _ensure_job_table(conn)
+            ensure_job_table(conn)
             generation = _generation(conn, self.settings, job)
-            state = _read_job(conn, job.name)
+            state = read_job(conn, job.name)
             now = datetime.now(UTC)
             version = FAMILY_VERSION
             if state is not None:
@@ -766,7 +442,7 @@ class _Runner:
                     "generation": generation,
                     "version": version,
                 }
-                with _txn(conn):
+                with new_transaction(conn):
                     conn.execute(job_table.delete().where(job_table.c.job == job.name))
                     conn.execute(job_table.insert().values(**state))
             else:
@@ -776,7 +452,7 @@ class _Runner:
                 state["rows_total"] = int(state["rows_done"]) + remaining
                 state["status"] = "running"
                 state["version"] = version
-                with _txn(conn):
+                with new_transaction(conn):
                     # Claim the job for this run (we hold the lock: any previous owner is gone).
                     conn.execute(
                         job_table.update()
@@ -804,7 +480,7 @@ class _Runner:
         # in-memory state may already describe the batch that was just rolled back).
         with contextlib.suppress(SQLAlchemyError):
             conn.rollback()
-            with _txn(conn):
+            with new_transaction(conn):
                 conn.execute(
                     job_table.update()
                     .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
@@ -974,7 +650,7 @@ class _Runner:
                         self._save(conn, state, "finished")
                         return conn
                     t0 = time.monotonic()
-                    with _txn(conn):
+                    with new_transaction(conn):
                         self._verify_lock(conn)
                         ctx = BatchContext(conn, physical, self.settings, self.db.name, version)
                         n = self.job.run_batch(ctx, lo, hi)
@@ -1087,7 +763,7 @@ class _Runner:
         state["status"] = status
         if status == "finished":
             state["last_error"] = None
-        with _txn(conn):
+        with new_transaction(conn):
             self._persist(conn, state)
 
     def _result(self, state: dict[str, Any], started: float) -> JobRun:
@@ -1123,7 +799,7 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
                     0.0,
                     message=f"{physical} lacks the job's columns; run `oauthmig upgrade` first",
                 )
-            state = _read_job(conn, job.name)
+            state = read_job(conn, job.name)
             rate: float | None = None
             if state and state["rows_done"] and state["finished_at"] and state["started_at"]:
                 spent = (state["finished_at"] - state["started_at"]).total_seconds()
@@ -1219,79 +895,3 @@ def backfill(
 
 
 # --------------------------------------------------------------------------- hooks
-
-
-def job_states(conn: Connection, settings: Settings, database: str) -> list[JobState]:
-    """Per-job state on one database, for ``status``."""
-    out: list[JobState] = []
-    for job in JOBS.values():
-        if job.logical_table not in settings.tables_on(database):
-            continue
-        remaining = remaining_rows(conn, settings, database, job)
-        if remaining < 0:
-            out.append(JobState(job.name, "waiting for upgrade", 0, None, None))
-            continue
-        state = _read_job(conn, job.name)
-        if state is None:
-            out.append(
-                JobState(
-                    job.name,
-                    "finished" if remaining == 0 else "not started",
-                    0,
-                    remaining,
-                    remaining,
-                )
-            )
-            continue
-        status = str(state["status"])
-        if status == "finished" and remaining > 0:
-            status = "stale"  # rows needing the backfill appeared after it finished
-        elif status == "running" and not _run_alive(conn, job):
-            status = STATE_INTERRUPTED  # killed, crashed or lost its server: nothing holds the lock
-        out.append(
-            JobState(
-                job.name,
-                status,
-                int(state["rows_done"]),
-                int(state["rows_total"]),
-                remaining,
-                state["last_error"],
-            )
-        )
-    return out
-
-
-def refuse_downgrade_during_backfill(
-    conn: Connection, settings: Settings, database: str, revisions: Sequence[RevisionInfo]
-) -> None:
-    """Downgrade guard: refuse to revert a revision whose columns a running backfill fills.
-
-    On PostgreSQL the guard also takes those jobs' run locks on the downgrade's connection
-    (released when it closes), so no backfill can start on them during the downgrade.
-    """
-    for rev in revisions:
-        for job in JOBS.values():
-            if job.logical_table not in settings.tables_on(database):
-                continue
-            if not any(c.table == job.logical_table and c.name in job.columns for c in rev.columns):
-                continue
-            if conn.dialect.name == "postgresql":
-                busy = not conn.execute(
-                    text("SELECT pg_try_advisory_lock(:k)"),
-                    {"k": lock_key(f"backfill {job.name}")},
-                ).scalar()
-                conn.commit()
-            else:
-                busy = _run_alive(conn, job)
-            if busy:
-                raise LockBusyError(
-                    f"database {database!r}: cannot downgrade revision {rev.revision} while "
-                    f"backfill {job.name} is running on its columns; wait for it to finish or "
-                    "stop it (Ctrl-C saves its state), then rerun the downgrade"
-                )
-
-
-for _job in JOBS.values():
-    BACKFILL_GATES[_job.name] = functools.partial(remaining_rows, job=_job)
-BACKFILL_STATUS.append(job_states)
-DOWNGRADE_GUARDS.append(refuse_downgrade_during_backfill)

@@ -60,8 +60,7 @@ from oauthmig.config import Settings
 from oauthmig.db import connect, describe_error, make_engine
 from oauthmig.errors import DatabaseError
 from oauthmig.identity import check_distinct
-from oauthmig.migrations import check_state, history
-from oauthmig.redirect_rules import (
+from oauthmig.redirects.rules import (
     RULES,
     AppType,
     Severity,
@@ -69,6 +68,8 @@ from oauthmig.redirect_rules import (
     infer_app_type,
     split_redirect_uris,
 )
+from oauthmig.rollout.revisions import history
+from oauthmig.rollout.runner import check_state
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",

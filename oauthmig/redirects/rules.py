@@ -7,8 +7,8 @@ section, an anti-pattern and its fix; :data:`RULES` maps code to :class:`Rule`, 
 Per-URI rules (RU001-RU014, RU016-RU018) are small functions of a :class:`UriSubject`, the
 parsed URI plus the application type; :func:`check_uri` runs them. RU001 (not a URI) stops
 every other check but the two that read the raw text (RU004 wildcard, RU016 length); RU002
-(relative) stops the checks that need a scheme. Host rules ask :mod:`oauthmig.hosts` what a
-browser (WHATWG URL) and DNS make of the host; parsing itself stays strictly RFC 3986.
+(relative) stops the checks that need a scheme. Host rules ask :mod:`oauthmig.redirects.hosts`
+what a browser (WHATWG URL) and DNS make of the host; parsing itself stays strictly RFC 3986.
 Application rules (RU015, RU101-RU104) look at all the redirect URIs of one application;
 :func:`check_application` runs both kinds. Nothing here touches a database or raises on any
 string input.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal, NamedTuple
 
-from oauthmig.hosts import (
+from oauthmig.redirects.hosts import (
     browser_ipv4,
     dns_host_problem,
     encoded_host_problem,
@@ -31,7 +31,7 @@ from oauthmig.hosts import (
     ipv4_text,
     non_ascii_host_hint,
 )
-from oauthmig.uri import (
+from oauthmig.redirects.uri import (
     ParsedURI,
     URIError,
     is_ipv4_address,

@@ -26,10 +26,10 @@ import re
 from importlib import metadata
 from typing import IO, Any, Protocol
 
-from oauthmig.audit import AuditFinding, AuditSummary
 from oauthmig.config import DEFAULT_DOCS_URL
-from oauthmig.outputs import output_file
-from oauthmig.redirect_rules import RULES, Rule, Severity, UriReport
+from oauthmig.output.files import output_file
+from oauthmig.redirects.audit import AuditFinding, AuditSummary
+from oauthmig.redirects.rules import RULES, Rule, Severity, UriReport
 
 __all__ = [
     "ARTIFACT_BASE_ID",
@@ -459,6 +459,6 @@ def writer_for(
 
 
 def atomic_output(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[IO[str]]:
-    """The report file behind ``--output``: :func:`oauthmig.outputs.output_file` (atomic for
+    """The report file behind ``--output``: :func:`oauthmig.output.files.output_file` (atomic for
     regular files, direct for devices and FIFOs, symlinks resolved, directories refused)."""
     return output_file(path)

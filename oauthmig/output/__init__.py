@@ -1,0 +1,1 @@
+"""Renderers: text for people (rich), JSON for machines, and the one output-file writer."""

@@ -1,0 +1,1207 @@
+"""SQLAlchemy 2 models of the three OAuth tables after the expand revisions, and the token-endpoint
+behaviours their new columns exist for (see the README, "Adopting the models").
+
+Models
+    :func:`build_models` maps the tables under the configured physical names
+    (:class:`~oauthmig.config.TableNames`) on their own registry and returns an
+    :class:`OAuthModels` with the classes ``Application``, ``Grant`` and ``Token``.
+    :data:`DEFAULT_MODELS` (and the module-level ``Application``, ``Grant``, ``Token``) use
+    Sentry's default names. Column types are those of the legacy schema (:mod:`oauthmig.legacy`)
+    plus what the expand revisions add, so the classes work on a database migrated by
+    ``oauthmig upgrade`` as well as on one made with ``metadata.create_all``. Annotate with
+    :class:`ApplicationModel`, :class:`GrantModel` and :class:`TokenModel`, which every built
+    class derives from. Datetimes are timezone-aware UTC on both PostgreSQL and SQLite.
+
+Services (raising :class:`~oauthmig.errors.InvalidRequest` and
+:class:`~oauthmig.errors.InvalidGrant`, whose ``.error`` is the OAuth wire code)
+    :func:`new_grant` / :func:`store_challenge` (authorization), :func:`exchange_code` (code ->
+    tokens with redirect binding and PKCE, :func:`verify_pkce`), :func:`rotate_refresh_token`
+    (rotation with reuse detection), :func:`revoke_family`, :func:`find_active_token`,
+    :func:`validate_redirect_uris` / :func:`set_redirect_uris` (registration).
+
+Columns the models do not manage
+    Live tables carry more columns than the models map (Sentry's ``scopes bigint NOT NULL``
+    without default on grant and token, ``scoping_organization_id``, ``name``, ...). Rows are
+    inserted with one INSERT naming every column that gets a value: rotation copies each such
+    column of the parent token, code exchange copies the grant's same-named columns (and
+    :data:`EXCHANGE_RENAMES`), ``extra={...}`` sets them per call, ``OAuthModels.defaults``
+    (``[models.defaults.<table>]``) fills the rest; the database's defaults apply otherwise.
+    :func:`check_models` (or ``build_models(..., engine=...)``) reflects each database once and
+    refuses at boot what no rule covers. Indexes are never looked up by name.
+
+Transactions
+    Functions that take a ``Session`` and write **commit** it, on failure as on success: a
+    consumed authorization code and a family revoked for reuse must stay so even though the
+    request fails. Pass a session with no unrelated pending work and not inside
+    ``session.begin()``. PostgreSQL's default READ COMMITTED isolation is assumed.
+
+Token storage
+    Like Sentry, a token row keeps the raw ``token`` / ``refresh_token`` (the legacy columns are
+    ``NOT NULL`` / unique and Sentry still reads them) and their SHA-256 hex digests in
+    ``hashed_token`` / ``hashed_refresh_token``; lookups go through the digests (legacy rows
+    whose digest is NULL, written before Sentry added it, are matched on the raw column only).
+    Because the raw values are stored, the within-grace retry of a rotated refresh token can
+    hand back the
+    successor's tokens: that is what makes a grace period useful to a client whose response was
+    lost. Raw values are never part of a ``repr``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+import weakref
+import zlib
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    and_,
+    delete,
+    func,
+    insert,
+    inspect,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, CursorResult, Dialect, Engine
+from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, Session, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeDecorator
+
+from oauthmig.config import ColumnDefault, TableNames
+from oauthmig.errors import ConfigError, InvalidGrant, InvalidRequest, ModelsSchemaError, OAuthError
+from oauthmig.provider.pkce import parse_code_challenge, verify_code_verifier
+from oauthmig.redirects.rules import AppType, UriReport, check_uri, split_redirect_uris
+from oauthmig.types import StringList
+
+__all__ = [
+    "ACCESS_TOKEN_TTL",
+    "DEFAULT_MODELS",
+    "GRANT_REDIRECT_URI_LENGTH",
+    "GRANT_TTL",
+    "MAX_GRACE_SECONDS",
+    "REVOKE_REASONS",
+    "Application",
+    "ApplicationModel",
+    "Grant",
+    "GrantModel",
+    "IssuedToken",
+    "OAuthModels",
+    "Token",
+    "TokenModel",
+    "UtcDateTime",
+    "build_models",
+    "check_models",
+    "check_redirect_binding",
+    "exchange_code",
+    "find_active_token",
+    "hash_token",
+    "new_grant",
+    "revoke_family",
+    "rotate_refresh_token",
+    "set_redirect_uris",
+    "store_challenge",
+    "validate_redirect_uris",
+    "verify_pkce",
+]
+
+#: Authorization codes live 10 minutes (RFC 6749 §4.1.2 recommends at most 10).
+GRANT_TTL: Final = timedelta(minutes=10)
+#: Sentry's default access-token lifetime.
+ACCESS_TOKEN_TTL: Final = timedelta(days=30)
+#: Upper bound of the reuse grace period; larger values raise ValueError.
+MAX_GRACE_SECONDS: Final = 120.0
+#: Values of ``token.revoked_reason``.
+REVOKE_REASONS: Final = ("reuse_detected", "logout", "admin")
+#: Size of Sentry's ``grant.redirect_uri varchar(255)``.
+GRANT_REDIRECT_URI_LENGTH: Final = 255
+_TOKEN_TYPE_LENGTH = 7  # token.token_type varchar(7): Sentry's prefixes such as "sntrya_"
+
+# INTEGER PRIMARY KEY is SQLite's rowid alias (auto-assigned); BIGINT would not be.
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """``timestamptz``; always timezone-aware UTC in Python, on SQLite too (stored as naive UTC).
+
+    Naive datetimes are refused rather than guessed at.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use a timezone-aware one (e.g. UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Columns:
+    """Typing helper: the declarative constructor that every built class has."""
+
+    if TYPE_CHECKING:
+
+        def __init__(self, **kw: Any) -> None: ...
+
+
+class ApplicationModel(_Columns):
+    """Columns of the ``application`` table (OAuth clients); base of every built ``Application``."""
+
+    id: Mapped[int] = mapped_column(_BigId, Identity(), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(64))
+    client_secret: Mapped[str | None] = mapped_column(Text)
+    owner_id: Mapped[int | None] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
+    allowed_origins: Mapped[str | None] = mapped_column(Text)
+    redirect_uris: Mapped[str] = mapped_column(Text)
+    homepage_url: Mapped[str | None] = mapped_column(String(200))
+    privacy_url: Mapped[str | None] = mapped_column(String(200))
+    terms_url: Mapped[str | None] = mapped_column(String(200))
+    scopes: Mapped[list[str]] = mapped_column(StringList())
+    version: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
+    date_added: Mapped[datetime] = mapped_column(UtcDateTime())
+    # Expand revision 0003 (RFC 7591 / OpenID Connect Registration metadata).
+    token_endpoint_auth_method: Mapped[str | None] = mapped_column(String(40))
+    grant_types: Mapped[list[str] | None] = mapped_column(StringList())
+    response_types: Mapped[list[str] | None] = mapped_column(StringList())
+    application_type: Mapped[str | None] = mapped_column(String(8))
+
+    @property
+    def redirect_uri_list(self) -> list[str]:
+        """The registered redirect URIs, one per stored line, blank lines dropped."""
+        return split_redirect_uris(self.redirect_uris)
+
+    @property
+    def is_public(self) -> bool:
+        """True when the client has no secret (RFC 6749 §2.1 public client)."""
+        return not self.client_secret
+
+
+class GrantModel(_Columns):
+    """Columns of the ``grant`` table (authorization codes); base of every built ``Grant``."""
+
+    id: Mapped[int] = mapped_column(_BigId, Identity(), primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    application_id: Mapped[int] = mapped_column(BigInteger)
+    code: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    redirect_uri: Mapped[str] = mapped_column(String(GRANT_REDIRECT_URI_LENGTH))
+    scope_list: Mapped[list[str]] = mapped_column(StringList())
+    organization_id: Mapped[int | None] = mapped_column(BigInteger)
+    # Expand revision 0001 (RFC 7636).
+    code_challenge: Mapped[str | None] = mapped_column(Text)
+    code_challenge_method: Mapped[str | None] = mapped_column(String(10))
+
+
+class TokenModel(_Columns):
+    """Columns of the ``token`` table (access + refresh tokens); base of every built ``Token``."""
+
+    id: Mapped[int] = mapped_column(_BigId, Identity(), primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    application_id: Mapped[int | None] = mapped_column(BigInteger)
+    token: Mapped[str] = mapped_column(String(71))
+    hashed_token: Mapped[str | None] = mapped_column(String(128))
+    token_last_characters: Mapped[str | None] = mapped_column(String(4))
+    refresh_token: Mapped[str | None] = mapped_column(String(71))
+    hashed_refresh_token: Mapped[str | None] = mapped_column(String(128))
+    token_type: Mapped[str | None] = mapped_column(String(_TOKEN_TYPE_LENGTH))
+    scope_list: Mapped[list[str]] = mapped_column(StringList())
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    date_added: Mapped[datetime] = mapped_column(UtcDateTime())
+    # Expand revision 0002 (rotation lineage and revocation).
+    token_family_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
+    parent_token_id: Mapped[int | None] = mapped_column(BigInteger)
+    refresh_token_rotated_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    revoked_reason: Mapped[str | None] = mapped_column(String(32))
+
+
+#: Token column <- grant column copied at code exchange when both exist and the token column
+#: is not managed here (besides same-named columns). Sentry calls the grant's organization
+#: ``organization_id`` and the token's ``scoping_organization_id``.
+EXCHANGE_RENAMES: Final[Mapping[str, str]] = {"scoping_organization_id": "organization_id"}
+
+
+@dataclass(frozen=True, slots=True)
+class LiveTable:
+    """One physical table as a database holds it, seen from the models.
+
+    ``table`` has the mapped columns (with the models' types) plus every unmanaged column
+    (reflected types); ``unmanaged`` are the unmanaged columns a row can be given a value for
+    (identity, serial and generated columns excluded); ``required`` those of them that are
+    ``NOT NULL`` without a database default.
+    """
+
+    logical: str
+    table: Table
+    columns: frozenset[str]
+    unmanaged: tuple[str, ...]
+    required: frozenset[str]
+    missing: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthModels:
+    """The mapped classes for one set of physical table names, on their own registry.
+
+    ``defaults`` (logical table -> column -> value) and ``supplied_by_caller`` (logical table ->
+    columns every call passes in ``extra=``) cover columns of the live tables that the models
+    do not manage; see :func:`check_models`.
+    """
+
+    tables: TableNames
+    base: type[DeclarativeBase]
+    metadata: MetaData
+    Application: type[ApplicationModel]
+    Grant: type[GrantModel]
+    Token: type[TokenModel]
+    defaults: Mapping[str, Mapping[str, ColumnDefault]] = field(default_factory=dict)
+    supplied_by_caller: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    _live: weakref.WeakKeyDictionary[Engine, dict[str, LiveTable]] = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False, compare=False
+    )
+
+    def mapped_table(self, logical: str) -> Table:
+        """The mapped ``Table`` of a logical table (``application``, ``grant``, ``token``)."""
+        cls = {"application": self.Application, "grant": self.Grant, "token": self.Token}[logical]
+        table: Table = cls.__table__  # type: ignore[attr-defined]
+        return table
+
+
+def build_models(
+    tables: TableNames | None = None,
+    *,
+    defaults: Mapping[str, Mapping[str, ColumnDefault]] | None = None,
+    supplied_by_caller: Mapping[str, Collection[str]] | None = None,
+    engine: Engine | Sequence[Engine] | None = None,
+) -> OAuthModels:
+    """Map the three tables under ``tables`` (default: Sentry's names) on a fresh registry.
+
+    Each call returns new classes and a new ``MetaData``, so models for several naming schemes
+    can coexist in one process. Unique constraints and indexes carry the legacy names
+    (``<table>_<column>_key`` / ``_idx``); lookups on a live database never rely on them.
+
+    ``defaults`` gives values for columns the models do not manage, per logical table (the
+    ``[models.defaults.<table>]`` section, ``Settings.models.defaults``); ``supplied_by_caller``
+    names the unmanaged columns your code passes in ``extra=`` on every call instead. With
+    ``engine`` (one or several, e.g. every database hosting the tables), :func:`check_models`
+    runs on each before the models are returned. Raises ConfigError for a default naming a
+    column the models manage, ModelsSchemaError from the check.
+    """
+    names = tables if tables is not None else TableNames()
+    app, grant, token = names.application, names.grant, names.token
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Application(ApplicationModel, Base):
+        __tablename__ = app
+        __table_args__ = (
+            UniqueConstraint("client_id", name=f"{app}_client_id_key"),
+            Index(f"{app}_owner_id_idx", "owner_id"),
+        )
+
+    class Grant(GrantModel, Base):
+        __tablename__ = grant
+        # Sentry indexes the code without making it unique.
+        __table_args__ = (
+            Index(f"{grant}_code_idx", "code"),
+            Index(f"{grant}_application_id_idx", "application_id"),
+            Index(f"{grant}_expires_at_idx", "expires_at"),
+            Index(f"{grant}_user_id_idx", "user_id"),
+        )
+
+    class Token(TokenModel, Base):
+        __tablename__ = token
+        __table_args__ = (
+            UniqueConstraint("token", name=f"{token}_token_key"),
+            UniqueConstraint("hashed_token", name=f"{token}_hashed_token_key"),
+            UniqueConstraint("refresh_token", name=f"{token}_refresh_token_key"),
+            UniqueConstraint("hashed_refresh_token", name=f"{token}_hashed_refresh_token_key"),
+            Index(f"{token}_application_id_idx", "application_id"),
+            Index(f"{token}_user_id_idx", "user_id"),
+            # What reuse revocation and the within-grace lookup filter on.
+            Index(f"{token}_token_family_id_idx", "token_family_id"),
+            Index(f"{token}_parent_token_id_idx", "parent_token_id"),
+        )
+
+    chosen: dict[str, dict[str, ColumnDefault]] = {}
+    for logical, columns in (defaults or {}).items():
+        if logical not in ("application", "grant", "token"):
+            raise ConfigError(f"models.defaults.{logical}: not a logical table")
+        managed = {c.name for c in Base.metadata.tables[names.physical(logical)].columns}
+        for column in columns:
+            if column in managed:
+                raise ConfigError(
+                    f"models.defaults.{logical}.{column}: oauthmig sets this column itself; "
+                    "remove the default"
+                )
+        chosen[logical] = dict(columns)
+    supplied = {k: frozenset(v) for k, v in (supplied_by_caller or {}).items()}
+    models = OAuthModels(names, Base, Base.metadata, Application, Grant, Token, chosen, supplied)
+    engines = [] if engine is None else [engine] if isinstance(engine, Engine) else list(engine)
+    for each in engines:
+        check_models(each, models)
+    return models
+
+
+# --------------------------------------------------------------------------- live tables
+
+
+def _reflect(conn: Connection, models: OAuthModels, logical: str) -> LiveTable | None:
+    """The live shape of one logical table on ``conn``'s database, or None if absent."""
+    physical = models.tables.physical(logical)
+    insp = inspect(conn)
+    if not insp.has_table(physical):
+        return None
+    mapped = models.mapped_table(logical)
+    managed = {c.name for c in mapped.columns}
+    reflected = insp.get_columns(physical)
+    live = Table(physical, MetaData())
+    for column in mapped.columns:
+        live.append_column(Column(column.name, column.type, primary_key=column.primary_key))
+    unmanaged: list[str] = []
+    required: set[str] = set()
+    for info in reflected:
+        name = info["name"]
+        if name in managed:
+            continue
+        if info.get("identity") or info.get("computed") or info.get("autoincrement") is True:
+            continue  # the database fills these
+        live.append_column(Column(name, info["type"]))
+        unmanaged.append(name)
+        if not info["nullable"] and info.get("default") is None:
+            required.add(name)
+    present = frozenset(info["name"] for info in reflected)
+    missing = tuple(c.name for c in mapped.columns if c.name not in present)
+    return LiveTable(logical, live, present, tuple(unmanaged), frozenset(required), missing)
+
+
+def _live_tables(
+    conn: Connection, models: OAuthModels, *, refresh: bool = False
+) -> dict[str, LiveTable]:
+    engine = conn.engine
+    cached = None if refresh else models._live.get(engine)
+    if cached is None:
+        cached = {}
+        for logical in ("application", "grant", "token"):
+            found = _reflect(conn, models, logical)
+            if found is not None:
+                cached[logical] = found
+        models._live[engine] = cached
+    return cached
+
+
+def _live(session: Session, models: OAuthModels, logical: str) -> LiveTable:
+    found = _live_tables(session.connection(), models).get(logical)
+    if found is None:
+        raise ModelsSchemaError(
+            f"table {models.tables.physical(logical)} does not exist on this database"
+        )
+    return found
+
+
+def _covered_by_copy(tables: Mapping[str, LiveTable], logical: str, column: str) -> bool:
+    """Whether every insert into ``logical`` has a row to copy ``column`` from."""
+    if logical != "token":
+        return False  # grants are made from nothing
+    grant = tables.get("grant")
+    if grant is None:
+        # Without a grant table here, tokens on this database are only made by rotation,
+        # which copies the parent row.
+        return True
+    source = EXCHANGE_RENAMES.get(column, column)
+    return column in grant.columns or source in grant.columns
+
+
+def check_models(engine: Engine | Connection, models: OAuthModels | None = None) -> None:
+    """Check, at boot, that the models can write to the tables on this database.
+
+    Reflects the grant, token and application tables present on the database (routed
+    databases may host only some; at least one must be there) and raises ModelsSchemaError,
+    in one message naming each table and column, when a column the models map is missing (run
+    ``oauthmig upgrade``) or a grant/token column the models do not manage is ``NOT NULL``
+    without a database default and has neither a configured default, nor a declaration in
+    ``supplied_by_caller``, nor a copy rule (rotation copies the parent row; code exchange
+    copies same-named grant columns and :data:`EXCHANGE_RENAMES`). The reflected shape is
+    kept for later calls on this engine. Application rows are never inserted by the library.
+    """
+    chosen = models if models is not None else DEFAULT_MODELS
+    if isinstance(engine, Connection):
+        tables = _live_tables(engine, chosen, refresh=True)
+    else:
+        with engine.connect() as conn:
+            tables = _live_tables(conn, chosen, refresh=True)
+    if not tables:
+        names = chosen.tables
+        raise ModelsSchemaError(
+            f"none of {names.application}, {names.grant}, {names.token} exists on this database"
+        )
+    problems: list[str] = []
+    for logical, live in tables.items():
+        physical = live.table.name
+        if live.missing:
+            problems.append(
+                f"{physical} lacks {', '.join(live.missing)} (run `oauthmig upgrade` first)"
+            )
+        if logical == "application":
+            continue
+        defaults = chosen.defaults.get(logical, {})
+        supplied = chosen.supplied_by_caller.get(logical, frozenset())
+        for column in sorted(live.required):
+            if column in defaults or column in supplied:
+                continue
+            if _covered_by_copy(tables, logical, column):
+                continue
+            problems.append(
+                f"{physical}.{column} is NOT NULL without a default and oauthmig does not manage "
+                f"it: set [models.defaults.{logical}] {column} = ..., or pass "
+                f"extra={{{column!r}: ...}} on every call and declare it in supplied_by_caller"
+            )
+    if problems:
+        raise ModelsSchemaError(
+            "oauthmig.provider.models cannot write here: " + "; ".join(problems)
+        )
+
+
+def _unmanaged_values(
+    models: OAuthModels,
+    live: LiveTable,
+    *,
+    extra: Mapping[str, Any] | None,
+    copied: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Values for the unmanaged columns of a new row: ``extra`` > ``copied`` > defaults.
+
+    Raises ValueError for an ``extra`` key that is no unmanaged column here and
+    ModelsSchemaError (before any INSERT) when a required column would get no value.
+    """
+    values: dict[str, Any] = {}
+    for key, value in (extra or {}).items():
+        if key not in live.unmanaged:
+            managed = key in live.columns
+            raise ValueError(
+                f"extra: {live.table.name}.{key} "
+                + ("is set by oauthmig itself" if managed else "is not a column of this table")
+            )
+        values[key] = value
+    defaults = models.defaults.get(live.logical, {})
+    for column in live.unmanaged:
+        if column in values:
+            continue
+        source = copied.get(column)
+        if source is not None or (column in copied and column not in live.required):
+            values[column] = source
+        elif column in defaults:
+            value = defaults[column]
+            values[column] = list(value) if isinstance(value, tuple) else value
+    absent = sorted(c for c in live.required if values.get(c) is None)
+    if absent:
+        raise ModelsSchemaError(
+            f"{live.table.name}: no value for "
+            + ", ".join(absent)
+            + f" (NOT NULL, no default); pass extra={{...}} or set [models.defaults.{live.logical}]"
+        )
+    return values
+
+
+def _insert(
+    session: Session, live: LiveTable, managed: Mapping[str, Any], unmanaged: Mapping[str, Any]
+) -> int:
+    """INSERT one row with every column value in one statement; returns its id."""
+    table = live.table
+    row_id = session.execute(
+        insert(table).values({**managed, **unmanaged}).returning(table.c.id)
+    ).scalar_one()
+    return int(row_id)
+
+
+def _row_values(
+    session: Session, live: LiveTable, row_id: int, columns: Iterable[str]
+) -> dict[str, Any]:
+    """The given columns of one row, read through the live table."""
+    wanted = [c for c in columns if c in live.table.c]
+    if not wanted:
+        return {}
+    row = session.execute(
+        select(*[live.table.c[c] for c in wanted]).where(live.table.c.id == row_id)
+    ).one()
+    return dict(row._mapping)
+
+
+#: Models under Sentry's default table names.
+DEFAULT_MODELS: Final = build_models()
+Application: Final = DEFAULT_MODELS.Application
+Grant: Final = DEFAULT_MODELS.Grant
+Token: Final = DEFAULT_MODELS.Token
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """Tokens handed to the client. ``reused`` is True when a within-grace retry got back the
+    successor that an earlier rotation of the same refresh token had already issued.
+
+    The values are captured before the commit; ``token`` is the row itself, which the commit
+    expired (reading it reloads through its session, so only while that session is open).
+    """
+
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)
+    expires_at: datetime | None
+    scopes: tuple[str, ...]
+    token_id: int
+    token_family_id: uuid.UUID | None
+    parent_token_id: int | None
+    token: TokenModel = field(repr=False, compare=False)
+    reused: bool = False
+
+    def response(self, now: datetime | None = None) -> dict[str, str | int]:
+        """The RFC 6749 §5.1 JSON body (``token_type`` is ``bearer``)."""
+        body: dict[str, str | int] = {"access_token": self.access_token, "token_type": "bearer"}
+        if self.expires_at is not None:
+            left = self.expires_at - _now(now)
+            body["expires_in"] = max(0, int(left.total_seconds()))
+        if self.refresh_token is not None:
+            body["refresh_token"] = self.refresh_token
+        body["scope"] = " ".join(self.scopes)
+        return body
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def hash_token(raw: str) -> str:
+    """SHA-256 hex digest of a raw token (``hashed_token`` / ``hashed_refresh_token``)."""
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+
+def _now(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return now
+
+
+def _check_grace(grace_seconds: float) -> timedelta:
+    if not 0 <= grace_seconds <= MAX_GRACE_SECONDS:
+        raise ValueError(
+            f"grace_seconds must be between 0 and {MAX_GRACE_SECONDS:g}, got {grace_seconds!r}"
+        )
+    return timedelta(seconds=grace_seconds)
+
+
+def _secret(token_type: str | None) -> str:
+    # Sentry's format: an optional type prefix (<= 7 chars) + 64 hex = at most 71 characters.
+    return f"{token_type or ''}{secrets.token_hex(32)}"
+
+
+def _rowcount(result: object) -> int:
+    return cast(CursorResult[Any], result).rowcount
+
+
+def _matches_secret(
+    hashed: InstrumentedAttribute[str | None],
+    raw_column: InstrumentedAttribute[str | None],
+    raw: str,
+) -> ColumnElement[bool]:
+    # Lookups go through the SHA-256 digest. Legacy rows written before Sentry added the
+    # hashed columns have NULL there; only those are matched on the raw (unique) column.
+    return or_(hashed == hash_token(raw), and_(hashed.is_(None), raw_column == raw))
+
+
+_FAMILY_LOCK_CLASS = zlib.crc32(b"oauthmig:token-family") - 2**31  # signed int4 namespace
+
+
+def _lock_family(session: Session, family: uuid.UUID) -> None:
+    """PostgreSQL: serialize rotation and revocation within one family until commit.
+
+    Under READ COMMITTED a revoking UPDATE that waits for a row being rotated sees that row
+    afterwards but not the successor the rotating transaction inserted, which would survive.
+    With this lock the revoke starts only after in-flight rotations have committed, and later
+    rotations claim a row that is already revoked. The two-int4 form keeps these keys apart
+    from the single-bigint advisory locks of ``oauthmig upgrade``. SQLite has one writer at a
+    time, so it needs nothing.
+    """
+    if session.connection().dialect.name != "postgresql":
+        return
+    key = int.from_bytes(family.bytes[:4], "big", signed=True)
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(:cls, :key)"), {"cls": _FAMILY_LOCK_CLASS, "key": key}
+    )
+
+
+def _new_token(
+    session: Session,
+    models: OAuthModels,
+    *,
+    user_id: int,
+    application_id: int | None,
+    scopes: Sequence[str],
+    token_type: str | None,
+    family: uuid.UUID,
+    parent_id: int | None,
+    now: datetime,
+    ttl: timedelta | None,
+    extra: Mapping[str, Any] | None,
+    copied: Mapping[str, Any],
+) -> tuple[TokenModel, str, str]:
+    """INSERT a token row (unmanaged columns from ``extra`` > ``copied`` > defaults)."""
+    live = _live(session, models, "token")
+    unmanaged = _unmanaged_values(models, live, extra=extra, copied=copied)
+    access, refresh = _secret(token_type), _secret(token_type)
+    managed: dict[str, Any] = {
+        "user_id": user_id,
+        "application_id": application_id,
+        "token": access,
+        "hashed_token": hash_token(access),
+        "token_last_characters": access[-4:],
+        "refresh_token": refresh,
+        "hashed_refresh_token": hash_token(refresh),
+        "token_type": token_type,
+        "scope_list": list(scopes),
+        "expires_at": None if ttl is None else now + ttl,
+        "date_added": now,
+        "token_family_id": family,
+        "parent_token_id": parent_id,
+    }
+    row_id = _insert(session, live, managed, unmanaged)
+    row = session.get(models.Token, row_id)
+    assert row is not None  # inserted just now in this transaction
+    return row, access, refresh
+
+
+def _issued(row: TokenModel, access: str, refresh: str | None, *, reused: bool) -> IssuedToken:
+    return IssuedToken(
+        access,
+        refresh,
+        row.expires_at,
+        tuple(row.scope_list),
+        row.id,
+        row.token_family_id,
+        row.parent_token_id,
+        row,
+        reused,
+    )
+
+
+# --------------------------------------------------------------------------- authorization
+
+
+def store_challenge(
+    grant: GrantModel,
+    code_challenge: str | None,
+    code_challenge_method: str | None,
+    *,
+    allow_plain: bool = False,
+    require_pkce: bool = False,
+) -> None:
+    """Validate an authorization request's PKCE parameters and set them on ``grant``.
+
+    S256 only unless ``allow_plain``; a challenge without a method is rejected under S256-only
+    and stored as ``plain`` when plain is allowed (RFC 7636 §4.3). Raises InvalidRequest.
+    """
+    parsed = parse_code_challenge(
+        code_challenge, code_challenge_method, allow_plain=allow_plain, require=require_pkce
+    )
+    grant.code_challenge = None if parsed is None else parsed.challenge
+    grant.code_challenge_method = None if parsed is None else parsed.method
+
+
+def new_grant(
+    session: Session,
+    *,
+    application: ApplicationModel,
+    user_id: int,
+    redirect_uri: str,
+    scopes: Sequence[str],
+    code_challenge: str | None = None,
+    code_challenge_method: str | None = None,
+    allow_plain: bool = False,
+    require_pkce: bool = False,
+    organization_id: int | None = None,
+    ttl: timedelta = GRANT_TTL,
+    now: datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
+    models: OAuthModels = DEFAULT_MODELS,
+) -> GrantModel:
+    """Create and commit an authorization code bound to ``redirect_uri`` and the PKCE challenge.
+
+    The caller has already authenticated the user, checked ``redirect_uri`` against the
+    application's registered URIs and obtained consent. ``redirect_uri`` is stored verbatim:
+    the token request must repeat it byte for byte. ``extra`` sets columns of the live grant
+    table that the models do not manage (e.g. Sentry's ``scopes`` bit field); configured
+    defaults fill the rest. Returns the grant (``grant.code`` is the code to send). Raises
+    InvalidRequest, or ModelsSchemaError (nothing written) when a ``NOT NULL`` column gets no
+    value.
+    """
+    if not redirect_uri:
+        raise InvalidRequest("redirect_uri is required")
+    if len(redirect_uri) > GRANT_REDIRECT_URI_LENGTH:
+        raise InvalidRequest(f"redirect_uri is longer than {GRANT_REDIRECT_URI_LENGTH} characters")
+    at = _now(now)
+    parsed = parse_code_challenge(
+        code_challenge, code_challenge_method, allow_plain=allow_plain, require=require_pkce
+    )
+    try:
+        live = _live(session, models, "grant")
+        unmanaged = _unmanaged_values(models, live, extra=extra, copied={})
+        managed: dict[str, Any] = {
+            "user_id": user_id,
+            "application_id": application.id,
+            "code": secrets.token_hex(32),
+            "expires_at": at + ttl,
+            "redirect_uri": redirect_uri,
+            "scope_list": list(scopes),
+            "organization_id": organization_id,
+            "code_challenge": None if parsed is None else parsed.challenge,
+            "code_challenge_method": None if parsed is None else parsed.method,
+        }
+        grant = session.get(models.Grant, _insert(session, live, managed, unmanaged))
+        assert grant is not None  # inserted just now in this transaction
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return grant
+
+
+# --------------------------------------------------------------------------- token endpoint
+
+
+def verify_pkce(grant: GrantModel, code_verifier: str | None, *, allow_plain: bool = False) -> None:
+    """Check ``code_verifier`` against the grant's stored challenge (RFC 7636 §4.6).
+
+    A verifier for a grant without a challenge is rejected (RFC 9700 §2.1.1 downgrade), as is a
+    grant with a challenge and no verifier. Raises InvalidGrant or InvalidRequest.
+    """
+    verify_code_verifier(
+        grant.code_challenge, grant.code_challenge_method, code_verifier, allow_plain=allow_plain
+    )
+
+
+def check_redirect_binding(grant: GrantModel, redirect_uri: str | None) -> None:
+    """A grant's stored ``redirect_uri`` requires a byte-identical one (RFC 6749 §4.1.3).
+
+    No normalization of any kind: a trailing slash or a case difference is a mismatch. A grant
+    without a stored ``redirect_uri`` (possible only where revision 0001 added the column as
+    nullable TEXT) is not bound. Raises InvalidGrant.
+    """
+    stored = grant.redirect_uri
+    if stored is None:
+        return
+    if redirect_uri is None:
+        raise InvalidGrant("redirect_uri is required: the code is bound to one")
+    if redirect_uri != stored:  # code point for code point, i.e. byte-identical in UTF-8
+        raise InvalidGrant("redirect_uri does not match the one the code was issued for")
+
+
+def exchange_code(
+    session: Session,
+    *,
+    application: ApplicationModel,
+    code: str,
+    redirect_uri: str | None,
+    code_verifier: str | None = None,
+    allow_plain: bool = False,
+    token_type: str | None = None,
+    access_token_ttl: timedelta | None = ACCESS_TOKEN_TTL,
+    now: datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
+    models: OAuthModels = DEFAULT_MODELS,
+) -> IssuedToken:
+    """Exchange an authorization code for tokens (RFC 6749 §4.1.3) and commit.
+
+    ``application`` is the client the caller has authenticated. The code is consumed (its row
+    deleted) first, so it is gone after any failure as after success, and two concurrent
+    exchanges cannot both win. Then: same client, not expired, redirect binding, PKCE. On
+    success a token starts a new family (random UUID). ``token_type`` (at most 7 characters,
+    e.g. Sentry's ``sntrya_``) is stored and prefixes the raw tokens. Token columns the models
+    do not manage take, in order: ``extra``, the grant's column of the same name (or the one
+    :data:`EXCHANGE_RENAMES` names), the configured default.
+    Raises InvalidRequest or InvalidGrant.
+    """
+    if not code:
+        raise InvalidRequest("code is required")
+    if token_type is not None and len(token_type) > _TOKEN_TYPE_LENGTH:
+        raise ValueError(f"token_type is at most {_TOKEN_TYPE_LENGTH} characters")
+    at = _now(now)
+    G = models.Grant
+    try:
+        # Sentry's code column is indexed, not unique: a code matching two rows is unusable.
+        found = list(session.scalars(select(G).where(G.code == code).order_by(G.id).limit(2)))
+        if len(found) != 1:
+            if found:
+                session.execute(
+                    delete(G).where(G.code == code).execution_options(synchronize_session=False)
+                )
+                session.commit()
+            else:
+                session.rollback()
+            raise InvalidGrant("the authorization code is invalid, expired or already used")
+        grant = found[0]
+        token_live = _live(session, models, "token")
+        grant_live = _live(session, models, "grant")
+        sources: dict[str, str] = {}
+        for column in token_live.unmanaged:
+            renamed = EXCHANGE_RENAMES.get(column)
+            if column in grant_live.columns:
+                sources[column] = column
+            elif renamed is not None and renamed in grant_live.columns:
+                sources[column] = renamed
+        held = _row_values(session, grant_live, grant.id, set(sources.values()))
+        copied = {c: held[src] for c, src in sources.items() if src in held}
+        # Consume first: only the transaction that deletes the row may use it.
+        deleted = session.execute(
+            delete(G).where(G.id == grant.id).execution_options(synchronize_session=False)
+        )
+        session.expunge(grant)  # keep its loaded values; the row is gone
+        if _rowcount(deleted) != 1:
+            session.rollback()
+            raise InvalidGrant("the authorization code is invalid, expired or already used")
+        try:
+            if grant.application_id != application.id:
+                raise InvalidGrant("the authorization code was issued to another client")
+            if grant.expires_at <= at:
+                raise InvalidGrant("the authorization code has expired")
+            check_redirect_binding(grant, redirect_uri)
+            verify_pkce(grant, code_verifier, allow_plain=allow_plain)
+        except OAuthError:
+            session.commit()  # the code stays consumed (RFC 6749 §10.5)
+            raise
+        row, access, refresh = _new_token(
+            session,
+            models,
+            user_id=grant.user_id,
+            application_id=grant.application_id,
+            scopes=grant.scope_list,
+            token_type=token_type,
+            family=uuid.uuid4(),
+            parent_id=None,
+            now=at,
+            ttl=access_token_ttl,
+            extra=extra,
+            copied=copied,
+        )
+        issued = _issued(row, access, refresh, reused=False)
+        session.commit()
+        return issued
+    except OAuthError:
+        raise
+    except BaseException:
+        session.rollback()
+        raise
+
+
+def rotate_refresh_token(
+    session: Session,
+    refresh_token: str,
+    *,
+    application: ApplicationModel | None = None,
+    grace_seconds: float = 0,
+    access_token_ttl: timedelta | None = ACCESS_TOKEN_TTL,
+    now: datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
+    models: OAuthModels = DEFAULT_MODELS,
+) -> IssuedToken:
+    """Exchange a refresh token for a new token row in the same family (RFC 6749 §6) and commit.
+
+    The old row gets ``refresh_token_rotated_at`` and its access token expires now (as Sentry's
+    in-place refresh did); the new row records ``parent_token_id``. A legacy token without a
+    family gets a fresh one, written to both rows. ``application``, when given, must be the
+    client the token was issued to. The new row inherits every column of the old one that the
+    models do not manage (``extra`` overrides; configured defaults fill NULLs in ``NOT NULL``
+    columns).
+
+    Presenting an already-rotated refresh token again (RFC 9700 §4.14.2):
+
+    * within ``grace_seconds`` of its rotation (0 = no grace, at most
+      :data:`MAX_GRACE_SECONDS`, else ValueError), while the successor is itself unused and
+      not revoked, returns that successor (``reused=True``) instead of minting another;
+    * otherwise revokes every token of the family in one UPDATE
+      (``revoked_reason='reuse_detected'``), commits and raises InvalidGrant.
+
+    Concurrent rotations of one token yield one successor: the old row is claimed by a
+    conditional UPDATE (``... WHERE refresh_token_rotated_at IS NULL``) and only the
+    transaction that changed it inserts a successor; the loser is handled as a reuse. On
+    PostgreSQL, rotation and revocation also take a per-family advisory lock, so that a
+    revocation covers a rotation in flight.
+    Raises InvalidRequest or InvalidGrant.
+    """
+    grace = _check_grace(grace_seconds)
+    if not refresh_token:
+        raise InvalidRequest("refresh_token is required")
+    at = _now(now)
+    T = models.Token
+    try:
+        old = session.scalars(
+            select(T).where(_matches_secret(T.hashed_refresh_token, T.refresh_token, refresh_token))
+        ).one_or_none()
+        if old is None:
+            session.rollback()
+            raise InvalidGrant("the refresh token is invalid")
+        if application is not None and old.application_id != application.id:
+            session.rollback()
+            raise InvalidGrant("the refresh token was issued to another client")
+        if old.refresh_token_rotated_at is None and old.revoked_at is None:
+            issued = _claim_and_rotate(session, models, old, at, access_token_ttl, extra)
+            if issued is not None:
+                session.commit()
+                return issued
+            # Another transaction rotated or revoked it since we read it: see what it did.
+            fresh = session.scalars(
+                select(T).where(T.id == old.id).execution_options(populate_existing=True)
+            ).one_or_none()
+            if fresh is None:
+                session.rollback()
+                raise InvalidGrant("the refresh token is invalid")
+            old = fresh
+        if old.revoked_at is not None:
+            session.rollback()
+            raise InvalidGrant("the refresh token has been revoked")
+        return _presented_again(session, models, old, grace, at)
+    except OAuthError:
+        raise
+    except BaseException:
+        session.rollback()
+        raise
+
+
+def _claim_and_rotate(
+    session: Session,
+    models: OAuthModels,
+    old: TokenModel,
+    at: datetime,
+    ttl: timedelta | None,
+    extra: Mapping[str, Any] | None,
+) -> IssuedToken | None:
+    """Claim ``old`` with a conditional UPDATE and insert its successor; None if we lost."""
+    T = models.Token
+    if old.token_family_id is not None:
+        _lock_family(session, old.token_family_id)
+    new_family = old.token_family_id or uuid.uuid4()
+    old_expiry = old.expires_at
+    expires = at if old_expiry is None or old_expiry > at else old_expiry
+    # The WHERE re-checks the state under the row lock (PostgreSQL re-evaluates it after a
+    # concurrent writer commits), so exactly one transaction sees rowcount 1. COALESCE keeps a
+    # family that the token-families backfill may have written meanwhile.
+    claimed = session.execute(
+        update(T)
+        .where(T.id == old.id, T.refresh_token_rotated_at.is_(None), T.revoked_at.is_(None))
+        .values(
+            refresh_token_rotated_at=at,
+            expires_at=expires,
+            token_family_id=func.coalesce(T.token_family_id, literal(new_family, Uuid())),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if _rowcount(claimed) != 1:
+        return None
+    session.refresh(old)
+    family = old.token_family_id
+    assert family is not None  # set by the UPDATE above
+    live = _live(session, models, "token")
+    row, access, refresh = _new_token(
+        session,
+        models,
+        user_id=old.user_id,
+        application_id=old.application_id,
+        scopes=old.scope_list,
+        token_type=old.token_type,
+        family=family,
+        parent_id=old.id,
+        now=at,
+        ttl=ttl,
+        extra=extra,
+        copied=_row_values(session, live, old.id, live.unmanaged),
+    )
+    return _issued(row, access, refresh, reused=False)
+
+
+def _presented_again(
+    session: Session, models: OAuthModels, old: TokenModel, grace: timedelta, at: datetime
+) -> IssuedToken:
+    """``old`` was already rotated: hand back its successor within grace, else revoke."""
+    T = models.Token
+    rotated_at = old.refresh_token_rotated_at
+    assert rotated_at is not None
+    if grace > timedelta(0) and at - rotated_at <= grace:
+        successor = session.scalars(
+            select(T).where(T.parent_token_id == old.id).order_by(T.id).limit(1)
+        ).first()
+        # Only an untouched successor is handed back: if it was rotated already, its holder
+        # and the presenter of ``old`` are two parties, which is the reuse being detected.
+        if (
+            successor is not None
+            and successor.revoked_at is None
+            and successor.refresh_token_rotated_at is None
+        ):
+            issued = _issued(successor, successor.token, successor.refresh_token, reused=True)
+            session.commit()
+            return issued
+    if old.token_family_id is not None:
+        _lock_family(session, old.token_family_id)
+        where = T.token_family_id == old.token_family_id
+    else:  # cannot happen through this module: rotation always sets a family
+        where = T.id == old.id
+    session.execute(_revoke_statement(models, where, "reuse_detected", at))
+    session.commit()
+    raise InvalidGrant("the refresh token was already used; its token family has been revoked")
+
+
+def _revoke_statement(models: OAuthModels, where: Any, reason: str, at: datetime) -> Any:
+    T = models.Token
+    return (
+        update(T)
+        .where(where, T.revoked_at.is_(None))
+        .values(revoked_at=at, revoked_reason=reason)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def revoke_family(
+    session: Session,
+    family_id: uuid.UUID,
+    *,
+    reason: str,
+    now: datetime | None = None,
+    models: OAuthModels = DEFAULT_MODELS,
+) -> int:
+    """Revoke every unrevoked token of a family in one UPDATE and commit; returns the row count.
+
+    ``reason`` is ``reuse_detected``, ``logout`` or ``admin`` (else ValueError). Tokens already
+    revoked keep their original time and reason.
+    """
+    if reason not in REVOKE_REASONS:
+        raise ValueError(f"reason must be one of {', '.join(REVOKE_REASONS)}")
+    at = _now(now)
+    T = models.Token
+    try:
+        _lock_family(session, family_id)
+        result = session.execute(
+            _revoke_statement(models, T.token_family_id == family_id, reason, at)
+        )
+        count = _rowcount(result)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return count
+
+
+def find_active_token(
+    session: Session,
+    access_token: str,
+    *,
+    now: datetime | None = None,
+    models: OAuthModels = DEFAULT_MODELS,
+) -> TokenModel | None:
+    """The token row for a raw access token, or None if unknown, expired or revoked.
+
+    Resource servers must honour ``revoked_at``: without it reuse revocation has no effect.
+    """
+    if not access_token:
+        return None
+    at = _now(now)
+    T = models.Token
+    row = session.scalars(
+        select(T).where(_matches_secret(T.hashed_token, T.token, access_token))
+    ).one_or_none()
+    if row is None or row.revoked_at is not None:
+        return None
+    if row.expires_at is not None and row.expires_at <= at:
+        return None
+    return row
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def validate_redirect_uris(
+    uris: Iterable[str], app_type: str, *, reject_warnings: bool = False
+) -> list[UriReport]:
+    """Check redirect URIs as registration must (docs/rules.md); one report per URI, in order.
+
+    Raises InvalidRequest when the list is empty, ``app_type`` is not ``web``/``native``, or
+    any URI fails (any error-severity finding; with ``reject_warnings``, any warning too). The
+    message names each rejected URI with its rule codes. Store ``report.normalized``.
+    """
+    if app_type not in (AppType.WEB.value, AppType.NATIVE.value):
+        raise InvalidRequest(f"application_type must be web or native, got {app_type[:20]!r}")
+    reports = [
+        check_uri(uri, app_type, grant_column_length=GRANT_REDIRECT_URI_LENGTH) for uri in uris
+    ]
+    if not reports:
+        raise InvalidRequest("redirect_uris: at least one redirect URI is required")
+    bad_verdicts = {"fail", "warn"} if reject_warnings else {"fail"}
+    problems: list[str] = []
+    for report in reports:
+        if report.verdict in bad_verdicts:
+            codes = ", ".join(
+                f"{f.code} {f.name}"
+                for f in report.findings
+                if f.severity == "error" or (reject_warnings and f.severity == "warning")
+            )
+            problems.append(f"{report.uri[:200]!r} ({codes})")
+    if problems:
+        raise InvalidRequest("redirect_uris rejected: " + "; ".join(problems))
+    return reports
+
+
+def set_redirect_uris(
+    application: ApplicationModel,
+    uris: Iterable[str],
+    app_type: str,
+    *,
+    reject_warnings: bool = False,
+) -> list[UriReport]:
+    """Validate ``uris`` and store their normalized forms (duplicates after normalization
+    dropped, order kept) and ``application_type`` on ``application``; returns the reports.
+
+    Only the instance changes: persist it with your session. Raises InvalidRequest.
+    """
+    reports = validate_redirect_uris(uris, app_type, reject_warnings=reject_warnings)
+    normalized: list[str] = []
+    for report in reports:
+        value = report.normalized if report.normalized is not None else report.uri
+        if value not in normalized:
+            normalized.append(value)
+    application.redirect_uris = "\n".join(normalized)
+    application.application_type = app_type
+    return reports

@@ -1,0 +1,1 @@
+"""Schema rollout: revisions, the routed runner, finalize, offline SQL, backfill jobs, status."""
