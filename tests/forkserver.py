@@ -34,12 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # Imported by the server before it forks (what the children would otherwise import each time).
 PRELOAD = (
     "oauthmig.cli",
-    "oauthmig.audit",
-    "oauthmig.backfill",
-    "oauthmig.console",
-    "oauthmig.demo",
-    "oauthmig.migrations",
-    "oauthmig.status",
+    "oauthmig.redirects.audit",
+    "oauthmig.rollout.backfill",
+    "oauthmig.output.text",
+    "oauthmig.demo.data",
+    "oauthmig.rollout.runner",
+    "oauthmig.rollout.status",
     "psycopg",
     "sqlalchemy.dialects.postgresql.psycopg",
     "sqlalchemy.dialects.sqlite",

@@ -12,6 +12,8 @@ table and revision log. :mod:`oauthmig.rollout.runner` plans and runs revisions.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -155,14 +157,29 @@ def _info(script: Script) -> RevisionInfo:
 
 
 def history() -> list[RevisionInfo]:
-    """All revisions, oldest first."""
-    scripts = list(script_directory().walk_revisions("base", "heads"))
-    heads = script_directory().get_heads()
+    """All revisions, oldest first.
+
+    A command asks for the history several times; the revision files are read (imported by
+    Alembic) once per state of ``versions/``: its file names, sizes and modification times."""
+    versions = revisions_dir() / "versions"
+    signature = tuple(
+        sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(versions))
+    )
+    return list(_read_history(str(versions), signature))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_history(
+    _versions: str, _signature: tuple[tuple[str, int, int], ...]
+) -> tuple[RevisionInfo, ...]:
+    directory = script_directory()
+    scripts = list(directory.walk_revisions("base", "heads"))
+    heads = directory.get_heads()
     if len(heads) > 1:
         raise RevisionFailedError(
             f"revisions/ has several heads {heads}; the history must be linear"
         )
-    return [_info(s) for s in reversed(scripts)]
+    return tuple(_info(s) for s in reversed(scripts))
 
 
 def resolve_revision(
