@@ -23,7 +23,8 @@ from tests.forkserver import ForkServer
 PG_ADMIN_URL = os.environ.get(
     "OAUTHMIG_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-RUN_ID = uuid.uuid4().hex[:8]
+# Unique per test process: each pytest-xdist worker (gw0, gw1, ...) has its own databases.
+RUN_ID = uuid.uuid4().hex[:8] + os.environ.get("PYTEST_XDIST_WORKER", "")
 
 
 @pytest.fixture(scope="session")
@@ -228,3 +229,10 @@ def forkserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]
     server = ForkServer(tmp_path_factory.mktemp("forkserver"))
     yield server
     server.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` run first (in their order), so that under pytest-xdist no worker
+    starts a long test when the others are about to finish. Mark every test of a module with a
+    module-scoped fixture alike, or that fixture is built twice."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -216,6 +216,7 @@ def test_concurrent_backfill_refuses(
     assert invoke(capsys, "--config", cfg, "-d", "shard", "backfill").code == 0
 
 
+@pytest.mark.slow
 def test_max_runtime_pauses_and_resumes(
     expanded: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -470,6 +471,7 @@ def pg_pair(
     yield out[0][0], out[0][1], out[1][0], out[1][1]
 
 
+@pytest.mark.slow
 @PG
 def test_sigkill_at_five_points_resumes_to_identical_state(
     pg_pair: tuple[Settings, str, Settings, str], capsys: pytest.CaptureFixture[str]

@@ -27,6 +27,7 @@ from tests.cli_demo import (
 from tests.helpers import write_config
 
 SECRET = "s3cr3t-pw"
+pytestmark = pytest.mark.xdist_group("cli_contract")  # one worker builds the demo fixture
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,7 @@ def _count_ddl(cfg: str, capsys: pytest.CaptureFixture[str], *args: str) -> tupl
 # ------------------------------------------------------------------ 1. kill after each statement
 
 
+@pytest.mark.slow
 def test_finalize_killed_after_each_statement_converges_and_downgrades_cleanly(
     make_database: DatabaseFactory,
     tmp_path: Path,
@@ -221,6 +222,7 @@ def test_finalize_killed_after_each_statement_converges_and_downgrades_cleanly(
         legacy_insert(settings)
 
 
+@pytest.mark.slow
 def test_downgrade_killed_after_each_statement_converges(
     make_database: DatabaseFactory,
     tmp_path: Path,
@@ -295,6 +297,7 @@ def test_rerun_after_set_not_null_drops_the_stray_helper_check(
     legacy_insert(settings)
 
 
+@pytest.mark.slow
 @PG
 def test_finalize_among_short_reader_transactions_leaves_no_strays(
     make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]

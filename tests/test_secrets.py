@@ -296,6 +296,7 @@ def _hold_lock(
     return release, thread
 
 
+@pytest.mark.slow
 def test_no_secret_in_any_output_or_table(world: World) -> None:
     w = world
     v = w.planted.values
