@@ -26,6 +26,7 @@ from oauthmig.demo.data import setup_legacy
 from oauthmig.rollout.backfill import BackfillOptions, backfill
 from oauthmig.rollout.jobs import JOB_TABLE, STATE_INTERRUPTED, family_id
 from tests.conftest import DatabaseFactory
+from tests.forkserver import ForkServer
 from tests.helpers import invoke, schema_dump, write_config
 from tests.pgcluster import Cluster, pg_cluster_fixture  # noqa: F401  (fixture)
 from tests.test_backfill import (
@@ -106,7 +107,10 @@ def _expanded(
 
 @PG
 def test_lock_lost_to_terminate_backend_stops_the_run_at_once(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _expanded(
         make_database,
@@ -124,7 +128,7 @@ def test_lock_lost_to_terminate_backend_stops_the_run_at_once(
     holder = engine.connect()  # plays the second run: waits for the lock, gets it on the kill
     row_lock = engine.connect()
     row_lock.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": blocked_id})
-    proc = _spawn(cfg, "-d", "shard", "backfill", "token-families", "--batch", "100")
+    proc = _spawn(forkserver, cfg, "-d", "shard", "backfill", "token-families", "--batch", "100")
     got_lock = threading.Event()
     try:
         _wait_lock_wait(settings, "shard")  # the run waits inside a batch on our row lock
@@ -177,7 +181,10 @@ def test_lock_lost_to_terminate_backend_stops_the_run_at_once(
 @pytest.mark.slow
 @PG
 def test_lock_lost_to_idle_session_timeout(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _expanded(make_database, tmp_path, capsys)
     db = settings.databases["shard"]
@@ -190,6 +197,7 @@ def test_lock_lost_to_idle_session_timeout(
         # 1) Nobody else takes the lock: the run notices each lost session before its next
         # batch, takes the lock again (its owner token unchanged) and finishes.
         alone = _spawn(
+            forkserver,
             cfg,
             "-d",
             "shard",
@@ -208,6 +216,7 @@ def test_lock_lost_to_idle_session_timeout(
 
         # 2) Another run takes the lock while the session is gone: the first one stops.
         proc = _spawn(
+            forkserver,
             cfg,
             "-d",
             "shard",
@@ -235,7 +244,10 @@ def test_lock_lost_to_idle_session_timeout(
 
 @PG
 def test_job_row_taken_over_stops_the_run(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _expanded(
         make_database,
@@ -252,7 +264,7 @@ def test_job_row_taken_over_stops_the_run(
     )[0][0]
     row_lock = engine.connect()
     row_lock.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": blocked_id})
-    proc = _spawn(cfg, "-d", "shard", "backfill", "token-families", "--batch", "100")
+    proc = _spawn(forkserver, cfg, "-d", "shard", "backfill", "token-families", "--batch", "100")
     try:
         _wait_lock_wait(settings, "shard")
         # Another run claimed the job row (e.g. it ran while this one's session was gone).
@@ -351,12 +363,14 @@ def _job_batches(settings: Settings) -> int:
 
 @pytest.mark.slow
 def test_server_restart_within_the_outage_window_completes(
-    pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str], forkserver: ForkServer
 ) -> None:
     settings, cfg = _cluster_install(pg_cluster, tmp_path, capsys, "60s")
     # Half-second pauses: seconds of work are left when the server goes after two batches,
     # and a run that finished first fails the test (no reconnect attempt) rather than passing.
-    proc = _spawn(cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "0.5")
+    proc = _spawn(
+        forkserver, cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "0.5"
+    )
     _wait_for(lambda: _job_batches(settings) >= 2)
     pg_cluster.restart("fast")
     _, err = proc.communicate(timeout=300)
@@ -368,12 +382,14 @@ def test_server_restart_within_the_outage_window_completes(
 
 @pytest.mark.slow
 def test_outage_past_the_window_fails_and_status_shows_interrupted(
-    pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str], forkserver: ForkServer
 ) -> None:
     settings, cfg = _cluster_install(pg_cluster, tmp_path, capsys, "2s")
     # Half-second pauses: seconds of work are left when the server goes after two batches
     # (a run that finished first would exit 0 and fail the test).
-    proc = _spawn(cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "0.5")
+    proc = _spawn(
+        forkserver, cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "0.5"
+    )
     _wait_for(lambda: _job_batches(settings) >= 2)
     pg_cluster.stop("fast")
     began = time.monotonic()
@@ -397,10 +413,12 @@ def test_outage_past_the_window_fails_and_status_shows_interrupted(
 
 @pytest.mark.slow
 def test_frozen_backend_is_detected_by_the_client_deadline(
-    pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str], forkserver: ForkServer
 ) -> None:
     settings, cfg = _cluster_install(pg_cluster, tmp_path, capsys, "3s")
-    proc = _spawn(cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "0.5")
+    proc = _spawn(
+        forkserver, cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "0.5"
+    )
     _wait_for(lambda: _job_batches(settings) >= 1)
     pid = _lock_pid(settings, "main")
     assert pid is not None
@@ -428,7 +446,10 @@ def test_frozen_backend_is_detected_by_the_client_deadline(
 
 @pytest.mark.slow
 def test_sigterm_pauses_like_ctrl_c_and_status_tells_dead_from_live(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _expanded(make_database, tmp_path, capsys)
     # Each run commits a batch, then pauses an hour: it is held mid-job until signalled.
@@ -440,7 +461,7 @@ def test_sigterm_pauses_like_ctrl_c_and_status_tells_dead_from_live(
         )
         return str(doc["databases"][0]["backfills"][0]["state"])
 
-    proc = _spawn(cfg, *args)
+    proc = _spawn(forkserver, cfg, *args)
     _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > 0)
     assert shard_state() == "running"  # alive: it holds the run lock
     proc.send_signal(signal.SIGTERM)
@@ -451,7 +472,7 @@ def test_sigterm_pauses_like_ctrl_c_and_status_tells_dead_from_live(
     assert paused["status"] == "paused" and paused["rows_done"] > 0
     assert shard_state() == "paused"
 
-    killed = _spawn(cfg, *args)
+    killed = _spawn(forkserver, cfg, *args)
     _wait_for(lambda: _job(settings, "shard").get("status") == "running")
     _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > paused["rows_done"])
     killed.send_signal(signal.SIGKILL)
@@ -644,7 +665,10 @@ def test_default_duty_cycle_sleeps_at_least_as_long_as_each_batch(
 
 @PG
 def test_downgrade_refused_while_a_backfill_process_runs(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _expanded(
         make_database,
@@ -657,7 +681,7 @@ def test_downgrade_refused_while_a_backfill_process_runs(
     row_lock = engine.connect()
     first = _rows(settings, "shard", f"SELECT min(id) FROM {token} WHERE refresh_token IS NOT NULL")
     row_lock.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": first[0][0]})
-    proc = _spawn(cfg, "-d", "shard", "backfill", "token-families")
+    proc = _spawn(forkserver, cfg, "-d", "shard", "backfill", "token-families")
     try:
         _wait_lock_wait(settings, "shard")  # the backfill is live, held inside its first batch
         refused = invoke(capsys, "--config", cfg, "-d", "shard", "downgrade", "--to", "0001")
