@@ -80,7 +80,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         REPO,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "*.egg-info", "build", "dist", "__pycache__", ".*_cache", ".oauthmig"
+            ".git",
+            ".venv",
+            "*.egg-info",
+            "build",
+            "dist",
+            "__pycache__",
+            ".*_cache",
+            ".oauthmig",
+            ".hypothesis",  # written by property tests, perhaps right now by another worker
         ),
     )
     # python -m build makes the sdist, then the wheel from the unpacked sdist.
