@@ -16,12 +16,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/oauthmig demo
 
-## test: the full suite on SQLite and PostgreSQL (PostgreSQL at 127.0.0.1:5432 is required)
+## test: the full suite on SQLite and PostgreSQL, two pytest-xdist workers (PostgreSQL at
+## 127.0.0.1:5432 is required)
 test: $(STAMP)
 	$(BIN)/ruff check oauthmig tests revisions
 	$(BIN)/ruff format --check oauthmig tests revisions
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 ## bench: benchmarks (not timed tests); results go to docs/benchmarks.md by hand
 bench: $(STAMP)

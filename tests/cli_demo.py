@@ -10,7 +10,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,12 +18,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select, table, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import make_url
 
 from oauthmig.cli import run
 from oauthmig.config import Settings, load_settings
 from oauthmig.db import make_engine
-from tests.conftest import PG_ADMIN_URL, RUN_ID, routed_config
+from tests.conftest import PG_ADMIN_URL, PgPool, routed_config
 from tests.helpers import schema_dump, write_config
 
 OAUTHMIG = [sys.executable, "-m", "oauthmig"]
@@ -193,27 +192,18 @@ def run_forked(
     ]
 
 
-def _pg_url(admin: Engine, name: str) -> str:
-    dbname = f"oauthmig_t_{RUN_ID}_{uuid.uuid4().hex[:8]}_{name}"[:63]
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{dbname}"'))
-    return make_url(PG_ADMIN_URL).set(database=dbname).render_as_string(hide_password=False)
-
-
-def _drop_pg(admin: Engine, url: str) -> None:
-    name = make_url(url).database
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 def demo_installation(
     request: pytest.FixtureRequest, backend: str, folder: Path, *, apps: int = 40
 ) -> Iterator[Demo]:
     """Create control + shard on ``backend``, fill them with the demo's legacy data and run
     the expand upgrade (in-process: the subprocesses are what the tests look at)."""
-    admin: Engine | None = request.getfixturevalue("pg_admin") if backend == "postgresql" else None
-    if admin is not None:
-        urls = [_pg_url(admin, "control"), _pg_url(admin, "shard")]
+    pool: PgPool | None = request.getfixturevalue("pg_pool") if backend == "postgresql" else None
+    names = [pool.acquire(), pool.acquire()] if pool is not None else []
+    if names:
+        urls = [
+            make_url(PG_ADMIN_URL).set(database=n).render_as_string(hide_password=False)
+            for n in names
+        ]
     else:
         urls = [f"sqlite:///{folder / 'control.sqlite3'}", f"sqlite:///{folder / 'shard.sqlite3'}"]
     cfg = write_config(folder / "oauthmig.toml", routed_config(*urls))
@@ -226,9 +216,9 @@ def demo_installation(
             assert code == 0, args
         yield Demo(backend, cfg, load_settings(cfg), folder)
     finally:
-        if admin is not None:
-            for url in urls:
-                _drop_pg(admin, url)
+        for name in names:
+            assert pool is not None
+            pool.release(name)
 
 
 def fingerprint(settings: Settings) -> dict[str, Any]:

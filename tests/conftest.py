@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,13 @@ from sqlalchemy.engine import Engine, make_url
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
 from oauthmig.legacy import USERS_TABLE, LegacyFlavor, legacy_metadata, user_rows
+from tests.forkserver import ForkServer
 
 PG_ADMIN_URL = os.environ.get(
     "OAUTHMIG_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-RUN_ID = uuid.uuid4().hex[:8]
+# Unique per test process: each pytest-xdist worker (gw0, gw1, ...) has its own databases.
+RUN_ID = uuid.uuid4().hex[:8] + os.environ.get("PYTEST_XDIST_WORKER", "")
 
 
 @pytest.fixture(scope="session")
@@ -113,8 +116,9 @@ class PgPool:
             engine.dispose()
 
     def close(self) -> None:
-        for name in self.created:
-            _drop_pg(self.admin, name)
+        # Each DROP DATABASE waits for a checkpoint; dropped together, they share one.
+        with ThreadPoolExecutor(max_workers=8) as drops:
+            list(drops.map(lambda name: _drop_pg(self.admin, name), self.created))
 
 
 @pytest.fixture(scope="session")
@@ -219,3 +223,18 @@ def old_install_settings(routed_settings: Settings) -> Settings:
     and Django's hashed index names."""
     create_legacy(routed_settings, LegacyFlavor.OLD)
     return routed_settings
+
+
+@pytest.fixture(scope="session")
+def forkserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
+    """Real CLI processes forked from one pre-imported server (:mod:`tests.forkserver`)."""
+    server = ForkServer(tmp_path_factory.mktemp("forkserver"))
+    yield server
+    server.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` run first (in their order), so that under pytest-xdist no worker
+    starts a long test when the others are about to finish. Mark every test of a module with a
+    module-scoped fixture alike, or that fixture is built twice."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -140,7 +140,15 @@ def private_cluster(options: str = "") -> Iterator[Cluster]:
         )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed: {init.stderr}")
-        cluster.start()
+        for attempt in range(5):
+            try:
+                cluster.start()
+                break
+            except RuntimeError as exc:
+                # Another test process (a pytest-xdist worker) took the free port first.
+                if "already in use" not in str(exc) or attempt == 4:
+                    raise
+                cluster.port = free_port()
         yield cluster
     finally:
         cluster._pg_ctl("-m", "immediate", "stop", check=False)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -26,6 +23,7 @@ from oauthmig.rollout import revisions
 from oauthmig.rollout.backfill import MAX_BATCH, MIN_BATCH, adapt_batch_size
 from oauthmig.rollout.jobs import JOB_TABLE, JOBS, family_id, infer_application_type
 from tests.conftest import DatabaseFactory, routed_config
+from tests.forkserver import ForkedProcess, ForkServer
 from tests.helpers import data_checksum, invoke, run_lock_held, schema_dump, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,6 +215,7 @@ def test_concurrent_backfill_refuses(
     assert invoke(capsys, "--config", cfg, "-d", "shard", "backfill").code == 0
 
 
+@pytest.mark.slow
 def test_max_runtime_pauses_and_resumes(
     expanded: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -334,7 +333,7 @@ def _columns(settings: Settings, db: str, physical: str) -> list[ReflectedColumn
 
 
 def test_full_round_trip_through_finalize(
-    expanded: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+    expanded: tuple[Settings, str], capsys: pytest.CaptureFixture[str], forkserver: ForkServer
 ) -> None:
     settings, cfg = expanded
     assert invoke(capsys, "--config", cfg, "backfill").code == 0
@@ -374,22 +373,9 @@ def _job(settings: Settings, db: str = "control") -> dict[str, Any]:
     return dict(zip(keys, rows[0], strict=True))
 
 
-def _default_sigint() -> None:
-    # A shell starts background jobs with SIGINT ignored and children inherit that; with the
-    # default restored, the child's Python turns SIGINT into KeyboardInterrupt (Ctrl-C).
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _spawn(cfg: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "oauthmig", "--config", cfg, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        preexec_fn=_default_sigint,
-    )
+def _spawn(server: ForkServer, cfg: str, *args: str) -> ForkedProcess:
+    """``oauthmig --config CFG ARGS`` as a real process (SIGINT -> KeyboardInterrupt)."""
+    return server.spawn(["--config", cfg, *args], cwd=ROOT)
 
 
 def _pid(conn: Connection) -> int:
@@ -471,9 +457,12 @@ def pg_pair(
     yield out[0][0], out[0][1], out[1][0], out[1][1]
 
 
+@pytest.mark.slow
 @PG
 def test_sigkill_at_five_points_resumes_to_identical_state(
-    pg_pair: tuple[Settings, str, Settings, str], capsys: pytest.CaptureFixture[str]
+    pg_pair: tuple[Settings, str, Settings, str],
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg, ref_settings, ref_cfg = pg_pair
     assert (
@@ -515,7 +504,7 @@ def test_sigkill_at_five_points_resumes_to_identical_state(
         assert target > cursor, (point, target, cursor)
         locker = engine.connect()
         locker.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": target})
-        proc = _spawn(cfg, *args)
+        proc = _spawn(forkserver, cfg, *args)
         run_pid = _wait_blocked_by(settings, "control", _pid(locker))
         gate: Connection | None = None
         if point in ("early", "middle", "late"):
@@ -777,18 +766,21 @@ def test_parallel_jobs_across_databases(
 
 
 def test_two_backfill_processes_one_refuses(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _make(make_database, tmp_path, tokens=4000)
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
     # The first run commits its first batch, then sleeps an hour before the next: it is held
     # mid-job, holding its run lock, for as long as the test needs; Ctrl-C then ends it.
     args = ("-d", "shard", "backfill", "token-families", "--batch", "100", "--sleep", "3600")
-    first = _spawn(cfg, *args)
+    first = _spawn(forkserver, cfg, *args)
     _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > 0)
     assert _job(settings, "shard")["status"] == "running"
     assert run_lock_held(settings, "shard", "backfill token-families")
-    second = _spawn(cfg, *args)
+    second = _spawn(forkserver, cfg, *args)
     _, err = second.communicate(timeout=120)
     assert first.poll() is None, "the first run should still be working"
     first.send_signal(signal.SIGINT)
@@ -809,7 +801,10 @@ def test_two_backfill_processes_one_refuses(
 
 @PG
 def test_lost_connection_is_retried(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _make(
         make_database, tmp_path, tokens=4000, migrate={"lock_timeout": "60s", "lock_retries": 2}
@@ -826,7 +821,16 @@ def test_lost_connection_is_retried(
     )[0][0]
     locker.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": held})
     proc = _spawn(
-        cfg, "-d", "shard", "backfill", "token-families", "--batch", "20", "--sleep", "0.05"
+        forkserver,
+        cfg,
+        "-d",
+        "shard",
+        "backfill",
+        "token-families",
+        "--batch",
+        "20",
+        "--sleep",
+        "0.05",
     )
     _wait_blocked_by(settings, "shard", _pid(locker))
     assert int(_job(settings, "shard")["rows_done"]) > 0

@@ -30,6 +30,7 @@ from oauthmig.rollout.batches import (
 from oauthmig.rollout.control import requester
 from oauthmig.rollout.jobs import JOB_TABLE
 from tests.conftest import DatabaseFactory
+from tests.forkserver import ForkServer
 from tests.helpers import invoke, run_lock_held
 from tests.test_backfill import PG, _assert_tokens_backfilled, _rows, _spawn, _wait_for
 from tests.test_backfill_faults import (
@@ -105,13 +106,18 @@ def _one_error_line(err: str) -> str:
 
 
 def test_pause_from_another_process_stops_the_run_and_holds_the_job(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    forkserver: ForkServer,
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings, cfg = _expanded(make_database, tmp_path, capsys)
-    run = _spawn(cfg, "-d", "shard", "backfill", JOB, *PARK)
+    run = _spawn(forkserver, cfg, "-d", "shard", "backfill", JOB, *PARK)
     try:
         _wait_for(lambda: _committed_batches(settings, "shard") >= 1)  # parked after a batch
-        asker = _spawn(cfg, "-d", "shard", "backfill", "pause", JOB, "--wait", "--timeout", "120")
+        asker = _spawn(
+            forkserver, cfg, "-d", "shard", "backfill", "pause", JOB, "--wait", "--timeout", "120"
+        )
         _, asked_err = asker.communicate(timeout=180)
         assert asker.returncode == 0, asked_err
         # --wait returned: the run has seen the request and let go of the job.
@@ -156,7 +162,10 @@ def test_pause_from_another_process_stops_the_run_and_holds_the_job(
 
 @PG
 def test_pause_during_a_batch_lets_that_batch_commit_then_stops(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    forkserver: ForkServer,
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings, cfg = _expanded(make_database, tmp_path, capsys, migrate=LOCK_WAITS)
     token = settings.tables.token
@@ -168,10 +177,10 @@ def test_pause_during_a_batch_lets_that_batch_commit_then_stops(
     engine = make_engine(settings.databases["shard"], settings)
     row_lock = engine.connect()
     row_lock.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": blocked})
-    run = _spawn(cfg, "-d", "shard", "backfill", JOB, "--batch", "100")
+    run = _spawn(forkserver, cfg, "-d", "shard", "backfill", JOB, "--batch", "100")
     try:
         _wait_lock_wait(settings, "shard")  # the run is inside a batch, its UPDATE waits on us
-        asker = _spawn(cfg, "-d", "shard", "backfill", "pause", JOB)
+        asker = _spawn(forkserver, cfg, "-d", "shard", "backfill", "pause", JOB)
         _, asked_err = asker.communicate(timeout=120)
         assert asker.returncode == 0, asked_err
         assert _job_row(settings, "shard")["requested_action"] == "pause"
@@ -234,13 +243,16 @@ def test_pause_of_a_job_that_never_ran_holds_its_first_run(
 
 
 def test_cancel_from_another_process_then_only_restart_runs_the_job(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    forkserver: ForkServer,
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings, cfg = _expanded(make_database, tmp_path, capsys)
-    run = _spawn(cfg, "-d", "shard", "backfill", JOB, *PARK)
+    run = _spawn(forkserver, cfg, "-d", "shard", "backfill", JOB, *PARK)
     try:
         _wait_for(lambda: _committed_batches(settings, "shard") >= 1)
-        asker = _spawn(cfg, "-d", "shard", "backfill", "cancel", JOB)
+        asker = _spawn(forkserver, cfg, "-d", "shard", "backfill", "cancel", JOB)
         _, asked_err = asker.communicate(timeout=120)
         assert asker.returncode == 0, asked_err
         _, err = run.communicate(timeout=120)
@@ -377,6 +389,7 @@ def test_pruning_folds_old_batches_into_the_summary_in_small_steps(
 
 
 def test_batch_history_is_consistent_after_kill_9(
+    forkserver: ForkServer,
     make_database: DatabaseFactory,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -395,11 +408,11 @@ def test_batch_history_is_consistent_after_kill_9(
             f"SELECT min(id) FROM {token} WHERE refresh_token IS NOT NULL AND id > 400",
         )[0][0]
         row_lock.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": blocked})
-        run = _spawn(cfg, "-d", "shard", "-q", "backfill", JOB, "--batch", "100")
+        run = _spawn(forkserver, cfg, "-d", "shard", "-q", "backfill", JOB, "--batch", "100")
         _wait_lock_wait(settings, "shard")
     else:
         # SQLite has no row locks: killed while parked between batches.
-        run = _spawn(cfg, "-d", "shard", "-q", "backfill", JOB, *PARK)
+        run = _spawn(forkserver, cfg, "-d", "shard", "-q", "backfill", JOB, *PARK)
         _wait_for(lambda: _committed_batches(settings, "shard") >= 1)
     run.send_signal(signal.SIGKILL)
     run.wait(timeout=60)

@@ -27,6 +27,7 @@ from oauthmig.demo.data import setup_legacy
 from oauthmig.rollout.backfill import BackfillOptions, backfill
 from oauthmig.rollout.jobs import JOB_TABLE, JobStatus, family_id
 from tests.conftest import DatabaseFactory
+from tests.forkserver import ForkServer
 from tests.helpers import invoke, schema_dump, write_config
 from tests.pgcluster import Cluster, pg_cluster_fixture  # noqa: F401  (fixture)
 from tests.test_backfill import (
@@ -107,7 +108,10 @@ def _expanded(
 
 @PG
 def test_lock_lost_to_terminate_backend_stops_the_run_at_once(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _expanded(
         make_database,
@@ -125,7 +129,7 @@ def test_lock_lost_to_terminate_backend_stops_the_run_at_once(
     holder = engine.connect()  # plays the second run: waits for the lock, gets it on the kill
     row_lock = engine.connect()
     row_lock.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": blocked_id})
-    proc = _spawn(cfg, "-d", "shard", "backfill", "token-families", "--batch", "100")
+    proc = _spawn(forkserver, cfg, "-d", "shard", "backfill", "token-families", "--batch", "100")
     got_lock = threading.Event()
     try:
         _wait_lock_wait(settings, "shard")  # the run waits inside a batch on our row lock
@@ -175,9 +179,13 @@ def test_lock_lost_to_terminate_backend_stops_the_run_at_once(
     _assert_tokens_backfilled(settings, "shard")
 
 
+@pytest.mark.slow
 @PG
 def test_lock_lost_to_idle_session_timeout(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _expanded(make_database, tmp_path, capsys)
     db = settings.databases["shard"]
@@ -190,6 +198,7 @@ def test_lock_lost_to_idle_session_timeout(
         # 1) Nobody else takes the lock: the run notices each lost session before its next
         # batch, takes the lock again (its owner token unchanged) and finishes.
         alone = _spawn(
+            forkserver,
             cfg,
             "-d",
             "shard",
@@ -208,6 +217,7 @@ def test_lock_lost_to_idle_session_timeout(
 
         # 2) Another run takes the lock while the session is gone: the first one stops.
         proc = _spawn(
+            forkserver,
             cfg,
             "-d",
             "shard",
@@ -235,7 +245,10 @@ def test_lock_lost_to_idle_session_timeout(
 
 @PG
 def test_job_row_taken_over_stops_the_run(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _expanded(
         make_database,
@@ -252,7 +265,7 @@ def test_job_row_taken_over_stops_the_run(
     )[0][0]
     row_lock = engine.connect()
     row_lock.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": blocked_id})
-    proc = _spawn(cfg, "-d", "shard", "backfill", "token-families", "--batch", "100")
+    proc = _spawn(forkserver, cfg, "-d", "shard", "backfill", "token-families", "--batch", "100")
     try:
         _wait_lock_wait(settings, "shard")
         # Another run claimed the job row (e.g. it ran while this one's session was gone).
@@ -349,27 +362,35 @@ def _job_batches(settings: Settings) -> int:
     return int(rows[0][0]) if rows else 0
 
 
+@pytest.mark.slow
 def test_server_restart_within_the_outage_window_completes(
-    pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str], forkserver: ForkServer
 ) -> None:
     settings, cfg = _cluster_install(pg_cluster, tmp_path, capsys, "60s")
-    # Two-second pauses: the run is still far from done when the server goes, however fast.
-    proc = _spawn(cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "2")
+    # Half-second pauses: seconds of work are left when the server goes after two batches,
+    # and a run that finished first fails the test (no reconnect attempt) rather than passing.
+    proc = _spawn(
+        forkserver, cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "0.5"
+    )
     _wait_for(lambda: _job_batches(settings) >= 2)
     pg_cluster.restart("fast")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     state = _job(settings, "main")
-    assert state["status"] == "finished" and state["attempts"] >= 1
+    assert state["status"] == "finished" and state["attempts"] >= 1, state
     _assert_tokens_backfilled(settings, "main")
 
 
+@pytest.mark.slow
 def test_outage_past_the_window_fails_and_status_shows_interrupted(
-    pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str], forkserver: ForkServer
 ) -> None:
     settings, cfg = _cluster_install(pg_cluster, tmp_path, capsys, "2s")
-    # Two-second pauses: the run is still far from done when the server goes, however fast.
-    proc = _spawn(cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "2")
+    # Half-second pauses: seconds of work are left when the server goes after two batches
+    # (a run that finished first would exit 0 and fail the test).
+    proc = _spawn(
+        forkserver, cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "0.5"
+    )
     _wait_for(lambda: _job_batches(settings) >= 2)
     pg_cluster.stop("fast")
     began = time.monotonic()
@@ -391,11 +412,14 @@ def test_outage_past_the_window_fails_and_status_shows_interrupted(
     _assert_tokens_backfilled(settings, "main")
 
 
+@pytest.mark.slow
 def test_frozen_backend_is_detected_by_the_client_deadline(
-    pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pg_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str], forkserver: ForkServer
 ) -> None:
     settings, cfg = _cluster_install(pg_cluster, tmp_path, capsys, "3s")
-    proc = _spawn(cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "2")
+    proc = _spawn(
+        forkserver, cfg, "-q", "backfill", "token-families", "--batch", "20", "--sleep", "0.5"
+    )
     _wait_for(lambda: _job_batches(settings) >= 1)
     pid = _lock_pid(settings, "main")
     assert pid is not None
@@ -421,8 +445,12 @@ def test_frozen_backend_is_detected_by_the_client_deadline(
     _assert_tokens_backfilled(settings, "main")
 
 
+@pytest.mark.slow
 def test_sigterm_pauses_like_ctrl_c_and_status_tells_dead_from_live(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _expanded(make_database, tmp_path, capsys)
     # Each run commits a batch, then pauses an hour: it is held mid-job until signalled.
@@ -434,7 +462,7 @@ def test_sigterm_pauses_like_ctrl_c_and_status_tells_dead_from_live(
         )
         return str(doc["databases"][0]["backfills"][0]["state"])
 
-    proc = _spawn(cfg, *args)
+    proc = _spawn(forkserver, cfg, *args)
     _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > 0)
     assert shard_state() == "running"  # alive: it holds the run lock
     proc.send_signal(signal.SIGTERM)
@@ -445,7 +473,7 @@ def test_sigterm_pauses_like_ctrl_c_and_status_tells_dead_from_live(
     assert paused["status"] == "paused" and paused["rows_done"] > 0
     assert shard_state() == "paused"
 
-    killed = _spawn(cfg, *args)
+    killed = _spawn(forkserver, cfg, *args)
     _wait_for(lambda: _job(settings, "shard").get("status") == "running")
     _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > paused["rows_done"])
     killed.send_signal(signal.SIGKILL)
@@ -458,6 +486,7 @@ def test_sigterm_pauses_like_ctrl_c_and_status_tells_dead_from_live(
 # ------------------------------------------------------------------ 5: a locked row
 
 
+@pytest.mark.slow
 @PG
 def test_locked_row_narrows_the_batch_and_names_the_blocker(
     make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -467,6 +496,9 @@ def test_locked_row_narrows_the_batch_and_names_the_blocker(
         tmp_path,
         capsys,
         migrate={"lock_timeout": "200ms", "lock_retries": 2, "statement_timeout": "30s"},
+        # A batch's duration never shrinks the next one (600 s is never reached): the batch
+        # sizes, and so the count of attempts, depend on the data only, not on machine load.
+        backfill={"target_batch_seconds": 600},
     )
     token = settings.tables.token
     engine = make_engine(settings.databases["shard"], settings)
@@ -495,7 +527,7 @@ def test_locked_row_narrows_the_batch_and_names_the_blocker(
     assert state["status"] == "failed" and f"pid {blocker_pid}" in state["last_error"]
     # Narrowed down to the locked row: everything before it is done.
     assert state["cursor"] == max(i for i in _all_ids(settings) if i < locked)
-    assert state["attempts"] <= 15
+    assert state["attempts"] <= 15, state
     resumed = invoke(capsys, "--config", cfg, "-d", "shard", "backfill", "token-families")
     assert resumed.code == 0, resumed.err
     _assert_tokens_backfilled(settings, "shard")
@@ -634,7 +666,10 @@ def test_default_duty_cycle_sleeps_at_least_as_long_as_each_batch(
 
 @PG
 def test_downgrade_refused_while_a_backfill_process_runs(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _expanded(
         make_database,
@@ -647,7 +682,7 @@ def test_downgrade_refused_while_a_backfill_process_runs(
     row_lock = engine.connect()
     first = _rows(settings, "shard", f"SELECT min(id) FROM {token} WHERE refresh_token IS NOT NULL")
     row_lock.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": first[0][0]})
-    proc = _spawn(cfg, "-d", "shard", "backfill", "token-families")
+    proc = _spawn(forkserver, cfg, "-d", "shard", "backfill", "token-families")
     try:
         _wait_lock_wait(settings, "shard")  # the backfill is live, held inside its first batch
         refused = invoke(capsys, "--config", cfg, "-d", "shard", "downgrade", "--to", "0001")

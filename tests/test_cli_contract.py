@@ -30,6 +30,7 @@ from tests.helpers import assert_matches_schema, write_config
 ConfigChange = Callable[[dict[str, Any]], None]
 
 SECRET = "s3cr3t-pw"
+pytestmark = pytest.mark.xdist_group("cli_contract")  # one worker builds the demo fixture
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from oauthmig.cli import cli, run
 from tests.cli_demo import cli_env, run_forked
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("examples")]  # one module fixture
 BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
 
 

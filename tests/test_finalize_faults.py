@@ -4,10 +4,8 @@ blocking index builds, the upgrade's own backend terminated mid-run."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +24,7 @@ from oauthmig.errors import ConfigError
 from oauthmig.legacy import legacy_metadata
 from oauthmig.rollout.revisions import LOG_TABLE
 from tests.conftest import DatabaseFactory, routed_config
+from tests.forkserver import ForkedProcess, ForkServer
 from tests.helpers import invoke, write_config
 from tests.kill_after_ddl import is_ddl
 
@@ -163,16 +162,8 @@ def legacy_insert(settings: Settings) -> None:
         engine.dispose()
 
 
-def _spawn(*args: str, module: str = "oauthmig") -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
+def _spawn(server: ForkServer, *args: str, module: str = "oauthmig") -> ForkedProcess:
+    return server.spawn(args, module=module, cwd=ROOT)
 
 
 def _count_ddl(cfg: str, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, int]:
@@ -193,8 +184,12 @@ def _count_ddl(cfg: str, capsys: pytest.CaptureFixture[str], *args: str) -> tupl
 # ------------------------------------------------------------------ 1. kill after each statement
 
 
+@pytest.mark.slow
 def test_finalize_killed_after_each_statement_converges_and_downgrades_cleanly(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _setup(make_database, tmp_path, capsys)
     before = catalog(settings)
@@ -213,7 +208,9 @@ def test_finalize_killed_after_each_statement_converges_and_downgrades_cleanly(
     assert total >= expected, total
     for n in range(1, total + 1):
         killed = _spawn(
-            str(n), "--config", cfg, "-d", "control", "upgrade", module="tests.kill_after_ddl"
+            forkserver,
+            *(str(n), "--config", cfg, "-d", "control", "upgrade"),
+            module="tests.kill_after_ddl",
         )
         _, err = killed.communicate(timeout=120)
         assert killed.returncode == -signal.SIGKILL, (n, err)
@@ -226,8 +223,12 @@ def test_finalize_killed_after_each_statement_converges_and_downgrades_cleanly(
         legacy_insert(settings)
 
 
+@pytest.mark.slow
 def test_downgrade_killed_after_each_statement_converges(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _setup(make_database, tmp_path, capsys)
     assert invoke(capsys, "--config", cfg, "-d", "control", "upgrade").code == 0
@@ -238,6 +239,7 @@ def test_downgrade_killed_after_each_statement_converges(
     for n in range(1, total + 1):
         assert invoke(capsys, "--config", cfg, "-d", "control", "upgrade").code == 0
         killed = _spawn(
+            forkserver,
             str(n),
             *("--config", cfg, "-d", "control", "downgrade", "--to", "0003"),
             module="tests.kill_after_ddl",
@@ -296,6 +298,7 @@ def test_rerun_after_set_not_null_drops_the_stray_helper_check(
     legacy_insert(settings)
 
 
+@pytest.mark.slow
 @PG
 def test_finalize_among_short_reader_transactions_leaves_no_strays(
     make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -547,6 +550,7 @@ def test_terminated_upgrade_backend_is_one_line_naming_database_step_and_next_co
     expand: bool,
     revision: str,
     statement: str,
+    forkserver: ForkServer,
 ) -> None:
     settings, cfg = _setup(
         make_database,
@@ -559,7 +563,7 @@ def test_terminated_upgrade_backend_is_one_line_naming_database_step_and_next_co
     engine = _engine(settings)
     holder = engine.connect()
     holder.execute(text(f"LOCK TABLE {grant} IN ACCESS SHARE MODE"))
-    proc = _spawn("--config", cfg, "-d", "control", "upgrade")
+    proc = _spawn(forkserver, "--config", cfg, "-d", "control", "upgrade")
     url = settings.databases["control"].url
     assert url is not None
     dbname = url.rsplit("/", 1)[-1]

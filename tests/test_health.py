@@ -45,6 +45,7 @@ from oauthmig.rollout.health import (
 )
 from oauthmig.rollout.jobs import JOB_TABLE
 from tests.conftest import DatabaseFactory, routed_config
+from tests.forkserver import ForkServer
 from tests.helpers import invoke, write_config
 from tests.pgcluster import Cluster, free_port, private_cluster, streaming_replica
 from tests.test_backfill import PG, _assert_tokens_backfilled, _spawn
@@ -652,6 +653,7 @@ def test_parallel_jobs_hold_on_every_database_and_stop_together(
 @PG
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_ends_a_held_run_cleanly_and_a_rerun_finishes(
+    forkserver: ForkServer,
     signum: int,
     code: int,
     make_database: DatabaseFactory,
@@ -668,7 +670,7 @@ def test_signal_ends_a_held_run_cleanly_and_a_rerun_finishes(
     _sql(url, "CREATE TABLE hold_flag (n int)")
     _sql(url, "INSERT INTO hold_flag VALUES (1)")
     prom = tmp_path / "held.prom"
-    proc = _spawn(cfg, "backfill", JOB, "--metrics-file", str(prom))
+    proc = _spawn(forkserver, cfg, "backfill", JOB, "--metrics-file", str(prom))
     try:
         _wait_for("the run to hold (metrics file)", lambda: _held_in_metrics(prom))
         row = _job_row(settings)
@@ -716,6 +718,7 @@ def primary_and_replica() -> Iterator[tuple[Cluster, Cluster]]:
 
 
 def test_replica_lag_holds_the_backfill_and_it_resumes_after_replay_resumes(
+    forkserver: ForkServer,
     primary_and_replica: tuple[Cluster, Cluster],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -761,7 +764,9 @@ def test_replica_lag_holds_the_backfill_and_it_resumes_after_replay_resumes(
 
         # The backfill resumes the job and holds before its next batch.
         prom = tmp_path / "lag.prom"
-        proc = _spawn(cfg, "backfill", JOB, "--batch", "50", "--metrics-file", str(prom))
+        proc = _spawn(
+            forkserver, cfg, "backfill", JOB, "--batch", "50", "--metrics-file", str(prom)
+        )
         try:
             _wait_for("the run to hold on replica lag", lambda: _held_in_metrics(prom))
             held = _job_row(settings)

@@ -25,6 +25,8 @@ from oauthmig.rollout.status import StatusReport, status
 from tests.cli_demo import Demo, demo_installation, run_forked
 from tests.helpers import write_config
 
+pytestmark = pytest.mark.xdist_group("output_width")  # one worker builds the demo fixture
+
 # Long, realistic database names: they must survive every width.
 LONG = {"control": "control_plane_primary", "shard": "token_shard_eu_west_0042"}
 

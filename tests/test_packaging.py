@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# One worker builds the wheel and venv (module fixture) and runs every test here, first.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("packaging")]
 
 
 def _shipped_files() -> dict[str, str]:
@@ -80,7 +82,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         REPO,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "*.egg-info", "build", "dist", "__pycache__", ".*_cache", ".oauthmig"
+            ".git",
+            ".venv",
+            "*.egg-info",
+            "build",
+            "dist",
+            "__pycache__",
+            ".*_cache",
+            ".oauthmig",
+            ".hypothesis",  # written by property tests, perhaps right now by another worker
         ),
     )
     # python -m build makes the sdist, then the wheel from the unpacked sdist.

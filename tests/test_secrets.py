@@ -2,7 +2,8 @@
 
 A PostgreSQL URL carries a password in its userinfo and in its query string (``password``,
 ``sslpassword``, ``passfile``); the data carries a client secret, access, hashed and refresh
-tokens and a grant code. Every command runs as a real subprocess with ``-v``, in success and in
+tokens and a grant code. Every command runs as a real process with ``-v`` (a child of
+:mod:`tests.forkserver`: its own file descriptors, environment and exit), in success and in
 each failure we can provoke (constraint violation, trigger raising the row, lost connection,
 lock timeout, unreachable database, failing revision). Every byte of stdout, stderr, the report
 files and the oauthmig tables is searched for the planted values and for every 8-character
@@ -14,8 +15,6 @@ from __future__ import annotations
 import os
 import random
 import sqlite3
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from sqlalchemy.exc import DBAPIError
 
 from oauthmig.config import Settings, settings_from_mapping
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
+from tests.forkserver import ForkServer
 from tests.helpers import CliResult, seed_legacy, write_config
 
 # Consonants that are not hex digits: no 8-character slice of a planted value can occur by
@@ -86,21 +86,18 @@ class World:
     tmp: Path
     planted: Planted
     admin_urls: dict[str, str]
+    server: ForkServer
 
     def cli(self, *args: str, cfg: str | None = None) -> CliResult:
-        proc = subprocess.run(
-            [sys.executable, "-m", "oauthmig", "--config", cfg or self.cfg, "-v", *args],
-            capture_output=True,
-            text=True,
-            timeout=600,
+        code, out, err = self.server.run(
+            ["--config", cfg or self.cfg, "-v", *args],
             cwd=self.tmp,
             env={**os.environ, "COLUMNS": "200"},
-            check=False,
         )
         label = " ".join(args)
-        self.planted.record(f"stdout of `{label}`", proc.stdout)
-        self.planted.record(f"stderr of `{label}`", proc.stderr)
-        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+        self.planted.record(f"stdout of `{label}`", out)
+        self.planted.record(f"stderr of `{label}`", err)
+        return CliResult(code, out, err)
 
     def engine(self, db: str = "control") -> Engine:
         return create_engine(self.admin_urls[db])
@@ -156,7 +153,9 @@ def _secret_url(url: str, planted: dict[str, str]) -> str:
 
 
 @pytest.fixture
-def world(backend: str, make_database: DatabaseFactory, tmp_path: Path) -> Iterator[World]:
+def world(
+    backend: str, make_database: DatabaseFactory, tmp_path: Path, forkserver: ForkServer
+) -> Iterator[World]:
     values = {
         "userinfo password": _planted("Pu"),
         "query password": _planted("Pq"),
@@ -188,7 +187,7 @@ def world(backend: str, make_database: DatabaseFactory, tmp_path: Path) -> Itera
     create_legacy(settings)
     seed_legacy(settings, rows=12)
     cfg = write_config(tmp_path / "oauthmig.toml", data)
-    w = World(backend, settings, cfg, tmp_path, Planted(values), plain)
+    w = World(backend, settings, cfg, tmp_path, Planted(values), plain, forkserver)
     w.sql(
         "control",
         "UPDATE sentry_apiapplication SET client_secret = :cs WHERE id = 7",
@@ -304,6 +303,7 @@ def _hold_lock(
     return release, thread
 
 
+@pytest.mark.slow
 def test_no_secret_in_any_output_or_table(world: World) -> None:
     w = world
     v = w.planted.values
@@ -382,26 +382,11 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
     # --- lost connection mid-backfill (PostgreSQL): the work connection is killed once
     if pg:
         # Kill the work connection (not the one holding the run's advisory lock) once.
-        proc = subprocess.Popen(
+        proc = w.server.spawn(
             [
-                sys.executable,
-                "-m",
-                "oauthmig",
-                "--config",
-                w.cfg,
-                "-v",
-                "-d",
-                "shard",
-                "backfill",
-                "token-families",
-                "--batch",
-                "2",
-                "--sleep",
-                "0.3",
+                *("--config", w.cfg, "-v", "-d", "shard", "backfill", "token-families"),
+                *("--batch", "2", "--sleep", "0.3"),
             ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
             cwd=w.tmp,
         )
         dbname = make_url(w.admin_urls["shard"]).database
@@ -460,7 +445,8 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
     w.cli("backfill", "--dry-run", "--format", "json")
 
     # --- lock timeout: backfill and upgrade wait behind a transaction whose query has a secret
-    release, thread = _hold_lock(w, "sentry_apitoken", v["access token"])
+    # (EXCLUSIVE: the backfill's writes wait, status's reads run while the lock is held)
+    release, thread = _hold_lock(w, "sentry_apitoken", v["access token"], "EXCLUSIVE")
     try:
         bf = w.cli("-d", "control", "backfill", "token-families")
         assert bf.code == 2, bf.out + bf.err
