@@ -309,9 +309,13 @@ def render_status(console: Console, report: StatusReport) -> None:
             cell = d.revisions[i]
             style = _STATE_STYLE.get(cell.state, "")
             text = cell.state if cell.state != "skipped" else "skipped: not routed"
+            if cell.changed:
+                text, style = f"{text} (file changed)", "bold red"
             cells.append(f"[{style}]{text}[/]" if style else text)
         table.add_row(f"{rev.revision} {escape(rev.message)}", ", ".join(rev.tables), *cells)
     print_table(console, table)
+    for found in report.drift:
+        console.print(f"[bold red]drift:[/] {escape(found.describe())}")
     for d in report.databases:
         if d.error:
             continue  # the caller reports it once, on stderr
@@ -320,9 +324,11 @@ def render_status(console: Console, report: StatusReport) -> None:
                 console.print(f"{d.database} {cell.revision} {cell.state}: {escape(cell.detail)}")
         for job in d.backfills:
             total = "?" if job.rows_total is None else f"{job.rows_total:,}"
+            approx = "~" if job.estimate else ""
             line = (
                 f"{d.database} backfill {job.job}: {job.state}, {job.rows_done:,}/{total} rows"
-                + (f", {job.remaining:,} remaining" if job.remaining else "")
+                + (f", {approx}{job.remaining:,} remaining" if job.remaining else "")
+                + (" (estimated; `status --exact` counts)" if job.estimate else "")
             )
             if job.last_error:
                 line += f", last error: {job.last_error}"
@@ -374,6 +380,10 @@ def run_to_dict(run: DatabaseRun) -> dict[str, Any]:
                 "revision": run.plan.waiting.revision,
                 "job": run.plan.waiting.job,
                 "remaining_rows": run.plan.waiting.remaining_rows,
+                "jobs": [
+                    {"job": job, "remaining_rows": rows} for job, rows in run.plan.waiting.jobs
+                ],
+                "estimate": run.plan.waiting.estimate,
             }
         ),
         "attempts": run.attempts,
@@ -388,6 +398,15 @@ def status_to_dict(report: StatusReport) -> dict[str, Any]:
     return {
         "head": report.revisions[-1].revision if report.revisions else None,
         "outstanding": report.outstanding,
+        "exact": report.exact,
+        "drift": [
+            {
+                "revision": found.revision,
+                "file_checksum": found.file_checksum,
+                "recorded": dict(sorted(found.recorded.items())),
+            }
+            for found in report.drift
+        ],
         "revisions": [
             {
                 "revision": r.revision,
@@ -406,7 +425,13 @@ def status_to_dict(report: StatusReport) -> dict[str, Any]:
                 "current": d.current,
                 "error": d.error,
                 "revisions": {
-                    c.revision: {"state": c.state, "detail": c.detail} for c in d.revisions
+                    c.revision: {
+                        "state": c.state,
+                        "detail": c.detail,
+                        "checksum": c.checksum,
+                        "changed": c.changed,
+                    }
+                    for c in d.revisions
                 },
                 "backfills": [dataclasses.asdict(j) for j in d.backfills],
                 "live_grants": d.live_grants,

@@ -82,10 +82,7 @@ from oauthmig.rollout.jobs import (
     register_sqlite_functions,
     remaining_rows,
 )
-from oauthmig.rollout.revisions import (
-    history,
-    read_log,
-)
+from oauthmig.rollout.remaining import column_generation as _generation
 from oauthmig.rollout.runner import check_databases, check_routed_tables, lock_blockers
 
 MIN_BATCH, MAX_BATCH = 10, 200_000
@@ -216,32 +213,6 @@ class _StillHeld(Exception):
 
 class _TakenOver(BackfillError):
     """Another run holds the lock or owns the job row: this run must stop at once."""
-
-
-def _generation(conn: Connection, settings: Settings, job: Job) -> str:
-    """Identity of the job's columns: revision-log entries adding them, attnums on PostgreSQL.
-
-    Both change when a downgrade drops the columns and an upgrade adds them again, which
-    makes saved progress (a cursor over the old columns) meaningless.
-    """
-    log = read_log(conn)
-    parts = [
-        f"{r.revision}@{log.get(r.revision, {}).get('updated_at')}"
-        for r in history()
-        if any(c.table == job.logical_table and c.name in job.columns for c in r.columns)
-    ]
-    if conn.dialect.name == "postgresql":
-        rows = conn.execute(
-            text(
-                "SELECT attname, attnum FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) "
-                "AND attname = ANY(:c) AND NOT attisdropped ORDER BY attname"
-            ),
-            {"t": settings.tables.physical(job.logical_table), "c": list(job.columns)},
-        ).all()
-        parts.append(",".join(f"{r.attname}={r.attnum}" for r in rows))
-    if conn.in_transaction():
-        conn.rollback()
-    return ";".join(parts)
 
 
 def _row_blockers(conn: Connection, physical: str, lo: int, hi: int) -> str:

@@ -1,7 +1,9 @@
 """The backfill jobs: what each one fills, its job-state table, and what remains to do.
 
-Imported directly by the backfill runner, by ``status`` and by the revision gate (a gated
-revision asks :func:`remaining_rows`), so nothing registers itself at import time.
+Imported directly by the backfill runner, by ``status`` and by the revision gate, so nothing
+registers itself at import time. :func:`remaining_rows` is a full count (the backfill's own
+start, ``status --exact``); ``status`` and the gate read what is left without a scan
+(:mod:`oauthmig.rollout.remaining`).
 
 The token family id of a legacy token is :func:`family_id` ``(table, id, database)``: UUIDv3
 (RFC 4122 §4.3, MD5) in :data:`FAMILY_NAMESPACE` of ``"<database>:<table>:<id>"`` (job version
@@ -16,7 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +64,22 @@ class JobState:
     rows_total: int | None
     remaining: int | None
     last_error: str | None = None
+    # remaining (and rows_total where the job has no row yet) is an estimate; see Remaining
+    estimate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Remaining:
+    """What one job has left on one database, as cheaply as it could be known.
+
+    ``rows`` is ``None`` while the table lacks the job's columns (its expand revision has not
+    run); ``estimate`` says ``rows`` was estimated rather than counted; ``pending`` is what a
+    gated revision waits on: rows are left, or could not be ruled out without a scan.
+    """
+
+    rows: int | None
+    estimate: bool = False
+    pending: bool = False
 
 
 JOB_TABLE = "oauthmig_backfill_job"
@@ -307,7 +325,7 @@ def has_columns(conn: Connection, physical: str, names: Sequence[str]) -> bool:
 
 
 def remaining_rows(conn: Connection, settings: Settings, database: str, job: Job) -> int:
-    """Rows of ``job`` still to backfill on ``database``.
+    """Rows of ``job`` still to backfill on ``database``: a full count of its table.
 
     0 where its table is not routed there; -1 while the table lacks the job's columns (the
     expand revision has not run, so neither can the backfill).
@@ -389,14 +407,30 @@ def ensure_job_table(conn: Connection) -> None:
                 conn.execute(text(f"ALTER TABLE {JOB_TABLE} ADD COLUMN {name} {sql_type}"))
 
 
-def job_states(conn: Connection, settings: Settings, database: str) -> list[JobState]:
-    """Per-job state on one database, for ``status``."""
+def exact_remaining(conn: Connection, settings: Settings, database: str, job: Job) -> Remaining:
+    """:func:`remaining_rows` as a :class:`Remaining` (a full count)."""
+    n = remaining_rows(conn, settings, database, job)
+    return Remaining(None, pending=True) if n < 0 else Remaining(n, pending=n > 0)
+
+
+def job_states(
+    conn: Connection,
+    settings: Settings,
+    database: str,
+    left: Mapping[str, Remaining] | None = None,
+) -> list[JobState]:
+    """Per-job state on one database, for ``status``.
+
+    ``left`` gives what each job has left (see :mod:`oauthmig.rollout.remaining`); a job it
+    does not name is counted in full.
+    """
     out: list[JobState] = []
     for job in JOBS.values():
         if job.logical_table not in settings.tables_on(database):
             continue
-        remaining = remaining_rows(conn, settings, database, job)
-        if remaining < 0:
+        known = (left or {}).get(job.name) or exact_remaining(conn, settings, database, job)
+        remaining = known.rows
+        if remaining is None:
             out.append(JobState(job.name, "waiting for upgrade", 0, None, None))
             continue
         state = read_job(conn, job.name)
@@ -404,15 +438,16 @@ def job_states(conn: Connection, settings: Settings, database: str) -> list[JobS
             out.append(
                 JobState(
                     job.name,
-                    "finished" if remaining == 0 else "not started",
+                    "not started" if known.pending else "finished",
                     0,
                     remaining,
                     remaining,
+                    estimate=known.estimate,
                 )
             )
             continue
         status = str(state["status"])
-        if status == "finished" and remaining > 0:
+        if status == "finished" and known.pending:
             status = "stale"  # rows needing the backfill appeared after it finished
         elif status == "running" and not run_alive(conn, job):
             status = STATE_INTERRUPTED  # killed, crashed or lost its server: nothing holds the lock
@@ -424,6 +459,7 @@ def job_states(conn: Connection, settings: Settings, database: str) -> list[JobS
                 int(state["rows_total"]),
                 remaining,
                 state["last_error"],
+                estimate=known.estimate,
             )
         )
     return out

@@ -8,13 +8,20 @@ outcome (``applied`` or ``skipped``: not routed) in that database's own
 This module reads the catalogue (:func:`history`), gives revision files :func:`expand` and
 :func:`contract`, is the Alembic environment (:func:`run_environment`) and reads the version
 table and revision log. :mod:`oauthmig.rollout.runner` plans and runs revisions.
+
+Every log row also holds the :func:`checksum` of the revision file that was recorded (sha256 of
+its source, line endings normalized), so that :func:`drift` can tell when a file changed after
+it was applied somewhere. Log tables written before checksums existed get the column on first
+use (:func:`ensure_log_table`); their old rows have none and are never reported as changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
@@ -73,7 +80,14 @@ revision_log = Table(
     Column("adopted", Text, nullable=True),
     Column("detail", Text, nullable=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Added later (older log tables get it on first use): sha256 of the revision file recorded.
+    Column("checksum", String(64), nullable=True),
 )
+
+#: Columns of the revision log that older versions of oauthmig did not create.
+_LATER_LOG_COLUMNS = ("checksum",)
+#: ``detail`` of a log row written by ``oauthmig stamp`` (the revision's SQL ran elsewhere).
+STAMPED = "stamped: recorded by oauthmig stamp, its SQL was applied by hand"
 
 
 # --------------------------------------------------------------------------- column specs
@@ -126,6 +140,19 @@ class RevisionInfo:
     tables: tuple[str, ...]
     columns: tuple[ColumnSpec, ...]
     requires_backfills: tuple[str, ...]
+    checksum: str | None = None  # of the revision file (None: no source file to read)
+    # Revisions whose end state is not just their columns (finalize) can say whether a database
+    # already has it: (connection, target) -> problems, empty when it does (``oauthmig stamp``).
+    verify_applied: Callable[[Connection, RevisionTarget], list[str]] | None = None
+
+
+def checksum(path: str | Path) -> str:
+    """sha256 of a revision file's source bytes, CRLF and CR line endings read as LF.
+
+    The same file checked out on Windows or Linux, or shipped in a wheel, has one checksum.
+    """
+    data = Path(path).read_bytes().replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return hashlib.sha256(data).hexdigest()
 
 
 def script_directory() -> ScriptDirectory:
@@ -151,6 +178,8 @@ def _info(script: Script) -> RevisionInfo:
         tables=tables,
         columns=tuple(getattr(module, "columns", ())),
         requires_backfills=tuple(getattr(module, "requires_backfills", ())),
+        checksum=checksum(script.path) if script.path and Path(script.path).is_file() else None,
+        verify_applied=getattr(module, "verify_applied", None),
     )
 
 
@@ -327,6 +356,8 @@ def run_environment(context: EnvironmentContext) -> None:
             from sqlalchemy.schema import CreateTable
 
             context.execute(CreateTable(revision_log, if_not_exists=True))
+            for stmt in _offline_log_columns(t):
+                context.execute(text(stmt))
         with context.begin_transaction():
             for stmt in t.step_guards:
                 context.execute(text(stmt))
@@ -362,6 +393,7 @@ def _record_step(*, ctx: MigrationContext, step: MigrationInfo, heads: Any, run_
                 adopted=adopted,
                 detail=None,
                 updated_at=when,
+                checksum=info.checksum,
             )
         )
     else:
@@ -397,10 +429,100 @@ def read_current(conn: Connection, db: str, revisions: Sequence[RevisionInfo]) -
 
 
 def read_log(conn: Connection) -> dict[str, dict[str, Any]]:
-    """Rows of the revision log keyed by revision (empty if the table does not exist)."""
-    if not inspect(conn).has_table(LOG_TABLE):
+    """Rows of the revision log keyed by revision (empty if the table does not exist).
+
+    A log table written by an older oauthmig lacks the later columns: they read as ``None``.
+    """
+    insp = inspect(conn)
+    if not insp.has_table(LOG_TABLE):
         return {}
-    rows = conn.execute(select(revision_log)).mappings().all()
+    have = {c["name"] for c in insp.get_columns(LOG_TABLE)}
+    cols = [c for c in revision_log.c if c.name in have]
+    rows = conn.execute(select(*cols)).mappings().all()
     if conn.in_transaction():
         conn.rollback()
-    return {r["revision"]: dict(r) for r in rows}
+    return {r["revision"]: {**dict.fromkeys(_LATER_LOG_COLUMNS), **dict(r)} for r in rows}
+
+
+def ensure_log_table(conn: Connection) -> None:
+    """Create the revision log, or add the columns newer versions write to an older one.
+
+    Runs inside the caller's transaction.
+    """
+    log_metadata.create_all(conn, checkfirst=True)
+    have = {c["name"] for c in inspect(conn).get_columns(LOG_TABLE)}
+    for name in _LATER_LOG_COLUMNS:
+        if name not in have:
+            ddl = revision_log.c[name].type.compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {LOG_TABLE} ADD COLUMN {name} {ddl}"))
+
+
+def _offline_log_columns(t: RevisionTarget) -> list[str]:
+    """Offline: give a revision log an older oauthmig created the later columns.
+
+    PostgreSQL adds them if missing; SQLite SQL cannot branch, so there the script stops at
+    once (before any change) with the statement that adds them.
+    """
+    if t.dialect == "postgresql":
+        return [
+            f"ALTER TABLE {LOG_TABLE} ADD COLUMN IF NOT EXISTS {name} "
+            f"{revision_log.c[name].type.compile(dialect=_dialect(t.dialect))}"
+            for name in _LATER_LOG_COLUMNS
+        ]
+    if not t.guarded:
+        return []  # --dry-run of an online upgrade, which adds them (ensure_log_table)
+    out: list[str] = []
+    for name in _LATER_LOG_COLUMNS:
+        ddl = revision_log.c[name].type.compile(dialect=_dialect(t.dialect))
+        out += t.sqlite_guards.guard(
+            f"EXISTS (SELECT 1 FROM pragma_table_info('{LOG_TABLE}') WHERE name = '{name}')",
+            f"the revision log of {t.database} was written by an older oauthmig and lacks "
+            f"column {name}; add it with `ALTER TABLE {LOG_TABLE} ADD COLUMN {name} {ddl};` "
+            "(or run any oauthmig upgrade online), then apply this script",
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """A revision whose file changed after it was recorded on some databases."""
+
+    revision: str
+    file_checksum: str
+    recorded: dict[str, str]  # database -> checksum recorded there
+
+    def describe(self) -> str:
+        """One line: which revision, where, and what to do."""
+        where = ", ".join(sorted(self.recorded))
+        was = ", ".join(sorted({c[:12] for c in self.recorded.values()}))
+        return (
+            f"revision {self.revision} changed since it was applied on {where} (checksum "
+            f"recorded {was}, file now {self.file_checksum[:12]}); restore the file as it was "
+            "applied: an applied revision must not change, put new changes in a new revision"
+        )
+
+
+def drift(
+    revisions: Sequence[RevisionInfo], logs: dict[str, dict[str, dict[str, Any]]]
+) -> list[Drift]:
+    """Revisions whose recorded checksum (per database: ``logs[database]`` is
+    :func:`read_log`'s answer there) differs from their file's, oldest first.
+
+    Rows without a checksum (written before checksums existed, or a failed attempt) are not
+    compared.
+    """
+    out: list[Drift] = []
+    for rev in revisions:
+        if rev.checksum is None:
+            continue
+        recorded = {
+            database: str(row["checksum"])
+            for database, log in logs.items()
+            if (row := log.get(rev.revision)) is not None
+            and row.get("outcome") in ("applied", "skipped")
+            and row.get("checksum")
+            and row["checksum"] != rev.checksum
+        }
+        if recorded:
+            out.append(Drift(rev.revision, rev.checksum, recorded))
+    return out

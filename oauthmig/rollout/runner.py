@@ -45,12 +45,13 @@ from oauthmig.errors import (
     UsageError,
 )
 from oauthmig.resources import revisions_dir
-from oauthmig.rollout.jobs import JOBS, remaining_rows, run_alive
+from oauthmig.rollout.jobs import JOBS, run_alive
 from oauthmig.rollout.offline import (
     database_guard,
     gate_guards,
     version_guard,
 )
+from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.revisions import (
     CONNECTION_KEY,
     LOG_TABLE,
@@ -58,6 +59,7 @@ from oauthmig.rollout.revisions import (
     VERSION_TABLE,
     RevisionInfo,
     RevisionTarget,
+    ensure_log_table,
     history,
     incompatible_column,
     log_metadata,
@@ -80,6 +82,7 @@ class Waiting:
     job: str
     remaining_rows: int | None  # None: the backfill cannot have run yet (columns missing)
     also: tuple[tuple[str, int | None], ...] = ()
+    estimate: bool = False  # the row counts are estimates (see rollout.remaining)
 
     @property
     def jobs(self) -> tuple[tuple[str, int | None], ...]:
@@ -87,11 +90,13 @@ class Waiting:
         return ((self.job, self.remaining_rows), *self.also)
 
     def describe(self) -> str:
-        """``backfill X has N rows left`` or ``backfill X has not run yet``, for every job."""
+        """``backfill X has N rows left`` (``~N`` when estimated) or ``backfill X has not run
+        yet``, for every job."""
+        approx = "~" if self.estimate else ""
         return ", ".join(
             f"backfill {job} has not run yet"
             if rows is None
-            else f"backfill {job} has {rows:,} row{'s' if rows != 1 else ''} left"
+            else f"backfill {job} has {approx}{rows:,} row{'s' if rows != 1 else ''} left"
             for job, rows in self.jobs
         )
 
@@ -299,25 +304,31 @@ def refuse_downgrade_during_backfill(
                 )
 
 
-def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -> Waiting | None:
-    """The unfinished backfill ``rev`` waits for on database ``db``, if any."""
+def gate_for(
+    conn: Connection, settings: Settings, db: str, rev: RevisionInfo, *, exact: bool = False
+) -> Waiting | None:
+    """The unfinished backfill ``rev`` waits for on database ``db``, if any.
+
+    Reads the job rows and index ranges above their cursors, never the whole table
+    (:mod:`oauthmig.rollout.remaining`); ``exact`` counts every pending row instead.
+    """
     routed = settings.tables_on(db)
     if not any(t in routed for t in rev.tables):
         return None
     unfinished: list[tuple[str, int | None]] = []
+    estimate = False
     for job in rev.requires_backfills:
         spec = JOBS.get(job)
         if spec is None:
             raise RevisionFailedError(f"revision {rev.revision}: unknown backfill job {job!r}")
-        remaining = remaining_rows(conn, settings, db, spec)
-        if conn.in_transaction():
-            conn.rollback()
-        if remaining != 0:
-            unfinished.append((job, remaining if remaining > 0 else None))
+        left = remaining(conn, settings, db, spec, exact=exact, gate=True)
+        if left.pending:
+            unfinished.append((job, left.rows))
+            estimate = estimate or left.estimate
     if not unfinished:
         return None
     (first, rows), *others = unfinished
-    return Waiting(rev.revision, first, rows, tuple(others))
+    return Waiting(rev.revision, first, rows, tuple(others), estimate)
 
 
 def _plan(
@@ -613,7 +624,7 @@ def _run_online(
         attempts += 1
         try:
             with conn.begin():
-                log_metadata.create_all(conn, checkfirst=True)
+                ensure_log_table(conn)
             rt = _target_for(db, settings, conn, read_log(conn))
             cfg = _alembic_config(rt, conn)
             if req.direction == "upgrade":

@@ -4,9 +4,11 @@ Revision ID: 0004
 Revises: 0003
 """
 
+from sqlalchemy.engine import Connection
+
 from oauthmig.rollout import finalize
 from oauthmig.rollout.finalize import Check, IndexSpec, NotNull
-from oauthmig.rollout.revisions import ColumnSpec, history
+from oauthmig.rollout.revisions import ColumnSpec, RevisionTarget, history
 
 revision = "0004"
 down_revision = "0003"
@@ -57,6 +59,11 @@ def _not_nulls() -> list[NotNull]:
             "application_type",
         )
     ]
+
+
+def verify_applied(conn: Connection, target: RevisionTarget) -> list[str]:
+    """What is missing for this revision's end state on ``target``'s database (for stamp)."""
+    return finalize.verify(conn, target, revision, CHECKS, _not_nulls(), INDEXES)
 
 
 def upgrade() -> None:
