@@ -1,4 +1,4 @@
-"""``python -m tests.bench [backfill|rules|audit ...] [options]``: run benchmarks, print results.
+"""``python -m tests.bench [backfill|rules|audit|traffic|status ...] [options]``: benchmarks.
 
 With no benchmark named, all of them run. Exit status 1 when a target is missed (the figures are
 still printed), 2 on a usage error.
@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("backfill", "rules", "audit", "traffic")
+BENCHMARKS = ("backfill", "rules", "audit", "traffic", "status")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="backfill, rules, audit and/or traffic (default: all)",
+        help="backfill, rules, audit, traffic and/or status (default: all)",
     )
     p.add_argument("--seed", type=int, default=42, help="demo data seed (default 42)")
     g = p.add_argument_group("backfill")
@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--phase-seconds", type=int, default=20, help="pgbench seconds per phase (default 20)"
+    )
+    g = p.add_argument_group("status")
+    g.add_argument(
+        "--status-tokens",
+        type=int,
+        nargs="+",
+        default=[1_000_000, 5_000_000],
+        help="token-table sizes to time status on (default: 1000000 5000000)",
     )
     g = p.add_argument_group("rules")
     g.add_argument("--uris", type=int, default=1_000_000, help="generated URIs (default 1M)")
@@ -109,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ok &= bench_traffic.main(
                 tokens=args.traffic_tokens, seconds=args.phase_seconds, seed=args.seed
             )
+        elif name == "status":
+            from tests.bench import bench_status
+
+            ok &= bench_status.main(sizes=args.status_tokens)
         elif name == "rules":
             from tests.bench import bench_rules
 
