@@ -36,10 +36,12 @@ from oauthmig.output.json import (
     requests_to_dict,
     runs_to_dict,
     sql_runs_to_list,
+    stamp_to_dict,
     status_to_dict,
     to_json,
 )
 from oauthmig.output.metrics import MetricsFile
+from oauthmig.output.stamp_text import render_stamp
 from oauthmig.output.text import (
     Consoles,
     at_least,
@@ -74,6 +76,7 @@ from oauthmig.rollout.batch_report import DEFAULT_LAST, backfill_report
 from oauthmig.rollout.offline import write_scripts
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import Direction, Mode, PlanOutcome, RunResult
+from oauthmig.rollout.stamp import stamp as stamp_revisions
 from oauthmig.rollout.status import status as read_status
 
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -503,27 +506,62 @@ def downgrade(
 
 
 @cli.command()
+@click.argument("revision", metavar="REV")
+@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@click.pass_context
+def stamp(ctx: click.Context, revision: str, fmt: str) -> None:
+    """Record revisions up to REV as applied without running them.
+
+    For databases whose revisions' SQL was applied by hand (from `upgrade --sql` output)
+    without the version table and revision log. Nothing is recorded anywhere unless, on every
+    selected database, each column those revisions add exists with a compatible type, the
+    constraints and indexes of finalize exist, and gated revisions' backfills are finished.
+    Stamped columns count as adopted: a later downgrade keeps them.
+
+    \b
+    Examples:
+      oauthmig stamp 0003                 # databases already at 0003: nothing to record
+      oauthmig stamp 0003 -d control --format json
+    """
+    state = _state(ctx)
+    result = stamp_revisions(state.settings(), revision)
+    if fmt == "json":
+        click.echo(to_json(stamp_to_dict(result)))
+    elif not state.consoles.quiet:
+        render_stamp(state.consoles.out, result)
+
+
+@cli.command()
 @click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
 @click.option(
     "--check",
     is_flag=True,
-    help="Exit 1 if any revision or backfill is pending, waiting or failed.",
+    help="Exit 1 if any revision or backfill is pending, waiting or failed, or a revision "
+    "file changed since it was applied.",
+)
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Count every row a backfill has left (a full scan of its table) instead of estimating.",
 )
 @click.pass_context
-def status(ctx: click.Context, fmt: str, check: bool) -> None:
+def status(ctx: click.Context, fmt: str, check: bool, exact: bool) -> None:
     """Show the revision x database matrix, backfill progress and PKCE coverage.
 
-    Cells read applied, skipped (not routed), pending, waiting (for a backfill) or failed.
-    Reads only; never writes.
+    Cells read applied, skipped (not routed), pending, waiting (for a backfill) or failed; a
+    revision whose file changed since it was applied is flagged. Backfill rows left are read
+    from the job table and bounded index ranges, never a scan: counts that are estimates
+    read "~N" ("estimate": true in JSON). Reads only; never writes.
 
     \b
     Examples:
       oauthmig status
       oauthmig status --format json | jq '.databases[].current'
       oauthmig status --check        # in CI: fails while anything is outstanding
+      oauthmig status --exact        # count the rows left instead of estimating
     """
     state = _state(ctx)
-    report = read_status(state.settings())
+    report = read_status(state.settings(), exact=exact)
     if fmt == "json":
         click.echo(to_json(status_to_dict(report)))
     else:
@@ -536,8 +574,9 @@ def status(ctx: click.Context, fmt: str, check: bool) -> None:
         raise OauthmigError(f"{len(errors)} databases could not be read: {names}")
     if errors:
         raise OauthmigError(errors[0].error or "a database could not be read")
-    if check and report.outstanding:
-        raise Findings("outstanding work: pending, waiting or failed revisions or backfills")
+    failure = report.check_failure()
+    if check and failure:
+        raise Findings(failure)
 
 
 @cli.command()

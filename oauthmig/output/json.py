@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from oauthmig.rollout.control import RequestOutcome
     from oauthmig.rollout.preflight import RevisionInfo
     from oauthmig.rollout.runner import DatabaseRun, RunResult
+    from oauthmig.rollout.stamp import StampResult
     from oauthmig.rollout.status import StatusReport
 
 __all__ = [
@@ -121,6 +122,10 @@ def run_to_dict(run: DatabaseRun) -> dict[str, Any]:
                 "revision": run.plan.waiting.revision,
                 "job": run.plan.waiting.job,
                 "remaining_rows": run.plan.waiting.remaining_rows,
+                "jobs": [
+                    {"job": job, "remaining_rows": rows} for job, rows in run.plan.waiting.jobs
+                ],
+                "estimate": run.plan.waiting.estimate,
             }
         ),
         "attempts": run.attempts,
@@ -160,6 +165,15 @@ def status_to_dict(report: StatusReport) -> dict[str, Any]:
     return {
         "head": report.revisions[-1].revision if report.revisions else None,
         "outstanding": report.outstanding,
+        "exact": report.exact,
+        "drift": [
+            {
+                "revision": found.revision,
+                "file_checksum": found.file_checksum,
+                "recorded": dict(sorted(found.recorded.items())),
+            }
+            for found in report.drift
+        ],
         "revisions": [
             {
                 "revision": r.revision,
@@ -178,7 +192,13 @@ def status_to_dict(report: StatusReport) -> dict[str, Any]:
                 "current": d.current,
                 "error": d.error,
                 "revisions": {
-                    c.revision: {"state": c.state, "detail": c.detail} for c in d.revisions
+                    c.revision: {
+                        "state": c.state,
+                        "detail": c.detail,
+                        "checksum": c.checksum,
+                        "changed": c.changed,
+                    }
+                    for c in d.revisions
                 },
                 "backfills": [dataclasses.asdict(j) for j in d.backfills],
                 "live_grants": d.live_grants,
@@ -409,6 +429,32 @@ def prune_to_dict(result: PruneResult) -> dict[str, Any]:
         "batch": result.batch,
         "databases": [
             {"database": d.database, "error": d.error} | _prune_stats(d.stats)
+            for d in result.databases
+        ],
+    }
+
+
+def stamp_to_dict(result: StampResult) -> dict[str, Any]:
+    """JSON shape of ``stamp``."""
+    return {
+        "target": result.target,
+        "databases": [
+            {
+                "database": d.database,
+                "dialect": d.dialect,
+                "url": d.display_url,
+                "from": d.current,
+                "to": d.target,
+                "stamped": [
+                    {
+                        "revision": s.revision,
+                        "outcome": s.outcome,
+                        "tables": list(s.tables),
+                        "adopted": list(s.adopted),
+                    }
+                    for s in d.steps
+                ],
+            }
             for d in result.databases
         ],
     }

@@ -377,9 +377,13 @@ def render_status(console: Console, report: StatusReport) -> None:
             cell = d.revisions[i]
             style = _REVISION_STYLE.get(cell.state, "")
             text = cell.state if cell.state != "skipped" else "skipped: not routed"
+            if cell.changed:
+                text, style = f"{text} (file changed)", "bold red"
             cells.append(f"[{style}]{text}[/]" if style else text)
         table.add_row(f"{rev.revision} {escape(rev.message)}", ", ".join(rev.tables), *cells)
     print_table(console, table)
+    for found in report.drift:
+        console.print(f"[bold red]drift:[/] {escape(found.describe())}")
     for d in report.databases:
         if d.error:
             continue  # the caller reports it once, on stderr
@@ -392,8 +396,11 @@ def render_status(console: Console, report: StatusReport) -> None:
             if job.held:
                 how = "paused" if job.state is JobStatus.RUNNING else "stopped while held"
                 state = f"{job.state} ({how}: {job.held})"
-            line = f"{d.database} backfill {job.job}: {state}, {job.rows_done:,}/{total} rows" + (
-                f", {job.remaining:,} remaining" if job.remaining else ""
+            approx = "~" if job.estimate else ""
+            line = (
+                f"{d.database} backfill {job.job}: {state}, {job.rows_done:,}/{total} rows"
+                + (f", {approx}{job.remaining:,} remaining" if job.remaining else "")
+                + (" (estimated; `status --exact` counts)" if job.estimate else "")
             )
             request = request_brief(job)
             if request:

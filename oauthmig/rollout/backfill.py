@@ -105,7 +105,8 @@ from oauthmig.rollout.jobs import (
     register_sqlite_functions,
     remaining_rows,
 )
-from oauthmig.rollout.preflight import RevisionInfo, check_routed_tables, read_log
+from oauthmig.rollout.preflight import RevisionInfo, check_routed_tables
+from oauthmig.rollout.remaining import column_generation
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import check_databases
 
@@ -264,34 +265,6 @@ class _TakenOver(BackfillError):
     """Another run holds the lock or owns the job row: this run must stop at once."""
 
 
-def _generation(
-    conn: Connection, settings: Settings, job: Job, revisions: Sequence[RevisionInfo]
-) -> str:
-    """Identity of the job's columns: revision-log entries adding them, attnums on PostgreSQL.
-
-    Both change when a downgrade drops the columns and an upgrade adds them again, which
-    makes saved progress (a cursor over the old columns) meaningless.
-    """
-    log = read_log(conn)
-    parts = [
-        f"{r.revision}@{log.get(r.revision, {}).get('updated_at')}"
-        for r in revisions
-        if any(c.table == job.logical_table and c.name in job.columns for c in r.columns)
-    ]
-    if conn.dialect.name == "postgresql":
-        rows = conn.execute(
-            text(
-                "SELECT attname, attnum FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) "
-                "AND attname = ANY(:c) AND NOT attisdropped ORDER BY attname"
-            ),
-            {"t": settings.tables.physical(job.logical_table), "c": list(job.columns)},
-        ).all()
-        parts.append(",".join(f"{r.attname}={r.attnum}" for r in rows))
-    if conn.in_transaction():
-        conn.rollback()
-    return ";".join(parts)
-
-
 def adapt_batch_size(size: int, seconds: float, target: float) -> int:
     """Next batch size: grow gently (≤ +25 %), shrink at once in proportion to a slow batch."""
     ratio = target / max(seconds, 1e-4)
@@ -425,7 +398,7 @@ class _Runner:
                 )
             ensure_job_table(conn)
             ensure_batch_table(conn)
-            generation = _generation(conn, self.settings, job, self.revisions)
+            generation = column_generation(conn, self.settings, job, self.revisions)
             saved = read_job(conn, job.name)
             if (
                 saved is not None

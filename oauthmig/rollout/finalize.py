@@ -448,6 +448,64 @@ class _Run:
 _Step = Callable[[RevisionTarget, _Run, Finalize], None]
 
 
+def verify(conn: Connection, t: RevisionTarget, spec: Finalize) -> list[str]:
+    """What finalize would still have to do on the tables routed to ``t``'s database, read
+    from the catalog: one line per missing constraint, NOT NULL or index (empty: done).
+
+    ``oauthmig stamp`` records a finalize revision only when this is empty. An index of any
+    name counts when it is a valid plain index on exactly that column, as :func:`upgrade`
+    keeps one.
+    """
+    problems: list[str] = []
+    routed = set(t.routed)
+    pg = (
+        _PgFinalize(t, _Run(spec.revision, f"oauthmig upgrade -d {t.database}"), conn)
+        if conn.dialect.name == "postgresql"
+        else None
+    )
+    insp = inspect(conn)
+    for c in spec.checks:
+        if c.table not in routed:
+            continue
+        physical = t.tables.physical(c.table)
+        name = object_name(physical, c.suffix)
+        if pg is not None:
+            state = pg.constraint(physical, name)
+        else:
+            names = {x["name"] for x in insp.get_check_constraints(physical)}
+            state = True if name in names else None
+        if state is None:
+            problems.append(f"CHECK constraint {name} on {physical} is missing")
+        elif not state:
+            problems.append(f"CHECK constraint {name} on {physical} is NOT VALID (not validated)")
+    for n in spec.not_nulls:
+        if n.table not in routed:
+            continue
+        physical = t.tables.physical(n.table)
+        if pg is not None:
+            done = pg.not_null(physical, n.column)
+        else:
+            done = any(
+                x["name"] == n.column and not x["nullable"] for x in insp.get_columns(physical)
+            )
+        if not done:
+            problems.append(f"{physical}.{n.column} is not NOT NULL")
+    for i in spec.indexes:
+        if i.table not in routed:
+            continue
+        physical = t.tables.physical(i.table)
+        if pg is not None:
+            found = any(x.valid and x.on_column for x in pg.indexes(physical, i.column))
+        else:
+            found = any(x["column_names"] == [i.column] for x in insp.get_indexes(physical))
+        if not found:
+            name = object_name(physical, f"{i.column}_idx")
+            problems.append(f"index {name} on {physical} ({i.column}) is missing or INVALID")
+    if conn.in_transaction():
+        conn.rollback()
+    return problems
+
+
 def _run_for(t: RevisionTarget, spec: Finalize, direction: str) -> _Run:
     if direction == "upgrade":
         return _Run(spec.revision, f"oauthmig upgrade -d {t.database}")

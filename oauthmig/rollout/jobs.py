@@ -1,7 +1,9 @@
 """The backfill jobs: what each one fills, its job-state table, and what remains to do.
 
-Imported directly by the backfill runner, by ``status`` and by the revision gate (a gated
-revision asks :func:`remaining_rows`), so nothing registers itself at import time.
+Imported directly by the backfill runner, by ``status`` and by the revision gate, so nothing
+registers itself at import time. :func:`remaining_rows` is a full count (the backfill's own
+start, ``status --exact``); ``status`` and the gate read what is left without a scan
+(:mod:`oauthmig.rollout.remaining`).
 
 The token family id of a legacy token is :func:`family_id` ``(table, id, database)``: UUIDv3
 (RFC 4122 §4.3, MD5) in :data:`FAMILY_NAMESPACE` of ``"<database>:<table>:<id>"`` (job version
@@ -118,6 +120,22 @@ class JobState:
     requested_by: str | None = None
     requested_at: datetime | None = None
     history: BatchStats | None = None  # rate, ETA, p50/p99 from the batch table
+    # remaining (and rows_total where the job has no row yet) is an estimate; see Remaining
+    estimate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Remaining:
+    """What one job has left on one database, as cheaply as it could be known.
+
+    ``rows`` is ``None`` while the table lacks the job's columns (its expand revision has not
+    run); ``estimate`` says ``rows`` was estimated rather than counted; ``pending`` is what a
+    gated revision waits on: rows are left, or could not be ruled out without a scan.
+    """
+
+    rows: int | None
+    estimate: bool = False
+    pending: bool = False
 
 
 JOB_TABLE = "oauthmig_backfill_job"
@@ -450,7 +468,7 @@ def has_columns(conn: Connection, physical: str, names: Sequence[str]) -> bool:
 
 
 def remaining_rows(conn: Connection, settings: Settings, database: str, job: Job) -> int:
-    """Rows of ``job`` still to backfill on ``database``.
+    """Rows of ``job`` still to backfill on ``database``: a full count of its table.
 
     0 where its table is not routed there; -1 while the table lacks the job's columns (the
     expand revision has not run, so neither can the backfill).
@@ -537,24 +555,40 @@ def ensure_job_table(conn: Connection) -> None:
                 conn.execute(text(f"ALTER TABLE {JOB_TABLE} ADD COLUMN {name} {sql_type}"))
 
 
-def job_states(conn: Connection, settings: Settings, database: str) -> list[JobState]:
-    """Per-job state on one database, for ``status``."""
+def exact_remaining(conn: Connection, settings: Settings, database: str, job: Job) -> Remaining:
+    """:func:`remaining_rows` as a :class:`Remaining` (a full count)."""
+    n = remaining_rows(conn, settings, database, job)
+    return Remaining(None, pending=True) if n < 0 else Remaining(n, pending=n > 0)
+
+
+def job_states(
+    conn: Connection,
+    settings: Settings,
+    database: str,
+    left: Mapping[str, Remaining] | None = None,
+) -> list[JobState]:
+    """Per-job state on one database, for ``status``.
+
+    ``left`` gives what each job has left (see :mod:`oauthmig.rollout.remaining`); a job it
+    does not name is counted in full.
+    """
     out: list[JobState] = []
     for job in JOBS.values():
         if job.logical_table not in settings.tables_on(database):
             continue
-        remaining = remaining_rows(conn, settings, database, job)
-        if remaining < 0:
+        known = (left or {}).get(job.name) or exact_remaining(conn, settings, database, job)
+        remaining = known.rows
+        if remaining is None:
             out.append(JobState(job.name, JobStatus.WAITING_FOR_UPGRADE, 0, None, None))
             continue
         progress = read_job(conn, job.name)
         if progress is None:
-            state = JobStatus.FINISHED if remaining == 0 else JobStatus.NOT_STARTED
-            out.append(JobState(job.name, state, 0, remaining, remaining))
+            state = JobStatus.NOT_STARTED if known.pending else JobStatus.FINISHED
+            out.append(JobState(job.name, state, 0, remaining, remaining, estimate=known.estimate))
             continue
         state = progress.status
         held = None
-        if state is JobStatus.FINISHED and remaining > 0:
+        if state is JobStatus.FINISHED and known.pending:
             state = JobStatus.STALE  # rows needing the backfill appeared after it finished
         elif state is JobStatus.RUNNING and not run_alive(conn, job):
             # Killed, crashed or lost its server: nothing holds the lock.
@@ -574,6 +608,7 @@ def job_states(conn: Connection, settings: Settings, database: str) -> list[JobS
                 progress.requested_by,
                 progress.requested_at,
                 batch_stats(conn, job.name, remaining),
+                estimate=known.estimate,
             )
         )
     return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Column,
@@ -33,6 +33,9 @@ from sqlalchemy.types import TypeEngine
 from oauthmig.config import DatabaseConfig, Settings
 from oauthmig.errors import IncompatibleColumnError, MissingTableError, SchemaStateError
 
+if TYPE_CHECKING:
+    from oauthmig.rollout.revisions import RevisionTarget
+
 VERSION_TABLE = "oauthmig_version"
 LOG_TABLE = "oauthmig_revision_log"
 
@@ -46,7 +49,13 @@ revision_log = Table(
     Column("adopted", Text, nullable=True),
     Column("detail", Text, nullable=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Added later (older log tables get it on first use): sha256 of the revision file recorded.
+    Column("checksum", String(64), nullable=True),
 )
+#: Columns of the revision log that older versions of oauthmig did not create.
+LATER_LOG_COLUMNS = ("checksum",)
+#: ``detail`` of a log row written by ``oauthmig stamp`` (the revision's SQL ran elsewhere).
+STAMPED = "stamped: recorded by oauthmig stamp, its SQL was applied by hand"
 # Alembic's version table, as Alembic creates it; only read here.
 _version_table = Table(
     VERSION_TABLE, MetaData(), Column("version_num", String(32), primary_key=True)
@@ -97,6 +106,10 @@ class RevisionInfo:
     tables: tuple[str, ...]
     columns: tuple[ColumnSpec, ...]
     requires_backfills: tuple[str, ...]
+    checksum: str | None = None  # of the revision file (None: no source file to read)
+    # Revisions whose end state is not just their columns (finalize) can say whether a database
+    # already has it: (connection, target) -> problems, empty when it does (``oauthmig stamp``).
+    verify_applied: Callable[[Connection, RevisionTarget], list[str]] | None = None
 
     def applies_to(self, routed: Sequence[str]) -> bool:
         """The routing rule: a revision runs on a database where one of its tables is routed
@@ -157,13 +170,19 @@ def read_current(conn: Connection, db: str, revisions: Sequence[RevisionInfo]) -
 
 
 def read_log(conn: Connection) -> dict[str, dict[str, Any]]:
-    """Rows of the revision log keyed by revision (empty if the table does not exist)."""
-    if not inspect(conn).has_table(LOG_TABLE):
+    """Rows of the revision log keyed by revision (empty if the table does not exist).
+
+    A log table written by an older oauthmig lacks the later columns: they read as ``None``.
+    """
+    insp = inspect(conn)
+    if not insp.has_table(LOG_TABLE):
         return {}
-    rows = conn.execute(select(revision_log)).mappings().all()
+    have = {c["name"] for c in insp.get_columns(LOG_TABLE)}
+    cols = [c for c in revision_log.c if c.name in have]
+    rows = conn.execute(select(*cols)).mappings().all()
     if conn.in_transaction():
         conn.rollback()
-    return {r["revision"]: dict(r) for r in rows}
+    return {r["revision"]: {**dict.fromkeys(LATER_LOG_COLUMNS), **dict(r)} for r in rows}
 
 
 # --------------------------------------------------------------------------- checks

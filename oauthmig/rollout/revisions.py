@@ -10,13 +10,20 @@ This module reads the catalogue (:class:`Catalogue`), gives revision files :func
 descriptions, the version table and revision log readers and the preflight are in
 :mod:`oauthmig.rollout.preflight` (no Alembic there) and re-exported here for revision files;
 :mod:`oauthmig.rollout.runner` plans and runs revisions.
+
+Every log row also holds the :func:`checksum` of the revision file that was recorded (sha256 of
+its source, line endings normalized), so that :func:`drift` can tell when a file changed after
+it was applied somewhere. Log tables written before checksums existed get the column on first
+use (:func:`ensure_log_table`); their old rows have none and are never reported as changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
@@ -40,7 +47,9 @@ from oauthmig.rollout.offline import (
     pg_drop_if_added,
     sqlite_column_absent,
 )
+from oauthmig.rollout.preflight import LATER_LOG_COLUMNS as LATER_LOG_COLUMNS
 from oauthmig.rollout.preflight import LOG_TABLE as LOG_TABLE
+from oauthmig.rollout.preflight import STAMPED as STAMPED
 from oauthmig.rollout.preflight import VERSION_TABLE as VERSION_TABLE
 from oauthmig.rollout.preflight import ColumnSpec as ColumnSpec
 from oauthmig.rollout.preflight import RevisionInfo as RevisionInfo
@@ -62,6 +71,15 @@ CONNECTION_KEY = "connection"
 # --------------------------------------------------------------------------- revisions
 
 
+def checksum(path: str | Path) -> str:
+    """sha256 of a revision file's source bytes, CRLF and CR line endings read as LF.
+
+    The same file checked out on Windows or Linux, or shipped in a wheel, has one checksum.
+    """
+    data = Path(path).read_bytes().replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return hashlib.sha256(data).hexdigest()
+
+
 def _info(script: Script) -> RevisionInfo:
     module: ModuleType = script.module
     down = script.down_revision
@@ -78,6 +96,8 @@ def _info(script: Script) -> RevisionInfo:
         tables=tables,
         columns=tuple(getattr(module, "columns", ())),
         requires_backfills=tuple(getattr(module, "requires_backfills", ())),
+        checksum=checksum(script.path) if script.path and Path(script.path).is_file() else None,
+        verify_applied=getattr(module, "verify_applied", None),
     )
 
 
@@ -263,6 +283,8 @@ def run_environment(context: EnvironmentContext) -> None:
                 for statement in timeout_statements(m.lock_timeout_ms, m.statement_timeout_ms):
                     context.execute(statement)
             context.execute(CreateTable(revision_log, if_not_exists=True))
+            for stmt in _offline_log_columns(t):
+                context.execute(text(stmt))
         with context.begin_transaction():
             for stmt in t.step_guards:
                 context.execute(text(stmt))
@@ -298,8 +320,96 @@ def _record_step(*, ctx: MigrationContext, step: MigrationInfo, heads: Any, run_
                 adopted=adopted,
                 detail=None,
                 updated_at=when,
+                checksum=info.checksum,
             )
         )
     else:
         for rev in step.source_revision_ids:
             ctx.execute(delete(revision_log).where(revision_log.c.revision == rev))
+
+
+# --------------------------------------------------------------------------- revision log
+
+
+def ensure_log_table(conn: Connection) -> None:
+    """Create the revision log, or add the columns newer versions write to an older one.
+
+    Runs inside the caller's transaction.
+    """
+    log_metadata.create_all(conn, checkfirst=True)
+    have = {c["name"] for c in inspect(conn).get_columns(LOG_TABLE)}
+    for name in LATER_LOG_COLUMNS:
+        if name not in have:
+            ddl = revision_log.c[name].type.compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {LOG_TABLE} ADD COLUMN {name} {ddl}"))
+
+
+def _offline_log_columns(t: RevisionTarget) -> list[str]:
+    """Offline: give a revision log an older oauthmig created the later columns.
+
+    PostgreSQL adds them if missing; SQLite SQL cannot branch, so there the script stops at
+    once (before any change) with the statement that adds them.
+    """
+    if t.dialect == "postgresql":
+        return [
+            f"ALTER TABLE {LOG_TABLE} ADD COLUMN IF NOT EXISTS {name} "
+            f"{revision_log.c[name].type.compile(dialect=_dialect(t.dialect))}"
+            for name in LATER_LOG_COLUMNS
+        ]
+    if not t.guarded:
+        return []  # --dry-run of an online upgrade, which adds them (ensure_log_table)
+    out: list[str] = []
+    for name in LATER_LOG_COLUMNS:
+        ddl = revision_log.c[name].type.compile(dialect=_dialect(t.dialect))
+        out += t.sqlite_guards.guard(
+            f"EXISTS (SELECT 1 FROM pragma_table_info('{LOG_TABLE}') WHERE name = '{name}')",
+            f"the revision log of {t.database} was written by an older oauthmig and lacks "
+            f"column {name}; add it with `ALTER TABLE {LOG_TABLE} ADD COLUMN {name} {ddl};` "
+            "(or run any oauthmig upgrade online), then apply this script",
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """A revision whose file changed after it was recorded on some databases."""
+
+    revision: str
+    file_checksum: str
+    recorded: dict[str, str]  # database -> checksum recorded there
+
+    def describe(self) -> str:
+        """One line: which revision, where, and what to do."""
+        where = ", ".join(sorted(self.recorded))
+        was = ", ".join(sorted({c[:12] for c in self.recorded.values()}))
+        return (
+            f"revision {self.revision} changed since it was applied on {where} (checksum "
+            f"recorded {was}, file now {self.file_checksum[:12]}); restore the file as it was "
+            "applied: an applied revision must not change, put new changes in a new revision"
+        )
+
+
+def drift(
+    revisions: Sequence[RevisionInfo], logs: dict[str, dict[str, dict[str, Any]]]
+) -> list[Drift]:
+    """Revisions whose recorded checksum (per database: ``logs[database]`` is
+    :func:`read_log`'s answer there) differs from their file's, oldest first.
+
+    Rows without a checksum (written before checksums existed, or a failed attempt) are not
+    compared.
+    """
+    out: list[Drift] = []
+    for rev in revisions:
+        if rev.checksum is None:
+            continue
+        recorded = {
+            database: str(row["checksum"])
+            for database, log in logs.items()
+            if (row := log.get(rev.revision)) is not None
+            and row.get("outcome") in ("applied", "skipped")
+            and row.get("checksum")
+            and row["checksum"] != rev.checksum
+        }
+        if recorded:
+            out.append(Drift(rev.revision, rev.checksum, recorded))
+    return out

@@ -57,7 +57,7 @@ from oauthmig.errors import (
     UsageError,
 )
 from oauthmig.identity import check_distinct
-from oauthmig.rollout.jobs import JOBS, remaining_rows, run_alive
+from oauthmig.rollout.jobs import JOBS, run_alive
 from oauthmig.rollout.offline import (
     database_guard,
     gate_guards,
@@ -74,11 +74,13 @@ from oauthmig.rollout.preflight import (
     revision_log,
     revision_position,
 )
+from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.revisions import (
     CONNECTION_KEY,
     TARGET_KEY,
     Catalogue,
     RevisionTarget,
+    ensure_log_table,
 )
 
 # --------------------------------------------------------------------------- results
@@ -117,6 +119,7 @@ class Waiting:
     job: str
     remaining_rows: int | None  # None: the backfill cannot have run yet (columns missing)
     also: tuple[tuple[str, int | None], ...] = ()
+    estimate: bool = False  # the row counts are estimates (see rollout.remaining)
 
     @property
     def jobs(self) -> tuple[tuple[str, int | None], ...]:
@@ -124,11 +127,13 @@ class Waiting:
         return ((self.job, self.remaining_rows), *self.also)
 
     def describe(self) -> str:
-        """``backfill X has N rows left`` or ``backfill X has not run yet``, for every job."""
+        """``backfill X has N rows left`` (``~N`` when estimated) or ``backfill X has not run
+        yet``, for every job."""
+        approx = "~" if self.estimate else ""
         return ", ".join(
             f"backfill {job} has not run yet"
             if rows is None
-            else f"backfill {job} has {rows:,} row{'s' if rows != 1 else ''} left"
+            else f"backfill {job} has {approx}{rows:,} row{'s' if rows != 1 else ''} left"
             for job, rows in self.jobs
         )
 
@@ -249,24 +254,37 @@ def refuse_downgrade_during_backfill(
                 )
 
 
-def gate_for(conn: Connection, settings: Settings, db: str, rev: RevisionInfo) -> Waiting | None:
-    """The unfinished backfill ``rev`` waits for on database ``db``, if any."""
+def gate_for(
+    conn: Connection,
+    settings: Settings,
+    db: str,
+    rev: RevisionInfo,
+    *,
+    exact: bool = False,
+    revisions: Sequence[RevisionInfo] | None = None,
+) -> Waiting | None:
+    """The unfinished backfill ``rev`` waits for on database ``db``, if any.
+
+    Reads the job rows and index ranges above their cursors, never the whole table
+    (:mod:`oauthmig.rollout.remaining`); ``exact`` counts every pending row instead.
+    ``revisions``: the invocation's catalogue (read when not given).
+    """
     if not rev.requires_backfills or not rev.applies_to(settings.tables_on(db)):
         return None
     unfinished: list[tuple[str, int | None]] = []
+    estimate = False
     for job in rev.requires_backfills:
         spec = JOBS.get(job)
         if spec is None:
             raise RevisionFailedError(f"revision {rev.revision}: unknown backfill job {job!r}")
-        remaining = remaining_rows(conn, settings, db, spec)
-        if conn.in_transaction():
-            conn.rollback()
-        if remaining != 0:
-            unfinished.append((job, remaining if remaining > 0 else None))
+        left = remaining(conn, settings, db, spec, exact=exact, gate=True, revisions=revisions)
+        if left.pending:
+            unfinished.append((job, left.rows))
+            estimate = estimate or left.estimate
     if not unfinished:
         return None
     (first, rows), *others = unfinished
-    return Waiting(rev.revision, first, rows, tuple(others))
+    return Waiting(rev.revision, first, rows, tuple(others), estimate)
 
 
 def _gate_error(db: DatabaseConfig, waiting: Waiting) -> GateError:
@@ -295,7 +313,7 @@ def _plan(
     waiting: Waiting | None = None
     if direction is Direction.UPGRADE:
         for rev in revisions[cur_i:tgt_i]:
-            waiting = gate_for(conn, settings, db.name, rev)
+            waiting = gate_for(conn, settings, db.name, rev, revisions=revisions)
             if waiting is not None:
                 if explicit_target:
                     raise _gate_error(db, waiting)
@@ -336,7 +354,7 @@ def _confirm_plan(
     if req.direction is Direction.DOWNGRADE:
         return planned, chosen
     for i, rev in enumerate(chosen):
-        waiting = gate_for(conn, req.settings, db.name, rev)
+        waiting = gate_for(conn, req.settings, db.name, rev, revisions=revisions)
         if waiting is None:
             continue
         if req.explicit_target:
@@ -592,7 +610,7 @@ def _run_online(
         attempts += 1
         try:
             with conn.begin():
-                log_metadata.create_all(conn, checkfirst=True)
+                ensure_log_table(conn)
             rt = _target_for(db, settings, conn, read_log(conn))
             _alembic(cat.script, _alembic_config(cat.script, rt, conn), req.direction, stop)
             break
@@ -651,7 +669,8 @@ def _run_online(
     if plan.waiting is not None and any(rows is None for _job, rows in plan.waiting.jobs):
         # Planned before the expand revisions ran: now the backfills' rows can be counted.
         gated = cat.get(plan.waiting.revision)
-        plan = replace(plan, waiting=gate_for(conn, settings, db.name, gated) or plan.waiting)
+        again = gate_for(conn, settings, db.name, gated, revisions=cat.revisions)
+        plan = replace(plan, waiting=again or plan.waiting)
     return DatabaseRun(db.name, plan, done, reached, attempts, time.monotonic() - started)
 
 

@@ -1,4 +1,10 @@
-"""Read-only state of every routed database: revisions, backfills, PKCE coverage of live grants."""
+"""Read-only state of every routed database: revisions, backfills, PKCE coverage of live grants.
+
+Cheap on big tables: what backfills have left is read from their job rows and bounded index
+ranges and shown as estimates where it is not counted (:mod:`oauthmig.rollout.remaining`);
+``exact`` counts every pending row. Revision files that changed after they were applied are
+reported as drift (:func:`oauthmig.rollout.revisions.drift`).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,16 @@ from oauthmig.config import Settings
 from oauthmig.db import connect, map_db_errors, open_engine, scrub_stored
 from oauthmig.errors import OauthmigError
 from oauthmig.identity import check_distinct
-from oauthmig.rollout.jobs import JobState, JobStatus, job_states
-from oauthmig.rollout.preflight import RevisionInfo, check_state, read_log, revision_position
-from oauthmig.rollout.revisions import history
+from oauthmig.rollout.jobs import JOBS, JobState, JobStatus, job_states
+from oauthmig.rollout.preflight import (
+    STAMPED,
+    RevisionInfo,
+    check_state,
+    read_log,
+    revision_position,
+)
+from oauthmig.rollout.remaining import remaining
+from oauthmig.rollout.revisions import Drift, drift, history
 from oauthmig.rollout.runner import gate_for
 
 
@@ -27,6 +40,8 @@ class RevisionState:
     revision: str
     state: str  # applied | skipped | pending | waiting | failed
     detail: str | None = None
+    checksum: str | None = None  # of the revision file, as recorded when it was applied
+    changed: bool = False  # the file's checksum differs from the recorded one (drift)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +58,7 @@ class DatabaseStatus:
     live_grants: int | None
     live_grants_without_pkce: int | None
     error: str | None = None
+    drift: tuple[Drift, ...] = ()  # revisions whose file changed since they were applied here
 
     @property
     def outstanding(self) -> bool:
@@ -60,11 +76,24 @@ class StatusReport:
 
     revisions: tuple[RevisionInfo, ...]
     databases: tuple[DatabaseStatus, ...]
+    drift: tuple[Drift, ...] = ()
+    exact: bool = False  # backfill rows were counted, not estimated
 
     @property
     def outstanding(self) -> bool:
         """True if any database has outstanding work."""
         return any(d.outstanding for d in self.databases)
+
+    def check_failure(self) -> str | None:
+        """Why ``status --check`` fails (one line), or ``None``: drift first, then work."""
+        if self.drift:
+            more = len(self.drift) - 1
+            return self.drift[0].describe() + (
+                f" (and {more} more changed revision{'s' if more != 1 else ''})" if more else ""
+            )
+        if self.outstanding:
+            return "outstanding work: pending, waiting or failed revisions or backfills"
+        return None
 
 
 def _live_grants(conn: Connection, settings: Settings, db: str) -> tuple[int | None, int | None]:
@@ -88,7 +117,7 @@ def _live_grants(conn: Connection, settings: Settings, db: str) -> tuple[int | N
 
 
 def _database_status(
-    settings: Settings, name: str, revisions: list[RevisionInfo]
+    settings: Settings, name: str, revisions: list[RevisionInfo], exact: bool
 ) -> DatabaseStatus:
     db = settings.databases[name]
     routed = settings.tables_on(name)
@@ -100,6 +129,8 @@ def _database_status(
                 current = check_state(conn, settings, db, revisions)
                 log = read_log(conn)
                 applied_upto = revision_position(current, revisions)
+                drifted = tuple(drift(revisions[:applied_upto], {name: log}))
+                changed = {d.revision for d in drifted}
                 cells: list[RevisionState] = []
                 gate_found = False
                 for i, rev in enumerate(revisions):
@@ -107,9 +138,16 @@ def _database_status(
                     if i < applied_upto:
                         state = str(row.get("outcome") or "applied")
                         adopted = row.get("adopted")
+                        detail = str(row["detail"]) if row.get("detail") == STAMPED else None
+                        if adopted and detail is None:
+                            detail = f"adopted {adopted}"
                         cells.append(
                             RevisionState(
-                                rev.revision, state, f"adopted {adopted}" if adopted else None
+                                rev.revision,
+                                state,
+                                detail,
+                                row.get("checksum"),
+                                rev.revision in changed,
                             )
                         )
                         continue
@@ -118,20 +156,20 @@ def _database_status(
                         cells.append(RevisionState(rev.revision, "failed", detail))
                         continue
                     if not gate_found:
-                        waiting = gate_for(conn, settings, name, rev)
+                        waiting = gate_for(
+                            conn, settings, name, rev, exact=exact, revisions=revisions
+                        )
                         if waiting is not None:
                             gate_found = True
-                            cells.append(
-                                RevisionState(
-                                    rev.revision,
-                                    "waiting",
-                                    waiting.describe(),
-                                )
-                            )
+                            cells.append(RevisionState(rev.revision, "waiting", waiting.describe()))
                             continue
                     cells.append(RevisionState(rev.revision, "pending"))
+                left = {
+                    job.name: remaining(conn, settings, name, job, exact=exact, revisions=revisions)
+                    for job in JOBS.values()
+                }
                 jobs: list[JobState] = []
-                jobs.extend(job_states(conn, settings, name))
+                jobs.extend(job_states(conn, settings, name, left))
                 live, without = _live_grants(conn, settings, name)
                 return DatabaseStatus(
                     name,
@@ -143,6 +181,7 @@ def _database_status(
                     tuple(jobs),
                     live,
                     without,
+                    drift=drifted,
                 )
         except OauthmigError as exc:
             return DatabaseStatus(
@@ -150,12 +189,33 @@ def _database_status(
             )
 
 
-def status(settings: Settings, revisions: Sequence[RevisionInfo] | None = None) -> StatusReport:
+def status(
+    settings: Settings,
+    revisions: Sequence[RevisionInfo] | None = None,
+    *,
+    exact: bool = False,
+) -> StatusReport:
     """Read the state of every selected database (never writes); ``revisions``: the
-    invocation's catalogue, if it has one."""
+    invocation's catalogue, if it has one.
+
+    ``exact``: count every pending backfill row (a full scan of each job's table) instead of
+    estimating from the job rows and bounded index ranges.
+    """
     revisions = list(history() if revisions is None else revisions)
     check_distinct(settings)
+    databases = tuple(
+        _database_status(settings, n, revisions, exact) for n in settings.database_names()
+    )
+    merged: dict[str, Drift] = {}
+    for d in databases:
+        for found in d.drift:
+            seen = merged.get(found.revision)
+            recorded = {**(seen.recorded if seen else {}), **found.recorded}
+            merged[found.revision] = Drift(found.revision, found.file_checksum, recorded)
+    order = [r.revision for r in revisions]
     return StatusReport(
         tuple(revisions),
-        tuple(_database_status(settings, n, revisions) for n in settings.database_names()),
+        databases,
+        tuple(sorted(merged.values(), key=lambda x: order.index(x.revision))),
+        exact,
     )

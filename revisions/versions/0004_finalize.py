@@ -5,10 +5,11 @@ Revises: 0003
 """
 
 from sqlalchemy import String, Text
+from sqlalchemy.engine import Connection
 
 from oauthmig.rollout import finalize
 from oauthmig.rollout.finalize import AddedColumn, Check, Finalize, IndexSpec, NotNull
-from oauthmig.rollout.revisions import ColumnSpec
+from oauthmig.rollout.revisions import ColumnSpec, RevisionTarget
 from oauthmig.types import StringList
 
 revision = "0004"
@@ -68,6 +69,11 @@ ADDED = (
 )
 
 FINALIZE = Finalize(revision, down_revision, CHECKS, NOT_NULLS, INDEXES, ADDED)
+
+
+def verify_applied(conn: Connection, target: RevisionTarget) -> list[str]:
+    """What is missing for this revision's end state on ``target``'s database (for stamp)."""
+    return finalize.verify(conn, target, FINALIZE)
 
 
 def upgrade() -> None:

@@ -1,4 +1,5 @@
-"""``python -m tests.bench [backfill|rules|audit|traffic|health ...] [options]``: benchmarks.
+"""``python -m tests.bench [backfill|rules|audit|traffic|health|status ...] [options]``:
+benchmarks.
 
 Prints the results.
 
@@ -13,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("backfill", "rules", "audit", "traffic", "health")
+BENCHMARKS = ("backfill", "rules", "audit", "traffic", "health", "status")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="backfill, rules, audit, traffic and/or health (default: all)",
+        help="backfill, rules, audit, traffic, health and/or status (default: all)",
     )
     p.add_argument("--seed", type=int, default=42, help="demo data seed (default 42)")
     g = p.add_argument_group("backfill")
@@ -74,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=4.0,
         help="how long each replay pause lasts (default 4; more than max_replica_lag 1s)",
+    )
+    g = p.add_argument_group("status")
+    g.add_argument(
+        "--status-tokens",
+        type=int,
+        nargs="+",
+        default=[1_000_000, 5_000_000],
+        help="token-table sizes to time status on (default: 1000000 5000000)",
     )
     g = p.add_argument_group("rules")
     g.add_argument("--uris", type=int, default=1_000_000, help="generated URIs (default 1M)")
@@ -136,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 period=args.period,
                 hold=args.hold_seconds,
             )
+        elif name == "status":
+            from tests.bench import bench_status
+
+            ok &= bench_status.main(sizes=args.status_tokens)
         elif name == "rules":
             from tests.bench import bench_rules
 

@@ -13,7 +13,9 @@ the Python ``family_id``).
 The server is shared: a thread samples ``pg_stat_activity`` during each run, and the verdict is
 taken over the quiet rounds (all rounds when none was quiet, which the summary says).
 
-Targets: ``backfill / set-based <= 1.25`` and ``p99 batch <= 2 x target_batch_seconds``.
+Targets: ``backfill / set-based <= 1.10`` (issue 14; 1.25 in issue 3) and ``p99 batch <= 2 x
+target_batch_seconds``. The legacy token table has Sentry's 11 indexes (primary key, four
+unique, four ``varchar_pattern_ops``, two on foreign keys), so no update is HOT.
 
 ``--profile`` times every statement and commit of the backfill run (SQLAlchemy cursor events and
 a wrapper around the dialect's ``do_commit``) to show where the per-batch overhead goes.
@@ -53,7 +55,7 @@ from tests.bench.bench_common import (
     wait_until_quiet,
 )
 
-RATIO_TARGET = 1.25
+RATIO_TARGET = 1.10  # issue 14 (issue 3 asked for 1.25)
 QUIET_SHARE = 0.05  # a run is "quiet" when other sessions were busy in <= 5 % of samples
 QUIET_SECONDS = 20.0  # --wait-quiet: this long without other sessions' statements
 P99_FACTOR = 2.0
