@@ -225,6 +225,10 @@ def test_every_json_document_matches_its_schema_through_a_rollout(
     [control] = pruned["databases"]
     assert control["deleted"] == done["prune-dry"]["databases"][0]["deleted"]
     assert control["consumed_deleted"] == 0
+    # Everything applied by now: stamp head records nothing and says so per database.
+    stamped = run.json("stamp", "stamp", "head")
+    assert all(d["stamped"] == [] for d in stamped["databases"])
+
     _exec(settings, "control", f"DROP TABLE {settings.tables.grant}")
     [lost] = run.json("prune-grants", "prune-grants", "--dry-run", code=2)["databases"]
     assert lost["error"] and lost["deleted"] is None

@@ -19,11 +19,17 @@ import pytest
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.resources import revisions_dir
 from oauthmig.rollout import revisions as catalogue
-from oauthmig.rollout import runner
 from oauthmig.rollout.finalize import object_name
 from oauthmig.rollout.revisions import LOG_TABLE, STAMPED, VERSION_TABLE, checksum, history
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
-from tests.helpers import columns_of, invoke, schema_dump, seed_legacy, write_config
+from tests.helpers import (
+    assert_matches_schema,
+    columns_of,
+    invoke,
+    schema_dump,
+    seed_legacy,
+    write_config,
+)
 from tests.test_offline_sql import _apply, _sql, _version
 
 BOOKKEEPING = (VERSION_TABLE, LOG_TABLE)
@@ -100,6 +106,7 @@ def test_stamp_records_revisions_whose_sql_was_applied_by_hand(
     stamped = invoke(capsys, "--config", cfg, "stamp", "0003", "--format", "json")
     assert stamped.code == 0, stamped.err
     doc = json.loads(stamped.out)
+    assert_matches_schema("stamp", doc)
     by_db = {d["database"]: d for d in doc["databases"]}
     assert [(s["revision"], s["outcome"]) for s in by_db["shard"]["stamped"]] == [
         ("0001", "skipped"),
@@ -134,7 +141,7 @@ def test_stamp_records_revisions_whose_sql_was_applied_by_hand(
     # The rollout goes on from the stamped state, online.
     assert invoke(capsys, "--config", cfg, "-q", "backfill").code == 0
     final = invoke(capsys, "--config", cfg, "upgrade")
-    assert final.code == 0 and "now at 0004" in final.out, final.out + final.err
+    assert final.code == 0 and "now at 0006" in final.out, final.out + final.err
     # A downgrade keeps the stamped (adopted) columns.
     assert (
         invoke(capsys, "--config", cfg, "-q", "-d", "shard", "downgrade", "--to", "0001").code == 0
@@ -185,7 +192,7 @@ def test_stamp_of_finalize_checks_its_constraints_and_indexes(
     assert stamped.code == 0, stamped.err
     assert "control: stamped 0004" in stamped.out
     for db in ("control", "shard"):
-        assert _version(settings, db) == ["0004"]
+        assert _version(settings, db) == ["0006"]  # 0004 and the expand revisions after it
         assert _log(settings, db)["0004"]["detail"] == STAMPED
     assert invoke(capsys, "--config", cfg, "status", "--check").code == 0
 
@@ -244,7 +251,6 @@ def revisions_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     copy = tmp_path / "revisions"
     shutil.copytree(revisions_dir(), copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(catalogue, "revisions_dir", lambda: copy)
-    monkeypatch.setattr(runner, "revisions_dir", lambda: copy)
     return copy
 
 
