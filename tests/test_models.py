@@ -39,6 +39,7 @@ from oauthmig.provider.models import (
     DEFAULT_MODELS,
     EXPANDED_COLUMNS,
     GRANT_REDIRECT_URI_LENGTH,
+    LATER_COLUMNS,
     MAX_GRACE_SECONDS,
     OPTIONAL_COLUMNS,
     ApplicationModel,
@@ -329,7 +330,12 @@ def test_models_map_the_legacy_declaration_and_annotate_every_column() -> None:
     ):
         mapped = M.mapped_table(logical)
         legacy = [c for c in SENTRY_COLUMNS[logical] if c.mapped]
-        expected = ["id", *(c.name for c in legacy), *(n for n, _ in EXPANDED_COLUMNS[logical])]
+        expected = [
+            "id",
+            *(c.name for c in legacy),
+            *(n for n, _ in EXPANDED_COLUMNS[logical]),
+            *(n for n, _ in LATER_COLUMNS.get(logical, ())),
+        ]
         assert [c.name for c in mapped.columns] == expected, logical
         assert list(base.__annotations__) == expected, logical
         for col in legacy:

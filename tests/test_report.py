@@ -166,7 +166,7 @@ def _plant(settings: Settings) -> None:
                 conn.execute(
                     select(t.c.id)
                     .where(t.c.refresh_token.is_not(None))
-                    .order_by(t.c.id)
+                    .order_by(t.c.id.desc())
                     .limit(PAUSED_LEFT)
                 )
                 .scalars()
@@ -178,7 +178,10 @@ def _plant(settings: Settings) -> None:
                 job_table.update()
                 .where(job_table.c.job == "token-families")
                 .values(
+                    # Paused before the last PAUSED_LEFT rows: they are above its cursor.
                     status="paused",
+                    phase="main",
+                    cursor=min(ids) - 1,
                     rows_done=PAUSED_DONE,
                     started_at=NOW - timedelta(hours=2),
                     updated_at=NOW - timedelta(hours=2) + timedelta(seconds=PAUSED_SECONDS),
@@ -227,6 +230,10 @@ def test_report_gathers_matrix_jobs_pkce_metadata_and_audit(planted: Planted) ->
         ("shard", "0002"): "applied",
         ("shard", "0003"): "skipped",
         ("shard", "0004"): "pending",
+        ("control", "0005"): "pending",
+        ("control", "0006"): "pending",
+        ("shard", "0005"): "pending",
+        ("shard", "0006"): "pending",
     }
 
     # Jobs, with the rate and ETA derived from what the job table records.
@@ -361,6 +368,8 @@ def test_report_before_any_upgrade_says_what_is_missing(
         ("0002", "pending"),
         ("0003", "pending"),
         ("0004", "waiting"),
+        ("0005", "pending"),
+        ("0006", "pending"),
     }
     assert {j.state for j in report.jobs} == {"waiting for upgrade"}
     assert all(j.done_fraction is None and j.eta_seconds is None for j in report.jobs)
