@@ -411,3 +411,32 @@ def test_status_counts_match_exact_counts_in_every_job_state(
     )
     assert invoke(capsys, "--config", cfg, "-q", "upgrade").code == 0
     assert _same_as_exact(capsys, cfg)[("shard", JOB)] == ("stale", 31)
+
+
+@pg_only
+def test_status_does_not_wait_behind_a_migration_lock(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A migration's ACCESS EXCLUSIVE lock on the token table: ``status`` gives up after
+    ``lock_timeout`` with one line naming the database, instead of hanging a CI job."""
+    data = routed_config(make_database("control"), make_database("shard"))
+    data["migrate"] = {"lock_timeout": "300ms"}
+    settings = settings_from_mapping(data, {}, "test")
+    cfg = write_config(tmp_path / "oauthmig.toml", data)
+    create_legacy(settings)
+    seed_legacy(settings, rows=10)
+    assert invoke(capsys, "--config", cfg, "-q", "upgrade").code == 0
+    url = settings.databases["shard"].url
+    assert url is not None
+    holder = create_engine(make_url(url))
+    try:
+        with holder.connect() as conn:
+            conn.execute(text(f"LOCK TABLE {settings.tables.token} IN ACCESS EXCLUSIVE MODE"))
+            shown = invoke(capsys, "--config", cfg, "status")
+            conn.rollback()
+    finally:
+        holder.dispose()
+    assert shown.code == 2, shown.out + shown.err
+    assert "Traceback" not in shown.err
+    assert "database 'shard'" in shown.err and "lock" in shown.err.lower(), shown.err
+    assert invoke(capsys, "--config", cfg, "status").code in (0, 1)  # and it reads again after

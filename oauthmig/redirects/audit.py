@@ -17,7 +17,8 @@ Per application (docs/rules.md):
 
 * the app type is the ``application_type`` column when it exists and holds ``web`` or
   ``native``, else the inference of the client-metadata backfill
-  (:func:`redirect_rules.infer_app_type` over :func:`redirect_rules.split_redirect_uris`);
+  (:func:`~oauthmig.redirects.rules.infer_app_type` over
+  :func:`~oauthmig.redirects.rules.split_redirect_uris`);
 * ``has_secret`` is computed in SQL (``client_secret IS NOT NULL AND client_secret <> ''``):
   no secret, token or other credential is ever selected;
 * it can use the authorization code grant unless a filled ``grant_types`` column leaves

@@ -373,7 +373,7 @@ def _app_pending(t: Any) -> ColumnElement[bool]:
 def infer_application_type(redirect_uris: str | None) -> str:
     """``native`` when the stored redirect URIs are native-style, else ``web``.
 
-    The same inference ``audit-redirects`` uses (:func:`redirect_rules.infer_app_type`).
+    The same inference ``audit-redirects`` uses (:func:`oauthmig.redirects.rules.infer_app_type`).
     """
     return str(infer_app_type(split_redirect_uris(redirect_uris)))
 

@@ -17,7 +17,7 @@ from sqlalchemy import and_, column, func, inspect, select, table
 from sqlalchemy.engine import Connection
 
 from oauthmig.config import Settings
-from oauthmig.db import connect, map_db_errors, open_engine, scrub_stored
+from oauthmig.db import connect, map_db_errors, open_engine, scrub_stored, set_timeouts
 from oauthmig.errors import OauthmigError
 from oauthmig.identity import check_distinct
 from oauthmig.rollout.jobs import JOBS, JobState, JobStatus, job_states
@@ -126,6 +126,12 @@ def _database_status(
     with open_engine(settings, db) as engine:
         try:
             with map_db_errors(db), connect(engine, db) as conn:
+                # Never wait behind a migration's lock (status runs from every CI job); only
+                # --exact, which scans on request, may run longer than statement_timeout.
+                timeout = 0 if exact else settings.migrate.statement_timeout_ms
+                set_timeouts(conn, settings.migrate.lock_timeout_ms, timeout)
+                if conn.in_transaction():
+                    conn.commit()
                 current = check_state(conn, settings, db, revisions)
                 log = read_log(conn)
                 applied_upto = revision_position(current, revisions)
