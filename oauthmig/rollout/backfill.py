@@ -736,8 +736,13 @@ class _Runner:
             except SQLAlchemyError as exc:
                 with contextlib.suppress(SQLAlchemyError):
                     conn.rollback()
-                # The failed batch did not happen; its attempt counts.
-                self.state = replace(snapshot, attempts=self.state.attempts + 1)
+                # The failed batch did not happen; its attempt counts (and a hold that ended
+                # before it stays ended).
+                self.state = replace(
+                    snapshot,
+                    attempts=self.state.attempts + 1,
+                    held_reason=self.state.held_reason,
+                )
                 lost = deadline.fired or _lost(exc, conn)
                 cls = "client deadline" if deadline.fired else error_class(exc)
                 self.log.failed(None if lost else conn, lo, hi, cls, began)
