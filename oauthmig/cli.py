@@ -179,6 +179,18 @@ def _global_options() -> list[click.Parameter]:
     ]
 
 
+def _invoke_command(ctx: click.Context, invoke: Callable[[click.Context], Any]) -> Any:
+    """Run a subcommand with the global options applied, the project's ``UsageError`` turned
+    into a click usage error (one line naming ``oauthmig CMD --help``)."""
+    _build_state(ctx)
+    ctx.meta[_META_JSON] = ctx.params.get("fmt")
+    ctx.meta["command"] = ctx.info_name
+    try:
+        return invoke(ctx)
+    except UsageError as exc:
+        raise click.UsageError(exc.message, ctx) from None
+
+
 class _Command(click.Command):
     """A subcommand that accepts the global options too, and turns the project's
     ``UsageError`` into a click usage error (one line naming ``oauthmig CMD --help``)."""
@@ -188,13 +200,7 @@ class _Command(click.Command):
         self.params.extend(_global_options())
 
     def invoke(self, ctx: click.Context) -> Any:
-        _build_state(ctx)
-        ctx.meta[_META_JSON] = ctx.params.get("fmt")
-        ctx.meta["command"] = ctx.info_name
-        try:
-            return super().invoke(ctx)
-        except UsageError as exc:
-            raise click.UsageError(exc.message, ctx) from None
+        return _invoke_command(ctx, super().invoke)
 
 
 class _Group(click.Group):
@@ -627,13 +633,7 @@ class _BackfillGroup(click.Group):
         return []
 
     def invoke(self, ctx: click.Context) -> Any:
-        _build_state(ctx)
-        ctx.meta[_META_JSON] = ctx.params.get("fmt")
-        ctx.meta["command"] = ctx.info_name
-        try:
-            return super().invoke(ctx)
-        except UsageError as exc:
-            raise click.UsageError(exc.message, ctx) from None
+        return _invoke_command(ctx, super().invoke)
 
 
 _RUN_OPTIONS = {

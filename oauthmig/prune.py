@@ -35,7 +35,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from oauthmig.config import DEFAULT_TABLES, Settings
-from oauthmig.db import connect, describe_error, exclusive_run, for_writing, make_engine
+from oauthmig.db import exclusive_run, for_writing, map_db_errors, open_database
 from oauthmig.errors import DatabaseError, LockTimeoutError, OauthmigError
 from oauthmig.identity import check_distinct
 from oauthmig.rollout.preflight import RevisionInfo, check_state
@@ -350,44 +350,31 @@ def prune(
     for name in hosting:
         db = settings.databases[name]
         try:
-            engine = make_engine(db, settings)
-            try:
-                with connect(engine, db) as conn:
-                    check_state(conn, settings, db, revisions)
-                    if conn.in_transaction():
-                        conn.rollback()
-                    lock = (
-                        contextlib.nullcontext()
-                        if dry_run
-                        else exclusive_run(conn, db, "prune-grants")
+            with map_db_errors(db, "prune-grants failed"), open_database(settings, db) as conn:
+                check_state(conn, settings, db, revisions)
+                if conn.in_transaction():
+                    conn.rollback()
+                lock = (
+                    contextlib.nullcontext() if dry_run else exclusive_run(conn, db, "prune-grants")
+                )
+                with lock:
+                    stats = prune_grants(
+                        for_writing(conn),
+                        table_name=settings.tables.grant,
+                        batch=batch,
+                        older_than=older_than,
+                        now=at,
+                        sleep=pause,
+                        lock_timeout_ms=settings.migrate.lock_timeout_ms,
+                        statement_timeout_ms=settings.migrate.statement_timeout_ms,
+                        max_retries=settings.migrate.lock_retries,
+                        dry_run=dry_run,
                     )
-                    with lock:
-                        stats = prune_grants(
-                            for_writing(conn),
-                            table_name=settings.tables.grant,
-                            batch=batch,
-                            older_than=older_than,
-                            now=at,
-                            sleep=pause,
-                            lock_timeout_ms=settings.migrate.lock_timeout_ms,
-                            statement_timeout_ms=settings.migrate.statement_timeout_ms,
-                            max_retries=settings.migrate.lock_retries,
-                            dry_run=dry_run,
-                        )
-            finally:
-                engine.dispose()
         except OauthmigError as exc:
             message = exc.message
             if not message.startswith("database "):
                 message = f"database {name!r}: {message}"
             outcomes.append(DatabasePrune(name, None, message))
-            continue
-        except SQLAlchemyError as exc:
-            outcomes.append(
-                DatabasePrune(
-                    name, None, f"database {name!r}: prune-grants failed: {describe_error(exc, db)}"
-                )
-            )
             continue
         outcomes.append(DatabasePrune(name, stats))
     return PruneResult(dry_run, older_than, batch, tuple(outcomes))

@@ -31,10 +31,9 @@ from typing import Any
 
 from sqlalchemy import DateTime, and_, bindparam, case, column, func, inspect, select, table
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
 
 from oauthmig.config import Settings
-from oauthmig.db import connect, describe_error, make_engine
+from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import DatabaseError
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
 from oauthmig.redirects.audit import audit as run_audit
@@ -373,25 +372,13 @@ def _database_extras(
 ) -> tuple[dict[str, _JobTimes], DatabasePkce | None, DatabaseMetadata | None]:
     db = settings.databases[database]
     routed = settings.tables_on(database)
-    engine = make_engine(db, settings)
-    try:
-        with connect(engine, db) as conn:
-            times = _job_times(conn)
-            pkce = (
-                _pkce(conn, settings, database, now, max_applications)
-                if "grant" in routed
-                else None
-            )
-            meta = _metadata(conn, settings, database) if "application" in routed else None
-            if conn.in_transaction():
-                conn.rollback()
-            return times, pkce, meta
-    except SQLAlchemyError as exc:
-        raise DatabaseError(
-            f"database {database!r}: cannot read the report's data: {describe_error(exc, db)}"
-        ) from None
-    finally:
-        engine.dispose()
+    with map_db_errors(db, "cannot read the report's data"), open_database(settings, db) as conn:
+        times = _job_times(conn)
+        pkce = _pkce(conn, settings, database, now, max_applications) if "grant" in routed else None
+        meta = _metadata(conn, settings, database) if "application" in routed else None
+        if conn.in_transaction():
+            conn.rollback()
+        return times, pkce, meta
 
 
 def _keep_most_severe(findings: Iterable[AuditFinding], limit: int) -> tuple[AuditFinding, ...]:

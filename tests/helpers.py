@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -291,3 +292,22 @@ def assert_matches_schema(document: str, value: Any) -> None:
     assert not errors, f"{document}: " + "; ".join(
         f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:10]
     )
+
+
+def wait_for_lock_wait(engine: Engine, failure: str, timeout: float = 20.0) -> None:
+    """Poll pg_stat_activity until a session of ``engine``'s database waits for a lock (row,
+    transaction or advisory); fail with ``failure`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
+            conn.rollback()
+            if waiting:
+                return
+            time.sleep(0.01)
+    raise AssertionError(failure)

@@ -4,7 +4,6 @@ detection, registration, and (PostgreSQL) concurrent rotation with two real conn
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -62,7 +61,7 @@ from oauthmig.provider.models import (
 from oauthmig.provider.pkce import s256_challenge
 from oauthmig.rollout import runner
 from tests.conftest import DatabaseFactory, create_legacy
-from tests.helpers import create_migrated_sentry_shape
+from tests.helpers import create_migrated_sentry_shape, wait_for_lock_wait
 
 # RFC 7636 Appendix B.
 VERIFIER = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
@@ -1011,22 +1010,7 @@ def test_concurrent_rotation_yields_one_successor(
 
 
 def _wait_for_lock_wait(engine: Engine) -> None:
-    """Poll pg_stat_activity until a session of this database waits for a lock (row,
-    transaction or advisory)."""
-    deadline = time.monotonic() + 20
-    with engine.connect() as conn:
-        while time.monotonic() < deadline:
-            waiting = conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            ).scalar()
-            conn.rollback()
-            if waiting:
-                return
-            time.sleep(0.01)
-    raise AssertionError("the reuse transaction never waited for the rotation")
+    wait_for_lock_wait(engine, "the reuse transaction never waited for the rotation")
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])

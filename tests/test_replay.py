@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -52,7 +51,13 @@ from oauthmig.prune import prune_grants
 from oauthmig.rollout import runner
 from oauthmig.rollout.backfill import backfill
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
-from tests.helpers import columns_of, create_migrated_sentry_shape, invoke, write_config
+from tests.helpers import (
+    columns_of,
+    create_migrated_sentry_shape,
+    invoke,
+    wait_for_lock_wait,
+    write_config,
+)
 from tests.test_models import (
     GRANT_EXTRA,
     REDIRECT,
@@ -362,21 +367,7 @@ def test_two_concurrent_exchanges_of_one_code_one_wins_the_loser_revokes(
 
 
 def _wait_for_lock_wait(engine: Engine) -> None:
-    """Until a session of this database waits for a lock (polls pg_stat_activity)."""
-    deadline = time.monotonic() + 20
-    with engine.connect() as conn:
-        while time.monotonic() < deadline:
-            waiting = conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            ).scalar()
-            conn.rollback()
-            if waiting:
-                return
-            time.sleep(0.01)
-    raise AssertionError("the second exchange never waited for the first")
+    wait_for_lock_wait(engine, "the second exchange never waited for the first")
 
 
 @pg_only

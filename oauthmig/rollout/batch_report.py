@@ -10,11 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
-
 from oauthmig.config import Settings
-from oauthmig.db import connect, describe_error, make_engine
+from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import OauthmigError
 from oauthmig.identity import check_distinct
 from oauthmig.rollout.batches import SUMMARY, BatchRow, has_batch_table, read_history
@@ -50,10 +47,8 @@ def backfill_report(
     for dbname in databases:
         names = [job.name for db, job in targets if db == dbname]
         db = settings.databases[dbname]
-        engine: Engine | None = None
         try:
-            engine = make_engine(db, settings)
-            with connect(engine, db) as conn:
+            with map_db_errors(db), open_database(settings, db) as conn:
                 check_state(conn, settings, db, revisions)
                 states = {s.job: s for s in job_states(conn, settings, dbname)}
                 recorded = has_batch_table(conn)
@@ -68,10 +63,4 @@ def backfill_report(
                     out.append(JobHistory(dbname, name, states.get(name), summary, tuple(recent)))
         except OauthmigError as exc:
             out.extend(JobHistory(dbname, n, None, None, (), exc.message) for n in names)
-        except SQLAlchemyError as exc:
-            message = f"database {dbname!r}: {describe_error(exc, db)}"
-            out.extend(JobHistory(dbname, n, None, None, (), message) for n in names)
-        finally:
-            if engine is not None:
-                engine.dispose()
     return tuple(out)

@@ -34,12 +34,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from oauthmig.config import Settings
-from oauthmig.db import connect, describe_error, for_writing, make_engine
+from oauthmig.db import (
+    db_error_message,
+    describe_error,
+    for_writing,
+    open_database,
+    set_timeouts,
+)
 from oauthmig.errors import OauthmigError, UsageError
 from oauthmig.rollout.batches import as_utc
 from oauthmig.rollout.jobs import (
@@ -222,9 +228,8 @@ def request(
     problems: list[str] = []
     for dbname in databases:
         db = settings.databases[dbname]
-        engine = make_engine(db, settings)
         try:
-            with connect(engine, db) as conn:
+            with open_database(settings, db) as conn:
                 for name, job in targets:
                     if name != dbname:
                         continue
@@ -248,9 +253,7 @@ def request(
                             f"-d {dbname}` starts it over"
                         )
         except SQLAlchemyError as exc:
-            problems.append(f"database {dbname!r}: {describe_error(exc, db)}")
-        finally:
-            engine.dispose()
+            problems.append(db_error_message(exc, db))
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise OauthmigError(f"{problems[0]}{more}; nothing was recorded")
@@ -258,14 +261,12 @@ def request(
     out: list[RequestOutcome] = []
     for dbname in databases:
         db = settings.databases[dbname]
-        engine = make_engine(db, settings)
         try:
-            with connect(engine, db) as raw:
+            with open_database(settings, db) as raw:
                 conn = for_writing(raw)
-                if conn.dialect.name == "postgresql":
-                    ms = int(settings.migrate.lock_timeout_ms)
-                    conn.execute(text(f"SET lock_timeout = '{ms}ms'"))
-                    conn.execute(text(f"SET statement_timeout = '{max(ms, 5000)}ms'"))
+                ms = settings.migrate.lock_timeout_ms
+                set_timeouts(conn, ms, max(ms, 5000))
+                if conn.in_transaction():
                     conn.commit()
                 if action != "resume":  # resume writes only where a request is recorded
                     ensure_job_table(conn)
@@ -280,8 +281,6 @@ def request(
                 + (f" (recorded before it: {recorded})" if recorded else "")
                 + "; rerun the command"
             ) from None
-        finally:
-            engine.dispose()
     return tuple(out)
 
 
@@ -411,14 +410,9 @@ def wait_stopped(
     while waiting:
         still: list[RequestOutcome] = []
         for o in waiting:
-            db = settings.databases[o.database]
-            engine = make_engine(db, settings)
-            try:
-                with connect(engine, db) as conn:
-                    if run_alive(conn, JOBS[o.job]):
-                        still.append(o)
-            finally:
-                engine.dispose()
+            with open_database(settings, settings.databases[o.database]) as conn:
+                if run_alive(conn, JOBS[o.job]):
+                    still.append(o)
         waiting = still
         if not waiting or time.monotonic() >= deadline:
             break
