@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/oauthmig demo
 
-## test: the full suite on SQLite and PostgreSQL, two pytest-xdist workers (PostgreSQL at
-## 127.0.0.1:5432 is required)
+## test: the full suite on SQLite and PostgreSQL, two pytest-xdist workers. First sets up what
+## the tests need on this machine (scripts/test-components: starts PostgreSQL when it is down,
+## installs Debian's chromium and pgbouncer when missing, one line each time)
 test: $(STAMP)
+	scripts/test-components
 	$(BIN)/ruff check oauthmig tests revisions
 	$(BIN)/ruff format --check oauthmig tests revisions
 	$(BIN)/mypy
