@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +58,36 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
 
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
-    """One routed database. ``url`` holds the password: never print it, use ``display_url``."""
+    """One routed database. ``url`` holds the password: never print it, use ``display_url``.
+
+    ``direct_url`` (optional, same server and database) is a connection that keeps a session:
+    when ``url`` goes through a transaction pooler (PgBouncer), DDL, run locks and other work
+    that needs a session use it (see :attr:`session_url`); ``url`` carries the rest.
+    """
 
     name: str
     url: str | None = field(repr=False)
     display_url: str
     dialect: str
     url_error: str | None = None
+    direct_url: str | None = field(default=None, repr=False)
+    direct_display_url: str | None = None
+    direct_url_error: str | None = None
+
+    @property
+    def session_url(self) -> str | None:
+        """The URL for work that needs a session: ``direct_url`` when configured, else ``url``."""
+        return self.direct_url if self.has_direct else self.url
+
+    @property
+    def has_direct(self) -> bool:
+        """Whether ``direct_url`` or ``direct_url_env`` is configured (set or not)."""
+        return self.direct_display_url is not None
+
+    @property
+    def secret_urls(self) -> tuple[str | None, ...]:
+        """Every URL of this database that may hold a secret (for redaction)."""
+        return (self.url, self.direct_url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,33 +361,63 @@ def _str_list(value: object, key: str, allowed: tuple[str, ...] | None = None) -
     return tuple(value)
 
 
+def _database_url(
+    data: Mapping[str, Any], env: Mapping[str, str], key: str, prefix: str
+) -> tuple[URL | None, str | None, str | None]:
+    """``(url, shown, error)`` of ``<prefix>`` / ``<prefix>_env`` (``url`` or ``direct_url``);
+    an unset variable is not an error yet (``error``): it is resolved lazily, so a database
+    excluded with --database need not have its variable set."""
+    if prefix in data:
+        if not isinstance(data[prefix], str) or not data[prefix].strip():
+            raise ConfigError(f"{key}.{prefix}: expected a non-empty string")
+        url = parse_database_url(data[prefix], f"{key}.{prefix}")
+        return url, redact_url(url), None
+    var = data[f"{prefix}_env"]
+    if not isinstance(var, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", var):
+        raise ConfigError(f"{key}.{prefix}_env: expected an environment variable name")
+    raw = env.get(var)
+    if raw is None or not raw.strip():
+        return None, f"${var}", f"{key}.{prefix}_env: environment variable {var} is not set"
+    url = parse_database_url(raw, f"{key}.{prefix}_env ({var})")
+    return url, redact_url(url), None
+
+
 def _database(name: str, data: object, env: Mapping[str, str]) -> DatabaseConfig:
     key = f"databases.{name}"
     if not _DB_NAME.match(name):
         raise ConfigError(f"{key}: database names use letters, digits, '_' and '-'")
     if not isinstance(data, dict):
         raise ConfigError(f"{key}: expected a table with url or url_env")
-    _check_keys(data, ("url", "url_env"), key)
+    _check_keys(data, ("url", "url_env", "direct_url", "direct_url_env"), key)
     if ("url" in data) == ("url_env" in data):
         raise ConfigError(f"{key}: set exactly one of url or url_env")
-    if "url" in data:
-        if not isinstance(data["url"], str) or not data["url"].strip():
-            raise ConfigError(f"{key}.url: expected a non-empty string")
-        url = parse_database_url(data["url"], f"{key}.url")
-        return DatabaseConfig(
-            name, url.render_as_string(hide_password=False), redact_url(url), url.get_backend_name()
-        )
-    var = data["url_env"]
-    if not isinstance(var, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", var):
-        raise ConfigError(f"{key}.url_env: expected an environment variable name")
-    raw = env.get(var)
-    if raw is None or not raw.strip():
-        # Resolved lazily: a database excluded with --database need not have its variable set.
-        message = f"{key}.url_env: environment variable {var} is not set"
-        return DatabaseConfig(name, None, f"${var}", "unknown", message)
-    url = parse_database_url(raw, f"{key}.url_env ({var})")
-    return DatabaseConfig(
-        name, url.render_as_string(hide_password=False), redact_url(url), url.get_backend_name()
+    if "direct_url" in data and "direct_url_env" in data:
+        raise ConfigError(f"{key}: set at most one of direct_url or direct_url_env")
+    url, shown, error = _database_url(data, env, key, "url")
+    assert shown is not None
+    db = DatabaseConfig(
+        name,
+        None if url is None else url.render_as_string(hide_password=False),
+        shown,
+        "unknown" if url is None else url.get_backend_name(),
+        error,
+    )
+    if "direct_url" not in data and "direct_url_env" not in data:
+        return db
+    direct, direct_shown, direct_error = _database_url(data, env, key, "direct_url")
+    if direct is not None:
+        if direct.get_backend_name() != "postgresql":
+            raise ConfigError(
+                f"{key}.direct_url: only PostgreSQL databases have a direct URL (a connection "
+                "that bypasses a pooler); remove it"
+            )
+        if url is not None and url.get_backend_name() != "postgresql":
+            raise ConfigError(f"{key}.direct_url: url is not PostgreSQL; remove direct_url")
+    return replace(
+        db,
+        direct_url=None if direct is None else direct.render_as_string(hide_password=False),
+        direct_display_url=direct_shown,
+        direct_url_error=direct_error,
     )
 
 

@@ -1,15 +1,15 @@
-"""Engines for routed databases: opening and closing them, driver errors as one-line messages,
-session timeouts, retry backoff, transactional DDL on SQLite, who blocks a lock, run locks."""
+"""Engines for routed databases: opening and closing them (``url``, or ``direct_url`` for work
+that needs a session), driver errors as one-line messages, per-transaction timeouts, retry
+backoff, transactional DDL on SQLite, who blocks a lock. Run locks: :mod:`oauthmig.runlock`;
+what kind of failure a driver error is: :mod:`oauthmig.failures`."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import random
 import socket
 import threading
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from oauthmig.config import DatabaseConfig, Settings
-from oauthmig.errors import ConfigError, DatabaseError, LockBusyError, UnreachableError
+from oauthmig.errors import ConfigError, DatabaseError, UnreachableError
 from oauthmig.redact import describe_db_error, scrub_text, url_secrets
 
 SQLITE_IMMEDIATE = "oauthmig_sqlite_immediate"
@@ -31,14 +31,36 @@ def for_writing(conn: Connection) -> Connection:
     return conn.execution_options(**{SQLITE_IMMEDIATE: True})
 
 
-def _require_url(db: DatabaseConfig) -> str:
+#: Execution option: ``(lock_timeout_ms, statement_timeout_ms)`` applied with ``SET LOCAL``
+#: at the start of every transaction of the connection (see :func:`set_timeouts`).
+TIMEOUTS = "oauthmig_timeouts"
+
+_LOCAL_TIMEOUTS = (
+    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)"
+)
+
+
+def _require_url(db: DatabaseConfig, direct: bool = False) -> str:
+    if direct and db.has_direct:
+        if db.direct_url is None:
+            raise ConfigError(db.direct_url_error or f"databases.{db.name}: no direct_url")
+        return db.direct_url
     if db.url is None:
         raise ConfigError(db.url_error or f"databases.{db.name}: no URL")
     return db.url
 
 
-def make_engine(db: DatabaseConfig, settings: Settings, *, create: bool = False) -> Engine:
+def make_engine(
+    db: DatabaseConfig, settings: Settings, *, create: bool = False, direct: bool = False
+) -> Engine:
     """An engine for one routed database, with timeouts applied on every new connection.
+
+    ``direct``: on ``direct_url`` when one is configured (work that needs a session: DDL, run
+    locks), else on ``url``. Connections on ``url`` never prepare statements (psycopg's
+    ``prepare_threshold=None``): a transaction pooler hands each transaction another server
+    session, where a prepared statement is missing or already exists. Nothing oauthmig sets
+    outlives its transaction: timeouts are ``SET LOCAL`` at the start of each transaction
+    (:func:`set_timeouts`).
 
     A SQLite file that does not exist is an error unless ``create`` (only the demo creates
     databases; every other command must not leave an empty file behind a typo).
@@ -46,7 +68,7 @@ def make_engine(db: DatabaseConfig, settings: Settings, *, create: bool = False)
     SQLite: pysqlite's legacy transaction handling does not wrap DDL in a transaction, so we
     take over BEGIN ourselves (SQLAlchemy's documented recipe) to make each revision atomic.
     """
-    url = make_url(_require_url(db))
+    url = make_url(_require_url(db, direct))
     lock_ms = settings.migrate.lock_timeout_ms
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -74,7 +96,18 @@ def make_engine(db: DatabaseConfig, settings: Settings, *, create: bool = False)
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    return create_engine(url, poolclass=NullPool, connect_args=dict(PG_CONNECT_ARGS))
+    args = dict(PG_CONNECT_ARGS)
+    if not (direct and db.has_direct):
+        args["prepare_threshold"] = None
+    engine = create_engine(url, poolclass=NullPool, connect_args=args)
+
+    @event.listens_for(engine, "begin")
+    def _pg_begin(conn: Connection) -> None:
+        limits = conn.get_execution_options().get(TIMEOUTS)
+        if limits is not None:
+            conn.exec_driver_sql(_LOCAL_TIMEOUTS, (f"{limits[0]}ms", f"{limits[1]}ms"))
+
+    return engine
 
 
 # libpq connection options for every PostgreSQL connection. TCP keepalives (probe after 10 s
@@ -144,7 +177,7 @@ class ClientDeadline:
 def describe_error(exc: BaseException, db: DatabaseConfig) -> str:
     """A safe one-line description of a driver error (see :mod:`oauthmig.redact`): no row data,
     parameters, query text, or any secret of the database's URL."""
-    return describe_db_error(exc, url_secrets(db.url))
+    return describe_db_error(exc, url_secrets(db.url) + url_secrets(db.direct_url))
 
 
 def scrub_stored(text: str | None, url: URL | str | None) -> str | None:
@@ -186,8 +219,11 @@ def connect(engine: Engine, db: DatabaseConfig) -> Iterator[Connection]:
     try:
         conn = engine.connect()
     except (OperationalError, DBAPIError) as exc:
+        shown = db.display_url
+        if db.has_direct and engine.url.render_as_string(hide_password=False) == db.direct_url:
+            shown = f"direct_url {db.direct_display_url}"
         raise UnreachableError(
-            f"database {db.name!r} ({db.display_url}) is unreachable: {describe_error(exc, db)}; "
+            f"database {db.name!r} ({shown}) is unreachable: {describe_error(exc, db)}; "
             "check the URL and that the server is running"
         ) from None
     try:
@@ -198,11 +234,11 @@ def connect(engine: Engine, db: DatabaseConfig) -> Iterator[Connection]:
 
 @contextlib.contextmanager
 def open_engine(
-    settings: Settings, db: DatabaseConfig, *, create: bool = False
+    settings: Settings, db: DatabaseConfig, *, create: bool = False, direct: bool = False
 ) -> Iterator[Engine]:
     """An engine of one routed database (:func:`make_engine`), disposed on exit; for code that
     opens connections itself (several, or again after losing one)."""
-    engine = make_engine(db, settings, create=create)
+    engine = make_engine(db, settings, create=create, direct=direct)
     try:
         yield engine
     finally:
@@ -211,7 +247,7 @@ def open_engine(
 
 @contextlib.contextmanager
 def open_database(
-    settings: Settings, db: DatabaseConfig, *, create: bool = False
+    settings: Settings, db: DatabaseConfig, *, create: bool = False, direct: bool = False
 ) -> Iterator[Connection]:
     """One connection to one routed database, on an engine of its own that is disposed on exit.
 
@@ -219,15 +255,20 @@ def open_database(
     that does not exist is refused unless ``create`` (see :func:`make_engine`). Errors of the
     statements run inside are not translated here: wrap the block in :func:`map_db_errors`.
     """
-    with open_engine(settings, db, create=create) as engine, connect(engine, db) as conn:
+    with (
+        open_engine(settings, db, create=create, direct=direct) as engine,
+        connect(engine, db) as conn,
+    ):
         yield conn
 
 
 def timeout_statements(
-    lock_timeout_ms: float, statement_timeout_ms: float, *, local: bool = False
+    lock_timeout_ms: float, statement_timeout_ms: float, *, local: bool = True
 ) -> tuple[str, str]:
-    """The PostgreSQL ``SET [LOCAL] lock_timeout`` and ``statement_timeout`` statements (whole
-    milliseconds), as run on a connection or written into an offline script."""
+    """The PostgreSQL ``SET LOCAL lock_timeout`` and ``statement_timeout`` statements (whole
+    milliseconds), as written into an offline script; ``local=False``: session-level ``SET``,
+    only for statements that cannot run in a transaction (``CREATE INDEX CONCURRENTLY``), on a
+    connection that keeps its session (see :func:`reset_statements`)."""
     scope = "SET LOCAL" if local else "SET"
     return (
         f"{scope} lock_timeout = '{int(lock_timeout_ms)}ms'",
@@ -235,16 +276,27 @@ def timeout_statements(
     )
 
 
+def reset_statements() -> tuple[str, str]:
+    """``RESET`` of what session-level :func:`timeout_statements` set."""
+    return ("RESET lock_timeout", "RESET statement_timeout")
+
+
 def set_timeouts(
     conn: Connection, lock_timeout_ms: float, statement_timeout_ms: float, *, local: bool = False
 ) -> None:
-    """Bound every later statement of the session (``local``: of the current transaction) on a
-    PostgreSQL connection; SQLite connections have their ``busy_timeout`` from
-    :func:`make_engine` and are left alone."""
+    """Bound every later transaction of a PostgreSQL connection (``local``: only the current
+    one) with ``SET LOCAL lock_timeout`` and ``statement_timeout``, applied at the start of each
+    transaction and in the open one, if any: nothing outlives its transaction, so a pooled
+    server session goes back to the pool as it came. SQLite connections have their
+    ``busy_timeout`` from :func:`make_engine` and are left alone."""
     if conn.dialect.name != "postgresql":
         return
-    for statement in timeout_statements(lock_timeout_ms, statement_timeout_ms, local=local):
-        conn.execute(text(statement))
+    limits = (int(lock_timeout_ms), int(statement_timeout_ms))
+    if not local:
+        conn.execution_options(**{TIMEOUTS: limits})
+        if not conn.in_transaction():
+            return  # the next transaction sets them as it begins
+    conn.exec_driver_sql(_LOCAL_TIMEOUTS, (f"{limits[0]}ms", f"{limits[1]}ms"))
 
 
 def backoff_delay(attempt: int, *, base: float, cap: float) -> float:
@@ -303,54 +355,3 @@ def lock_blockers(
                 for r in rows
             ]
     return "; ".join(parts) or "a conflicting lock was held and has since been released"
-
-
-def lock_key(purpose: str) -> int:
-    """A stable 63-bit advisory-lock key for ``purpose`` (e.g. ``upgrade``)."""
-    return zlib.crc32(f"oauthmig:{purpose}".encode()) & 0x7FFFFFFF
-
-
-@contextlib.contextmanager
-def exclusive_run(conn: Connection, db: DatabaseConfig, purpose: str) -> Iterator[None]:
-    """Hold a session-level lock for ``purpose`` on this database, or raise LockBusyError.
-
-    PostgreSQL: ``pg_try_advisory_lock`` on the connection (released at unlock or disconnect,
-    so a crashed run never leaves it behind). SQLite: ``flock`` on a sidecar file next to the
-    database file, released by the OS when the process dies.
-    """
-    if conn.dialect.name == "postgresql":
-        key = lock_key(purpose)
-        got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
-        conn.commit()
-        if not got:
-            raise LockBusyError(
-                f"database {db.name!r}: another oauthmig {purpose} run holds the lock; "
-                "wait for it to finish (see pg_stat_activity, application_name = 'oauthmig')"
-            )
-        try:
-            yield
-        finally:
-            with contextlib.suppress(DBAPIError):
-                conn.rollback()
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
-        return
-    path = conn.engine.url.database
-    if not path or path == ":memory:":
-        yield
-        return
-    lock_path = f"{path}.{purpose}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockBusyError(
-                f"database {db.name!r}: another oauthmig {purpose} run holds the lock "
-                f"({lock_path}); wait for it to finish"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        os.close(fd)

@@ -5,6 +5,7 @@ one line on stderr and exit code 2. Anything else escaping is a bug and may show
 
     OauthmigError                      one-line message, exit 2
     ├── ConfigError                    bad config file, key or value (names the key)
+    │   └── PoolerError                url is a transaction pooler; the command needs direct_url
     ├── UsageError                     arguments that do not fit together
     ├── PlanRefusedError               a database cannot be planned: nothing written anywhere
     ├── DatabaseError                  a database cannot be used as configured
@@ -47,6 +48,11 @@ class OauthmigError(Exception):
 
 class ConfigError(OauthmigError):
     """The configuration is invalid; the message names the offending key."""
+
+
+class PoolerError(ConfigError):
+    """A command that needs a session reached a transaction pooler (PgBouncer) and the
+    database has no ``direct_url``; nothing was written."""
 
 
 class UsageError(OauthmigError):

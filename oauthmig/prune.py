@@ -35,10 +35,13 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from oauthmig.config import DEFAULT_TABLES, Settings
-from oauthmig.db import exclusive_run, for_writing, map_db_errors, open_database
-from oauthmig.errors import DatabaseError, LockTimeoutError, OauthmigError
+from oauthmig.db import for_writing, make_engine, map_db_errors, open_database
+from oauthmig.errors import DatabaseError, LockBusyError, LockTimeoutError, OauthmigError
+from oauthmig.failures import FailureKind, classify
 from oauthmig.identity import check_distinct
+from oauthmig.pooler import transaction_pooled
 from oauthmig.rollout.preflight import RevisionInfo, check_state
+from oauthmig.runlock import RunLock, transaction_lock
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -52,7 +55,7 @@ __all__ = [
 
 DEFAULT_BATCH = 1000
 MAX_BATCH = 100_000
-_RETRY_SQLSTATES = ("55P03", "40P01", "40001")  # lock_not_available, deadlock, serialization
+_RETRY_KINDS = (FailureKind.LOCK_TIMEOUT, FailureKind.DEADLOCK, FailureKind.SERIALIZATION)
 _MAX_BACKOFF_SECONDS = 5.0
 
 Bind = Engine | Connection | Session
@@ -90,9 +93,12 @@ def _opened(bind: Bind) -> Iterator[Connection | Session]:
         yield bind
 
 
+def _connection(work: Connection | Session) -> Connection:
+    return work.connection() if isinstance(work, Session) else work
+
+
 def _dialect(work: Connection | Session) -> str:
-    conn = work.connection() if isinstance(work, Session) else work
-    return conn.dialect.name
+    return _connection(work).dialect.name
 
 
 def _columns(work: Connection | Session, physical: str) -> set[str]:
@@ -121,10 +127,7 @@ def _rollback(work: Connection | Session) -> None:
 
 
 def _retryable(exc: SQLAlchemyError) -> bool:
-    orig = getattr(exc, "orig", None)
-    if getattr(orig, "sqlstate", None) in _RETRY_SQLSTATES:
-        return True
-    return "database is locked" in str(orig)
+    return classify(exc) in _RETRY_KINDS
 
 
 def _grant_table(physical: str, has_consumed: bool) -> Any:
@@ -172,6 +175,7 @@ def prune_grants(
     max_retries: int = 8,
     dry_run: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
+    batch_lock: str | None = None,
 ) -> PruneStats:
     """Delete the grants of ``table_name`` that expired more than ``older_than`` before
     ``now`` (default: the current time), ``batch`` rows per transaction; see the module doc.
@@ -182,7 +186,9 @@ def prune_grants(
     that hits ``lock_timeout`` (PostgreSQL), a deadlock or a busy SQLite file up to
     ``max_retries`` times, then raises LockTimeoutError (rows deleted so far stay deleted).
     ``on_batch(batches, deleted)`` is called after each batch. With ``dry_run`` nothing is
-    written: the counts say what would be deleted and in how many batches.
+    written: the counts say what would be deleted and in how many batches. ``batch_lock``
+    (PostgreSQL): every batch first waits, under ``lock_timeout``, for the transaction-scoped
+    advisory lock of this purpose (a run lock that holds through a transaction pooler).
     """
     if not 1 <= batch <= MAX_BATCH:
         raise ValueError(f"batch must be between 1 and {MAX_BATCH}, got {batch!r}")
@@ -216,6 +222,7 @@ def prune_grants(
                 statement_timeout_ms=statement_timeout_ms,
                 max_retries=max_retries,
                 on_batch=on_batch,
+                batch_lock=batch_lock,
             )
         kept, kept_consumed = _counts(work, g, g.c.expires_at >= cutoff, has_consumed, timeouts)
     return PruneStats(
@@ -245,6 +252,7 @@ def _delete_batches(
     statement_timeout_ms: int,
     max_retries: int,
     on_batch: Callable[[int, int], None] | None,
+    batch_lock: str | None = None,
 ) -> tuple[int, int | None, int, int]:
     postgres = _dialect(work) == "postgresql"
     deleted = batches = retries = 0
@@ -263,6 +271,8 @@ def _delete_batches(
         while True:
             try:
                 _set_timeouts(work, lock_timeout_ms, statement_timeout_ms)
+                if batch_lock is not None and postgres:
+                    transaction_lock(_connection(work), batch_lock)
                 rows = work.execute(statement).all()
                 work.commit()
                 break
@@ -336,8 +346,10 @@ def prune(
 ) -> PruneResult:
     """Prune expired grants on every selected database hosting the grant table, one after
     another. Each database is checked as ``upgrade`` checks it first, and holds the
-    ``prune-grants`` run lock (one run per database); a failure on one is recorded and the
-    others go on. ``sleep`` defaults to ``[backfill] sleep_seconds``. ``revisions`` is the
+    ``prune-grants`` run lock (one run per database): on ``direct_url`` when the database has
+    one; through a transaction pooler without one, each batch takes it for its transaction
+    instead (:func:`_run_lock`). A failure on one is recorded and the others go on. ``sleep``
+    defaults to ``[backfill] sleep_seconds``. ``revisions`` is the
     revision catalogue the check compares each database with (the caller reads it:
     :class:`oauthmig.rollout.revisions.Catalogue`, which this module does not import, so that
     code inside the OAuth server can call :func:`prune_grants` without loading Alembic).
@@ -354,10 +366,10 @@ def prune(
                 check_state(conn, settings, db, revisions)
                 if conn.in_transaction():
                     conn.rollback()
-                lock = (
-                    contextlib.nullcontext() if dry_run else exclusive_run(conn, db, "prune-grants")
+                lock: contextlib.AbstractContextManager[str | None] = (
+                    contextlib.nullcontext(None) if dry_run else _run_lock(settings, conn, name)
                 )
-                with lock:
+                with lock as batch_lock:
                     stats = prune_grants(
                         for_writing(conn),
                         table_name=settings.tables.grant,
@@ -369,6 +381,7 @@ def prune(
                         statement_timeout_ms=settings.migrate.statement_timeout_ms,
                         max_retries=settings.migrate.lock_retries,
                         dry_run=dry_run,
+                        batch_lock=batch_lock,
                     )
         except OauthmigError as exc:
             message = exc.message
@@ -378,3 +391,33 @@ def prune(
             continue
         outcomes.append(DatabasePrune(name, stats))
     return PruneResult(dry_run, older_than, batch, tuple(outcomes))
+
+
+@contextlib.contextmanager
+def _run_lock(settings: Settings, conn: Connection, name: str) -> Iterator[str | None]:
+    """The ``prune-grants`` run lock of database ``name`` (``conn`` is on its ``url``); yields
+    the purpose each batch must lock for its transaction, or None when the lock is held for
+    the run: on ``conn`` itself (SQLite, or a direct PostgreSQL connection), or on a session
+    of its own on ``direct_url``. Through a transaction pooler without ``direct_url`` a session
+    lock would stay behind on a pooled server session: each batch takes it instead."""
+    db = settings.databases[name]
+    lock = RunLock("prune-grants", name)
+    if conn.dialect.name != "postgresql":
+        with lock.hold(conn):
+            yield None
+        return
+    if db.has_direct:
+        engine = make_engine(db, settings, direct=True)
+        try:
+            with engine.connect() as session, lock.hold(session):
+                yield None
+        finally:
+            engine.dispose()
+        return
+    if not transaction_pooled(conn.engine):
+        with lock.hold(conn):
+            yield None
+        return
+    if lock.alive(conn):
+        raise LockBusyError(lock.busy_message(conn))
+    yield lock.purpose

@@ -19,10 +19,11 @@ from sqlalchemy.engine import Engine
 
 from oauthmig.cli import run
 from oauthmig.config import Settings
-from oauthmig.db import lock_key, make_engine
+from oauthmig.db import make_engine
 from oauthmig.legacy import LegacyFlavor
 from oauthmig.models import OAuthModels
 from oauthmig.resources import json_schema
+from oauthmig.runlock import lock_key
 
 
 @dataclass(frozen=True)

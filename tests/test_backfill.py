@@ -17,11 +17,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.interfaces import DBAPICursor, ReflectedColumn
 
 from oauthmig.config import LOGICAL_TABLES, Settings, settings_from_mapping
-from oauthmig.db import connect, exclusive_run, make_engine
+from oauthmig.db import connect, make_engine
 from oauthmig.demo.data import setup_legacy
 from oauthmig.rollout import revisions
 from oauthmig.rollout.backfill import MAX_BATCH, MIN_BATCH, adapt_batch_size
 from oauthmig.rollout.jobs import JOB_TABLE, JOBS, family_id, infer_application_type
+from oauthmig.runlock import exclusive_run
 from tests.conftest import DatabaseFactory, routed_config
 from tests.forkserver import ForkedProcess, ForkServer
 from tests.helpers import data_checksum, invoke, run_lock_held, schema_dump, write_config

@@ -22,10 +22,11 @@ from sqlalchemy import text
 from sqlalchemy.engine.interfaces import ReflectedColumn
 
 from oauthmig.config import Settings, settings_from_mapping
-from oauthmig.db import connect, exclusive_run, lock_key, make_engine
+from oauthmig.db import connect, make_engine
 from oauthmig.demo.data import setup_legacy
 from oauthmig.rollout.backfill import BackfillOptions, backfill
 from oauthmig.rollout.jobs import JOB_TABLE, JobStatus, family_id
+from oauthmig.runlock import exclusive_run, lock_key
 from tests.conftest import DatabaseFactory
 from tests.forkserver import ForkServer
 from tests.helpers import invoke, schema_dump, write_config

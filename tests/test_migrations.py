@@ -9,9 +9,10 @@ import pytest
 from sqlalchemy import text
 
 from oauthmig.config import Settings, settings_from_mapping
-from oauthmig.db import connect, exclusive_run, make_engine
+from oauthmig.db import connect, make_engine
 from oauthmig.errors import LockBusyError
 from oauthmig.rollout.revisions import LOG_TABLE, VERSION_TABLE
+from oauthmig.runlock import exclusive_run
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import (
     columns_of,

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from oauthmig.config import Settings, settings_from_mapping
-from oauthmig.db import exclusive_run, make_engine
+from oauthmig.db import make_engine
 from oauthmig.errors import InvalidGrant, LockTimeoutError, OAuthError
 from oauthmig.legacy import legacy_metadata
 from oauthmig.provider.models import (
@@ -50,6 +50,7 @@ from oauthmig.provider.pkce import s256_challenge
 from oauthmig.prune import prune_grants
 from oauthmig.rollout import runner
 from oauthmig.rollout.backfill import backfill
+from oauthmig.runlock import exclusive_run
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import (
     columns_of,

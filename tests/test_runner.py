@@ -16,7 +16,7 @@ from sqlalchemy import event, insert, text
 from sqlalchemy.engine import Connection, Engine
 
 from oauthmig.config import Settings, settings_from_mapping
-from oauthmig.db import connect, exclusive_run, make_engine
+from oauthmig.db import connect, make_engine
 from oauthmig.errors import (
     GateError,
     IncompatibleColumnError,
@@ -31,6 +31,7 @@ from oauthmig.rollout import revisions, runner
 from oauthmig.rollout.backfill import backfill
 from oauthmig.rollout.revisions import LOG_TABLE, VERSION_TABLE
 from oauthmig.rollout.runner import Mode, PlanOutcome, StepAction
+from oauthmig.runlock import exclusive_run
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import data_checksum, invoke, schema_dump, seed_legacy, write_config
 

@@ -15,10 +15,12 @@ Mechanics, per job and database:
 * pacing: after each batch the runner sleeps at least ``sleep_seconds`` and at least as long
   as keeps the share of time spent in batches at or under ``max_duty`` (0.5: sleep as long as
   the last batch took), so live traffic gets the server half the time;
-* one run per job and database. PostgreSQL: a session advisory lock held by the connection
-  that runs the batches, re-verified inside every batch's transaction
-  (``pg_try_advisory_xact_lock``) together with the run's owner token in the job row; a run
-  whose lock or job row was taken over by another run stops at once. SQLite: ``flock``;
+* one run per job and database (:class:`~oauthmig.runlock.RunLock`). PostgreSQL: a session
+  advisory lock, held by the connection that runs the batches, or with a ``direct_url`` by a
+  connection of its own on it while the batches go through ``url`` (which may be a transaction
+  pooler); re-verified inside every batch's transaction (:meth:`RunLock.verify`) together with
+  the run's owner token in the job row; a run whose lock or job row was taken over by another
+  run stops at once. SQLite: ``flock``;
 * a lost connection (server restart, failover, terminated session, client deadline passed)
   is reconnected with backoff for ``outage_window``; the lock is taken again and the owner
   token checked before the next batch; past the window the job is marked ``failed``;
@@ -68,16 +70,17 @@ from oauthmig.db import (
     backoff_delay,
     connect,
     describe_error,
-    exclusive_run,
     for_writing,
     lock_blockers,
-    lock_key,
+    make_engine,
     map_db_errors,
     open_database,
     open_engine,
     set_timeouts,
 )
 from oauthmig.errors import BackfillError, ConfigError, LockBusyError, OauthmigError, UsageError
+from oauthmig.failures import FailureKind, classify
+from oauthmig.pooler import require_session
 from oauthmig.rollout.batches import BatchLog, ensure_batch_table, error_class, reset_history
 from oauthmig.rollout.control import (
     POLL_SECONDS,
@@ -99,22 +102,22 @@ from oauthmig.rollout.jobs import (
     JobStatus,
     ensure_job_table,
     job_table,
-    lock_holder,
     new_transaction,
     read_job,
     register_sqlite_functions,
     remaining_rows,
+    run_lock,
 )
 from oauthmig.rollout.preflight import RevisionInfo, check_routed_tables
 from oauthmig.rollout.remaining import column_generation
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import check_databases
+from oauthmig.runlock import RunLock
 
 MIN_BATCH, MAX_BATCH = 10, 200_000
 MAX_TRANSIENT_RETRIES = 10
 LOCKED_ROW_ATTEMPTS = 3  # lock timeouts on a one-row batch before the job fails
 DEADLINE_GRACE_SECONDS = 5.0  # client deadline = statement_timeout + this
-_LOST_SQLSTATES = ("57P01", "57P02", "57P03", "08006", "08003", "08000", "08001", "08004")
 
 
 # --------------------------------------------------------------------------- jobs
@@ -226,30 +229,9 @@ def _next_hi(conn: Connection, physical: str, lo: int, bound: int, size: int) ->
     return None if value is None else int(value)
 
 
-def _transient(exc: SQLAlchemyError) -> bool:
-    if getattr(exc, "connection_invalidated", False):
-        return True
-    orig = getattr(exc, "orig", None)
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate in ("40P01", "40001", "55P03", "57P01", "08006", "08003", "08000"):
-        return True
-    return "database is locked" in str(orig)
-
-
-def _is_statement_timeout(exc: SQLAlchemyError) -> bool:
-    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "57014"
-
-
-def _is_lock_timeout(exc: SQLAlchemyError) -> bool:
-    orig = getattr(exc, "orig", None)
-    return getattr(orig, "sqlstate", None) == "55P03" or "database is locked" in str(orig)
-
-
 def _lost(exc: SQLAlchemyError, conn: Connection) -> bool:
     """True if the connection is gone (server restart, terminated session, network)."""
-    if getattr(exc, "connection_invalidated", False) or conn.invalidated or conn.closed:
-        return True
-    if getattr(getattr(exc, "orig", None), "sqlstate", None) in _LOST_SQLSTATES:
+    if conn.invalidated or conn.closed or classify(exc) is FailureKind.CONNECTION_LOST:
         return True
     try:
         return bool(getattr(conn.connection.driver_connection, "closed", False))
@@ -305,7 +287,9 @@ class _Runner:
     batch_times: list[float] = field(default_factory=list)
     changed: int = 0
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
-    backend_pid: int | None = None
+    lock: RunLock = field(init=False)
+    lock_engine: Engine | None = None  # direct_url: the run lock's own session, not the batches'
+    lock_conn: Connection | None = None
     reconnects: int = 0
     note: str | None = None
     work: Connection | None = None  # the current work connection (replaced on reconnect)
@@ -316,11 +300,7 @@ class _Runner:
 
     def __post_init__(self) -> None:
         self.log = BatchLog(self.job.name, self.owner, self.settings.backfill.keep_batches)
-
-    @property
-    def lock_key(self) -> int:
-        # Advisory locks are scoped to the current database, so the job name is enough.
-        return lock_key(f"backfill {self.job.name}")
+        self.lock = run_lock(self.job, self.db.name)
 
     def run(self) -> JobRun:
         """Run the job on its database (holding the run lock) and return the outcome."""
@@ -330,14 +310,51 @@ class _Runner:
         try:
             with open_engine(self.settings, self.db) as engine:
                 if engine.dialect.name == "postgresql":
-                    return self._run(engine, started)
-                with (
-                    connect(engine, self.db) as lock_conn,
-                    exclusive_run(lock_conn, self.db, f"backfill {self.job.name}"),
-                ):
+                    if self.db.has_direct:
+                        self.lock_engine = make_engine(self.db, self.settings, direct=True)
+                    try:
+                        return self._run(engine, started)
+                    finally:
+                        self._drop_lock_conn()
+                        if self.lock_engine is not None:
+                            self.lock_engine.dispose()
+                with connect(engine, self.db) as lock_conn, self.lock.hold(lock_conn):
                     return self._run(engine, started)
         finally:
             self.health.close()
+
+    def _drop_lock_conn(self) -> None:
+        conn, self.lock_conn = self.lock_conn, None
+        if conn is not None:
+            self.lock.release()
+            with contextlib.suppress(SQLAlchemyError):
+                conn.close()
+
+    def _take_lock(self, conn: Connection) -> bool:
+        """Take the run lock: on the work connection ``conn``, or with a ``direct_url`` on a
+        session of its own there (kept when it still holds the lock: a reconnect after the
+        batch connection alone was lost)."""
+        if self.lock_engine is None:
+            return self.lock.try_acquire(conn)
+        if self.lock_conn is not None:
+            held = self.lock.verify(conn)
+            conn.rollback()
+            if held:
+                return True
+            self._drop_lock_conn()
+        lock_conn = self.lock_engine.connect()
+        try:
+            with self._deadline(lock_conn):
+                got = self.lock.try_acquire(lock_conn)
+        except BaseException:
+            with contextlib.suppress(SQLAlchemyError):
+                lock_conn.close()
+            raise
+        if got:
+            self.lock_conn = lock_conn
+        else:
+            lock_conn.close()
+        return got
 
     def _connect(self, engine: Engine, *, reconnect: bool = False) -> Connection:
         """A work connection; on PostgreSQL it also takes (or takes again) the run lock."""
@@ -347,16 +364,13 @@ class _Runner:
             if conn.dialect.name != "postgresql":
                 return conn
             m = self.settings.migrate
+            previous = self.lock.holder_pid
             with self._deadline(conn):
                 set_timeouts(conn, m.lock_timeout_ms, m.statement_timeout_ms)
-                pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
-                got = conn.execute(
-                    text("SELECT pg_try_advisory_lock(:k)"), {"k": self.lock_key}
-                ).scalar()
-                conn.commit()
+                got = self._take_lock(conn)
             if not got:
-                holder = lock_holder(conn, self.lock_key)
-                if reconnect and holder is not None and holder == self.backend_pid:
+                holder = self.lock.holder(conn)
+                if reconnect and holder is not None and holder == previous:
                     # Our own abandoned session (hung, or still being torn down): ask it to
                     # go, and try again while the outage window lasts.
                     with contextlib.suppress(SQLAlchemyError):
@@ -376,7 +390,6 @@ class _Runner:
                     "holds the lock; wait for it to finish (see pg_stat_activity, "
                     "application_name = 'oauthmig')"
                 )
-            self.backend_pid = pid
             return conn
         except BaseException:
             with contextlib.suppress(SQLAlchemyError):
@@ -563,13 +576,8 @@ class _Runner:
         )
 
     def _verify_lock(self, conn: Connection) -> None:
-        """Inside a batch's transaction: this session still holds the run lock."""
-        if conn.dialect.name != "postgresql":
-            return
-        ok = conn.execute(
-            text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self.lock_key}
-        ).scalar()
-        if not ok:
+        """Inside a batch's transaction: this run still holds the run lock."""
+        if not self.lock.verify(conn):
             raise _TakenOver(
                 f"database {self.db.name!r}: backfill {self.job.name} lost its run lock to "
                 "another oauthmig backfill run; this run stops and leaves the job to it"
@@ -752,7 +760,8 @@ class _Runner:
                         size = max(1, size // 2)
                     conn = self.work = self._reconnect(engine, conn, reason)
                     continue
-                if _is_lock_timeout(exc) and hi is not None:
+                kind = classify(exc)
+                if kind is FailureKind.LOCK_TIMEOUT and hi is not None:
                     if size > 1:
                         # Halve toward the locked row; grow back once past it.
                         if narrowed is None:
@@ -764,11 +773,9 @@ class _Runner:
                         self.sleep(backoff_delay(locked_attempts, base=0.2, cap=5.0))
                         continue
                     self._fail(engine, self._locked_message(conn, physical, lo, hi))
-                if _is_statement_timeout(exc):
+                if kind is FailureKind.STATEMENT_TIMEOUT:
                     size = max(MIN_BATCH, size // 2)
-                if (
-                    _is_statement_timeout(exc) or _transient(exc)
-                ) and failures < MAX_TRANSIENT_RETRIES:
+                if kind.transient and failures < MAX_TRANSIENT_RETRIES:
                     failures += 1
                     self.sleep(backoff_delay(failures, base=0.05, cap=5.0))
                     continue
@@ -1036,11 +1043,11 @@ def backfill(
     tables = {JOBS[n].logical_table for n in names}
     if revisions is None:
         revisions = Catalogue.load().revisions
-    check_databases(
-        settings,
-        [d for d in settings.database_names() if tables & set(settings.tables_on(d))],
-        revisions,
-    )
+    hosting = [d for d in settings.database_names() if tables & set(settings.tables_on(d))]
+    check_databases(settings, hosting, revisions)
+    if not options.dry_run:
+        for name in hosting:
+            require_session(settings, settings.databases[name], "backfill")
     stopper = _Stop(
         stop or threading.Event(),
         None if options.max_runtime is None else time.monotonic() + options.max_runtime,

@@ -48,13 +48,13 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from oauthmig.db import lock_key
+from oauthmig.failures import sqlstate
+from oauthmig.runlock import transaction_lock
 
 BATCH_TABLE = "oauthmig_backfill_batch"
 
@@ -121,7 +121,7 @@ def error_class(exc: BaseException) -> str:
     """The sanitized class of a batch error: SQLSTATE (or SQLite error name) and the driver's
     exception class, e.g. ``55P03 LockNotAvailable``; never message text."""
     orig = getattr(exc, "orig", None) or exc
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None)
+    code = sqlstate(exc) or getattr(orig, "sqlite_errorname", None)
     name = type(orig).__name__
     return (f"{code} {name}" if code else name)[:64]
 
@@ -131,11 +131,7 @@ def ensure_batch_table(conn: Connection) -> None:
     if conn.in_transaction():
         conn.commit()
     with conn.begin():
-        if conn.dialect.name == "postgresql":
-            # Jobs of one database may start together (--jobs): serialize the DDL.
-            conn.execute(
-                text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key("backfill-schema")}
-            )
+        transaction_lock(conn, "backfill-schema")  # jobs may start together (--jobs)
         _md.create_all(conn, checkfirst=True)
 
 

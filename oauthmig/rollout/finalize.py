@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,8 +31,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.types import TypeEngine
 
-from oauthmig.db import timeout_statements
+from oauthmig.db import reset_statements, timeout_statements
 from oauthmig.errors import IndexTimeoutError, RevisionFailedError
+from oauthmig.failures import FailureKind, classify
 from oauthmig.legacy import legacy_metadata
 from oauthmig.rollout import offline
 from oauthmig.rollout.revisions import RevisionTarget, current_target
@@ -163,8 +164,23 @@ class _PgFinalize:
         op.execute(text(sql))
 
     def _timeouts(self, lock_ms: int, statement_ms: int) -> None:
-        for statement in timeout_statements(lock_ms, statement_ms):
+        # Session-level: these statements run outside a transaction (autocommit), so this
+        # needs a connection that keeps its session (direct_url); :meth:`limits` resets them.
+        for statement in timeout_statements(lock_ms, statement_ms, local=False):
             self.exec(statement)
+
+    @contextlib.contextmanager
+    def limits(self) -> Iterator[None]:
+        """The DDL limits for the statements of the block (run outside a transaction), reset
+        at its end: the session goes back as it came."""
+        m = self.t.migrate
+        self._timeouts(m.lock_timeout_ms, m.statement_timeout_ms)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(SQLAlchemyError):
+                for statement in reset_statements():
+                    self.exec(statement)
 
     def exec_long(self, sql: str, what: str, physical: str) -> None:
         """Run an index build/drop or VALIDATE under ``index_timeout`` instead of the DDL limits.
@@ -182,13 +198,11 @@ class _PgFinalize:
         try:
             self.exec(sql)
         except DBAPIError as exc:
-            sqlstate = getattr(exc.orig, "sqlstate", None)
             waited = time.monotonic() - started
-            # 55P03: a lock wait (also the wait for older snapshots) hit lock_timeout; 57014:
-            # statement_timeout. Both are index_timeout here; a user's cancel ends sooner.
+            # A lock wait (also the wait for older snapshots) hit lock_timeout, or the statement
+            # statement_timeout: both are index_timeout here; a user's cancel ends sooner.
             if (
-                not exc.connection_invalidated
-                and sqlstate in ("55P03", "57014")
+                classify(exc) in (FailureKind.LOCK_TIMEOUT, FailureKind.STATEMENT_TIMEOUT)
                 and waited >= m.index_timeout_ms / 1000 * 0.9
             ):
                 raise IndexTimeoutError(self._timeout_message(what, physical, waited)) from None
@@ -528,20 +542,21 @@ def _pg_upgrade(t: RevisionTarget, run: _Run, spec: Finalize) -> None:
     adopted = _adopted_columns(t)
     with op.get_context().autocommit_block():
         pg = _PgFinalize(t, run, _bind())
-        for c in checks:
-            physical = t.tables.physical(c.table)
-            pg.ensure_check(physical, object_name(physical, c.suffix), c.sql)
-        for n in not_nulls:
-            physical = t.tables.physical(n.table)
-            pg.ensure_not_null(
-                physical,
-                n.column,
-                object_name(physical, f"{n.column}_not_null"),
-                own=f"{n.table}.{n.column}" not in adopted,
-            )
-        for i in indexes:
-            physical = t.tables.physical(i.table)
-            pg.ensure_index(physical, i.column, object_name(physical, f"{i.column}_idx"))
+        with pg.limits():
+            for c in checks:
+                physical = t.tables.physical(c.table)
+                pg.ensure_check(physical, object_name(physical, c.suffix), c.sql)
+            for n in not_nulls:
+                physical = t.tables.physical(n.table)
+                pg.ensure_not_null(
+                    physical,
+                    n.column,
+                    object_name(physical, f"{n.column}_not_null"),
+                    own=f"{n.table}.{n.column}" not in adopted,
+                )
+            for i in indexes:
+                physical = t.tables.physical(i.table)
+                pg.ensure_index(physical, i.column, object_name(physical, f"{i.column}_idx"))
     if t.guarded:
         # Offline, the statements above ran outside a transaction and a client may have gone on
         # past a failure: verify the end state inside the transaction that records the revision.
@@ -578,24 +593,25 @@ def _pg_downgrade(t: RevisionTarget, run: _Run, spec: Finalize) -> None:
     adopted = _adopted_columns(t)
     with op.get_context().autocommit_block():
         pg = _PgFinalize(t, run, _bind())
-        for i in indexes:
-            physical = t.tables.physical(i.table)
-            pg.drop_index(physical, i.column, object_name(physical, f"{i.column}_idx"))
-        for n in not_nulls:
-            physical = t.tables.physical(n.table)
-            pg.drop_not_null_checks(
-                physical,
-                n.column,
-                object_name(physical, f"{n.column}_not_null"),
-                own=f"{n.table}.{n.column}" not in adopted,
-            )
-            if pg.conn is None or pg.not_null(physical, n.column):
-                pg.exec(f"ALTER TABLE {physical} ALTER COLUMN {n.column} DROP NOT NULL")
-        for c in checks:
-            physical = t.tables.physical(c.table)
-            name = object_name(physical, c.suffix)
-            if pg.conn is None or pg.constraint(physical, name) is not None:
-                pg.exec(f"ALTER TABLE {physical} DROP CONSTRAINT IF EXISTS {name}")
+        with pg.limits():
+            for i in indexes:
+                physical = t.tables.physical(i.table)
+                pg.drop_index(physical, i.column, object_name(physical, f"{i.column}_idx"))
+            for n in not_nulls:
+                physical = t.tables.physical(n.table)
+                pg.drop_not_null_checks(
+                    physical,
+                    n.column,
+                    object_name(physical, f"{n.column}_not_null"),
+                    own=f"{n.table}.{n.column}" not in adopted,
+                )
+                if pg.conn is None or pg.not_null(physical, n.column):
+                    pg.exec(f"ALTER TABLE {physical} ALTER COLUMN {n.column} DROP NOT NULL")
+            for c in checks:
+                physical = t.tables.physical(c.table)
+                name = object_name(physical, c.suffix)
+                if pg.conn is None or pg.constraint(physical, name) is not None:
+                    pg.exec(f"ALTER TABLE {physical} DROP CONSTRAINT IF EXISTS {name}")
 
 
 def _copy_from(t: RevisionTarget, spec: Finalize, logical: str) -> Table | None:

@@ -15,8 +15,6 @@ PostgreSQL computes it in SQL with ``md5()``; SQLite calls the same Python funct
 
 from __future__ import annotations
 
-import fcntl
-import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -48,13 +46,11 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from oauthmig.config import Settings
-from oauthmig.db import (
-    lock_key,
-    scrub_stored,
-)
+from oauthmig.db import scrub_stored
 from oauthmig.errors import SchemaStateError
 from oauthmig.redirects.rules import infer_app_type, split_redirect_uris
 from oauthmig.rollout.batches import BatchStats, as_utc, batch_stats
+from oauthmig.runlock import RunLock, transaction_lock
 from oauthmig.types import StringList
 
 
@@ -506,47 +502,20 @@ def read_job(conn: Connection, name: str) -> JobProgress | None:
     )
 
 
-def lock_holder(conn: Connection, key: int) -> int | None:
-    """The pid holding session advisory lock ``key`` in the current database, if any."""
-    value = conn.execute(
-        text(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND classid = 0 AND objid = :k AND objsubid = 1 LIMIT 1"
-        ),
-        {"k": key},
-    ).scalar()
-    if conn.in_transaction():
-        conn.rollback()
-    return None if value is None else int(value)
+def run_lock(job: Job, database: str) -> RunLock:
+    """The run lock of a backfill of ``job`` on ``database`` (one run per job and database)."""
+    return RunLock(f"backfill {job.name}", database)
 
 
 def run_alive(conn: Connection, job: Job) -> bool:
     """Whether a backfill run of ``job`` holds its lock on this database right now."""
-    purpose = f"backfill {job.name}"
-    if conn.dialect.name == "postgresql":
-        return lock_holder(conn, lock_key(purpose)) is not None
-    path = conn.engine.url.database
-    if not path or path == ":memory:" or not os.path.exists(f"{path}.{purpose}.lock"):
-        return False
-    fd = os.open(f"{path}.{purpose}.lock", os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also drops the shared lock, if we got it
-    return False
+    return run_lock(job, "").alive(conn)
 
 
 def ensure_job_table(conn: Connection) -> None:
     """Create the job table, or add the columns newer versions use to an older one."""
     with new_transaction(conn):
-        if conn.dialect.name == "postgresql":
-            # Jobs of one database may start together (--jobs): serialize the DDL.
-            conn.execute(
-                text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key("backfill-schema")}
-            )
+        transaction_lock(conn, "backfill-schema")  # jobs may start together (--jobs)
         _md.create_all(conn, checkfirst=True)
         have = {c["name"] for c in inspect(conn).get_columns(JOB_TABLE)}
         for name in _LATER_COLUMNS:

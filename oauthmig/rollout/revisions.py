@@ -278,16 +278,18 @@ def run_environment(context: EnvironmentContext) -> None:
         if t.header:
             for stmt in t.header_guards:  # before anything, even CREATE TABLE IF NOT EXISTS
                 context.execute(text(stmt))
-            if t.dialect == "postgresql":
-                m = t.migrate
-                for statement in timeout_statements(m.lock_timeout_ms, m.statement_timeout_ms):
-                    context.execute(statement)
             context.execute(CreateTable(revision_log, if_not_exists=True))
             for stmt in _offline_log_columns(t):
                 context.execute(text(stmt))
         with context.begin_transaction():
             for stmt in t.step_guards:
                 context.execute(text(stmt))
+            if t.guarded and t.dialect == "postgresql":
+                # SET LOCAL: a transaction pooler may run each transaction on another session,
+                # and nothing may outlive the script's transactions there.
+                m = t.migrate
+                for statement in timeout_statements(m.lock_timeout_ms, m.statement_timeout_ms):
+                    context.execute(statement)
             context.run_migrations()
         return
     conn: Connection = context.config.attributes[CONNECTION_KEY]

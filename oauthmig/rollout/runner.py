@@ -28,7 +28,6 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import (
     delete,
     insert,
-    text,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, PendingRollbackError, SQLAlchemyError
@@ -37,10 +36,8 @@ from oauthmig.config import DatabaseConfig, MigrateSettings, Settings
 from oauthmig.db import (
     backoff_delay,
     db_error_message,
-    exclusive_run,
     for_writing,
     lock_blockers,
-    lock_key,
     map_db_errors,
     open_database,
     set_timeouts,
@@ -56,8 +53,10 @@ from oauthmig.errors import (
     RevisionFailedError,
     UsageError,
 )
+from oauthmig.failures import FailureKind, classify
 from oauthmig.identity import check_distinct
-from oauthmig.rollout.jobs import JOBS, run_alive
+from oauthmig.pooler import require_session
+from oauthmig.rollout.jobs import JOBS
 from oauthmig.rollout.offline import (
     database_guard,
     gate_guards,
@@ -82,6 +81,7 @@ from oauthmig.rollout.revisions import (
     RevisionTarget,
     ensure_log_table,
 )
+from oauthmig.runlock import RunLock, exclusive_run
 
 # --------------------------------------------------------------------------- results
 
@@ -230,7 +230,8 @@ def refuse_downgrade_during_backfill(
     """Downgrade guard: refuse to revert a revision whose columns a running backfill fills.
 
     On PostgreSQL the guard also takes those jobs' run locks on the downgrade's connection
-    (released when it closes), so no backfill can start on them during the downgrade.
+    (its session connection; released when it closes), so no backfill can start on them
+    during the downgrade.
     """
     for rev in revisions:
         for job in JOBS.values():
@@ -238,14 +239,11 @@ def refuse_downgrade_during_backfill(
                 continue
             if not any(c.table == job.logical_table and c.name in job.columns for c in rev.columns):
                 continue
+            lock = RunLock(f"backfill {job.name}", database)
             if conn.dialect.name == "postgresql":
-                busy = not conn.execute(
-                    text("SELECT pg_try_advisory_lock(:k)"),
-                    {"k": lock_key(f"backfill {job.name}")},
-                ).scalar()
-                conn.commit()
+                busy = not lock.try_acquire(conn)
             else:
-                busy = run_alive(conn, job)
+                busy = lock.alive(conn)
             if busy:
                 raise LockBusyError(
                     f"database {database!r}: cannot downgrade revision {rev.revision} while "
@@ -410,22 +408,12 @@ def _alembic(
 
 
 def _is_lock_timeout(exc: BaseException) -> bool:
-    orig = getattr(exc, "orig", None)
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate == "55P03":  # lock_not_available, raised by lock_timeout
-        return True
-    return "database is locked" in str(orig or exc)
+    return classify(exc) is FailureKind.LOCK_TIMEOUT
 
 
 def is_connection_lost(exc: BaseException) -> bool:
     """Whether ``exc`` means the session is gone (killed backend, server restart, network)."""
-    if isinstance(exc, PendingRollbackError):
-        return True  # SQLAlchemy's follow-up error on a connection invalidated by a loss
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
-    # 08xxx connection exceptions; 57P01-03 admin shutdown, crash shutdown, cannot connect now.
-    return sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
+    return classify(exc) is FailureKind.CONNECTION_LOST
 
 
 def statement_kind(statement: str | None) -> str | None:
@@ -510,9 +498,11 @@ def _record_failure(conn: Connection, rev: str, message: str) -> None:
 
 def _apply_session_timeouts(conn: Connection, migrate: MigrateSettings) -> None:
     if conn.dialect.name == "postgresql":
-        # Session level, so every statement of every revision transaction is bounded.
+        # Every revision transaction begins with SET LOCAL: nothing outlives it. (Finalize's
+        # statements outside a transaction set and reset their own: see rollout.finalize.)
         set_timeouts(conn, migrate.lock_timeout_ms, migrate.statement_timeout_ms)
-        conn.commit()
+        if conn.in_transaction():
+            conn.commit()
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,7 +542,9 @@ def run_database(
         target = cat.resolve(req.target)
         if req.mode is Mode.SQL:
             return _run_offline(req, db, cat, target, started)
-        with open_database(settings, db) as conn:
+        if req.mode is Mode.ONLINE:
+            require_session(settings, db, str(req.direction))
+        with open_database(settings, db, direct=True) as conn:
             if req.mode is Mode.DRY_RUN:
                 return _run_dry(req, conn, db, cat, target, started)
             with exclusive_run(conn, db, "upgrade"):
@@ -858,9 +850,12 @@ def plan(
     target: str,
     *,
     catalogue: Catalogue | None = None,
+    session: bool = False,
 ) -> list[PlanOutcome]:
     """Read-only plan per selected database, checked as the run will check it (tables,
-    columns, gates); a database that cannot be planned yields the error instead.
+    columns, gates); a database that cannot be planned yields the error instead. With
+    ``session`` (the plan of an online run) a database whose session connection goes through a
+    transaction pooler cannot be planned either (:func:`~oauthmig.pooler.require_session`).
 
     Refuses two configured names that reach one database (raises).
     """
@@ -872,7 +867,9 @@ def plan(
     for name in settings.database_names():
         db = settings.databases[name]
         try:
-            with map_db_errors(db), open_database(settings, db) as conn:
+            if session:
+                require_session(settings, db, str(direction))
+            with map_db_errors(db), open_database(settings, db, direct=True) as conn:
                 out.append(
                     _plan(conn, settings, db, cat.revisions, resolved, direction, explicit)[0]
                 )
@@ -900,7 +897,7 @@ def _run(
     plans: dict[str, DatabasePlan] = {}
     if mode is Mode.ONLINE:
         # All or nothing: every database is planned before any is written to.
-        planned = plan(settings, direction, target, catalogue=cat)
+        planned = plan(settings, direction, target, catalogue=cat, session=True)
         if on_plan is not None:
             on_plan(planned)
         errors = [p for p in planned if isinstance(p, OauthmigError)]

@@ -32,9 +32,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeEngine
 
 from oauthmig.config import DatabaseConfig, Settings
-from oauthmig.db import exclusive_run, for_writing, map_db_errors, open_database
+from oauthmig.db import for_writing, map_db_errors, open_database
 from oauthmig.errors import GateError, OauthmigError, SchemaStateError, UsageError
 from oauthmig.identity import check_distinct
+from oauthmig.pooler import require_session
 from oauthmig.rollout.jobs import new_transaction
 from oauthmig.rollout.preflight import (
     STAMPED,
@@ -47,6 +48,7 @@ from oauthmig.rollout.preflight import (
 )
 from oauthmig.rollout.revisions import Catalogue, RevisionTarget, ensure_log_table
 from oauthmig.rollout.runner import gate_for
+from oauthmig.runlock import exclusive_run
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +182,9 @@ def _on_database(
 ) -> StampedDatabase:
     db = settings.databases[name]
     revisions = list(catalogue.revisions)
-    with map_db_errors(db), open_database(settings, db) as conn:
+    if not write:
+        require_session(settings, db, "stamp")
+    with map_db_errors(db), open_database(settings, db, direct=True) as conn:
         if not write:
             return _check(conn, settings, db, revisions, target)
         for_writing(conn)
