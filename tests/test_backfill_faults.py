@@ -708,3 +708,79 @@ def _token_columns(settings: Settings) -> list[ReflectedColumn]:
             return list(inspect(conn).get_columns(settings.tables.token))
     finally:
         engine.dispose()
+
+
+@pytest.mark.slow
+@PG
+def test_lock_on_direct_url_lost_stops_the_batches_on_url(
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
+) -> None:
+    """With a ``direct_url``, the run lock lives on a session of its own and the batches run on
+    ``url``: when that session is terminated and another run takes the lock, the batch in
+    flight (its owner token still valid) may commit, and the run stops before the next one."""
+    settings, _ = _expanded(
+        make_database,
+        tmp_path,
+        capsys,
+        migrate={"lock_timeout": "60s", "lock_retries": 2, "statement_timeout": "120s"},
+    )
+    data = {
+        "databases": {
+            name: {"url": db.url, "direct_url": db.url} for name, db in settings.databases.items()
+        },
+        "routing": {
+            "application": ["control"],
+            "grant": ["control"],
+            "token": ["control", "shard"],
+        },
+        "migrate": {"lock_timeout": "60s", "lock_retries": 2, "statement_timeout": "120s"},
+    }
+    cfg = write_config(tmp_path / "direct.toml", data)
+    token = settings.tables.token
+    engine = make_engine(settings.databases["shard"], settings)
+    blocked_id = _rows(
+        settings,
+        "shard",
+        f"SELECT min(id) FROM {token} WHERE refresh_token IS NOT NULL AND id > 400",
+    )[0][0]
+    holder = engine.connect()  # plays the second run: takes the lock once it is free
+    row_lock = engine.connect()
+    row_lock.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": blocked_id})
+    proc = _spawn(forkserver, cfg, "-d", "shard", "backfill", "token-families", "--batch", "100")
+    try:
+        _wait_lock_wait(settings, "shard")  # a batch waits on our row lock
+        lock_pid = _lock_pid(settings, "shard")
+        assert lock_pid is not None
+        waiting = _rows(
+            settings,
+            "shard",
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'oauthmig' "
+            "AND wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        assert [r[0] for r in waiting] != [lock_pid]  # the lock is not on the batch's session
+        killed = _rows(settings, "shard", "SELECT pg_terminate_backend(:p)", p=lock_pid)
+        assert killed == [(True,)]
+        _wait_for(lambda: _lock_pid(settings, "shard") is None)
+        assert holder.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": KEY}).scalar()
+        holder.commit()
+        row_lock.rollback()  # the batch in flight goes on
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        assert "lost its run lock" in err and "another oauthmig backfill run" in err
+        assert "Traceback" not in err
+        state = _assert_cursor_invariant(settings, "shard")
+        assert state["status"] == "running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        row_lock.rollback()
+        row_lock.close()
+        holder.execute(text("SELECT pg_advisory_unlock_all()"))
+        holder.close()
+        engine.dispose()
+    done = invoke(capsys, "--config", cfg, "-d", "shard", "backfill", "token-families")
+    assert done.code == 0, done.err
+    _assert_tokens_backfilled(settings, "shard")

@@ -128,6 +128,37 @@ MALFORMED: list[tuple[str, str, str]] = [
         "audit.ignore: 'W001' is not a rule code",
     ),
     (
+        "direct-url-and-env",
+        '[databases.a]\nurl = "postgresql://u@h/db"\ndirect_url = "postgresql://u@d/db"\n'
+        'direct_url_env = "A"\n',
+        "databases.a: set at most one of direct_url or direct_url_env",
+    ),
+    (
+        "direct-url-bad",
+        '[databases.a]\nurl = "postgresql://u@h/db"\ndirect_url = "not a url at all"\n',
+        "databases.a.direct_url: not a valid database URL",
+    ),
+    (
+        "direct-url-mysql",
+        f'[databases.a]\nurl = "postgresql://u@h/db"\ndirect_url = "mysql://u:{SECRET}@h/db"\n',
+        "databases.a.direct_url: unsupported database 'mysql'",
+    ),
+    (
+        "direct-url-sqlite",
+        '[databases.a]\nurl = "sqlite:///a"\ndirect_url = "sqlite:///b"\n',
+        "databases.a.direct_url: only PostgreSQL databases have a direct URL",
+    ),
+    (
+        "direct-url-on-sqlite",
+        f'[databases.a]\nurl = "sqlite:///a"\ndirect_url = "postgresql://u:{SECRET}@h/db"\n',
+        "databases.a.direct_url: url is not PostgreSQL",
+    ),
+    (
+        "direct-url-env-name",
+        '[databases.a]\nurl = "postgresql://u@h/db"\ndirect_url_env = "not a name"\n',
+        "databases.a.direct_url_env: expected an environment variable name",
+    ),
+    (
         "env-missing",
         '[databases.a]\nurl_env = "OAUTHMIG_TEST_UNSET_VAR"\n',
         "databases.a.url_env: environment variable OAUTHMIG_TEST_UNSET_VAR is not set",
@@ -189,6 +220,43 @@ def test_url_env_is_read_and_password_hidden(tmp_path: Path) -> None:
     db = s.databases["eu"]
     assert db.display_url == "postgresql+psycopg://oauth:***@db:5432/sentry"
     assert SECRET not in repr(db.display_url)
+
+
+def test_direct_url_env_is_read_and_password_hidden(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[databases.eu]\nurl = "postgresql://oauth@pgbouncer:6432/sentry"\n'
+        'direct_url_env = "EU_DIRECT"\n'
+    )
+    env = {"EU_DIRECT": f"postgresql://oauth:{SECRET}@db:5432/sentry"}
+    db = load_settings(str(cfg), env, tmp_path).databases["eu"]
+    assert db.direct_display_url == "postgresql+psycopg://oauth:***@db:5432/sentry"
+    assert db.session_url == f"postgresql+psycopg://oauth:{SECRET}@db:5432/sentry"
+    assert SECRET not in repr(db)
+    plain = load_settings(str(cfg), {}, tmp_path).databases["eu"]  # resolved lazily
+    assert plain.has_direct and plain.direct_url is None
+    assert plain.direct_url_error == (
+        "databases.eu.direct_url_env: environment variable EU_DIRECT is not set"
+    )
+
+
+def test_unset_direct_url_env_stops_session_work_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OAUTHMIG_TEST_UNSET_VAR", raising=False)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[databases.a]\nurl = "postgresql://u@127.0.0.1:1/db"\n'
+        'direct_url_env = "OAUTHMIG_TEST_UNSET_VAR"\n'
+    )
+    for args in (("upgrade",), ("stamp", "0001"), ("backfill",)):
+        result = invoke(capsys, "--config", str(cfg), *args)
+        assert result.code == 2, (args, result)
+        assert "Traceback" not in result.err
+        message = result.err.strip().splitlines()[-1]
+        assert "databases.a.direct_url_env: environment variable OAUTHMIG_TEST_UNSET_VAR" in (
+            message
+        ), (args, result.err)
 
 
 def test_unknown_database_option(

@@ -331,3 +331,39 @@ def test_incompatible_column_adopted_by_an_offline_script_is_caught_online(
         result = invoke(capsys, "--config", cfg, "-d", "control", *args)
         assert result.code == 2, (args, result.err)
         assert len(result.err.strip().splitlines()) == 1 and expected in result.err, result.err
+
+
+@pytest.mark.parametrize(
+    "args", [("upgrade", "--sql"), ("downgrade", "--to", "base", "--sql")], ids=["up", "down"]
+)
+def test_pg_script_timeouts_never_outlive_a_transaction_or_a_finalize_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: tuple[str, ...]
+) -> None:
+    """Inside each transaction the limits are SET LOCAL (a transaction pooler may apply it);
+    session-level SET only outside transactions (the finalize's CONCURRENTLY statements), each
+    reset before the next transaction begins and by the end of the script."""
+    cfg = write_config(
+        tmp_path / "pg.toml",
+        {"databases": {"control": {"url": "postgresql://oauth@db.invalid:5432/sentry"}}},
+    )
+    result = invoke(capsys, "--config", cfg, *args)
+    assert result.code == 0, result.err
+    in_transaction = session_set = False
+    seen_local = seen_session = 0
+    for line in result.out.splitlines():
+        statement = line.strip().rstrip(";")
+        if statement == "BEGIN":
+            assert not session_set, "a session-level limit is in force as a transaction begins"
+            in_transaction = True
+        elif statement == "COMMIT":
+            in_transaction = False
+        elif statement.startswith("SET LOCAL "):
+            assert in_transaction, line
+            seen_local += 1
+        elif statement.startswith(("SET lock_timeout", "SET statement_timeout")):
+            assert not in_transaction, line
+            session_set, seen_session = True, seen_session + 1
+        elif statement in ("RESET lock_timeout", "RESET statement_timeout"):
+            session_set = False
+    assert not session_set
+    assert seen_local and seen_session  # each revision's transaction, and the finalize

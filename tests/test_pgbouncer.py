@@ -270,3 +270,18 @@ def test_transaction_pooler_without_direct_url_refuses_session_work(
     assert run("report", "--html", str(tmp_path / "r.html"))[0] == 0
     assert run("audit-redirects")[0] in (0, 1)
     assert schema_dump(observe) == before
+
+    # A direct_url that goes through the pooler too is refused, its password never shown.
+    secret = "Pw-pooled-7731"
+    data = routed_config(bouncer.url(databases["control"]), bouncer.url(databases["shard"]))
+    dbs: dict[str, dict[str, str]] = data["databases"]  # type: ignore[assignment]
+    for name, url in databases.items():
+        dbs[name]["direct_url"] = (
+            make_url(bouncer.url(url)).set(password=secret).render_as_string(hide_password=False)
+        )
+    cfg = write_config(tmp_path / "pooled-direct.toml", data)
+    code, out, err = run("upgrade")
+    assert code == 2
+    assert "direct_url (postgresql+psycopg://postgres:***@127.0.0.1:" in err, err
+    assert "goes through a transaction pooler" in err and secret not in out + err
+    assert schema_dump(observe) == before

@@ -1044,10 +1044,10 @@ def backfill(
     if revisions is None:
         revisions = Catalogue.load().revisions
     hosting = [d for d in settings.database_names() if tables & set(settings.tables_on(d))]
-    check_databases(settings, hosting, revisions)
     if not options.dry_run:
         for name in hosting:
             require_session(settings, settings.databases[name], "backfill")
+    check_databases(settings, hosting, revisions)
     stopper = _Stop(
         stop or threading.Event(),
         None if options.max_runtime is None else time.monotonic() + options.max_runtime,

@@ -107,6 +107,7 @@ def probe_engine(url: str, timeout_ms: int) -> Engine:
     args = dict(PG_CONNECT_ARGS)
     args["connect_timeout"] = max(2, math.ceil(timeout_ms / 1000))
     args["application_name"] = APPLICATION_NAME
+    args["prepare_threshold"] = None  # the primary's url may be a transaction pooler
     return create_engine(make_url(url), poolclass=NullPool, connect_args=args)
 
 

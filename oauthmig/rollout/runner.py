@@ -544,7 +544,7 @@ def run_database(
             return _run_offline(req, db, cat, target, started)
         if req.mode is Mode.ONLINE:
             require_session(settings, db, str(req.direction))
-        with open_database(settings, db, direct=True) as conn:
+        with open_database(settings, db, direct=req.mode is Mode.ONLINE) as conn:
             if req.mode is Mode.DRY_RUN:
                 return _run_dry(req, conn, db, cat, target, started)
             with exclusive_run(conn, db, "upgrade"):
@@ -869,7 +869,7 @@ def plan(
         try:
             if session:
                 require_session(settings, db, str(direction))
-            with map_db_errors(db), open_database(settings, db, direct=True) as conn:
+            with map_db_errors(db), open_database(settings, db, direct=session) as conn:
                 out.append(
                     _plan(conn, settings, db, cat.revisions, resolved, direction, explicit)[0]
                 )
