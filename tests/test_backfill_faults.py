@@ -784,3 +784,54 @@ def test_lock_on_direct_url_lost_stops_the_batches_on_url(
     done = invoke(capsys, "--config", cfg, "-d", "shard", "backfill", "token-families")
     assert done.code == 0, done.err
     _assert_tokens_backfilled(settings, "shard")
+
+
+@pytest.mark.slow
+@PG
+def test_lock_session_on_direct_url_ended_is_taken_again(
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forkserver: ForkServer,
+) -> None:
+    """The run lock's own session on ``direct_url`` ends (terminated here; an idle-session
+    timeout alike) while no other run takes the lock: the run takes it again and finishes."""
+    settings, _ = _expanded(make_database, tmp_path, capsys)
+    data = {
+        "databases": {
+            name: {"url": db.url, "direct_url": db.url} for name, db in settings.databases.items()
+        },
+        "routing": {
+            "application": ["control"],
+            "grant": ["control"],
+            "token": ["control", "shard"],
+        },
+    }
+    cfg = write_config(tmp_path / "direct.toml", data)
+    token = settings.tables.token
+    engine = make_engine(settings.databases["shard"], settings)
+    blocked_id = _rows(
+        settings,
+        "shard",
+        f"SELECT min(id) FROM {token} WHERE refresh_token IS NOT NULL AND id > 400",
+    )[0][0]
+    row_lock = engine.connect()
+    row_lock.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": blocked_id})
+    proc = _spawn(forkserver, cfg, "-d", "shard", "backfill", "token-families", "--batch", "100")
+    try:
+        _wait_lock_wait(settings, "shard")
+        lock_pid = _lock_pid(settings, "shard")
+        assert lock_pid is not None
+        assert _rows(settings, "shard", "SELECT pg_terminate_backend(:p)", p=lock_pid) == [(True,)]
+        _wait_for(lambda: _lock_pid(settings, "shard") != lock_pid)
+        row_lock.rollback()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        row_lock.rollback()
+        row_lock.close()
+        engine.dispose()
+    assert _lock_pid(settings, "shard") is None
+    _assert_tokens_backfilled(settings, "shard")

@@ -575,9 +575,34 @@ class _Runner:
             "leaves the job to it"
         )
 
+    def _retake_lock(self) -> bool:
+        """``direct_url``: the lock's own session ended (terminated, idle timeout, network)
+        and no other run holds the lock: take it again on a new session. Safe because the
+        batch that asks also checks the owner token in the job row: a run that held the lock
+        meanwhile and claimed the job has changed it."""
+        assert self.lock_engine is not None
+        self._drop_lock_conn()
+        try:
+            lock_conn = self.lock_engine.connect()
+        except SQLAlchemyError:
+            return False
+        try:
+            with self._deadline(lock_conn):
+                got = self.lock.try_acquire(lock_conn)
+        except SQLAlchemyError:
+            got = False
+        if got:
+            self.lock_conn = lock_conn
+        else:
+            with contextlib.suppress(SQLAlchemyError):
+                lock_conn.close()
+        return got
+
     def _verify_lock(self, conn: Connection) -> None:
         """Inside a batch's transaction: this run still holds the run lock."""
-        if not self.lock.verify(conn):
+        if self.lock.verify(conn):
+            return
+        if self.lock_engine is None or not self._retake_lock():
             raise _TakenOver(
                 f"database {self.db.name!r}: backfill {self.job.name} lost its run lock to "
                 "another oauthmig backfill run; this run stops and leaves the job to it"
