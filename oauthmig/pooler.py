@@ -28,10 +28,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from oauthmig.config import DatabaseConfig, Settings
-from oauthmig.db import make_engine
+from oauthmig.db import ClientDeadline, make_engine
 from oauthmig.errors import PoolerError
 
 _ROUNDS = 3
+_WAIT_SECONDS = 30.0  # a busy pool makes A wait for a server session; past this, say pooled
 _verdicts: dict[str, bool] = {}  # per URL, for this process: a pooler does not come and go
 
 
@@ -77,10 +78,14 @@ def sessions_switch(engine: Engine) -> bool:
             first = _pid(a)
             a.commit()
             other = _pid(b)  # B's transaction stays open: it pins its server session
-            again = _pid(a)
+            if other == first:
+                b.commit()
+                return True  # (also with a pool of one session, where A would now wait)
+            with ClientDeadline(a, _WAIT_SECONDS):
+                again = _pid(a)
             a.commit()
             b.commit()
-            if other == first or again != first:
+            if again != first:
                 return True
     return False
 
