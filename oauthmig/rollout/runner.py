@@ -583,6 +583,7 @@ def _target_for(
         settings.migrate,
         conn,
         previously,
+        client_metadata=settings.backfill.client_metadata,
     )
 
 
@@ -771,6 +772,7 @@ def _run_offline(
         req.settings.tables,
         req.settings.migrate,
         None,
+        client_metadata=req.settings.backfill.client_metadata,
     )
     s_i, t_i = revision_position(start, revisions), revision_position(target, revisions)
     if req.direction is Direction.UPGRADE:
