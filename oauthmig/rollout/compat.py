@@ -40,7 +40,7 @@ from oauthmig.family import family_high, family_sql
 COMPAT_TABLES: tuple[str, ...] = ("token", "application")
 KEY_COLUMNS: dict[str, str] = {"token": "token_family_id", "application": "application_type"}
 
-_APP_COLUMNS = ("token_endpoint_auth_method", "grant_types", "response_types", "application_type")
+APP_COLUMNS = ("token_endpoint_auth_method", "grant_types", "response_types", "application_type")
 
 
 def side_table(logical: str) -> str:
@@ -151,7 +151,7 @@ def _pg_install(t: CompatTarget, logical: str, physical: str, side: str) -> list
             "NEW.application_type := COALESCE(NEW.application_type, 'web'); "
             f"{record}"
         )
-        when = " OR ".join(f"NEW.{c} IS NULL" for c in _APP_COLUMNS)
+        when = " OR ".join(f"NEW.{c} IS NULL" for c in APP_COLUMNS)
         events = "INSERT"
     return [
         f"CREATE TABLE IF NOT EXISTS {side} (row_id bigint PRIMARY KEY, "
@@ -199,7 +199,7 @@ def _sqlite_install(t: CompatTarget, logical: str, physical: str, side: str) -> 
             f"WHERE id = NEW.id; {record}"
         )
         when = " OR ".join(
-            [*(f"NEW.{c} IS NULL" for c in _APP_COLUMNS), f"NEW.grant_types = {marker}"]
+            [*(f"NEW.{c} IS NULL" for c in APP_COLUMNS), f"NEW.grant_types = {marker}"]
         )
         triggers = [(ins, "AFTER INSERT")]
     out = [

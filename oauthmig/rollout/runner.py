@@ -82,6 +82,7 @@ from oauthmig.rollout.revisions import (
     RevisionTarget,
     ensure_log_table,
 )
+from oauthmig.rollout.verify import verify_connection
 
 # --------------------------------------------------------------------------- results
 
@@ -361,7 +362,25 @@ def _confirm_plan(
             raise _gate_error(db, waiting)
         reach = chosen[i - 1].revision if i else planned.current
         return replace(planned, target=reach, steps=planned.steps[:i], waiting=waiting), chosen[:i]
+    for rev in chosen:
+        refuse_unverified(conn, req.settings, db, rev)
     return planned, chosen
+
+
+def refuse_unverified(
+    conn: Connection, settings: Settings, db: DatabaseConfig, rev: RevisionInfo
+) -> None:
+    """Before a revision that needs the backfills (finalize): a verify pass must agree that
+    every row has its values (:mod:`oauthmig.rollout.verify`), or the run is refused."""
+    if not rev.requires_backfills or not rev.applies_to(settings.tables_on(db.name)):
+        return
+    result = verify_connection(conn, settings, db.name)
+    if not result.passed:
+        raise GateError(
+            f"{result.problem()}; revision {rev.revision} needs a passing verify: run "
+            f"`oauthmig backfill -d {db.name}` (or fix those rows), then `oauthmig verify -d "
+            f"{db.name}`; nothing was changed"
+        )
 
 
 # --------------------------------------------------------------------------- running
