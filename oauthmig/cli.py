@@ -15,7 +15,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any, NoReturn, cast
 
 import click
@@ -41,6 +41,12 @@ from oauthmig.output.json import (
     to_json,
 )
 from oauthmig.output.metrics import MetricsFile
+from oauthmig.output.phases_text import (
+    contract_to_list,
+    render_contract,
+    render_verify,
+    verify_to_list,
+)
 from oauthmig.output.stamp_text import render_stamp
 from oauthmig.output.text import (
     Consoles,
@@ -78,6 +84,8 @@ from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import Direction, Mode, PlanOutcome, RunResult
 from oauthmig.rollout.stamp import stamp as stamp_revisions
 from oauthmig.rollout.status import status as read_status
+from oauthmig.rollout.verify import contract as contract_service
+from oauthmig.rollout.verify import verify as verify_service
 
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: backfill stopped by SIGTERM, state saved
@@ -989,6 +997,76 @@ def _report_backfill_failures(state: AppState, result: BackfillResult) -> None:
         raise OauthmigError(
             f"{len(failed)} backfills failed or are cancelled: {pairs}; state saved (see above)"
         )
+
+
+@cli.command()
+@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@click.pass_context
+def verify(ctx: click.Context, fmt: str) -> None:
+    """Check that every row has the new columns' values (what finalize needs).
+
+    On each database: no refreshable token without token_family_id, every parent_token_id
+    pointing into its token's family, no application without client metadata. Walks each table
+    by primary key in chunks of backfill.batch_size, one short transaction per chunk, records
+    its progress and result in oauthmig_verify (resumed after an interruption; shown by
+    status). upgrade and stamp run it before finalize. Exit 1 when a check fails (the first
+    offending ids are named).
+
+    \b
+    Examples:
+      oauthmig verify
+      oauthmig verify -d control --format json
+    """
+    state = _state(ctx)
+    results = verify_service(state.settings())
+    if fmt == "json":
+        click.echo(to_json(verify_to_list(results)))
+    elif not state.consoles.quiet:
+        render_verify(state.consoles.out, results)
+    errors = [d for d in results if d.error]
+    if errors:
+        raise OauthmigError(errors[0].error or "a database could not be verified")
+    failed = [d for d in results if not d.passed]
+    if failed:
+        raise Findings(failed[0].problem() or "verify failed")
+
+
+@cli.command()
+@click.option(
+    "--since",
+    required=True,
+    metavar="TIME",
+    help="ISO 8601 time (UTC unless it has an offset) from which the provider's code writes the "
+    "new columns itself, e.g. the end of its deploy.",
+)
+@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@click.pass_context
+def contract(ctx: click.Context, since: str, fmt: str) -> None:
+    """End the compatibility phase: remove the triggers that fill the new columns for the
+    provider's old code.
+
+    Run it once every instance of the provider writes the new columns itself. Refused (exit 2,
+    nothing removed) while the compatibility layer filled any row since TIME on any database:
+    the old code still writes there.
+
+    \b
+    Example:
+      oauthmig contract --since 2026-12-07T15:00:00Z
+    """
+    try:
+        when = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"--since {since!r}: not an ISO 8601 time; write e.g. 2026-12-07T15:00:00Z"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    state = _state(ctx)
+    results = contract_service(state.settings(), when)
+    if fmt == "json":
+        click.echo(to_json(contract_to_list(results)))
+    elif not state.consoles.quiet:
+        render_contract(state.consoles.out, results)
 
 
 @cli.command("prune-grants")

@@ -594,7 +594,7 @@ def test_family_ids_are_unique_across_databases_and_v1_jobs_keep_theirs(
         )
     }
     assert all(fam == family_id(t, i) for i, fam in control.items())  # v1 kept, whole job
-    assert all(fam == family_id(t, i, "shard") for i, fam in shard.items())  # v2 default
+    assert all(fam == family_id(t, i, "shard") for i, fam in shard.items())  # v3 default
     assert set(control) & set(shard), "the two shards share token ids"
     assert not set(control.values()) & set(shard.values())
     versions = {
@@ -603,7 +603,7 @@ def test_family_ids_are_unique_across_databases_and_v1_jobs_keep_theirs(
         ]
         for db in ("control", "shard")
     }
-    assert versions == {"control": 1, "shard": 2}
+    assert versions == {"control": 1, "shard": 3}
     assert family_id(t, 7, "a") != family_id(t, 7, "b") != family_id(t, 7)
 
 

@@ -203,6 +203,17 @@ def status_to_dict(report: StatusReport) -> dict[str, Any]:
                 "backfills": [dataclasses.asdict(j) for j in d.backfills],
                 "live_grants": d.live_grants,
                 "live_grants_without_pkce": d.live_grants_without_pkce,
+                "phase": None if d.phase is None else d.phase.value,
+                "compat_tables": list(d.compat_tables),
+                "verify": {
+                    v.table: {
+                        "status": v.status,
+                        "rows_checked": v.rows_checked,
+                        "problem": v.problem,
+                        "finished_at": None if v.finished_at is None else v.finished_at.isoformat(),
+                    }
+                    for v in d.verify
+                },
             }
             for d in report.databases
         ],

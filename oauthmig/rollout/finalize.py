@@ -35,7 +35,7 @@ from oauthmig.db import reset_statements, timeout_statements
 from oauthmig.errors import IndexTimeoutError, RevisionFailedError
 from oauthmig.failures import FailureKind, classify
 from oauthmig.legacy import legacy_metadata
-from oauthmig.rollout import offline
+from oauthmig.rollout import compat, offline
 from oauthmig.rollout.revisions import RevisionTarget, current_target
 
 
@@ -641,6 +641,11 @@ def _sqlite_upgrade(t: RevisionTarget, run: _Run, spec: Finalize) -> None:
         if conn is not None:
             existing = {c["name"] for c in inspect(conn).get_check_constraints(physical)}
             mine = [c for c in mine if object_name(physical, c.suffix) not in existing]
+        layer = _sqlite_compat_active(conn, t, logical)
+        # The provider's old code never names the metadata columns: on SQLite (no BEFORE
+        # trigger can set them) the NOT NULL ones get defaults, which the compatibility trigger
+        # then corrects (see oauthmig.rollout.compat).
+        defaults = compat.sqlite_defaults(t.client_metadata)
         # SQLite cannot add a CHECK or NOT NULL in place: Alembic's batch mode rebuilds the
         # table inside the revision's transaction (fine for the embedded database's sizes).
         with op.batch_alter_table(
@@ -649,7 +654,13 @@ def _sqlite_upgrade(t: RevisionTarget, run: _Run, spec: Finalize) -> None:
             for c in mine:
                 batch.create_check_constraint(object_name(physical, c.suffix), text(c.sql))
             for n in nn:
-                batch.alter_column(n.column, existing_type=n.type_, nullable=False)
+                batch.alter_column(
+                    n.column,
+                    existing_type=n.type_,
+                    nullable=False,
+                    server_default=text(defaults[n.column]) if n.column in defaults else None,
+                )
+        _sqlite_compat_restore(t, logical, layer)
     for i in indexes:
         physical = t.tables.physical(i.table)
         if conn is not None and any(
@@ -679,10 +690,38 @@ def _sqlite_downgrade(t: RevisionTarget, run: _Run, spec: Finalize) -> None:
         if conn is not None:
             existing = {c["name"] for c in inspect(conn).get_check_constraints(physical)}
             mine = [c for c in mine if object_name(physical, c.suffix) in existing]
+        layer = _sqlite_compat_active(conn, t, logical)
         with op.batch_alter_table(
             physical, recreate="always", copy_from=_copy_from(t, spec, logical)
         ) as batch:
             for c in mine:
                 batch.drop_constraint(object_name(physical, c.suffix), type_="check")
             for n in nn:
-                batch.alter_column(n.column, existing_type=n.type_, nullable=True)
+                batch.alter_column(
+                    n.column, existing_type=n.type_, nullable=True, server_default=None
+                )
+        _sqlite_compat_restore(t, logical, layer)
+
+
+def _sqlite_compat_active(conn: Connection | None, t: RevisionTarget, logical: str) -> bool:
+    """Whether the compatibility triggers are on ``logical`` (offline: assumed when the table
+    is one the layer covers, since the script cannot look)."""
+    if logical not in compat.COMPAT_TABLES:
+        return False
+    if conn is None:
+        return True
+    names = compat.trigger_names(t.tables.physical(logical), "sqlite")
+    found = conn.execute(
+        text("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN (:a, :b)"),
+        {"a": names[0], "b": names[-1]},
+    ).scalar()
+    return bool(found)
+
+
+def _sqlite_compat_restore(t: RevisionTarget, logical: str, active: bool) -> None:
+    """A SQLite table rebuild drops the table's triggers: put the compatibility layer back."""
+    from alembic import op
+
+    if active:
+        for stmt in compat.install_sql(t.compat_target(), logical):
+            op.execute(text(stmt))

@@ -5,12 +5,15 @@ registers itself at import time. :func:`remaining_rows` is a full count (the bac
 start, ``status --exact``); ``status`` and the gate read what is left without a scan
 (:mod:`oauthmig.rollout.remaining`).
 
-The token family id of a legacy token is :func:`family_id` ``(table, id, database)``: UUIDv3
-(RFC 4122 §4.3, MD5) in :data:`FAMILY_NAMESPACE` of ``"<database>:<table>:<id>"`` (job version
-2, the default), where ``<database>`` is the database's name in the config, so two shards
-never share a family id. Jobs started before version 2 existed (version 1, recorded in the
-job row) keep the old name ``"<table>:<id>"`` so that ids already written stay consistent.
-PostgreSQL computes it in SQL with ``md5()``; SQLite calls the same Python function.
+The token family id of a legacy token is :func:`family_id` ``(table, id, database)``: since
+job version 3 (the default) the UUIDv8 of :mod:`oauthmig.family`, a constant of (table,
+database) in the high bits and the row id in the low bits, which both backends compute in plain
+SQL (the compatibility triggers of :mod:`oauthmig.rollout.compat` use the same SQL), where
+``<database>`` is the database's name in the config, so two shards never share a family id.
+Jobs started under an older version (recorded in the job row) keep their formula so that ids
+already written stay consistent: version 2 is UUIDv3 (RFC 4122 §4.3, MD5) in
+:data:`FAMILY_NAMESPACE` of ``"<database>:<table>:<id>"``, version 1 of ``"<table>:<id>"``
+(PostgreSQL computes them with ``md5()``; SQLite calls a Python function).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
+from oauthmig import family
 from oauthmig.config import Settings
 from oauthmig.db import scrub_stored
 from oauthmig.errors import SchemaStateError
@@ -140,7 +144,7 @@ JOB_TABLE = "oauthmig_backfill_job"
 FAMILY_NAMESPACE = uuid.UUID("6f1c1d1e-8a34-4c55-9b6e-0a7e5d1f2c3b")
 
 
-FAMILY_VERSION = 2  # job version of new token-families jobs (see family_id)
+FAMILY_VERSION = 3  # job version of new token-families jobs (see family_id)
 
 
 _SQLITE_FAMILY_FN = "oauthmig_family_id"
@@ -276,14 +280,19 @@ def family_prefix(table_name: str, database: str | None) -> str:
     return f"{table_name}:" if database is None else f"{database}:{table_name}:"
 
 
-def family_id(table_name: str, row_id: int, database: str | None = None) -> uuid.UUID:
+def family_id(
+    table_name: str, row_id: int, database: str | None = None, version: int = FAMILY_VERSION
+) -> uuid.UUID:
     """The deterministic family id of legacy token ``row_id`` in ``table_name``.
 
     One family per legacy token, because legacy refreshes rewrote rows in place and kept no
-    lineage. Job version 2 (``database`` given: the database's name in the config) is UUIDv3
-    of ``"<database>:<table>:<id>"`` in :data:`FAMILY_NAMESPACE`, unique across the install;
-    version 1 (``database`` omitted, jobs started before version 2) is ``"<table>:<id>"``.
+    lineage. Job version 3 (the default; ``database`` is the database's name in the config)
+    is :func:`oauthmig.family.family_id`, the formula the compatibility triggers compute;
+    version 2 is UUIDv3 of ``"<database>:<table>:<id>"`` in :data:`FAMILY_NAMESPACE`; version 1
+    (``database`` omitted, jobs started before version 2) is ``"<table>:<id>"``.
     """
+    if database is not None and version >= 3:
+        return family.family_id(table_name, row_id, database)
     return uuid.uuid3(FAMILY_NAMESPACE, f"{family_prefix(table_name, database)}{row_id}")
 
 
@@ -335,8 +344,11 @@ def _token_batch(ctx: BatchContext, lo: int, hi: int) -> int:
     t = _token_table(ctx.physical)
     where = and_(t.c.id > lo, t.c.id <= hi, _token_pending(t))
     database = ctx.database if ctx.version >= 2 else None
-    if ctx.conn.dialect.name == "postgresql":
-        value: Any = _pg_family_sql(ctx.physical, database)
+    if ctx.version >= 3:
+        high = family.family_high(ctx.physical, ctx.database)
+        value: Any = text(family.family_sql(ctx.conn.dialect.name, high, "id"))
+    elif ctx.conn.dialect.name == "postgresql":
+        value = _pg_family_sql(ctx.physical, database)
     else:
         prefix = family_prefix(ctx.physical, database)
         value = getattr(func, _SQLITE_FAMILY_FN)(prefix, t.c.id)

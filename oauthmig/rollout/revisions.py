@@ -36,10 +36,11 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.types import TypeEngine
 
-from oauthmig.config import LOGICAL_TABLES, MigrateSettings, TableNames
+from oauthmig.config import LOGICAL_TABLES, ClientMetadataDefaults, MigrateSettings, TableNames
 from oauthmig.db import timeout_statements
 from oauthmig.errors import RevisionFailedError, UsageError
 from oauthmig.resources import packaged_path, revisions_dir
+from oauthmig.rollout import compat
 from oauthmig.rollout.offline import (
     SqliteGuards,
     pg_add_or_adopt,
@@ -182,6 +183,17 @@ class RevisionTarget:
     header_guards: list[str] = field(default_factory=list)
     step_guards: list[str] = field(default_factory=list)
     sqlite_guards: SqliteGuards = field(default_factory=SqliteGuards)
+    # What the compatibility triggers write for an application (baked in when created).
+    client_metadata: ClientMetadataDefaults = field(default_factory=ClientMetadataDefaults)
+
+    def compat_target(self) -> compat.CompatTarget:
+        """This database as the compatibility layer sees it (:mod:`oauthmig.rollout.compat`)."""
+        return compat.CompatTarget(
+            self.dialect,
+            self.database,
+            {logical: self.tables.physical(logical) for logical in self.routed},
+            self.client_metadata,
+        )
 
     def existing_column(self, physical: str, column: str) -> TypeEngine[Any] | bool | None:
         """The reflected type of ``physical.column``; ``None`` if absent; ``False`` if unknown."""
@@ -228,6 +240,20 @@ def expand(revision: str, columns: Sequence[ColumnSpec]) -> None:
             for stmt in sqlite_column_absent(physical, spec.name, t.database, t.sqlite_guards):
                 op.execute(text(stmt))
         op.add_column(physical, Column(spec.name, spec.type_, nullable=True))
+    # The old code keeps writing: from now on the triggers fill what it leaves out.
+    for logical in _compat_tables(t, columns):
+        for stmt in compat.install_sql(t.compat_target(), logical):
+            op.execute(text(stmt))
+
+
+def _compat_tables(t: RevisionTarget, columns: Sequence[ColumnSpec]) -> list[str]:
+    """The compatibility-layer tables whose columns ``columns`` bring, routed to ``t``."""
+    return [
+        logical
+        for logical in compat.COMPAT_TABLES
+        if logical in t.routed
+        and any(s.table == logical and s.name == compat.KEY_COLUMNS[logical] for s in columns)
+    ]
 
 
 def contract(revision: str, columns: Sequence[ColumnSpec]) -> None:
@@ -235,6 +261,10 @@ def contract(revision: str, columns: Sequence[ColumnSpec]) -> None:
     from alembic import op
 
     t = current_target()
+    # The triggers reference the columns: they go first (as does their record of filled rows).
+    for logical in _compat_tables(t, columns):
+        for stmt in compat.remove_sql(t.compat_target(), logical):
+            op.execute(text(stmt))
     kept = set(t.previously_adopted.get(revision, ()))
     for spec in reversed(columns):
         key = f"{spec.table}.{spec.name}"

@@ -81,6 +81,7 @@ from oauthmig.rollout.revisions import (
     RevisionTarget,
     ensure_log_table,
 )
+from oauthmig.rollout.verify import verify_connection
 from oauthmig.runlock import RunLock, exclusive_run
 
 # --------------------------------------------------------------------------- results
@@ -359,7 +360,25 @@ def _confirm_plan(
             raise _gate_error(db, waiting)
         reach = chosen[i - 1].revision if i else planned.current
         return replace(planned, target=reach, steps=planned.steps[:i], waiting=waiting), chosen[:i]
+    for rev in chosen:
+        refuse_unverified(conn, req.settings, db, rev)
     return planned, chosen
+
+
+def refuse_unverified(
+    conn: Connection, settings: Settings, db: DatabaseConfig, rev: RevisionInfo
+) -> None:
+    """Before a revision that needs the backfills (finalize): a verify pass must agree that
+    every row has its values (:mod:`oauthmig.rollout.verify`), or the run is refused."""
+    if not rev.requires_backfills or not rev.applies_to(settings.tables_on(db.name)):
+        return
+    result = verify_connection(conn, settings, db.name)
+    if not result.passed:
+        raise GateError(
+            f"{result.problem()}; revision {rev.revision} needs a passing verify: run "
+            f"`oauthmig backfill -d {db.name}` (or fix those rows), then `oauthmig verify -d "
+            f"{db.name}`; nothing was changed"
+        )
 
 
 # --------------------------------------------------------------------------- running
@@ -575,6 +594,7 @@ def _target_for(
         settings.migrate,
         conn,
         previously,
+        client_metadata=settings.backfill.client_metadata,
     )
 
 
@@ -763,6 +783,7 @@ def _run_offline(
         req.settings.tables,
         req.settings.migrate,
         None,
+        client_metadata=req.settings.backfill.client_metadata,
     )
     s_i, t_i = revision_position(start, revisions), revision_position(target, revisions)
     if req.direction is Direction.UPGRADE:

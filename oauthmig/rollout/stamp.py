@@ -48,6 +48,7 @@ from oauthmig.rollout.preflight import (
 )
 from oauthmig.rollout.revisions import Catalogue, RevisionTarget, ensure_log_table
 from oauthmig.rollout.runner import gate_for
+from oauthmig.rollout.verify import verify_connection
 from oauthmig.runlock import exclusive_run
 
 
@@ -146,6 +147,13 @@ def _check(
                     f"database {db.name!r}: cannot stamp revision {rev.revision} before its "
                     f"backfills finish ({waiting.describe()}); run "
                     f"`{waiting.backfill_command(db.name)}` first; nothing was recorded"
+                )
+            checked = verify_connection(conn, settings, db.name)
+            if not checked.passed:
+                raise GateError(
+                    f"{checked.problem()}; cannot stamp revision {rev.revision} before a verify "
+                    f"pass agrees: fix those rows (`oauthmig backfill -d {db.name}`), then "
+                    f"`oauthmig verify -d {db.name}`; nothing was recorded"
                 )
         outcome = "applied" if here or not rev.tables else "skipped"
         steps.append(StampStep(rev.revision, outcome, here, tuple(adopted)))

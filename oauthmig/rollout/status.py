@@ -20,6 +20,8 @@ from oauthmig.config import Settings
 from oauthmig.db import connect, map_db_errors, open_engine, scrub_stored, set_timeouts
 from oauthmig.errors import OauthmigError
 from oauthmig.identity import check_distinct
+from oauthmig.rollout.batches import as_utc
+from oauthmig.rollout.compat import CompatTarget
 from oauthmig.rollout.jobs import JOBS, JobState, JobStatus, job_states
 from oauthmig.rollout.preflight import (
     STAMPED,
@@ -31,6 +33,7 @@ from oauthmig.rollout.preflight import (
 from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.revisions import Drift, drift, history
 from oauthmig.rollout.runner import gate_for
+from oauthmig.rollout.verify import Phase, compat_active, phase, read_verify
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,17 @@ class RevisionState:
     detail: str | None = None
     checksum: str | None = None  # of the revision file, as recorded when it was applied
     changed: bool = False  # the file's checksum differs from the recorded one (drift)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyState:
+    """The recorded verify pass of one table (see :mod:`oauthmig.rollout.verify`)."""
+
+    table: str
+    status: str
+    rows_checked: int
+    problem: str | None
+    finished_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +73,10 @@ class DatabaseStatus:
     live_grants_without_pkce: int | None
     error: str | None = None
     drift: tuple[Drift, ...] = ()  # revisions whose file changed since they were applied here
+    # Between old and new application code: expand | compat | finalized | contracted.
+    phase: Phase | None = None
+    compat_tables: tuple[str, ...] = ()  # where the compatibility triggers are installed
+    verify: tuple[VerifyState, ...] = ()  # the last verify pass, per table
 
     @property
     def outstanding(self) -> bool:
@@ -177,6 +195,35 @@ def _database_status(
                 jobs: list[JobState] = []
                 jobs.extend(job_states(conn, settings, name, left))
                 live, without = _live_grants(conn, settings, name)
+                layer = tuple(
+                    compat_active(
+                        conn,
+                        CompatTarget(
+                            conn.dialect.name,
+                            name,
+                            {lg: settings.tables.physical(lg) for lg in routed},
+                            settings.backfill.client_metadata,
+                        ),
+                    )
+                )
+                applied = revisions[:applied_upto]
+                stage = phase(
+                    any(r.requires_backfills for r in applied),
+                    any(r.columns for r in applied),
+                    layer,
+                )
+                checked = tuple(
+                    VerifyState(
+                        str(v["table_name"]),
+                        str(v["status"]),
+                        int(v["rows_checked"]),
+                        v["problem"],
+                        as_utc(v["finished_at"]) if v["finished_at"] is not None else None,
+                    )
+                    for v in read_verify(conn).values()
+                )
+                if conn.in_transaction():
+                    conn.rollback()
                 return DatabaseStatus(
                     name,
                     conn.dialect.name,
@@ -188,6 +235,9 @@ def _database_status(
                     live,
                     without,
                     drift=drifted,
+                    phase=stage,
+                    compat_tables=layer,
+                    verify=checked,
                 )
         except OauthmigError as exc:
             return DatabaseStatus(

@@ -1,4 +1,4 @@
-"""``python -m tests.bench [backfill|rules|audit|traffic|health|status ...] [options]``:
+"""``python -m tests.bench [backfill|rules|audit|traffic|health|status|compat ...] [options]``:
 benchmarks.
 
 Prints the results.
@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("backfill", "rules", "audit", "traffic", "health", "status")
+BENCHMARKS = ("backfill", "rules", "audit", "traffic", "health", "status", "compat")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="backfill, rules, audit, traffic, health and/or status (default: all)",
+        help="backfill, rules, audit, traffic, health, status and/or compat (default: all)",
     )
     p.add_argument("--seed", type=int, default=42, help="demo data seed (default 42)")
     g = p.add_argument_group("backfill")
@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=4.0,
         help="how long each replay pause lasts (default 4; more than max_replica_lag 1s)",
+    )
+    g = p.add_argument_group("compat")
+    g.add_argument(
+        "--compat-seconds", type=int, default=15, help="pgbench seconds per phase (default 15)"
     )
     g = p.add_argument_group("status")
     g.add_argument(
@@ -145,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 period=args.period,
                 hold=args.hold_seconds,
             )
+        elif name == "compat":
+            from tests.bench import bench_compat
+
+            ok &= bench_compat.main(seconds=args.compat_seconds)
         elif name == "status":
             from tests.bench import bench_status
 

@@ -39,8 +39,9 @@ from sqlalchemy.engine.interfaces import DBAPICursor
 from oauthmig.config import Settings
 from oauthmig.db import make_engine
 from oauthmig.demo.data import setup_legacy
+from oauthmig.family import family_high, family_sql
 from oauthmig.rollout.backfill import BackfillOptions, backfill
-from oauthmig.rollout.jobs import _pg_family_sql, family_id, family_prefix
+from oauthmig.rollout.jobs import family_id
 from oauthmig.rollout.runner import upgrade
 from tests.bench.bench_common import (
     Interference,
@@ -296,16 +297,18 @@ def _run_backfill(settings: Settings, profile: bool) -> tuple[float, Any, Profil
 
 def _run_set_based(settings: Settings) -> tuple[float, int]:
     t = settings.tables.token
+    # The backfill's formula (job version 3), as the backfill and the compatibility triggers
+    # compute it.
+    expression = family_sql("postgresql", family_high(t, "main"), "id")
     sql = (
-        f"UPDATE {t} SET token_family_id = {_pg_family_sql(t, 'main').text} "
+        f"UPDATE {t} SET token_family_id = {expression} "
         "WHERE refresh_token IS NOT NULL AND token_family_id IS NULL"
     )
     engine = make_engine(settings.databases["main"], settings)
     try:
         t0 = time.perf_counter()
         with engine.begin() as conn:
-            prefix = family_prefix(t, "main")
-            rows = int(conn.execute(text(sql), {"fam_prefix": prefix}).rowcount)
+            rows = int(conn.execute(text(sql)).rowcount)
         return time.perf_counter() - t0, rows
     finally:
         engine.dispose()
