@@ -616,8 +616,8 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
     assert "unreachable" in status.out or "does not exist" in status.out + status.err
 
     # --- a database password with unencoded '@ : % # /': masked whole, in text and JSON
-    raw = _raw_password_config(w)
-    for args in (
+    raw_cfg = _raw_password_config(w)
+    for raw_args in (
         ("status",),
         ("status", "--format", "json"),
         ("upgrade", "--dry-run"),
@@ -626,9 +626,9 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
         ("audit-redirects", "--format", "json"),
         ("report", "--html", str(w.tmp / "raw.html")),
     ):
-        result = w.cli(*args, cfg=raw)
-        assert result.code == 2, (args, result.out, result.err)
-    shown = w.cli("status", cfg=raw)
+        result = w.cli(*raw_args, cfg=raw_cfg)
+        assert result.code == 2, (raw_args, result.out, result.err)
+    shown = w.cli("status", cfg=raw_cfg)
     assert "postgresql+psycopg://postgres:***@127.0.0.1" in shown.out + shown.err
     refused = w.cli("status", cfg=_raw_password_config(w, "unparseable database password"))
     _assert_failed(refused, "databases.control.url: not a valid database URL")
