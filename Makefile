@@ -18,7 +18,8 @@ demo: $(STAMP)
 
 ## test: the full suite on SQLite and PostgreSQL, two pytest-xdist workers. First sets up what
 ## the tests need on this machine (scripts/test-components: starts PostgreSQL when it is down,
-## installs Debian's chromium and pgbouncer when missing, one line each time)
+## installs Debian's chromium, pgbouncer and npm, and axe-core from npm, when missing, one line
+## each time)
 test: $(STAMP)
 	scripts/test-components
 	$(BIN)/ruff check oauthmig tests revisions

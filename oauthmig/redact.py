@@ -1,12 +1,16 @@
 """Keep secrets out of everything oauthmig prints, logs, writes or stores.
 
-Two kinds of text can carry a secret:
+Three kinds of text can carry a secret:
 
-* **Database URLs.** :func:`mask_url` replaces the userinfo password and the value of every
-  query parameter that can carry a secret or a key (``password``, ``sslpassword``, ``passfile``,
-  ``sslkey``, and any parameter whose name mentions a password, secret, token, key or
-  credential) with ``***``. :func:`url_secrets` lists those values, so that they can also be
-  removed from text that merely echoes them.
+* **URIs.** :func:`mask_uri` is the one masking rule for every URI oauthmig prints, stores or
+  exports (redirect URIs, grant URIs, metadata URLs, database and replica URLs): it replaces the
+  userinfo and the value of every secret-bearing query or fragment parameter
+  (:func:`is_secret_param`) with ``***``, on any text, parseable or not.
+* **Database URLs.** :func:`mask_url` is :func:`mask_uri` keeping the user name: the password
+  and the value of every query parameter that can carry a secret or a key (``password``,
+  ``sslpassword``, ``passfile``, ``sslkey``, and any parameter whose name mentions a password,
+  secret, token, key or credential) become ``***``. :func:`url_secrets` lists those values,
+  so that they can also be removed from text that merely echoes them.
 * **Driver error text.** PostgreSQL appends the failing row (``DETAIL: Failing row contains
   (...)``), keys (``DETAIL: Key (token)=(...)``), the statement and a ``CONTEXT`` that may quote
   values; SQLAlchemy appends ``[SQL: ...]`` and ``[parameters: ...]``; a trigger's ``RAISE`` can
@@ -24,7 +28,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -65,9 +69,195 @@ _NAME_ONLY_CLASSES = frozenset(
 _FUNCTION_CONTEXT = re.compile(r'\b(?:PL/\w+|SQL) function "?([A-Za-z_][\w$.]*)"?')
 
 
+# Secret-bearing URI parameters (docs/rules.md, RU019), compared after percent-decoding,
+# lowercasing and removing every character that is not a letter or a digit: these names...
+SECRET_URI_PARAM_NAMES: frozenset[str] = frozenset(
+    {
+        "code", "key", "pass", "pwd", "secret", "token", "password", "passwd", "passphrase",
+        "apikey", "assertion", "clientassertion", "jwt", "sig", "signature", "auth",
+        "authorization", "session", "sessionid", "otp", "accesskey", "privatekey",
+        "sslkey", "sslpassword", "passfile",
+    }
+)  # fmt: skip
+# ... and every name ending with one of these.
+SECRET_URI_PARAM_SUFFIXES: tuple[str, ...] = (
+    "secret", "token", "password", "passwd", "pwd", "passphrase", "apikey", "credential",
+    "credentials", "assertion", "signature", "privatekey", "secretkey", "accesskey", "signingkey",
+)  # fmt: skip
+_NOT_ALNUM = re.compile(r"[^a-z0-9]+")
+# A name whose last word is "key" (api_key, X-Api-Key, client.key).
+_LAST_WORD_KEY = re.compile(r"(?:^|[^A-Za-z0-9]|[a-z0-9](?=K))[Kk][Ee][Yy]$")
+
+
+def _decoded_name(name: str) -> str:
+    """``name`` percent-decoded (``+`` is a space) until it no longer changes, at most 3 times."""
+    for _ in range(3):
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    return name
+
+
+def is_secret_uri_param(name: str) -> bool:
+    """True for a URI query or fragment parameter that carries a secret by its name (RU019):
+    one of :data:`SECRET_URI_PARAM_NAMES` or ending with one of
+    :data:`SECRET_URI_PARAM_SUFFIXES` once percent-decoded, lowercased and stripped of
+    everything but letters and digits (``client_secret``, ``Client-Secret``, ``client%5Fsecret``
+    and ``clientSecret`` alike), or whose last word is ``key`` (``api_key``, ``X-Api-Key``)."""
+    decoded = _decoded_name(name).strip()
+    folded = _NOT_ALNUM.sub("", decoded.lower())
+    if not folded:
+        return False
+    return (
+        folded in SECRET_URI_PARAM_NAMES
+        or folded.endswith(SECRET_URI_PARAM_SUFFIXES)
+        or bool(_LAST_WORD_KEY.search(decoded))
+    )
+
+
 def is_secret_param(name: str) -> bool:
-    """True for a URL query parameter whose value may be a secret, a key or a path to one."""
-    return name.lower() in SECRET_PARAMS or bool(_SECRET_PARAM_WORDS.search(name))
+    """True for a URL query parameter whose value may be a secret, a key or a path to one: what
+    :func:`mask_uri` masks. Broader than :func:`is_secret_uri_param` (any name mentioning a
+    password, secret, token, key, credential or auth, and libpq's key and certificate paths),
+    since masking a harmless value costs nothing."""
+    decoded = _decoded_name(name)
+    return (
+        decoded.lower() in SECRET_PARAMS
+        or bool(_SECRET_PARAM_WORDS.search(decoded))
+        or is_secret_uri_param(decoded)
+    )
+
+
+# SQLAlchemy dialect names: their URLs are written by people, with raw '@', '/', '?', '#' in
+# passwords, and never have an '@' in the host, port or database name.
+_DB_SCHEME = re.compile(
+    r"(?:postgres|postgresql|sqlite|mysql|mariadb|oracle|mssql|cockroachdb)(?:\+[\w.-]+)?:",
+    re.IGNORECASE,
+)
+# 'user:' at the start of an authority: SQLAlchemy (and people) then read everything up to the
+# next '@' as the password, '/', '?' and '#' included.
+_USER_COLON = re.compile(r"[^:/?#@]*:")
+_PARAM_START = re.compile(r"[?&;#]([^=?&;#]*)=")
+_MAX_DEPTH = 4
+
+
+def _userinfo_span(text: str) -> tuple[int, int] | None:
+    """``(start, end)`` of the userinfo of a URI-ish ``text`` (``end`` is the ``@`` that closes
+    it), or None. See :func:`mask_uri` for the rule."""
+    slashes = text.find("//")
+    if slashes < 0:
+        return None
+    start = slashes + 2
+    if _DB_SCHEME.match(text):
+        at = text.rfind("@", start)
+        return (start, at) if at >= 0 else None
+    authority_end = _first_of(text, "/?#", start)
+    at = text.rfind("@", start, authority_end)
+    if _USER_COLON.match(text, start):
+        first = text.find("@", start)
+        if first >= 0:
+            at = max(at, text.rfind("@", first, _first_of(text, "/?#", first + 1)))
+    return (start, at) if at >= 0 else None
+
+
+def _first_of(text: str, chars: str, start: int) -> int:
+    found = [i for i in (text.find(c, start) for c in chars) if i >= 0]
+    return min(found) if found else len(text)
+
+
+def _mask_params(text: str, start: int, depth: int) -> str:
+    """Mask the values of secret-bearing parameters in ``text[start:]`` (query and fragment)."""
+    first = _first_of(text, "?#", start)
+    if first >= len(text):
+        return text
+    fragment = text.find("#", first)
+    db_url = _DB_SCHEME.match(text) is not None
+    spans: list[tuple[int, int]] = []
+    for m in _PARAM_START.finditer(text, first):
+        if m.start() < first:
+            continue
+        value_start = m.end()
+        if is_secret_param(m.group(1)):
+            # A secret value runs to the next '&' (';' may be in it), or to the '#' that starts
+            # the fragment (RFC 3986 §3.4), except in a database URL, whose query SQLAlchemy
+            # reads to the end, '#' included.
+            in_fragment = fragment >= 0 and value_start > fragment
+            stops = "&" if in_fragment or db_url else "&#"
+            spans.append((value_start, _first_of(text, stops, value_start)))
+            continue
+        value_end = _first_of(text, "&#", value_start)
+        value = text[value_start:value_end]
+        # A value that is itself a URI, raw or percent-encoded (?next=https%3A%2F%2Fu%3Ap%40h),
+        # is withheld whole when it carries a secret.
+        if value and depth < _MAX_DEPTH:
+            decoded = _decoded_name(value)
+            if _mask_uri(decoded, keep_user=False, depth=depth + 1) != decoded:
+                spans.append((value_start, value_end))
+    if not spans:
+        return text
+    out: list[str] = []
+    pos = 0
+    for a, b in sorted(spans):
+        if b <= pos:
+            continue
+        a = max(a, pos)
+        out.append(text[pos:a])
+        out.append(MASK if b > a else "")
+        pos = b
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _mask_uri(text: str, *, keep_user: bool, depth: int) -> str:
+    span = _userinfo_span(text)
+    rest = 0
+    if span is not None:
+        start, at = span
+        userinfo = text[start:at]
+        if userinfo:
+            user, colon, _password = userinfo.partition(":")
+            shown = f"{user}:{MASK}" if keep_user and colon else user if keep_user else MASK
+            if keep_user and user and _mask_uri(user, keep_user=False, depth=_MAX_DEPTH) != user:
+                shown = MASK
+            text = f"{text[:start]}{shown}{text[at:]}"
+            rest = start + len(shown)
+        else:
+            rest = at
+    return _mask_params(text, rest, depth)
+
+
+def mask_uri(text: str, *, keep_user: bool = False) -> str:
+    """``text`` (a URI, or anything that may hold one) with its credentials replaced by ``***``.
+
+    * **Userinfo.** The authority starts after the first ``//``; the userinfo ends at the last
+      ``@`` before the first ``/``, ``?`` or ``#`` that follows (RFC 3986 §3.2, WHATWG URL),
+      and, when the authority starts with ``user:``, at the last ``@`` before the first ``/``,
+      ``?`` or ``#`` after the first ``@`` (how SQLAlchemy and people read a password holding
+      ``/``, ``?`` or ``#``). In a database URL (``postgresql://``, ``sqlite://``, any
+      ``dialect+driver://``) it ends at the last ``@`` of the text. The whole userinfo becomes
+      ``***``; ``keep_user`` (database URLs) keeps the user name before the first ``:``. An empty
+      userinfo (``https://@host``) stays empty.
+    * **Parameters.** In the query and the fragment (after the first ``?`` or ``#`` past the
+      userinfo), the value of every ``name=value`` whose name :func:`is_secret_param` (compared
+      percent-decoded and case-insensitively; parameters split on ``&`` and ``;``) becomes
+      ``***``, up to the next ``&`` (or the ``#`` that starts the fragment, except in a
+      database URL). A value that is itself a URI carrying a secret (raw or
+      percent-encoded) becomes ``***`` whole.
+
+    Never raises. Over-masks rather than leaks: a URI with ``user:`` or ``host:port`` and an
+    ``@`` later in its path loses everything up to that ``@``.
+    """
+    return _mask_uri(text, keep_user=keep_user, depth=0)
+
+
+_URI_IN_TEXT = re.compile(r"[^\s'\"()<>]*(?://|[?#][^\s'\"()<>]*=)[^\s'\"()<>]*")
+
+
+def mask_uris_in_text(text: str) -> str:
+    """Free text (a finding's message) with :func:`mask_uri` applied to every word that holds
+    ``//`` or a query or fragment parameter."""
+    return _URI_IN_TEXT.sub(lambda m: mask_uri(m.group(0)), text)
 
 
 def _as_url(url: URL | str) -> URL | None:
@@ -80,21 +270,16 @@ def _as_url(url: URL | str) -> URL | None:
 
 
 def mask_url(url: URL | str) -> str:
-    """The URL as text with its password and every secret-bearing query value replaced by ***.
+    """A database URL as text, through :func:`mask_uri` keeping the user name: the password
+    (all of it, whatever it holds) and every secret-bearing query value become ``***``.
 
     A string that is not a parseable URL is not shown at all.
     """
     parsed = _as_url(url)
     if parsed is None:
         return WITHHELD
-    base = parsed.set(query={}).render_as_string(hide_password=True)
-    pairs: list[str] = []
-    for key, value in parsed.query.items():
-        values = value if isinstance(value, tuple) else (value,)
-        for v in values:
-            shown = MASK if is_secret_param(key) else quote(str(v), safe="")
-            pairs.append(f"{quote(key, safe='')}={shown}")
-    return f"{base}?{'&'.join(pairs)}" if pairs else base
+    raw = url if isinstance(url, str) else parsed.render_as_string(hide_password=False)
+    return mask_uri(raw.strip(), keep_user=True)
 
 
 def url_secrets(url: URL | str | None) -> tuple[str, ...]:
@@ -107,6 +292,16 @@ def url_secrets(url: URL | str | None) -> tuple[str, ...]:
     found: list[str] = []
     if parsed.password:
         found.append(str(parsed.password))
+    raw = url if isinstance(url, str) else parsed.render_as_string(hide_password=False)
+    span = _userinfo_span(raw)
+    if span is not None:
+        # The whole password as mask_uri reads it, and what a parser put in the host name
+        # (SQLAlchemy reads 'u:pa@ss@host' as password 'pa', host 'ss@host').
+        password = raw[span[0] : span[1]].partition(":")[2]
+        found.extend([password, unquote_plus(password)] if password else [])
+        host = str(parsed.host or "")
+        if "@" in host:
+            found.append(host.rpartition("@")[0])
     for key, value in parsed.query.items():
         if is_secret_param(key):
             found.extend(value if isinstance(value, tuple) else (value,))

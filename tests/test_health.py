@@ -585,11 +585,26 @@ def test_autovacuum_on_the_table_is_seen_and_other_tables_are_not() -> None:
 # ------------------------------------------------------------------ holds in real runs
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param("hunter2-{m}", id="plain"),
+        # Unencoded '@' (SQLAlchemy then reads '{m}@127.0.0.1' as the host), ':', '%', '#', '/'.
+        pytest.param("hunter2@{m}", id="at"),
+        pytest.param("a:b%c#d/{m}@x", id="delimiters"),
+    ],
+)
 def test_unreachable_replica_holds_with_a_masked_reason_until_max_runtime(
-    backend: str, make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    backend: str,
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    shape: str,
 ) -> None:
-    secret = f"hunter2-{uuid.uuid4().hex[:8]}"
-    replica = f"postgresql://oauth:{secret}@127.0.0.1:{free_port()}/postgres?sslpassword={secret}"
+    marker = f"hunter2{uuid.uuid4().hex[:8]}"
+    secret = marker
+    password = shape.format(m=marker)
+    replica = f"postgresql://oauth:{password}@127.0.0.1:{free_port()}/postgres?sslpassword={secret}"
     health = {"max_replica_lag": "1s", "replica_urls": [replica], "health_interval": "100ms"}
     settings, cfg = _install(_config(make_database("main"), health), tmp_path, capsys)
     prom = tmp_path / "backfill.prom"

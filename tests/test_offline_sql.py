@@ -124,6 +124,9 @@ def test_offline_upgrade_stops_before_backfills_and_matches_online(
     early = _apply(settings, "control", out / "control.sql")
     assert early.returncode != 0
     assert "revision 0004 requires backfill token-families to finish" in early.stderr
+    assert "then write the rest with `oauthmig upgrade --sql --from 0003 -d control`" in (
+        early.stderr
+    )
     assert _version(settings, "control") == ["0003"]
     log = _log(settings, "control")
     assert "0004" not in log
@@ -286,7 +289,13 @@ def test_sqlite_offline_upgrade_stops_at_gate_and_at_existing_column(
     assert early.returncode != 0
     assert "revision 0004 requires backfill token-families to finish on shard" in early.stderr
     assert _version(settings, "shard") == ["0003"] and "0004" not in _log(settings, "shard")
+    # The message says what works: the backfill, then a script from where the database stopped.
+    advice = "then write the rest with `oauthmig upgrade --sql --from 0003 -d shard`"
+    assert advice in early.stderr, early.stderr
     assert invoke(capsys, "--config", cfg, "-d", "shard", "backfill").code == 0
+    # What it used to advise fails: rerunning the stopped script stops at its first step.
+    again = _apply(settings, "shard", out / "shard.sql")
+    assert again.returncode != 0 and _version(settings, "shard") == ["0003"]
     rest = tmp_path / "rest"
     _scripts(capsys, cfg, rest, "upgrade", "--from", "0003")
     done = _apply(settings, "shard", rest / "shard.sql")

@@ -6,19 +6,23 @@ import logging
 import sqlite3
 import sys
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 
 from oauthmig.config import parse_database_url, redact_url, settings_from_mapping
 from oauthmig.db import describe_error, make_engine
 from oauthmig.redact import (
     describe_db_error,
+    is_secret_uri_param,
+    mask_uri,
+    mask_uris_in_text,
     mask_url,
     scrub_log_records,
     scrub_text,
@@ -265,3 +269,242 @@ def test_log_records_are_scrubbed() -> None:
     assert record.getMessage() == "rollback failed on conn: x"
     assert SECRET not in record.getMessage()
     assert record.exc_info is None and record.exc_text is None
+
+
+# --- mask_uri: the one masking rule for every URI shown, stored or exported (issue 22) -------
+
+MARK = "Zqx9MarkerSecret"
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("https://user:pw@app.example.com/cb", "https://***@app.example.com/cb"),
+        ("https://user@app.example.com/cb", "https://***@app.example.com/cb"),
+        ("https://@app.example.com/cb", "https://@app.example.com/cb"),
+        ("https://a:b@c@app.example.com/cb", "https://***@app.example.com/cb"),
+        ("https://u:p/w@app.example.com/cb", "https://***@app.example.com/cb"),
+        ("https://u:p#w@app.example.com/cb", "https://***@app.example.com/cb"),
+        ("//u:p@app.example.com/cb", "//***@app.example.com/cb"),
+        (" https://u:p@app.example.com/cb", " https://***@app.example.com/cb"),
+        ("https://app.example.com/users/@me/cb", "https://app.example.com/users/@me/cb"),
+        (
+            "https://app.example.com/cb?email=a@b.example",
+            "https://app.example.com/cb?email=a@b.example",
+        ),
+        (
+            "https://app.example.com/cb?client_secret=s&state=x#access_token=t&tt=b",
+            "https://app.example.com/cb?client_secret=***&state=x#access_token=***&tt=b",
+        ),
+        ("https://app.example.com/cb?token=ab#frag", "https://app.example.com/cb?token=***#frag"),
+        (
+            "https://app.example.com/cb?CLIENT%5FSECRET=x",
+            "https://app.example.com/cb?CLIENT%5FSECRET=***",
+        ),
+        ("https://app.example.com/cb?a=1;code=x", "https://app.example.com/cb?a=1;code=***"),
+        (
+            "https://app.example.com/cb#/done?id_token=x",
+            "https://app.example.com/cb#/done?id_token=***",
+        ),
+        ("com.example.app:/cb?refresh_token=x", "com.example.app:/cb?refresh_token=***"),
+        (
+            "https://app.example.com/cb?next=https%3A%2F%2Fu%3Ap%40evil.example%2F&x=1",
+            "https://app.example.com/cb?next=***&x=1",
+        ),
+        (
+            "https://app.example.com/cb?next=https://u:p@evil/",
+            "https://app.example.com/cb?next=***",
+        ),
+        (
+            "https://app.example.com/cb?next=https%3A%2F%2Fok.example%2F",
+            "https://app.example.com/cb?next=https%3A%2F%2Fok.example%2F",
+        ),
+        ("postgresql://oauth:pa@ssSECRET@db/x", "postgresql://***@db/x"),
+        (
+            "postgresql+psycopg://o:a:b%c#d/e?f@db:5432/x?sslmode=require",
+            "postgresql+psycopg://***@db:5432/x?sslmode=require",
+        ),
+        (
+            "postgresql://o@db/x?password=p#q&sslmode=require",
+            "postgresql://***@db/x?password=***&sslmode=require",
+        ),
+        ("not a uri", "not a uri"),
+        ("", ""),
+    ],
+)
+def test_mask_uri(uri: str, shown: str) -> None:
+    assert mask_uri(uri) == shown
+    assert mask_uri(shown) == shown  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://oauth:pa@ssSECRET@db.internal/x", "postgresql://oauth:***@db.internal/x"),
+        ("postgresql://oauth:a:b%2F@db/x", "postgresql://oauth:***@db/x"),
+        ("postgresql://oauth:p/w#x?y@db:5433/x", "postgresql://oauth:***@db:5433/x"),
+        ("postgresql://oauth@db/x", "postgresql://oauth@db/x"),
+    ],
+)
+def test_database_urls_keep_the_user_name(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+    assert mask_url(make_url(url)) == shown
+    parsed = parse_database_url(url, "k")  # adds the +psycopg driver
+    assert redact_url(parsed) == shown.replace("postgresql:", "postgresql+psycopg:")
+
+
+def test_url_secrets_cover_a_password_split_by_at() -> None:
+    """SQLAlchemy reads 'oauth:pa@ssSECRET@db' as password 'pa' and host 'ssSECRET@db': the
+    driver's 'could not translate host name' error quotes the tail, which must go too."""
+    url = "postgresql://oauth:pa@ssSECRET@db.internal/x"
+    found = url_secrets(url)
+    assert "pa@ssSECRET" in found
+    assert "ssSECRET" in found
+    text = 'could not translate host name "ssSECRET@db.internal" to address'
+    assert "ssSECRET" not in scrub_text(text, found)
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("client_secret", True),
+        ("Client-Secret", True),
+        ("clientSecret", True),
+        ("client%5Fsecret", True),
+        ("client%255Fsecret", True),
+        ("access_token", True),
+        ("id_token", True),
+        ("code", True),
+        ("CODE", True),
+        ("api_key", True),
+        ("apikey", True),
+        ("X-Api-Key", True),
+        ("X-Amz-Signature", True),
+        ("password", True),
+        ("assertion", True),
+        ("state", False),
+        ("token_type", False),
+        ("expires_in", False),
+        ("code_challenge_method", False),
+        ("monkey", False),
+        ("", False),
+    ],
+)
+def test_is_secret_uri_param(name: str, secret: bool) -> None:
+    assert is_secret_uri_param(name) is secret
+
+
+_USERINFO_SAFE = st.text(
+    alphabet=st.sampled_from("abcXYZ019-._~!$&'()*+,;=:%@"), min_size=0, max_size=12
+)
+_NO_AT = st.text(alphabet=st.sampled_from("abcXYZ019-._~!$'()*+,=:%/?#"), max_size=12)
+_HOSTS = st.sampled_from(["app.example.com", "127.0.0.1:8080", "[::1]", "db.internal:5432"])
+_TAILS = st.sampled_from(["", "/", "/cb", "/cb?x=1", "/a/b?state=s#f", "?q", "#frag"])
+
+
+@given(
+    scheme=st.sampled_from(["https", "http", "com.example.app", "wss"]),
+    before=_USERINFO_SAFE,
+    after=_USERINFO_SAFE,
+    host=_HOSTS,
+    tail=_TAILS,
+)
+def test_marker_never_survives_in_userinfo(
+    scheme: str, before: str, after: str, host: str, tail: str
+) -> None:
+    """Any user:password made of userinfo characters, '@' and '%' included."""
+    uri = f"{scheme}://{before}{MARK}{after}@{host}{tail}"
+    assert MARK not in mask_uri(uri)
+    if ":" in before:
+        assert MARK not in mask_uri(uri, keep_user=True)
+
+
+@given(
+    user=st.text(alphabet=st.sampled_from("abc019_"), max_size=6),
+    before=_NO_AT,
+    after=_NO_AT,
+    host=_HOSTS,
+    tail=_TAILS,
+)
+def test_marker_never_survives_in_a_password_with_delimiters(
+    user: str, before: str, after: str, host: str, tail: str
+) -> None:
+    """A password holding '/', '?', '#', ':' or '%' (no '@'), any scheme."""
+    for scheme in ("https", "postgresql+psycopg"):
+        uri = f"{scheme}://{user}:{before}{MARK}{after}@{host}{tail}"
+        assert MARK not in mask_uri(uri), uri
+        assert MARK not in mask_uri(uri, keep_user=True), uri
+
+
+@given(
+    password=st.text(alphabet=st.characters(codec="ascii", exclude_characters="\x00"), max_size=16),
+    host=_HOSTS,
+    tail=st.sampled_from(["", "/x", "/x?sslmode=require", "/x?application_name=a"]),
+)
+def test_marker_never_survives_in_any_database_password(
+    password: str, host: str, tail: str
+) -> None:
+    """Database URLs: any printable password, '@' '/' '?' '#' included."""
+    url = f"postgresql://oauth:{password}{MARK}{password}@{host}{tail}"
+    assert MARK not in mask_url(url)
+    assert MARK not in mask_uri(url)
+
+
+_PARAM_NAMES = st.sampled_from(
+    ["client_secret", "access_token", "refresh_token", "id_token", "password", "passwd", "pwd",
+     "secret", "token", "code", "api_key", "apikey", "key", "assertion", "Client%5FSecret",
+     "ACCESS_TOKEN", "X-Api-Key"]
+)  # fmt: skip
+_VALUE_CHARS = st.text(alphabet=st.sampled_from("abcXYZ019-._~%!$'()*+,;=:@/?"), max_size=8)
+
+
+@given(
+    base=st.sampled_from(
+        ["https://app.example.com/cb", "com.example.app:/cb", "http://127.0.0.1:8080/", "x"]
+    ),
+    where=st.sampled_from(["?", "?a=1&", "?a=1;", "#", "#a=1&", "#/route?", "?s=1#"]),
+    name=_PARAM_NAMES,
+    before=_VALUE_CHARS,
+    after=_VALUE_CHARS,
+    rest=st.sampled_from(["", "&state=x", "&b=2#f"]),
+    encode=st.booleans(),
+)
+def test_marker_never_survives_in_a_secret_parameter(
+    base: str, where: str, name: str, before: str, after: str, rest: str, encode: bool
+) -> None:
+    value = f"{before}{MARK}{after}"
+    if encode:
+        value = quote(value, safe="")
+    uri = f"{base}{where}{name}={value}{rest}"
+    assert MARK not in mask_uri(uri), uri
+
+
+@given(
+    inner=st.sampled_from(
+        [f"https://u:{MARK}@evil.example/", f"https://evil.example/?token={MARK}"]
+    ),
+    times=st.integers(min_value=0, max_value=2),
+)
+def test_marker_never_survives_in_a_nested_uri(inner: str, times: int) -> None:
+    value = inner
+    for _ in range(times):
+        value = quote(value, safe="")
+    uri = f"https://app.example.com/cb?next={value}&x=1"
+    assert MARK not in mask_uri(uri), uri
+    assert mask_uri(uri).endswith("&x=1")
+
+
+@given(st.text(max_size=80))
+def test_mask_uri_never_raises(text_: str) -> None:
+    assert isinstance(mask_uri(text_), str)
+    assert isinstance(mask_uris_in_text(text_), str)
+
+
+def test_mask_uris_in_text_masks_each_uri_of_a_message() -> None:
+    message = (
+        "normalized form is https://u:p@app.example.com/cb?token=t; "
+        "a browser would go to https://x:y@xn--bcher-kva.example/cb"
+    )
+    shown = mask_uris_in_text(message)
+    assert "u:p" not in shown and "x:y" not in shown and "token=t" not in shown
+    assert "https://***@app.example.com/cb?token=***" in shown

@@ -46,6 +46,8 @@ RULE_TABLE = {
     # Added by the host rules (issue 11).
     "RU017": ("non-canonical-ipv4", "error"),
     "RU018": ("invalid-host", "error"),
+    # Secret-bearing parameters (issue 22).
+    "RU019": ("secret-parameter", "error"),
     "RU101": ("no-redirect-uris", "error"),
     "RU102": ("mixed-app-type", "warning"),
     "RU103": ("grant-redirect-unregistered", "warning"),
@@ -478,6 +480,46 @@ for _id, _uri in [
     case(_id, _uri, WEB, "RU018", False)
 case("private-use-host-hyphen", "com.example.app://-x/cb", NATIVE, "RU018", False)
 case("localhost-dot", "http://localhost./cb", NATIVE, "RU018", False)
+
+# RU019 secret-parameter (issue 22): names compared percent-decoded, case-insensitively, in
+# the query and the fragment, also on text that is not a URI.
+for _id, _uri in [
+    ("client-secret", "https://app.example.com/cb?client_secret=s3"),
+    ("access-token", "https://app.example.com/cb?a=1&access_token=x"),
+    ("refresh-token-semicolon", "https://app.example.com/cb?a=1;refresh_token=x"),
+    ("id-token-fragment", "https://app.example.com/cb#id_token=x"),
+    ("fragment-route-query", "https://app.example.com/cb#/done?token=x"),
+    ("password-upper", "https://app.example.com/cb?PASSWORD=x"),
+    ("passwd", "https://app.example.com/cb?passwd=x"),
+    ("pwd", "https://app.example.com/cb?pwd=x"),
+    ("secret", "https://app.example.com/cb?secret=x"),
+    ("code", "https://app.example.com/cb?code=x"),
+    ("api-key", "https://app.example.com/cb?api_key=x"),
+    ("apikey-camel", "https://app.example.com/cb?apiKey=x"),
+    ("x-api-key", "https://app.example.com/cb?X-Api-Key=x"),
+    ("key", "https://app.example.com/cb?key=x"),
+    ("assertion", "https://app.example.com/cb?client_assertion=x"),
+    ("amz-signature", "https://app.example.com/cb?X-Amz-Signature=x"),
+    ("percent-encoded-name", "https://app.example.com/cb?client%5Fsecret=x"),
+    ("double-encoded-name", "https://app.example.com/cb?client%255Fsecret=x"),
+    ("hyphen-case", "https://app.example.com/cb?Client-Secret=x"),
+    ("private-use", "com.example.app:/cb?token=x"),
+    ("not-a-uri", "https://app.example.com/cb?token=x y"),
+]:
+    case(_id, _uri, WEB, "RU019", True)
+case("native-loopback", "http://127.0.0.1/cb?access_token=x", NATIVE, "RU019", True)
+for _id, _uri in [
+    ("plain", "https://app.example.com/cb"),
+    ("state", "https://app.example.com/cb?state=x&tenant=eu"),
+    ("token-type", "https://app.example.com/cb?token_type=bearer&expires_in=3600"),
+    ("empty-value", "https://app.example.com/cb?token="),
+    ("no-value", "https://app.example.com/cb?token"),
+    ("name-in-path", "https://app.example.com/token/cb"),
+    ("code-challenge-method", "https://app.example.com/cb?code_challenge_method=S256"),
+    ("monkey", "https://app.example.com/cb?monkey=1"),
+    ("value-named-token", "https://app.example.com/cb?kind=token"),
+]:
+    case(_id, _uri, WEB, "RU019", False)
 
 # Every URI the issue names, with both app types: the exact codes and the verdict.
 ISSUE_CASES: list[Any] = []

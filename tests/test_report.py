@@ -4,12 +4,15 @@ Chromium (Debian's ``chromium``; the test fails, never skips, when it is missing
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -635,6 +638,60 @@ def _chromium() -> str:
     return found
 
 
+AXE_DIR = Path(__file__).resolve().parent / "browser"
+AXE_JS = AXE_DIR / "node_modules" / "axe-core" / "axe.min.js"
+# axe-core impact levels that fail the report (WCAG 2.x A/AA rules and best practices).
+AXE_FAILING = ("serious", "critical")
+
+
+def _axe_js() -> Path:
+    """axe-core's browser bundle, pinned in tests/browser/package.json."""
+    if not AXE_JS.is_file():
+        pytest.fail(
+            "the accessibility test needs axe-core: `make test` installs it "
+            "(scripts/test-components), or run `npm ci --prefix tests/browser`",
+            pytrace=False,
+        )
+    pinned = json.loads((AXE_DIR / "package.json").read_text())["dependencies"]["axe-core"]
+    installed = json.loads((AXE_JS.parent / "package.json").read_text())["version"]
+    if installed != pinned:
+        pytest.fail(
+            f"axe-core {installed} is installed, tests/browser/package.json pins {pinned}: "
+            "run `npm ci --prefix tests/browser`",
+            pytrace=False,
+        )
+    return AXE_JS
+
+
+def _axe_violations(browser: Any, url: str) -> list[str]:
+    """axe-core's serious and critical violations on the page at ``url``, one line each.
+
+    Its own context bypasses the page's Content-Security-Policy (which forbids the injected
+    script) and still loads nothing from the network."""
+    context = browser.new_context(bypass_csp=True, viewport={"width": 1400, "height": 900})
+    try:
+        page = context.new_page()
+        page.route("**/*", lambda route, request: (
+            route.continue_() if request.url == url else route.abort()
+        ))  # fmt: skip
+        page.goto(url, wait_until="load")
+        page.add_script_tag(path=str(_axe_js()))
+        result = page.evaluate(
+            "async () => { const r = await axe.run(document, {resultTypes: ['violations']});"
+            " return {violations: r.violations.map(v => ({id: v.id, impact: v.impact,"
+            " help: v.help, nodes: v.nodes.map(n => n.target.join(' ')).slice(0, 3)})),"
+            " passes: r.passes.length}; }"
+        )
+    finally:
+        context.close()
+    assert result["passes"] > 10  # axe really ran
+    return [
+        f"{v['impact']} {v['id']}: {v['help']} ({', '.join(v['nodes'])})"
+        for v in result["violations"]
+        if v["impact"] in AXE_FAILING
+    ]
+
+
 def test_report_in_a_real_browser(
     planted: Planted, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -715,15 +772,35 @@ def test_report_in_a_real_browser(
             assert shot.stat().st_size > 10_000
             assert page.evaluate("typeof window.__pwned") == "undefined"
             assert page.title().startswith("oauthmig report, ")
+            # Accessibility: no serious or critical axe-core violation (issue 22).
+            violations = _axe_violations(browser, out.as_uri())
         finally:
             browser.close()
+    assert not violations, "\n".join(violations)
     assert not problems, problems
     assert not dialogs, dialogs
     assert requests == [out.as_uri()], requests  # the page loads nothing else
 
 
 def test_browser_is_installed_by_make_test() -> None:
-    """`make test` installs Debian's chromium before the tests (the browser test needs it)."""
+    """`make test` installs Debian's chromium and the pinned axe-core before the tests (the
+    browser test needs both)."""
     setup = (Path(__file__).resolve().parent.parent / "scripts" / "test-components").read_text()
     assert "[chromium]=chromium" in setup
+    assert "npm ci --prefix" in setup and "tests/browser" in setup
     assert os.access(_chromium(), os.X_OK)
+    assert _axe_js().stat().st_size > 100_000
+
+
+def test_report_headings_and_progress_bars_are_accessible(planted: Planted) -> None:
+    """What axe-core checks in the browser test, checked on the markup too: every progress bar
+    has an accessible name, headings never skip a level, no header cell is empty."""
+    page = render_html(gather_report(planted.settings, now=NOW))
+    bars = re.findall(r'<div class="bar[^"]*" role="progressbar"([^>]*)>', page)
+    assert len(bars) >= 4
+    assert all(re.search(r'aria-label="[^"]+"', b) for b in bars), bars
+    levels = [int(n) for n in re.findall(r"<h([1-6])[\s>]", page)]
+    assert levels[0] == 1
+    jumps = [(a, b) for a, b in pairwise(levels) if b > a + 1]
+    assert not jumps, jumps
+    assert not re.search(r"<th(?:\s[^>]*)?>\s*</th>", page)

@@ -1,5 +1,11 @@
 """Secrets never leave: planted passwords, client secrets and tokens, every command, every failure.
 
+Credentials in URIs too (issue 22): stored redirect URIs with userinfo, secret query and fragment
+parameters and a percent-encoded nested URI, a live grant's URI with a ``code``, a metadata URL
+with userinfo and an ``api_key``; a database password with unencoded ``@ : % # /`` (unreachable
+configuration) and a replica URL with such a password, whose hold reason is stored in the job
+row and exported in the metrics file.
+
 A PostgreSQL URL carries a password in its userinfo and in its query string (``password``,
 ``sslpassword``, ``passfile``); the data carries a client secret, access, hashed and refresh
 tokens and a grant code. Every command runs as a real process with ``-v`` (a child of
@@ -30,6 +36,7 @@ from oauthmig.config import Settings, settings_from_mapping
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.forkserver import ForkServer
 from tests.helpers import CliResult, seed_legacy, write_config
+from tests.pgcluster import free_port
 
 # Consonants that are not hex digits: no 8-character slice of a planted value can occur by
 # chance in a hash, a UUID or an English word of the output.
@@ -40,6 +47,13 @@ SLICE = 8
 def _planted(prefix: str) -> str:
     rng = random.Random()
     return prefix + "".join(rng.choice(_ALPHABET) for _ in range(24))
+
+
+def _raw_password(prefix: str, separators: str = ":%#/@") -> str:
+    """A password with unencoded '@', ':', '%', '#' and '/' between planted pieces, each long
+    enough to be searched for on its own."""
+    pieces = [_planted(prefix)[:12] for _ in range(len(separators) + 1)]
+    return "".join(p + sep for p, sep in zip(pieces, [*separators, ""], strict=True))
 
 
 @dataclass
@@ -168,6 +182,17 @@ def world(
         "shard access token": _planted("Sa"),
         "shard refresh token": _planted("Sr"),
         "grant code": _planted("Gc"),
+        "redirect userinfo password": _planted("Ru"),
+        "redirect query secret": _planted("Rq"),
+        "redirect fragment token": _planted("Rf"),
+        "redirect nested password": _planted("Rn"),
+        "grant uri code": _planted("Gu"),
+        "metadata userinfo": _planted("Mu"),
+        "metadata api key": _planted("Mk"),
+        "raw database password": _raw_password("Db"),
+        # SQLAlchemy refuses this one (it reads ':...' after the first '@' as the port).
+        "unparseable database password": _raw_password("Du", "@:%#/"),
+        "raw replica password": _raw_password("Rp"),
     }
     plain = {"control": make_database("control"), "shard": make_database("shard")}
     urls = dict(plain)
@@ -200,6 +225,25 @@ def world(
         rt=values["refresh token"],
         gc=values["grant code"],
     )
+    # Credentials in stored URIs: the audit, the HTML report and every format show them masked.
+    redirect_uris = "\n".join(
+        [
+            f"https://deploy:{values['redirect userinfo password']}@app.example.com/cb",
+            f"https://app.example.com/cb?client_secret={values['redirect query secret']}&x=1",
+            f"https://app.example.com/cb#access_token={values['redirect fragment token']}",
+            "https://app.example.com/cb?next=https%3A%2F%2Fu%3A"
+            f"{values['redirect nested password']}%40evil.example%2F",
+        ]
+    )
+    w.sql(
+        "control",
+        "UPDATE sentry_apiapplication SET redirect_uris = :ru, homepage_url = :hu WHERE id = 7",
+        "UPDATE sentry_apigrant SET redirect_uri = :gu WHERE id = 5",
+        ru=redirect_uris,
+        hu=f"https://u:{values['metadata userinfo']}@home.example.com/"
+        f"?api_key={values['metadata api key']}",
+        gu=f"https://app.example.com/old?code={values['grant uri code']}",
+    )
     w.sql(
         "shard",
         "UPDATE sentry_apitoken SET token = :at, refresh_token = :rt WHERE id = 3",
@@ -220,6 +264,28 @@ def _unreachable_config(w: World) -> str:
     return write_config(w.tmp / "unreachable.toml", data)
 
 
+def _raw_password_config(w: World, which: str = "raw database password") -> str:
+    """The control database behind a URL whose password holds unencoded '@ : % # /' (SQLAlchemy
+    reads part of it as the host name, so the database is unreachable)."""
+    raw = w.planted.values[which]
+    control = f"postgresql+psycopg://postgres:{raw}@127.0.0.1:{free_port()}/postgres"
+    data = routed_config(control, w.settings.databases["shard"].url or "")
+    return write_config(w.tmp / f"{which.replace(' ', '-')}.toml", data)
+
+
+def _replica_config(w: World) -> str:
+    """The world's config with a replica to check whose URL holds a raw password."""
+    raw = w.planted.values["raw replica password"]
+    replica = f"postgresql://oauth:{raw}@127.0.0.1:{free_port()}/postgres"
+    data = routed_config(
+        w.settings.databases["control"].url or "", w.settings.databases["shard"].url or ""
+    )
+    data["backfill"] = {
+        "health": {"max_replica_lag": "1s", "replica_urls": [replica], "health_interval": "100ms"}
+    }
+    return write_config(w.tmp / "replica.toml", data)
+
+
 def _run_reads(w: World, tag: str) -> None:
     """The read-only commands, whose output repeats stored state."""
     w.cli("status")
@@ -233,6 +299,9 @@ def _run_reads(w: World, tag: str) -> None:
     w.cli("backfill", "--dry-run")
     w.cli("check-redirect", "https://a1.example.com/cb", "http://localhost:8080/cb")
     w.cli("check-redirect", "--format", "json", "https://a1.example.com/cb")
+    planted_uris = [u for u in _stored_redirect_uris(w) if u]
+    w.cli("check-redirect", *planted_uris)
+    w.cli("check-redirect", "--format", "json", *planted_uris)
     for fmt in ("text", "json", "csv", "sarif"):
         report = w.tmp / f"report-{tag}.{fmt}"
         result = w.cli(
@@ -244,6 +313,18 @@ def _run_reads(w: World, tag: str) -> None:
     html = w.tmp / f"report-{tag}.html"
     assert w.cli("report", "--html", str(html)).code == 0
     w.record_file(html)
+
+
+def _stored_redirect_uris(w: World) -> list[str]:
+    engine = w.engine("control")
+    try:
+        with engine.connect() as conn:
+            stored = conn.execute(
+                text("SELECT redirect_uris FROM sentry_apiapplication WHERE id = 7")
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    return str(stored).split("\n")
 
 
 def _run_state_reads(w: World) -> None:
@@ -314,6 +395,27 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
     result = w.cli("upgrade")
     assert result.code == 0, result.err
     w.cli("upgrade", "--format", "json")
+
+    # --- the audit says what is wrong with the planted URIs, without their secrets
+    audit = w.cli("audit-redirects", "--format", "json", "--fail-on", "never")
+    for code in ("RU003", "RU005", "RU019", "RU103", "RU107"):
+        assert f'"{code}"' in audit.out, code
+    assert "https://***@app.example.com/cb" in audit.out
+
+    # --- a replica whose URL holds a raw password: the backfill holds on it until
+    # --max-runtime; the reason goes to the output, the job row and the metrics file
+    if pg:
+        prom = w.tmp / "backfill.prom"
+        held = w.cli(
+            "-d", "control", "backfill", "token-families", "--max-runtime", "2",
+            "--metrics-file", str(prom), cfg=_replica_config(w),
+        )  # fmt: skip
+        assert "postgresql+psycopg://oauth:***@127.0.0.1" in held.err, held.err
+        w.record_file(prom)
+        assert "reason=" in prom.read_text()
+        w.record_tables()
+        w.cli("status", cfg=_replica_config(w))
+        w.cli("status", "--format", "json", cfg=_replica_config(w))
 
     # --- constraint violation during the backfill (the row image would carry the tokens)
     if pg:
@@ -512,5 +614,23 @@ def test_no_secret_in_any_output_or_table(world: World) -> None:
     # the unreachable error names the database and the masked URL, without a secret
     status = w.cli("status", "--format", "json", cfg=bad)
     assert "unreachable" in status.out or "does not exist" in status.out + status.err
+
+    # --- a database password with unencoded '@ : % # /': masked whole, in text and JSON
+    raw_cfg = _raw_password_config(w)
+    for raw_args in (
+        ("status",),
+        ("status", "--format", "json"),
+        ("upgrade", "--dry-run"),
+        ("upgrade", "--dry-run", "--format", "json"),
+        ("backfill", "--format", "json"),
+        ("audit-redirects", "--format", "json"),
+        ("report", "--html", str(w.tmp / "raw.html")),
+    ):
+        result = w.cli(*raw_args, cfg=raw_cfg)
+        assert result.code == 2, (raw_args, result.out, result.err)
+    shown = w.cli("status", cfg=raw_cfg)
+    assert "postgresql+psycopg://postgres:***@127.0.0.1" in shown.out + shown.err
+    refused = w.cli("status", cfg=_raw_password_config(w, "unparseable database password"))
+    _assert_failed(refused, "databases.control.url: not a valid database URL")
 
     w.assert_no_leak()

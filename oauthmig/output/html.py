@@ -154,14 +154,16 @@ def _percent(fraction: float | None) -> str:
     return f"{value:.1f}%"
 
 
-def _bar(fraction: float | None, css: str = "") -> str:
-    """A progress bar; its width is a number formatted here, never a stored value."""
+def _bar(fraction: float | None, label: str, css: str = "") -> str:
+    """A progress bar; its width is a number formatted here, never a stored value. ``label``
+    (plain text, escaped here) is its accessible name (WAI-ARIA: a progressbar needs one)."""
     if fraction is None:
         return '<div class="bar empty" aria-hidden="true"></div>'
     width = f"{max(0.0, min(1.0, fraction)) * 100:.1f}"
     return (
-        f'<div class="bar {css}" role="progressbar" aria-valuemin="0" aria-valuemax="100" '
-        f'aria-valuenow="{width}"><span style="width:{width}%"></span></div>'
+        f'<div class="bar {css}" role="progressbar" aria-label="{text(label)}" '
+        f'aria-valuemin="0" aria-valuemax="100" aria-valuenow="{width}">'
+        f'<span style="width:{width}%"></span></div>'
     )
 
 
@@ -236,7 +238,7 @@ def _overview(report: Report) -> str:
         f'<div class="card {css}"><h3>{title}</h3><p class="big">{main}</p><p>{sub}</p></div>'
         for title, main, sub, css in cards
     )
-    return f'<section id="overview"><div class="cards">{body}</div></section>'
+    return f'<section id="overview"><h2>Overview</h2><div class="cards">{body}</div></section>'
 
 
 def _cell(d: DatabaseStatus, cell: RevisionState) -> str:
@@ -293,7 +295,7 @@ def _job_row(j: JobReport) -> str:
     css = "ok" if j.state == "finished" else "bad" if j.state == "failed" else ""
     return (
         f"<tr><td>{text(j.database)}</td><td>{text(j.job)}</td><td>{_state(j.state)}{error}</td>"
-        f'<td class="progress">{_bar(j.done_fraction, css)}'
+        f'<td class="progress">{_bar(j.done_fraction, f"{j.database} {j.job} progress", css)}'
         f'<span class="pct">{_percent(j.done_fraction)}</span></td>'
         f'<td class="num">{_int(j.rows_done)}</td><td class="num">{_int(j.remaining)}</td>'
         f'<td class="num">{_rate(j.rows_per_second)}</td><td class="num">{text(eta)}</td>'
@@ -340,7 +342,8 @@ def _pkce_app_row(app: ApplicationPkce) -> str:
         f'<td class="num">{_int(app.live_grants)}</td>'
         f'<td class="num">{_int(app.with_challenge)}</td>'
         f'<td class="num">{_int(app.without_challenge)}</td>'
-        f'<td class="progress">{_bar(fraction, css)}</td>'
+        f'<td class="progress">'
+        f"{_bar(fraction, f'application {app.application_id}: live grants with PKCE', css)}</td>"
         f'<td><span class="state {css}">{label}</span></td></tr>'
     )
 
@@ -349,7 +352,7 @@ def _pkce_database(p: DatabasePkce) -> str:
     fraction = p.with_challenge / p.live_grants if p.live_grants else None
     lines = [
         f"<h3>{text(p.database)}</h3>",
-        f'<div class="summary">{_bar(fraction, "ok")}<p>'
+        f'<div class="summary">{_bar(fraction, f"{p.database}: live grants with PKCE", "ok")}<p>'
         f"<strong>{_int(p.with_challenge)}</strong> of {_int(p.live_grants)} live grants carry "
         f"a code_challenge ({_percent(fraction)}); <strong>{_int(p.without_challenge)}</strong> "
         "do not.</p></div>",
@@ -379,7 +382,7 @@ def _pkce_database(p: DatabasePkce) -> str:
                     "live grants",
                     "with PKCE",
                     "without",
-                    "",
+                    "share with PKCE",
                     "sends PKCE",
                 ],
                 (_pkce_app_row(a) for a in p.listed),
@@ -424,7 +427,8 @@ def _distribution(dist: Distribution, total: int) -> str:
         css = "warn" if value is None else "ok"
         rows.append(
             f'<tr><td>{label}</td><td class="num">{_int(count)}</td>'
-            f'<td class="progress">{_bar(fraction, css)}'
+            f'<td class="progress">'
+            f"{_bar(fraction, f'{dist.column} {NOT_BACKFILLED if value is None else value}', css)}"
             f'<span class="pct">{_percent(fraction)}</span></td></tr>'
         )
     if not rows:
@@ -518,7 +522,7 @@ def _audit(report: Report) -> str:
         parts.append("<h3>By rule</h3>")
         parts.append(
             _table(
-                ["rule", "name", "severity", "findings", "what it means", ""],
+                ["rule", "name", "severity", "findings", "what it means", "filter"],
                 (_rule_row(r) for r in report.rules),
                 "rules",
             )

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from typing import IO, TYPE_CHECKING, Any
 
+from oauthmig.redact import mask_uri, mask_uris_in_text
+
 if TYPE_CHECKING:
     from oauthmig.prune import PruneResult, PruneStats
     from oauthmig.redirects.audit import AuditFinding, AuditSummary
@@ -304,14 +306,20 @@ def interrupted_to_dict(command: str | None, exit_code: int, message: str) -> di
 
 
 def check_report_to_dict(report: UriReport) -> dict[str, Any]:
-    """JSON shape of one ``check-redirect`` result (see the README)."""
+    """JSON shape of one ``check-redirect`` result (see the README); URIs are masked
+    (:func:`oauthmig.redact.mask_uri`)."""
     return {
-        "uri": report.uri,
+        "uri": mask_uri(report.uri),
         "app_type": report.app_type.value,
         "verdict": report.verdict,
-        "normalized": report.normalized,
+        "normalized": None if report.normalized is None else mask_uri(report.normalized),
         "findings": [
-            {"code": f.code, "name": f.name, "severity": f.severity.value, "message": f.message}
+            {
+                "code": f.code,
+                "name": f.name,
+                "severity": f.severity.value,
+                "message": mask_uris_in_text(f.message),
+            }
             for f in report.findings
         ],
     }

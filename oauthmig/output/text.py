@@ -28,6 +28,7 @@ from rich.table import Table
 
 from oauthmig.output.json import percentile
 from oauthmig.prune import PruneResult
+from oauthmig.redact import mask_uri, mask_uris_in_text
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
 from oauthmig.redirects.rules import RULES, Severity, UriReport
 from oauthmig.rollout.backfill import BackfillResult
@@ -545,17 +546,19 @@ def _severity(severity: Severity) -> str:
 
 
 def render_uri_reports(console: Console, reports: Sequence[UriReport]) -> None:
-    """``check-redirect`` text: per URI its verdict, normalized form and findings."""
+    """``check-redirect`` text: per URI its verdict, normalized form and findings (URIs
+    masked, :func:`oauthmig.redact.mask_uri`)."""
     for report in reports:
         verdict = report.verdict
         console.print(
-            f"[{_VERDICT_STYLE[verdict]}]{verdict.upper():<4}[/] {show(report.uri)} "
+            f"[{_VERDICT_STYLE[verdict]}]{verdict.upper():<4}[/] {show(mask_uri(report.uri))} "
             f"[dim]({report.app_type.value} app)[/]"
         )
-        normalized = "-" if report.normalized is None else show(report.normalized)
+        normalized = "-" if report.normalized is None else show(mask_uri(report.normalized))
         console.print(f"     [dim]normalized:[/] {normalized}")
         for f in report.findings:
-            console.print(f"     {f.code} {f.name} {_severity(f.severity)}: {show(f.message)}")
+            message = show(mask_uris_in_text(f.message))
+            console.print(f"     {f.code} {f.name} {_severity(f.severity)}: {message}")
     counts = {v: sum(1 for r in reports if r.verdict == v) for v in ("pass", "warn", "fail")}
     console.print(
         f"{len(reports)} URI{'s' if len(reports) != 1 else ''}: "

@@ -70,6 +70,7 @@ from oauthmig.config import Settings
 from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import DatabaseError
 from oauthmig.identity import check_distinct
+from oauthmig.redact import mask_uri, mask_uris_in_text
 from oauthmig.redirects.metadata_rules import (
     AUTH_METHOD_COLUMN,
     METADATA_URL_COLUMNS,
@@ -115,8 +116,9 @@ class AuditFinding:
     findings such as RU101; for RU103 it is the live grant's URI). ``line`` is the 1-based
     line of ``redirect_uris`` the finding is on, None when it is on no line. ``field`` is set
     for the client metadata rules: the RFC 7591 name (``client_uri``, ``jwks_uri``, ...,
-    ``token_endpoint_auth_method``); ``uri`` is then the metadata URL, its userinfo and
-    secret-looking query values masked."""
+    ``token_endpoint_auth_method``). ``uri``, ``normalized`` and URIs quoted in ``message``
+    pass :func:`oauthmig.redact.mask_uri`: their userinfo and secret-bearing parameter values
+    are ``***``."""
 
     database: str
     application_id: int
@@ -464,12 +466,12 @@ class Audit:
                 target.database,
                 app_id,
                 client_id,
-                f.uri,
+                None if f.uri is None else mask_uri(f.uri),
                 f.code,
                 f.name,
                 f.severity,
-                f.message,
-                f.normalized,
+                mask_uris_in_text(f.message),
+                None if f.normalized is None else mask_uri(f.normalized),
                 f.line,
             )
         urls = {
@@ -494,7 +496,7 @@ class Audit:
                 m.code,
                 m.name,
                 m.severity,
-                m.message,
+                mask_uris_in_text(m.message),
                 m.normalized,
                 None,
                 m.field,

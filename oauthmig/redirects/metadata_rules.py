@@ -22,12 +22,11 @@ printed and uploaded (SARIF), and a URL with credentials in it is exactly what R
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from oauthmig.redact import is_secret_param
+from oauthmig.redact import mask_uri
 from oauthmig.redirects.rule_types import Rule, Severity, make_rule
 from oauthmig.redirects.uri import ParsedURI, URIError, normalize_uri, parse_uri
 
@@ -277,22 +276,10 @@ METADATA_RULE_CODES: tuple[str, ...] = tuple(
 )
 
 
-_AUTHORITY_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*@)")
-
-
 def display_url(value: str) -> str:
-    """``value`` with its userinfo replaced by ``***`` and the values of secret-looking query
-    parameters by ``***``: what a finding may show."""
-    shown = _AUTHORITY_RE.sub(lambda m: f"{m.group(1)}***@", value, count=1)
-    head, sep, rest = shown.partition("?")
-    if not sep:
-        return shown
-    query, hash_, fragment = rest.partition("#")
-    parts = []
-    for part in query.split("&"):
-        name, eq, _val = part.partition("=")
-        parts.append(f"{name}=***" if eq and is_secret_param(name) else part)
-    return f"{head}?{'&'.join(parts)}{hash_}{fragment}"
+    """``value`` with its userinfo and the values of secret-bearing query and fragment
+    parameters replaced by ``***`` (:func:`oauthmig.redact.mask_uri`): what a finding may show."""
+    return mask_uri(value)
 
 
 def _finding(

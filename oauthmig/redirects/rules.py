@@ -4,9 +4,10 @@ Every rule has a stable code (``RU001``...), a name, a severity and a docstring 
 section, an anti-pattern and its fix; :data:`RULES` maps code to :class:`Rule`, and
 ``docs/rules.md`` has one section per code. Codes are never renumbered.
 
-Per-URI rules (RU001-RU014, RU016-RU018) are small functions of a :class:`UriSubject`, the
+Per-URI rules (RU001-RU014, RU016-RU019) are small functions of a :class:`UriSubject`, the
 parsed URI plus the application type; :func:`check_uri` runs them. RU001 (not a URI) stops
-every other check but the two that read the raw text (RU004 wildcard, RU016 length); RU002
+every other check but the three that read the raw text (RU004 wildcard, RU016 length,
+RU019 secret parameter); RU002
 (relative) stops the checks that need a scheme. Host rules ask :mod:`oauthmig.redirects.hosts`
 what a browser (WHATWG URL) and DNS make of the host; parsing itself stays strictly RFC 3986.
 Application rules (RU015, RU101-RU104) look at all the redirect URIs of one application;
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal, NamedTuple
 
+from oauthmig.redact import is_secret_uri_param, mask_uri
 from oauthmig.redirects.hosts import (
     browser_ipv4,
     dns_host_problem,
@@ -794,6 +796,57 @@ def invalid_host(s: UriSubject) -> str | None:
     if "%" in host:
         return None  # only %2A is left here (RU004); every other encoding is RU001
     return dns_host_problem(host)
+
+
+@_uri_rule(
+    "RU019",
+    "secret-parameter",
+    Severity.ERROR,
+    summary="A query or fragment parameter carries a secret by its name (client_secret, "
+    "access_token, password, token, code, api_key, ...).",
+    rfc="RFC 6750 §5.3; RFC 9700 §4.3; RFC 6749 §3.1.2, §10.3",
+    stage="always",
+)
+def secret_parameter(s: UriSubject) -> str | None:
+    """The authorization server sends the registered redirect URI, query included (RFC 6749
+    §3.1.2: the query "MUST be retained"), to every browser it redirects; from there it lands
+    in browser history, server and proxy logs and the ``Referer`` header of the next request
+    (RFC 9700 §4.3). A secret in it is no secret: RFC 6750 §5.3 says bearer tokens must not be
+    passed in page URLs, and RFC 6749 §10.3 that access tokens must be kept confidential in
+    transit and storage. The parameter names that count are listed in docs/rules.md; they are
+    compared percent-decoded and case-insensitively, in the query and in the fragment. Findings
+    and reports never show the value (it is masked as ``***``).
+
+    Anti-pattern: ``https://app.example.com/cb?client_secret=s3cr3t``,
+    ``https://app.example.com/cb?api_key=abc``, ``https://app.example.com/cb#access_token=x``.
+    Fix: ``https://app.example.com/cb``, with the secret rotated (it has been disclosed) and
+    kept on the client's server side.
+    """
+    m = _SPLIT_RE.fullmatch(s.raw)
+    if m is None:  # pragma: no cover - the pattern matches any string
+        return None
+    names: list[str] = []
+    for group, where in ((4, "query"), (5, "fragment")):
+        part = m.group(group)
+        if not part:
+            continue
+        # A fragment may hold a path and its own query (#/cb?token=...): every '?' starts one.
+        for piece in re.split(r"[&;?]", part):
+            name, eq, value = piece.partition("=")
+            if eq and value and is_secret_uri_param(name):
+                names.append(f"{where} parameter '{mask_uri(name)}'")
+    if not names:
+        return None
+    unique = list(dict.fromkeys(names))
+    if len(unique) == 1:
+        return (
+            f"{unique[0]} carries a secret: the authorization server sends it to every browser "
+            "it redirects (its value is not shown; rotate it)"
+        )
+    return (
+        f"{', '.join(unique)} carry secrets: the authorization server sends them to every "
+        "browser it redirects (their values are not shown; rotate them)"
+    )
 
 
 # --- application rules -----------------------------------------------------------------------

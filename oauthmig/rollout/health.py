@@ -94,9 +94,11 @@ def show_limit(ms: int) -> str:
 
 
 def _where(url: str) -> str:
-    """``host:port`` of a URL, for short reasons (no userinfo, no query)."""
+    """``host:port`` of a URL, for short reasons (no userinfo, no query). A password holding
+    an unencoded ``@`` puts its tail in what SQLAlchemy reads as the host: only the text after
+    the host's last ``@`` is the host."""
     parsed = make_url(url)
-    host = parsed.host or "localhost"
+    host = (parsed.host or "").rpartition("@")[2] or "localhost"
     return f"{host}:{parsed.port}" if parsed.port else host
 
 

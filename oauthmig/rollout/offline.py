@@ -179,8 +179,14 @@ def gate_guards(
     revision: str,
     jobs: Sequence[str],
     guards: SqliteGuards,
+    starts_from: str | None = None,
 ) -> list[str]:
-    """Fail unless every backfill ``revision`` requires is finished on this database."""
+    """Fail unless every backfill ``revision`` requires is finished on this database.
+
+    ``starts_from`` is the revision this step starts from: where the database stays when the
+    gate stops the script. The message says what works then: the backfill, and a new script
+    written with ``upgrade --sql --from`` that revision (the stopped script cannot be rerun: its
+    first steps are applied, so its first version guard fails)."""
     out: list[str] = []
     routed = settings.tables_on(db.name)
     for name in jobs:
@@ -189,7 +195,11 @@ def gate_guards(
             continue
         t = job.table(settings.tables.physical(job.logical_table))
         pending = _compile(select(func.count()).select_from(t).where(job.pending(t)), db.dialect)
-        todo = f"run `oauthmig backfill {name} -d {db.name}`, then this script again"
+        todo = (
+            f"run `oauthmig backfill {name} -d {db.name}`, then write the rest with "
+            f"`oauthmig upgrade --sql --from {starts_from or 'base'} -d {db.name}` and apply "
+            "that script (this one cannot be rerun: its first steps are applied)"
+        )
         unfinished = f"revision {revision} requires backfill {name} to finish on {db.name}"
         if db.dialect == "postgresql":
             out.append(

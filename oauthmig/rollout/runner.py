@@ -732,7 +732,7 @@ def _guarded_sql(
         guards += version_guard(db, VERSION_TABLE, begins, rt.sqlite_guards)
         if up and rev.requires_backfills:
             guards += gate_guards(
-                settings, db, rev.revision, rev.requires_backfills, rt.sqlite_guards
+                settings, db, rev.revision, rev.requires_backfills, rt.sqlite_guards, begins
             )
         rt.step_guards = guards
         ends = rev.revision if up else rev.down_revision
