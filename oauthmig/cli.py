@@ -20,6 +20,7 @@ from typing import IO, Any, NoReturn, cast
 
 import click
 
+import oauthmig
 from oauthmig.config import Settings, load_settings, parse_duration_ms
 from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep, run_demo
 from oauthmig.errors import ConfigError, OauthmigError, PlanRefusedError, Terminated, UsageError
@@ -1464,8 +1465,30 @@ def _unspool(spool: IO[bytes]) -> Iterator[Any]:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: run the CLI and turn every outcome into an exit code."""
-    code = run(argv)
+    try:
+        code = run(argv)
+    except KeyboardInterrupt:  # between the CLI's own handlers (before or after them)
+        code = EXIT_INTERRUPTED
+    _flush_standard_streams()
+    if threading.current_thread() is threading.main_thread():
+        # From here on nothing is left to save: a Ctrl-C while the interpreter shuts down
+        # (atexit hooks, pool disposal) ends the process as an interrupted run would.
+        signal.signal(signal.SIGINT, lambda _signum, _frame: os._exit(EXIT_INTERRUPTED))
     sys.exit(code)
+
+
+def _flush_standard_streams() -> None:
+    """Flush stdout and stderr now, so that a full device fails here rather than as an
+    "Exception ignored" message at interpreter exit (the failing stream is pointed at
+    /dev/null; stdout's failure was already reported by :func:`run`)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
 
 
 class _PipeSafeStdout:
@@ -1480,6 +1503,8 @@ class _PipeSafeStdout:
         self._stream = stream
         self.written = False
         self.broken = False
+        #: Why a write failed for another reason than a closed pipe (disk full, I/O error).
+        self.failed: str | None = None
 
     def _devnull(self) -> None:
         self.broken = True
@@ -1497,7 +1522,9 @@ class _PipeSafeStdout:
             return self._stream.write(text)
         except BrokenPipeError:
             self._devnull()
-            return len(text)
+        except OSError as exc:
+            self._lost(exc)
+        return len(text)
 
     def flush(self) -> None:
         if self.broken:
@@ -1506,6 +1533,16 @@ class _PipeSafeStdout:
             self._stream.flush()
         except BrokenPipeError:
             self._devnull()
+        except OSError as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: OSError) -> None:
+        """stdout cannot take the output (``> /dev/full``): the command carries on, as on a
+        broken pipe, and :func:`run` reports the loss in one line and exits 2."""
+        self.failed = self.failed or (exc.strerror or str(exc))
+        self._devnull()
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()  # drop what is still buffered, into /dev/null
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -1540,9 +1577,19 @@ def run(argv: list[str] | None = None) -> int:
     stdout = _PipeSafeStdout(real_stdout)
     sys.stdout = cast(IO[str], stdout)
     try:
-        return _run(argv, meta, stdout)
+        code = _run(argv, meta, stdout)
+        stdout.flush()
     finally:
         sys.stdout = real_stdout
+    if stdout.failed is not None:
+        click.echo(
+            f"error: cannot write to stdout: {stdout.failed}; the output is lost (redirect it "
+            "to a file with room, or use --output where the command has it)",
+            err=True,
+        )
+        if code in (EXIT_OK, EXIT_FINDINGS):
+            return EXIT_FAILED
+    return code
 
 
 def _run(argv: list[str] | None, meta: dict[str, Any], stdout: _PipeSafeStdout) -> int:
@@ -1580,3 +1627,12 @@ def _run(argv: list[str] | None, meta: dict[str, Any], stdout: _PipeSafeStdout) 
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ else 1)
         return EXIT_FAILED
+    except OSError as exc:
+        # The system refused a file operation no writer above turned into its own error (a
+        # full temporary directory for the audit's spool, say): one line, not a traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        return EXIT_FAILED
+
+
+oauthmig.cli_loaded()

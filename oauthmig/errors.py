@@ -7,6 +7,7 @@ one line on stderr and exit code 2. Anything else escaping is a bug and may show
     ├── ConfigError                    bad config file, key or value (names the key)
     │   └── PoolerError                url is a transaction pooler; the command needs direct_url
     ├── UsageError                     arguments that do not fit together
+    ├── OutputError                    an output file or stdout cannot be written (disk full)
     ├── PlanRefusedError               a database cannot be planned: nothing written anywhere
     ├── DatabaseError                  a database cannot be used as configured
     │   ├── UnreachableError           cannot connect
@@ -57,6 +58,10 @@ class PoolerError(ConfigError):
 
 class UsageError(OauthmigError):
     """Command-line arguments that do not fit together."""
+
+
+class OutputError(OauthmigError):
+    """An output (a file option, or stdout) could not be written: disk full, I/O error."""
 
 
 class PlanRefusedError(OauthmigError):

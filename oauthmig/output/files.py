@@ -12,6 +12,10 @@ What the path names decides how it is written:
   waits on): opened and written directly, never replaced;
 * a **directory**, a socket, or an empty path: refused with a one-line :class:`UsageError`
   before anything is written.
+
+A write that fails midway (disk full, ``/dev/full``, an I/O error) raises a one-line
+:class:`OutputError` naming the option and the path; a regular file's temporary file is removed,
+so nothing half-written is left behind.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, cast
 
-from oauthmig.errors import UsageError
+from oauthmig.errors import OutputError, UsageError
 
 
 def _existing_mode(st: os.stat_result | None) -> int:
@@ -41,6 +45,40 @@ def _stat(path: Path) -> os.stat_result | None:
         return path.stat()
     except FileNotFoundError:
         return None
+
+
+def _write_failed(option: str, raw: str, exc: OSError, *, atomic: bool) -> OutputError:
+    outcome = "the file was left as it was" if atomic else "what it received is incomplete"
+    return OutputError(f"{option} {raw}: cannot write: {exc.strerror or exc}; {outcome}")
+
+
+class _Guarded:
+    """A text stream whose write and flush failures become one :class:`OutputError`."""
+
+    def __init__(self, stream: IO[str], option: str, raw: str, *, atomic: bool) -> None:
+        self._stream = stream
+        self._option = option
+        self._raw = raw
+        self._atomic = atomic
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise _write_failed(self._option, self._raw, exc, atomic=self._atomic) from None
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise _write_failed(self._option, self._raw, exc, atomic=self._atomic) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 @contextlib.contextmanager
@@ -81,8 +119,15 @@ def _direct(target: Path, raw: str, option: str) -> Iterator[IO[str]]:
         fh = open(target, "w", encoding="utf-8", newline="")  # noqa: SIM115
     except OSError as exc:
         raise UsageError(f"{option} {raw}: {exc.strerror or exc}") from None
-    with fh:
-        yield fh
+    try:
+        yield cast(IO[str], _Guarded(fh, option, raw, atomic=False))
+        try:
+            fh.close()
+        except OSError as exc:  # the last buffered text, flushed on close
+            raise _write_failed(option, raw, exc, atomic=False) from None
+    finally:
+        with contextlib.suppress(OSError):
+            fh.close()
 
 
 @contextlib.contextmanager
@@ -96,11 +141,19 @@ def _atomic(
             f"{option} {raw}: cannot write in {target.parent}: {exc.strerror or exc}"
         ) from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            yield fh
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
+        fh = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        try:
+            yield cast(IO[str], _Guarded(fh, option, raw, atomic=True))
+            try:
+                fh.flush()
+                if durable:
+                    os.fsync(fh.fileno())
+                fh.close()
+            except OSError as exc:
+                raise _write_failed(option, raw, exc, atomic=True) from None
+        finally:
+            with contextlib.suppress(OSError):
+                fh.close()  # after a failed write: the buffer cannot be flushed, the fd closes
         os.chmod(tmp, _existing_mode(st))
         if st is not None and os.geteuid() == 0:
             with contextlib.suppress(OSError):

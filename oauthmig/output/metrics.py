@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from oauthmig.errors import UsageError
+from oauthmig.errors import OutputError, UsageError
 from oauthmig.output.files import output_file
 from oauthmig.rollout.backfill import JobSample
 
@@ -130,7 +131,7 @@ class MetricsFile:
         try:
             with output_file(self.path, OPTION, durable=False) as fh:
                 fh.write(text)
-        except UsageError as exc:
+        except (UsageError, OutputError) as exc:
             self.error = self.error or exc.message
 
 
@@ -152,8 +153,13 @@ def _check_path(path: str) -> None:
         raise UsageError(f"{OPTION} {path}: not a regular file; it is rewritten after every batch")
     if not target.parent.is_dir():
         raise UsageError(f"{OPTION} {path}: directory {target.parent} does not exist")
-    if not os.access(target.parent, os.W_OK | os.X_OK):
+    # A real attempt (os.access says yes to root everywhere, /proc and read-only mounts too).
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
         raise UsageError(
-            f"{OPTION} {path}: cannot write in {target.parent} (the file is replaced by "
-            "renaming a new one over it, so its directory must be writable)"
-        )
+            f"{OPTION} {path}: cannot write in {target.parent}: {exc.strerror or exc} (the file "
+            "is replaced by renaming a new one over it, so its directory must take new files)"
+        ) from None

@@ -691,9 +691,12 @@ def _sqlite_downgrade(t: RevisionTarget, run: _Run, spec: Finalize) -> None:
             existing = {c["name"] for c in inspect(conn).get_check_constraints(physical)}
             mine = [c for c in mine if object_name(physical, c.suffix) in existing]
         layer = _sqlite_compat_active(conn, t, logical)
-        with op.batch_alter_table(
-            physical, recreate="always", copy_from=_copy_from(t, spec, logical)
-        ) as batch:
+        described = _copy_from(t, spec, logical)
+        if described is not None:
+            # Offline (--dry-run, --sql) the table is rebuilt from a description that has none
+            # of this revision's CHECKs: the rebuild drops them; there is nothing to name.
+            mine = []
+        with op.batch_alter_table(physical, recreate="always", copy_from=described) as batch:
             for c in mine:
                 batch.drop_constraint(object_name(physical, c.suffix), type_="check")
             for n in nn:

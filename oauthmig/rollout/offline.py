@@ -328,7 +328,7 @@ def write_scripts(directory: str, scripts: Mapping[str, str]) -> list[str]:
     written: list[str] = []
     for database, sql in scripts.items():
         path = target / f"{database}.sql"
-        with output_file(path) as fh:
+        with output_file(path, "--output-dir") as fh:
             fh.write(sql)
         written.append(str(path))
     return written
