@@ -228,6 +228,10 @@ def test_every_json_document_matches_its_schema_through_a_rollout(
     # Everything applied by now: stamp head records nothing and says so per database.
     stamped = run.json("stamp", "stamp", "head")
     assert all(d["stamped"] == [] for d in stamped["databases"])
+    verified = run.json("verify", "verify")
+    assert verified and all(d["passed"] for d in verified)
+    contracted = run.json("contract", "contract", "--since", "2000-01-01T00:00:00Z")
+    assert {d["database"] for d in contracted} == {d["database"] for d in verified}
 
     _exec(settings, "control", f"DROP TABLE {settings.tables.grant}")
     [lost] = run.json("prune-grants", "prune-grants", "--dry-run", code=2)["databases"]

@@ -252,6 +252,7 @@ def _matrix(report: Report) -> str:
     head = ["revision", "touches"] + [
         f'{text(d.database)}<div class="detail">{text(d.dialect)} · current '
         f"{text(d.current or 'base')}</div>"
+        f'<div class="detail phase">phase: {text(d.phase_brief())}</div>'
         for d in status.databases
     ]
     rows = []

@@ -416,6 +416,11 @@ def render_status(console: Console, report: StatusReport) -> None:
                 f"{d.database}: {d.live_grants_without_pkce:,} of {d.live_grants:,} "
                 "live grants have no PKCE challenge"
             )
+        if d.phase is not None:
+            console.print(escape(f"{d.database} phase: {d.phase_brief()}"))
+        for v in d.verify:
+            extra = f": {v.problem}" if v.problem else ""
+            console.print(escape(f"{d.database} verify {v.table}: {v.status}{extra}"))
 
 
 def render_history(console: Console, revisions: Sequence[RevisionInfo]) -> None:

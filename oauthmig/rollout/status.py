@@ -78,6 +78,13 @@ class DatabaseStatus:
     compat_tables: tuple[str, ...] = ()  # where the compatibility triggers are installed
     verify: tuple[VerifyState, ...] = ()  # the last verify pass, per table
 
+    def phase_brief(self) -> str:
+        """``compat (compatibility triggers on token, application)`` and the like."""
+        if self.phase is None:
+            return "unknown"
+        on = ", ".join(self.compat_tables)
+        return f"{self.phase.value} (compatibility triggers on {on})" if on else self.phase.value
+
     @property
     def outstanding(self) -> bool:
         """True if anything is pending, waiting or failed (what ``--check`` fails on)."""

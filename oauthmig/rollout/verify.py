@@ -205,12 +205,12 @@ def _verify_table(conn: Connection, settings: Settings, database: str, logical: 
             lo = int(row["cursor"])
             chunk = conn.execute(
                 text(
-                    f"SELECT count(*), max(id) FROM (SELECT id FROM {physical} WHERE id > :lo "
+                    f"SELECT max(id), count(*) FROM (SELECT id FROM {physical} WHERE id > :lo "
                     "ORDER BY id LIMIT :n) chunk"
                 ),
                 {"lo": lo, "n": batch},
             ).one()
-            count, hi = int(chunk[0]), chunk[1]
+            hi, count = chunk[0], int(chunk[1])
             found = None if hi is None else _offending(conn, logical, physical, lo, int(hi))
             row["updated_at"] = datetime.now(UTC)
             if found is not None:
