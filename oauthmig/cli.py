@@ -1308,6 +1308,9 @@ def audit_redirects(
     minimum = min_severity or ("info" if machine else "warning")
     baseline = load_baseline(baseline_path) if baseline_path is not None else None
     recorder = BaselineRecorder() if write_baseline is not None else None
+    if write_baseline is not None and (not write_baseline.strip() or os.path.isdir(write_baseline)):
+        # Refused before the audit runs (the file itself is written once it is complete).
+        raise UsageError(f"--write-baseline {write_baseline!r}: give the name of a file to write")
     new_by_severity: Counter[str] = Counter()
 
     def keep(finding: AuditFinding) -> BaselineState | None:

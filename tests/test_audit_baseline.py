@@ -287,3 +287,16 @@ def test_sarif_cap_on_a_real_database_with_a_smaller_configured_cap(
     assert len(everything["runs"][0]["results"]) > 3
     bad = _run(capsys, cfg, "--format", "sarif", "--sarif-max-results", "25001")
     assert bad[0] == 2
+
+
+def test_write_baseline_into_a_directory_is_refused_before_the_audit(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, cfg = _empty(make_database, tmp_path)
+    _insert_apps(settings, TODAY[:1])
+    report = tmp_path / "report.json"
+    code, out, err = _run(
+        capsys, cfg, "--write-baseline", str(tmp_path), "--format", "json", "-o", str(report)
+    )
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "--write-baseline" in err and not report.exists()
