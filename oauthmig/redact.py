@@ -210,6 +210,8 @@ def _mask_params(text: str, start: int, depth: int) -> str:
 
 
 def _mask_uri(text: str, *, keep_user: bool, depth: int) -> str:
+    if "@" not in text and "?" not in text and "#" not in text:
+        return text  # no userinfo, query or fragment: nothing to mask
     span = _userinfo_span(text)
     rest = 0
     if span is not None:
