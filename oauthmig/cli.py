@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,7 @@ from oauthmig.config import Settings, load_settings, parse_duration_ms
 from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep, run_demo
 from oauthmig.errors import ConfigError, OauthmigError, PlanRefusedError, Terminated, UsageError
 from oauthmig.output.backfill_text import render_report, render_requests
+from oauthmig.output.baseline import BaselineRecorder, BaselineState, load_baseline
 from oauthmig.output.files import output_file
 from oauthmig.output.html import render_html
 from oauthmig.output.json import (
@@ -71,9 +73,14 @@ from oauthmig.output.text import (
 )
 from oauthmig.prune import prune
 from oauthmig.redact import scrub_log_records
-from oauthmig.redirects.audit import FailOn
+from oauthmig.redirects.audit import AuditFinding, AuditSummary, FailOn
 from oauthmig.redirects.audit import audit as audit_service
-from oauthmig.redirects.reports import atomic_output, writer_for
+from oauthmig.redirects.reports import (
+    SARIF_MAX_RESULTS,
+    SarifWriter,
+    atomic_output,
+    writer_for,
+)
 from oauthmig.redirects.rules import check_uri
 from oauthmig.report import Report, gather_report
 from oauthmig.rollout import backfill as backfill_service
@@ -1321,9 +1328,38 @@ def check_redirect(
     help="Report only findings of this severity or worse (default: warning for text; json, "
     "csv and sarif keep every finding). Counts always cover every finding.",
 )
+@click.option(
+    "--baseline",
+    "baseline_path",
+    metavar="FILE",
+    help="Report and fail only on findings absent from FILE (written by --write-baseline); "
+    "SARIF keeps every result, marked new, unchanged or absent.",
+)
+@click.option(
+    "--write-baseline",
+    "write_baseline",
+    metavar="FILE",
+    help="Record every current finding in FILE by a stable fingerprint (hashes and masked "
+    "URIs, no secret): the baseline to adopt the audit on existing data.",
+)
+@click.option(
+    "--sarif-max-results",
+    type=click.IntRange(1, SARIF_MAX_RESULTS),
+    default=SARIF_MAX_RESULTS,
+    show_default=True,
+    help="SARIF: write at most this many results, the most severe first, with a notification "
+    "saying what was left out (GitHub code scanning rejects runs over 25,000).",
+)
 @click.pass_context
 def audit_redirects(
-    ctx: click.Context, fmt: str, output: str | None, fail_on: str, min_severity: str | None
+    ctx: click.Context,
+    fmt: str,
+    output: str | None,
+    fail_on: str,
+    min_severity: str | None,
+    baseline_path: str | None,
+    write_baseline: str | None,
+    sarif_max_results: int,
 ) -> None:
     """Audit every stored redirect URI, and the URIs live grants are bound to.
 
@@ -1341,12 +1377,41 @@ def audit_redirects(
       oauthmig audit-redirects --min-severity info   # also the info-level findings
       oauthmig audit-redirects --format sarif --output redirects.sarif
       oauthmig audit-redirects --format json --fail-on warning | jq .summary.by_code
+      oauthmig audit-redirects --write-baseline audit-baseline.json   # adopt: record today's
+      oauthmig audit-redirects --baseline audit-baseline.json         # CI: fail on new ones
     """
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
     machine = fmt != "text"
     minimum = min_severity or ("info" if machine else "warning")
+    baseline = load_baseline(baseline_path) if baseline_path is not None else None
+    recorder = BaselineRecorder() if write_baseline is not None else None
+    if write_baseline is not None and (not write_baseline.strip() or os.path.isdir(write_baseline)):
+        # Refused before the audit runs (the file itself is written once it is complete).
+        raise UsageError(f"--write-baseline {write_baseline!r}: give the name of a file to write")
+    new_by_severity: Counter[str] = Counter()
+
+    def keep(finding: AuditFinding) -> BaselineState | None:
+        """Record the finding; its baseline state (None without --baseline)."""
+        if recorder is not None:
+            recorder.add(finding)
+        found = baseline.state(finding) if baseline is not None else None
+        if found != "unchanged":
+            new_by_severity[finding.severity.value] += 1
+        return found
+
+    def with_baseline_note(summary: AuditSummary) -> AuditSummary:
+        if baseline is None:
+            return summary
+        n = baseline.counts
+        note = (
+            f"baseline {baseline_path}: {n['new']:,} new, {n['unchanged']:,} unchanged, "
+            f"{len(baseline.absent()):,} absent; only new findings are reported"
+            f"{' (SARIF marks each)' if fmt == 'sarif' else ''} and can fail the run"
+        )
+        return dataclasses.replace(summary, notes=(*summary.notes, note))
+
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(atomic_output(output)) if output is not None else None
         # Progress (stderr, terminals only) when the report does not go to the terminal.
@@ -1360,11 +1425,17 @@ def audit_redirects(
                 out,
                 application_table=settings.tables.application,
                 docs_url=settings.audit.docs_url,
+                sarif_max_results=sarif_max_results,
             )
             writer.begin()
             try:
                 for finding in audit:
-                    if at_least(finding.severity, minimum):
+                    found = keep(finding)
+                    if not at_least(finding.severity, minimum):
+                        continue
+                    if isinstance(writer, SarifWriter):
+                        writer.finding(finding, found)
+                    elif found != "unchanged":
                         writer.finding(finding)
             except KeyboardInterrupt:
                 if sink is None and fmt == "json":
@@ -1374,25 +1445,45 @@ def audit_redirects(
                     writer.end(dataclasses.replace(partial, notes=notes))
                     ctx.meta[_META_JSON] = "done"
                 raise
-            writer.end(audit.summary())
+            if baseline is not None and isinstance(writer, SarifWriter):
+                for entry in baseline.absent():
+                    if at_least(entry.severity, minimum):
+                        writer.absent(entry, baseline.path)
+            writer.end(with_baseline_note(audit.summary()))
         else:
             report_console = c.out if sink is None else plain_console(sink)
             # The per-rule summary comes first: the findings wait in a temporary file meanwhile
             # (memory stays bounded however many applications there are).
             spool = stack.enter_context(tempfile.TemporaryFile())
             for finding in audit:
-                if at_least(finding.severity, minimum):
+                if keep(finding) != "unchanged" and at_least(finding.severity, minimum):
                     pickle.dump(finding, spool)
-            render_audit_summary(report_console, audit.summary(), min_severity=minimum)
+            render_audit_summary(
+                report_console, with_baseline_note(audit.summary()), min_severity=minimum
+            )
             spool.seek(0)
             render_audit_findings(report_console, _unspool(spool), min_severity=minimum)
-    summary = audit.summary()
+    summary = with_baseline_note(audit.summary())
+    if recorder is not None and write_baseline is not None:
+        recorder.write(write_baseline)
+        if not c.quiet:
+            c.err.print(
+                f"wrote the baseline ({recorder.findings:,} findings) to {escape(write_baseline)}"
+            )
     if sink is not None and not c.quiet:
         c.out.print(f"wrote the {fmt} report to {escape(str(output))}")
         render_audit_summary(c.out, summary)
     elif machine and not c.quiet:
         render_audit_summary(c.err, summary)
-    if summary.fails(cast(FailOn, fail_on)):
+    if baseline is not None:
+        errors, warnings = new_by_severity["error"], new_by_severity["warning"]
+        failing = {"error": errors, "warning": errors + warnings, "never": 0}[fail_on]
+        if failing:
+            raise Findings(
+                f"{errors:,} new error(s), {warnings:,} new warning(s) not in the baseline "
+                f"{baseline_path}: findings at or above --fail-on {fail_on}"
+            )
+    elif summary.fails(cast(FailOn, fail_on)):
         raise Findings(
             f"{summary.by_severity['error']:,} error(s), {summary.by_severity['warning']:,} "
             f"warning(s): findings at or above --fail-on {fail_on}"

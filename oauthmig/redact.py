@@ -166,17 +166,16 @@ def _first_of(text: str, chars: str, start: int) -> int:
     return min(found) if found else len(text)
 
 
-def _mask_params(text: str, start: int, depth: int) -> str:
-    """Mask the values of secret-bearing parameters in ``text[start:]`` (query and fragment)."""
-    first = _first_of(text, "?#", start)
+def _param_spans(text: str, depth: int) -> list[tuple[int, int]]:
+    """The ``(start, end)`` of every secret-bearing parameter value of ``text`` (query and
+    fragment, from the first ``?`` or ``#`` on)."""
+    first = _first_of(text, "?#", 0)
     if first >= len(text):
-        return text
+        return []
     fragment = text.find("#", first)
     db_url = _DB_SCHEME.match(text) is not None
     spans: list[tuple[int, int]] = []
     for m in _PARAM_START.finditer(text, first):
-        if m.start() < first:
-            continue
         value_start = m.end()
         if is_secret_param(m.group(1)):
             # A secret value runs to the next '&' (';' may be in it), or to the '#' that starts
@@ -194,6 +193,31 @@ def _mask_params(text: str, start: int, depth: int) -> str:
             decoded = _decoded_name(value)
             if _mask_uri(decoded, keep_user=False, depth=depth + 1) != decoded:
                 spans.append((value_start, value_end))
+    return spans
+
+
+def _userinfo_mask(text: str, keep_user: bool) -> tuple[int, int] | None:
+    """The part of the userinfo to mask: all of it, or (``keep_user``) the password."""
+    span = _userinfo_span(text)
+    if span is None or span[0] == span[1]:
+        return None  # no userinfo, or an empty one ('https://@host') stays as it is
+    start, at = span
+    user, colon, _password = text[start:at].partition(":")
+    if keep_user and _mask_uri(user, keep_user=False, depth=_MAX_DEPTH) == user:
+        return (start + len(user) + 1, at) if colon else None
+    return start, at
+
+
+def _mask_uri(text: str, *, keep_user: bool, depth: int) -> str:
+    if "@" not in text and "?" not in text and "#" not in text:
+        return text  # no userinfo, query or fragment: nothing to mask
+    # Both kinds are found on the original text, then masked together: a '@' inside a query
+    # value must not move where the query starts (http://h:1/?secret=@x).
+    spans = _param_spans(text, depth)
+    userinfo = _userinfo_mask(text, keep_user)
+    if userinfo is not None:
+        spans.append(userinfo)
+    spans = [(a, b) for a, b in spans if b > a]
     if not spans:
         return text
     out: list[str] = []
@@ -201,30 +225,12 @@ def _mask_params(text: str, start: int, depth: int) -> str:
     for a, b in sorted(spans):
         if b <= pos:
             continue
-        a = max(a, pos)
-        out.append(text[pos:a])
-        out.append(MASK if b > a else "")
+        if a > pos or not out:
+            out.append(text[pos:a])
+            out.append(MASK)
         pos = b
     out.append(text[pos:])
     return "".join(out)
-
-
-def _mask_uri(text: str, *, keep_user: bool, depth: int) -> str:
-    span = _userinfo_span(text)
-    rest = 0
-    if span is not None:
-        start, at = span
-        userinfo = text[start:at]
-        if userinfo:
-            user, colon, _password = userinfo.partition(":")
-            shown = f"{user}:{MASK}" if keep_user and colon else user if keep_user else MASK
-            if keep_user and user and _mask_uri(user, keep_user=False, depth=_MAX_DEPTH) != user:
-                shown = MASK
-            text = f"{text[:start]}{shown}{text[at:]}"
-            rest = start + len(shown)
-        else:
-            rest = at
-    return _mask_params(text, rest, depth)
 
 
 def mask_uri(text: str, *, keep_user: bool = False) -> str:

@@ -28,7 +28,7 @@ from tests.helpers import assert_matches_schema, invoke, seed_legacy, write_conf
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 # Documents that are not "the output of command X": what Ctrl-C leaves (test_cli_contract).
-NOT_A_COMMAND = {"interrupted"}
+NOT_A_COMMAND = {"interrupted", "audit-baseline"}
 # Subcommands that print one shared document; any other command path "a b" has schema "a-b".
 SHARED = {
     "backfill pause": "backfill-request",

@@ -22,8 +22,9 @@ import csv
 import hashlib
 import os
 import re
+import tempfile
 from importlib import metadata
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from oauthmig.config import DEFAULT_DOCS_URL
 from oauthmig.output.files import output_file
@@ -38,12 +39,16 @@ from oauthmig.output.json import (
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
 from oauthmig.redirects.rules import RULES, Rule, Severity
 
+if TYPE_CHECKING:
+    from oauthmig.output.baseline import BaselineEntry, BaselineState
+
 __all__ = [
     "ARTIFACT_BASE_ID",
     "ARTIFACT_BASE_URI",
     "FINDING_FIELDS",
     "INFORMATION_URI",
     "RULES_DOC",
+    "SARIF_MAX_RESULTS",
     "SARIF_SCHEMA_URI",
     "CsvWriter",
     "JsonWriter",
@@ -70,9 +75,14 @@ INFORMATION_URI = "https://github.com/oauthmig/oauthmig"
 ARTIFACT_BASE_ID = "OAUTHMIG_DATABASES"
 ARTIFACT_BASE_URI = "oauthmig:///"
 _SARIF_LEVEL = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}
+#: GitHub code scanning rejects a run with more results than this ("Results per run"); its other
+#: limits (20 runs per file, 25,000 rules per run, 1,000 locations per result, 20 tags per rule)
+#: are far above what one oauthmig run holds (1 run, 30 rules, 1 location, no tags).
+SARIF_MAX_RESULTS = 25_000
 # GitHub code scanning only reads primaryLocationLineHash; the second key names the scheme.
 _FINGERPRINT_KEY = "primaryLocationLineHash"
 _FINGERPRINT_SCHEME_KEY = "oauthmig/v2"
+_BASELINE_FINGERPRINT_KEY = "oauthmig/baseline/v1"
 
 
 def tool_version() -> str:
@@ -243,18 +253,36 @@ class SarifWriter:
     line 1), and whose logical location is the row, ``<database>/<table>/<id>``, kind
     ``object``. ``partialFingerprints.primaryLocationLineHash`` is
     ``<finding_fingerprint>:<occurrence>``, unique per (database, application, line of
-    ``redirect_uris``, rule)."""
+    ``redirect_uris``, rule).
+
+    At most ``max_results`` results (GitHub code scanning's limit,
+    :data:`SARIF_MAX_RESULTS`) are written, the most severe first: results wait in one
+    temporary file per level (memory stays constant) and are written errors first, then
+    warnings, then notes, each in audit order. When some are left out, the run's invocation
+    carries a ``toolExecutionNotification`` saying how many, of which levels, and how to get
+    them all. With a baseline (``--baseline``), each result carries ``baselineState`` (``new``
+    or ``unchanged``) and :meth:`absent` adds the baseline's findings no longer found
+    (``absent``, SARIF 2.1.0 §3.27.24)."""
 
     def __init__(
-        self, out: IO[str], application_table: str, docs_url: str = DEFAULT_DOCS_URL
+        self,
+        out: IO[str],
+        application_table: str,
+        docs_url: str = DEFAULT_DOCS_URL,
+        *,
+        max_results: int = SARIF_MAX_RESULTS,
     ) -> None:
+        if max_results < 1:
+            raise ValueError("max_results must be at least 1")
         self._out = out
         self._table = application_table
         self._docs_url = docs_url
-        self._first = True
+        self._max_results = max_results
         self._rule_index = {code: i for i, code in enumerate(RULES)}
         self._app: tuple[str, int] | None = None
         self._seen: dict[str, int] = {}
+        self._spills: dict[str, IO[str]] = {}
+        self._counts: dict[str, int] = {level: 0 for level in _SARIF_LEVEL.values()}
 
     def begin(self) -> None:
         driver = {
@@ -336,14 +364,107 @@ class SarifWriter:
             },
         }
 
-    def finding(self, finding: AuditFinding) -> None:
-        sep = "\n        " if self._first else ",\n        "
-        self._out.write(sep + dumps_compact(self._result(finding)))
-        self._first = False
+    def _spill(self, level: str, result: dict[str, Any]) -> None:
+        spill = self._spills.get(level)
+        if spill is None:
+            # Closed once written out (end), or with the writer.
+            spill = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115
+            self._spills[level] = spill
+        spill.write(dumps_compact(result) + "\n")
+        self._counts[level] += 1
+
+    def finding(self, finding: AuditFinding, baseline_state: BaselineState | None = None) -> None:
+        result = self._result(finding)
+        if baseline_state is not None:
+            result["baselineState"] = baseline_state
+        self._spill(result["level"], result)
+
+    def absent(self, entry: BaselineEntry, baseline_path: str) -> None:
+        """A result for a baseline finding this audit no longer produces."""
+        what = f"{entry.uri}: " if entry.uri else ""
+        self._spill(
+            _SARIF_LEVEL[entry.severity],
+            {
+                "ruleId": entry.code,
+                **({"ruleIndex": self._rule_index[entry.code]} if entry.code in RULES else {}),
+                "level": _SARIF_LEVEL[entry.severity],
+                "message": {
+                    "text": f"{what}no longer found (it is in the baseline {baseline_path})"
+                },
+                "baselineState": "absent",
+                "locations": [
+                    {
+                        "physicalLocation": {
+                            "artifactLocation": {
+                                "uri": f"{entry.database}/{self._table}",
+                                "uriBaseId": ARTIFACT_BASE_ID,
+                            },
+                            "region": {"startLine": 1, "startColumn": 1},
+                        },
+                        "logicalLocations": [
+                            {
+                                "fullyQualifiedName": (
+                                    f"{entry.database}/{self._table}/client_id={entry.client_id}"
+                                ),
+                                "kind": "object",
+                                "properties": {
+                                    "database": entry.database,
+                                    "table": self._table,
+                                    "clientId": entry.client_id,
+                                    "field": entry.field,
+                                },
+                            }
+                        ],
+                    }
+                ],
+                "partialFingerprints": {
+                    _FINGERPRINT_KEY: f"{entry.fingerprint[:32]}:absent",
+                    _BASELINE_FINGERPRINT_KEY: entry.fingerprint,
+                },
+                "properties": {"uri": entry.uri, "severity": entry.severity.value},
+            },
+        )
+
+    def _write_results(self) -> tuple[int, dict[str, int]]:
+        """Write the kept results, most severe first; returns (written, left out per level)."""
+        written = 0
+        left: dict[str, int] = {}
+        for level in _SARIF_LEVEL.values():
+            spill = self._spills.get(level)
+            if spill is None:
+                continue
+            spill.seek(0)
+            for line in spill:
+                if written >= self._max_results:
+                    left[level] = left.get(level, 0) + 1
+                    continue
+                sep = "\n        " if written == 0 else ",\n        "
+                self._out.write(sep + line.rstrip("\n"))
+                written += 1
+            spill.close()
+        self._spills.clear()
+        return written, left
 
     def end(self, summary: AuditSummary) -> None:
-        close = "]" if self._first else "\n      ]"
-        invocation = {"executionSuccessful": True}
+        written, left = self._write_results()
+        close = "]" if written == 0 else "\n      ]"
+        invocation: dict[str, Any] = {"executionSuccessful": True}
+        if left:
+            total = written + sum(left.values())
+            levels = ", ".join(f"{n:,} {level}" for level, n in left.items())
+            invocation["toolExecutionNotifications"] = [
+                {
+                    "descriptor": {"id": "oauthmig/results-capped"},
+                    "level": "warning",
+                    "message": {
+                        "text": f"{total - written:,} of {total:,} results left out ({levels}): "
+                        f"GitHub code scanning accepts at most {self._max_results:,} results per "
+                        "run, so the most severe were kept; `oauthmig audit-redirects --format "
+                        "json` or `--format csv` writes every finding"
+                    },
+                    "properties": {"leftOut": left, "kept": written, "total": total},
+                }
+            ]
         bases = {
             ARTIFACT_BASE_ID: {
                 "uri": ARTIFACT_BASE_URI,
@@ -364,7 +485,12 @@ class SarifWriter:
 
 
 def writer_for(
-    fmt: str, out: IO[str], *, application_table: str, docs_url: str = DEFAULT_DOCS_URL
+    fmt: str,
+    out: IO[str],
+    *,
+    application_table: str,
+    docs_url: str = DEFAULT_DOCS_URL,
+    sarif_max_results: int = SARIF_MAX_RESULTS,
 ) -> ReportWriter:
     """The writer of a machine format (``json``, ``csv`` or ``sarif``); ``docs_url`` is the
     absolute URL of the rules reference that SARIF links each rule to."""
@@ -373,7 +499,7 @@ def writer_for(
     if fmt == "csv":
         return CsvWriter(out)
     if fmt == "sarif":
-        return SarifWriter(out, application_table, docs_url)
+        return SarifWriter(out, application_table, docs_url, max_results=sarif_max_results)
     raise ValueError(f"unknown report format {fmt!r}")
 
 
