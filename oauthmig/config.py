@@ -447,7 +447,7 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     if migrate.statement_timeout_ms <= 0:
         # PostgreSQL reads statement_timeout = 0 as "no limit": refused like the other bounds.
         raise ConfigError(
-            'migrate.statement_timeout: must be greater than zero (0 would remove the limit); '
+            "migrate.statement_timeout: must be greater than zero (0 would remove the limit); "
             'e.g. "30s"'
         )
 
