@@ -97,6 +97,7 @@ from oauthmig.rollout.verify import verify as verify_service
 
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: backfill stopped by SIGTERM, state saved
+EXIT_UNFINISHED = 3  # backfill stopped by --max-runtime with rows left: run it again
 MAX_RUNTIME_SECONDS = 30 * 24 * 3600
 
 
@@ -121,6 +122,10 @@ class AppState:
 
 class Findings(Exception):
     """Raised by a command that finished but has something CI should fail on (exit 1)."""
+
+
+class Unfinished(Exception):
+    """Raised by ``backfill`` when ``--max-runtime`` stopped a job with rows left (exit 3)."""
 
 
 class _FiniteRange(click.FloatRange):
@@ -704,7 +709,8 @@ def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
     default=None,
     metavar="S",
     help="Stop cleanly after S seconds (0.1 to 2592000, 30 days); state is saved and the next "
-    "run resumes. Without it the run goes until done.",
+    "run resumes; exit 3 when it stopped a job with rows left (0: every job finished). "
+    "Without it the run goes until done.",
 )
 @click.option("--restart", is_flag=True, help="Forget saved progress and start over.")
 @click.option(
@@ -767,6 +773,9 @@ def backfill(
     saves the state and exits 0 ("paused by request"), and holds the job (later runs stop
     before their first batch) until resume; cancel marks the job cancelled, and only --restart
     runs it again. status shows who asked and when.
+
+    Exit 0: every selected job is finished (or held by a pause request); 3: --max-runtime
+    stopped a job with rows left (run it again); 2: a job failed or is cancelled.
 
     \b
     Examples:
@@ -854,6 +863,12 @@ def _backfill_run(
     elif not c.quiet or result.failed:
         render_backfill(c.out, result)
     _report_backfill_failures(state, result)
+    if result.out_of_time:
+        pairs = ", ".join(f"{r.job} on {r.database}" for r in result.out_of_time)
+        raise Unfinished(
+            f"unfinished: --max-runtime stopped {pairs} with rows left; state saved, run "
+            "`oauthmig backfill` again to continue (exit 3)"
+        )
 
 
 def _backfill_report(
@@ -1661,8 +1676,8 @@ def _interrupted(
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return the exit code (0 ok, 1 findings, 2 failed, 130 interrupted,
-    143 backfill terminated by SIGTERM)."""
+    """Run the CLI and return the exit code (0 ok, 1 findings, 2 failed, 3 backfill stopped
+    by --max-runtime with rows left, 130 interrupted, 143 backfill terminated by SIGTERM)."""
     meta: dict[str, Any] = {}
     real_stdout = sys.stdout
     stdout = _PipeSafeStdout(real_stdout)
@@ -1697,6 +1712,9 @@ def _run(argv: list[str] | None, meta: dict[str, Any], stdout: _PipeSafeStdout) 
     except Findings as exc:
         click.echo(str(exc), err=True)
         return EXIT_FINDINGS
+    except Unfinished as exc:
+        click.echo(str(exc), err=True)
+        return EXIT_UNFINISHED
     except OauthmigError as exc:
         click.echo(f"error: {' '.join(exc.message.split())}", err=True)
         return EXIT_FAILED

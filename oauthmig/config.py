@@ -497,6 +497,12 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
         )
     if migrate.lock_timeout_ms <= 0:
         raise ConfigError("migrate.lock_timeout: must be greater than zero (0 would wait forever)")
+    if migrate.statement_timeout_ms <= 0:
+        # PostgreSQL reads statement_timeout = 0 as "no limit": refused like the other bounds.
+        raise ConfigError(
+            "migrate.statement_timeout: must be greater than zero (0 would remove the limit); "
+            'e.g. "30s"'
+        )
 
     bf_raw = _table(data, "backfill")
     _check_keys(

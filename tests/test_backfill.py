@@ -241,15 +241,23 @@ def test_max_runtime_pauses_and_resumes(
         "--format",
         "json",
     )
-    assert first.code == 0, first.err
+    # Stopped by --max-runtime with rows left: exit 3, one line saying to run it again.
+    assert first.code == 3, first.err
+    assert (
+        first.err.strip()
+        .splitlines()[-1]
+        .startswith("unfinished: --max-runtime stopped token-families on control with rows left")
+    )
     assert time.monotonic() - began < 120
     job = json.loads(first.out)["jobs"][0]
     assert job["status"] == "paused" and 0 < job["rows_changed"] < job["rows_total"]
+    assert "stopped by --max-runtime with about" in job["message"]
     state = _rows(settings, "control", f"SELECT status, rows_done FROM {JOB_TABLE}")[0]
     assert state[0] == "paused" and state[1] == job["rows_changed"]
     rest = invoke(
         capsys, "--config", cfg, "-d", "control", "backfill", "token-families", "--format", "json"
     )
+    assert rest.code == 0, rest.err
     second = json.loads(rest.out)["jobs"][0]
     assert second["status"] == "finished"
     assert job["rows_changed"] + second["rows_changed"] == _assert_tokens_backfilled(

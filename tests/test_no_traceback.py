@@ -24,6 +24,7 @@ from typing import IO
 import pytest
 
 from oauthmig.config import settings_from_mapping
+from oauthmig.resources import revisions_dir
 from tests.cli_demo import OAUTHMIG, cli_env
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import seed_legacy, write_config
@@ -249,3 +250,46 @@ def test_ctrl_c_once_loaded_console_script(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     _, err = _assert_interrupted(proc)
     assert "interrupted" in err
+
+
+# --------------------------------------------------------------------------- stock alembic
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["current"],
+        ["check"],
+        ["stamp", "head"],
+        ["upgrade", "head"],
+        ["upgrade", "head", "--sql"],
+        ["downgrade", "base"],
+        ["downgrade", "0006:0003", "--sql"],
+    ],
+    ids=lambda c: " ".join(c),
+)
+def test_stock_alembic_on_the_revisions_refuses_in_one_line(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """The stock ``alembic`` command over oauthmig's scripts names the oauthmig command to use
+    (they need oauthmig's routing), and touches nothing."""
+    database = tmp_path / "db.sqlite3"
+    ini = tmp_path / "alembic.ini"
+    ini.write_text(
+        f"[alembic]\nscript_location = {revisions_dir()}\nsqlalchemy.url = sqlite:///{database}\n"
+    )
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("alembic")), "-c", str(ini), *command],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr and "KeyError" not in done.stderr, done.stderr
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("FAILED: oauthmig's revisions run only through oauthmig"), lines
+    assert "`oauthmig status`" in lines[0] and "`oauthmig stamp REV`" in lines[0]
+    assert not database.exists() or database.stat().st_size == 0

@@ -8,7 +8,10 @@ collector's ``--collector.textfile.directory`` at the file's directory and name 
 ``*.prom``.
 
 Every family is a gauge named ``oauthmig_backfill_*`` with labels ``job`` and ``database``
-(see :data:`FAMILIES`); ``oauthmig_backfill_paused`` adds ``probe`` (the health probe that
+(see :data:`FAMILIES`); ``oauthmig_backfill_state`` adds ``state`` (one series per value of
+:data:`STATES`, 1 for the current one: the enum-as-gauges convention), written on every way a
+run ends (finished, paused by request or ``--max-runtime``, interrupted, cancelled, failed,
+an unexpected error); ``oauthmig_backfill_paused`` adds ``probe`` (the health probe that
 failed: ``replica-lag``, ``autovacuum``, ``check-sql``, or empty) and ``reason`` (its one-line
 reason, whose figures change with every check: aggregate on ``probe``). Label values are
 escaped as both the Prometheus text format and OpenMetrics require (backslash, double quote,
@@ -31,6 +34,17 @@ from oauthmig.output.files import output_file
 from oauthmig.rollout.backfill import JobSample
 
 PREFIX = "oauthmig_backfill_"
+#: Every value of the ``state`` label: while a run goes on, then how it ended.
+STATES = (
+    "running",
+    "held",
+    "finished",
+    "up-to-date",
+    "paused",
+    "interrupted",
+    "cancelled",
+    "failed",
+)
 OPTION = "--metrics-file"
 
 #: (name without prefix, help text) of every family, in file order.
@@ -42,6 +56,11 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("running", "1 while a backfill process runs the job (holds included), 0 once it ended."),
     ("finished", "1 once the job has nothing left to do on the database, else 0."),
     ("paused", "1 while the job holds because a health check failed (see probe, reason)."),
+    ("failed", "1 once the job's run ended failed or cancelled (see the error it printed)."),
+    (
+        "state",
+        "1 for the job's current state, 0 for the others (label state: " + ", ".join(STATES) + ").",
+    ),
     ("held_seconds", "How long the current hold has lasted, in seconds (0 when not held)."),
     ("updated_timestamp_seconds", "Unix time at which this job's figures were taken."),
 )
@@ -77,18 +96,25 @@ def render(samples: list[tuple[JobSample, float]]) -> str:
             held = sample.state == "held"
             values: dict[str, float | int | None] = {
                 "rows_done": sample.rows_done,
-                "rows_left": max(0, sample.rows_left),
+                "rows_left": None if sample.rows_left < 0 else sample.rows_left,
                 "batches": sample.batches,
                 "batch_seconds": sample.batch_seconds,
                 "running": int(sample.state in ("running", "held")),
                 "finished": int(sample.state in ("finished", "up-to-date")),
                 "paused": int(held),
+                "failed": int(sample.state in ("failed", "cancelled")),
+                "state": 0,
                 "held_seconds": sample.held_seconds if held else 0.0,
                 "updated_timestamp_seconds": at,
             }
             value = values[name]
             if value is None:
                 continue  # no batch ran yet: no sample rather than a made-up 0
+            if name == "state":
+                for state in STATES:
+                    current = int(sample.state == state)
+                    lines.append(f'{family}{{{labels},state="{state}"}} {current}')
+                continue
             if name == "paused":
                 probe = escape_label(sample.held_probe if held else "")
                 reason = escape_label(sample.held_reason if held else "")

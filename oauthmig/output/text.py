@@ -401,7 +401,17 @@ def render_status(console: Console, report: StatusReport) -> None:
             line = (
                 f"{d.database} backfill {job.job}: {state}, {job.rows_done:,}/{total} rows"
                 + (f", {approx}{job.remaining:,} remaining" if job.remaining else "")
-                + (" (estimated; `status --exact` counts)" if job.estimate else "")
+                + (
+                    " (estimated; `status --exact` counts)"
+                    if job.estimate and job.estimate_basis != "probe"
+                    else ""
+                )
+                + (
+                    " (estimated from the first rows above the cursor: the table was never "
+                    "analyzed; run ANALYZE, or `status --exact` counts)"
+                    if job.estimate_basis == "probe"
+                    else ""
+                )
             )
             request = request_brief(job)
             if request:

@@ -68,7 +68,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from oauthmig.config import Settings
 from oauthmig.db import map_db_errors, open_database
-from oauthmig.errors import DatabaseError
+from oauthmig.errors import ConfigError, DatabaseError
 from oauthmig.identity import check_distinct
 from oauthmig.redact import mask_uri, mask_uris_in_text
 from oauthmig.redirects.metadata_rules import (
@@ -523,6 +523,13 @@ def audit(
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    unknown = [code for code in settings.audit.ignore if code not in RULES]
+    if unknown:
+        # The config layer checks the shape (RU + three digits); only here are the rules known.
+        raise ConfigError(
+            f"audit.ignore: {unknown[0]!r} is not a rule code of this version (rules: "
+            f"{', '.join(RULES)}; see docs/rules.md); remove it"
+        )
     targets: list[_Target] = []
     notes: list[str] = []
     hosting = [n for n in settings.database_names() if "application" in settings.tables_on(n)]

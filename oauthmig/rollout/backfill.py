@@ -141,6 +141,8 @@ class JobRun:
     estimated_seconds: float | None = None
     message: str | None = None
     held_seconds: float = 0.0  # time spent holding on failed health checks
+    #: Paused because --max-runtime ran out (rows are left); a pause request is not this.
+    out_of_time: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,9 +152,11 @@ class JobSample:
 
     job: str
     database: str
-    state: str  # running | held | finished | paused | up-to-date
+    #: running | held while the run goes on; how it ended: finished | up-to-date | paused
+    #: (a pause request or --max-runtime) | interrupted (Ctrl-C, SIGTERM) | cancelled | failed
+    state: str
     rows_done: int
-    rows_left: int
+    rows_left: int  # -1: unknown (the run failed before it could count)
     batches: int
     batch_seconds: float | None  # the last batch's duration, if any ran in this process
     held_probe: str = ""
@@ -171,6 +175,11 @@ class BackfillResult:
     def failed(self) -> tuple[JobRun, ...]:
         """Runs that failed, or stopped because their job is cancelled (exit 2)."""
         return tuple(r for r in self.runs if r.status in (JobStatus.FAILED, JobStatus.CANCELLED))
+
+    @property
+    def out_of_time(self) -> tuple[JobRun, ...]:
+        """Runs that ``--max-runtime`` stopped with rows left (exit 3: run again)."""
+        return tuple(r for r in self.runs if r.out_of_time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +210,11 @@ class _Stop:
     deadline: float | None = None
 
     def should_stop(self) -> bool:
-        return self.event.is_set() or (
-            self.deadline is not None and time.monotonic() >= self.deadline
-        )
+        return self.event.is_set() or self.out_of_time()
+
+    def out_of_time(self) -> bool:
+        """``--max-runtime`` is over."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 # --------------------------------------------------------------------------- helpers
@@ -292,6 +303,7 @@ class _Runner:
     lock_conn: Connection | None = None
     reconnects: int = 0
     note: str | None = None
+    by_request: bool = False  # stopped by `oauthmig backfill pause|cancel`
     work: Connection | None = None  # the current work connection (replaced on reconnect)
     state: JobProgress | None = None  # what the job row holds (or will, once committed)
     observe: Observer | None = None
@@ -320,6 +332,12 @@ class _Runner:
                             self.lock_engine.dispose()
                 with connect(engine, self.db) as lock_conn, self.lock.hold(lock_conn):
                     return self._run(engine, started)
+        except KeyboardInterrupt:
+            self._report_end("interrupted")
+            raise
+        except BaseException:
+            self._report_end("failed")
+            raise
         finally:
             self.health.close()
 
@@ -355,6 +373,16 @@ class _Runner:
         else:
             lock_conn.close()
         return got
+
+    def _report_end(self, status: str) -> None:
+        """Tell the observer how a run that raised ended (every other end is reported where
+        it happens), so that ``--metrics-file`` never keeps saying ``running``."""
+        if self.observe is None:
+            return
+        if self.state is not None:
+            self._report(self.state, status, bar=False)
+            return
+        self.observe(JobSample(self.job.name, self.db.name, status, 0, -1, 0, None))
 
     def _connect(self, engine: Engine, *, reconnect: bool = False) -> Connection:
         """A work connection; on PostgreSQL it also takes (or takes again) the run lock."""
@@ -420,6 +448,7 @@ class _Runner:
             ):
                 message = cancelled_message(recorded_request(saved), db.name, job.name)
                 seconds = time.monotonic() - started
+                self._report(saved, "cancelled", bar=False)
                 return JobRun(
                     job.name, db.name, JobStatus.CANCELLED, 0, 0, 0, seconds, message=message
                 )
@@ -910,6 +939,7 @@ class _Runner:
 
     def _obey(self, conn: Connection, request: Request) -> Connection:
         """A pause or cancel request: stop before the next batch, state saved."""
+        self.by_request = True
         if request.action == "pause":
             self._save(conn, JobStatus.PAUSED)
             message = paused_message(request, self.db.name, self.job.name)
@@ -984,6 +1014,16 @@ class _Runner:
 
     def _result(self, started: float) -> JobRun:
         assert self.state is not None
+        out_of_time = (
+            self.state.status is JobStatus.PAUSED
+            and not self.by_request
+            and not self.stop.event.is_set()
+            and self.stop.out_of_time()
+        )
+        if out_of_time:
+            left = max(0, self.state.rows_total - self.state.rows_done)
+            note = f"stopped by --max-runtime with about {left:,} rows left; rerun to continue"
+            self.note = f"{self.note}; {note}" if self.note else note
         return JobRun(
             self.job.name,
             self.db.name,
@@ -995,6 +1035,7 @@ class _Runner:
             tuple(self.batch_times),
             message=self.note,
             held_seconds=self.health.held_seconds if self.health is not None else 0.0,
+            out_of_time=out_of_time,
         )
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     BigInteger,
@@ -104,6 +104,11 @@ class JobPhase(StrEnum):
     DONE = "done"
 
 
+#: What an estimate of rows left came from: the planner's statistics of the table, or (a table
+#: never analyzed) the id density of the rows the bounded probe read.
+EstimateBasis = Literal["statistics", "probe"]
+
+
 @dataclass(frozen=True, slots=True)
 class JobState:
     """Progress of one backfill job on one database, as ``status`` shows it."""
@@ -122,6 +127,7 @@ class JobState:
     history: BatchStats | None = None  # rate, ETA, p50/p99 from the batch table
     # remaining (and rows_total where the job has no row yet) is an estimate; see Remaining
     estimate: bool = False
+    estimate_basis: EstimateBasis | None = None  # what the estimate came from (None: counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,7 @@ class Remaining:
     rows: int | None
     estimate: bool = False
     pending: bool = False
+    basis: EstimateBasis | None = None  # what an estimate came from (None: counted)
 
 
 JOB_TABLE = "oauthmig_backfill_job"
@@ -565,7 +572,17 @@ def job_states(
         progress = read_job(conn, job.name)
         if progress is None:
             state = JobStatus.NOT_STARTED if known.pending else JobStatus.FINISHED
-            out.append(JobState(job.name, state, 0, remaining, remaining, estimate=known.estimate))
+            out.append(
+                JobState(
+                    job.name,
+                    state,
+                    0,
+                    remaining,
+                    remaining,
+                    estimate=known.estimate,
+                    estimate_basis=known.basis,
+                )
+            )
             continue
         state = progress.status
         held = None
@@ -581,7 +598,9 @@ def job_states(
                 job.name,
                 state,
                 progress.rows_done,
-                progress.rows_total,
+                # Rows inserted since the run started (or an estimate above the cursor) may
+                # exceed what the run counted then: the total is never less than done + left.
+                max(progress.rows_total, progress.rows_done + remaining),
                 remaining,
                 progress.last_error,
                 held,
@@ -590,6 +609,7 @@ def job_states(
                 progress.requested_at,
                 batch_stats(conn, job.name, remaining),
                 estimate=known.estimate,
+                estimate_basis=known.basis,
             )
         )
     return out

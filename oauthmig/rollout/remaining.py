@@ -15,7 +15,11 @@ is a multi-gigabyte read, so neither counts unless asked to (``status --exact``)
 * **Beyond that, an estimate.** On PostgreSQL: the table's rows as the planner estimates them
   (``pg_class.reltuples`` per page times the table's current pages, at most the id span),
   times the share of the id range above the cursor, times the pending share of the probed
-  rows. SQLite keeps no statistics; there the rows above the cursor are counted.
+  rows. A table never analyzed (``reltuples = -1``) is scaled by the probe's id density
+  instead (its ``basis`` says ``probe``). An estimate is never impossible: at least what the
+  probe saw, at most the ids above the cursor; ``status`` shows a job's total as at least
+  its rows done plus its rows left. SQLite keeps no statistics; there the rows above the
+  cursor are counted.
 * **The gate needs a yes or no.** Pending rows in the probe say yes. A finished job whose
   probe found none is settled by ``EXISTS`` over the ids above its cursor (an index range that
   stops at the first pending row; only rows inserted since the job finished are there). A job
@@ -37,7 +41,15 @@ from sqlalchemy import case, func, select, text
 from sqlalchemy.engine import Connection
 
 from oauthmig.config import Settings
-from oauthmig.rollout.jobs import Job, JobStatus, Remaining, exact_remaining, has_columns, read_job
+from oauthmig.rollout.jobs import (
+    EstimateBasis,
+    Job,
+    JobStatus,
+    Remaining,
+    exact_remaining,
+    has_columns,
+    read_job,
+)
 from oauthmig.rollout.preflight import RevisionInfo, read_log
 from oauthmig.rollout.revisions import history
 
@@ -75,10 +87,12 @@ def column_generation(
 
 @dataclass(frozen=True, slots=True)
 class _Probe:
-    """The first rows above the cursor: how many were read, how many of them are pending."""
+    """The first rows above the cursor: how many were read, how many of them are pending,
+    and the highest id read."""
 
     seen: int
     pending: int
+    last_id: int = 0
 
     @property
     def exhausted(self) -> bool:
@@ -91,8 +105,10 @@ def _probe(conn: Connection, t: Any, job: Job, above: int) -> _Probe:
         select(*t.c).where(t.c.id > above).order_by(t.c.id).limit(PROBE_ROWS + 1).subquery("probe")
     )
     pending = func.coalesce(func.sum(case((job.pending(window), 1), else_=0)), 0)
-    seen, found = conn.execute(select(func.count(), pending).select_from(window)).one()
-    return _Probe(int(seen), int(found))
+    seen, found, last = conn.execute(
+        select(func.count(), pending, func.max(window.c.id)).select_from(window)
+    ).one()
+    return _Probe(int(seen), int(found), int(last or 0))
 
 
 def _any_pending(conn: Connection, t: Any, job: Job, above: int) -> bool:
@@ -115,15 +131,32 @@ def _planner_rows(conn: Connection, physical: str) -> float | None:
     return float(row.reltuples) / float(row.relpages) * max(float(row.pages), 1.0)
 
 
-def _estimate(conn: Connection, t: Any, physical: str, above: int, probe: _Probe) -> int:
-    """Pending rows above ``above``, scaled from the probe (PostgreSQL)."""
+def _estimate(
+    conn: Connection, t: Any, physical: str, above: int, probe: _Probe
+) -> tuple[int, EstimateBasis]:
+    """Pending rows above ``above``, scaled from the probe (PostgreSQL), and what the number
+    of rows above ``above`` came from.
+
+    Never impossible: the rows above the cursor are at least the probed ones and at most the
+    ids above it (ids are unique integers), and the pending ones at least those the probe saw.
+    A table the planner has no statistics for (never analyzed: ``reltuples = -1``) is not
+    taken as dense: the probe's id density (rows read per id it spanned) scales instead.
+    """
     lo, hi = conn.execute(select(func.min(t.c.id), func.max(t.c.id))).one()
-    span = int(hi) - int(lo) + 1
+    lo, hi = int(lo), int(hi)
+    span = hi - lo + 1
+    ids_above = hi - max(above, lo - 1)
     planner = _planner_rows(conn, physical)
-    rows = span if planner is None else min(planner, span)  # ids are unique integers
-    share = (int(hi) - max(above, int(lo) - 1)) / span
-    rows_above = max(rows * share, probe.seen)
-    return round(rows_above * probe.pending / probe.seen)
+    basis: EstimateBasis
+    if planner is not None:
+        basis = "statistics"
+        rows_above = min(planner, span) * ids_above / span
+    else:
+        basis = "probe"
+        probed_ids = max(probe.last_id - max(above, lo - 1), 1)
+        rows_above = ids_above * min(probe.seen / probed_ids, 1.0)
+    rows_above = min(max(rows_above, probe.seen), ids_above)
+    return max(round(rows_above * probe.pending / probe.seen), probe.pending), basis
 
 
 def remaining(
@@ -171,14 +204,14 @@ def remaining(
             where = (t.c.id > above) & job.pending(t)
             n = int(conn.execute(select(func.count()).select_from(t).where(where)).scalar_one())
             return Remaining(n, pending=n > 0)
-        rows = _estimate(conn, t, physical, above, probe)
+        rows, basis = _estimate(conn, t, physical, above, probe)
         if probe.pending:
             pending = True
         elif finished:
             pending = gate and _any_pending(conn, t, job, above)
         else:
             pending = True  # unfinished, or never ran: nothing cheap rules the rest out
-        return Remaining(rows, estimate=True, pending=pending)
+        return Remaining(rows, estimate=True, pending=pending, basis=basis)
     finally:
         if conn.in_transaction():
             conn.rollback()

@@ -31,6 +31,7 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.script import Script, ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Column, delete, func, insert, inspect, literal_column, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateTable
@@ -66,6 +67,13 @@ from oauthmig.rollout.preflight import type_name as type_name
 #: Where the revisions are (packaged copy when installed); see :mod:`oauthmig.resources`.
 REVISIONS_DIR = packaged_path("revisions", "revisions")
 TARGET_KEY = "oauthmig_target"
+#: What the stock ``alembic`` command prints (``FAILED: ...``) when it runs these scripts.
+STOCK_ALEMBIC_REFUSAL = (
+    "oauthmig's revisions run only through oauthmig, which routes each table to its databases: "
+    "use `oauthmig status` instead of `alembic current` or `alembic check`, `oauthmig stamp REV` "
+    "instead of `alembic stamp`, `oauthmig upgrade|downgrade` (with --sql for SQL scripts, "
+    "--dry-run for a plan) instead of `alembic upgrade|downgrade`"
+)
 CONNECTION_KEY = "connection"
 
 
@@ -293,6 +301,10 @@ def _dialect(name: str) -> Any:
 
 def run_environment(context: EnvironmentContext) -> None:
     """Body of ``revisions/env.py``: configure Alembic for one routed database and run."""
+    if TARGET_KEY not in context.config.attributes:
+        # Stock `alembic current|check|stamp|upgrade ...` over these scripts: they need the
+        # routing (which tables live on which database) that only oauthmig supplies.
+        raise CommandError(STOCK_ALEMBIC_REFUSAL)
     t: RevisionTarget = context.config.attributes[TARGET_KEY]
     opts: dict[str, Any] = {
         "version_table": VERSION_TABLE,

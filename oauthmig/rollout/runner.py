@@ -310,7 +310,17 @@ def _plan(
     routed = settings.tables_on(db.name)
     chosen: list[RevisionInfo] = []
     waiting: Waiting | None = None
-    if direction is Direction.UPGRADE:
+    up = direction is Direction.UPGRADE
+    if (tgt_i > cur_i and not up) or (tgt_i < cur_i and up and explicit_target):
+        # Each database has its own version: the target is judged against this one's.
+        other = "upgrade" if not up else "downgrade"
+        raise UsageError(
+            f"database {db.name!r} is at {current or 'base'}, "
+            f"{'below' if not up else 'above'} --to {target or 'base'}: {direction} only goes "
+            f"{'down' if not up else 'up'}; use `oauthmig {other} --to {target or 'base'}`, or "
+            f"leave {db.name!r} out with -d"
+        )
+    if up:
         for rev in revisions[cur_i:tgt_i]:
             waiting = gate_for(conn, settings, db.name, rev, revisions=revisions)
             if waiting is not None:
@@ -327,7 +337,6 @@ def _plan(
     )
     steps = tuple(planned_step(rev, routed, direction) for rev in chosen)
     plan = DatabasePlan(db.name, conn.dialect.name, db.display_url, current, reach, steps, waiting)
-    up = direction is Direction.UPGRADE
     preflight(conn, settings, db, revisions, current, chosen if up else [], [] if up else chosen)
     return plan, chosen
 

@@ -1,0 +1,92 @@
+"""Inputs that used to be accepted and are now refused in one line, exit 2 (issue 22 §3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oauthmig.config import settings_from_mapping
+from tests.conftest import DatabaseFactory, create_legacy, routed_config
+from tests.helpers import invoke, schema_dump, seed_legacy, write_config
+
+
+def _one_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("migrate", "statement_timeout", "0s"),
+        ("migrate", "statement_timeout", "0"),
+        ("migrate", "statement_timeout", 0),
+        ("migrate", "lock_timeout", "0ms"),
+        ("migrate", "index_timeout", "0min"),
+    ],
+)
+def test_a_timeout_of_zero_is_refused_naming_its_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], section: str, key: str, value: Any
+) -> None:
+    data: dict[str, Any] = {
+        "databases": {"db": {"url": f"sqlite:///{tmp_path / 'db.sqlite3'}"}},
+        section: {key: value},
+    }
+    cfg = write_config(tmp_path / "oauthmig.toml", data)
+    result = invoke(capsys, "--config", cfg, "status")
+    assert result.code == 2
+    line = _one_error(result.err)
+    assert f"{section}.{key}: must be greater than zero" in line, line
+
+
+@pytest.mark.parametrize("code", ["RU999", "RU000"])
+def test_an_unknown_rule_code_in_audit_ignore_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], code: str
+) -> None:
+    data: dict[str, Any] = {
+        "databases": {"db": {"url": f"sqlite:///{tmp_path / 'db.sqlite3'}"}},
+        "audit": {"ignore": ["RU001", code]},
+    }
+    settings = settings_from_mapping(data, {}, "test")
+    create_legacy(settings)
+    cfg = write_config(tmp_path / "oauthmig.toml", data)
+    for args in (["audit-redirects"], ["report", "--html", str(tmp_path / "r.html")]):
+        result = invoke(capsys, "--config", cfg, *args)
+        assert result.code == 2, result.err
+        line = _one_error(result.err)
+        assert f"audit.ignore: {code!r} is not a rule code" in line, line
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_target_on_the_wrong_side_of_a_database_is_a_usage_error(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = routed_config(make_database("control"), make_database("shard"))
+    settings = settings_from_mapping(data, {}, "test")
+    create_legacy(settings)
+    seed_legacy(settings)
+    cfg = write_config(tmp_path / "oauthmig.toml", data)
+    assert invoke(capsys, "--config", cfg, "upgrade", "--to", "0002").code == 0
+    # Each database tracks its own version: shard alone goes on to 0003.
+    assert invoke(capsys, "--config", cfg, "-d", "shard", "upgrade", "--to", "0003").code == 0
+    before = schema_dump(settings)
+    for args in (
+        ["downgrade", "--to", "0003"],  # above control (0002), equal to shard
+        ["downgrade", "--to", "0003", "--dry-run"],
+        ["-d", "control", "downgrade", "--to", "0005"],
+        ["-d", "shard", "upgrade", "--to", "0001"],
+        ["-d", "shard", "upgrade", "--to", "base", "--dry-run"],
+    ):
+        result = invoke(capsys, "--config", cfg, *args)
+        assert result.code == 2, (args, result.err)
+        line = _one_error(result.err)
+        assert "only goes" in line and "use `oauthmig" in line, line
+        assert "Traceback" not in result.err
+    assert schema_dump(settings) == before
+    # The right direction still works, and a target equal to the current one is a no-op.
+    assert invoke(capsys, "--config", cfg, "-d", "shard", "downgrade", "--to", "0003").code == 0
+    assert invoke(capsys, "--config", cfg, "downgrade", "--to", "0001").code == 0
