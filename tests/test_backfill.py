@@ -659,16 +659,36 @@ def test_transient_lock_timeout_is_retried(
     )[0][0]
     locker.execute(text(f"SELECT id FROM {token} WHERE id = :i FOR UPDATE"), {"i": first_id})
 
-    def release() -> None:
-        locker.rollback()
-        locker.close()
+    def failed_attempts() -> int:
+        found = _rows(
+            settings,
+            "shard",
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'oauthmig_backfill_batch'",
+        )[0][0]
+        if not found:
+            return 0
+        return int(
+            _rows(
+                settings,
+                "shard",
+                "SELECT count(*) FROM oauthmig_backfill_batch WHERE outcome = 'failed'",
+            )[0][0]
+        )
 
-    timer = threading.Timer(1.5, release)
-    timer.start()
+    def release() -> None:
+        # Once a batch has hit lock_timeout (its failed attempt is recorded): no race on time.
+        try:
+            _wait_for(lambda: failed_attempts() >= 1, timeout=120)
+        finally:
+            locker.rollback()
+            locker.close()
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
     result = invoke(
         capsys, "--config", cfg, "-d", "shard", "backfill", "token-families", "--format", "json"
     )
-    timer.join()
+    releaser.join()
     assert result.code == 0, result.err
     assert _job(settings, "shard")["attempts"] >= 1  # lock_timeout 500ms hit, then retried
     _assert_tokens_backfilled(settings, "shard")
