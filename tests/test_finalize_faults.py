@@ -198,8 +198,7 @@ def test_finalize_killed_after_each_statement_converges_and_downgrades_cleanly(
     assert code == 0
     clean_up = catalog(settings)
     assert clean_up != before
-    with pytest.raises(Exception, match=r"(?i)null|check"):
-        legacy_insert(settings)  # finalized: metadata is required now
+    legacy_insert(settings)  # finalized, and the provider's old code still writes (issue 20)
     code, _ = _count_ddl(cfg, capsys, "downgrade", "--to", "0003")
     assert code == 0
     clean_down = catalog(settings)
