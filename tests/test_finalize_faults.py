@@ -194,12 +194,14 @@ def test_finalize_killed_after_each_statement_converges_and_downgrades_cleanly(
     settings, cfg = _setup(make_database, tmp_path, capsys)
     before = catalog(settings)
     legacy_insert(settings)
+    # Finalize's verify pass creates its state table on its first run only: create it now, so
+    # that every run below issues the same DDL.
+    assert invoke(capsys, "--config", cfg, "-d", "control", "verify").code in (0, 1)
     code, total = _count_ddl(cfg, capsys, "upgrade")
     assert code == 0
     clean_up = catalog(settings)
     assert clean_up != before
-    with pytest.raises(Exception, match=r"(?i)null|check"):
-        legacy_insert(settings)  # finalized: metadata is required now
+    legacy_insert(settings)  # finalized, and the provider's old code still writes (issue 20)
     code, _ = _count_ddl(cfg, capsys, "downgrade", "--to", "0003")
     assert code == 0
     clean_down = catalog(settings)

@@ -17,7 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, DateTime, String, Text, column, func, insert, select, table
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    String,
+    Text,
+    column,
+    func,
+    insert,
+    inspect,
+    select,
+    table,
+)
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Connection
 
 from oauthmig.config import Settings, settings_from_mapping
@@ -133,6 +145,18 @@ def _plant(settings: Settings) -> None:
                         redirect_uris="\n".join(PWN_URIS) if pwn else f"https://{name}.io/cb",
                         scopes=[],
                         date_added=NOW,
+                    )
+                )
+            cols = {c["name"]: c for c in inspect(conn).get_columns(settings.tables.application)}
+            if cols.get("application_type", {}).get("nullable"):
+                # Not covered by the compatibility triggers (as if written before they existed).
+                conn.execute(
+                    sql_text(
+                        f"UPDATE {settings.tables.application} SET "
+                        "token_endpoint_auth_method = NULL, grant_types = NULL, "
+                        "response_types = NULL, application_type = NULL WHERE id IN ("
+                        + ", ".join(str(a[0]) for a in PKCE_APPS)
+                        + ")"
                     )
                 )
             grant_id = 10_000_000
