@@ -375,7 +375,12 @@ def contract(settings: Settings, since: datetime) -> tuple[DatabaseContract, ...
     done: list[DatabaseContract] = []
     for name, target, active in targets:
         db = settings.databases[name]
-        with map_db_errors(db, "contract failed"), open_database(settings, db) as conn:
+        # DDL: on direct_url when one is configured (each statement is one transaction with
+        # SET LOCAL limits, so it is also correct through a transaction pooler).
+        with (
+            map_db_errors(db, "contract failed"),
+            open_database(settings, db, direct=True) as conn,
+        ):
             m = settings.migrate
             for_writing(conn)
             # One short transaction per table: never two tables' locks held at once.
