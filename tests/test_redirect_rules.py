@@ -59,6 +59,8 @@ RULE_TABLE = {
     "RU108": ("metadata-url-fragment", "warning"),
     "RU109": ("private-key-jwt-without-jwks-uri", "error"),
     "RU110": ("auth-none-with-secret", "warning"),
+    # The stored type against the URIs (issue 20: the compatibility layer stores "web").
+    "RU111": ("app-type-mismatch", "warning"),
 }
 
 
@@ -803,6 +805,13 @@ app_case("no-grants", "RU103", False, "https://a.example/cb")
 app_case("native-secret", "RU104", True, "http://127.0.0.1/cb", app_type=NATIVE, has_secret=True)
 app_case("native-public", "RU104", False, "http://127.0.0.1/cb", app_type=NATIVE)
 app_case("web-secret", "RU104", False, "https://a.example/cb", has_secret=True)
+
+app_case("web-stored-native-uris", "RU111", True, "http://127.0.0.1/cb\ncom.example.app:/cb")
+app_case("native-stored-web-uri", "RU111", True, "https://a.example/cb", app_type=NATIVE)
+app_case("web-stored-web-uri", "RU111", False, "https://a.example/cb")
+app_case("native-stored-native", "RU111", False, "http://127.0.0.1/cb", app_type=NATIVE)
+app_case("mixed-is-ru102", "RU111", False, "https://a.example/cb\nhttp://127.0.0.1/cb")
+app_case("no-uris", "RU111", False, "")
 
 app_case("blank-line", "RU014", True, "https://a.example/cb\n\nhttps://b.example/cb")
 app_case("crlf", "RU014", True, "https://a.example/cb\r\nhttps://b.example/cb")

@@ -983,6 +983,35 @@ def native_with_secret(a: _AppSubject) -> list[_AppHit]:
     return []
 
 
+@_app_rule(
+    "RU111",
+    "app-type-mismatch",
+    Severity.WARNING,
+    summary="The stored application_type disagrees with the style of the redirect URIs.",
+    rfc="OpenID Connect Registration §2 (application_type); RFC 8252 §8.4",
+)
+def app_type_mismatch(a: _AppSubject) -> list[_AppHit]:
+    """The stored ``application_type`` decides which redirect rules apply (https everywhere
+    for ``web``; loopback and private-use URIs for ``native``, RFC 8252 §8.4). A type that
+    disagrees with every URI the client registered holds it to the wrong rules. The
+    compatibility layer (the phase while the provider's old code still creates applications)
+    stores the safe default ``web`` for applications it cannot classify in SQL; this rule lists
+    the ones that need review.
+
+    Anti-pattern: ``application_type = 'web'`` on a client whose only redirect URI is
+    ``http://127.0.0.1/cb``.
+    Fix: set ``application_type`` to what the client is (``native`` here).
+    """
+    styles = {e.style for e in a.entries} - {"unknown"}
+    if a.app_type is AppType.WEB and styles == {"native"}:
+        message = "stored as web, but every redirect URI is native-style: review the type"
+    elif a.app_type is AppType.NATIVE and styles == {"web"}:
+        message = "stored as native, but every redirect URI is web-style: review the type"
+    else:
+        return []
+    return [(None, None, message, None)]
+
+
 # Evaluation plans, built once: which rules run, per app type, in code order.
 _RuleList = tuple[tuple[Rule, UriCheck], ...]
 
