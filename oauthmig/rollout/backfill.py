@@ -89,6 +89,7 @@ from oauthmig.rollout.control import (
     requested_stop,
 )
 from oauthmig.rollout.health import HealthMonitor, HealthReading
+from oauthmig.rollout.health import validate as validate_health
 from oauthmig.rollout.jobs import (
     FAMILY_VERSION,
     JOBS,
@@ -1082,6 +1083,10 @@ def backfill(
         [d for d in settings.database_names() if tables & set(settings.tables_on(d))],
         revisions,
     )
+    # A health probe that cannot work as configured is a config error, before any batch.
+    for dbname in settings.database_names():
+        if tables & set(settings.tables_on(dbname)):
+            validate_health(health, settings.databases[dbname])
     stopper = _Stop(
         stop or threading.Event(),
         None if options.max_runtime is None else time.monotonic() + options.max_runtime,
