@@ -149,3 +149,44 @@ def test_a_replica_url_that_is_no_standby_is_a_config_error(
     assert result.code == 2, result.err
     line = _one_error(result.err)
     assert "backfill.health.replica_urls" in line and "is not a standby" in line, line
+
+
+def test_sqlite_directory_and_read_only_file_are_caught_before_any_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "dir.sqlite3"
+    folder.mkdir()
+    cfg = write_config(tmp_path / "dir.toml", {"databases": {"db": {"url": f"sqlite:///{folder}"}}})
+    for args in (["status"], ["upgrade"], ["backfill"]):
+        result = invoke(capsys, "--config", cfg, *args)
+        assert result.code == 2, result.err
+        assert "is a directory, not a SQLite file" in _one_error(result.err)
+
+    path = tmp_path / "legacy.sqlite3"
+    data: dict[str, Any] = {"databases": {"db": {"url": f"sqlite:///{path}"}}}
+    settings = settings_from_mapping(data, {}, "test")
+    create_legacy(settings)
+    seed_legacy(settings)
+    before = schema_dump(settings)
+    path.chmod(0o444)
+    cfg = write_config(tmp_path / "ro.toml", data)
+    try:
+        for args in (["upgrade"], ["upgrade", "--to", "0001"], ["backfill"]):
+            result = invoke(capsys, "--config", cfg, *args)
+            assert result.code == 2, (args, result.err)
+            assert "is read-only; this command writes to it" in result.err, result.err
+            assert "Traceback" not in result.err
+        # Reading still works.
+        assert invoke(capsys, "--config", cfg, "status").code in (0, 1)
+    finally:
+        path.chmod(0o644)
+    assert schema_dump(settings) == before
+    assert not list(tmp_path.glob("legacy.sqlite3.*.lock"))
+
+    ro = write_config(
+        tmp_path / "mode-ro.toml",
+        {"databases": {"db": {"url": f"sqlite:///file:{path}?mode=ro&uri=true"}}},
+    )
+    result = invoke(capsys, "--config", ro, "upgrade")
+    assert result.code == 2, result.err
+    assert schema_dump(settings) == before
