@@ -1575,6 +1575,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = run(argv)
     except KeyboardInterrupt:  # between the CLI's own handlers (before or after them)
         code = EXIT_INTERRUPTED
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write("interrupted\n")
     _flush_standard_streams()
     if threading.current_thread() is threading.main_thread():
         # From here on nothing is left to save: a Ctrl-C while the interpreter shuts down

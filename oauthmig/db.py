@@ -10,7 +10,7 @@ import os
 import random
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,35 @@ def _require_url(db: DatabaseConfig, direct: bool = False) -> str:
     return db.url
 
 
+def check_sqlite_writable(name: str, path: str, query: Mapping[str, Any]) -> None:
+    """Before a command writes a SQLite file (and creates its lock file beside it): refuse,
+    naming the database, a file opened read-only (``?mode=ro``), a file nobody may write (no
+    write bit: read-only by intent, even for root, who could), one this user cannot write, or
+    a directory that takes no journal file."""
+    mode = query.get("mode")
+    if mode == "ro" or (isinstance(mode, tuple) and "ro" in mode):
+        raise UnreachableError(
+            f"database {name!r}: SQLite file {path} is opened read-only (mode=ro in its "
+            "URL); this command writes to it: drop mode=ro"
+        )
+    target = Path(path)
+    try:
+        bits = target.stat().st_mode
+    except OSError:
+        return  # the open that follows reports it
+    folder = target.resolve().parent
+    if not bits & 0o222 or not os.access(target, os.W_OK):
+        raise UnreachableError(
+            f"database {name!r}: SQLite file {path} is read-only; this command writes to "
+            f"it: make it writable (chmod u+w {path}), or leave {name!r} out with -d"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UnreachableError(
+            f"database {name!r}: cannot write in {folder}, where SQLite keeps the journal "
+            f"of {path}; make the directory writable, or leave {name!r} out with -d"
+        )
+
+
 def make_engine(
     db: DatabaseConfig, settings: Settings, *, create: bool = False, direct: bool = False
 ) -> Engine:
@@ -74,6 +103,11 @@ def make_engine(
         if url.database and url.database != ":memory:":
             if create:
                 Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            elif Path(url.database).is_dir():
+                raise UnreachableError(
+                    f"database {db.name!r}: {url.database} is a directory, not a SQLite file; "
+                    "fix the URL (it names the database file)"
+                )
             elif not Path(url.database).is_file():
                 raise UnreachableError(
                     f"database {db.name!r}: SQLite file {url.database} does not exist; fix the "

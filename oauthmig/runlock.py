@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from oauthmig.config import DatabaseConfig
+from oauthmig.db import check_sqlite_writable
 from oauthmig.errors import LockBusyError
 
 # An advisory lock on a bigint key is stored with classid = its high 32 bits (0 here),
@@ -76,6 +77,8 @@ class RunLock:
         path = self._sidecar(conn)
         if path is None:
             return True
+        # Before the sidecar exists: a read-only database must not leave a lock file behind.
+        check_sqlite_writable(self.database, str(conn.engine.url.database), conn.engine.url.query)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

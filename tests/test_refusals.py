@@ -78,15 +78,116 @@ def test_a_target_on_the_wrong_side_of_a_database_is_a_usage_error(
         ["downgrade", "--to", "0003"],  # above control (0002), equal to shard
         ["downgrade", "--to", "0003", "--dry-run"],
         ["-d", "control", "downgrade", "--to", "0005"],
-        ["-d", "shard", "upgrade", "--to", "0001"],
-        ["-d", "shard", "upgrade", "--to", "base", "--dry-run"],
+        ["-d", "control", "downgrade", "--to", "head", "--dry-run"],
     ):
         result = invoke(capsys, "--config", cfg, *args)
         assert result.code == 2, (args, result.err)
         line = _one_error(result.err)
-        assert "only goes" in line and "use `oauthmig" in line, line
+        assert "downgrade only goes down" in line and "use `oauthmig upgrade" in line, line
         assert "Traceback" not in result.err
     assert schema_dump(settings) == before
-    # The right direction still works, and a target equal to the current one is a no-op.
+    # The right direction still works, a target equal to the current one is a no-op, and an
+    # upgrade --to below a database's revision too (that database is past it).
+    assert invoke(capsys, "--config", cfg, "-d", "shard", "upgrade", "--to", "0001").code == 0
     assert invoke(capsys, "--config", cfg, "-d", "shard", "downgrade", "--to", "0003").code == 0
     assert invoke(capsys, "--config", cfg, "downgrade", "--to", "0001").code == 0
+
+
+@pytest.mark.parametrize(
+    ("check_sql", "needle"),
+    [
+        ("SELEC 1", "SQLSTATE 42601"),
+        ("SELECT count(*) FROM no_such_table", "SQLSTATE 42P01"),
+        ("SELECT no_such_column FROM pg_class", "SQLSTATE 42703"),
+        ("SELECT no_such_function()", "SQLSTATE 42883"),
+        ("SELECT 'many'", "not a number"),
+    ],
+)
+def test_a_health_probe_that_cannot_run_is_a_config_error_before_any_batch(
+    backend: str,
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    check_sql: str,
+    needle: str,
+) -> None:
+    url = make_database("main")
+    data: dict[str, Any] = {
+        "databases": {"main": {"url": url}},
+        "backfill": {"health": {"check_sql": check_sql, "check_max": 10}},
+    }
+    settings = settings_from_mapping(data, {}, "test")
+    create_legacy(settings)
+    seed_legacy(settings)
+    cfg = write_config(tmp_path / "oauthmig.toml", data)
+    assert invoke(capsys, "--config", cfg, "upgrade").code == 0
+    before = schema_dump(settings)
+    result = invoke(capsys, "--config", cfg, "backfill", "--max-runtime", "600")
+    if backend == "sqlite":  # health checks are a documented no-op on SQLite
+        assert result.code == 0, result.err
+        return
+    assert result.code == 2, result.err
+    line = _one_error(result.err)
+    assert line.startswith("error: backfill.health.check_sql"), line
+    assert needle in line, line
+    assert schema_dump(settings) == before  # no job table: nothing started
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_replica_url_that_is_no_standby_is_a_config_error(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = make_database("main")
+    data: dict[str, Any] = {
+        "databases": {"main": {"url": url}},
+        "backfill": {"health": {"max_replica_lag": "10s", "replica_urls": [url]}},
+    }
+    settings = settings_from_mapping(data, {}, "test")
+    create_legacy(settings)
+    cfg = write_config(tmp_path / "oauthmig.toml", data)
+    assert invoke(capsys, "--config", cfg, "upgrade").code == 0
+    result = invoke(capsys, "--config", cfg, "backfill", "--max-runtime", "600")
+    assert result.code == 2, result.err
+    line = _one_error(result.err)
+    assert "backfill.health.replica_urls" in line and "is not a standby" in line, line
+
+
+def test_sqlite_directory_and_read_only_file_are_caught_before_any_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "dir.sqlite3"
+    folder.mkdir()
+    cfg = write_config(tmp_path / "dir.toml", {"databases": {"db": {"url": f"sqlite:///{folder}"}}})
+    for args in (["status"], ["upgrade"], ["backfill"]):
+        result = invoke(capsys, "--config", cfg, *args)
+        assert result.code == 2, result.err
+        assert "is a directory, not a SQLite file" in _one_error(result.err)
+
+    path = tmp_path / "legacy.sqlite3"
+    data: dict[str, Any] = {"databases": {"db": {"url": f"sqlite:///{path}"}}}
+    settings = settings_from_mapping(data, {}, "test")
+    create_legacy(settings)
+    seed_legacy(settings)
+    before = schema_dump(settings)
+    path.chmod(0o444)
+    cfg = write_config(tmp_path / "ro.toml", data)
+    try:
+        for args in (["upgrade"], ["upgrade", "--to", "0001"], ["backfill"]):
+            result = invoke(capsys, "--config", cfg, *args)
+            assert result.code == 2, (args, result.err)
+            assert "is read-only; this command writes to it" in result.err, result.err
+            assert "Traceback" not in result.err
+        # Reading still works.
+        assert invoke(capsys, "--config", cfg, "status").code in (0, 1)
+    finally:
+        path.chmod(0o644)
+    assert schema_dump(settings) == before
+    assert not list(tmp_path.glob("legacy.sqlite3.*.lock"))
+
+    ro = write_config(
+        tmp_path / "mode-ro.toml",
+        {"databases": {"db": {"url": f"sqlite:///file:{path}?mode=ro&uri=true"}}},
+    )
+    result = invoke(capsys, "--config", ro, "upgrade")
+    assert result.code == 2, result.err
+    assert schema_dump(settings) == before

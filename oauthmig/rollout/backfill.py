@@ -92,6 +92,7 @@ from oauthmig.rollout.control import (
     requested_stop,
 )
 from oauthmig.rollout.health import HealthMonitor, HealthReading
+from oauthmig.rollout.health import validate as validate_health
 from oauthmig.rollout.jobs import (
     FAMILY_VERSION,
     JOBS,
@@ -1114,6 +1115,9 @@ def backfill(
         for name in hosting:
             require_session(settings, settings.databases[name], "backfill")
     check_databases(settings, hosting, revisions)
+    # A health probe that cannot work as configured is a config error, before any batch.
+    for dbname in hosting:
+        validate_health(health, settings.databases[dbname])
     stopper = _Stop(
         stop or threading.Event(),
         None if options.max_runtime is None else time.monotonic() + options.max_runtime,

@@ -58,6 +58,7 @@ from sqlalchemy.pool import NullPool
 
 from oauthmig.config import DatabaseConfig, HealthSettings, ReplicaConfig
 from oauthmig.db import PG_CONNECT_ARGS, ClientDeadline
+from oauthmig.errors import ConfigError
 from oauthmig.redact import describe_db_error, url_secrets
 
 PROBE_REPLICA_LAG = "replica-lag"
@@ -468,3 +469,62 @@ class HealthMonitor:
         for engine in self._engines.values():
             engine.dispose()
         self._engines.clear()
+
+
+#: SQLSTATEs saying that ``check_sql`` itself cannot run, whatever the database's health:
+#: class 42 (syntax error or access rule violation: 42601 syntax, 42P01 undefined table,
+#: 42703 undefined column, 42883 undefined function, 42501 insufficient privilege), 0A000
+#: (feature not supported) and 25006 (it writes: probes run read-only).
+_QUERY_DEFECTS = ("42", "0A000", "25006")
+
+
+def _sqlstate(exc: SQLAlchemyError) -> str:
+    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return code if isinstance(code, str) else ""
+
+
+def validate(health: HealthSettings, db: DatabaseConfig) -> None:
+    """Before the first batch: a probe that cannot work as configured is a configuration
+    error (:class:`ConfigError`, exit 2), not a health signal that would hold the backfill
+    until ``--max-runtime`` run after run. ``check_sql`` runs once: a query that cannot run
+    (see :data:`_QUERY_DEFECTS`) or returns something that is not a number is refused; each
+    replica in ``replica_urls`` that answers must be a standby. A server that does not answer
+    now, or a query that times out, is left to the run's probes (it may be the health they
+    watch). A no-op where health checks are (SQLite, nothing configured)."""
+    if not (health.enabled and db.dialect == "postgresql" and db.url is not None):
+        return
+    timeout = health.probe_timeout_ms
+    if health.check_sql is not None and health.check_max is not None:
+        engine = probe_engine(db.url, timeout)
+        try:
+            with _probe(engine, timeout) as conn:
+                reading = custom_check(conn, health.check_sql, health.check_max)
+        except SQLAlchemyError as exc:
+            if _sqlstate(exc).startswith(_QUERY_DEFECTS):
+                reason = describe_db_error(exc, url_secrets(db.url))
+                raise ConfigError(
+                    f"backfill.health.check_sql cannot run on database {db.name!r}: {reason}; "
+                    "fix the query, or grant what it reads to the role oauthmig uses"
+                ) from None
+            reading = HEALTHY
+        finally:
+            engine.dispose()
+        if not reading.healthy and "not a number" in reading.reason:
+            raise ConfigError(f"backfill.health.check_sql: {reading.reason}")
+    if health.max_replica_lag_ms is None:
+        return
+    for replica in health.replicas:
+        engine = probe_engine(replica.url, timeout)
+        try:
+            with _probe(engine, timeout) as conn:
+                standby = conn.execute(text("SELECT pg_is_in_recovery()")).scalar()
+        except SQLAlchemyError:
+            continue  # not answering now: the run's lag probe holds on it
+        finally:
+            engine.dispose()
+        if not standby:
+            raise ConfigError(
+                f"backfill.health.replica_urls: {replica.display_url} is not a standby "
+                "(pg_is_in_recovery() is false); list the replicas' URLs, or use "
+                "lag_on_primary"
+            )

@@ -311,13 +311,12 @@ def _plan(
     chosen: list[RevisionInfo] = []
     waiting: Waiting | None = None
     up = direction is Direction.UPGRADE
-    if (tgt_i > cur_i and not up) or (tgt_i < cur_i and up and explicit_target):
-        # Each database has its own version: the target is judged against this one's.
-        other = "upgrade" if not up else "downgrade"
+    if tgt_i > cur_i and not up:
+        # Each database has its own version: the target is judged against this one's. (An
+        # upgrade --to below a database's revision stays a no-op: that database is past it.)
         raise UsageError(
-            f"database {db.name!r} is at {current or 'base'}, "
-            f"{'below' if not up else 'above'} --to {target or 'base'}: {direction} only goes "
-            f"{'down' if not up else 'up'}; use `oauthmig {other} --to {target or 'base'}`, or "
+            f"database {db.name!r} is at {current or 'base'}, below --to {target or 'base'}: "
+            f"downgrade only goes down; use `oauthmig upgrade --to {target or 'base'}`, or "
             f"leave {db.name!r} out with -d"
         )
     if up:
