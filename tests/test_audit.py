@@ -771,9 +771,10 @@ def test_application_type_column_wins_over_inference(
         update(apps).where(apps.c.id == 3).values(grant_types=["client_credentials"]),
     )
     findings = list(audit(settings, revisions=REVISIONS, now=NOW))
-    # App 1 is stored as web: http is refused. App 2 (NULL type) is still inferred native.
-    # App 3 cannot use the code grant, so no redirect URI is fine.
-    assert [(f.application_id, f.code) for f in findings] == [(1, "RU008")]
+    # App 1 is stored as web: http is refused, and the stored type disagrees with its only
+    # URI (RU111). App 2 (NULL type) is still inferred native. App 3 cannot use the code
+    # grant, so no redirect URI is fine.
+    assert [(f.application_id, f.code) for f in findings] == [(1, "RU008"), (1, "RU111")]
 
 
 def test_unreachable_database_exits_2_before_any_output(
