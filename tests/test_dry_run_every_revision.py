@@ -36,7 +36,7 @@ def test_every_dry_run_from_every_state(
     assert len(states) >= 7
     # States before this one cannot run the backfills (their columns do not exist yet).
     gate = next(i for i, r in enumerate(Catalogue.load().revisions, 1) if r.requires_backfills)
-    tried = 0
+    tried = refused = 0
     for i, state in enumerate(states):
         if i > 0:
             rev = Catalogue.load().revisions[i - 1]
@@ -50,7 +50,8 @@ def test_every_dry_run_from_every_state(
             if j == i:
                 continue
             command = "upgrade" if j > i else "downgrade"
-            for fmt in ("json", "text"):
+            # Every pair as JSON (schema-checked); the text rendering for neighbouring states.
+            for fmt in ("json", "text") if abs(j - i) == 1 else ("json",):
                 done = invoke(
                     capsys, "--config", cfg, command, "--to", target, "--dry-run", "--format", fmt
                 )
@@ -58,16 +59,17 @@ def test_every_dry_run_from_every_state(
                 assert "Traceback" not in done.err, where
                 gated = command == "upgrade" and i < gate <= j
                 if gated:  # documented: the plan stops at a revision whose backfills wait
+                    refused += fmt == "json"
                     assert done.code == 2, (where, done.err)
                     assert "requires backfill" in done.err, (where, done.err)
                     assert len(done.err.strip().splitlines()) == 1, (where, done.err)
                     continue
                 assert done.code == 0, (where, done.err)
                 if fmt == "json":
+                    tried += 1
                     document = json.loads(done.out)
                     assert_matches_schema(command, document)
                     assert document["dry_run"] is True
-                tried += 1
         assert schema_dump(settings) == schema, state
         assert data_checksum(settings) == rows, state
-    assert tried >= len(states) * (len(states) - 1)
+    assert tried + refused == len(states) * (len(states) - 1) and tried > refused

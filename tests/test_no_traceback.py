@@ -101,6 +101,10 @@ def test_file_outputs_that_cannot_be_written(legacy_config: Path, command: str) 
         "directory takes no files": ("/proc/out.file", None, "cannot write in /proc"),
         "a directory": (str(work), None, "is a directory"),
     }
+    if command not in ("report-html", "audit-sarif"):
+        # The audit's other formats share the writer: the failures while writing are theirs to
+        # show; the path checks before writing are the same code, shown by the two above.
+        cases = {k: v for k, v in cases.items() if k in ("device full", "file too large")}
     for name, (path, fsize, needle) in cases.items():
         before = set(os.listdir(work))
         args = [a.replace("{path}", path) for a in FILE_COMMANDS[command]]
