@@ -25,6 +25,26 @@ from oauthmig.redact import describe_db_error, scrub_text, url_secrets
 
 SQLITE_IMMEDIATE = "oauthmig_sqlite_immediate"
 
+# SQLite lets one writer in at a time and its busy handler polls (with growing sleeps), so
+# threads of one run (``--jobs``) that write to one file can starve each other past
+# busy_timeout. Their IMMEDIATE transactions take turns on this gate first (first come,
+# first served); other processes still meet busy_timeout.
+_SQLITE_GATES: dict[str, threading.RLock] = {}
+_SQLITE_GATES_LOCK = threading.Lock()
+_GATE_KEY = "oauthmig_sqlite_gate"
+
+
+def _sqlite_gate(path: str) -> threading.RLock:
+    key = os.path.realpath(path)
+    with _SQLITE_GATES_LOCK:
+        return _SQLITE_GATES.setdefault(key, threading.RLock())
+
+
+def _open_gate(conn: Connection) -> None:
+    gate = conn.info.pop(_GATE_KEY, None)
+    if gate is not None:
+        gate.release()
+
 
 def for_writing(conn: Connection) -> Connection:
     """Mark a connection as a writer: on SQLite its transactions begin IMMEDIATE."""
@@ -122,12 +142,26 @@ def make_engine(
             cur.execute(f"PRAGMA busy_timeout = {int(lock_ms)}")
             cur.close()
 
+        gate = _sqlite_gate(url.database) if url.database and url.database != ":memory:" else None
+        # A thread that keeps its write transaction open does not hang the others forever:
+        # past this wait they go on to SQLite's own busy_timeout.
+        wait = max(lock_ms / 1000, 1.0) * 30
+
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
             # Writers ask for IMMEDIATE so that busy_timeout applies when taking the write lock;
             # a deferred transaction that reads first fails at once with SQLITE_BUSY instead.
             immediate = conn.get_execution_options().get(SQLITE_IMMEDIATE, False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            if immediate and gate is not None and gate.acquire(timeout=wait):
+                conn.info[_GATE_KEY] = gate
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            except BaseException:
+                _open_gate(conn)
+                raise
+
+        event.listen(engine, "commit", _open_gate)
+        event.listen(engine, "rollback", _open_gate)
 
         return engine
     args = dict(PG_CONNECT_ARGS)
