@@ -109,6 +109,7 @@ from oauthmig.rollout.jobs import (
     remaining_rows,
     run_lock,
 )
+from oauthmig.rollout.pacing import PACED_PREFIX, Pacer
 from oauthmig.rollout.preflight import RevisionInfo, check_routed_tables
 from oauthmig.rollout.remaining import column_generation
 from oauthmig.rollout.revisions import Catalogue
@@ -163,6 +164,7 @@ class JobSample:
     held_probe: str = ""
     held_reason: str = ""
     held_seconds: float = 0.0  # how long the current hold has lasted
+    pace: float | None = None  # latency pacing's current pace (1: full speed); None: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +311,7 @@ class _Runner:
     state: JobProgress | None = None  # what the job row holds (or will, once committed)
     observe: Observer | None = None
     health: HealthMonitor | None = None
+    pacer: Pacer | None = None
     log: BatchLog = field(init=False)  # the batch history this run writes
 
     def __post_init__(self) -> None:
@@ -320,6 +323,7 @@ class _Runner:
         started = time.monotonic()
         physical = self.settings.tables.physical(self.job.logical_table)
         self.health = HealthMonitor(self.settings.backfill.health, self.db, physical)
+        self.pacer = Pacer.for_database(self.settings.backfill, self.db, physical)
         try:
             with open_engine(self.settings, self.db) as engine:
                 if engine.dialect.name == "postgresql":
@@ -341,6 +345,7 @@ class _Runner:
             raise
         finally:
             self.health.close()
+            self.pacer.close()
 
     def _drop_lock_conn(self) -> None:
         conn, self.lock_conn = self.lock_conn, None
@@ -716,14 +721,17 @@ class _Runner:
             if self.options.sleep_seconds is not None
             else bf.sleep_seconds
         )
-        target = bf.target_batch_seconds
         assert self.state is not None
         size = self.state.batch_size
+        assert self.pacer is not None
+        pace = self.pacer.next()
+        self.log.pace = pace.rate if self.pacer.active else None
         failures = 0
         locked_attempts = 0
         narrowed: tuple[int, int] | None = None  # (size before narrowing, id to get past)
         version = self.state.version or 1
         self._report(self.state, "running", bar=False)
+        self.pacer.start()  # the baseline, before the first batch
         while True:
             if self.stop.should_stop():
                 self._save(conn, JobStatus.PAUSED)
@@ -773,6 +781,7 @@ class _Runner:
                             rows_done=self.state.rows_done + n,
                             batches=self.state.batches + 1,
                             batch_size=size,
+                            held_reason=self.pacer.reason or None,
                         )
                         # Same transaction as the batch: the cursor never runs ahead of the data,
                         # and the batch's history row exists exactly when the batch committed.
@@ -783,11 +792,13 @@ class _Runner:
                 self.changed += n
                 failures = 0
                 locked_attempts = 0
-                size = adapt_batch_size(size, elapsed, target)
+                pace = self.pacer.next()
+                self.log.pace = pace.rate if self.pacer.active else None
+                size = adapt_batch_size(size, elapsed, pace.target_seconds)
                 if narrowed is not None and hi >= narrowed[1]:
                     size, narrowed = max(size, narrowed[0]), None  # past the locked range
                 self._report(self.state, "running", elapsed)
-                pause = max(sleep_s, elapsed * (1 / bf.max_duty - 1))
+                pause = max(sleep_s, elapsed * (1 / pace.duty - 1))
                 if self.stop.deadline is not None:  # --max-runtime bounds the pause too
                     pause = min(pause, self.stop.deadline - time.monotonic())
                 if pause > 0:
@@ -861,7 +872,7 @@ class _Runner:
         done = state.rows_done
         total = max(state.rows_total, done)
         if self.progress and bar and status in ("running", "held"):
-            note = f"paused: {held.reason}" if held is not None else None
+            note = f"paused: {held.reason}" if held is not None else self._pace_note()
             self.progress(f"{self.db.name} {self.job.name}", done, total, note)
         if self.observe:
             self.observe(
@@ -878,8 +889,12 @@ class _Runner:
                     held.probe if held is not None else "",
                     held.reason if held is not None else "",
                     held_for,
+                    self.pacer.rate if self.pacer is not None and self.pacer.active else None,
                 )
             )
+
+    def _pace_note(self) -> str | None:
+        return (self.pacer.reason or None) if self.pacer is not None else None
 
     def _held(self, conn: Connection) -> bool:
         """Between batches: hold while health checks fail (:meth:`HealthMonitor.hold`), with
@@ -1010,6 +1025,10 @@ class _Runner:
         self.state = replace(self.state, status=status)
         if status is JobStatus.FINISHED:
             self.state = replace(self.state, last_error=None)
+        if status is not JobStatus.RUNNING and (self.state.held_reason or "").startswith(
+            PACED_PREFIX
+        ):
+            self.state = replace(self.state, held_reason=None)  # a pace is only while running
         with new_transaction(conn):
             self._persist(conn)
 
@@ -1067,7 +1086,8 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
             rate = settings.backfill.batch_size / settings.backfill.target_batch_seconds
         bf = settings.backfill
         # Pacing: at least sleep_seconds per batch, and max_duty of the wall time in batches.
-        estimate = max(n / rate / bf.max_duty, n / rate + bf.sleep_seconds * (n / bf.batch_size))
+        duty = bf.duty(paced=db.dialect == "postgresql" and bf.max_latency_ratio > 0)
+        estimate = max(n / rate / duty, n / rate + bf.sleep_seconds * (n / bf.batch_size))
         return JobRun(
             job.name,
             db.name,
