@@ -7,16 +7,16 @@ A fixed duty cycle cannot know what a database has to spare. The :class:`Pacer` 
   connection of its own (``url``, like the application; one short read-only transaction per
   sample with ``SET LOCAL`` timeouts, so a transaction pooler is fine), timed around the lookup
   alone;
-* **the baseline**: before the first batch, the mean of :data:`BASELINE_SAMPLES` probes (the
-  mean, not the median: what slows the application first shows in the tail);
+* **the baseline**: before the first batch, the :func:`trimmed_mean` of
+  :data:`BASELINE_SAMPLES` probes (a mean, not the median: what slows the application first
+  shows in the tail; trimmed of the slowest eighth: a stray sample is not congestion);
 * **while the job runs**, a thread probes every :data:`SAMPLE_INTERVAL` seconds, during the
   batches and the pauses alike. After each batch, once :data:`MIN_WINDOW` samples have come in
-  since the last decision, their mean (the slowest one left out: one stray sample on a busy
-  machine is not congestion) is compared with ``max_latency_ratio`` × the baseline (never
-  less than the baseline + :data:`MIN_SLACK`, 0.5 ms). Above it twice in a row, the pace is
-  halved (multiplicative decrease, down to :data:`MIN_RATE`); above it once, it holds; at or
-  below it, it grows by :data:`STEP` (additive increase, up to 1). With fewer samples (a short
-  batch) the pace stays;
+  since the last decision, their trimmed mean is compared with ``max_latency_ratio`` × the
+  baseline (never less than the baseline + :data:`MIN_SLACK`, 0.5 ms). Above it twice in a
+  row, the pace is halved (multiplicative decrease, down to :data:`MIN_RATE`); above it once,
+  it holds; at or below it, it grows by :data:`STEP` (additive increase, up to 1). With fewer
+  samples (a short batch) the pace stays;
 * **the pace** ``rate`` scales both knobs of the runner: the batch duration it aims for
   (``target_batch_seconds`` × rate: smaller batches hold row locks for less time) and its duty
   cycle (duty ceiling × rate: longer pauses). The ceiling is ``max_duty``, 1.0 by default under
@@ -63,6 +63,13 @@ STEP = 0.1  # additive increase per healthy decision
 DECREASE = 0.5  # multiplicative decrease per slow one
 PROBE_TIMEOUT_MS = 5000
 PACED_PREFIX = "paced to "
+
+
+def trimmed_mean(samples: list[float]) -> float:
+    """The mean without the slowest eighth (at least one sample left out once there are 8):
+    tail-sensitive, but one stray sample on a busy machine is not congestion."""
+    kept = sorted(samples)[: max(1, len(samples) - len(samples) // 8)]
+    return statistics.fmean(kept)
 
 
 class LatencyProbe(Protocol):
@@ -173,7 +180,7 @@ class Pacer:
         """Measure the baseline (before the first batch), then sample in the background."""
         if self.probe is None or self._thread is not None:
             return
-        self.baseline = statistics.fmean(self.probe.sample() for _ in range(BASELINE_SAMPLES))
+        self.baseline = trimmed_mean([self.probe.sample() for _ in range(BASELINE_SAMPLES)])
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._sample_loop, name="oauthmig-pacing", daemon=True
@@ -200,7 +207,7 @@ class Pacer:
             if ready:
                 self._samples = []
         if ready and self.baseline is not None:
-            self.latency = statistics.fmean(sorted(window)[:-1])
+            self.latency = trimmed_mean(window)
             over = self.latency > self.bound()
             if over and self.over:
                 self.rate = max(MIN_RATE, self.rate * DECREASE)
