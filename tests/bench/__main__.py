@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--phase-seconds", type=int, default=20, help="pgbench seconds per phase (default 20)"
     )
+    g.add_argument(
+        "--max-latency-ratio",
+        type=float,
+        default=None,
+        help="[backfill] max_latency_ratio of the 'default' backfill (default: the config's)",
+    )
     g = p.add_argument_group("health")
     g.add_argument(
         "--health-tokens", type=int, default=100_000, help="legacy tokens (default 100k)"
@@ -142,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seconds=args.phase_seconds,
                 seed=args.seed,
                 rounds=args.rounds,
+                ratio=args.max_latency_ratio,
             )
         elif name == "health":
             from tests.bench import bench_health

@@ -230,10 +230,13 @@ def _idle(name: str, settings: Settings, seconds: int) -> tuple[str, float, str,
     return name, rows / spent, _pace_summary(samples), before
 
 
-def main(tokens: int, seconds: int, seed: int, rounds: int = 2) -> bool:
+def main(tokens: int, seconds: int, seed: int, rounds: int = 2, ratio: float | None = None) -> bool:
     """Run the rounds and the idle comparison, print the figures, return whether the targets
     are met."""
-    print(f"== live traffic during the backfill: {tokens:,} tokens, {seconds} s per phase")
+    print(
+        f"== live traffic during the backfill: {tokens:,} tokens, {seconds} s per phase, "
+        f"max_latency_ratio {'default' if ratio is None else ratio}"
+    )
     print(machine())
     if not PGBENCH.is_file():
         raise RuntimeError(f"{PGBENCH} not found")
@@ -241,7 +244,9 @@ def main(tokens: int, seconds: int, seed: int, rounds: int = 2) -> bool:
     try:
         with scratch_databases("traffic") as dbs:
             url = dbs.create("main")
-            default = single_db_settings(url)
+            default = single_db_settings(
+                url, backfill=None if ratio is None else {"max_latency_ratio": ratio}
+            )
             off = single_db_settings(url, backfill=dict(PACING_OFF))
             t0 = time.perf_counter()
             setup_legacy(default, apps=200, tokens=tokens, seed=seed)
