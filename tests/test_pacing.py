@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.demo.data import setup_legacy
 from oauthmig.rollout.backfill import BackfillOptions, JobSample, backfill
-from oauthmig.rollout.batches import BATCH_TABLE
+from oauthmig.rollout.batches import BATCH_TABLE, ensure_batch_table
 from oauthmig.rollout.jobs import JOB_TABLE
 from oauthmig.rollout.pacing import (
     DECREASE,
@@ -208,3 +208,23 @@ def test_max_latency_ratio_zero_turns_pacing_off() -> None:
     assert not pacer.active and pacer.next().duty == 0.5
     on = settings_from_mapping({"databases": {"main": {"url": "sqlite:///x"}}}, {}, "t")
     assert on.backfill.max_latency_ratio == 1.5
+
+
+def test_an_older_batch_table_gains_the_pace_column(
+    make_database: DatabaseFactory, backend: str
+) -> None:
+    url = make_database("control")
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            ensure_batch_table(conn)
+            with conn.begin():
+                conn.execute(text(f"ALTER TABLE {BATCH_TABLE} DROP COLUMN pace"))
+            assert "pace" not in {c["name"] for c in inspect(conn).get_columns(BATCH_TABLE)}
+            conn.rollback()
+            ensure_batch_table(conn)
+            assert "pace" in {c["name"] for c in inspect(conn).get_columns(BATCH_TABLE)}
+            conn.rollback()
+            ensure_batch_table(conn)  # once there, left alone
+    finally:
+        engine.dispose()
