@@ -189,8 +189,11 @@ class Pacer:
 
     def _sample_loop(self) -> None:
         assert self.probe is not None
-        while not self._stop.wait(self.interval):
-            self.add(self.probe.sample())
+        try:
+            while not self._stop.wait(self.interval):
+                self.add(self.probe.sample())
+        finally:
+            self.probe.close()  # its connection belongs to this thread
 
     def add(self, seconds: float) -> None:
         """One latency sample (from the background thread, or a caller that probes itself)."""
@@ -237,10 +240,12 @@ class Pacer:
             return len(self._samples)
 
     def close(self) -> None:
-        """Stop sampling and close the probe's connection."""
+        """Stop sampling and close the probe's connection. Never waits long: a sample stuck on
+        a server that stopped answering (where its own ``statement_timeout`` cannot fire) is
+        left to its daemon thread, which closes the connection when the sample returns."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=1.0)
             self._thread = None
-        if self.probe is not None:
+        elif self.probe is not None:
             self.probe.close()
