@@ -8,6 +8,7 @@ is on known data. No timing bound is asserted: only which way the pace moves.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,11 @@ def test_backfill_records_its_pace(
         assert paces and all(p is not None and 0 < p <= 1 for p in paces)
         assert all(r.pace is not None and 0 < r.pace <= 1 for r in rows)
         assert rows[0].pace == START_RATE
+    report = invoke(capsys, "--config", cfg, "backfill", "--report", JOB, "--format", "json")
+    assert report.code == 0, report.err
+    shard = next(j for j in json.loads(report.out)["jobs"] if j["database"] == "shard")
+    recent = [r["pace"] for r in reversed(shard["recent"])]  # oldest first, as rows
+    assert recent and recent == [r.pace for r in rows][-len(recent) :]
 
 
 @pytest.mark.parametrize(

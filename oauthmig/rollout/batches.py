@@ -47,6 +47,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    null,
     select,
     text,
     update,
@@ -103,6 +104,7 @@ class BatchRow:
     error_class: str | None
     started_at: datetime
     finished_at: datetime
+    pace: float | None = None  # latency pacing's pace for a committed batch; None: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,14 +334,18 @@ def _to_row(r: Any) -> BatchRow:
         r.error_class,
         as_utc(r.started_at),
         as_utc(r.finished_at),
+        None if r.pace is None else float(r.pace),
     )
 
 
 def read_history(conn: Connection, job: str) -> tuple[list[BatchRow], list[str | None]]:
     """Every row of ``job``'s record, oldest first, and the run each row belongs to."""
     b = batch_table.c
+    # A table from before issue 24 has no pace column until the next backfill adds it.
+    paced = "pace" in {c["name"] for c in inspect(conn).get_columns(BATCH_TABLE)}
     result = conn.execute(
         select(
+            b.pace if paced else null().label("pace"),
             b.outcome,
             b.run_id,
             b.lo,
