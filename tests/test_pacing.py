@@ -38,10 +38,11 @@ from tests.helpers import invoke, write_config
 JOB = "token-families"
 
 
-def _settings(make_database: DatabaseFactory, tmp_path: Path, **backfill: Any) -> Settings:
-    data = routed_config(make_database("control"), make_database("shard"))
-    if backfill:
-        data["backfill"] = backfill
+def _settings(make_database: DatabaseFactory, tmp_path: Path) -> Settings:
+    # The suite's configs turn pacing off (tests/conftest.py): here it is on, as by default.
+    data = routed_config(
+        make_database("control"), make_database("shard"), backfill={"max_latency_ratio": 1.5}
+    )
     settings = settings_from_mapping(data, {}, "test")
     setup_legacy(settings, apps=20, tokens=400, seed=3)
     write_config(tmp_path / "oauthmig.toml", data)

@@ -74,7 +74,7 @@ def trimmed_mean(samples: list[float]) -> float:
 
 class LatencyProbe(Protocol):
     """One timed sample of what the application feels, in seconds (never raises: a failed
-    sample returns the time it took, which counts as slow)."""
+    sample returns the time until it failed)."""
 
     def sample(self) -> float: ...
 
@@ -83,7 +83,8 @@ class LatencyProbe(Protocol):
 
 @dataclass
 class LookupProbe:
-    """A primary-key lookup of a random existing id of ``physical`` on its own connection."""
+    """A primary-key lookup of a random id up to ``max(id)`` of ``physical`` (a row or a gap:
+    an index descent either way) on its own connection."""
 
     engine: Engine
     physical: str
@@ -112,7 +113,8 @@ class LookupProbe:
                 conn.execute(
                     text(
                         "SELECT set_config('statement_timeout', :ms, true), "
-                        "set_config('lock_timeout', :ms, true)"
+                        "set_config('lock_timeout', :ms, true), "
+                        "set_config('transaction_read_only', 'on', true)"
                     ),
                     {"ms": f"{PROBE_TIMEOUT_MS}ms"},
                 )
