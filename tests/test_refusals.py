@@ -6,10 +6,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
 from oauthmig.config import settings_from_mapping
+from oauthmig.failures import login_refused
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import invoke, schema_dump, seed_legacy, write_config
 
@@ -209,3 +211,24 @@ def test_sqlite_directory_and_read_only_file_are_caught_before_any_write(
     result = invoke(capsys, "--config", ro, "upgrade")
     assert result.code == 2, result.err
     assert schema_dump(settings) == before
+
+
+@pytest.mark.parametrize(
+    ("message", "refused"),
+    [
+        ('FATAL:  password authentication failed for user "oauth"', True),
+        ('FATAL:  no pg_hba.conf entry for host "10.0.0.1", user "oauth", database "x"', True),
+        ('FATAL:  role "oauth" is not permitted to log in', True),
+        ('FATAL:  database "sentry" does not exist', True),
+        ("fe_sendauth: no password supplied", True),
+        ("Connection refused\n\tIs the server running on that host?", False),
+        ("timeout expired", False),
+        ("FATAL:  the database system is starting up", False),
+        ("failed to resolve host 'replica-1': Name or service not known", False),
+    ],
+)
+def test_login_refused_tells_a_wrong_url_from_an_unreachable_server(
+    message: str, refused: bool
+) -> None:
+    exc = psycopg.OperationalError(f'connection to server at "127.0.0.1" failed: {message}')
+    assert login_refused(exc) is refused
