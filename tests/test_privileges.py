@@ -30,9 +30,10 @@ CASES: list[tuple[Command, tuple[str, ...], tuple[int, ...]]] = [
     (Command.VERIFY, ("verify",), (0,)),
     (Command.BACKFILL, ("backfill",), (0,)),
     (Command.BACKFILL_CONTROL, ("backfill", "pause"), (0,)),
-    (Command.BACKFILL_CONTROL, ("backfill", "resume"), (0,)),
     (Command.PRUNE_GRANTS, ("prune-grants",), (0,)),
     (Command.STAMP, ("stamp", "0003"), (0,)),
+    (Command.DRY_RUN, ("upgrade", "--dry-run"), (0,)),
+    (Command.DRY_RUN, ("backfill", "--dry-run"), (0,)),
     (Command.UPGRADE, ("upgrade",), (0,)),
     (Command.CONTRACT, ("contract", "--since", "2000-01-01T00:00:00Z"), (0,)),
     (Command.DOWNGRADE, ("downgrade", "--to", "0003"), (0,)),
@@ -165,6 +166,26 @@ def test_each_command_names_what_the_role_lacks_and_runs_with_what_the_table_lis
             done = invoke(capsys, "--config", cfg, *argv)
             assert done.code in ok, (argv, done.out, done.err)
             assert "permission denied" not in done.err, done.err
+        # A table the command creates, missing, needs CREATE on the schema (PostgreSQL 15
+        # no longer grants it to PUBLIC); inserted ids need USAGE on their sequence.
+        control = settings.databases["control"].url
+        assert control is not None
+        _grant_exactly(pg_admin, settings, "control", role, owners["control"], Command.VERIFY, None)
+        with _session(control) as engine, engine.connect() as conn:
+            conn.execute(text("DROP TABLE oauthmig_verify"))
+        refused = invoke(capsys, "--config", cfg, "-d", "control", "verify")
+        assert refused.code == 2 and "CREATE on schema public" in refused.err, refused.err
+        assert f"GRANT CREATE ON SCHEMA public TO {role}" in refused.err, refused.err
+        _grant_exactly(
+            pg_admin, settings, "control", role, owners["control"], Command.BACKFILL, None
+        )
+        with _session(control) as engine, engine.connect() as conn:
+            conn.execute(text(f"REVOKE USAGE ON ALL SEQUENCES IN SCHEMA public FROM {role}"))
+        refused = invoke(capsys, "--config", cfg, "-d", "control", "backfill")
+        assert refused.code == 2, refused.err
+        seq = "oauthmig_backfill_batch_id_seq"
+        assert f"USAGE on sequence {seq}" in refused.err, refused.err
+        assert f"GRANT USAGE ON SEQUENCE {seq} TO {role}" in refused.err, refused.err
     finally:
         for name in settings.database_names():
             url = settings.databases[name].url

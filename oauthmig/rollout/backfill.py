@@ -1115,7 +1115,9 @@ def backfill(
     if not options.dry_run:
         for name in hosting:
             require_session(settings, settings.databases[name], "backfill")
-    check_databases(settings, hosting, revisions, None if options.dry_run else Command.BACKFILL)
+    check_databases(
+        settings, hosting, revisions, Command.DRY_RUN if options.dry_run else Command.BACKFILL
+    )
     # A health probe that cannot work as configured is a config error, before any batch.
     for dbname in hosting:
         validate_health(health, settings.databases[dbname])

@@ -33,6 +33,7 @@ class Command(StrEnum):
     DOWNGRADE = "downgrade"
     STAMP = "stamp"
     STATUS = "status"
+    DRY_RUN = "upgrade/downgrade/backfill --dry-run"
     BACKFILL = "backfill"
     BACKFILL_CONTROL = "backfill pause/resume/cancel"
     VERIFY = "verify"
@@ -80,6 +81,15 @@ _DDL = (
     Need(_JOB, (_S,)),
 )
 _READ_STATE = (Need(_VERSION, (_S,)), Need(_LOG, (_S,)))
+_READ_ALL = (
+    Need("application", (_S,)),
+    Need("grant", (_S,)),
+    Need("token", (_S,)),
+    *_READ_STATE,
+    Need(_JOB, (_S,)),
+    Need(_BATCH, (_S,)),
+    Need(_VERIFY, (_S,)),
+)
 
 #: What each command needs on PostgreSQL, per object (see :class:`Need`).
 COMMAND_PRIVILEGES: dict[Command, tuple[Need, ...]] = {
@@ -93,15 +103,8 @@ COMMAND_PRIVILEGES: dict[Command, tuple[Need, ...]] = {
         Need(_LOG, _RW, creates=True),
         Need(_VERIFY, (_S, _I, _D), creates=True),
     ),
-    Command.STATUS: (
-        Need("application", (_S,)),
-        Need("grant", (_S,)),
-        Need("token", (_S,)),
-        *_READ_STATE,
-        Need(_JOB, (_S,)),
-        Need(_BATCH, (_S,)),
-        Need(_VERIFY, (_S,)),
-    ),
+    Command.STATUS: _READ_ALL,
+    Command.DRY_RUN: _READ_ALL,
     Command.BACKFILL: (
         Need("application", (_S, _U)),
         Need("token", (_S, _U)),
@@ -123,15 +126,7 @@ COMMAND_PRIVILEGES: dict[Command, tuple[Need, ...]] = {
     # FOR UPDATE SKIP LOCKED on the rows it deletes takes UPDATE too.
     Command.PRUNE_GRANTS: (Need("grant", (_S, _U, _D)), *_READ_STATE),
     Command.AUDIT_REDIRECTS: (Need("application", (_S,)), Need("grant", (_S,)), *_READ_STATE),
-    Command.REPORT: (
-        Need("application", (_S,)),
-        Need("grant", (_S,)),
-        Need("token", (_S,)),
-        *_READ_STATE,
-        Need(_JOB, (_S,)),
-        Need(_BATCH, (_S,)),
-        Need(_VERIFY, (_S,)),
-    ),
+    Command.REPORT: _READ_ALL,
 }
 
 # One row per (object, privilege) asked; a missing table is fine unless the command creates

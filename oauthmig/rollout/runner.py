@@ -846,6 +846,7 @@ def _run_dry(
     started: float,
 ) -> DatabaseRun:
     settings = req.settings
+    check_privileges(conn, settings, db, Command.DRY_RUN)
     plan, chosen = _plan(
         conn, settings, db, cat.revisions, target, req.direction, req.explicit_target
     )
