@@ -110,6 +110,7 @@ from oauthmig.rollout.jobs import (
     run_lock,
 )
 from oauthmig.rollout.preflight import RevisionInfo, check_routed_tables
+from oauthmig.rollout.privileges import Command
 from oauthmig.rollout.remaining import column_generation
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import check_databases
@@ -1114,7 +1115,9 @@ def backfill(
     if not options.dry_run:
         for name in hosting:
             require_session(settings, settings.databases[name], "backfill")
-    check_databases(settings, hosting, revisions)
+    check_databases(
+        settings, hosting, revisions, Command.DRY_RUN if options.dry_run else Command.BACKFILL
+    )
     # A health probe that cannot work as configured is a config error, before any batch.
     for dbname in hosting:
         validate_health(health, settings.databases[dbname])
