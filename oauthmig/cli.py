@@ -25,9 +25,16 @@ import oauthmig
 from oauthmig.config import Settings, load_settings, parse_duration_ms
 from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep, run_demo
 from oauthmig.errors import ConfigError, OauthmigError, PlanRefusedError, Terminated, UsageError
+from oauthmig.html_report import Report, gather_report
+from oauthmig.output.audit_writers import (
+    SARIF_MAX_RESULTS,
+    SarifWriter,
+    atomic_output,
+    writer_for,
+)
 from oauthmig.output.backfill_text import render_report, render_requests
 from oauthmig.output.baseline import BaselineRecorder, BaselineState, load_baseline
-from oauthmig.output.files import output_file
+from oauthmig.output.files import output_file, write_scripts
 from oauthmig.output.html import render_html
 from oauthmig.output.json import (
     backfill_to_dict,
@@ -75,19 +82,11 @@ from oauthmig.prune import prune
 from oauthmig.redact import scrub_log_records
 from oauthmig.redirects.audit import AuditFinding, AuditSummary, FailOn
 from oauthmig.redirects.audit import audit as audit_service
-from oauthmig.redirects.reports import (
-    SARIF_MAX_RESULTS,
-    SarifWriter,
-    atomic_output,
-    writer_for,
-)
 from oauthmig.redirects.rules import check_uri
-from oauthmig.report import Report, gather_report
 from oauthmig.rollout import backfill as backfill_service
 from oauthmig.rollout import control, runner
 from oauthmig.rollout.backfill import BackfillResult
 from oauthmig.rollout.batch_report import DEFAULT_LAST, backfill_report
-from oauthmig.rollout.offline import write_scripts
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import Direction, Mode, PlanOutcome, RunResult
 from oauthmig.rollout.stamp import stamp as stamp_revisions

@@ -21,7 +21,7 @@ from sqlalchemy.exc import ArgumentError
 
 from oauthmig.errors import ConfigError
 from oauthmig.redact import mask_url
-from oauthmig.redirects.uri import URIError, parse_uri
+from oauthmig.uri import URIError, parse_uri
 
 LOGICAL_TABLES: tuple[str, ...] = ("application", "grant", "token")
 DEFAULT_TABLES: dict[str, str] = {

@@ -81,6 +81,8 @@ from oauthmig.db import (
 from oauthmig.errors import BackfillError, ConfigError, LockBusyError, OauthmigError, UsageError
 from oauthmig.failures import FailureKind, classify
 from oauthmig.pooler import require_session
+from oauthmig.preflight import check_routed_tables
+from oauthmig.revision_types import RevisionInfo
 from oauthmig.rollout.batches import BatchLog, ensure_batch_table, error_class, reset_history
 from oauthmig.rollout.control import (
     POLL_SECONDS,
@@ -109,7 +111,6 @@ from oauthmig.rollout.jobs import (
     remaining_rows,
     run_lock,
 )
-from oauthmig.rollout.preflight import RevisionInfo, check_routed_tables
 from oauthmig.rollout.remaining import column_generation
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import check_databases

@@ -49,13 +49,13 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from oauthmig import family
+from oauthmig.columns import StringList
 from oauthmig.config import Settings
 from oauthmig.db import scrub_stored
 from oauthmig.errors import SchemaStateError
 from oauthmig.redirects.rules import infer_app_type, split_redirect_uris
 from oauthmig.rollout.batches import BatchStats, as_utc, batch_stats
 from oauthmig.runlock import RunLock, transaction_lock
-from oauthmig.types import StringList
 
 
 class JobStatus(StrEnum):

@@ -41,6 +41,7 @@ from sqlalchemy import case, func, select, text
 from sqlalchemy.engine import Connection
 
 from oauthmig.config import Settings
+from oauthmig.revision_types import RevisionInfo
 from oauthmig.rollout.jobs import (
     EstimateBasis,
     Job,
@@ -50,8 +51,8 @@ from oauthmig.rollout.jobs import (
     has_columns,
     read_job,
 )
-from oauthmig.rollout.preflight import RevisionInfo, read_log
 from oauthmig.rollout.revisions import history
+from oauthmig.version_tables import read_log
 
 #: Rows above the cursor that the probe reads (in id order) before it estimates instead.
 PROBE_ROWS = 5_000

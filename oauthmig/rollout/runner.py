@@ -7,7 +7,7 @@ Online runs are all or nothing across databases: every selected database is plan
 first, and if any cannot be, nothing is written anywhere (:class:`PlanRefusedError`); each
 database then runs its plan, confirmed under its run lock. The catalogue and the revision API
 are in :mod:`oauthmig.rollout.revisions`, the preflight checks every command runs in
-:mod:`oauthmig.rollout.preflight`.
+:mod:`oauthmig.preflight`.
 """
 
 from __future__ import annotations
@@ -54,24 +54,14 @@ from oauthmig.errors import (
     UsageError,
 )
 from oauthmig.failures import FailureKind, classify
-from oauthmig.identity import check_distinct
 from oauthmig.pooler import require_session
+from oauthmig.preflight import check_state, preflight
+from oauthmig.revision_types import RevisionInfo, revision_position
 from oauthmig.rollout.jobs import JOBS
 from oauthmig.rollout.offline import (
     database_guard,
     gate_guards,
     version_guard,
-)
-from oauthmig.rollout.preflight import (
-    VERSION_TABLE,
-    RevisionInfo,
-    check_state,
-    log_metadata,
-    preflight,
-    read_current,
-    read_log,
-    revision_log,
-    revision_position,
 )
 from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.revisions import (
@@ -83,6 +73,14 @@ from oauthmig.rollout.revisions import (
 )
 from oauthmig.rollout.verify import verify_connection
 from oauthmig.runlock import RunLock, exclusive_run
+from oauthmig.same_database import check_distinct
+from oauthmig.version_tables import (
+    VERSION_TABLE,
+    log_metadata,
+    read_current,
+    read_log,
+    revision_log,
+)
 
 # --------------------------------------------------------------------------- results
 
@@ -213,7 +211,7 @@ class RunResult:
 def check_databases(
     settings: Settings, names: Sequence[str] | None, revisions: Sequence[RevisionInfo]
 ) -> None:
-    """Run :func:`~oauthmig.rollout.preflight.check_state` on each database (all selected when
+    """Run :func:`~oauthmig.preflight.check_state` on each database (all selected when
     ``names`` is ``None``); raise the first error. Also refuses two configured names that reach
     the same database.
     """

@@ -19,21 +19,17 @@ from sqlalchemy.engine import Connection
 from oauthmig.config import Settings
 from oauthmig.db import connect, map_db_errors, open_engine, scrub_stored, set_timeouts
 from oauthmig.errors import OauthmigError
-from oauthmig.identity import check_distinct
+from oauthmig.preflight import check_state
+from oauthmig.revision_types import RevisionInfo, revision_position
 from oauthmig.rollout.batches import as_utc
 from oauthmig.rollout.compat import CompatTarget
 from oauthmig.rollout.jobs import JOBS, JobState, JobStatus, job_states
-from oauthmig.rollout.preflight import (
-    STAMPED,
-    RevisionInfo,
-    check_state,
-    read_log,
-    revision_position,
-)
 from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.revisions import Drift, drift, history
 from oauthmig.rollout.runner import gate_for
 from oauthmig.rollout.verify import Phase, compat_active, phase, read_verify
+from oauthmig.same_database import check_distinct
+from oauthmig.version_tables import STAMPED, read_log
 
 
 @dataclass(frozen=True, slots=True)
