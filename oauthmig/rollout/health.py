@@ -59,6 +59,7 @@ from sqlalchemy.pool import NullPool
 from oauthmig.config import DatabaseConfig, HealthSettings, ReplicaConfig
 from oauthmig.db import PG_CONNECT_ARGS, ClientDeadline
 from oauthmig.errors import ConfigError
+from oauthmig.failures import sqlstate
 from oauthmig.redact import describe_db_error, url_secrets
 
 PROBE_REPLICA_LAG = "replica-lag"
@@ -478,11 +479,6 @@ class HealthMonitor:
 _QUERY_DEFECTS = ("42", "0A000", "25006")
 
 
-def _sqlstate(exc: SQLAlchemyError) -> str:
-    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
-    return code if isinstance(code, str) else ""
-
-
 def validate(health: HealthSettings, db: DatabaseConfig) -> None:
     """Before the first batch: a probe that cannot work as configured is a configuration
     error (:class:`ConfigError`, exit 2), not a health signal that would hold the backfill
@@ -500,7 +496,7 @@ def validate(health: HealthSettings, db: DatabaseConfig) -> None:
             with _probe(engine, timeout) as conn:
                 reading = custom_check(conn, health.check_sql, health.check_max)
         except SQLAlchemyError as exc:
-            if _sqlstate(exc).startswith(_QUERY_DEFECTS):
+            if (sqlstate(exc) or "").startswith(_QUERY_DEFECTS):
                 reason = describe_db_error(exc, url_secrets(db.url))
                 raise ConfigError(
                     f"backfill.health.check_sql cannot run on database {db.name!r}: {reason}; "
