@@ -28,7 +28,7 @@ from oauthmig.rollout.batches import (
     ensure_batch_table,
 )
 from oauthmig.rollout.control import requester
-from oauthmig.rollout.jobs import JOB_TABLE
+from oauthmig.rollout.job_state import JOB_TABLE
 from tests.conftest import DatabaseFactory
 from tests.forkserver import ForkServer
 from tests.helpers import invoke, run_lock_held

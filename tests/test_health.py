@@ -43,7 +43,7 @@ from oauthmig.rollout.health import (
     HealthMonitor,
     HealthReading,
 )
-from oauthmig.rollout.jobs import JOB_TABLE
+from oauthmig.rollout.job_state import JOB_TABLE
 from tests.conftest import DatabaseFactory, routed_config
 from tests.forkserver import ForkServer
 from tests.helpers import invoke, write_config

@@ -25,7 +25,7 @@ from sqlalchemy.pool import NullPool
 
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.demo.data import setup_legacy
-from oauthmig.rollout.jobs import JOB_TABLE
+from oauthmig.rollout.job_state import JOB_TABLE
 from tests.conftest import PG_ADMIN_URL, PgPool, routed_config
 from tests.forkserver import ForkServer
 from tests.helpers import invoke, schema_dump, write_config

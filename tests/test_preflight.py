@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from oauthmig.config import ClientMetadataDefaults, Settings, settings_from_mapping
 from oauthmig.db import make_engine
 from oauthmig.rollout import compat
-from oauthmig.rollout.jobs import JOB_TABLE
+from oauthmig.rollout.job_state import JOB_TABLE
 from oauthmig.rollout.revisions import VERSION_TABLE
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import CliResult, data_checksum, invoke, schema_dump, seed_legacy, write_config

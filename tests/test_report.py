@@ -52,7 +52,7 @@ from oauthmig.redirects.audit import audit as run_audit
 from oauthmig.redirects.rules import RULES, Severity
 from oauthmig.rollout import runner
 from oauthmig.rollout.backfill import backfill
-from oauthmig.rollout.jobs import job_table
+from oauthmig.rollout.job_state import job_table
 from oauthmig.rollout.revisions import history
 from oauthmig.rollout.status import StatusReport
 from tests.conftest import DatabaseFactory, routed_config

@@ -95,21 +95,24 @@ from oauthmig.rollout.control import (
 )
 from oauthmig.rollout.health import HealthMonitor, HealthReading
 from oauthmig.rollout.health import validate as validate_health
+from oauthmig.rollout.job_state import (
+    JobPhase,
+    JobProgress,
+    RunEnd,
+    StoredStatus,
+    ensure_job_table,
+    job_table,
+    new_transaction,
+    read_job,
+    run_lock,
+)
 from oauthmig.rollout.jobs import (
     FAMILY_VERSION,
     JOBS,
     BatchContext,
     Job,
-    JobPhase,
-    JobProgress,
-    JobStatus,
-    ensure_job_table,
-    job_table,
-    new_transaction,
-    read_job,
     register_sqlite_functions,
     remaining_rows,
-    run_lock,
 )
 from oauthmig.rollout.remaining import column_generation
 from oauthmig.rollout.revisions import Catalogue
@@ -134,7 +137,7 @@ class JobRun:
 
     job: str
     database: str
-    status: JobStatus  # finished, paused, cancelled or failed; dry-run or up-to-date
+    status: RunEnd
     rows_changed: int
     rows_total: int
     batches: int
@@ -176,7 +179,7 @@ class BackfillResult:
     @property
     def failed(self) -> tuple[JobRun, ...]:
         """Runs that failed, or stopped because their job is cancelled (exit 2)."""
-        return tuple(r for r in self.runs if r.status in (JobStatus.FAILED, JobStatus.CANCELLED))
+        return tuple(r for r in self.runs if r.status in (RunEnd.FAILED, RunEnd.CANCELLED))
 
     @property
     def out_of_time(self) -> tuple[JobRun, ...]:
@@ -314,7 +317,7 @@ class _Runner:
 
     def __post_init__(self) -> None:
         self.log = BatchLog(self.job.name, self.owner, self.settings.backfill.keep_batches)
-        self.lock = run_lock(self.job, self.db.name)
+        self.lock = run_lock(self.job.name, self.db.name)
 
     def run(self) -> JobRun:
         """Run the job on its database (holding the run lock) and return the outcome."""
@@ -445,14 +448,14 @@ class _Runner:
             saved = read_job(conn, job.name)
             if (
                 saved is not None
-                and saved.status is JobStatus.CANCELLED
+                and saved.status is StoredStatus.CANCELLED
                 and not self.options.restart
             ):
                 message = cancelled_message(recorded_request(saved), db.name, job.name)
                 seconds = time.monotonic() - started
                 self._report(saved, "cancelled", bar=False)
                 return JobRun(
-                    job.name, db.name, JobStatus.CANCELLED, 0, 0, 0, seconds, message=message
+                    job.name, db.name, RunEnd.CANCELLED, 0, 0, 0, seconds, message=message
                 )
             now = datetime.now(UTC)
             version = FAMILY_VERSION
@@ -474,7 +477,7 @@ class _Runner:
                     saved = None
             if (
                 saved is not None
-                and saved.status is JobStatus.FINISHED
+                and saved.status is StoredStatus.FINISHED
                 and not self.options.restart
             ):
                 if remaining == 0:
@@ -482,7 +485,7 @@ class _Runner:
                     return JobRun(
                         job.name,
                         db.name,
-                        JobStatus.UP_TO_DATE,
+                        RunEnd.UP_TO_DATE,
                         0,
                         saved.rows_done,
                         0,
@@ -493,7 +496,7 @@ class _Runner:
                 self.state = JobProgress(
                     job=job.name,
                     table_name=physical,
-                    status=JobStatus.RUNNING,
+                    status=StoredStatus.RUNNING,
                     phase=JobPhase.MAIN,
                     cursor=0,
                     upper_bound=_max_id(conn, physical),
@@ -523,7 +526,7 @@ class _Runner:
                     batch_size=self.options.batch_size or saved.batch_size,
                     # Resuming: what is left is what was done plus what remains.
                     rows_total=saved.rows_done + remaining,
-                    status=JobStatus.RUNNING,
+                    status=StoredStatus.RUNNING,
                     owner=self.owner,
                     generation=generation,
                     version=version,
@@ -561,12 +564,12 @@ class _Runner:
                 conn.execute(
                     job_table.update()
                     .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
-                    .values(status=JobStatus.PAUSED.value, updated_at=datetime.now(UTC))
+                    .values(status=StoredStatus.PAUSED.value, updated_at=datetime.now(UTC))
                 )
             return
         with contextlib.suppress(SQLAlchemyError):
             conn.close()  # releases row locks of a half-done batch before the fresh write
-        self._mark(engine, status=JobStatus.PAUSED)
+        self._mark(engine, status=StoredStatus.PAUSED)
 
     def _mark(self, engine: Engine, **values: Any) -> None:
         """Record a final state on a fresh connection (the work connection may be broken).
@@ -707,7 +710,7 @@ class _Runner:
             f"{window:g}s ({attempt - 1} reconnect attempts; last: {last}); state saved by "
             "the last committed batch, rerun to resume"
         )
-        self._mark(engine, status=JobStatus.FAILED, last_error=message[:2000])
+        self._mark(engine, status=StoredStatus.FAILED, last_error=message[:2000])
         raise BackfillError(message)
 
     def _loop(self, engine: Engine, conn: Connection, physical: str, started: float) -> Connection:
@@ -727,7 +730,7 @@ class _Runner:
         self._report(self.state, "running", bar=False)
         while True:
             if self.stop.should_stop():
-                self._save(conn, JobStatus.PAUSED)
+                self._save(conn, StoredStatus.PAUSED)
                 return conn
             snapshot = self.state  # what the job row holds now
             bound = snapshot.upper_bound
@@ -756,12 +759,12 @@ class _Runner:
                             )
                             conn.commit()
                             if self.state.upper_bound > bound:
-                                self._save(conn, JobStatus.RUNNING)
+                                self._save(conn, StoredStatus.RUNNING)
                                 continue
                         self.state = replace(
                             self.state, phase=JobPhase.DONE, finished_at=datetime.now(UTC)
                         )
-                        self._save(conn, JobStatus.FINISHED)
+                        self._save(conn, StoredStatus.FINISHED)
                         return conn
                     t0, began = time.monotonic(), datetime.now(UTC)
                     with new_transaction(conn):
@@ -943,10 +946,10 @@ class _Runner:
         """A pause or cancel request: stop before the next batch, state saved."""
         self.by_request = True
         if request.action == "pause":
-            self._save(conn, JobStatus.PAUSED)
+            self._save(conn, StoredStatus.PAUSED)
             message = paused_message(request, self.db.name, self.job.name)
         else:
-            self._save(conn, JobStatus.CANCELLED)
+            self._save(conn, StoredStatus.CANCELLED)
             message = cancelled_message(request, self.db.name, self.job.name)
         self.note = f"{self.note}; {message}" if self.note else message
         return conn
@@ -1000,16 +1003,16 @@ class _Runner:
         assert self.state is not None
         self._mark(
             engine,
-            status=JobStatus.FAILED,
+            status=StoredStatus.FAILED,
             last_error=(stored or message)[:2000],
             attempts=self.state.attempts,
         )
         raise BackfillError(message)
 
-    def _save(self, conn: Connection, status: JobStatus) -> None:
+    def _save(self, conn: Connection, status: StoredStatus) -> None:
         assert self.state is not None
         self.state = replace(self.state, status=status)
-        if status is JobStatus.FINISHED:
+        if status is StoredStatus.FINISHED:
             self.state = replace(self.state, last_error=None)
         with new_transaction(conn):
             self._persist(conn)
@@ -1017,7 +1020,7 @@ class _Runner:
     def _result(self, started: float) -> JobRun:
         assert self.state is not None
         out_of_time = (
-            self.state.status is JobStatus.PAUSED
+            self.state.status is StoredStatus.PAUSED
             and not self.by_request
             and not self.stop.event.is_set()
             and self.stop.out_of_time()
@@ -1029,7 +1032,7 @@ class _Runner:
         return JobRun(
             self.job.name,
             self.db.name,
-            self.state.status,
+            RunEnd(self.state.status),
             self.changed,
             self.state.rows_total,
             len(self.batch_times),
@@ -1051,7 +1054,7 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
             return JobRun(
                 job.name,
                 db.name,
-                JobStatus.DRY_RUN,
+                RunEnd.DRY_RUN,
                 0,
                 0,
                 0,
@@ -1072,7 +1075,7 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
         return JobRun(
             job.name,
             db.name,
-            JobStatus.DRY_RUN,
+            RunEnd.DRY_RUN,
             n,
             n,
             0,
@@ -1140,7 +1143,7 @@ def backfill(
                     settings, db, job, options, progress, stopper, revisions, observe=observe
                 ).run()
         except OauthmigError as exc:
-            return JobRun(job.name, db.name, JobStatus.FAILED, 0, 0, 0, 0.0, message=exc.message)
+            return JobRun(job.name, db.name, RunEnd.FAILED, 0, 0, 0, 0.0, message=exc.message)
 
     if options.jobs > 1 and len(work) > 1:
         pool = ThreadPoolExecutor(max_workers=options.jobs)

@@ -16,7 +16,8 @@ from oauthmig.errors import OauthmigError
 from oauthmig.preflight import check_state
 from oauthmig.rollout.batches import SUMMARY, BatchRow, has_batch_table, read_history
 from oauthmig.rollout.control import job_targets
-from oauthmig.rollout.jobs import JobState, job_states
+from oauthmig.rollout.job_state import JobState
+from oauthmig.rollout.jobs import job_states
 from oauthmig.rollout.revisions import history
 from oauthmig.same_database import check_distinct
 

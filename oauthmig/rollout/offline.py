@@ -31,7 +31,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.schema import CreateTable
 
 from oauthmig.config import DatabaseConfig, Settings
-from oauthmig.rollout.jobs import JOB_TABLE, JOBS, job_table
+from oauthmig.rollout.job_state import JOB_TABLE, job_table
+from oauthmig.rollout.jobs import JOBS
 
 ADOPTED_SETTING = "oauthmig.adopted"
 PSQL_HEADER = "\\set ON_ERROR_STOP on\n"

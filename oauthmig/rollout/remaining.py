@@ -42,15 +42,8 @@ from sqlalchemy.engine import Connection
 
 from oauthmig.config import Settings
 from oauthmig.revision_types import RevisionInfo
-from oauthmig.rollout.jobs import (
-    EstimateBasis,
-    Job,
-    JobStatus,
-    Remaining,
-    exact_remaining,
-    has_columns,
-    read_job,
-)
+from oauthmig.rollout.job_state import EstimateBasis, StoredStatus, read_job
+from oauthmig.rollout.jobs import Job, Remaining, exact_remaining, has_columns
 from oauthmig.rollout.revisions import history
 from oauthmig.version_tables import read_log
 
@@ -189,7 +182,7 @@ def remaining(
         conn, settings, job, catalogue
     )
     above = state.cursor if state is not None and trusted else 0
-    finished = state is not None and trusted and state.status is JobStatus.FINISHED
+    finished = state is not None and trusted and state.status is StoredStatus.FINISHED
     t = job.table(physical)
     try:
         if conn.dialect.name == "postgresql":

@@ -37,7 +37,7 @@ from oauthmig.errors import GateError, OauthmigError, SchemaStateError, UsageErr
 from oauthmig.pooler import require_session
 from oauthmig.preflight import check_state
 from oauthmig.revision_types import RevisionInfo, incompatible_column, revision_position
-from oauthmig.rollout.jobs import new_transaction
+from oauthmig.rollout.job_state import new_transaction
 from oauthmig.rollout.revisions import Catalogue, RevisionTarget, ensure_log_table
 from oauthmig.rollout.runner import gate_for
 from oauthmig.rollout.verify import verify_connection

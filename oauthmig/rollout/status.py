@@ -23,7 +23,8 @@ from oauthmig.preflight import check_state
 from oauthmig.revision_types import RevisionInfo, revision_position
 from oauthmig.rollout.batches import as_utc
 from oauthmig.rollout.compat import CompatTarget
-from oauthmig.rollout.jobs import JOBS, JobState, JobStatus, job_states
+from oauthmig.rollout.job_state import JobState, ShownStatus
+from oauthmig.rollout.jobs import JOBS, job_states
 from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.revisions import Drift, drift, history
 from oauthmig.rollout.runner import gate_for
@@ -88,7 +89,7 @@ class DatabaseStatus:
             return True
         if any(r.state in ("pending", "waiting", "failed") for r in self.revisions):
             return True
-        return any(j.state is not JobStatus.FINISHED for j in self.backfills)
+        return any(j.state is not ShownStatus.FINISHED for j in self.backfills)
 
 
 @dataclass(frozen=True, slots=True)
