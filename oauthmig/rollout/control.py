@@ -285,6 +285,11 @@ def request(
 def _apply(
     conn: Connection, settings: Settings, database: str, job: Job, req: Request
 ) -> RequestOutcome:
+    """Record one request for one job on one database, and say what it does.
+
+    Stays whole: one decision table, (action, stored state, live run) -> effect, read top to
+    bottom inside the transaction that locks the job row.
+    """
     alive = run_alive(conn, job.name)
     if req.action == "resume":
         seen = read_job(conn, job.name)  # tolerates a missing or older job table
