@@ -157,7 +157,7 @@ def _print_plain(console: Console, table: Table) -> None:
 
 
 class ProgressUpdate(Protocol):
-    """``update(label, done, total[, note])``: ``note`` (e.g. ``paused: replica lag 14.2s >
+    """``update(label, done, total[, note])``: ``note`` (e.g. ``held: replica lag 14.2s >
     10s``) replaces the rate until an update without one."""
 
     def __call__(self, label: str, done: int, total: int, note: str | None = None, /) -> None: ...
@@ -186,7 +186,7 @@ def progress_bar(console: Console, enabled: bool) -> Iterator[ProgressUpdate]:
     """A rich progress bar (rows, rate, ETA); yields ``update(label, done, total[, note])``.
 
     Not on a terminal (CI logs, files) there is no bar, but a line when a task starts waiting
-    with a note (``control token-families: paused: ...``) and when it goes on again.
+    with a note (``control token-families: held: ...``) and when it goes on again.
     """
     if not enabled:
         yield _no_progress
@@ -393,7 +393,7 @@ def render_status(console: Console, report: StatusReport) -> None:
             total = "?" if job.rows_total is None else f"{job.rows_total:,}"
             state = str(job.state)
             if job.held:
-                how = "paused" if job.state is ShownStatus.RUNNING else "stopped while held"
+                how = "held" if job.state is ShownStatus.RUNNING else "stopped while held"
                 state = f"{job.state} ({how}: {job.held})"
             approx = "~" if job.estimate else ""
             line = (

@@ -201,7 +201,7 @@ class BackfillOptions:
 
 class Progress(Protocol):
     """Progress callback: ``(label, rows done, rows total, note)``; ``note`` is None, or what
-    the run waits for, such as ``paused: replica lag 14.2s > 10s``."""
+    the run waits for, such as ``held: replica lag 14.2s > 10s``."""
 
     def __call__(self, label: str, done: int, total: int, note: str | None, /) -> None: ...
 
@@ -970,7 +970,7 @@ class _Runner:
         done = state.rows_done
         total = max(state.rows_total, done)
         if self.progress and bar and status in ("running", "held"):
-            note = f"paused: {held.reason}" if held is not None else None
+            note = f"held: {held.reason}" if held is not None else None
             self.progress(f"{self.db.name} {self.job.name}", done, total, note)
         if self.observe:
             self.observe(
@@ -984,7 +984,7 @@ class _Runner:
                     batch_seconds
                     if batch_seconds is not None
                     else (self.batch_times[-1] if self.batch_times else None),
-                    held.probe if held is not None else "",
+                    held.probe or "" if held is not None else "",
                     held.reason if held is not None else "",
                     held_for,
                 )

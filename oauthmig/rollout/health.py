@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import create_engine, text
@@ -62,9 +63,18 @@ from oauthmig.errors import ConfigError
 from oauthmig.failures import sqlstate
 from oauthmig.redact import describe_db_error, url_secrets
 
-PROBE_REPLICA_LAG = "replica-lag"
-PROBE_AUTOVACUUM = "autovacuum"
-PROBE_CHECK_SQL = "check-sql"
+
+class Probe(StrEnum):
+    """The health probes: what a hold names as its cause (the metrics' ``probe`` label)."""
+
+    REPLICA_LAG = "replica-lag"
+    AUTOVACUUM = "autovacuum"
+    CHECK_SQL = "check-sql"
+
+
+PROBE_REPLICA_LAG = Probe.REPLICA_LAG
+PROBE_AUTOVACUUM = Probe.AUTOVACUUM
+PROBE_CHECK_SQL = Probe.CHECK_SQL
 APPLICATION_NAME = "oauthmig-health"
 _DEADLINE_GRACE_SECONDS = 5.0
 
@@ -74,19 +84,19 @@ class HealthReading:
     """The outcome of one round of probes.
 
     ``probe`` names the first probe that failed (``replica-lag``, ``autovacuum`` or
-    ``check-sql``) and ``reason`` says why, in one line without secrets; both are empty when
-    healthy.
+    ``check-sql``) and ``reason`` says why, in one line without secrets; ``None`` and empty
+    when healthy.
     """
 
     healthy: bool
-    probe: str = ""
+    probe: Probe | None = None
     reason: str = ""
 
 
 HEALTHY = HealthReading(True)
 
 
-def _unhealthy(probe: str, reason: str) -> HealthReading:
+def _unhealthy(probe: Probe, reason: str) -> HealthReading:
     return HealthReading(False, probe, reason)
 
 
@@ -369,7 +379,9 @@ class HealthMonitor:
                 s for r in self.health.replicas for s in url_secrets(r.url)
             )
             reason = describe_db_error(exc, secrets)
-            readings = [_unhealthy("", f"health probe error: {type(exc).__name__}: {reason}")]
+            readings = [
+                HealthReading(False, None, f"health probe error: {type(exc).__name__}: {reason}")
+            ]
         finally:
             self._last = self.clock()
         bad = [r for r in readings if not r.healthy]
@@ -398,7 +410,7 @@ class HealthMonitor:
         if not (on_primary or h.max_autovacuum_on_table_ms is not None or h.check_sql):
             return out
         assert self.db.url is not None
-        stage = ""  # the probe running when an error comes; "" while connecting
+        stage: Probe | None = None  # the probe running when an error comes; None while connecting
         try:
             with _probe(self._engine(self.db.url), h.probe_timeout_ms) as conn:
                 if on_primary and h.max_replica_lag_ms is not None:
@@ -414,7 +426,7 @@ class HealthMonitor:
                     out.append(custom_check(conn, h.check_sql, h.check_max))
         except SQLAlchemyError as exc:
             reason = describe_db_error(exc, url_secrets(self.db.url))
-            if not stage:
+            if stage is None:
                 first = (
                     PROBE_REPLICA_LAG
                     if on_primary
