@@ -1458,19 +1458,9 @@ def audit_redirects(
         render_audit_summary(c.out, summary)
     elif machine and not c.quiet:
         render_audit_summary(c.err, summary)
-    if baseline is not None:
-        errors, warnings = gate.new_by_severity["error"], gate.new_by_severity["warning"]
-        failing = {"error": errors, "warning": errors + warnings, "never": 0}[fail_on]
-        if failing:
-            raise Findings(
-                f"{errors:,} new error(s), {warnings:,} new warning(s) not in the baseline "
-                f"{baseline_path}: findings at or above --fail-on {fail_on}"
-            )
-    elif summary.fails(cast(FailOn, fail_on)):
-        raise Findings(
-            f"{summary.by_severity['error']:,} error(s), {summary.by_severity['warning']:,} "
-            f"warning(s): findings at or above --fail-on {fail_on}"
-        )
+    failure = gate.failure(summary, cast(FailOn, fail_on))
+    if failure is not None:
+        raise Findings(failure)
 
 
 @cli.command()

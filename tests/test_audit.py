@@ -28,8 +28,8 @@ from oauthmig.redirects.audit import AuditFinding, audit
 from oauthmig.redirects.metadata_rules import METADATA_URL_COLUMNS
 from oauthmig.redirects.rules import RULES
 from oauthmig.rollout.revisions import history
-from tests.conftest import DatabaseFactory, routed_config
 from tests.helpers import invoke, write_config
+from tests.helpers.databases import DatabaseFactory, routed_config
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 REVISIONS = history()  # the revision catalogue the audit's preflight checks databases against

@@ -24,8 +24,8 @@ from oauthmig.output.baseline import baseline_fingerprint
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
 from oauthmig.redirects.rules import RULES, Severity
 from oauthmig.resources import schemas_dir
-from tests.conftest import DatabaseFactory
 from tests.helpers import invoke
+from tests.helpers.databases import DatabaseFactory
 from tests.test_audit import (
     NOW,
     _assert_code_scanning_shape,

@@ -28,9 +28,9 @@ from oauthmig.rollout.backfill import BackfillOptions, backfill
 from oauthmig.rollout.job_state import JOB_TABLE, ShownStatus
 from oauthmig.rollout.jobs import family_id
 from oauthmig.runlock import exclusive_run, lock_key
-from tests.conftest import DatabaseFactory
 from tests.forkserver import ForkServer
 from tests.helpers import invoke, schema_dump, write_config
+from tests.helpers.databases import DatabaseFactory
 from tests.pgcluster import Cluster, pg_cluster_fixture  # noqa: F401  (fixture)
 from tests.test_backfill import (
     PG,

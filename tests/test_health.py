@@ -44,9 +44,9 @@ from oauthmig.rollout.health import (
     HealthReading,
 )
 from oauthmig.rollout.job_state import JOB_TABLE
-from tests.conftest import DatabaseFactory, routed_config
 from tests.forkserver import ForkServer
 from tests.helpers import invoke, write_config
+from tests.helpers.databases import DatabaseFactory, routed_config
 from tests.pgcluster import Cluster, free_port, private_cluster, streaming_replica
 from tests.test_backfill import PG, _assert_tokens_backfilled, _spawn
 

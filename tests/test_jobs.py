@@ -20,7 +20,7 @@ from oauthmig.rollout.job_state import (
     job_table,
     read_job,
 )
-from tests.conftest import DatabaseFactory
+from tests.helpers.databases import DatabaseFactory
 
 LATER = ("owner", "generation", "version")
 WHEN = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)

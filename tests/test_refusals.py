@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from oauthmig.config import settings_from_mapping
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import invoke, schema_dump, seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 
 def _one_error(err: str) -> str:

@@ -55,8 +55,8 @@ from oauthmig.rollout.backfill import backfill
 from oauthmig.rollout.job_state import job_table
 from oauthmig.rollout.revisions import history
 from oauthmig.rollout.status import StatusReport
-from tests.conftest import DatabaseFactory, routed_config
 from tests.helpers import invoke, write_config
+from tests.helpers.databases import DatabaseFactory, routed_config
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 

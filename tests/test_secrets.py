@@ -33,9 +33,9 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 
 from oauthmig.config import Settings, settings_from_mapping
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.forkserver import ForkServer
 from tests.helpers import CliResult, seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 from tests.pgcluster import free_port
 
 # Consonants that are not hex digits: no 8-character slice of a planted value can occur by

@@ -22,7 +22,7 @@ from rich.console import Console
 from oauthmig.output.audit_writers import SarifWriter, writer_for
 from oauthmig.output.baseline import Baseline, BaselineRecorder, BaselineState
 from oauthmig.output.text import at_least, render_audit_findings, render_audit_summary
-from oauthmig.redirects.audit import Audit, AuditFinding, AuditSummary
+from oauthmig.redirects.audit import Audit, AuditFinding, AuditSummary, FailOn
 
 
 @dataclasses.dataclass(slots=True)
@@ -54,6 +54,24 @@ class BaselineGate:
             f"{' (SARIF marks each)' if self.fmt == 'sarif' else ''} and can fail the run"
         )
         return dataclasses.replace(summary, notes=(*summary.notes, note))
+
+    def failure(self, summary: AuditSummary, fail_on: FailOn) -> str | None:
+        """Why the audit fails ``--fail-on`` (with a baseline: on new findings only), or None."""
+        if self.baseline is not None:
+            errors, warnings = self.new_by_severity["error"], self.new_by_severity["warning"]
+            failing = {"error": errors, "warning": errors + warnings, "never": 0}[fail_on]
+            if not failing:
+                return None
+            return (
+                f"{errors:,} new error(s), {warnings:,} new warning(s) not in the baseline "
+                f"{self.baseline.path}: findings at or above --fail-on {fail_on}"
+            )
+        if not summary.fails(fail_on):
+            return None
+        return (
+            f"{summary.by_severity['error']:,} error(s), {summary.by_severity['warning']:,} "
+            f"warning(s): findings at or above --fail-on {fail_on}"
+        )
 
 
 def stream_machine_report(
