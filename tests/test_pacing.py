@@ -23,7 +23,7 @@ from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.demo.data import setup_legacy
 from oauthmig.rollout.backfill import BackfillOptions, JobSample, backfill
 from oauthmig.rollout.batches import BATCH_TABLE, ensure_batch_table
-from oauthmig.rollout.jobs import JOB_TABLE
+from oauthmig.rollout.job_state import JOB_TABLE
 from oauthmig.rollout.pacing import (
     DECREASE,
     MIN_WINDOW,
@@ -32,8 +32,8 @@ from oauthmig.rollout.pacing import (
     LookupProbe,
     Pacer,
 )
-from tests.conftest import DatabaseFactory, routed_config
 from tests.helpers import invoke, write_config
+from tests.helpers.databases import DatabaseFactory, routed_config
 
 JOB = "token-families"
 
