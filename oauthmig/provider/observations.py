@@ -1,0 +1,75 @@
+"""Observe mode's record: would-be rejections, aggregated per application, check and day.
+
+:func:`record_observation` adds one to the day's row with a single UPSERT (PostgreSQL and
+SQLite ``INSERT ... ON CONFLICT DO UPDATE``) in the caller's transaction; it never inserts a
+row per request and never commits. The table comes with revision 0007
+(:mod:`oauthmig.observation_table`); on a database without it nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import weakref
+from datetime import UTC, datetime
+
+from sqlalchemy import inspect
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from oauthmig.observation_table import OBSERVATION_TABLE, observation_table, stored_time
+from oauthmig.provider.policy import Check
+
+__all__ = ["record_observation"]
+
+# Engine -> whether the table exists there (looked up once per engine).
+_PRESENT: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+
+
+def record_observation(
+    session: Session,
+    *,
+    application_id: int,
+    check: Check | str,
+    now: datetime | None = None,
+    bind_mapper: type | None = None,
+) -> bool:
+    """Count one would-be rejection of ``check`` for ``application_id`` today (UTC).
+
+    Runs on the database of ``bind_mapper`` (the models' ``Application`` class: the table is
+    routed with the application table), in the session's transaction, uncommitted. Returns
+    False, recording nothing, where revision 0007 has not created the table yet.
+    """
+    at = (now or datetime.now(UTC)).astimezone(UTC)
+    args = {"mapper": bind_mapper} if bind_mapper is not None else None
+    conn = session.connection(bind_arguments=args)
+    engine = conn.engine
+    present = _PRESENT.get(engine)
+    if present is None:
+        present = inspect(conn).has_table(OBSERVATION_TABLE)
+        _PRESENT[engine] = present
+    if not present:
+        return False
+    dialect = conn.dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    t = observation_table
+    stamp = stored_time(at, dialect)
+    stmt = insert(t).values(
+        application_id=application_id,
+        check_name=str(Check(check)),
+        day=at.date(),
+        count=1,
+        first_seen=stamp,
+        last_seen=stamp,
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[t.c.application_id, t.c.check_name, t.c.day],
+        set_={"count": t.c.count + 1, "last_seen": stmt.excluded.last_seen},
+    )
+    session.execute(stmt, bind_arguments=args)
+    return True
+
+
+def forget_table_presence(engine: Engine) -> None:
+    """Look the table up again on ``engine`` next time (after an upgrade or downgrade)."""
+    _PRESENT.pop(engine, None)
