@@ -56,6 +56,14 @@ ENFORCEMENT_CHECKS: tuple[str, ...] = (
     "refresh_reuse",
 )
 ENFORCEMENT_MODES: tuple[str, ...] = ("off", "observe", "enforce")
+#: The mode of each check when ``[enforcement]`` does not set it: what the library did before
+#: the policy existed (PKCE optional, refresh reuse revokes), the registered metadata enforced.
+ENFORCEMENT_DEFAULTS: Mapping[str, str] = {
+    "pkce_required": "off",
+    "grant_types": "enforce",
+    "auth_method": "enforce",
+    "refresh_reuse": "enforce",
+}
 EMBEDDED_DIR = ".oauthmig"
 ENV_CONFIG = "OAUTHMIG_CONFIG"
 
@@ -218,6 +226,16 @@ class EnforcementSettings:
 
     modes: Mapping[str, str] = field(default_factory=dict)
     clients: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def mode(self, check: str) -> str:
+        """The global mode of ``check`` (its default when not set)."""
+        return self.modes.get(check, ENFORCEMENT_DEFAULTS[check])
+
+    def observed(self, check: str) -> bool:
+        """Whether ``check`` runs in observe mode globally or for some client."""
+        return self.mode(check) == "observe" or any(
+            over.get(check) == "observe" for over in self.clients.values()
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 
-from oauthmig.config import ENFORCEMENT_CHECKS, ENFORCEMENT_MODES, EnforcementSettings
+from oauthmig.config import (
+    ENFORCEMENT_CHECKS,
+    ENFORCEMENT_DEFAULTS,
+    ENFORCEMENT_MODES,
+    EnforcementSettings,
+)
 
 __all__ = ["DEFAULT_POLICY", "Check", "EnforcementPolicy", "Mode"]
 
@@ -50,15 +55,11 @@ class Check(StrEnum):
 
 assert tuple(Check) == ENFORCEMENT_CHECKS and tuple(Mode) == ENFORCEMENT_MODES
 
-#: Modes when nothing is configured: what the library did before the policy existed
-#: (PKCE optional, refresh reuse revokes the family), and the registered metadata enforced.
+#: Modes when nothing is configured (:data:`oauthmig.config.ENFORCEMENT_DEFAULTS`): what the
+#: library did before the policy existed (PKCE optional, refresh reuse revokes the family), and
+#: the registered metadata enforced.
 _DEFAULT_MODES: Mapping[Check, Mode] = MappingProxyType(
-    {
-        Check.PKCE_REQUIRED: Mode.OFF,
-        Check.GRANT_TYPES: Mode.ENFORCE,
-        Check.AUTH_METHOD: Mode.ENFORCE,
-        Check.REFRESH_REUSE: Mode.ENFORCE,
-    }
+    {Check(k): Mode(v) for k, v in ENFORCEMENT_DEFAULTS.items()}
 )
 
 

@@ -30,6 +30,7 @@ from oauthmig.rollout.preflight import (
     read_log,
     revision_position,
 )
+from oauthmig.rollout.readiness import EnforcementReadiness, enforcement_readiness
 from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.revisions import Drift, drift, history
 from oauthmig.rollout.runner import gate_for
@@ -77,6 +78,8 @@ class DatabaseStatus:
     phase: Phase | None = None
     compat_tables: tuple[str, ...] = ()  # where the compatibility triggers are installed
     verify: tuple[VerifyState, ...] = ()  # the last verify pass, per table
+    # Observe mode's would-be rejections (None where the application table is not routed).
+    enforcement: EnforcementReadiness | None = None
 
     def phase_brief(self) -> str:
         """``compat (compatibility triggers on token, application)`` and the like."""
@@ -229,6 +232,7 @@ def _database_status(
                     )
                     for v in read_verify(conn).values()
                 )
+                readiness = enforcement_readiness(conn, settings, name)
                 if conn.in_transaction():
                     conn.rollback()
                 return DatabaseStatus(
@@ -245,6 +249,7 @@ def _database_status(
                     phase=stage,
                     compat_tables=layer,
                     verify=checked,
+                    enforcement=readiness,
                 )
         except OauthmigError as exc:
             return DatabaseStatus(
