@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import weakref
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import inspect
+from sqlalchemy import bindparam, inspect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session
 from oauthmig.observation_table import OBSERVATION_TABLE, observation_table, stored_time
 from oauthmig.provider.policy import Check
 
-__all__ = ["record_observation"]
+__all__ = ["observation_upsert", "record_observation"]
 
 # Engine -> whether the table exists there (looked up once per engine).
 _PRESENT: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
@@ -51,23 +52,44 @@ def record_observation(
     if not present:
         return False
     dialect = conn.dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    t = observation_table
     stamp = stored_time(at, dialect)
-    stmt = insert(t).values(
-        application_id=application_id,
-        check_name=str(Check(check)),
-        day=at.date(),
-        count=1,
-        first_seen=stamp,
-        last_seen=stamp,
+    conn.execute(
+        observation_upsert(dialect),
+        {
+            "application_id": application_id,
+            "check_name": str(Check(check)),
+            "day": at.date(),
+            "seen": stamp,
+        },
     )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[t.c.application_id, t.c.check_name, t.c.day],
-        set_={"count": t.c.count + 1, "last_seen": stmt.excluded.last_seen},
-    )
-    session.execute(stmt, bind_arguments=args)
     return True
+
+
+_UPSERTS: dict[str, Any] = {}
+
+
+def observation_upsert(dialect: str) -> Any:
+    """The one statement of an observation (``postgresql`` or ``sqlite``), built once per
+    dialect: parameters ``application_id``, ``check_name``, ``day`` (UTC date) and ``seen``
+    (the time, as :func:`oauthmig.observation_table.stored_time` gives it)."""
+    found = _UPSERTS.get(dialect)
+    if found is None:
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        t = observation_table
+        stmt = insert(t).values(
+            application_id=bindparam("application_id"),
+            check_name=bindparam("check_name"),
+            day=bindparam("day"),
+            count=1,
+            first_seen=bindparam("seen"),
+            last_seen=bindparam("seen"),
+        )
+        found = stmt.on_conflict_do_update(
+            index_elements=[t.c.application_id, t.c.check_name, t.c.day],
+            set_={"count": t.c.count + 1, "last_seen": stmt.excluded.last_seen},
+        )
+        _UPSERTS[dialect] = found
+    return found
 
 
 def forget_table_presence(engine: Engine) -> None:
