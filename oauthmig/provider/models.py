@@ -16,8 +16,10 @@ Models
     gated finalize, are deferred: the classes load and insert rows on databases without them,
     and the services fall back (see :func:`check_models`).
 
-Services (raising :class:`~oauthmig.errors.InvalidRequest` and
-:class:`~oauthmig.errors.InvalidGrant`, whose ``.error`` is the OAuth wire code)
+Services (raising :class:`~oauthmig.errors.InvalidRequest`,
+:class:`~oauthmig.errors.InvalidGrant`, :class:`~oauthmig.errors.UnauthorizedClient` and
+:class:`~oauthmig.errors.UnsupportedResponseType`, whose ``.error`` is the OAuth wire code;
+their checks follow an :class:`~oauthmig.provider.policy.EnforcementPolicy`)
     :func:`new_grant` / :func:`store_challenge` (authorization), :func:`exchange_code` (code ->
     tokens with redirect binding and PKCE, :func:`verify_pkce`; a replayed code revokes the
     family it produced), :func:`rotate_refresh_token` (rotation with reuse detection),
