@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from oauthmig.observation_table import OBSERVATION_TABLE, observation_table, stored_time
 from oauthmig.provider.policy import Check
 
-__all__ = ["observation_upsert", "record_observation"]
+__all__ = ["forget_table_presence", "observation_upsert", "record_observation"]
 
 # Engine -> whether the table exists there (looked up once per engine).
 _PRESENT: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
