@@ -137,8 +137,9 @@ def _serve() -> None:
 class ForkedProcess:
     """One child of the fork server, used like a ``subprocess.Popen`` with piped text output."""
 
-    def __init__(self, args: Sequence[str], out: Path, err: Path) -> None:
+    def __init__(self, args: Sequence[str], out: Path, err: Path, *, keep_out: bool) -> None:
         self.args = list(args)
+        self._keep_out = keep_out
         self.pid = 0
         self.returncode: int | None = None
         self._out = out
@@ -161,10 +162,11 @@ class ForkedProcess:
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Wait for the exit, then return (stdout, stderr)."""
         self.wait(timeout)
-        out = self._out.read_text(encoding="utf-8", errors="replace")
+        out = "" if self._keep_out else self._out.read_text(encoding="utf-8", errors="replace")
         err = self._err.read_text(encoding="utf-8", errors="replace")
-        for path in (self._out, self._err):
-            path.unlink(missing_ok=True)
+        self._err.unlink(missing_ok=True)
+        if not self._keep_out:  # (a stdout of the caller's, such as /dev/full, is not ours)
+            self._out.unlink(missing_ok=True)
         return out, err
 
     def send_signal(self, sig: int) -> None:
@@ -225,14 +227,17 @@ class ForkServer:
         cwd: Path | str | None = None,
         env: Mapping[str, str] | None = None,
         module: str = "oauthmig",
+        stdout: Path | None = None,
     ) -> ForkedProcess:
-        """Start ``python -m MODULE ARGS`` (as a forked child) and return its handle."""
+        """Start ``python -m MODULE ARGS`` (as a forked child) and return its handle.
+
+        ``stdout``: a file (or device) its stdout is opened on instead of a scratch file."""
         with self._lock:
             ident = self._next
             self._next += 1
-            out = self._scratch / f"{ident}.out"
+            out = stdout or self._scratch / f"{ident}.out"
             err = self._scratch / f"{ident}.err"
-            proc = ForkedProcess([module, *args], out, err)
+            proc = ForkedProcess([module, *args], out, err, keep_out=stdout is not None)
             self._procs[ident] = proc
         job = {
             "id": ident,
@@ -259,9 +264,10 @@ class ForkServer:
         env: Mapping[str, str] | None = None,
         module: str = "oauthmig",
         timeout: float = 600,
+        stdout: Path | None = None,
     ) -> tuple[int, str, str]:
         """Run to completion: (exit code, stdout, stderr)."""
-        proc = self.spawn(args, cwd=cwd, env=env, module=module)
+        proc = self.spawn(args, cwd=cwd, env=env, module=module, stdout=stdout)
         try:
             out, err = proc.communicate(timeout)
         except subprocess.TimeoutExpired:

@@ -41,8 +41,8 @@ from oauthmig.models import (
 from oauthmig.observation_table import loaded_time, observation_table, stored_time
 from oauthmig.provider.observations import observation_upsert, record_observation
 from oauthmig.provider.pkce import s256_challenge
-from tests.conftest import DatabaseFactory
 from tests.helpers import create_migrated_sentry_shape
+from tests.helpers.databases import DatabaseFactory
 
 M = DEFAULT_MODELS
 REDIRECT = "https://app.example.com/cb"

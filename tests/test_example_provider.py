@@ -33,8 +33,8 @@ from oauthmig.models import (
     hash_client_secret,
 )
 from oauthmig.observation_table import observation_table
-from tests.conftest import DatabaseFactory
 from tests.helpers import create_migrated_sentry_shape
+from tests.helpers.databases import DatabaseFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIRECT = "https://client.example.com/callback"

@@ -27,8 +27,8 @@ from oauthmig.models import Check, build_models
 from oauthmig.observation_table import OBSERVATION_TABLE
 from oauthmig.provider.observations import record_observation
 from oauthmig.resources import schemas_dir
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import assert_matches_schema, invoke, seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 # Documents that are not "the output of command X": what Ctrl-C leaves (test_cli_contract).

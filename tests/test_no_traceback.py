@@ -19,15 +19,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
 
 import pytest
 
 from oauthmig.config import settings_from_mapping
 from oauthmig.resources import revisions_dir
 from tests.cli_demo import OAUTHMIG, cli_env
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
+from tests.forkserver import ForkServer
 from tests.helpers import seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 OAUTHMIG_SCRIPT = str(Path(sys.executable).with_name("oauthmig"))
 
@@ -45,20 +45,30 @@ def legacy_config(make_database: DatabaseFactory, tmp_path: Path) -> Path:
 
 
 def _run(
-    args: list[str], cwd: Path, *, fsize: int | None = None, stdout: IO[str] | None = None
+    server: ForkServer,
+    args: list[str],
+    cwd: Path,
+    *,
+    fsize: int | None = None,
+    stdout: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """A real CLI process: forked from the pre-imported server, or with a file-size limit (a
+    "full disk" for one process: RLIMIT_FSIZE, which would also cut the fork server's stderr
+    file) a fresh one whose stderr is a pipe."""
+    if fsize is None:
+        code, out, err = server.run(args, cwd=cwd, env=cli_env(), stdout=stdout)
+        return subprocess.CompletedProcess(args, code, out, err)
+
     def limit() -> None:
-        if fsize is not None:
-            # Past the limit write() fails with EFBIG instead of killing the process.
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        # Past the limit write() fails with EFBIG instead of killing the process.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
     return subprocess.run(
         [*OAUTHMIG, *args],
         cwd=cwd,
         env=cli_env(),
-        stdout=stdout if stdout is not None else subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
         timeout=300,
         check=False,
@@ -90,7 +100,9 @@ FILE_COMMANDS = {
 
 @pytest.mark.parametrize("command", list(FILE_COMMANDS), ids=list(FILE_COMMANDS))
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-def test_file_outputs_that_cannot_be_written(legacy_config: Path, command: str) -> None:
+def test_file_outputs_that_cannot_be_written(
+    legacy_config: Path, command: str, forkserver: ForkServer
+) -> None:
     work = legacy_config.parent
     option = FILE_COMMANDS[command][-2]
     plain = Path("/etc/hostname") if Path("/etc/hostname").is_file() else legacy_config
@@ -108,37 +120,43 @@ def test_file_outputs_that_cannot_be_written(legacy_config: Path, command: str) 
     for name, (path, fsize, needle) in cases.items():
         before = set(os.listdir(work))
         args = [a.replace("{path}", path) for a in FILE_COMMANDS[command]]
-        done = _run(["--config", str(legacy_config), *args], work, fsize=fsize)
+        done = _run(forkserver, ["--config", str(legacy_config), *args], work, fsize=fsize)
         _assert_one_error(done, f"{option} {path}", needle)
         assert _leftovers(work, before) == set(), name
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-def test_a_full_disk_keeps_the_old_report(legacy_config: Path) -> None:
+def test_a_full_disk_keeps_the_old_report(legacy_config: Path, forkserver: ForkServer) -> None:
     work = legacy_config.parent
     old = work / "report.html"
     old.write_text("the previous report\n")
-    done = _run(["--config", str(legacy_config), "report", "--html", str(old)], work, fsize=8192)
+    done = _run(
+        forkserver, ["--config", str(legacy_config), "report", "--html", str(old)], work, fsize=8192
+    )
     _assert_one_error(done, "the file was left as it was")
     assert old.read_text() == "the previous report\n"
     assert sorted(os.listdir(work)) == ["oauthmig.toml", "report.html"]
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-def test_offline_scripts_and_metrics_that_cannot_be_written(legacy_config: Path) -> None:
+def test_offline_scripts_and_metrics_that_cannot_be_written(
+    legacy_config: Path, forkserver: ForkServer
+) -> None:
     work = legacy_config.parent
     cfg = ["--config", str(legacy_config)]
     before = set(os.listdir(work))
-    done = _run([*cfg, "upgrade", "--sql", "--output-dir", str(work / "sql")], work, fsize=512)
+    done = _run(
+        forkserver, [*cfg, "upgrade", "--sql", "--output-dir", str(work / "sql")], work, fsize=512
+    )
     _assert_one_error(done, "--output-dir", "File too large")
     assert list((work / "sql").iterdir()) == []  # the directory is made, no script is half there
-    done = _run([*cfg, "upgrade", "--sql", "--output-dir", "/proc/sql"], work)
+    done = _run(forkserver, [*cfg, "upgrade", "--sql", "--output-dir", "/proc/sql"], work)
     _assert_one_error(done, "--output-dir /proc/sql")
-    done = _run([*cfg, "upgrade", "--sql", "--output-dir", "/dev/full"], work)
+    done = _run(forkserver, [*cfg, "upgrade", "--sql", "--output-dir", "/dev/full"], work)
     _assert_one_error(done, "--output-dir /dev/full")
-    done = _run([*cfg, "backfill", "--metrics-file", "/dev/full"], work)
+    done = _run(forkserver, [*cfg, "backfill", "--metrics-file", "/dev/full"], work)
     _assert_one_error(done, "--metrics-file /dev/full")
-    done = _run([*cfg, "backfill", "--metrics-file", "/proc/m.prom"], work)
+    done = _run(forkserver, [*cfg, "backfill", "--metrics-file", "/proc/m.prom"], work)
     _assert_one_error(done, "--metrics-file /proc/m.prom")
     assert _leftovers(work, before) == {"sql"}
 
@@ -160,9 +178,13 @@ def test_offline_scripts_and_metrics_that_cannot_be_written(legacy_config: Path)
     ids=lambda a: " ".join(a),
 )
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-def test_stdout_on_a_full_device(legacy_config: Path, args: list[str]) -> None:
-    with open("/dev/full", "w") as full:
-        done = _run(["--config", str(legacy_config), *args], legacy_config.parent, stdout=full)
+def test_stdout_on_a_full_device(
+    legacy_config: Path, args: list[str], forkserver: ForkServer
+) -> None:
+    done = _run(
+        forkserver, ["--config", str(legacy_config), *args], legacy_config.parent,
+        stdout=Path("/dev/full"),
+    )  # fmt: skip
     _assert_one_error(done, "cannot write to stdout", "No space left on device")
     assert "Exception ignored" not in done.stderr
 

@@ -1,4 +1,4 @@
-"""The HTML rendering of a :class:`oauthmig.report.Report`: one self-contained page.
+"""The HTML rendering of a :class:`oauthmig.html_report.Report`: one self-contained page.
 
 :func:`render_html` is a pure function of the report. The page needs no network: CSS and the
 small filtering script are inline, and a Content-Security-Policy allows that script alone (by
@@ -31,8 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from oauthmig.config import ENFORCEMENT_CHECKS
-from oauthmig.redirects.audit import AuditFinding
-from oauthmig.report import (
+from oauthmig.html_report import (
     ApplicationPkce,
     DatabaseMetadata,
     DatabasePkce,
@@ -41,6 +40,7 @@ from oauthmig.report import (
     Report,
     RuleCount,
 )
+from oauthmig.redirects.audit import AuditFinding
 from oauthmig.rollout.readiness import EnforcementReadiness
 from oauthmig.rollout.status import DatabaseStatus, RevisionState
 

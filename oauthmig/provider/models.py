@@ -102,6 +102,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from oauthmig.columns import StringList
 from oauthmig.config import ColumnDefault, TableNames
 from oauthmig.errors import (
     ConfigError,
@@ -133,7 +134,6 @@ from oauthmig.redirects.rules import (
     infer_app_type,
     split_redirect_uris,
 )
-from oauthmig.types import StringList
 
 __all__ = [
     "ACCESS_TOKEN_TTL",

@@ -32,12 +32,14 @@ from typing import Any
 from sqlalchemy import DateTime, and_, bindparam, case, column, func, inspect, select, table
 from sqlalchemy.engine import Connection
 
+from oauthmig import tool_version
 from oauthmig.config import Settings
 from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import DatabaseError
+from oauthmig.privileges import Command
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
 from oauthmig.redirects.audit import audit as run_audit
-from oauthmig.redirects.reports import rule_help_uri, tool_version
+from oauthmig.redirects.rule_types import rule_help_uri
 from oauthmig.redirects.rules import RULES
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import check_databases
@@ -418,7 +420,7 @@ def gather_report(
         raise ValueError("max_findings and max_applications must not be negative")
     moment = now or datetime.now(UTC)
     revisions = (catalogue or Catalogue.load()).revisions
-    check_databases(settings, None, revisions)
+    check_databases(settings, None, revisions, Command.REPORT)
     audit = run_audit(settings, revisions=revisions, now=moment, progress=progress)
     state = read_status(settings, revisions)
     broken = [d for d in state.databases if d.error]
