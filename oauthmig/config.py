@@ -203,6 +203,21 @@ class ModelSettings:
     defaults: Mapping[str, Mapping[str, ColumnDefault]] = field(default_factory=dict)
 
 
+#: The name of the implied last wave: the databases no ``[waves]`` entry lists.
+REST_WAVE = "rest"
+
+
+@dataclass(frozen=True, slots=True)
+class Wave:
+    """One named group of databases of a rollout (``[waves]``); waves run in file order.
+
+    ``implied``: the ``rest`` wave, the databases that no configured wave lists."""
+
+    name: str
+    databases: tuple[str, ...]
+    implied: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a command needs to know about the installation."""
@@ -215,6 +230,8 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     source: str = "embedded default"
     models: ModelSettings = field(default_factory=ModelSettings)
+    #: ``[waves]`` in order, the implied ``rest`` wave last; empty when none are configured.
+    waves: tuple[Wave, ...] = ()
 
     def tables_on(self, database: str) -> tuple[str, ...]:
         """Logical tables routed to ``database``, in canonical order."""
@@ -243,6 +260,7 @@ class Settings:
             self.audit,
             self.source,
             self.models,
+            self.waves,
         )
 
 
@@ -424,7 +442,9 @@ def _database(name: str, data: object, env: Mapping[str, str]) -> DatabaseConfig
 def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], source: str) -> Settings:
     """Build and validate settings from parsed TOML."""
     _check_keys(
-        data, ("databases", "routing", "tables", "migrate", "backfill", "audit", "models"), ""
+        data,
+        ("databases", "routing", "tables", "migrate", "backfill", "audit", "models", "waves"),
+        "",
     )
     dbs_raw = _table(data, "databases")
     if not dbs_raw:
@@ -571,7 +591,42 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     docs_url = check_docs_url(audit_raw.get("docs_url", DEFAULT_DOCS_URL), "audit.docs_url")
     audit = AuditSettings(ignore, docs_url)
     models = _models(_table(data, "models"))
-    return Settings(databases, routing, tables, migrate, backfill, audit, source, models)
+    waves = _waves(_table(data, "waves"), tuple(databases))
+    return Settings(databases, routing, tables, migrate, backfill, audit, source, models, waves)
+
+
+def _waves(raw: Mapping[str, Any], databases: tuple[str, ...]) -> tuple[Wave, ...]:
+    """``[waves]``: ``NAME = ["db", ...]`` in rollout order; every database in at most one
+    wave; the databases no wave lists form the implied last wave ``rest``."""
+    waves: list[Wave] = []
+    seen: dict[str, str] = {}
+    for name, value in raw.items():
+        key = f"waves.{name}"
+        if name == REST_WAVE:
+            raise ConfigError(
+                f"{key}: the name {REST_WAVE!r} is reserved for the databases no wave lists; "
+                "rename the wave"
+            )
+        if not _DB_NAME.match(name):
+            raise ConfigError(f"{key}: a wave name is letters, digits, _ and - (max 63)")
+        if isinstance(value, str):
+            value = [value]
+        names = _str_list(value, key)
+        if not names:
+            raise ConfigError(f"{key}: a wave lists at least one database")
+        for n in names:
+            if n not in databases:
+                raise ConfigError(
+                    f"{key}: unknown database {n!r} (configured: {', '.join(databases)})"
+                )
+            if n in seen:
+                raise ConfigError(f"{key}: database {n!r} is already in wave {seen[n]!r}")
+            seen[n] = name
+        waves.append(Wave(name, names))
+    rest = tuple(d for d in databases if d not in seen)
+    if waves and rest:
+        waves.append(Wave(REST_WAVE, rest, implied=True))
+    return tuple(waves)
 
 
 _HEALTH_KEYS = (

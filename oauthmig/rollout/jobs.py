@@ -82,6 +82,7 @@ class JobStatus(StrEnum):
     NOT_STARTED = "not started"
     WAITING_FOR_UPGRADE = "waiting for upgrade"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # a run's outcome: another runner held the database (runlock.Held)
 
 
 STORED_STATUSES = frozenset(

@@ -82,7 +82,7 @@ from oauthmig.rollout.revisions import (
     ensure_log_table,
 )
 from oauthmig.rollout.verify import verify_connection
-from oauthmig.runlock import RunLock, exclusive_run
+from oauthmig.runlock import Held, RunLock
 
 # --------------------------------------------------------------------------- results
 
@@ -176,6 +176,7 @@ class DatabasePlan:
     target: str | None
     steps: tuple[PlannedStep, ...]
     waiting: Waiting | None = None
+    held: Held | None = None  # another runner holds the database's upgrade lock: skipped
 
 
 #: What planning one database gave: its plan, or why it cannot be planned.
@@ -194,6 +195,7 @@ class DatabaseRun:
     seconds: float
     error: OauthmigError | None = None
     sql: str | None = None
+    held: Held | None = None  # skipped: another runner holds the database's upgrade lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +210,11 @@ class RunResult:
     def failed(self) -> tuple[DatabaseRun, ...]:
         """Runs that ended in an error."""
         return tuple(r for r in self.runs if r.error is not None)
+
+    @property
+    def held(self) -> tuple[DatabaseRun, ...]:
+        """Databases skipped because another runner held their upgrade lock."""
+        return tuple(r for r in self.runs if r.held is not None)
 
 
 def check_databases(
@@ -574,8 +581,15 @@ def run_database(
         with open_database(settings, db, direct=req.mode is Mode.ONLINE) as conn:
             if req.mode is Mode.DRY_RUN:
                 return _run_dry(req, conn, db, cat, target, started)
-            with exclusive_run(conn, db, "upgrade"):
+            lock = RunLock("upgrade", db.name)
+            if not lock.try_acquire(conn):
+                # Another runner upgrades this database (overlapping CI jobs or pods): skip it.
+                held = lock.held_elsewhere(conn) or Held(db.name, "upgrade", None)
+                return _held_run(db, held, time.monotonic() - started)
+            try:
                 return _run_online(req, conn, db, cat, target, started, sleep)
+            finally:
+                lock.release()
     except OauthmigError as exc:
         error = exc
     except SQLAlchemyError as exc:
@@ -586,6 +600,16 @@ def run_database(
     # Kept in a result: without the traceback, which holds the run's frames (and connections).
     error = error.with_traceback(None)
     return DatabaseRun(db.name, empty_plan, (), None, 0, time.monotonic() - started, error)
+
+
+def _held_run(db: DatabaseConfig, held: Held, seconds: float) -> DatabaseRun:
+    plan = DatabasePlan(db.name, db.dialect, db.display_url, None, None, (), held=held)
+    return DatabaseRun(db.name, plan, (), None, 0, seconds, held=held)
+
+
+def held_upgrade(conn: Connection, database: str) -> Held | None:
+    """Another runner holds ``database``'s upgrade lock (read on any connection)."""
+    return RunLock("upgrade", database).held_elsewhere(conn)
 
 
 def _target_for(
@@ -856,6 +880,17 @@ def _execute(
     cat: Catalogue,
 ) -> list[DatabaseRun]:
     runs: list[DatabaseRun] = []
+    held = {r.database: r.plan.held for r in reqs if r.plan is not None and r.plan.held}
+    if held:
+        # Seen held by another runner when planned: left to it (planned by it, done by it).
+        for req in reqs:
+            found = held.get(req.database)
+            if found is not None:
+                db = req.settings.databases[req.database]
+                runs.append(_held_run(db, found, 0.0))
+                if on_done:
+                    on_done(runs[-1])
+        reqs = [r for r in reqs if r.database not in held]
     if jobs > 1 and len(reqs) > 1:
         # Alembic's ``op``/``context`` proxies are module globals: parallel databases need
         # processes, not threads (each reads the catalogue itself: it does not pickle).
@@ -891,6 +926,7 @@ def plan(
     cat = catalogue or Catalogue.load()
     resolved = cat.resolve(target)
     explicit = target not in ("head", "heads") or direction is Direction.DOWNGRADE
+    up = direction is Direction.UPGRADE
     check_distinct(settings)
     out: list[PlanOutcome] = []
     for name in settings.database_names():
@@ -899,9 +935,30 @@ def plan(
             if session:
                 require_session(settings, db, str(direction))
             with map_db_errors(db), open_database(settings, db, direct=session) as conn:
-                out.append(
-                    _plan(conn, settings, db, cat.revisions, resolved, direction, explicit)[0]
-                )
+                held = held_upgrade(conn, name) if session and up else None
+                if held is not None:
+                    out.append(
+                        DatabasePlan(
+                            name, conn.dialect.name, db.display_url, None, None, (), held=held
+                        )
+                    )
+                    continue
+                try:
+                    out.append(
+                        _plan(conn, settings, db, cat.revisions, resolved, direction, explicit)[0]
+                    )
+                except OauthmigError:
+                    # Read while another runner was changing it: that runner owns it now.
+                    if conn.in_transaction():
+                        conn.rollback()
+                    held = held_upgrade(conn, name) if session and up else None
+                    if held is None:
+                        raise
+                    out.append(
+                        DatabasePlan(
+                            name, conn.dialect.name, db.display_url, None, None, (), held=held
+                        )
+                    )
         except OauthmigError as exc:
             out.append(exc.with_traceback(None))
     return out
