@@ -361,7 +361,11 @@ def _confirm_plan(
     is checked again). Columns and tables are not looked at again: only DDL changes them.
     """
     planned = req.plan
-    if planned is None or read_current(conn, db.name, revisions) != planned.current:
+    if (
+        planned is None
+        or planned.waiting is not None  # the backfill may have finished since (another runner)
+        or read_current(conn, db.name, revisions) != planned.current
+    ):
         return _plan(conn, req.settings, db, revisions, target, req.direction, req.explicit_target)
     by_id = {r.revision: r for r in revisions}
     chosen = [by_id[s.revision] for s in planned.steps]
@@ -880,17 +884,6 @@ def _execute(
     cat: Catalogue,
 ) -> list[DatabaseRun]:
     runs: list[DatabaseRun] = []
-    held = {r.database: r.plan.held for r in reqs if r.plan is not None and r.plan.held}
-    if held:
-        # Seen held by another runner when planned: left to it (planned by it, done by it).
-        for req in reqs:
-            found = held.get(req.database)
-            if found is not None:
-                db = req.settings.databases[req.database]
-                runs.append(_held_run(db, found, 0.0))
-                if on_done:
-                    on_done(runs[-1])
-        reqs = [r for r in reqs if r.database not in held]
     if jobs > 1 and len(reqs) > 1:
         # Alembic's ``op``/``context`` proxies are module globals: parallel databases need
         # processes, not threads (each reads the catalogue itself: it does not pickle).
@@ -906,6 +899,23 @@ def _execute(
         if on_done:
             on_done(run)
     return runs
+
+
+def _retry_held(
+    reqs: list[RunRequest], runs: list[DatabaseRun], cat: Catalogue
+) -> list[DatabaseRun]:
+    """Once more, at the end, for the databases another runner held: a holder that only
+    found a gate still closed may have let go just after its backfill finished elsewhere.
+    Planned again under the lock; still held: skipped."""
+    by_name = {r.database: r for r in reqs}
+    out: list[DatabaseRun] = []
+    for run in runs:
+        if run.held is not None and run.database in by_name:
+            again = run_database(replace(by_name[run.database], plan=None), catalogue=cat)
+            out.append(again)
+        else:
+            out.append(run)
+    return out
 
 
 def plan(
@@ -989,7 +999,8 @@ def _run(
         errors = [p for p in planned if isinstance(p, OauthmigError)]
         if errors:
             raise PlanRefusedError(errors)
-        plans = {p.database: p for p in planned if isinstance(p, DatabasePlan)}
+        # A database another runner held when planned is planned again under its lock.
+        plans = {p.database: p for p in planned if isinstance(p, DatabasePlan) and not p.held}
     elif mode is Mode.DRY_RUN:
         check_distinct(settings)  # offline (--sql) needs no connection, and cannot tell
     reqs = [
@@ -998,7 +1009,10 @@ def _run(
         )
         for name in settings.database_names()
     ]
-    return RunResult(direction, mode, tuple(_execute(reqs, jobs, on_done, cat)))
+    runs = _execute(reqs, jobs, on_done, cat)
+    if mode is Mode.ONLINE and direction is Direction.UPGRADE:
+        runs = _retry_held(reqs, runs, cat)
+    return RunResult(direction, mode, tuple(runs))
 
 
 def upgrade(
