@@ -229,10 +229,11 @@ def _behind(d: DatabaseStatus, target: str | None, revisions: Sequence[RevisionI
         return f"cannot be read ({d.error})"
     for cell in d.revisions:
         if cell.state == "failed":
-            return f"failed revision {cell.revision}" + (f" ({cell.detail})" if cell.detail else "")
+            detail = f" ({cell.detail})" if cell.detail else ""
+            return f"failed: revision {cell.revision} failed{detail}"
     for job in d.backfills:
         if job.state in (JobStatus.FAILED, JobStatus.CANCELLED):
-            return f"backfill {job.job} {job.state}"
+            return f"failed: backfill {job.job} {job.state}"
     if revision_position(d.current, revisions) < revision_position(target, revisions):
         where = f"is at {d.current or 'base'}, not at {target}"
         waiting = next((c for c in d.revisions if c.state == "waiting"), None)

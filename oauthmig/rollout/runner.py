@@ -587,6 +587,8 @@ def run_database(
                 return _run_dry(req, conn, db, cat, target, started)
             lock = RunLock("upgrade", db.name)
             if not lock.try_acquire(conn):
+                if req.direction is Direction.DOWNGRADE:
+                    raise LockBusyError(lock.busy_message(conn))
                 # Another runner upgrades this database (overlapping CI jobs or pods): skip it.
                 held = lock.held_elsewhere(conn) or Held(db.name, "upgrade", None)
                 return _held_run(db, held, time.monotonic() - started)
