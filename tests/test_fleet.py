@@ -338,3 +338,35 @@ def test_sixteen_databases_four_runners_by_part_or_overlapping(
         overlapping = list(pool.map(lambda _i: _runner(forkserver, cfg, []), range(4)))
     _each_step_once(settings, overlapping, names)
     _assert_done_once(settings, names)
+
+
+def test_the_summary_shows_an_unreachable_database_as_one_line(
+    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data: dict[str, Any] = {
+        "databases": {
+            "live": {"url": make_database("live")},
+            "gone": {"url": "postgresql+psycopg://oauth@127.0.0.1:1/sentry"},
+            "lost": {"url": f"sqlite:///{tmp_path / 'missing' / 'lost.sqlite3'}"},
+        },
+        "routing": {"application": ["live"], "grant": ["live"], "token": ["live", "gone", "lost"]},
+    }
+    live = settings_from_mapping({"databases": {"live": data["databases"]["live"]}}, {}, "t")
+    create_legacy(live)
+    cfg = write_config(tmp_path / "oauthmig.toml", data)
+    shown = invoke(capsys, "--config", cfg, "status", "--summary", "--format", "json")
+    assert shown.code == 0, shown.err
+    doc = json.loads(shown.out)
+    assert_matches_schema("status-summary", doc)
+    assert {(c["revision"], c["state"], c["databases"]) for c in doc["counts"]} == {
+        (None, "pending", 1),
+        (None, "unreachable", 2),
+    }
+    assert [(s["database"], s["reason"]) for s in doc["stragglers"]] == [
+        ("gone", "unreachable"),
+        ("lost", "unreachable"),
+    ]
+    assert all(s["detail"].startswith(f"database '{s['database']}'") for s in doc["stragglers"])
+    text_view = invoke(capsys, "--config", cfg, "status", "--summary", "--check")
+    assert text_view.code == 1 and "Traceback" not in text_view.err
+    assert text_view.out.count("unreachable gone:") == 1

@@ -388,10 +388,12 @@ def _line(settings: Settings, d: DatabaseStatus, head: str | None) -> DatabaseLi
         )
     held = next((j for j in d.backfills if j.held), None)
     paused = next((j for j in d.backfills if j.state is JobStatus.PAUSED), None)
-    waiting = next((c for c in d.revisions if c.state == "waiting"), None)
+    # Waiting: the next thing to do on it is a backfill (no revision to apply before the gate).
+    first = next((c for c in d.revisions if c.state in ("pending", "waiting")), None)
+    waiting = first if first is not None and first.state == "waiting" else None
     if waiting is not None:
         state = FleetState.WAITING
-    elif d.current != head or any(c.state == "pending" for c in d.revisions):
+    elif first is not None or d.current != head:
         state = FleetState.PENDING
     else:
         state = FleetState.DONE
