@@ -29,10 +29,13 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from oauthmig.config import Settings, Wave
+from oauthmig.db import connect, map_db_errors, open_engine, scrub_stored, set_timeouts
 from oauthmig.errors import ConfigError, GateError, OauthmigError, UsageError
-from oauthmig.rollout.jobs import JOBS, JobStatus
-from oauthmig.rollout.preflight import RevisionInfo, revision_position
-from oauthmig.rollout.status import DatabaseStatus, status
+from oauthmig.rollout.jobs import JOBS, JobStatus, job_states
+from oauthmig.rollout.preflight import RevisionInfo, read_current, read_log, revision_position
+from oauthmig.rollout.remaining import remaining
+from oauthmig.rollout.runner import gate_for
+from oauthmig.rollout.status import DatabaseStatus, RevisionState
 
 DEFAULT_CONCURRENCY = 8
 DEFAULT_TIMEOUT_SECONDS = 10.0
@@ -168,10 +171,9 @@ def read_databases(
 
     def one(name: str) -> DatabaseStatus:
         try:
-            (found,) = status(capped.restrict((name,)), revs).databases
+            return _read_one(capped, name, revs)
         except OauthmigError as exc:
             return _unreadable(settings, name, exc.message)
-        return found
 
     pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(names))))
     try:
@@ -200,6 +202,53 @@ def read_databases(
         return out
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _read_one(settings: Settings, name: str, revisions: list[RevisionInfo]) -> DatabaseStatus:
+    """What the fleet view needs of one database, and no more (no schema checks, live
+    grants, compatibility triggers or verify passes: ``status -d NAME`` shows those): its
+    revision, failed revisions, the first gated revision that waits, and its backfills."""
+    db = settings.databases[name]
+    with open_engine(settings, db) as engine, map_db_errors(db), connect(engine, db) as conn:
+        m = settings.migrate
+        set_timeouts(conn, m.lock_timeout_ms, m.statement_timeout_ms)
+        if conn.in_transaction():
+            conn.commit()
+        current = read_current(conn, name, revisions)
+        log = read_log(conn)
+        cells: list[RevisionState] = []
+        waits = False
+        for rev in revisions[revision_position(current, revisions) :]:
+            row = log.get(rev.revision, {})
+            if row.get("outcome") == "failed":
+                detail = scrub_stored(row.get("detail"), db.url)
+                cells.append(RevisionState(rev.revision, "failed", detail))
+                continue
+            if not waits:
+                waiting = gate_for(conn, settings, name, rev, revisions=revisions)
+                if waiting is not None:
+                    waits = True
+                    cells.append(RevisionState(rev.revision, "waiting", waiting.describe()))
+                    continue
+            cells.append(RevisionState(rev.revision, "pending"))
+        left = {
+            job.name: remaining(conn, settings, name, job, revisions=revisions)
+            for job in JOBS.values()
+        }
+        jobs = tuple(job_states(conn, settings, name, left))
+        if conn.in_transaction():
+            conn.rollback()
+    return DatabaseStatus(
+        name,
+        db.dialect,
+        db.display_url,
+        settings.tables_on(name),
+        current,
+        tuple(cells),
+        jobs,
+        None,
+        None,
+    )
 
 
 def _unreadable(settings: Settings, name: str, message: str) -> DatabaseStatus:
