@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/oauthmig demo
 
-## test: the full suite on SQLite and PostgreSQL, two pytest-xdist workers. First sets up what
+## test: the full suite on SQLite and PostgreSQL, four pytest-xdist workers (they mostly wait). First sets up what
 ## the tests need on this machine (scripts/test-components: starts PostgreSQL when it is down,
 ## installs Debian's chromium, pgbouncer and npm, and axe-core from npm, when missing, one line
 ## each time)
@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/ruff check oauthmig tests revisions
 	$(BIN)/ruff format --check oauthmig tests revisions
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 4 --dist loadgroup
 
 ## bench: benchmarks (not timed tests); results go to docs/benchmarks.md by hand
 bench: $(STAMP)

@@ -14,6 +14,7 @@ one line on stderr and exit code 2. Anything else escaping is a bug and may show
     │   ├── MissingTableError          a routed table does not exist
     │   ├── IncompatibleColumnError    existing column cannot be adopted
     │   ├── SchemaStateError           half-migrated or unknown revision in a version table
+    │   ├── PrivilegeError             the role lacks privileges the command needs
     │   ├── LockBusyError              another oauthmig run holds this database's lock
     │   ├── LockTimeoutError           DDL could not get its lock within the retries
     │   ├── IndexTimeoutError          an index build or VALIDATE outlasted index_timeout
@@ -98,6 +99,10 @@ class IncompatibleColumnError(DatabaseError):
 
 class SchemaStateError(DatabaseError):
     """A version table names an unknown revision, or applied columns are missing."""
+
+
+class PrivilegeError(DatabaseError):
+    """The connected role lacks privileges the command needs; the message says what to grant."""
 
 
 class LockBusyError(DatabaseError):

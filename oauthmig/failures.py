@@ -6,6 +6,10 @@ PostgreSQL SQLSTATEs (Appendix A of its manual): ``55P03`` lock_not_available (r
 query_canceled (``statement_timeout``, or a cancel request), class ``08`` connection
 exceptions and ``57P01``-``57P03`` (admin shutdown, crash shutdown, cannot connect now).
 SQLite's ``database is locked`` (SQLITE_BUSY after ``busy_timeout``) is a lock timeout.
+
+A connection the server refuses for who or what it asks for (:func:`login_refused`: class
+``28`` invalid authorization, ``3D000`` invalid catalog name) is a configuration error, not a
+transient one: retrying the same URL cannot succeed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,16 @@ from enum import StrEnum
 from sqlalchemy.exc import DBAPIError, PendingRollbackError
 
 _LOST_CLASSES = ("08",)
+_LOGIN_CODES = ("28", "3D000")
+# libpq reports a refused connection before any result, so psycopg gives it no SQLSTATE: the
+# server's FATAL message (in English unless lc_messages says otherwise) and libpq's own
+# "no password supplied" are all there is.
+_LOGIN_MESSAGES = (
+    "authentication failed for user",  # password, scram, md5, peer, ident
+    "no pg_hba.conf entry",
+    "is not permitted to log in",
+    "does not exist",  # role "x" / database "x" does not exist
+)
 _LOST_CODES = ("57P01", "57P02", "57P03")
 
 
@@ -62,3 +76,17 @@ def classify(exc: BaseException) -> FailureKind:
     if not code and "database is locked" in str(getattr(exc, "orig", None) or exc):
         return FailureKind.LOCK_TIMEOUT
     return FailureKind.OTHER
+
+
+def login_refused(exc: BaseException) -> bool:
+    """Whether a connection attempt failed because the server refused the login (bad user or
+    password, no pg_hba.conf entry, a role that cannot log in) or the database does not exist,
+    rather than because the server could not be reached in time."""
+    code = sqlstate(exc)
+    if code:
+        return code.startswith(_LOGIN_CODES)
+    message = str(getattr(exc, "orig", None) or exc)
+    if "no password supplied" in message:
+        return True
+    _before, fatal, after = message.partition("FATAL:")
+    return bool(fatal) and any(m in after for m in _LOGIN_MESSAGES)

@@ -41,6 +41,7 @@ from oauthmig.failures import FailureKind, classify
 from oauthmig.identity import check_distinct
 from oauthmig.pooler import transaction_pooled
 from oauthmig.rollout.preflight import RevisionInfo, check_state
+from oauthmig.rollout.privileges import Command
 from oauthmig.runlock import RunLock, transaction_lock
 
 __all__ = [
@@ -363,7 +364,7 @@ def prune(
         db = settings.databases[name]
         try:
             with map_db_errors(db, "prune-grants failed"), open_database(settings, db) as conn:
-                check_state(conn, settings, db, revisions)
+                check_state(conn, settings, db, revisions, Command.PRUNE_GRANTS)
                 if conn.in_transaction():
                     conn.rollback()
                 lock: contextlib.AbstractContextManager[str | None] = (

@@ -39,6 +39,7 @@ from oauthmig.redirects.audit import AuditFinding, AuditSummary
 from oauthmig.redirects.audit import audit as run_audit
 from oauthmig.redirects.reports import rule_help_uri, tool_version
 from oauthmig.redirects.rules import RULES
+from oauthmig.rollout.privileges import Command
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import check_databases
 from oauthmig.rollout.status import StatusReport
@@ -418,7 +419,7 @@ def gather_report(
         raise ValueError("max_findings and max_applications must not be negative")
     moment = now or datetime.now(UTC)
     revisions = (catalogue or Catalogue.load()).revisions
-    check_databases(settings, None, revisions)
+    check_databases(settings, None, revisions, Command.REPORT)
     audit = run_audit(settings, revisions=revisions, now=moment, progress=progress)
     state = read_status(settings, revisions)
     broken = [d for d in state.databases if d.error]

@@ -53,3 +53,26 @@ def test_readme_documents_every_command_and_the_two_start_commands() -> None:
     setup = (ROOT / "scripts" / "test-components").read_text()
     for needed in ("[chromium]=chromium", "[pgbouncer]=pgbouncer", "pg_ctlcluster"):
         assert needed in setup, needed
+
+
+def _privileges_table() -> str:
+    """The table of docs/operations.md "Privileges each command needs", from the code's."""
+    from oauthmig.rollout.privileges import COMMAND_PRIVILEGES, SCHEMA, Privilege
+
+    lines = ["| command | needs, per object |", "| --- | --- |"]
+    for command, needs in COMMAND_PRIVILEGES.items():
+        cells = []
+        for need in needs:
+            where = "the schema" if need.target == SCHEMA else f"`{need.target}`"
+            what = ", ".join(
+                "ownership" if p is Privilege.OWNER else str(p) for p in need.privileges
+            )
+            cells.append(f"{where}: {what}{' (creates it)' if need.creates else ''}")
+        lines.append(f"| `{command}` | {'; '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_operations_lists_the_privileges_the_code_checks() -> None:
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    section = doc.split("\n## Privileges each command needs\n", 1)[1].split("\n## ", 1)[0]
+    assert _privileges_table() in section, _privileges_table()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
 from oauthmig.config import settings_from_mapping
+from oauthmig.failures import login_refused
 from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import invoke, schema_dump, seed_legacy, write_config
 
@@ -134,22 +138,38 @@ def test_a_health_probe_that_cannot_run_is_a_config_error_before_any_batch(
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
-def test_a_replica_url_that_is_no_standby_is_a_config_error(
+def test_a_replica_url_that_is_no_standby_or_refuses_the_login_is_a_config_error(
     make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = make_database("main")
-    data: dict[str, Any] = {
-        "databases": {"main": {"url": url}},
-        "backfill": {"health": {"max_replica_lag": "10s", "replica_urls": [url]}},
-    }
+    data: dict[str, Any] = {"databases": {"main": {"url": url}}}
     settings = settings_from_mapping(data, {}, "test")
     create_legacy(settings)
     cfg = write_config(tmp_path / "oauthmig.toml", data)
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
-    result = invoke(capsys, "--config", cfg, "backfill", "--max-runtime", "600")
-    assert result.code == 2, result.err
-    line = _one_error(result.err)
-    assert "backfill.health.replica_urls" in line and "is not a standby" in line, line
+    before = schema_dump(settings)
+    secret = f"s3cr:t{uuid.uuid4().hex[:8]}"  # a ':' in the password
+    nobody = f"oauthmig_nobody_{uuid.uuid4().hex[:8]}"
+    server = make_url(url)
+    cases = [
+        (url, "is not a standby"),
+        (
+            server.set(username=nobody).render_as_string(False).replace("@", f":{secret}@", 1),
+            'FATAL: role "',
+        ),
+        (server.set(database=nobody).render_as_string(False), 'FATAL: database "'),
+    ]
+    for replica, needle in cases:
+        health = {"max_replica_lag": "10s", "replica_urls": [replica]}
+        cfg = write_config(tmp_path / "oauthmig.toml", {**data, "backfill": {"health": health}})
+        # Refused before the first batch, not held until --max-runtime (exit 3).
+        result = invoke(capsys, "--config", cfg, "backfill", "--max-runtime", "20")
+        assert result.code == 2, result.err
+        line = _one_error(result.err)
+        assert "backfill.health.replica_urls" in line and needle in line, line
+        assert needle == "is not a standby" or "does not exist" in line, line
+        assert secret not in result.err + result.out and "Traceback" not in result.err
+        assert schema_dump(settings) == before  # no job table: nothing started
 
 
 def test_sqlite_directory_and_read_only_file_are_caught_before_any_write(
@@ -191,3 +211,24 @@ def test_sqlite_directory_and_read_only_file_are_caught_before_any_write(
     result = invoke(capsys, "--config", ro, "upgrade")
     assert result.code == 2, result.err
     assert schema_dump(settings) == before
+
+
+@pytest.mark.parametrize(
+    ("message", "refused"),
+    [
+        ('FATAL:  password authentication failed for user "oauth"', True),
+        ('FATAL:  no pg_hba.conf entry for host "10.0.0.1", user "oauth", database "x"', True),
+        ('FATAL:  role "oauth" is not permitted to log in', True),
+        ('FATAL:  database "sentry" does not exist', True),
+        ("fe_sendauth: no password supplied", True),
+        ("Connection refused\n\tIs the server running on that host?", False),
+        ("timeout expired", False),
+        ("FATAL:  the database system is starting up", False),
+        ("failed to resolve host 'replica-1': Name or service not known", False),
+    ],
+)
+def test_login_refused_tells_a_wrong_url_from_an_unreachable_server(
+    message: str, refused: bool
+) -> None:
+    exc = psycopg.OperationalError(f'connection to server at "127.0.0.1" failed: {message}')
+    assert login_refused(exc) is refused

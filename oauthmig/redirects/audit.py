@@ -86,6 +86,7 @@ from oauthmig.redirects.rules import (
     split_redirect_uris,
 )
 from oauthmig.rollout.preflight import RevisionInfo, check_state
+from oauthmig.rollout.privileges import Command
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -215,7 +216,7 @@ def _preflight(
         map_db_errors(db, "cannot read the tables to audit"),
         open_database(settings, db) as conn,
     ):
-        check_state(conn, settings, db, revisions)
+        check_state(conn, settings, db, revisions, Command.AUDIT_REDIRECTS)
         insp = inspect(conn)
         app_columns = frozenset(c["name"] for c in insp.get_columns(settings.tables.application))
         missing = {"id", "client_id", "redirect_uris"} - app_columns

@@ -110,6 +110,7 @@ from oauthmig.rollout.jobs import (
     run_lock,
 )
 from oauthmig.rollout.preflight import RevisionInfo, check_routed_tables
+from oauthmig.rollout.privileges import Command
 from oauthmig.rollout.remaining import column_generation
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import check_databases, held_upgrade
@@ -1117,9 +1118,6 @@ def backfill(
     if not options.dry_run:
         for name in hosting:
             require_session(settings, settings.databases[name], "backfill")
-    # A health probe that cannot work as configured is a config error, before any batch.
-    for dbname in hosting:
-        validate_health(health, settings.databases[dbname])
     # Databases another runner is upgrading (overlapping CI jobs or pods) are left to it.
     held: dict[str, Held] = {}
     if not options.dry_run:
@@ -1127,7 +1125,15 @@ def backfill(
             found = _held_upgrade(settings, settings.databases[name])
             if found is not None:
                 held[name] = found
-    check_databases(settings, [n for n in hosting if n not in held], revisions)
+    check_databases(
+        settings,
+        [n for n in hosting if n not in held],
+        revisions,
+        Command.DRY_RUN if options.dry_run else Command.BACKFILL,
+    )
+    # A health probe that cannot work as configured is a config error, before any batch.
+    for dbname in hosting:
+        validate_health(health, settings.databases[dbname])
     stopper = _Stop(
         stop or threading.Event(),
         None if options.max_runtime is None else time.monotonic() + options.max_runtime,

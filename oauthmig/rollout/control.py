@@ -61,6 +61,7 @@ from oauthmig.rollout.jobs import (
     read_job,
     run_alive,
 )
+from oauthmig.rollout.privileges import Command
 from oauthmig.rollout.revisions import history
 from oauthmig.rollout.runner import check_databases
 
@@ -224,7 +225,7 @@ def request(
         raise UsageError(f"unknown request {action!r} (one of {', '.join(ACTIONS)})")
     targets = job_targets(settings, job_names)
     databases = list(dict.fromkeys(db for db, _ in targets))
-    check_databases(settings, databases, history())
+    check_databases(settings, databases, history(), Command.BACKFILL_CONTROL)
     problems: list[str] = []
     for dbname in databases:
         db = settings.databases[dbname]

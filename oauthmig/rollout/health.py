@@ -59,6 +59,7 @@ from sqlalchemy.pool import NullPool
 from oauthmig.config import DatabaseConfig, HealthSettings, ReplicaConfig
 from oauthmig.db import PG_CONNECT_ARGS, ClientDeadline
 from oauthmig.errors import ConfigError
+from oauthmig.failures import login_refused
 from oauthmig.redact import describe_db_error, url_secrets
 
 PROBE_REPLICA_LAG = "replica-lag"
@@ -488,7 +489,9 @@ def validate(health: HealthSettings, db: DatabaseConfig) -> None:
     error (:class:`ConfigError`, exit 2), not a health signal that would hold the backfill
     until ``--max-runtime`` run after run. ``check_sql`` runs once: a query that cannot run
     (see :data:`_QUERY_DEFECTS`) or returns something that is not a number is refused; each
-    replica in ``replica_urls`` that answers must be a standby. A server that does not answer
+    replica in ``replica_urls`` that answers must be a standby, and one that refuses the login
+    (authentication, unknown role or database: :func:`~oauthmig.failures.login_refused`) is
+    refused too. A server that does not answer
     now, or a query that times out, is left to the run's probes (it may be the health they
     watch). A no-op where health checks are (SQLite, nothing configured)."""
     if not (health.enabled and db.dialect == "postgresql" and db.url is not None):
@@ -518,8 +521,14 @@ def validate(health: HealthSettings, db: DatabaseConfig) -> None:
         try:
             with _probe(engine, timeout) as conn:
                 standby = conn.execute(text("SELECT pg_is_in_recovery()")).scalar()
-        except SQLAlchemyError:
-            continue  # not answering now: the run's lag probe holds on it
+        except SQLAlchemyError as exc:
+            if not login_refused(exc):
+                continue  # not answering now: the run's lag probe holds on it
+            reason = describe_db_error(exc, url_secrets(replica.url))
+            raise ConfigError(
+                f"backfill.health.replica_urls: {replica.display_url} refuses the connection: "
+                f"{reason}; fix the replica's user, password or database name in the URL"
+            ) from None
         finally:
             engine.dispose()
         if not standby:

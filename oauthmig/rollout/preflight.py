@@ -32,6 +32,7 @@ from sqlalchemy.types import TypeEngine
 
 from oauthmig.config import DatabaseConfig, Settings
 from oauthmig.errors import IncompatibleColumnError, MissingTableError, SchemaStateError
+from oauthmig.rollout.privileges import Command, check_privileges
 
 if TYPE_CHECKING:
     from oauthmig.rollout.revisions import RevisionTarget
@@ -268,15 +269,22 @@ def preflight(
 
 
 def check_state(
-    conn: Connection, settings: Settings, db: DatabaseConfig, revisions: Sequence[RevisionInfo]
+    conn: Connection,
+    settings: Settings,
+    db: DatabaseConfig,
+    revisions: Sequence[RevisionInfo],
+    command: Command | None = None,
 ) -> str | None:
     """The preflight every command that reads or writes a database runs; the current revision.
 
     ``revisions`` is the catalogue (:func:`oauthmig.rollout.revisions.history`). Raises
     (:class:`SchemaStateError`, :class:`MissingTableError`) when a routed table is missing, the
     version table names an unknown revision or holds several rows, or a column of an applied
-    revision is missing (half-migrated).
+    revision is missing (half-migrated). With ``command``, the role's privileges are checked
+    first (:func:`~oauthmig.rollout.privileges.check_privileges`, PostgreSQL).
     """
+    if command is not None:
+        check_privileges(conn, settings, db, command)
     check_routed_tables(conn, settings, db.name)
     current = read_current(conn, db.name, revisions)
     preflight(conn, settings, db, revisions, current, [])

@@ -73,6 +73,7 @@ from oauthmig.rollout.preflight import (
     revision_log,
     revision_position,
 )
+from oauthmig.rollout.privileges import Command, check_privileges
 from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.revisions import (
     CONNECTION_KEY,
@@ -92,6 +93,9 @@ class Direction(StrEnum):
 
     UPGRADE = "upgrade"
     DOWNGRADE = "downgrade"
+
+
+_COMMANDS = {Direction.UPGRADE: Command.UPGRADE, Direction.DOWNGRADE: Command.DOWNGRADE}
 
 
 class Mode(StrEnum):
@@ -218,18 +222,21 @@ class RunResult:
 
 
 def check_databases(
-    settings: Settings, names: Sequence[str] | None, revisions: Sequence[RevisionInfo]
+    settings: Settings,
+    names: Sequence[str] | None,
+    revisions: Sequence[RevisionInfo],
+    command: Command | None = None,
 ) -> None:
     """Run :func:`~oauthmig.rollout.preflight.check_state` on each database (all selected when
     ``names`` is ``None``); raise the first error. Also refuses two configured names that reach
-    the same database.
+    the same database. With ``command``, also the role's privileges for it (PostgreSQL).
     """
     chosen = list(settings.database_names() if names is None else names)
     check_distinct(settings, chosen)
     for name in chosen:
         db = settings.databases[name]
         with map_db_errors(db), open_database(settings, db) as conn:
-            check_state(conn, settings, db, revisions)
+            check_state(conn, settings, db, revisions, command)
 
 
 def refuse_downgrade_during_backfill(
@@ -869,6 +876,7 @@ def _run_dry(
     started: float,
 ) -> DatabaseRun:
     settings = req.settings
+    check_privileges(conn, settings, db, Command.DRY_RUN)
     plan, chosen = _plan(
         conn, settings, db, cat.revisions, target, req.direction, req.explicit_target
     )
@@ -955,6 +963,8 @@ def plan(
                         )
                     )
                     continue
+                if session:
+                    check_privileges(conn, settings, db, _COMMANDS[direction])
                 try:
                     out.append(
                         _plan(conn, settings, db, cat.revisions, resolved, direction, explicit)[0]

@@ -46,6 +46,7 @@ from oauthmig.rollout.preflight import (
     revision_log,
     revision_position,
 )
+from oauthmig.rollout.privileges import Command
 from oauthmig.rollout.revisions import Catalogue, RevisionTarget, ensure_log_table
 from oauthmig.rollout.runner import gate_for
 from oauthmig.rollout.verify import verify_connection
@@ -97,7 +98,7 @@ def _check(
 
     Raises the one-line error of the first thing missing; writes nothing.
     """
-    current = check_state(conn, settings, db, revisions)
+    current = check_state(conn, settings, db, revisions, Command.STAMP)
     cur_i, tgt_i = revision_position(current, revisions), revision_position(target, revisions)
     if cur_i > tgt_i:
         raise SchemaStateError(

@@ -30,6 +30,7 @@ from oauthmig.rollout.preflight import (
     read_log,
     revision_position,
 )
+from oauthmig.rollout.privileges import Command
 from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.revisions import Drift, drift, history
 from oauthmig.rollout.runner import gate_for
@@ -157,7 +158,7 @@ def _database_status(
                 set_timeouts(conn, settings.migrate.lock_timeout_ms, timeout)
                 if conn.in_transaction():
                     conn.commit()
-                current = check_state(conn, settings, db, revisions)
+                current = check_state(conn, settings, db, revisions, Command.STATUS)
                 log = read_log(conn)
                 applied_upto = revision_position(current, revisions)
                 drifted = tuple(drift(revisions[:applied_upto], {name: log}))

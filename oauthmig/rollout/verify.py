@@ -50,6 +50,7 @@ from oauthmig.db import for_writing, map_db_errors, open_database, set_timeouts
 from oauthmig.errors import OauthmigError, SchemaStateError
 from oauthmig.rollout import compat
 from oauthmig.rollout.compat import CompatTarget
+from oauthmig.rollout.privileges import Command, check_privileges
 
 VERIFY_TABLE = "oauthmig_verify"
 #: How many offending ids a failed verify names.
@@ -269,6 +270,7 @@ def verify(settings: Settings) -> tuple[DatabaseVerify, ...]:
         db = settings.databases[name]
         try:
             with map_db_errors(db, "verify failed"), open_database(settings, db) as conn:
+                check_privileges(conn, settings, db, Command.VERIFY)
                 results.append(verify_connection(conn, settings, name))
         except OauthmigError as exc:
             message = exc.message
@@ -350,6 +352,7 @@ def contract(settings: Settings, since: datetime) -> tuple[DatabaseContract, ...
     for name in settings.database_names():
         db = settings.databases[name]
         with map_db_errors(db, "contract failed"), open_database(settings, db) as conn:
+            check_privileges(conn, settings, db, Command.CONTRACT)
             target = CompatTarget(
                 conn.dialect.name,
                 name,
