@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+from importlib import metadata
 from types import FrameType
 
 _EXIT_INTERRUPTED = 130
@@ -81,3 +82,11 @@ def cli_loaded() -> None:
 
 
 _guard_if_cli()
+
+
+def tool_version() -> str:
+    """The installed oauthmig version."""
+    try:
+        return metadata.version("oauthmig")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0+unknown"

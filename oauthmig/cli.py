@@ -3,31 +3,34 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
-import pickle
 import shlex
 import signal
 import sys
-import tempfile
 import threading
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, NoReturn, cast
 
 import click
+from rich.console import Console
 
 import oauthmig
 from oauthmig.config import Settings, load_settings, parse_duration_ms
 from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep, run_demo
 from oauthmig.errors import ConfigError, OauthmigError, PlanRefusedError, Terminated, UsageError
+from oauthmig.html_report import Report, gather_report
+from oauthmig.output.audit_report import BaselineGate, render_text_report, stream_machine_report
+from oauthmig.output.audit_writers import (
+    SARIF_MAX_RESULTS,
+    atomic_output,
+)
 from oauthmig.output.backfill_text import render_report, render_requests
-from oauthmig.output.baseline import BaselineRecorder, BaselineState, load_baseline
-from oauthmig.output.files import output_file
+from oauthmig.output.baseline import BaselineRecorder, load_baseline
+from oauthmig.output.files import output_file, write_scripts
 from oauthmig.output.fleet import render_summary, render_waves, summary_to_dict, wave_progress
 from oauthmig.output.html import render_html
 from oauthmig.output.json import (
@@ -54,12 +57,10 @@ from oauthmig.output.phases_text import (
 from oauthmig.output.stamp_text import render_stamp
 from oauthmig.output.text import (
     Consoles,
-    at_least,
     escape,
     plain_console,
     progress_bar,
     render_audit_brief,
-    render_audit_findings,
     render_audit_summary,
     render_backfill,
     render_dry_run,
@@ -74,21 +75,13 @@ from oauthmig.output.text import (
 )
 from oauthmig.prune import prune
 from oauthmig.redact import scrub_log_records
-from oauthmig.redirects.audit import AuditFinding, AuditSummary, FailOn
+from oauthmig.redirects.audit import FailOn
 from oauthmig.redirects.audit import audit as audit_service
-from oauthmig.redirects.reports import (
-    SARIF_MAX_RESULTS,
-    SarifWriter,
-    atomic_output,
-    writer_for,
-)
 from oauthmig.redirects.rules import check_uri
-from oauthmig.report import Report, gather_report
 from oauthmig.rollout import backfill as backfill_service
 from oauthmig.rollout import control, fleet, runner
 from oauthmig.rollout.backfill import BackfillResult
 from oauthmig.rollout.batch_report import DEFAULT_LAST, backfill_report
-from oauthmig.rollout.offline import write_scripts
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import Direction, Mode, PlanOutcome, RunResult
 from oauthmig.rollout.stamp import stamp as stamp_revisions
@@ -179,38 +172,23 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return value
 
 
-def _global_options() -> list[click.Parameter]:
-    return [
-        click.Option(
-            ["--config", "config_path"],
-            type=click.Path(dir_okay=False),
-            help=_CONFIG_HELP,
-            expose_value=False,
-            callback=_remember,
-        ),
-        click.Option(
-            ["--database", "-d", "databases"],
-            multiple=True,
-            metavar="NAME",
-            help="Only act on this database (repeatable).",
-            expose_value=False,
-            callback=_remember,
-        ),
-        click.Option(
-            ["--verbose", "-v"],
-            is_flag=True,
-            help="More detail.",
-            expose_value=False,
-            callback=_remember,
-        ),
-        click.Option(
-            ["--quiet", "-q"],
-            is_flag=True,
-            help="Only errors and requested output.",
-            expose_value=False,
-            callback=_remember,
-        ),
-    ]
+#: The global options: (declarations, attributes), declared once for the group and again on
+#: every subcommand (where they are stored for :func:`_build_state`, not passed).
+_GLOBAL_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("--config", "config_path"), {"type": click.Path(dir_okay=False), "help": _CONFIG_HELP}),
+    (
+        ("--database", "-d", "databases"),
+        {"multiple": True, "metavar": "NAME", "help": "Only act on this database (repeatable)."},
+    ),
+    (("--verbose", "-v"), {"is_flag": True, "help": "More detail."}),
+    (("--quiet", "-q"), {"is_flag": True, "help": "Only errors and requested output."}),
+)
+
+
+def _global_options(*, late: bool = True) -> list[click.Parameter]:
+    """The global options as parameters: of the group (``late=False``), or of a subcommand."""
+    extra: dict[str, Any] = {"expose_value": False, "callback": _remember} if late else {}
+    return [click.Option(list(decls), **attrs, **extra) for decls, attrs in _GLOBAL_OPTIONS]
 
 
 def _invoke_command(ctx: click.Context, invoke: Callable[[click.Context], Any]) -> Any:
@@ -261,19 +239,10 @@ def _build_state(ctx: click.Context) -> AppState:
 
 
 @click.group(
-    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    params=_global_options(late=False),
 )
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=_CONFIG_HELP)
-@click.option(
-    "--database",
-    "-d",
-    "databases",
-    multiple=True,
-    metavar="NAME",
-    help="Only act on this database (repeatable).",
-)
-@click.option("--verbose", "-v", is_flag=True, help="More detail.")
-@click.option("--quiet", "-q", is_flag=True, help="Only errors and requested output.")
 @click.version_option(package_name="oauthmig")
 def cli(
     config_path: str | None,
@@ -292,6 +261,33 @@ def cli(
       oauthmig upgrade --dry-run      # what would run, with the SQL
       oauthmig upgrade                # expand: add the new columns everywhere
     """
+
+
+def emit(
+    c: Consoles,
+    fmt: str,
+    document: Callable[[], object],
+    render: Callable[[Console], None],
+    *,
+    always: bool = False,
+) -> None:
+    """A command's result on stdout: the JSON ``document()`` with ``--format json``, else
+    ``render(console)``, which ``--quiet`` leaves out unless ``always``."""
+    if fmt == "json":
+        click.echo(to_json(document()))
+    elif always or not c.quiet:
+        render(c.out)
+
+
+def fail_summary(c: Consoles, lines: Sequence[str], summary: str) -> None:
+    """End a command whose work failed somewhere: one failure raises its own line; several
+    print each line, then raise ``summary``. Nothing failed (no lines): return."""
+    if len(lines) == 1:
+        raise OauthmigError(lines[0])
+    if lines:
+        for line in lines:
+            c.error(line)
+        raise OauthmigError(summary)
 
 
 def _state(ctx: click.Context) -> AppState:
@@ -385,16 +381,15 @@ def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | N
 def _report_failures(state: AppState, result: RunResult) -> None:
     """One line per failed database; a summary line only when several failed."""
     failed = [(r.database, r.error) for r in result.failed if r.error is not None]
-    if len(failed) == 1:
-        raise OauthmigError(failed[0][1].message)
-    if failed:
-        for _name, error in failed:
-            state.consoles.error(error.message)
-        names = ", ".join(name for name, _error in failed)
-        ok = [r.database for r in result.runs if r.error is None]
-        verb = "is" if len(ok) == 1 else "are"
-        tail = f"; {', '.join(ok)} completed and {verb} consistent" if ok else ""
-        raise OauthmigError(f"{len(failed)} databases failed: {names}{tail}")
+    names = ", ".join(name for name, _error in failed)
+    ok = [r.database for r in result.runs if r.error is None]
+    verb = "is" if len(ok) == 1 else "are"
+    tail = f"; {', '.join(ok)} completed and {verb} consistent" if ok else ""
+    fail_summary(
+        state.consoles,
+        [error.message for _name, error in failed],
+        f"{len(failed)} databases failed: {names}{tail}",
+    )
 
 
 @cli.command()
@@ -491,10 +486,13 @@ def upgrade(
     if dry_run:
         result = runner.upgrade(settings, target, mode=Mode.DRY_RUN, catalogue=cat)
         _refuse_failed(result, "nothing was changed")
-        if as_json:
-            click.echo(to_json(runs_to_dict(result, dry_run=True)))
-        else:
-            render_dry_run(c.out, result)
+        emit(
+            c,
+            fmt,
+            lambda: runs_to_dict(result, dry_run=True),
+            lambda out: render_dry_run(out, result),
+            always=True,
+        )
         return
     try:
         result = runner.upgrade(
@@ -506,10 +504,12 @@ def upgrade(
         )
     except PlanRefusedError as exc:
         raise _refused(c, exc) from None
-    if as_json:
-        click.echo(to_json(runs_to_dict(result, dry_run=False)))
-    elif not c.quiet:
-        render_run(c.out, result, state.command_prefix())
+    emit(
+        c,
+        fmt,
+        lambda: runs_to_dict(result, dry_run=False),
+        lambda out: render_run(out, result, state.command_prefix()),
+    )
     _report_failures(state, result)
 
 
@@ -582,12 +582,14 @@ def downgrade(
     if mode is Mode.DRY_RUN:
         _refuse_failed(result, "nothing was changed")
     _report_failures(state, result)
-    if as_json:
-        click.echo(to_json(runs_to_dict(result, dry_run=mode is not Mode.ONLINE)))
-    elif mode is Mode.DRY_RUN:
-        render_dry_run(c.out, result)
-    elif not c.quiet:
-        render_run(c.out, result)
+    dry = mode is Mode.DRY_RUN
+    emit(
+        c,
+        fmt,
+        lambda: runs_to_dict(result, dry_run=dry),
+        lambda out: render_dry_run(out, result) if dry else render_run(out, result),
+        always=dry,
+    )
 
 
 @cli.command()
@@ -610,10 +612,7 @@ def stamp(ctx: click.Context, revision: str, fmt: str) -> None:
     """
     state = _state(ctx)
     result = stamp_revisions(state.settings(), revision)
-    if fmt == "json":
-        click.echo(to_json(stamp_to_dict(result)))
-    elif not state.consoles.quiet:
-        render_stamp(state.consoles.out, result)
+    emit(state.consoles, fmt, lambda: stamp_to_dict(result), lambda out: render_stamp(out, result))
 
 
 @cli.command()
@@ -693,21 +692,21 @@ def status(
     if selected is None:
         return
     report = read_status(selected, exact=exact)
-    if fmt == "json":
-        document = status_to_dict(report)
-        document["waves"] = wave_progress(report, selected.waves)
-        click.echo(to_json(document))
-    else:
-        render_status(state.consoles.out, report)
-        render_waves(state.consoles.out, report, selected.waves)
+
+    def document() -> dict[str, Any]:
+        return {**status_to_dict(report), "waves": wave_progress(report, selected.waves)}
+
+    def render(out: Console) -> None:
+        render_status(out, report)
+        render_waves(out, report, selected.waves)
+
+    emit(state.consoles, fmt, document, render, always=True)
     errors = [d for d in report.databases if d.error]
-    if len(errors) > 1:
-        for d in errors:
-            state.consoles.error(d.error or f"database {d.database!r} could not be read")
-        names = ", ".join(d.database for d in errors)
-        raise OauthmigError(f"{len(errors)} databases could not be read: {names}")
-    if errors:
-        raise OauthmigError(errors[0].error or "a database could not be read")
+    fail_summary(
+        state.consoles,
+        [d.error or f"database {d.database!r} could not be read" for d in errors],
+        f"{len(errors)} databases could not be read: {', '.join(d.database for d in errors)}",
+    )
     failure = report.check_failure()
     if check and failure:
         raise Findings(failure)
@@ -748,10 +747,13 @@ def history(ctx: click.Context, fmt: str) -> None:
       oauthmig history
     """
     revisions = Catalogue.load().revisions
-    if fmt == "json":
-        click.echo(to_json(history_to_list(revisions)))
-    else:
-        render_history(_state(ctx).consoles.out, revisions)
+    emit(
+        _state(ctx).consoles,
+        fmt,
+        lambda: history_to_list(revisions),
+        lambda out: render_history(out, revisions),
+        always=True,
+    )
 
 
 class _BackfillGroup(click.Group):
@@ -983,7 +985,6 @@ def _backfill_run(
     options = backfill_service.BackfillOptions(
         batch_size, sleep_seconds, max_runtime, restart, dry_run, jobs
     )
-    as_json = fmt == "json"
     metrics = None if metrics_file is None or dry_run else MetricsFile(metrics_file)
 
     def on_sigterm(_signum: int, _frame: object) -> None:
@@ -1005,10 +1006,13 @@ def _backfill_run(
             signal.signal(signal.SIGTERM, previous)
     if metrics is not None and metrics.error:
         c.err.print(f"warning: {escape(metrics.error)} (the backfill itself went on)")
-    if as_json:
-        click.echo(to_json(backfill_to_dict(result)))
-    elif not c.quiet or result.failed:
-        render_backfill(c.out, result)
+    emit(
+        c,
+        fmt,
+        lambda: backfill_to_dict(result),
+        lambda out: render_backfill(out, result),
+        always=bool(result.failed),
+    )
     _report_backfill_failures(state, result)
     if result.out_of_time:
         pairs = ", ".join(f"{r.job} on {r.database}" for r in result.out_of_time)
@@ -1023,10 +1027,13 @@ def _backfill_report(
 ) -> None:
     state = _state(ctx)
     histories = backfill_report(state.settings(), job_names, DEFAULT_LAST if last is None else last)
-    if fmt == "json":
-        click.echo(to_json(report_to_dict(histories)))
-    else:
-        render_report(state.consoles.out, histories)
+    emit(
+        state.consoles,
+        fmt,
+        lambda: report_to_dict(histories),
+        lambda out: render_report(out, histories),
+        always=True,
+    )
     errors = list(dict.fromkeys(h.error for h in histories if h.error))
     for error in errors[1:]:
         state.consoles.error(error)
@@ -1066,10 +1073,12 @@ def _request(
     state = _state(ctx)
     settings = state.settings()
     outcomes = control.request(settings, action, job_names)
-    if fmt == "json":
-        click.echo(to_json(requests_to_dict(action, outcomes)))
-    elif not state.consoles.quiet:
-        render_requests(state.consoles.out, action, outcomes)
+    emit(
+        state.consoles,
+        fmt,
+        lambda: requests_to_dict(action, outcomes),
+        lambda out: render_requests(out, action, outcomes),
+    )
     if wait:
         still = control.wait_stopped(settings, outcomes, timeout)
         if still:
@@ -1153,20 +1162,17 @@ def backfill_cancel(
 def _report_backfill_failures(state: AppState, result: BackfillResult) -> None:
     """One line per failed job and database; a summary line only when several failed."""
     failed = result.failed
-    lines = [r.message or f"backfill {r.job} failed on {r.database}" for r in failed]
-    if len(failed) == 1:
-        raise OauthmigError(lines[0])
-    if failed:
-        for line in lines:
-            state.consoles.error(line)
-        pairs = ", ".join(f"{r.job} on {r.database}" for r in failed)
-        if all(r.status == "failed" for r in failed):
-            raise OauthmigError(
-                f"{len(failed)} backfills failed: {pairs}; state saved, rerun to resume"
-            )
-        raise OauthmigError(
-            f"{len(failed)} backfills failed or are cancelled: {pairs}; state saved (see above)"
-        )
+    pairs = ", ".join(f"{r.job} on {r.database}" for r in failed)
+    summary = (
+        f"{len(failed)} backfills failed: {pairs}; state saved, rerun to resume"
+        if all(r.status == "failed" for r in failed)
+        else f"{len(failed)} backfills failed or are cancelled: {pairs}; state saved (see above)"
+    )
+    fail_summary(
+        state.consoles,
+        [r.message or f"backfill {r.job} failed on {r.database}" for r in failed],
+        summary,
+    )
 
 
 @cli.command()
@@ -1189,10 +1195,12 @@ def verify(ctx: click.Context, fmt: str) -> None:
     """
     state = _state(ctx)
     results = verify_service(state.settings())
-    if fmt == "json":
-        click.echo(to_json(verify_to_list(results)))
-    elif not state.consoles.quiet:
-        render_verify(state.consoles.out, results)
+    emit(
+        state.consoles,
+        fmt,
+        lambda: verify_to_list(results),
+        lambda out: render_verify(out, results),
+    )
     errors = [d for d in results if d.error]
     if errors:
         raise OauthmigError(errors[0].error or "a database could not be verified")
@@ -1233,10 +1241,12 @@ def contract(ctx: click.Context, since: str, fmt: str) -> None:
         when = when.replace(tzinfo=UTC)
     state = _state(ctx)
     results = contract_service(state.settings(), when)
-    if fmt == "json":
-        click.echo(to_json(contract_to_list(results)))
-    elif not state.consoles.quiet:
-        render_contract(state.consoles.out, results)
+    emit(
+        state.consoles,
+        fmt,
+        lambda: contract_to_list(results),
+        lambda out: render_contract(out, results),
+    )
 
 
 @cli.command("prune-grants")
@@ -1303,21 +1313,21 @@ def prune_grants(
         revisions=Catalogue.load().revisions,
     )
     c = state.consoles
-    if fmt == "json":
-        click.echo(to_json(prune_to_dict(result)))
-    elif not c.quiet or result.failed:
-        render_prune(c.out, result)
+    emit(
+        c,
+        fmt,
+        lambda: prune_to_dict(result),
+        lambda out: render_prune(out, result),
+        always=bool(result.failed),
+    )
     failed = result.failed
-    if len(failed) == 1:
-        raise OauthmigError(failed[0].error or f"database {failed[0].database!r} failed")
-    if failed:
-        for d in failed:
-            c.error(d.error or f"database {d.database!r} failed")
-        raise OauthmigError(
-            f"prune-grants failed on {len(failed)} databases: "
-            + ", ".join(d.database for d in failed)
-            + "; what was deleted stays deleted, rerun to go on"
-        )
+    fail_summary(
+        c,
+        [d.error or f"database {d.database!r} failed" for d in failed],
+        f"prune-grants failed on {len(failed)} databases: "
+        + ", ".join(d.database for d in failed)
+        + "; what was deleted stays deleted, rerun to go on",
+    )
 
 
 @cli.command()
@@ -1450,10 +1460,13 @@ def check_redirect(
       oauthmig check-redirect --format json 'https://*.example.com/cb' | jq '.[].verdict'
     """
     reports = [check_uri(uri, app_type) for uri in uris]
-    if fmt == "json":
-        click.echo(to_json(check_reports_to_list(reports)))
-    else:
-        render_uri_reports(_state(ctx).consoles.out, reports)
+    emit(
+        _state(ctx).consoles,
+        fmt,
+        lambda: check_reports_to_list(reports),
+        lambda out: render_uri_reports(out, reports),
+        always=True,
+    )
     failing = {"error": ("fail",), "warning": ("fail", "warn"), "never": ()}[fail_on]
     bad = [r for r in reports if r.verdict in failing]
     if bad:
@@ -1552,28 +1565,7 @@ def audit_redirects(
     if write_baseline is not None and (not write_baseline.strip() or os.path.isdir(write_baseline)):
         # Refused before the audit runs (the file itself is written once it is complete).
         raise UsageError(f"--write-baseline {write_baseline!r}: give the name of a file to write")
-    new_by_severity: Counter[str] = Counter()
-
-    def keep(finding: AuditFinding) -> BaselineState | None:
-        """Record the finding; its baseline state (None without --baseline)."""
-        if recorder is not None:
-            recorder.add(finding)
-        found = baseline.state(finding) if baseline is not None else None
-        if found != "unchanged":
-            new_by_severity[finding.severity.value] += 1
-        return found
-
-    def with_baseline_note(summary: AuditSummary) -> AuditSummary:
-        if baseline is None:
-            return summary
-        n = baseline.counts
-        note = (
-            f"baseline {baseline_path}: {n['new']:,} new, {n['unchanged']:,} unchanged, "
-            f"{len(baseline.absent()):,} absent; only new findings are reported"
-            f"{' (SARIF marks each)' if fmt == 'sarif' else ''} and can fail the run"
-        )
-        return dataclasses.replace(summary, notes=(*summary.notes, note))
-
+    gate = BaselineGate(baseline, recorder, fmt)
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(atomic_output(output)) if output is not None else None
         # Progress (stderr, terminals only) when the report does not go to the terminal.
@@ -1581,51 +1573,26 @@ def audit_redirects(
         update = stack.enter_context(progress_bar(c.err, enabled=show_progress))
         audit = audit_service(settings, revisions=Catalogue.load().revisions, progress=update)
         if machine:
-            out = sink if sink is not None else sys.stdout
-            writer = writer_for(
-                fmt,
-                out,
-                application_table=settings.tables.application,
-                docs_url=settings.audit.docs_url,
-                sarif_max_results=sarif_max_results,
-            )
-            writer.begin()
+            closes = sink is None and fmt == "json"
             try:
-                for finding in audit:
-                    found = keep(finding)
-                    if not at_least(finding.severity, minimum):
-                        continue
-                    if isinstance(writer, SarifWriter):
-                        writer.finding(finding, found)
-                    elif found != "unchanged":
-                        writer.finding(finding)
+                stream_machine_report(
+                    audit,
+                    sink if sink is not None else sys.stdout,
+                    gate,
+                    minimum=minimum,
+                    application_table=settings.tables.application,
+                    docs_url=settings.audit.docs_url,
+                    sarif_max_results=sarif_max_results,
+                    close_on_interrupt=closes,
+                )
             except KeyboardInterrupt:
-                if sink is None and fmt == "json":
-                    # Close the streamed document so that stdout still holds one JSON value.
-                    partial = audit.summary()
-                    notes = (*partial.notes, "interrupted: the audit stopped before the end")
-                    writer.end(dataclasses.replace(partial, notes=notes))
-                    ctx.meta[_META_JSON] = "done"
+                if closes:
+                    ctx.meta[_META_JSON] = "done"  # stdout already holds one JSON value
                 raise
-            if baseline is not None and isinstance(writer, SarifWriter):
-                for entry in baseline.absent():
-                    if at_least(entry.severity, minimum):
-                        writer.absent(entry, baseline.path)
-            writer.end(with_baseline_note(audit.summary()))
         else:
             report_console = c.out if sink is None else plain_console(sink)
-            # The per-rule summary comes first: the findings wait in a temporary file meanwhile
-            # (memory stays bounded however many applications there are).
-            spool = stack.enter_context(tempfile.TemporaryFile())
-            for finding in audit:
-                if keep(finding) != "unchanged" and at_least(finding.severity, minimum):
-                    pickle.dump(finding, spool)
-            render_audit_summary(
-                report_console, with_baseline_note(audit.summary()), min_severity=minimum
-            )
-            spool.seek(0)
-            render_audit_findings(report_console, _unspool(spool), min_severity=minimum)
-    summary = with_baseline_note(audit.summary())
+            render_text_report(report_console, audit, gate, minimum=minimum)
+    summary = gate.noted(audit.summary())
     if recorder is not None and write_baseline is not None:
         recorder.write(write_baseline)
         if not c.quiet:
@@ -1637,19 +1604,9 @@ def audit_redirects(
         render_audit_summary(c.out, summary)
     elif machine and not c.quiet:
         render_audit_summary(c.err, summary)
-    if baseline is not None:
-        errors, warnings = new_by_severity["error"], new_by_severity["warning"]
-        failing = {"error": errors, "warning": errors + warnings, "never": 0}[fail_on]
-        if failing:
-            raise Findings(
-                f"{errors:,} new error(s), {warnings:,} new warning(s) not in the baseline "
-                f"{baseline_path}: findings at or above --fail-on {fail_on}"
-            )
-    elif summary.fails(cast(FailOn, fail_on)):
-        raise Findings(
-            f"{summary.by_severity['error']:,} error(s), {summary.by_severity['warning']:,} "
-            f"warning(s): findings at or above --fail-on {fail_on}"
-        )
+    failure = gate.failure(summary, cast(FailOn, fail_on))
+    if failure is not None:
+        raise Findings(failure)
 
 
 @cli.command()
@@ -1706,14 +1663,6 @@ def _report_brief(data: Report) -> str:
         f"backfills: {finished} of {len(data.jobs)} finished; PKCE: {without:,} of {live:,} live "
         f"grants without a challenge; audit: {sev['error']:,} errors, {sev['warning']:,} warnings"
     )
-
-
-def _unspool(spool: IO[bytes]) -> Iterator[Any]:
-    while True:
-        try:
-            yield pickle.load(spool)
-        except EOFError:
-            return
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

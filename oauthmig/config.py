@@ -21,7 +21,7 @@ from sqlalchemy.exc import ArgumentError
 
 from oauthmig.errors import ConfigError
 from oauthmig.redact import mask_url
-from oauthmig.redirects.uri import URIError, parse_uri
+from oauthmig.uri import URIError, parse_uri
 
 LOGICAL_TABLES: tuple[str, ...] = ("application", "grant", "token")
 DEFAULT_TABLES: dict[str, str] = {
@@ -440,7 +440,7 @@ def _database(name: str, data: object, env: Mapping[str, str]) -> DatabaseConfig
 
 
 def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], source: str) -> Settings:
-    """Build and validate settings from parsed TOML."""
+    """Build and validate settings from parsed TOML (each section in turn, in file order)."""
     _check_keys(
         data,
         ("databases", "routing", "tables", "migrate", "backfill", "audit", "models", "waves"),
@@ -450,8 +450,21 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     if not dbs_raw:
         raise ConfigError("databases: at least one database must be configured ([databases.NAME])")
     databases = {name: _database(name, value, env) for name, value in dbs_raw.items()}
+    routing = _routing(_table(data, "routing"), databases)
+    tables = _tables(_table(data, "tables"))
+    migrate = _migrate(_table(data, "migrate"))
+    backfill = _backfill(_table(data, "backfill"), env)
+    audit = _audit(_table(data, "audit"))
+    models = _models(_table(data, "models"))
+    waves = _waves(_table(data, "waves"), tuple(databases))
+    return Settings(databases, routing, tables, migrate, backfill, audit, source, models, waves)
 
-    routing_raw = _table(data, "routing")
+
+def _routing(
+    routing_raw: Mapping[str, Any], databases: Mapping[str, DatabaseConfig]
+) -> dict[str, tuple[str, ...]]:
+    """``[routing]``: the databases each logical table lives on (all of one database's, when
+    there is only one)."""
     _check_keys(routing_raw, LOGICAL_TABLES, "routing")
     routing: dict[str, tuple[str, ...]] = {}
     for logical in LOGICAL_TABLES:
@@ -479,8 +492,11 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
         if len(set(names)) != len(names):
             raise ConfigError(f"{key}: a database is listed twice")
         routing[logical] = names
+    return routing
 
-    tables_raw = _table(data, "tables")
+
+def _tables(tables_raw: Mapping[str, Any]) -> TableNames:
+    """``[tables]``: the physical name of each logical table."""
     _check_keys(tables_raw, LOGICAL_TABLES, "tables")
     names_map = dict(DEFAULT_TABLES)
     for logical, value in tables_raw.items():
@@ -492,8 +508,11 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     if len(set(names_map.values())) != len(names_map):
         raise ConfigError("tables: two logical tables map to the same physical table")
     tables = TableNames(**names_map)
+    return tables
 
-    mig_raw = _table(data, "migrate")
+
+def _migrate(mig_raw: Mapping[str, Any]) -> MigrateSettings:
+    """``[migrate]``: the lock and statement timeouts of DDL, none of them zero."""
     _check_keys(
         mig_raw,
         ("lock_timeout", "lock_retries", "statement_timeout", "index_timeout"),
@@ -523,8 +542,11 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
             "migrate.statement_timeout: must be greater than zero (0 would remove the limit); "
             'e.g. "30s"'
         )
+    return migrate
 
-    bf_raw = _table(data, "backfill")
+
+def _backfill(bf_raw: Mapping[str, Any], env: Mapping[str, str]) -> BackfillSettings:
+    """``[backfill]``: batch sizing and pacing, ``client_metadata`` and ``health``."""
     _check_keys(
         bf_raw,
         (
@@ -539,7 +561,25 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
         ),
         "backfill",
     )
-    cm_raw = bf_raw.get("client_metadata", {})
+    client_metadata = _client_metadata(bf_raw.get("client_metadata", {}))
+    return BackfillSettings(
+        batch_size=_int(bf_raw.get("batch_size", 1000), "backfill.batch_size", 1, 10_000_000),
+        target_batch_seconds=_float(
+            bf_raw.get("target_batch_seconds", 0.1), "backfill.target_batch_seconds", 0.01, 600
+        ),
+        sleep_seconds=_float(bf_raw.get("sleep_seconds", 0.0), "backfill.sleep_seconds", 0, 3600),
+        max_duty=_float(bf_raw.get("max_duty", 0.5), "backfill.max_duty", 0.01, 1.0),
+        outage_window_ms=parse_duration_ms(
+            bf_raw.get("outage_window", "60s"), "backfill.outage_window"
+        ),
+        keep_batches=_int(bf_raw.get("keep_batches", 1000), "backfill.keep_batches", 1, 1_000_000),
+        client_metadata=client_metadata,
+        health=_health(bf_raw.get("health", {}), env),
+    )
+
+
+def _client_metadata(cm_raw: object) -> ClientMetadataDefaults:
+    """``[backfill.client_metadata]``: what the backfill writes for an application."""
     if not isinstance(cm_raw, dict):
         raise ConfigError("backfill.client_metadata: expected a table")
     _check_keys(
@@ -567,32 +607,18 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
         raise ConfigError("backfill.client_metadata.grant_types: must not be empty")
     if not response_types:
         raise ConfigError("backfill.client_metadata.response_types: must not be empty")
-    backfill = BackfillSettings(
-        batch_size=_int(bf_raw.get("batch_size", 1000), "backfill.batch_size", 1, 10_000_000),
-        target_batch_seconds=_float(
-            bf_raw.get("target_batch_seconds", 0.1), "backfill.target_batch_seconds", 0.01, 600
-        ),
-        sleep_seconds=_float(bf_raw.get("sleep_seconds", 0.0), "backfill.sleep_seconds", 0, 3600),
-        max_duty=_float(bf_raw.get("max_duty", 0.5), "backfill.max_duty", 0.01, 1.0),
-        outage_window_ms=parse_duration_ms(
-            bf_raw.get("outage_window", "60s"), "backfill.outage_window"
-        ),
-        keep_batches=_int(bf_raw.get("keep_batches", 1000), "backfill.keep_batches", 1, 1_000_000),
-        client_metadata=ClientMetadataDefaults(method, grant_types, response_types),
-        health=_health(bf_raw.get("health", {}), env),
-    )
+    return ClientMetadataDefaults(method, grant_types, response_types)
 
-    audit_raw = _table(data, "audit")
+
+def _audit(audit_raw: Mapping[str, Any]) -> AuditSettings:
+    """``[audit]``: rule codes to ignore, and where the rules are documented."""
     _check_keys(audit_raw, ("ignore", "docs_url"), "audit")
     ignore = _str_list(audit_raw.get("ignore", []), "audit.ignore")
     for code in ignore:
         if not re.match(r"^RU\d{3}$", code):
             raise ConfigError(f"audit.ignore: {code!r} is not a rule code like RU014")
     docs_url = check_docs_url(audit_raw.get("docs_url", DEFAULT_DOCS_URL), "audit.docs_url")
-    audit = AuditSettings(ignore, docs_url)
-    models = _models(_table(data, "models"))
-    waves = _waves(_table(data, "waves"), tuple(databases))
-    return Settings(databases, routing, tables, migrate, backfill, audit, source, models, waves)
+    return AuditSettings(ignore, docs_url)
 
 
 def _waves(raw: Mapping[str, Any], databases: tuple[str, ...]) -> tuple[Wave, ...]:

@@ -48,9 +48,8 @@ from sqlalchemy import (
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeEngine
 
+from oauthmig.columns import GRANT_REDIRECT_URI_LENGTH, StringList
 from oauthmig.config import TableNames
-from oauthmig.redirects.rules import GRANT_REDIRECT_URI_LENGTH
-from oauthmig.types import StringList
 
 # INTEGER PRIMARY KEY is SQLite's rowid alias (auto-assigned); BIGINT would not be.
 BigId = BigInteger().with_variant(Integer(), "sqlite")

@@ -38,11 +38,12 @@ from oauthmig.config import DEFAULT_TABLES, Settings
 from oauthmig.db import for_writing, make_engine, map_db_errors, open_database
 from oauthmig.errors import DatabaseError, LockBusyError, LockTimeoutError, OauthmigError
 from oauthmig.failures import FailureKind, classify
-from oauthmig.identity import check_distinct
 from oauthmig.pooler import transaction_pooled
-from oauthmig.rollout.preflight import RevisionInfo, check_state
-from oauthmig.rollout.privileges import Command
+from oauthmig.preflight import check_state
+from oauthmig.privileges import Command
+from oauthmig.revision_types import RevisionInfo
 from oauthmig.runlock import RunLock, transaction_lock
+from oauthmig.same_database import check_distinct
 
 __all__ = [
     "DEFAULT_BATCH",

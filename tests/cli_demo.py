@@ -23,8 +23,8 @@ from sqlalchemy.engine import make_url
 from oauthmig.cli import run
 from oauthmig.config import Settings, load_settings
 from oauthmig.db import make_engine
-from tests.conftest import PG_ADMIN_URL, PgPool, routed_config
 from tests.helpers import schema_dump, write_config
+from tests.helpers.databases import PG_ADMIN_URL, PgPool, routed_config
 
 OAUTHMIG = [sys.executable, "-m", "oauthmig"]
 STATE_TABLES = (

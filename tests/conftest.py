@@ -6,26 +6,25 @@ without them. Override the server with ``OAUTHMIG_TEST_PG`` (a SQLAlchemy URL to
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
 from oauthmig.config import Settings, settings_from_mapping
-from oauthmig.db import make_engine
-from oauthmig.legacy import USERS_TABLE, LegacyFlavor, legacy_metadata, user_rows
+from oauthmig.legacy import LegacyFlavor
 from tests.forkserver import ForkServer
-
-PG_ADMIN_URL = os.environ.get(
-    "OAUTHMIG_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+from tests.helpers import seed_legacy, write_config
+from tests.helpers.databases import (
+    PG_ADMIN_URL,
+    DatabaseFactory,
+    PgPool,
+    SeededInstall,
+    create_legacy,
+    routed_config,
 )
-# Unique per test process: each pytest-xdist worker (gw0, gw1, ...) has its own databases.
-RUN_ID = uuid.uuid4().hex[:8] + os.environ.get("PYTEST_XDIST_WORKER", "")
 
 
 @pytest.fixture(scope="session")
@@ -46,81 +45,6 @@ def pg_admin() -> Iterator[Engine]:
     engine.dispose()
 
 
-def _drop_pg(admin: Engine, name: str) -> None:
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-class PgPool:
-    """Uniquely named test databases, reused between tests and dropped when the session ends.
-
-    ``DROP DATABASE`` costs a checkpoint (about 2 s here) and ``CREATE DATABASE`` copies a
-    template; a test gets a database that a previous test has given back and that was reset to
-    the state of a new one: its sessions ended, its per-database settings reset, every schema
-    but the system ones dropped and ``public`` recreated. A database that cannot be reset is
-    dropped instead.
-    """
-
-    def __init__(self, admin: Engine) -> None:
-        self.admin = admin
-        self.free: list[str] = []
-        self.created: list[str] = []
-
-    def acquire(self) -> str:
-        if self.free:
-            return self.free.pop()
-        name = f"oauthmig_t_{RUN_ID}_{len(self.created):03d}"
-        with self.admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        self.created.append(name)
-        return name
-
-    def release(self, name: str) -> None:
-        try:
-            self._reset(name)
-        except Exception:
-            _drop_pg(self.admin, name)
-            self.created.remove(name)
-            return
-        self.free.append(name)
-
-    def _reset(self, name: str) -> None:
-        with self.admin.connect() as conn:
-            conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :n AND pid <> pg_backend_pid()"
-                ),
-                {"n": name},
-            )
-            conn.execute(text(f'ALTER DATABASE "{name}" RESET ALL'))
-        engine = create_engine(
-            make_url(PG_ADMIN_URL).set(database=name), isolation_level="AUTOCOMMIT"
-        )
-        try:
-            with engine.connect() as conn:
-                conn.execute(text("SET lock_timeout = '10s'"))
-                for (trigger,) in conn.execute(text("SELECT evtname FROM pg_event_trigger")):
-                    conn.execute(text(f'DROP EVENT TRIGGER "{trigger}"'))
-                schemas = conn.execute(
-                    text(
-                        "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' "
-                        "AND nspname <> 'information_schema'"
-                    )
-                ).scalars()
-                for schema in list(schemas):
-                    conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-                conn.execute(text("CREATE SCHEMA public AUTHORIZATION pg_database_owner"))
-                conn.execute(text("GRANT USAGE ON SCHEMA public TO PUBLIC"))
-        finally:
-            engine.dispose()
-
-    def close(self) -> None:
-        # Each DROP DATABASE waits for a checkpoint; dropped together, they share one.
-        with ThreadPoolExecutor(max_workers=8) as drops:
-            list(drops.map(lambda name: _drop_pg(self.admin, name), self.created))
-
-
 @pytest.fixture(scope="session")
 def pg_pool(pg_admin: Engine) -> Iterator[PgPool]:
     """The session's pool of PostgreSQL test databases (all dropped at the end)."""
@@ -134,9 +58,6 @@ def backend(request: pytest.FixtureRequest) -> str:
     """The database backend under test; every database test runs on both."""
     value: str = request.param
     return value
-
-
-DatabaseFactory = Callable[[str], str]
 
 
 @pytest.fixture
@@ -162,21 +83,6 @@ def make_database(
             pool.release(dbname)
 
 
-def routed_config(control_url: str, shard_url: str, **extra: object) -> dict[str, object]:
-    """Config mapping for two routed databases with different table sets."""
-    data: dict[str, object] = {
-        "databases": {"control": {"url": control_url}, "shard": {"url": shard_url}},
-        "routing": {
-            "application": ["control"],
-            "grant": ["control"],
-            "token": ["control", "shard"],
-        },
-        "migrate": {"lock_timeout": "500ms", "lock_retries": 2, "statement_timeout": "30s"},
-    }
-    data.update(extra)
-    return data
-
-
 @pytest.fixture
 def routed_settings(make_database: DatabaseFactory) -> Settings:
     """Two empty databases: ``control`` hosts application, grant, token; ``shard`` hosts token."""
@@ -184,30 +90,24 @@ def routed_settings(make_database: DatabaseFactory) -> Settings:
     return settings_from_mapping(data, {}, "test")
 
 
-#: Users 1..TEST_USERS exist on every database with legacy tables (their FKs reference them).
-TEST_USERS = 1000
+@pytest.fixture
+def seeded_install(make_database: DatabaseFactory, tmp_path: Path) -> SeededInstall:
+    """Make an install to run commands on: two routed databases (``control``, ``shard``) with
+    seeded legacy tables, and the path of its config file. Call it as
+    ``seeded_install(rows=30, migrate=None, name="oauthmig")``; ``migrate`` replaces the
+    ``[migrate]`` table, ``name`` names the config file (a second install needs another)."""
 
+    def make(
+        rows: int = 30, migrate: dict[str, object] | None = None, name: str = "oauthmig"
+    ) -> tuple[Settings, str]:
+        extra = {"migrate": migrate} if migrate is not None else {}
+        data = routed_config(make_database("control"), make_database("shard"), **extra)
+        settings = settings_from_mapping(data, {}, "test")
+        create_legacy(settings)
+        seed_legacy(settings, rows=rows)
+        return settings, write_config(tmp_path / f"{name}.toml", data)
 
-def create_legacy(settings: Settings, flavor: LegacyFlavor = LegacyFlavor.FRESH) -> None:
-    """Create the Sentry-shaped legacy tables on every database, as routed, with the users
-    table (users 1..TEST_USERS) that their foreign keys reference."""
-    for name in settings.database_names():
-        engine = make_engine(settings.databases[name], settings, create=True)
-        try:
-            md = legacy_metadata(settings.tables, settings.tables_on(name), flavor)
-            md.create_all(engine)
-            if USERS_TABLE in md.tables:
-                with engine.begin() as conn:
-                    conn.execute(insert(md.tables[USERS_TABLE]), user_rows(TEST_USERS))
-                    if conn.dialect.name == "postgresql":
-                        conn.execute(
-                            text(
-                                f"SELECT setval(pg_get_serial_sequence('{USERS_TABLE}', 'id'), :n)"
-                            ),
-                            {"n": TEST_USERS},
-                        )
-        finally:
-            engine.dispose()
+    return make
 
 
 @pytest.fixture

@@ -3,9 +3,12 @@
 * The provider side (``oauthmig.provider``, ``oauthmig.models``) runs inside the OAuth server:
   importing it loads no Alembic, click or rich. The redirect rules and audit load no Alembic.
   Checked in fresh interpreters, on ``sys.modules``.
-* The package's import graph (runtime imports only: ``if TYPE_CHECKING:`` blocks are left out)
-  has no cycle, and no function imports an ``oauthmig`` module (the usual way to hide a cycle)
-  unless a comment on or above the import says why. Checked on the source with ``ast``.
+* The package's import graph, type-only imports (``if TYPE_CHECKING:``) included, has no cycle
+  between modules nor between packages, and no function imports an ``oauthmig`` module (the
+  usual way to hide a cycle) unless a comment on or above the import says why.
+* Every import follows the layer table (:data:`LAYERS`): a unit imports only units of lower
+  layers, plus the few edges :data:`ALLOWED` names with their reason. Checked on the source
+  with ``ast``; a planted violation proves the check can fail.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def test_provider_side_loads_no_alembic_click_or_rich() -> None:
 
 def test_redirect_rules_and_audit_load_no_alembic() -> None:
     modules = _modules_of("oauthmig.redirects")
-    assert {"oauthmig.redirects.audit", "oauthmig.redirects.reports"} <= set(modules)
+    assert {"oauthmig.redirects.audit", "oauthmig.redirects.rules"} <= set(modules)
     loaded = _loaded_after_import(modules)
     assert "sqlalchemy" in loaded
     assert "alembic" not in loaded
@@ -72,10 +75,11 @@ class Import:
     line: int
     local: bool  # inside a function or class body
     explained: bool  # a comment (not a bare noqa) on the import's line or the line above
+    type_only: bool = False  # under ``if TYPE_CHECKING:``
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def _module_name(path: Path, root: Path = PACKAGE) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -93,11 +97,11 @@ def _resolve(name: str, modules: set[str]) -> str | None:
     return name or None
 
 
-def _imports(path: Path, modules: set[str]) -> list[Import]:
+def _imports(path: Path, modules: set[str], root: Path = PACKAGE) -> list[Import]:
     source = path.read_text()
     lines = source.splitlines()
     found: list[Import] = []
-    me = _module_name(path)
+    me = _module_name(path, root)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
 
     def explained(lineno: int) -> bool:
@@ -114,11 +118,13 @@ def _imports(path: Path, modules: set[str]) -> list[Import]:
 
     scopes = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
 
-    def visit(node: ast.AST, local: bool) -> None:
+    def visit(node: ast.AST, local: bool, type_only: bool = False) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and _is_type_checking(child):
+                for stmt in child.body:
+                    visit(ast.Module(body=[stmt], type_ignores=[]), local, True)
                 for stmt in child.orelse:
-                    visit(stmt, local)
+                    visit(ast.Module(body=[stmt], type_ignores=[]), local, type_only)
                 continue
             if isinstance(child, ast.Import | ast.ImportFrom):
                 names: list[str] = []
@@ -130,23 +136,37 @@ def _imports(path: Path, modules: set[str]) -> list[Import]:
                     target = _resolve(name, modules) if name.startswith("oauthmig") else None
                     if target is not None and target != me:
                         found.append(
-                            Import(me, target, child.lineno, local, explained(child.lineno))
+                            Import(
+                                me,
+                                target,
+                                child.lineno,
+                                local,
+                                explained(child.lineno),
+                                type_only,
+                            )
                         )
                 continue
-            visit(child, local or isinstance(child, scopes))
+            visit(child, local or isinstance(child, scopes), type_only)
 
     visit(ast.parse(source, str(path)), False)
     return found
 
 
-@pytest.fixture(scope="module")
-def graph() -> list[Import]:
-    paths = sorted(PACKAGE.rglob("*.py"))
-    modules = {_module_name(p) for p in paths}
+def _graph(root: Path) -> list[Import]:
+    paths = sorted(root.rglob("*.py"))
+    modules = {_module_name(p, root) for p in paths}
     edges: list[Import] = []
     for path in paths:
-        edges.extend(_imports(path, modules))
+        edges.extend(_imports(path, modules, root))
+    return edges
+
+
+@pytest.fixture(scope="module")
+def graph() -> list[Import]:
+    edges = _graph(PACKAGE)
+    modules = {e.source for e in edges} | {e.target for e in edges}
     assert len(modules) > 30 and len(edges) > 60, "the walk found too little to be meaningful"
+    assert any(e.type_only for e in edges), "type-only imports must be part of the graph"
     return edges
 
 
@@ -200,8 +220,153 @@ def test_the_package_import_graph_has_no_cycle(graph: list[Import]) -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle or ())
 
 
+def _units(edges: list[Import]) -> list[Import]:
+    """The edges between units (a subpackage, or a top-level module), inside-unit ones left out."""
+    return [
+        Import(_unit(e.source), _unit(e.target), e.line, e.local, e.explained, e.type_only)
+        for e in edges
+        if _unit(e.source) != _unit(e.target)
+    ]
+
+
+def test_the_package_level_graph_has_no_cycle(graph: list[Import]) -> None:
+    cycle = _cycle(_units(graph))
+    assert cycle is None, "import cycle between packages: " + " -> ".join(cycle or ())
+
+
 def test_no_function_local_oauthmig_import_without_a_reason(graph: list[Import]) -> None:
     hidden = [
         f"{e.source}:{e.line} imports {e.target}" for e in graph if e.local and not e.explained
     ]
     assert not hidden, "function-local imports (move them to the top): " + "; ".join(hidden)
+
+
+# --------------------------------------------------------------------------- the layer table
+
+#: Each unit (a top-level module, or a subpackage with everything inside it) and its layer.
+#: A unit imports only units of a lower layer (and :data:`ALLOWED`); nothing imports upward or
+#: sideways. The README's "Development" section draws the same table.
+LAYERS: dict[str, int] = {
+    "oauthmig.errors": 0,
+    # 1: leaves that import nothing of oauthmig but the errors
+    "oauthmig": 1,  # the version
+    "oauthmig.redact": 1,
+    "oauthmig.failures": 1,
+    "oauthmig.family": 1,
+    "oauthmig.columns": 1,
+    "oauthmig.resources": 1,
+    "oauthmig.uri": 1,
+    # 2: settings
+    "oauthmig.config": 2,
+    # 3-5: databases, the tables every command reads, and the preflight every service runs
+    "oauthmig.db": 3,
+    "oauthmig.legacy": 3,
+    "oauthmig.revision_types": 3,
+    "oauthmig.version_tables": 4,
+    "oauthmig.pooler": 4,
+    "oauthmig.same_database": 4,
+    "oauthmig.runlock": 4,
+    "oauthmig.privileges": 4,
+    "oauthmig.preflight": 5,
+    # 6: the services, apart from each other
+    "oauthmig.rollout": 6,
+    "oauthmig.redirects": 6,
+    "oauthmig.provider": 6,
+    "oauthmig.prune": 6,
+    # 7: what combines services
+    "oauthmig.models": 7,  # the provider's models under their short name
+    "oauthmig.html_report": 7,  # the HTML report's data: status plus the audit
+    # 8: renderers and file writers
+    "oauthmig.output": 8,
+    # 9-11: the programs
+    "oauthmig.demo": 9,
+    "oauthmig.cli": 10,
+    "oauthmig.__main__": 11,
+}
+
+#: The pure redirect modules (no database): what other services may share.
+PURE_REDIRECTS = (
+    "oauthmig.redirects.rules",
+    "oauthmig.redirects.rule_types",
+    "oauthmig.redirects.metadata_rules",
+    "oauthmig.redirects.hosts",
+)
+
+#: Sideways edges allowed on purpose: (importing module prefix, imported module) -> why.
+ALLOWED: dict[tuple[str, str], str] = {
+    **{
+        ("oauthmig.provider", m): "the provider validates URIs with the audit's pure rules"
+        for m in PURE_REDIRECTS
+    },
+    ("oauthmig.rollout.jobs", "oauthmig.redirects.rules"): (
+        "the app_type backfill infers with the audit's pure inference (one fact, one place)"
+    ),
+}
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 else module
+
+
+def _layer_violations(edges: list[Import], layers: dict[str, int]) -> list[str]:
+    found: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for e in edges:
+        src, dst = _unit(e.source), _unit(e.target)
+        if src == dst:
+            continue
+        if src not in layers or dst not in layers:
+            found.append(f"{e.source} -> {e.target}: place {src if src not in layers else dst}")
+            continue
+        if layers[dst] < layers[src]:
+            continue
+        if any(e.source.startswith(a) and e.target == b for a, b in ALLOWED):
+            continue
+        if (e.source, e.target) in seen:
+            continue
+        seen.add((e.source, e.target))
+        kind = " (type-only)" if e.type_only else ""
+        where = "sideways" if layers[dst] == layers[src] else "upward"
+        found.append(f"{e.source}:{e.line} imports {e.target}{kind}: {where}, {src} -> {dst}")
+    return found
+
+
+def test_every_unit_has_a_layer(graph: list[Import]) -> None:
+    units = {_unit(_module_name(p)) for p in PACKAGE.rglob("*.py")}
+    assert units == set(LAYERS), (
+        f"unplaced: {sorted(units - set(LAYERS))}; gone: {sorted(set(LAYERS) - units)}"
+    )
+
+
+def test_imports_follow_the_layer_table(graph: list[Import]) -> None:
+    bad = _layer_violations(graph, LAYERS)
+    assert not bad, "imports against the layer table:\n" + "\n".join(bad)
+
+
+def test_a_planted_violation_fails_the_layer_check(tmp_path: Path) -> None:
+    """A type-only upward import, a sideways import and a package cycle are each caught."""
+    root = tmp_path / "oauthmig"
+    (root / "rollout").mkdir(parents=True)
+    (root / "redirects").mkdir()
+    for init in (root, root / "rollout", root / "redirects"):
+        (init / "__init__.py").write_text("")
+    (root / "errors.py").write_text("")
+    (root / "config.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from oauthmig.errors import X\n"
+        "if TYPE_CHECKING:\n"
+        "    from oauthmig.redirects.audit import Y\n"
+    )
+    (root / "redirects" / "audit.py").write_text("from oauthmig.rollout import jobs\n")
+    (root / "rollout" / "jobs.py").write_text("from oauthmig.config import Z\n")
+    edges = _graph(root)
+    bad = _layer_violations(edges, LAYERS)
+    assert bad == [
+        "oauthmig.config:4 imports oauthmig.redirects.audit (type-only): upward, "
+        "oauthmig.config -> oauthmig.redirects",
+        "oauthmig.redirects.audit:1 imports oauthmig.rollout.jobs: sideways, "
+        "oauthmig.redirects -> oauthmig.rollout",
+    ]
+    assert _cycle(_units(edges)) is not None
+    assert _cycle(_units([e for e in edges if not e.type_only])) is None

@@ -17,19 +17,19 @@ import jsonschema
 import pytest
 from sqlalchemy import Executable, Text, column, insert, table, text, update
 
+from oauthmig.columns import StringList
 from oauthmig.config import DEFAULT_DOCS_URL, Settings, settings_from_mapping
 from oauthmig.db import make_engine
 from oauthmig.demo.data import PLANTED, setup_legacy
 from oauthmig.errors import DatabaseError
 from oauthmig.legacy import USERS_TABLE, legacy_metadata, user_rows
+from oauthmig.output.audit_writers import FINDING_FIELDS
 from oauthmig.redirects.audit import AuditFinding, audit
 from oauthmig.redirects.metadata_rules import METADATA_URL_COLUMNS
-from oauthmig.redirects.reports import FINDING_FIELDS
 from oauthmig.redirects.rules import RULES
 from oauthmig.rollout.revisions import history
-from oauthmig.types import StringList
-from tests.conftest import DatabaseFactory, routed_config
 from tests.helpers import invoke, write_config
+from tests.helpers.databases import DatabaseFactory, routed_config
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 REVISIONS = history()  # the revision catalogue the audit's preflight checks databases against

@@ -19,13 +19,13 @@ import pytest
 from sqlalchemy import column, delete, table, update
 
 from oauthmig.config import Settings
+from oauthmig.output.audit_writers import SARIF_MAX_RESULTS, SarifWriter
 from oauthmig.output.baseline import baseline_fingerprint
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
-from oauthmig.redirects.reports import SARIF_MAX_RESULTS, SarifWriter
 from oauthmig.redirects.rules import RULES, Severity
 from oauthmig.resources import schemas_dir
-from tests.conftest import DatabaseFactory
 from tests.helpers import invoke
+from tests.helpers.databases import DatabaseFactory
 from tests.test_audit import (
     NOW,
     _assert_code_scanning_shape,

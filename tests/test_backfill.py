@@ -21,11 +21,12 @@ from oauthmig.db import connect, make_engine
 from oauthmig.demo.data import setup_legacy
 from oauthmig.rollout import revisions
 from oauthmig.rollout.backfill import MAX_BATCH, MIN_BATCH, adapt_batch_size
-from oauthmig.rollout.jobs import JOB_TABLE, JOBS, family_id, infer_application_type
+from oauthmig.rollout.job_state import JOB_TABLE
+from oauthmig.rollout.jobs import JOBS, family_id, infer_application_type
 from oauthmig.runlock import exclusive_run
-from tests.conftest import DatabaseFactory, routed_config
 from tests.forkserver import ForkedProcess, ForkServer
 from tests.helpers import data_checksum, invoke, run_lock_held, schema_dump, write_config
+from tests.helpers.databases import DatabaseFactory, routed_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

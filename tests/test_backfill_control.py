@@ -28,10 +28,10 @@ from oauthmig.rollout.batches import (
     ensure_batch_table,
 )
 from oauthmig.rollout.control import requester
-from oauthmig.rollout.jobs import JOB_TABLE
-from tests.conftest import DatabaseFactory
+from oauthmig.rollout.job_state import JOB_TABLE
 from tests.forkserver import ForkServer
 from tests.helpers import invoke, run_lock_held
+from tests.helpers.databases import DatabaseFactory
 from tests.test_backfill import PG, _assert_tokens_backfilled, _rows, _spawn, _wait_for
 from tests.test_backfill_faults import (
     _assert_cursor_invariant,

@@ -25,11 +25,12 @@ from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import connect, make_engine
 from oauthmig.demo.data import setup_legacy
 from oauthmig.rollout.backfill import BackfillOptions, backfill
-from oauthmig.rollout.jobs import JOB_TABLE, JobStatus, family_id
+from oauthmig.rollout.job_state import JOB_TABLE, ShownStatus
+from oauthmig.rollout.jobs import family_id
 from oauthmig.runlock import exclusive_run, lock_key
-from tests.conftest import DatabaseFactory
 from tests.forkserver import ForkServer
 from tests.helpers import invoke, schema_dump, write_config
+from tests.helpers.databases import DatabaseFactory
 from tests.pgcluster import Cluster, pg_cluster_fixture  # noqa: F401  (fixture)
 from tests.test_backfill import (
     PG,
@@ -406,7 +407,7 @@ def test_outage_past_the_window_fails_and_status_shows_interrupted(
     state = _assert_cursor_invariant(settings, "main")
     assert state["status"] == "running"
     status = json.loads(invoke(capsys, "--config", cfg, "status", "--format", "json").out)
-    assert status["databases"][0]["backfills"][0]["state"] == JobStatus.INTERRUPTED
+    assert status["databases"][0]["backfills"][0]["state"] == ShownStatus.INTERRUPTED
     text_status = invoke(capsys, "--config", cfg, "status")
     assert "no live process: interrupted" in text_status.out
     assert invoke(capsys, "--config", cfg, "backfill").code == 0
@@ -479,7 +480,7 @@ def test_sigterm_pauses_like_ctrl_c_and_status_tells_dead_from_live(
     _wait_for(lambda: int(_job(settings, "shard").get("rows_done") or 0) > paused["rows_done"])
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=60)
-    assert shard_state() == JobStatus.INTERRUPTED
+    assert shard_state() == ShownStatus.INTERRUPTED
     assert invoke(capsys, "--config", cfg, "-d", "shard", "backfill").code == 0
     _assert_tokens_backfilled(settings, "shard")
 

@@ -19,8 +19,8 @@ from oauthmig.db import connect, make_engine
 from oauthmig.demo.data import setup_legacy
 from oauthmig.output.metrics import STATES
 from oauthmig.runlock import exclusive_run
-from tests.conftest import DatabaseFactory, routed_config
 from tests.helpers import invoke, write_config
+from tests.helpers.databases import DatabaseFactory, routed_config
 from tests.test_health import _value, parse_metrics
 
 JOB = "token-families"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from oauthmig.config import load_settings
-from tests.conftest import DatabaseFactory, routed_config
 from tests.helpers import invoke, schema_dump, write_config
+from tests.helpers.databases import DatabaseFactory, SeededInstall, routed_config
 
 
 def test_upgrade_hint_names_every_unfinished_backfill_and_one_command_that_works(
@@ -72,15 +72,15 @@ def test_backfill_on_a_missing_table_advises_the_config_fix_that_works(
 
 
 def test_one_attempt_is_singular_and_recorded_as_printed(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    seeded_install: SeededInstall, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """lock_retries = 0: the upgrade gives up after its one attempt and says so."""
     from sqlalchemy import inspect, text
 
     from oauthmig.db import make_engine
-    from tests.test_safety import _hold_write_lock, _setup
+    from tests.test_safety import _hold_write_lock, _migrate
 
-    settings, cfg = _setup(make_database, tmp_path, lock_timeout="200ms", retries=0)
+    settings, cfg = seeded_install(rows=20, migrate=_migrate("200ms", 0))
     blocker = _hold_write_lock(settings)
     try:
         result = invoke(capsys, "--config", cfg, "-d", "control", "upgrade")

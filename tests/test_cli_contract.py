@@ -210,7 +210,7 @@ def demo(
 
 
 def _base_config(demo: Demo) -> dict[str, Any]:
-    from tests.conftest import routed_config
+    from tests.helpers.databases import routed_config
 
     s = demo.settings
     return routed_config(s.databases["control"].url or "", s.databases["shard"].url or "")

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oauthmig.config import settings_from_mapping
-from tests.conftest import create_legacy
 from tests.helpers import invoke, seed_legacy, write_config
+from tests.helpers.databases import create_legacy
 
 DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 130, 143}
 

@@ -19,8 +19,8 @@ from oauthmig.provider.models import (
     check_models,
     client_metadata,
 )
-from tests.conftest import DatabaseFactory
 from tests.helpers import create_migrated_sentry_shape
+from tests.helpers.databases import DatabaseFactory
 
 M = DEFAULT_MODELS
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)

@@ -20,8 +20,8 @@ from oauthmig.config import Settings
 from oauthmig.db import make_engine
 from oauthmig.family import family_id
 from oauthmig.rollout.compat import side_table
-from tests.conftest import create_legacy, routed_config
 from tests.helpers import invoke, seed_legacy, write_config
+from tests.helpers.databases import create_legacy, routed_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

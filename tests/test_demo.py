@@ -20,7 +20,7 @@ from oauthmig.errors import DatabaseError, UnreachableError
 from oauthmig.legacy import USERS_TABLE, legacy_metadata
 from oauthmig.redirects.metadata_rules import METADATA_URL_COLUMNS, check_metadata
 from oauthmig.redirects.rules import check_application, infer_app_type, split_redirect_uris
-from oauthmig.rollout.jobs import JobStatus
+from oauthmig.rollout.job_state import RunEnd
 
 APPS = 60
 TOKENS = 400
@@ -408,7 +408,7 @@ def test_the_demo_service_runs_every_step_and_reads_the_revisions_once_for_the_r
         "control": "0006",
         "shard": "0006",
     }
-    assert {j.status for j in run.backfill.runs} == {JobStatus.FINISHED}
+    assert {j.status for j in run.backfill.runs} == {RunEnd.FINISHED}
     assert run.status is not None and not run.status.outstanding
     assert run.audit is not None and run.audit.applications_scanned == APPS
     assert set(PLANTED) <= {code for code, n in run.audit.by_code.items() if n}

@@ -57,7 +57,7 @@ def test_readme_documents_every_command_and_the_two_start_commands() -> None:
 
 def _privileges_table() -> str:
     """The table of docs/operations.md "Privileges each command needs", from the code's."""
-    from oauthmig.rollout.privileges import COMMAND_PRIVILEGES, SCHEMA, Privilege
+    from oauthmig.privileges import COMMAND_PRIVILEGES, SCHEMA, Privilege
 
     lines = ["| command | needs, per object |", "| --- | --- |"]
     for command, needs in COMMAND_PRIVILEGES.items():

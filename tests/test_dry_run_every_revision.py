@@ -13,7 +13,6 @@ import pytest
 
 from oauthmig.config import settings_from_mapping
 from oauthmig.rollout.revisions import Catalogue
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import (
     assert_matches_schema,
     data_checksum,
@@ -22,6 +21,7 @@ from tests.helpers import (
     seed_legacy,
     write_config,
 )
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 
 def test_every_dry_run_from_every_state(

@@ -23,9 +23,9 @@ from oauthmig.demo.data import setup_legacy
 from oauthmig.errors import ConfigError
 from oauthmig.legacy import legacy_metadata
 from oauthmig.rollout.revisions import LOG_TABLE
-from tests.conftest import DatabaseFactory, routed_config
 from tests.forkserver import ForkedProcess, ForkServer
 from tests.helpers import invoke, write_config
+from tests.helpers.databases import DatabaseFactory, routed_config
 from tests.kill_after_ddl import is_ddl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,9 +19,9 @@ from oauthmig.errors import ConfigError, UsageError
 from oauthmig.rollout.batches import BATCH_TABLE
 from oauthmig.rollout.fleet import Part, parse_part, part_of, select
 from oauthmig.rollout.revisions import LOG_TABLE, VERSION_TABLE, history
-from tests.conftest import DatabaseFactory, create_legacy
 from tests.forkserver import ForkServer
 from tests.helpers import assert_matches_schema, invoke, seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy
 
 HEAD = history()[-1].revision
 REVISIONS = [r.revision for r in history()]

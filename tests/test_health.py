@@ -43,10 +43,10 @@ from oauthmig.rollout.health import (
     HealthMonitor,
     HealthReading,
 )
-from oauthmig.rollout.jobs import JOB_TABLE
-from tests.conftest import DatabaseFactory, routed_config
+from oauthmig.rollout.job_state import JOB_TABLE
 from tests.forkserver import ForkServer
 from tests.helpers import invoke, write_config
+from tests.helpers.databases import DatabaseFactory, routed_config
 from tests.pgcluster import Cluster, free_port, private_cluster, streaming_replica
 from tests.test_backfill import PG, _assert_tokens_backfilled, _spawn
 
@@ -202,7 +202,7 @@ def _held_in_metrics(path: Path, at_least: float = 0.0) -> bool:
     families = _read_metrics(path)
     if families is None:
         return False
-    paused = _value(families, "paused", job=JOB, database="main")
+    paused = _value(families, "held", job=JOB, database="main")
     held = _value(families, "held_seconds", job=JOB, database="main")
     return paused == 1 and held is not None and held >= at_least
 
@@ -335,21 +335,19 @@ def test_unset_replica_url_env_refuses_the_backfill_before_it_writes(
 
 
 def test_metrics_render_parses_back_with_escaped_labels() -> None:
-    reason = 'replica lag 3.0s > 1s on "r\\1"\nsecond line'
-    held = JobSample(JOB, "control", "held", 40, 60, 2, 0.25, PROBE_REPLICA_LAG, reason, 1.5)
+    reason = "replica lag 3.0s > 1s on r1"
+    odd = 'control "eu"\\1\nsecond line'  # a label value that needs every escape
+    held = JobSample(JOB, odd, "held", 40, 60, 2, 0.25, PROBE_REPLICA_LAG, reason, 1.5)
     done = JobSample("client-metadata", "shard_eu", "finished", 10, 0, 1, None)
     body = render([(held, 1_700_000_000.5), (done, 1_700_000_001.0)])
     families = parse_metrics(body)
     assert sorted(families) == sorted(PREFIX + name for name, _ in FAMILIES)
     assert all(line.startswith(("# ", PREFIX)) for line in body.splitlines())
-    paused = families[PREFIX + "paused"]
-    assert (
-        {"job": JOB, "database": "control", "probe": PROBE_REPLICA_LAG, "reason": reason},
-        1.0,
-    ) in paused
-    assert ({"job": "client-metadata", "database": "shard_eu", "probe": "", "reason": ""}, 0.0) in (
-        paused
-    )
+    held_series = families[PREFIX + "held"]
+    assert ({"job": JOB, "database": odd, "probe": PROBE_REPLICA_LAG}, 1.0) in held_series
+    assert ({"job": "client-metadata", "database": "shard_eu", "probe": ""}, 0.0) in held_series
+    # The reason changes with every check: as a label it would make a new series each time.
+    assert "replica lag" not in body and "reason" not in body
     assert _value(families, "rows_left", job=JOB) == 60
     assert _value(families, "held_seconds", job=JOB) == 1.5
     assert _value(families, "running", job=JOB) == 1
@@ -358,7 +356,7 @@ def test_metrics_render_parses_back_with_escaped_labels() -> None:
     # No batch ran yet: no made-up duration.
     assert _value(families, "batch_seconds", job="client-metadata") is None
     assert _value(families, "updated_timestamp_seconds", job=JOB) == 1_700_000_000.5
-    assert render([]).endswith("# EOF\n") and parse_metrics(render([]))[PREFIX + "paused"] == []
+    assert render([]).endswith("# EOF\n") and parse_metrics(render([]))[PREFIX + "held"] == []
 
 
 def test_metrics_file_refuses_paths_it_cannot_replace_and_survives_write_errors(
@@ -408,7 +406,7 @@ def test_metrics_file_after_a_backfill_matches_the_run(
         assert _value(families, "rows_left", **labels) == 0
         assert _value(families, "finished", **labels) == 1
         assert _value(families, "running", **labels) == 0
-        assert _value(families, "paused", **labels) == 0
+        assert _value(families, "held", **labels) == 0
         assert (_value(families, "batch_seconds", **labels) or 0) > 0
         assert (
             before <= (_value(families, "updated_timestamp_seconds", **labels) or 0) <= time.time()
@@ -439,16 +437,16 @@ def test_progress_line_shows_the_hold_on_terminals_and_in_logs() -> None:
     terminal = Console(file=stream, force_terminal=True, width=200)
     with progress_bar(terminal, enabled=True) as update:
         update("control token-families", 10, 100)
-        update("control token-families", 10, 100, "paused: replica lag 14.2s > 10s")
-    assert "paused: replica lag 14.2s > 10s" in stream.getvalue()
+        update("control token-families", 10, 100, "held: replica lag 14.2s > 10s")
+    assert "held: replica lag 14.2s > 10s" in stream.getvalue()
     log = io.StringIO()
     with progress_bar(Console(file=log, width=200), enabled=True) as update:
         update("control token-families", 10, 100)
-        update("control token-families", 10, 100, "paused: replica lag 14.2s > 10s")
-        update("control token-families", 10, 100, "paused: replica lag 15.0s > 10s")
+        update("control token-families", 10, 100, "held: replica lag 14.2s > 10s")
+        update("control token-families", 10, 100, "held: replica lag 15.0s > 10s")
         update("control token-families", 20, 100)
     lines = log.getvalue().splitlines()
-    assert lines[0] == "control token-families: paused: replica lag 14.2s > 10s (at 10/100 rows)"
+    assert lines[0] == "control token-families: held: replica lag 14.2s > 10s (at 10/100 rows)"
     assert lines[1].startswith("control token-families: resumed after ") and len(lines) == 2
 
 
@@ -622,14 +620,14 @@ def test_unreachable_replica_holds_with_a_masked_reason_until_max_runtime(
     if backend == "sqlite":
         # Documented no-op on SQLite: no probe runs, the job simply finishes.
         assert run["status"] == "finished" and run["held_seconds"] == 0 and run["rows_changed"]
-        assert "paused:" not in result.err and job["held"] is None
+        assert "held:" not in result.err and job["held"] is None
         return
     masked = "postgresql+psycopg://oauth:***@127.0.0.1"
     assert run["status"] == "paused" and run["rows_changed"] == 0 and run["held_seconds"] > 0
     assert "stopped while held by health checks: replica " + masked in run["message"]
     assert "unreachable" in run["message"] and "sslpassword=***" in run["message"]
     # The progress line (a log line off a terminal) said why it waited.
-    assert f"main {JOB}: paused: replica {masked}" in result.err
+    assert f"main {JOB}: held: replica {masked}" in result.err
     row = _job_row(settings)
     assert row["status"] == "paused" and row["cursor"] == 0 and row["batches"] == 0
     assert masked in row["held_reason"] and secret not in row["held_reason"]
@@ -666,7 +664,7 @@ def test_parallel_jobs_hold_on_every_database_and_stop_together(
             "--max-runtime with about "
         )
     for label in ("control token-families", "shard token-families", "control client-metadata"):
-        assert f"{label}: paused: check_sql returned 1 > 0" in result.err
+        assert f"{label}: held: check_sql returned 1 > 0" in result.err
 
 
 @PG
@@ -696,13 +694,13 @@ def test_signal_ends_a_held_run_cleanly_and_a_rerun_finishes(
         assert row["status"] == "running" and row["held_reason"] == "check_sql returned 1 > 0"
         assert row["batches"] == 0
         shown = invoke(capsys, "--config", cfg, "status")
-        assert f"main backfill {JOB}: running (paused: check_sql returned 1 > 0)" in shown.out
+        assert f"main backfill {JOB}: running (held: check_sql returned 1 > 0)" in shown.out
         families = _read_metrics(prom)
         assert families is not None
-        paused = [v for labels, v in families[PREFIX + "paused"] if labels["job"] == JOB]
+        paused = [v for labels, v in families[PREFIX + "held"] if labels["job"] == JOB]
         assert paused == [1.0]
-        labels = next(lb for lb, _ in families[PREFIX + "paused"] if lb["job"] == JOB)
-        assert labels["probe"] == PROBE_CHECK_SQL and labels["reason"] == "check_sql returned 1 > 0"
+        labels = next(lb for lb, _ in families[PREFIX + "held"] if lb["job"] == JOB)
+        assert labels["probe"] == PROBE_CHECK_SQL and "reason" not in labels
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
@@ -720,7 +718,7 @@ def test_signal_ends_a_held_run_cleanly_and_a_rerun_finishes(
     assert row["status"] == "finished" and row["held_reason"] is None
     _assert_tokens_backfilled(settings, "main")
     families = parse_metrics(prom.read_text())
-    assert _value(families, "finished", job=JOB) == 1 and _value(families, "paused", job=JOB) == 0
+    assert _value(families, "finished", job=JOB) == 1 and _value(families, "held", job=JOB) == 0
 
 
 @pytest.fixture
@@ -807,7 +805,7 @@ def test_replica_lag_holds_the_backfill_and_it_resumes_after_replay_resumes(
                 proc.kill()
                 proc.wait()
         assert proc.returncode == 0, err
-        assert f"main {JOB}: paused: replica lag " in err and f"main {JOB}: resumed after " in err
+        assert f"main {JOB}: held: replica lag " in err and f"main {JOB}: resumed after " in err
         _wait_for(
             "the primary to see the replica caught up", lambda: primary_probe.check() == HEALTHY
         )
@@ -819,4 +817,4 @@ def test_replica_lag_holds_the_backfill_and_it_resumes_after_replay_resumes(
     assert final["batches"] > done["batches"]
     _assert_tokens_backfilled(settings, "main")
     families = parse_metrics(prom.read_text())
-    assert _value(families, "finished", job=JOB) == 1 and _value(families, "paused", job=JOB) == 0
+    assert _value(families, "finished", job=JOB) == 1 and _value(families, "held", job=JOB) == 0

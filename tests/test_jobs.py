@@ -10,16 +10,17 @@ from sqlalchemy import Column, MetaData, Table, insert, update
 from oauthmig.config import settings_from_mapping
 from oauthmig.db import make_engine
 from oauthmig.errors import SchemaStateError
-from oauthmig.rollout.jobs import (
+from oauthmig.rollout.job_state import (
     JOB_TABLE,
     JobPhase,
     JobProgress,
-    JobStatus,
+    RunEnd,
+    StoredStatus,
     ensure_job_table,
     job_table,
     read_job,
 )
-from tests.conftest import DatabaseFactory
+from tests.helpers.databases import DatabaseFactory
 
 LATER = ("owner", "generation", "version")
 WHEN = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
@@ -75,7 +76,7 @@ def test_progress_reads_from_an_older_job_table_and_after_it_is_extended(
     finally:
         engine.dispose()
     assert isinstance(progress, JobProgress)
-    assert progress.status is JobStatus.PAUSED and progress.phase is JobPhase.CATCHUP
+    assert progress.status is StoredStatus.PAUSED and progress.phase is JobPhase.CATCHUP
     assert (progress.cursor, progress.upper_bound) == (4_000_000_000, 4_000_000_500)
     assert (progress.rows_done, progress.rows_total, progress.batches) == (1200, 1500, 12)
     assert (progress.owner, progress.generation, progress.version) == (None, None, None)
@@ -114,9 +115,9 @@ def test_an_unknown_stored_status_is_a_one_line_error(make_database: DatabaseFac
                     )
                 )
             progress = read_job(conn, "client-metadata")
-            assert progress is not None and progress.status is JobStatus.RUNNING
+            assert progress is not None and progress.status is StoredStatus.RUNNING
             # The derived states are never stored; a value no version wrote is refused.
-            for bad in (JobStatus.UP_TO_DATE.value, "exploded"):
+            for bad in (RunEnd.UP_TO_DATE.value, "exploded"):
                 with conn.begin():
                     conn.execute(update(job_table).values(status=bad))
                 with pytest.raises(SchemaStateError) as refused:

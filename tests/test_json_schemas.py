@@ -23,8 +23,8 @@ from oauthmig.cli import cli
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
 from oauthmig.resources import schemas_dir
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import assert_matches_schema, invoke, seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 # Documents that are not "the output of command X": what Ctrl-C leaves (test_cli_contract).

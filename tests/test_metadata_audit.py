@@ -15,8 +15,8 @@ from sqlalchemy import column, table, update
 
 from oauthmig.config import Settings
 from oauthmig.redirects.metadata_rules import METADATA_RULE_CODES
-from tests.conftest import DatabaseFactory
 from tests.helpers import invoke
+from tests.helpers.databases import DatabaseFactory
 from tests.test_audit import (
     _assert_code_scanning_shape,
     _audit_json,

@@ -13,7 +13,6 @@ from oauthmig.db import connect, make_engine
 from oauthmig.errors import LockBusyError
 from oauthmig.rollout.revisions import LOG_TABLE, VERSION_TABLE
 from oauthmig.runlock import exclusive_run
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import (
     columns_of,
     data_checksum,
@@ -22,6 +21,7 @@ from tests.helpers import (
     seed_legacy,
     write_config,
 )
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 GRANT_COLS = {"code_challenge", "code_challenge_method"}
 TOKEN_COLS = {

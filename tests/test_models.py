@@ -60,8 +60,8 @@ from oauthmig.provider.models import (
 )
 from oauthmig.provider.pkce import s256_challenge
 from oauthmig.rollout import runner
-from tests.conftest import DatabaseFactory, create_legacy
 from tests.helpers import create_migrated_sentry_shape, wait_for_lock_wait
+from tests.helpers.databases import DatabaseFactory, create_legacy
 
 # RFC 7636 Appendix B.
 VERIFIER = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"

@@ -36,8 +36,8 @@ from oauthmig.provider.models import (
     rotate_refresh_token,
 )
 from oauthmig.provider.pkce import s256_challenge
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import create_migrated_sentry_shape, invoke, seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 REDIRECT = "https://app.example.com/oauth/callback"
 VERIFIER = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"

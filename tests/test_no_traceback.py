@@ -25,9 +25,9 @@ import pytest
 from oauthmig.config import settings_from_mapping
 from oauthmig.resources import revisions_dir
 from tests.cli_demo import OAUTHMIG, cli_env
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.forkserver import ForkServer
 from tests.helpers import seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 OAUTHMIG_SCRIPT = str(Path(sys.executable).with_name("oauthmig"))
 

@@ -15,22 +15,14 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from oauthmig.config import Settings, settings_from_mapping
+from oauthmig.config import Settings
 from oauthmig.db import make_engine
 from oauthmig.rollout.revisions import LOG_TABLE, VERSION_TABLE
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
-from tests.helpers import columns_of, invoke, schema_dump, seed_legacy, write_config
+from tests.helpers import columns_of, invoke, schema_dump, write_config
+from tests.helpers.databases import DatabaseFactory, SeededInstall
 
 pg_only = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-
-
-def _setup(make_database: DatabaseFactory, tmp_path: Path, name: str = "c") -> tuple[Settings, str]:
-    data = routed_config(make_database("control"), make_database("shard"))
-    settings = settings_from_mapping(data, {}, "test")
-    create_legacy(settings)
-    seed_legacy(settings, rows=30)
-    return settings, write_config(tmp_path / f"{name}.toml", data)
 
 
 def _sql(settings: Settings, db: str, statement: str) -> list[Any]:
@@ -101,10 +93,13 @@ def _provider_sets_methods(settings: Settings) -> None:
 
 @pg_only
 def test_offline_upgrade_stops_before_backfills_and_matches_online(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path)
-    twin, twin_cfg = _setup(make_database, tmp_path, "twin")
+    settings, cfg = seeded_install(rows=30, name="c")
+    twin, twin_cfg = seeded_install(rows=30, name="twin")
     _plant_adoptable(settings)
     _plant_adoptable(twin)
     out = tmp_path / "sql"
@@ -163,10 +158,13 @@ def test_offline_upgrade_stops_before_backfills_and_matches_online(
 
 @pg_only
 def test_offline_finalize_is_not_recorded_when_a_step_failed_and_psql_went_on(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
     """Without ON_ERROR_STOP (another client, or the line removed) nothing false is recorded."""
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=30, name="c")
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
     assert invoke(capsys, "--config", cfg, "backfill").code == 0
     out = tmp_path / "sql"
@@ -195,9 +193,12 @@ def test_offline_finalize_is_not_recorded_when_a_step_failed_and_psql_went_on(
 
 @pg_only
 def test_pre_existing_columns_survive_online_and_offline_downgrade_after_offline_upgrade(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=30, name="c")
     _plant_adoptable(settings)
     data = _grant_data(settings)
     g = settings.tables.grant
@@ -232,10 +233,13 @@ def test_pre_existing_columns_survive_online_and_offline_downgrade_after_offline
 
 @pg_only
 def test_offline_downgrade_keeps_columns_when_the_log_cannot_prove_they_were_added(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
     """The reported case: `downgrade --to base --sql` on a database upgraded online."""
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=30, name="c")
     _plant_adoptable(settings)
     data = _grant_data(settings)
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
@@ -256,9 +260,12 @@ def test_offline_downgrade_keeps_columns_when_the_log_cannot_prove_they_were_add
 
 @sqlite_only
 def test_sqlite_offline_downgrade_that_drops_columns_is_refused(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    _settings, cfg = _setup(make_database, tmp_path)
+    _settings, cfg = seeded_install(rows=30, name="c")
     out = tmp_path / "down"
     result = invoke(
         capsys, "--config", cfg, "downgrade", "--to", "base", "--sql", "--output-dir", str(out)
@@ -280,9 +287,12 @@ def test_sqlite_offline_downgrade_that_drops_columns_is_refused(
 
 @sqlite_only
 def test_sqlite_offline_upgrade_stops_at_gate_and_at_existing_column(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=30, name="c")
     out = tmp_path / "sql"
     _scripts(capsys, cfg, out, "upgrade")
     wrong = _apply(settings, "shard", out / "control.sql")
@@ -316,9 +326,12 @@ def test_sqlite_offline_upgrade_stops_at_gate_and_at_existing_column(
 
 
 def test_output_dir_needs_sql(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    _settings, cfg = _setup(make_database, tmp_path)
+    _settings, cfg = seeded_install(rows=30, name="c")
     result = invoke(capsys, "--config", cfg, "upgrade", "--output-dir", str(tmp_path / "x"))
     assert result.code == 2 and "--output-dir only applies to --sql" in result.err
     (tmp_path / "file").write_text("")
@@ -330,10 +343,13 @@ def test_output_dir_needs_sql(
 
 @pg_only
 def test_incompatible_column_adopted_by_an_offline_script_is_caught_online(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
     """The script cannot compare types when it adopts; the next online command does."""
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=30, name="c")
     g = settings.tables.grant
     _sql(settings, "control", f"ALTER TABLE {g} ADD COLUMN code_challenge VARCHAR(20)")
     out = tmp_path / "sql"

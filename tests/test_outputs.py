@@ -12,8 +12,8 @@ import pytest
 
 from oauthmig.errors import UsageError
 from oauthmig.output.files import output_file
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import invoke, seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 
 @pytest.fixture

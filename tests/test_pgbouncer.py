@@ -25,10 +25,10 @@ from sqlalchemy.pool import NullPool
 
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.demo.data import setup_legacy
-from oauthmig.rollout.jobs import JOB_TABLE
-from tests.conftest import PG_ADMIN_URL, PgPool, routed_config
+from oauthmig.rollout.job_state import JOB_TABLE
 from tests.forkserver import ForkServer
 from tests.helpers import invoke, schema_dump, write_config
+from tests.helpers.databases import PG_ADMIN_URL, PgPool, routed_config
 from tests.pgbouncer import POOL_SIZE, Bouncer, pgbouncer
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pgbouncer")]  # one module fixture

@@ -12,21 +12,13 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from oauthmig.config import ClientMetadataDefaults, Settings, settings_from_mapping
+from oauthmig.config import ClientMetadataDefaults, Settings
 from oauthmig.db import make_engine
 from oauthmig.rollout import compat
-from oauthmig.rollout.jobs import JOB_TABLE
+from oauthmig.rollout.job_state import JOB_TABLE
 from oauthmig.rollout.revisions import VERSION_TABLE
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
-from tests.helpers import CliResult, data_checksum, invoke, schema_dump, seed_legacy, write_config
-
-
-def _setup(make_database: DatabaseFactory, tmp_path: Path) -> tuple[Settings, str]:
-    data = routed_config(make_database("control"), make_database("shard"))
-    settings = settings_from_mapping(data, {}, "test")
-    create_legacy(settings)
-    seed_legacy(settings, rows=20)
-    return settings, write_config(tmp_path / "oauthmig.toml", data)
+from tests.helpers import CliResult, data_checksum, invoke, schema_dump, write_config
+from tests.helpers.databases import DatabaseFactory, SeededInstall, routed_config
 
 
 def _exec(settings: Settings, db: str, statement: str) -> None:
@@ -72,8 +64,9 @@ def test_broken_database_is_refused_by_status_backfill_and_downgrade(
     make_database: DatabaseFactory,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=20)
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
     breaker, problem = BROKEN[case]
     breaker(settings)
@@ -106,9 +99,12 @@ def test_broken_database_is_refused_by_status_backfill_and_downgrade(
 
 
 def test_half_migrated_database_is_repaired_by_the_downgrade_the_error_names(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=20)
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
     _drop_revoked_at(settings)
     status = invoke(capsys, "--config", cfg, "status")
@@ -120,9 +116,12 @@ def test_half_migrated_database_is_repaired_by_the_downgrade_the_error_names(
 
 
 def test_audit_refuses_a_half_migrated_application_database(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=20)
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
     # The compatibility trigger reads the column: it goes first, as a hand-made change would.
     dialect = settings.databases["control"].dialect
@@ -141,10 +140,13 @@ def test_audit_refuses_a_half_migrated_application_database(
 
 
 def test_online_downgrade_refuses_without_revision_log_proof(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
     """Nothing is dropped that the revision log does not prove oauthmig added."""
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=20)
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
     _exec(settings, "control", "DELETE FROM oauthmig_revision_log WHERE revision = '0001'")
     schema = schema_dump(settings)
@@ -195,8 +197,9 @@ def test_one_database_under_two_names_is_refused_by_every_command(
     make_database: DatabaseFactory,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, _cfg = _setup(make_database, tmp_path)
+    settings, _cfg = seeded_install(rows=20)
     cfg = _same_database_twice(settings, tmp_path, backend)
     only_control = settings.restrict(("control",))
     schema, data = schema_dump(only_control), data_checksum(only_control)
@@ -211,8 +214,11 @@ def test_one_database_under_two_names_is_refused_by_every_command(
 
 
 def test_distinct_databases_on_one_server_are_not_confused(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    _settings, cfg = _setup(make_database, tmp_path)
+    _settings, cfg = seeded_install(rows=20)
     result = invoke(capsys, "--config", cfg, "status")
     assert result.code == 0, result.err

@@ -15,9 +15,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
 from oauthmig.config import Settings, settings_from_mapping
-from oauthmig.rollout.privileges import COMMAND_PRIVILEGES, Command, Privilege, needs_on
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
+from oauthmig.privileges import COMMAND_PRIVILEGES, Command, Privilege, needs_on
 from tests.helpers import invoke, seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 PG = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 

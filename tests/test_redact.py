@@ -28,7 +28,7 @@ from oauthmig.redact import (
     scrub_text,
     url_secrets,
 )
-from tests.conftest import DatabaseFactory
+from tests.helpers.databases import DatabaseFactory
 
 SECRET = "TokSecretValueqzxw"
 HEX_TOKEN = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"

@@ -12,8 +12,8 @@ from sqlalchemy.engine import make_url
 
 from oauthmig.config import settings_from_mapping
 from oauthmig.failures import login_refused
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import invoke, schema_dump, seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 
 def _one_error(err: str) -> str:

@@ -51,7 +51,6 @@ from oauthmig.prune import prune_grants
 from oauthmig.rollout import runner
 from oauthmig.rollout.backfill import backfill
 from oauthmig.runlock import exclusive_run
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import (
     columns_of,
     create_migrated_sentry_shape,
@@ -59,6 +58,7 @@ from tests.helpers import (
     wait_for_lock_wait,
     write_config,
 )
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 from tests.test_models import (
     GRANT_EXTRA,
     REDIRECT,

@@ -32,14 +32,11 @@ from sqlalchemy import (
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Connection
 
+from oauthmig.columns import StringList
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
 from oauthmig.demo.data import setup_legacy
-from oauthmig.output.html import json_for_script, render_html, safe_link, text
-from oauthmig.redirects.audit import AuditFinding, AuditSummary
-from oauthmig.redirects.audit import audit as run_audit
-from oauthmig.redirects.rules import RULES, Severity
-from oauthmig.report import (
+from oauthmig.html_report import (
     ApplicationPkce,
     DatabaseMetadata,
     DatabasePkce,
@@ -49,14 +46,17 @@ from oauthmig.report import (
     RuleCount,
     gather_report,
 )
+from oauthmig.output.html import json_for_script, render_html, safe_link, text
+from oauthmig.redirects.audit import AuditFinding, AuditSummary
+from oauthmig.redirects.audit import audit as run_audit
+from oauthmig.redirects.rules import RULES, Severity
 from oauthmig.rollout import runner
 from oauthmig.rollout.backfill import backfill
-from oauthmig.rollout.jobs import job_table
+from oauthmig.rollout.job_state import job_table
 from oauthmig.rollout.revisions import history
 from oauthmig.rollout.status import StatusReport
-from oauthmig.types import StringList
-from tests.conftest import DatabaseFactory, routed_config
 from tests.helpers import invoke, write_config
+from tests.helpers.databases import DatabaseFactory, routed_config
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 

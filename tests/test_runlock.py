@@ -18,7 +18,7 @@ from oauthmig.db import for_writing, make_engine, set_timeouts
 from oauthmig.errors import LockBusyError
 from oauthmig.failures import FailureKind, classify
 from oauthmig.runlock import RunLock
-from tests.conftest import DatabaseFactory
+from tests.helpers.databases import DatabaseFactory
 
 PG = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 

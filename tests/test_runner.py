@@ -32,8 +32,8 @@ from oauthmig.rollout.backfill import backfill
 from oauthmig.rollout.revisions import LOG_TABLE, VERSION_TABLE
 from oauthmig.rollout.runner import Mode, PlanOutcome, StepAction
 from oauthmig.runlock import exclusive_run
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import data_checksum, invoke, schema_dump, seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 
 @pytest.fixture

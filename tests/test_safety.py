@@ -13,33 +13,26 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from oauthmig.config import Settings, settings_from_mapping
+from oauthmig.config import Settings
 from oauthmig.db import make_engine
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
-from tests.helpers import invoke, run_lock_held, seed_legacy, write_config
+from tests.helpers import invoke, run_lock_held
+from tests.helpers.databases import DatabaseFactory, SeededInstall
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _setup(
-    make_database: DatabaseFactory, tmp_path: Path, lock_timeout: str = "300ms", retries: int = 3
-) -> tuple[Settings, str]:
-    data = routed_config(
-        make_database("control"),
-        make_database("shard"),
-        migrate={"lock_timeout": lock_timeout, "lock_retries": retries, "statement_timeout": "60s"},
-    )
-    settings = settings_from_mapping(data, {}, "test")
-    create_legacy(settings)
-    seed_legacy(settings, rows=20)
-    return settings, write_config(tmp_path / "oauthmig.toml", data)
+def _migrate(lock_timeout: str, retries: int) -> dict[str, object]:
+    return {"lock_timeout": lock_timeout, "lock_retries": retries, "statement_timeout": "60s"}
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_expand_does_not_rewrite_large_tables(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=20, migrate=_migrate("300ms", 3))
     engine = make_engine(settings.databases["control"], settings)
     t = settings.tables
     with engine.begin() as conn:
@@ -71,9 +64,12 @@ def test_expand_does_not_rewrite_large_tables(
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_lock_timeout_retries_then_names_blocker(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path, lock_timeout="300ms", retries=3)
+    settings, cfg = seeded_install(rows=20, migrate=_migrate("300ms", 3))
     engine = make_engine(settings.databases["control"], settings)
     token = settings.tables.token
     blocker = engine.connect()
@@ -125,11 +121,14 @@ def _hold_write_lock(settings: Settings) -> Connection:
 
 
 def test_two_concurrent_upgrades_one_refuses(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
     # Retries enough that the first run keeps waiting for its DDL (holding the run lock) for
     # as long as the second takes to start on a loaded machine; released right after.
-    settings, cfg = _setup(make_database, tmp_path, lock_timeout="1s", retries=100)
+    settings, cfg = seeded_install(rows=20, migrate=_migrate("1s", 100))
     blocker = _hold_write_lock(settings)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "oauthmig", "--config", cfg, "-d", "control", "upgrade"]

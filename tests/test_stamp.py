@@ -16,31 +16,21 @@ from typing import Any
 
 import pytest
 
-from oauthmig.config import Settings, settings_from_mapping
+from oauthmig.config import Settings
 from oauthmig.resources import revisions_dir
 from oauthmig.rollout import revisions as catalogue
 from oauthmig.rollout.finalize import object_name
 from oauthmig.rollout.revisions import LOG_TABLE, STAMPED, VERSION_TABLE, checksum, history
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import (
     assert_matches_schema,
     columns_of,
     invoke,
     schema_dump,
-    seed_legacy,
-    write_config,
 )
+from tests.helpers.databases import DatabaseFactory, SeededInstall
 from tests.test_offline_sql import _apply, _sql, _version
 
 BOOKKEEPING = (VERSION_TABLE, LOG_TABLE)
-
-
-def _setup(make_database: DatabaseFactory, tmp_path: Path) -> tuple[Settings, str]:
-    data = routed_config(make_database("control"), make_database("shard"))
-    settings = settings_from_mapping(data, {}, "test")
-    create_legacy(settings)
-    seed_legacy(settings, rows=30)
-    return settings, write_config(tmp_path / "oauthmig.toml", data)
 
 
 def _apply_by_hand(
@@ -93,9 +83,12 @@ def _log(settings: Settings, db: str) -> dict[str, dict[str, Any]]:
 
 
 def test_stamp_records_revisions_whose_sql_was_applied_by_hand(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=30)
     _apply_by_hand(capsys, settings, cfg, tmp_path / "expand", ("control", "shard"), "--to", "0003")
     assert all(
         table not in schema_dump(settings)[db]
@@ -150,9 +143,12 @@ def test_stamp_records_revisions_whose_sql_was_applied_by_hand(
 
 
 def test_stamp_of_finalize_checks_its_constraints_and_indexes(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=30)
     assert invoke(capsys, "--config", cfg, "-q", "upgrade").code == 0
     assert invoke(capsys, "--config", cfg, "-q", "backfill").code == 0
     # A DBA applies finalize's SQL by hand; the version table stays at 0003, no 0004 row.
@@ -198,9 +194,12 @@ def test_stamp_of_finalize_checks_its_constraints_and_indexes(
 
 
 def test_stamp_refuses_missing_and_incompatible_columns_and_records_nothing(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=30)
     before = schema_dump(settings)
     missing = invoke(capsys, "--config", cfg, "stamp", "0002")
     assert missing.code == 2
@@ -259,8 +258,9 @@ def test_status_flags_a_revision_edited_after_it_was_applied(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     revisions_copy: Path,
+    seeded_install: SeededInstall,
 ) -> None:
-    _, cfg = _setup(make_database, tmp_path)
+    _, cfg = seeded_install(rows=30)
     assert invoke(capsys, "--config", cfg, "-q", "upgrade").code == 0
     assert invoke(capsys, "--config", cfg, "-q", "backfill").code == 0
     assert invoke(capsys, "--config", cfg, "-q", "upgrade").code == 0
@@ -309,9 +309,12 @@ def test_status_flags_a_revision_edited_after_it_was_applied(
 
 
 def test_log_tables_of_older_versions_get_the_checksum_column(
-    make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seeded_install: SeededInstall,
 ) -> None:
-    settings, cfg = _setup(make_database, tmp_path)
+    settings, cfg = seeded_install(rows=30)
     assert invoke(capsys, "--config", cfg, "-q", "upgrade", "--to", "0001").code == 0
     for db in ("control", "shard"):  # as an oauthmig without checksums left it
         _sql(settings, db, f"ALTER TABLE {LOG_TABLE} DROP COLUMN checksum")

@@ -31,8 +31,8 @@ from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
 from oauthmig.rollout.backfill import BackfillOptions, backfill
 from oauthmig.rollout.remaining import PROBE_ROWS
-from tests.conftest import DatabaseFactory, create_legacy, routed_config
 from tests.helpers import invoke, seed_legacy, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
 
 pg_only = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 

@@ -19,8 +19,8 @@ from sqlalchemy import text
 from oauthmig.config import settings_from_mapping
 from oauthmig.db import make_engine
 from oauthmig.rollout.backfill import BackfillOptions, backfill
-from tests.conftest import DatabaseFactory, create_legacy
 from tests.helpers import assert_matches_schema, invoke, write_config
+from tests.helpers.databases import DatabaseFactory, create_legacy
 
 ROWS = 16_000  # ids 2, 4, ..., 32000: the id span is twice the rows
 STEP = 2

@@ -1,4 +1,4 @@
-"""RFC 3986 parsing and normalization (oauthmig.redirects.uri)."""
+"""RFC 3986 parsing and normalization (oauthmig.uri)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from oauthmig.redirects.hosts import (
     ends_in_a_number,
     ipv4_text,
 )
-from oauthmig.redirects.uri import (
+from oauthmig.uri import (
     ParsedURI,
     URIError,
     _parse_strict,

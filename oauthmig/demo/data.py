@@ -46,11 +46,11 @@ from sqlalchemy.schema import (
     ExecutableDDLElement,
 )
 
+from oauthmig.columns import GRANT_REDIRECT_URI_LENGTH
 from oauthmig.config import DatabaseConfig, Settings
 from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import DatabaseError, UsageError
 from oauthmig.legacy import USERS_TABLE, legacy_metadata
-from oauthmig.redirects.rules import GRANT_REDIRECT_URI_LENGTH
 
 __all__ = [
     "MARKER_TABLE",
@@ -896,6 +896,33 @@ class _Job:
     users: int
 
 
+def _drop_earlier_demo(conn: Connection, physical: Mapping[str, str]) -> None:
+    """Drop the routed legacy tables, oauthmig's own tables (but the marker) and the users."""
+    existing = set(inspect(conn).get_table_names())
+    cascade = " CASCADE" if conn.dialect.name == "postgresql" else ""
+    doomed = [t for t in physical.values() if t in existing]
+    doomed += sorted(t for t in existing if t.startswith(OAUTHMIG_PREFIX) and t != MARKER_TABLE)
+    if USERS_TABLE in existing:
+        doomed.append(USERS_TABLE)  # last: the other tables reference it
+    for name in doomed:
+        conn.execute(text(f"DROP TABLE {_quote(conn, name)}{cascade}"))
+
+
+def _advance_identities(conn: Connection, tables: Sequence[str]) -> None:
+    """PostgreSQL: rows carry explicit ids, so move each identity past them (later inserts
+    must not collide)."""
+    if conn.dialect.name != "postgresql":
+        return
+    for name in tables:
+        conn.execute(
+            text(
+                "SELECT setval(pg_get_serial_sequence(:t, 'id'), max(id)) "
+                f"FROM {_quote(conn, name)}"
+            ),
+            {"t": _quote(conn, name)},
+        )
+
+
 def _fill(
     conn: Connection,
     settings: Settings,
@@ -908,15 +935,7 @@ def _fill(
     """Drop an earlier demo, create the legacy tables and load them (caller's transaction)."""
     routed = settings.tables_on(job.database)
     physical = {logical: settings.tables.physical(logical) for logical in routed}
-    existing = set(inspect(conn).get_table_names())
-    cascade = " CASCADE" if conn.dialect.name == "postgresql" else ""
-    doomed = [t for t in physical.values() if t in existing]
-    doomed += sorted(t for t in existing if t.startswith(OAUTHMIG_PREFIX) and t != MARKER_TABLE)
-    if USERS_TABLE in existing:
-        doomed.append(USERS_TABLE)  # last: the other tables reference it
-    for name in doomed:
-        conn.execute(text(f"DROP TABLE {_quote(conn, name)}{cascade}"))
-
+    _drop_earlier_demo(conn, physical)
     md = legacy_metadata(settings.tables, routed)
     md.create_all(conn)
     deferred = _defer_indexes(conn, md)
@@ -973,16 +992,7 @@ def _fill(
         )
     for ddl in deferred:
         conn.execute(ddl)
-    if conn.dialect.name == "postgresql":
-        # Rows carry explicit ids: move each identity past them so later inserts do not collide.
-        for name in (*physical.values(), USERS_TABLE):
-            conn.execute(
-                text(
-                    "SELECT setval(pg_get_serial_sequence(:t, 'id'), max(id)) "
-                    f"FROM {_quote(conn, name)}"
-                ),
-                {"t": _quote(conn, name)},
-            )
+    _advance_identities(conn, [*physical.values(), USERS_TABLE])
     conn.execute(
         marker.insert().values(seed=seed, apps=requested[0], tokens=requested[1], created_at=now)
     )

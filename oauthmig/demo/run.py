@@ -19,16 +19,16 @@ from pathlib import Path
 
 from oauthmig.config import EMBEDDED_DIR, Settings
 from oauthmig.demo.data import DemoSetup, Progress, setup_legacy
-from oauthmig.identity import check_distinct
+from oauthmig.html_report import gather_report
 from oauthmig.output.files import output_file
 from oauthmig.output.html import render_html
 from oauthmig.redirects.audit import AuditSummary, audit
-from oauthmig.report import gather_report
 from oauthmig.rollout import runner
 from oauthmig.rollout.backfill import BackfillResult, backfill
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import RunResult
 from oauthmig.rollout.status import StatusReport, status
+from oauthmig.same_database import check_distinct
 
 __all__ = ["DemoHooks", "DemoRun", "DemoStep", "run_demo"]
 
@@ -158,7 +158,7 @@ def report_path(settings: Settings) -> Path:
 
 
 def write_report(settings: Settings, catalogue: Catalogue) -> Path:
-    """Write the demo's HTML report (:func:`oauthmig.report.gather_report`); its path."""
+    """Write the demo's HTML report (:func:`oauthmig.html_report.gather_report`); its path."""
     path = report_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     with output_file(path, "report") as sink:

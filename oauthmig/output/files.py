@@ -24,7 +24,7 @@ import contextlib
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -166,3 +166,22 @@ def _atomic(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_scripts(directory: str, scripts: Mapping[str, str]) -> list[str]:
+    """Write ``<directory>/<database>.sql`` for each ``--sql`` script (created or replaced
+    atomically)."""
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--output-dir {directory}: exists and is not a directory")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output-dir {directory}: {exc.strerror or exc}") from None
+    written: list[str] = []
+    for database, sql in scripts.items():
+        path = target / f"{database}.sql"
+        with output_file(path, "--output-dir") as fh:
+            fh.write(sql)
+        written.append(str(path))
+    return written

@@ -1,4 +1,4 @@
-"""The HTML rendering of a :class:`oauthmig.report.Report`: one self-contained page.
+"""The HTML rendering of a :class:`oauthmig.html_report.Report`: one self-contained page.
 
 :func:`render_html` is a pure function of the report. The page needs no network: CSS and the
 small filtering script are inline, and a Content-Security-Policy allows that script alone (by
@@ -30,8 +30,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from oauthmig.redirects.audit import AuditFinding
-from oauthmig.report import (
+from oauthmig.html_report import (
     ApplicationPkce,
     DatabaseMetadata,
     DatabasePkce,
@@ -40,6 +39,7 @@ from oauthmig.report import (
     Report,
     RuleCount,
 )
+from oauthmig.redirects.audit import AuditFinding
 from oauthmig.rollout.status import DatabaseStatus, RevisionState
 
 __all__ = ["json_for_script", "render_html", "safe_link", "text"]

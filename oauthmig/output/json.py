@@ -36,11 +36,11 @@ if TYPE_CHECKING:
     from oauthmig.prune import PruneResult, PruneStats
     from oauthmig.redirects.audit import AuditFinding, AuditSummary
     from oauthmig.redirects.rules import UriReport
+    from oauthmig.revision_types import RevisionInfo
     from oauthmig.rollout.backfill import BackfillResult, JobRun
     from oauthmig.rollout.batch_report import JobHistory
     from oauthmig.rollout.batches import BatchRow
     from oauthmig.rollout.control import RequestOutcome
-    from oauthmig.rollout.preflight import RevisionInfo
     from oauthmig.rollout.runner import DatabaseRun, RunResult
     from oauthmig.rollout.stamp import StampResult
     from oauthmig.rollout.status import StatusReport

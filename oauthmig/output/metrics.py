@@ -11,9 +11,11 @@ Every family is a gauge named ``oauthmig_backfill_*`` with labels ``job`` and ``
 (see :data:`FAMILIES`); ``oauthmig_backfill_state`` adds ``state`` (one series per value of
 :data:`STATES`, 1 for the current one: the enum-as-gauges convention), written on every way a
 run ends (finished, paused by request or ``--max-runtime``, interrupted, cancelled, failed,
-an unexpected error); ``oauthmig_backfill_paused`` adds ``probe`` (the health probe that
-failed: ``replica-lag``, ``autovacuum``, ``check-sql``, or empty) and ``reason`` (its one-line
-reason, whose figures change with every check: aggregate on ``probe``). Label values are
+an unexpected error); ``oauthmig_backfill_held`` adds ``probe`` (the health probe that
+failed: ``replica-lag``, ``autovacuum``, ``check-sql``, or empty). The hold's one-line reason
+is not a label: its figures change with every check, and each value would be a new series; it
+is in the job row and ``status``. "Held" is a health hold; "paused" is what an operator's
+``backfill pause`` or ``--max-runtime`` does (a value of ``state``). Label values are
 escaped as both the Prometheus text format and OpenMetrics require (backslash, double quote,
 newline), and the file ends with ``# EOF``. Only gauges are used, so the Prometheus text
 format parser (node_exporter) and OpenMetrics parsers read the file alike.
@@ -55,7 +57,7 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("batch_seconds", "Duration of the job's last batch in this run, in seconds."),
     ("running", "1 while a backfill process runs the job (holds included), 0 once it ended."),
     ("finished", "1 once the job has nothing left to do on the database, else 0."),
-    ("paused", "1 while the job holds because a health check failed (see probe, reason)."),
+    ("held", "1 while the job holds because a health check failed (see probe)."),
     ("failed", "1 once the job's run ended failed or cancelled (see the error it printed)."),
     (
         "state",
@@ -101,7 +103,7 @@ def render(samples: list[tuple[JobSample, float]]) -> str:
                 "batch_seconds": sample.batch_seconds,
                 "running": int(sample.state in ("running", "held")),
                 "finished": int(sample.state in ("finished", "up-to-date")),
-                "paused": int(held),
+                "held": int(held),
                 "failed": int(sample.state in ("failed", "cancelled")),
                 "state": 0,
                 "held_seconds": sample.held_seconds if held else 0.0,
@@ -115,10 +117,9 @@ def render(samples: list[tuple[JobSample, float]]) -> str:
                     current = int(sample.state == state)
                     lines.append(f'{family}{{{labels},state="{state}"}} {current}')
                 continue
-            if name == "paused":
+            if name == "held":
                 probe = escape_label(sample.held_probe if held else "")
-                reason = escape_label(sample.held_reason if held else "")
-                labels += f',probe="{probe}",reason="{reason}"'
+                labels += f',probe="{probe}"'
             lines.append(f"{family}{{{labels}}} {_number(value)}")
     lines.append("# EOF")
     return "\n".join(lines) + "\n"

@@ -34,7 +34,7 @@ from oauthmig.redirects.rules import RULES, Severity, UriReport
 from oauthmig.rollout.backfill import BackfillResult
 from oauthmig.rollout.batches import BatchStats
 from oauthmig.rollout.control import STOPPING, when
-from oauthmig.rollout.jobs import JobState, JobStatus
+from oauthmig.rollout.job_state import JobState, RunEnd, ShownStatus
 from oauthmig.rollout.revisions import RevisionInfo
 from oauthmig.rollout.runner import (
     DatabasePlan,
@@ -157,7 +157,7 @@ def _print_plain(console: Console, table: Table) -> None:
 
 
 class ProgressUpdate(Protocol):
-    """``update(label, done, total[, note])``: ``note`` (e.g. ``paused: replica lag 14.2s >
+    """``update(label, done, total[, note])``: ``note`` (e.g. ``held: replica lag 14.2s >
     10s``) replaces the rate until an update without one."""
 
     def __call__(self, label: str, done: int, total: int, note: str | None = None, /) -> None: ...
@@ -186,7 +186,7 @@ def progress_bar(console: Console, enabled: bool) -> Iterator[ProgressUpdate]:
     """A rich progress bar (rows, rate, ETA); yields ``update(label, done, total[, note])``.
 
     Not on a terminal (CI logs, files) there is no bar, but a line when a task starts waiting
-    with a note (``control token-families: paused: ...``) and when it goes on again.
+    with a note (``control token-families: held: ...``) and when it goes on again.
     """
     if not enabled:
         yield _no_progress
@@ -227,13 +227,11 @@ _REVISION_STYLE = {
     "waiting": "cyan",
     "failed": "bold red",
 }
-_JOB_STYLE = {
-    JobStatus.FAILED: "bold red",
-    JobStatus.FINISHED: "green",
-    JobStatus.RUNNING: "yellow",
-    JobStatus.PAUSED: "yellow",
-    JobStatus.NOT_STARTED: "yellow",
-    JobStatus.CANCELLED: "bold red",
+_RUN_END_STYLE = {
+    RunEnd.FAILED: "bold red",
+    RunEnd.FINISHED: "green",
+    RunEnd.PAUSED: "yellow",
+    RunEnd.CANCELLED: "bold red",
 }
 
 
@@ -401,7 +399,7 @@ def render_status(console: Console, report: StatusReport) -> None:
             total = "?" if job.rows_total is None else f"{job.rows_total:,}"
             state = str(job.state)
             if job.held:
-                how = "paused" if job.state is JobStatus.RUNNING else "stopped while held"
+                how = "held" if job.state is ShownStatus.RUNNING else "stopped while held"
                 state = f"{job.state} ({how}: {job.held})"
             approx = "~" if job.estimate else ""
             line = (
@@ -465,7 +463,7 @@ def render_backfill(console: Console, result: BackfillResult) -> None:
     for name in cols:
         table.add_column(name, no_wrap=name in ("job", "database", "status"))
     for r in result.runs:
-        style = _JOB_STYLE.get(r.status, "")
+        style = _RUN_END_STYLE.get(r.status, "")
         status = f"[{style}]{r.status}[/]" if style else r.status
         if result.dry_run:
             est = f"~{r.estimated_seconds:,.1f}s" if r.estimated_seconds is not None else "-"
@@ -491,11 +489,11 @@ def render_backfill(console: Console, result: BackfillResult) -> None:
     print_table(console, table)
     # Failures are reported once, on stderr, by the caller.
     for r in result.runs:
-        if r.status is JobStatus.PAUSED and r.message and "paused by request" in r.message:
+        if r.status is RunEnd.PAUSED and r.message and "paused by request" in r.message:
             console.print(escape(f"{r.database} {r.job}: {r.message}"))
-        elif r.status is JobStatus.PAUSED:
+        elif r.status is RunEnd.PAUSED:
             console.print(f"{r.database} {r.job}: paused; state saved, rerun to resume")
-        elif r.status is JobStatus.SKIPPED:
+        elif r.status is RunEnd.SKIPPED:
             console.print(escape(f"{r.database} {r.job}: {r.message}"))
 
 

@@ -100,6 +100,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from oauthmig.columns import StringList
 from oauthmig.config import ColumnDefault, TableNames
 from oauthmig.errors import ConfigError, InvalidGrant, InvalidRequest, ModelsSchemaError, OAuthError
 from oauthmig.legacy import (
@@ -121,7 +122,6 @@ from oauthmig.redirects.rules import (
     infer_app_type,
     split_redirect_uris,
 )
-from oauthmig.types import StringList
 
 __all__ = [
     "ACCESS_TOKEN_TTL",

@@ -69,7 +69,8 @@ from sqlalchemy.sql.elements import ColumnElement
 from oauthmig.config import Settings
 from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import ConfigError, DatabaseError
-from oauthmig.identity import check_distinct
+from oauthmig.preflight import check_state
+from oauthmig.privileges import Command
 from oauthmig.redact import mask_uri, mask_uris_in_text
 from oauthmig.redirects.metadata_rules import (
     AUTH_METHOD_COLUMN,
@@ -85,8 +86,8 @@ from oauthmig.redirects.rules import (
     infer_app_type,
     split_redirect_uris,
 )
-from oauthmig.rollout.preflight import RevisionInfo, check_state
-from oauthmig.rollout.privileges import Command
+from oauthmig.revision_types import RevisionInfo
+from oauthmig.same_database import check_distinct
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",

@@ -18,7 +18,7 @@ These pure functions answer the three questions the rules ask:
 The IDNA policy is IDNA2008 (RFC 5891) after the UTS #46 mapping (non-transitional), through the
 ``idna`` package: the mapping is what browsers apply to what users type, IDNA2008 decides what
 may be registered. Hosts are expected lowercase (as
-:func:`oauthmig.redirects.uri.normalize_host` leaves them).
+:func:`oauthmig.uri.normalize_host` leaves them).
 """
 
 from __future__ import annotations

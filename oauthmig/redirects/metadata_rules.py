@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from oauthmig.redact import mask_uri
 from oauthmig.redirects.rule_types import Rule, Severity, make_rule
-from oauthmig.redirects.uri import ParsedURI, URIError, normalize_uri, parse_uri
+from oauthmig.uri import ParsedURI, URIError, normalize_uri, parse_uri
 
 __all__ = [
     "METADATA_RULE_CODES",

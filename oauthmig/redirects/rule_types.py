@@ -8,9 +8,12 @@ therefore need not import each other.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+
+from oauthmig.config import DEFAULT_DOCS_URL
 
 
 class Severity(StrEnum):
@@ -49,3 +52,15 @@ def make_rule(
     rule = Rule(code, name, severity, summary, rfc, inspect.cleandoc(func.__doc__ or ""))
     registry[code] = rule
     return rule
+
+
+def rule_anchor(rule: Rule) -> str:
+    """The GitHub-style anchor of the rule's section in ``docs/rules.md``."""
+    heading = f"{rule.code} {rule.name}".lower()
+    return re.sub(r"[^a-z0-9 _-]", "", heading).replace(" ", "-")
+
+
+def rule_help_uri(rule: Rule, docs_url: str = DEFAULT_DOCS_URL) -> str:
+    """Where the rule is documented: ``docs_url#<anchor>`` (``docs_url`` being the absolute URL
+    of ``docs/rules.md``, ``[audit] docs_url``). SARIF ``helpUri`` and the HTML report link here."""
+    return f"{docs_url}#{rule_anchor(rule)}"

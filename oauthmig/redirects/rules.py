@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal, NamedTuple
 
+from oauthmig.columns import GRANT_REDIRECT_URI_LENGTH
 from oauthmig.redact import is_secret_uri_param, mask_uri
 from oauthmig.redirects.hosts import (
     browser_ipv4,
@@ -34,7 +35,7 @@ from oauthmig.redirects.hosts import (
 )
 from oauthmig.redirects.metadata_rules import METADATA_RULES
 from oauthmig.redirects.rule_types import Rule, Severity, make_rule
-from oauthmig.redirects.uri import (
+from oauthmig.uri import (
     ParsedURI,
     URIError,
     is_ipv4_address,
@@ -61,10 +62,6 @@ __all__ = [
     "infer_app_type",
     "split_redirect_uris",
 ]
-
-#: Length of Sentry's ``grant.redirect_uri varchar(255)``: what the legacy schema declares, what
-#: the models refuse beyond, and RU016's limit where the live column length is unknown.
-GRANT_REDIRECT_URI_LENGTH = 255
 
 
 class AppType(StrEnum):

@@ -81,6 +81,9 @@ from oauthmig.db import (
 from oauthmig.errors import BackfillError, ConfigError, LockBusyError, OauthmigError, UsageError
 from oauthmig.failures import FailureKind, classify
 from oauthmig.pooler import require_session
+from oauthmig.preflight import check_routed_tables
+from oauthmig.privileges import Command
+from oauthmig.revision_types import RevisionInfo
 from oauthmig.rollout.batches import BatchLog, ensure_batch_table, error_class, reset_history
 from oauthmig.rollout.control import (
     POLL_SECONDS,
@@ -93,24 +96,25 @@ from oauthmig.rollout.control import (
 )
 from oauthmig.rollout.health import HealthMonitor, HealthReading
 from oauthmig.rollout.health import validate as validate_health
+from oauthmig.rollout.job_state import (
+    JobPhase,
+    JobProgress,
+    RunEnd,
+    StoredStatus,
+    ensure_job_table,
+    job_table,
+    new_transaction,
+    read_job,
+    run_lock,
+)
 from oauthmig.rollout.jobs import (
     FAMILY_VERSION,
     JOBS,
     BatchContext,
     Job,
-    JobPhase,
-    JobProgress,
-    JobStatus,
-    ensure_job_table,
-    job_table,
-    new_transaction,
-    read_job,
     register_sqlite_functions,
     remaining_rows,
-    run_lock,
 )
-from oauthmig.rollout.preflight import RevisionInfo, check_routed_tables
-from oauthmig.rollout.privileges import Command
 from oauthmig.rollout.remaining import column_generation
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import check_databases, held_upgrade
@@ -134,7 +138,7 @@ class JobRun:
 
     job: str
     database: str
-    status: JobStatus  # finished, paused, cancelled or failed; dry-run or up-to-date
+    status: RunEnd
     rows_changed: int
     rows_total: int
     batches: int
@@ -177,7 +181,7 @@ class BackfillResult:
     @property
     def failed(self) -> tuple[JobRun, ...]:
         """Runs that failed, or stopped because their job is cancelled (exit 2)."""
-        return tuple(r for r in self.runs if r.status in (JobStatus.FAILED, JobStatus.CANCELLED))
+        return tuple(r for r in self.runs if r.status in (RunEnd.FAILED, RunEnd.CANCELLED))
 
     @property
     def out_of_time(self) -> tuple[JobRun, ...]:
@@ -199,7 +203,7 @@ class BackfillOptions:
 
 class Progress(Protocol):
     """Progress callback: ``(label, rows done, rows total, note)``; ``note`` is None, or what
-    the run waits for, such as ``paused: replica lag 14.2s > 10s``."""
+    the run waits for, such as ``held: replica lag 14.2s > 10s``."""
 
     def __call__(self, label: str, done: int, total: int, note: str | None, /) -> None: ...
 
@@ -271,6 +275,30 @@ def adapt_batch_size(size: int, seconds: float, target: float) -> int:
 # --------------------------------------------------------------------------- runner
 
 
+@dataclass(slots=True)
+class _Pace:
+    """How one run sizes and retries its batches (changes batch by batch)."""
+
+    size: int
+    version: int  # the job version: which family id formula the batches write
+    sleep_seconds: float
+    target_seconds: float
+    failures: int = 0  # transient failures in a row
+    locked_attempts: int = 0  # lock timeouts in a row on a one-row batch
+    narrowed: tuple[int, int] | None = None  # (size before narrowing, id to get past)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One turn of the loop: the range it tried and when (for a failure's record)."""
+
+    lo: int  # the cursor and bound the job row held when the turn began
+    bound: int
+    began: datetime
+    deadline: ClientDeadline
+    hi: int | None = None
+
+
 _PROGRESS_COLUMNS = (
     "status",
     "phase",
@@ -315,7 +343,7 @@ class _Runner:
 
     def __post_init__(self) -> None:
         self.log = BatchLog(self.job.name, self.owner, self.settings.backfill.keep_batches)
-        self.lock = run_lock(self.job, self.db.name)
+        self.lock = run_lock(self.job.name, self.db.name)
 
     def run(self) -> JobRun:
         """Run the job on its database (holding the run lock) and return the outcome."""
@@ -430,54 +458,29 @@ class _Runner:
             raise
 
     def _run(self, engine: Engine, started: float) -> JobRun:
-        job, db, bf = self.job, self.db, self.settings.backfill
+        """Check the database, then resume the saved progress or start afresh, claim the job
+        for this run and run its batches (:meth:`_loop`)."""
+        job, db = self.job, self.db
         physical = self.settings.tables.physical(job.logical_table)
         conn = self._connect(engine)
         try:
-            # A missing table is fixed in the config or the database, not by an upgrade.
-            check_routed_tables(conn, self.settings, db.name)
-            remaining = remaining_rows(conn, self.settings, db.name, job)
-            if remaining < 0:
-                raise BackfillError(
-                    f"database {db.name!r}: {physical} lacks the columns of job {job.name!r}; "
-                    "run `oauthmig upgrade` first"
-                )
-            ensure_job_table(conn)
-            ensure_batch_table(conn)
-            generation = column_generation(conn, self.settings, job, self.revisions)
+            remaining, generation = self._check_ready(conn, physical)
             saved = read_job(conn, job.name)
             if (
                 saved is not None
-                and saved.status is JobStatus.CANCELLED
+                and saved.status is StoredStatus.CANCELLED
                 and not self.options.restart
             ):
                 message = cancelled_message(recorded_request(saved), db.name, job.name)
                 seconds = time.monotonic() - started
                 self._report(saved, "cancelled", bar=False)
                 return JobRun(
-                    job.name, db.name, JobStatus.CANCELLED, 0, 0, 0, seconds, message=message
+                    job.name, db.name, RunEnd.CANCELLED, 0, 0, 0, seconds, message=message
                 )
-            now = datetime.now(UTC)
-            version = FAMILY_VERSION
-            if saved is not None:
-                if saved.generation is None or saved.generation == generation:
-                    version = saved.version or 1
-                if saved.generation != generation:
-                    # (A row that only holds a request for a job that never ran has nothing
-                    # to restart: no run ever owned it.)
-                    if saved.owner is not None or saved.batches:
-                        self.note = (
-                            "saved progress belongs to an earlier generation of the job's "
-                            "columns (dropped and re-added by a downgrade and upgrade since); "
-                            "restarted from the beginning"
-                            if saved.generation is not None
-                            else "saved progress predates column tracking; restarted from the "
-                            "beginning"
-                        )
-                    saved = None
+            saved, version = self._same_generation(saved, generation)
             if (
                 saved is not None
-                and saved.status is JobStatus.FINISHED
+                and saved.status is StoredStatus.FINISHED
                 and not self.options.restart
             ):
                 if remaining == 0:
@@ -485,7 +488,7 @@ class _Runner:
                     return JobRun(
                         job.name,
                         db.name,
-                        JobStatus.UP_TO_DATE,
+                        RunEnd.UP_TO_DATE,
                         0,
                         saved.rows_done,
                         0,
@@ -493,54 +496,11 @@ class _Runner:
                     )
                 saved = None  # new NULL rows appeared since: a fresh pass (guarded, cheap)
             if saved is None or self.options.restart:
-                self.state = JobProgress(
-                    job=job.name,
-                    table_name=physical,
-                    status=JobStatus.RUNNING,
-                    phase=JobPhase.MAIN,
-                    cursor=0,
-                    upper_bound=_max_id(conn, physical),
-                    rows_done=0,
-                    rows_total=remaining,
-                    batches=0,
-                    batch_size=self.options.batch_size or bf.batch_size,
-                    attempts=0,
-                    last_error=None,
-                    started_at=now,
-                    updated_at=now,
-                    finished_at=None,
-                    owner=self.owner,
-                    generation=generation,
-                    version=version,
-                    held_reason=None,
-                )
-                with new_transaction(conn):
-                    carried = carried_request(conn, job.name)  # a pause outlives --restart
-                    conn.execute(job_table.delete().where(job_table.c.job == job.name))
-                    self.state = replace(self.state, **carried)
-                    conn.execute(job_table.insert().values(**self.state.values()))
-                    reset_history(conn, job.name)  # a new record for the new pass
+                self._start(conn, physical, remaining, generation, version)
             else:
-                self.state = replace(
-                    saved,
-                    batch_size=self.options.batch_size or saved.batch_size,
-                    # Resuming: what is left is what was done plus what remains.
-                    rows_total=saved.rows_done + remaining,
-                    status=JobStatus.RUNNING,
-                    owner=self.owner,
-                    generation=generation,
-                    version=version,
-                    held_reason=None,
-                )
-                with new_transaction(conn):
-                    # Claim the job for this run (we hold the lock: any previous owner is gone).
-                    conn.execute(
-                        job_table.update()
-                        .where(job_table.c.job == job.name)
-                        .values(owner=self.owner, generation=generation, version=version)
-                    )
-                    self._persist(conn)
+                self._resume(conn, saved, remaining, generation, version)
             conn = self._loop(engine, conn, physical, started)
+            assert self.state is not None
             self._report(self.state, str(self.state.status))
             return self._result(started)
         except KeyboardInterrupt:
@@ -551,6 +511,108 @@ class _Runner:
                 if c is not None:
                     with contextlib.suppress(SQLAlchemyError):
                         c.close()
+
+    def _check_ready(self, conn: Connection, physical: str) -> tuple[int, str]:
+        """The rows left and the generation of the job's columns, once the database is ready:
+        its table routed and present, the job's columns added, the job tables there."""
+        # A missing table is fixed in the config or the database, not by an upgrade.
+        check_routed_tables(conn, self.settings, self.db.name)
+        remaining = remaining_rows(conn, self.settings, self.db.name, self.job)
+        if remaining < 0:
+            raise BackfillError(
+                f"database {self.db.name!r}: {physical} lacks the columns of job "
+                f"{self.job.name!r}; run `oauthmig upgrade` first"
+            )
+        ensure_job_table(conn)
+        ensure_batch_table(conn)
+        return remaining, column_generation(conn, self.settings, self.job, self.revisions)
+
+    def _same_generation(
+        self, saved: JobProgress | None, generation: str
+    ) -> tuple[JobProgress | None, int]:
+        """The saved progress if it belongs to this generation of the job's columns (else
+        ``None``, with a note), and the job version (family id formula) the run uses."""
+        version = FAMILY_VERSION
+        if saved is None:
+            return None, version
+        if saved.generation is None or saved.generation == generation:
+            version = saved.version or 1
+        if saved.generation == generation:
+            return saved, version
+        # (A row that only holds a request for a job that never ran has nothing to restart:
+        # no run ever owned it.)
+        if saved.owner is not None or saved.batches:
+            self.note = (
+                "saved progress belongs to an earlier generation of the job's "
+                "columns (dropped and re-added by a downgrade and upgrade since); "
+                "restarted from the beginning"
+                if saved.generation is not None
+                else "saved progress predates column tracking; restarted from the beginning"
+            )
+        return None, version
+
+    def _start(
+        self, conn: Connection, physical: str, remaining: int, generation: str, version: int
+    ) -> None:
+        """A fresh pass: a new job row owned by this run (a pending pause request is kept),
+        the upper bound fixed now, the batch history reset."""
+        now = datetime.now(UTC)
+        self.state = JobProgress(
+            job=self.job.name,
+            table_name=physical,
+            status=StoredStatus.RUNNING,
+            phase=JobPhase.MAIN,
+            cursor=0,
+            upper_bound=_max_id(conn, physical),
+            rows_done=0,
+            rows_total=remaining,
+            batches=0,
+            batch_size=self.options.batch_size or self.settings.backfill.batch_size,
+            attempts=0,
+            last_error=None,
+            started_at=now,
+            updated_at=now,
+            finished_at=None,
+            owner=self.owner,
+            generation=generation,
+            version=version,
+            held_reason=None,
+        )
+        with new_transaction(conn):
+            carried = carried_request(conn, self.job.name)  # a pause outlives --restart
+            conn.execute(job_table.delete().where(job_table.c.job == self.job.name))
+            self.state = replace(self.state, **carried)
+            conn.execute(job_table.insert().values(**self.state.values()))
+            reset_history(conn, self.job.name)  # a new record for the new pass
+
+    def _resume(
+        self,
+        conn: Connection,
+        saved: JobProgress,
+        remaining: int,
+        generation: str,
+        version: int,
+    ) -> None:
+        """Go on from the saved progress, and claim the job row for this run."""
+        self.state = replace(
+            saved,
+            batch_size=self.options.batch_size or saved.batch_size,
+            # Resuming: what is left is what was done plus what remains.
+            rows_total=saved.rows_done + remaining,
+            status=StoredStatus.RUNNING,
+            owner=self.owner,
+            generation=generation,
+            version=version,
+            held_reason=None,
+        )
+        with new_transaction(conn):
+            # Claim the job for this run (we hold the lock: any previous owner is gone).
+            conn.execute(
+                job_table.update()
+                .where(job_table.c.job == self.job.name)
+                .values(owner=self.owner, generation=generation, version=version)
+            )
+            self._persist(conn)
 
     def _pause(self, engine: Engine, conn: Connection) -> None:
         """Ctrl-C or SIGTERM: record ``paused`` (the open batch, if any, is rolled back)."""
@@ -564,12 +626,12 @@ class _Runner:
                 conn.execute(
                     job_table.update()
                     .where(job_table.c.job == self.job.name, job_table.c.owner == self.owner)
-                    .values(status=JobStatus.PAUSED.value, updated_at=datetime.now(UTC))
+                    .values(status=StoredStatus.PAUSED.value, updated_at=datetime.now(UTC))
                 )
             return
         with contextlib.suppress(SQLAlchemyError):
             conn.close()  # releases row locks of a half-done batch before the fresh write
-        self._mark(engine, status=JobStatus.PAUSED)
+        self._mark(engine, status=StoredStatus.PAUSED)
 
     def _mark(self, engine: Engine, **values: Any) -> None:
         """Record a final state on a fresh connection (the work connection may be broken).
@@ -710,145 +772,192 @@ class _Runner:
             f"{window:g}s ({attempt - 1} reconnect attempts; last: {last}); state saved by "
             "the last committed batch, rerun to resume"
         )
-        self._mark(engine, status=JobStatus.FAILED, last_error=message[:2000])
+        self._mark(engine, status=StoredStatus.FAILED, last_error=message[:2000])
         raise BackfillError(message)
 
     def _loop(self, engine: Engine, conn: Connection, physical: str, started: float) -> Connection:
+        """Run batches until the job is finished, stopped or failed; the connection it ends on.
+
+        Each turn: stop if asked, hold while a health check fails, then one step (the next
+        range, its batch, the rest after it); a step that raised goes to
+        :meth:`_after_failure`, which retries, narrows, reconnects or fails the job.
+        """
+        assert self.state is not None
         bf: BackfillSettings = self.settings.backfill
         sleep_s = (
             self.options.sleep_seconds
             if self.options.sleep_seconds is not None
             else bf.sleep_seconds
         )
-        target = bf.target_batch_seconds
-        assert self.state is not None
-        size = self.state.batch_size
-        failures = 0
-        locked_attempts = 0
-        narrowed: tuple[int, int] | None = None  # (size before narrowing, id to get past)
-        version = self.state.version or 1
+        pace = _Pace(
+            size=self.state.batch_size,
+            version=self.state.version or 1,
+            sleep_seconds=sleep_s,
+            target_seconds=bf.target_batch_seconds,
+        )
         self._report(self.state, "running", bar=False)
         while True:
             if self.stop.should_stop():
-                self._save(conn, JobStatus.PAUSED)
+                self._save(conn, StoredStatus.PAUSED)
                 return conn
             snapshot = self.state  # what the job row holds now
-            bound = snapshot.upper_bound
-            lo = snapshot.cursor
-            hi: int | None = None
-            began = datetime.now(UTC)
-            deadline = self._deadline(conn)
+            attempt = _Attempt(
+                snapshot.cursor, snapshot.upper_bound, datetime.now(UTC), self._deadline(conn)
+            )
             try:
                 if self._held(conn):
                     continue  # asked to stop while held: saved as paused above
-                with deadline:
-                    # A pause or cancel from anywhere; the read shares _next_hi's transaction.
-                    wanted = requested_stop(conn, self.job.name, end=False)
-                    if wanted is not None:
-                        return self._obey(conn, wanted)
-                    hi = _next_hi(conn, physical, lo, bound, size)
-                    if conn.in_transaction():
-                        conn.commit()
-                    if hi is None:
-                        if self.state.phase is JobPhase.MAIN:
-                            # Catch-up: rows inserted while the main pass ran.
-                            self.state = replace(
-                                self.state,
-                                phase=JobPhase.CATCHUP,
-                                upper_bound=max(bound, _max_id(conn, physical)),
-                            )
-                            conn.commit()
-                            if self.state.upper_bound > bound:
-                                self._save(conn, JobStatus.RUNNING)
-                                continue
-                        self.state = replace(
-                            self.state, phase=JobPhase.DONE, finished_at=datetime.now(UTC)
-                        )
-                        self._save(conn, JobStatus.FINISHED)
-                        return conn
-                    t0, began = time.monotonic(), datetime.now(UTC)
-                    with new_transaction(conn):
-                        self._verify_lock(conn)
-                        ctx = BatchContext(conn, physical, self.settings, self.db.name, version)
-                        n = self.job.run_batch(ctx, lo, hi)
-                        self.state = replace(
-                            self.state,
-                            cursor=hi,
-                            rows_done=self.state.rows_done + n,
-                            batches=self.state.batches + 1,
-                            batch_size=size,
-                        )
-                        # Same transaction as the batch: the cursor never runs ahead of the data,
-                        # and the batch's history row exists exactly when the batch committed.
-                        self._persist(conn)
-                        self.log.committed(conn, lo, hi, n, time.monotonic() - t0, began)
-                elapsed = time.monotonic() - t0
-                self.batch_times.append(elapsed)
-                self.changed += n
-                failures = 0
-                locked_attempts = 0
-                size = adapt_batch_size(size, elapsed, target)
-                if narrowed is not None and hi >= narrowed[1]:
-                    size, narrowed = max(size, narrowed[0]), None  # past the locked range
-                self._report(self.state, "running", elapsed)
-                pause = max(sleep_s, elapsed * (1 / bf.max_duty - 1))
-                if self.stop.deadline is not None:  # --max-runtime bounds the pause too
-                    pause = min(pause, self.stop.deadline - time.monotonic())
-                if pause > 0:
-                    conn = self.work = self._rest(engine, conn, pause)
+                conn, ended = self._step(engine, conn, physical, pace, attempt)
+                if ended:
+                    return conn
             except _TakenOver as exc:
                 with contextlib.suppress(SQLAlchemyError):
                     conn.rollback()
                 raise BackfillError(exc.message) from None
             except SQLAlchemyError as exc:
-                with contextlib.suppress(SQLAlchemyError):
-                    conn.rollback()
-                # The failed batch did not happen; its attempt counts (and a hold that ended
-                # before it stays ended).
-                self.state = replace(
-                    snapshot,
-                    attempts=self.state.attempts + 1,
-                    held_reason=self.state.held_reason,
-                )
-                lost = deadline.fired or _lost(exc, conn)
-                cls = "client deadline" if deadline.fired else error_class(exc)
-                self.log.failed(None if lost else conn, lo, hi, cls, began)
-                if lost:
-                    reason = self._lost_reason(deadline, exc)
-                    if deadline.fired:
-                        size = max(1, size // 2)
-                    conn = self.work = self._reconnect(engine, conn, reason)
-                    continue
-                kind = classify(exc)
-                if kind is FailureKind.LOCK_TIMEOUT and hi is not None:
-                    if size > 1:
-                        # Halve toward the locked row; grow back once past it.
-                        if narrowed is None:
-                            narrowed = (size, hi)
-                        size = max(1, size // 2)
-                        continue
-                    locked_attempts += 1
-                    if locked_attempts < LOCKED_ROW_ATTEMPTS:
-                        self.sleep(backoff_delay(locked_attempts, base=0.2, cap=5.0))
-                        continue
-                    self._fail(engine, self._locked_message(conn, physical, lo, hi))
-                if kind is FailureKind.STATEMENT_TIMEOUT:
-                    size = max(MIN_BATCH, size // 2)
-                if kind.transient and failures < MAX_TRANSIENT_RETRIES:
-                    failures += 1
-                    self.sleep(backoff_delay(failures, base=0.05, cap=5.0))
-                    continue
-                message = describe_error(exc, self.db)
-                # The failed attempt counts too: the stored count is what the message says
-                # for this run.
-                tries = failures + 1
-                self._fail(
-                    engine,
-                    f"database {self.db.name!r}: backfill {self.job.name} failed at id > {lo} "
-                    f"after {tries} attempt{'s' if tries != 1 else ''}: {message}; "
-                    "state saved, rerun to resume",
-                    message,
-                )
+                conn = self._after_failure(engine, conn, physical, exc, snapshot, pace, attempt)
+
+    def _step(
+        self, engine: Engine, conn: Connection, physical: str, pace: _Pace, attempt: _Attempt
+    ) -> tuple[Connection, bool]:
+        """One turn of the loop: obey a request, find the next range (or end the pass), run
+        its batch and rest. The connection to go on with, and whether the loop ends."""
+        assert self.state is not None
+        with attempt.deadline:
+            # A pause or cancel from anywhere; the read shares _next_hi's transaction.
+            wanted = requested_stop(conn, self.job.name, end=False)
+            if wanted is not None:
+                return self._obey(conn, wanted), True
+            attempt.hi = _next_hi(conn, physical, attempt.lo, attempt.bound, pace.size)
+            if conn.in_transaction():
+                conn.commit()
+            if attempt.hi is None:
+                return conn, self._end_pass(conn, physical, attempt.bound)
+            rows, t0 = self._run_batch(conn, physical, pace, attempt, attempt.hi)
+        elapsed = time.monotonic() - t0
+        pause = self._after_batch(rows, elapsed, pace, attempt.hi)
+        if pause > 0:
+            conn = self.work = self._rest(engine, conn, pause)
+        return conn, False
+
+    def _end_pass(self, conn: Connection, physical: str, bound: int) -> bool:
+        """No rows left up to ``bound``. After the main pass, a catch-up pass covers the rows
+        inserted meanwhile (``False``: go on); else the job is finished (``True``)."""
+        assert self.state is not None
+        if self.state.phase is JobPhase.MAIN:
+            self.state = replace(
+                self.state,
+                phase=JobPhase.CATCHUP,
+                upper_bound=max(bound, _max_id(conn, physical)),
+            )
+            conn.commit()
+            if self.state.upper_bound > bound:
+                self._save(conn, StoredStatus.RUNNING)
+                return False
+        self.state = replace(self.state, phase=JobPhase.DONE, finished_at=datetime.now(UTC))
+        self._save(conn, StoredStatus.FINISHED)
+        return True
+
+    def _run_batch(
+        self, conn: Connection, physical: str, pace: _Pace, attempt: _Attempt, hi: int
+    ) -> tuple[int, float]:
+        """Fill ``lo < id <= hi`` in one transaction that also checks the run lock and saves
+        the progress; the rows changed and when the batch began (``time.monotonic``)."""
+        assert self.state is not None
+        lo = attempt.lo
+        t0, attempt.began = time.monotonic(), datetime.now(UTC)
+        with new_transaction(conn):
+            self._verify_lock(conn)
+            ctx = BatchContext(conn, physical, self.settings, self.db.name, pace.version)
+            n = self.job.run_batch(ctx, lo, hi)
+            self.state = replace(
+                self.state,
+                cursor=hi,
+                rows_done=self.state.rows_done + n,
+                batches=self.state.batches + 1,
+                batch_size=pace.size,
+            )
+            # Same transaction as the batch: the cursor never runs ahead of the data, and the
+            # batch's history row exists exactly when the batch committed.
+            self._persist(conn)
+            self.log.committed(conn, lo, hi, n, time.monotonic() - t0, attempt.began)
+        return n, t0
+
+    def _after_batch(self, rows: int, elapsed: float, pace: _Pace, hi: int) -> float:
+        """Count a committed batch, size the next one, report; the seconds to rest now."""
+        assert self.state is not None
+        self.batch_times.append(elapsed)
+        self.changed += rows
+        pace.failures = 0
+        pace.locked_attempts = 0
+        pace.size = adapt_batch_size(pace.size, elapsed, pace.target_seconds)
+        if pace.narrowed is not None and hi >= pace.narrowed[1]:
+            pace.size, pace.narrowed = max(pace.size, pace.narrowed[0]), None  # past the lock
+        self._report(self.state, "running", elapsed)
+        pause = max(pace.sleep_seconds, elapsed * (1 / self.settings.backfill.max_duty - 1))
+        if self.stop.deadline is not None:  # --max-runtime bounds the pause too
+            pause = min(pause, self.stop.deadline - time.monotonic())
+        return pause
+
+    def _after_failure(
+        self,
+        engine: Engine,
+        conn: Connection,
+        physical: str,
+        exc: SQLAlchemyError,
+        snapshot: JobProgress,
+        pace: _Pace,
+        attempt: _Attempt,
+    ) -> Connection:
+        """A step raised: reconnect if the connection is lost, narrow on a lock timeout, retry
+        what is transient (with backoff), else fail the job. The connection to go on with."""
+        assert self.state is not None
+        with contextlib.suppress(SQLAlchemyError):
+            conn.rollback()
+        # The failed batch did not happen; its attempt counts (and a hold that ended before it
+        # stays ended).
+        self.state = replace(
+            snapshot, attempts=self.state.attempts + 1, held_reason=self.state.held_reason
+        )
+        lo, hi, deadline = attempt.lo, attempt.hi, attempt.deadline
+        lost = deadline.fired or _lost(exc, conn)
+        cls = "client deadline" if deadline.fired else error_class(exc)
+        self.log.failed(None if lost else conn, lo, hi, cls, attempt.began)
+        if lost:
+            reason = self._lost_reason(deadline, exc)
+            if deadline.fired:
+                pace.size = max(1, pace.size // 2)
+            conn = self.work = self._reconnect(engine, conn, reason)
+            return conn
+        kind = classify(exc)
+        if kind is FailureKind.LOCK_TIMEOUT and hi is not None:
+            if pace.size > 1:
+                # Halve toward the locked row; grow back once past it.
+                if pace.narrowed is None:
+                    pace.narrowed = (pace.size, hi)
+                pace.size = max(1, pace.size // 2)
+                return conn
+            pace.locked_attempts += 1
+            if pace.locked_attempts < LOCKED_ROW_ATTEMPTS:
+                self.sleep(backoff_delay(pace.locked_attempts, base=0.2, cap=5.0))
+                return conn
+            self._fail(engine, self._locked_message(conn, physical, lo, hi))
+        if kind is FailureKind.STATEMENT_TIMEOUT:
+            pace.size = max(MIN_BATCH, pace.size // 2)
+        if kind.transient and pace.failures < MAX_TRANSIENT_RETRIES:
+            pace.failures += 1
+            self.sleep(backoff_delay(pace.failures, base=0.05, cap=5.0))
+            return conn
+        message = describe_error(exc, self.db)
+        # The failed attempt counts too: the stored count is what the message says for this run.
+        tries = pace.failures + 1
+        self._fail(
+            engine,
+            f"database {self.db.name!r}: backfill {self.job.name} failed at id > {lo} "
+            f"after {tries} attempt{'s' if tries != 1 else ''}: {message}; "
+            "state saved, rerun to resume",
+            message,
+        )
 
     def _report(
         self,
@@ -865,7 +974,7 @@ class _Runner:
         done = state.rows_done
         total = max(state.rows_total, done)
         if self.progress and bar and status in ("running", "held"):
-            note = f"paused: {held.reason}" if held is not None else None
+            note = f"held: {held.reason}" if held is not None else None
             self.progress(f"{self.db.name} {self.job.name}", done, total, note)
         if self.observe:
             self.observe(
@@ -879,7 +988,7 @@ class _Runner:
                     batch_seconds
                     if batch_seconds is not None
                     else (self.batch_times[-1] if self.batch_times else None),
-                    held.probe if held is not None else "",
+                    held.probe or "" if held is not None else "",
                     held.reason if held is not None else "",
                     held_for,
                 )
@@ -946,10 +1055,10 @@ class _Runner:
         """A pause or cancel request: stop before the next batch, state saved."""
         self.by_request = True
         if request.action == "pause":
-            self._save(conn, JobStatus.PAUSED)
+            self._save(conn, StoredStatus.PAUSED)
             message = paused_message(request, self.db.name, self.job.name)
         else:
-            self._save(conn, JobStatus.CANCELLED)
+            self._save(conn, StoredStatus.CANCELLED)
             message = cancelled_message(request, self.db.name, self.job.name)
         self.note = f"{self.note}; {message}" if self.note else message
         return conn
@@ -1003,16 +1112,16 @@ class _Runner:
         assert self.state is not None
         self._mark(
             engine,
-            status=JobStatus.FAILED,
+            status=StoredStatus.FAILED,
             last_error=(stored or message)[:2000],
             attempts=self.state.attempts,
         )
         raise BackfillError(message)
 
-    def _save(self, conn: Connection, status: JobStatus) -> None:
+    def _save(self, conn: Connection, status: StoredStatus) -> None:
         assert self.state is not None
         self.state = replace(self.state, status=status)
-        if status is JobStatus.FINISHED:
+        if status is StoredStatus.FINISHED:
             self.state = replace(self.state, last_error=None)
         with new_transaction(conn):
             self._persist(conn)
@@ -1020,7 +1129,7 @@ class _Runner:
     def _result(self, started: float) -> JobRun:
         assert self.state is not None
         out_of_time = (
-            self.state.status is JobStatus.PAUSED
+            self.state.status is StoredStatus.PAUSED
             and not self.by_request
             and not self.stop.event.is_set()
             and self.stop.out_of_time()
@@ -1032,7 +1141,7 @@ class _Runner:
         return JobRun(
             self.job.name,
             self.db.name,
-            self.state.status,
+            RunEnd(self.state.status),
             self.changed,
             self.state.rows_total,
             len(self.batch_times),
@@ -1054,7 +1163,7 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
             return JobRun(
                 job.name,
                 db.name,
-                JobStatus.DRY_RUN,
+                RunEnd.DRY_RUN,
                 0,
                 0,
                 0,
@@ -1075,7 +1184,7 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
         return JobRun(
             job.name,
             db.name,
-            JobStatus.DRY_RUN,
+            RunEnd.DRY_RUN,
             n,
             n,
             0,
@@ -1160,9 +1269,9 @@ def backfill(
             found = _held_job(settings, db, job)
             if found is not None:
                 return _skipped(job, db, found)
-            return JobRun(job.name, db.name, JobStatus.FAILED, 0, 0, 0, 0.0, message=exc.message)
+            return JobRun(job.name, db.name, RunEnd.FAILED, 0, 0, 0, 0.0, message=exc.message)
         except OauthmigError as exc:
-            return JobRun(job.name, db.name, JobStatus.FAILED, 0, 0, 0, 0.0, message=exc.message)
+            return JobRun(job.name, db.name, RunEnd.FAILED, 0, 0, 0, 0.0, message=exc.message)
 
     if options.jobs > 1 and len(work) > 1:
         pool = ThreadPoolExecutor(max_workers=options.jobs)
@@ -1180,7 +1289,7 @@ def backfill(
 
 def _skipped(job: Job, db: DatabaseConfig, held: Held) -> JobRun:
     return JobRun(
-        job.name, db.name, JobStatus.SKIPPED, 0, 0, 0, 0.0, message=held.describe(), held=held
+        job.name, db.name, RunEnd.SKIPPED, 0, 0, 0, 0.0, message=held.describe(), held=held
     )
 
 
@@ -1194,7 +1303,7 @@ def _held_job(settings: Settings, db: DatabaseConfig, job: Job) -> Held | None:
     """Who holds the run lock of ``job`` on ``db``, after this run could not take it."""
     try:
         with map_db_errors(db), open_database(settings, db) as conn:
-            return run_lock(job, db.name).held_elsewhere(conn) or Held(
+            return run_lock(job.name, db.name).held_elsewhere(conn) or Held(
                 db.name, f"backfill {job.name}", None
             )
     except OauthmigError:

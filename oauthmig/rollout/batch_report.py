@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from oauthmig.config import Settings
 from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import OauthmigError
-from oauthmig.identity import check_distinct
+from oauthmig.preflight import check_state
 from oauthmig.rollout.batches import SUMMARY, BatchRow, has_batch_table, read_history
 from oauthmig.rollout.control import job_targets
-from oauthmig.rollout.jobs import JobState, job_states
-from oauthmig.rollout.preflight import check_state
+from oauthmig.rollout.job_state import JobState
+from oauthmig.rollout.jobs import job_states
 from oauthmig.rollout.revisions import history
+from oauthmig.same_database import check_distinct
 
 DEFAULT_LAST = 20  # recent batches listed per job unless --last says otherwise
 

@@ -47,28 +47,26 @@ from oauthmig.db import (
     set_timeouts,
 )
 from oauthmig.errors import OauthmigError, UsageError
+from oauthmig.privileges import Command
 from oauthmig.rollout.batches import as_utc
-from oauthmig.rollout.jobs import (
-    FAMILY_VERSION,
-    JOBS,
-    Job,
+from oauthmig.rollout.job_state import (
     JobProgress,
-    JobStatus,
+    ShownStatus,
+    StoredStatus,
     ensure_job_table,
-    has_columns,
     job_table,
     new_transaction,
     read_job,
     run_alive,
 )
-from oauthmig.rollout.privileges import Command
+from oauthmig.rollout.jobs import FAMILY_VERSION, JOBS, Job, has_columns
 from oauthmig.rollout.revisions import history
 from oauthmig.rollout.runner import check_databases
 
 ACTIONS = ("pause", "resume", "cancel")
 STOPPING = ("pause", "cancel")  # requests a running backfill obeys
 POLL_SECONDS = 1.0  # how often a backfill sleeping between batches looks for a request
-CANCELLED = JobStatus.CANCELLED
+CANCELLED = StoredStatus.CANCELLED
 
 
 def requester() -> str:
@@ -209,8 +207,8 @@ def job_targets(settings: Settings, job_names: Sequence[str]) -> list[tuple[str,
 
 def _shown_state(status: str | None, alive: bool) -> str:
     if status is None:
-        return JobStatus.NOT_STARTED
-    return JobStatus.INTERRUPTED if status == JobStatus.RUNNING and not alive else status
+        return ShownStatus.NOT_STARTED
+    return ShownStatus.INTERRUPTED if status == StoredStatus.RUNNING and not alive else status
 
 
 def request(
@@ -246,7 +244,7 @@ def request(
                     if (
                         action == "resume"
                         and state is not None
-                        and state.status is JobStatus.CANCELLED
+                        and state.status is StoredStatus.CANCELLED
                     ):
                         problems.append(
                             f"database {dbname!r}: backfill {job.name} is cancelled; resume "
@@ -288,7 +286,12 @@ def request(
 def _apply(
     conn: Connection, settings: Settings, database: str, job: Job, req: Request
 ) -> RequestOutcome:
-    alive = run_alive(conn, job)
+    """Record one request for one job on one database, and say what it does.
+
+    Stays whole: one decision table, (action, stored state, live run) -> effect, read top to
+    bottom inside the transaction that locks the job row.
+    """
+    alive = run_alive(conn, job.name)
     if req.action == "resume":
         seen = read_job(conn, job.name)  # tolerates a missing or older job table
         if seen is None or seen.requested_action not in STOPPING:
@@ -412,7 +415,7 @@ def wait_stopped(
         still: list[RequestOutcome] = []
         for o in waiting:
             with open_database(settings, settings.databases[o.database]) as conn:
-                if run_alive(conn, JOBS[o.job]):
+                if run_alive(conn, o.job):
                     still.append(o)
         waiting = still
         if not waiting or time.monotonic() >= deadline:

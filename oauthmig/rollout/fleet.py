@@ -31,11 +31,13 @@ from enum import StrEnum
 from oauthmig.config import Settings, Wave
 from oauthmig.db import connect, map_db_errors, open_engine, scrub_stored, set_timeouts
 from oauthmig.errors import ConfigError, GateError, OauthmigError, UsageError
-from oauthmig.rollout.jobs import JOBS, JobStatus, job_states
-from oauthmig.rollout.preflight import RevisionInfo, read_current, read_log, revision_position
+from oauthmig.revision_types import RevisionInfo, revision_position
+from oauthmig.rollout.job_state import ShownStatus
+from oauthmig.rollout.jobs import JOBS, job_states
 from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.runner import gate_for
 from oauthmig.rollout.status import DatabaseStatus, RevisionState
+from oauthmig.version_tables import read_current, read_log
 
 DEFAULT_CONCURRENCY = 8
 DEFAULT_TIMEOUT_SECONDS = 10.0
@@ -281,7 +283,7 @@ def _behind(d: DatabaseStatus, target: str | None, revisions: Sequence[RevisionI
             detail = f" ({cell.detail})" if cell.detail else ""
             return f"failed: revision {cell.revision} failed{detail}"
     for job in d.backfills:
-        if job.state in (JobStatus.FAILED, JobStatus.CANCELLED):
+        if job.state in (ShownStatus.FAILED, ShownStatus.CANCELLED):
             return f"failed: backfill {job.job} {job.state}"
     if revision_position(d.current, revisions) < revision_position(target, revisions):
         where = f"is at {d.current or 'base'}, not at {target}"
@@ -419,7 +421,7 @@ def _line(settings: Settings, d: DatabaseStatus, head: str | None) -> DatabaseLi
         )
     failed = next((c for c in d.revisions if c.state == "failed"), None)
     bad_job = next(
-        (j for j in d.backfills if j.state in (JobStatus.FAILED, JobStatus.CANCELLED)), None
+        (j for j in d.backfills if j.state in (ShownStatus.FAILED, ShownStatus.CANCELLED)), None
     )
     if failed is not None:
         detail = f"revision {failed.revision} failed" + (
@@ -436,7 +438,7 @@ def _line(settings: Settings, d: DatabaseStatus, head: str | None) -> DatabaseLi
             d.database, wave, d.current, FleetState.FAILED, Straggler.FAILED, detail
         )
     held = next((j for j in d.backfills if j.held), None)
-    paused = next((j for j in d.backfills if j.state is JobStatus.PAUSED), None)
+    paused = next((j for j in d.backfills if j.state is ShownStatus.PAUSED), None)
     # Waiting: the next thing to do on it is a backfill (no revision to apply before the gate).
     first = next((c for c in d.revisions if c.state in ("pending", "waiting")), None)
     waiting = first if first is not None and first.state == "waiting" else None
@@ -520,7 +522,7 @@ def summary(
         slowest: tuple[str | None, float | None] = (None, None)
         for name, s in states:
             eta = s.history.eta_seconds if s.history is not None else None
-            if s.state is JobStatus.FINISHED or not s.remaining:
+            if s.state is ShownStatus.FINISHED or not s.remaining:
                 continue
             if eta is not None and (slowest[1] is None or eta > slowest[1]):
                 slowest = (name, eta)
@@ -530,7 +532,7 @@ def summary(
             JobSummary(
                 job.name,
                 len(states),
-                sum(1 for _n, s in states if s.state is JobStatus.FINISHED),
+                sum(1 for _n, s in states if s.state is ShownStatus.FINISHED),
                 sum(s.remaining or 0 for _n, s in states),
                 any(s.estimate for _n, s in states),
                 slowest[0],

@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import create_engine, text
@@ -59,12 +60,21 @@ from sqlalchemy.pool import NullPool
 from oauthmig.config import DatabaseConfig, HealthSettings, ReplicaConfig
 from oauthmig.db import PG_CONNECT_ARGS, ClientDeadline
 from oauthmig.errors import ConfigError
-from oauthmig.failures import login_refused
+from oauthmig.failures import login_refused, sqlstate
 from oauthmig.redact import describe_db_error, url_secrets
 
-PROBE_REPLICA_LAG = "replica-lag"
-PROBE_AUTOVACUUM = "autovacuum"
-PROBE_CHECK_SQL = "check-sql"
+
+class Probe(StrEnum):
+    """The health probes: what a hold names as its cause (the metrics' ``probe`` label)."""
+
+    REPLICA_LAG = "replica-lag"
+    AUTOVACUUM = "autovacuum"
+    CHECK_SQL = "check-sql"
+
+
+PROBE_REPLICA_LAG = Probe.REPLICA_LAG
+PROBE_AUTOVACUUM = Probe.AUTOVACUUM
+PROBE_CHECK_SQL = Probe.CHECK_SQL
 APPLICATION_NAME = "oauthmig-health"
 _DEADLINE_GRACE_SECONDS = 5.0
 
@@ -74,19 +84,19 @@ class HealthReading:
     """The outcome of one round of probes.
 
     ``probe`` names the first probe that failed (``replica-lag``, ``autovacuum`` or
-    ``check-sql``) and ``reason`` says why, in one line without secrets; both are empty when
-    healthy.
+    ``check-sql``) and ``reason`` says why, in one line without secrets; ``None`` and empty
+    when healthy.
     """
 
     healthy: bool
-    probe: str = ""
+    probe: Probe | None = None
     reason: str = ""
 
 
 HEALTHY = HealthReading(True)
 
 
-def _unhealthy(probe: str, reason: str) -> HealthReading:
+def _unhealthy(probe: Probe, reason: str) -> HealthReading:
     return HealthReading(False, probe, reason)
 
 
@@ -369,7 +379,9 @@ class HealthMonitor:
                 s for r in self.health.replicas for s in url_secrets(r.url)
             )
             reason = describe_db_error(exc, secrets)
-            readings = [_unhealthy("", f"health probe error: {type(exc).__name__}: {reason}")]
+            readings = [
+                HealthReading(False, None, f"health probe error: {type(exc).__name__}: {reason}")
+            ]
         finally:
             self._last = self.clock()
         bad = [r for r in readings if not r.healthy]
@@ -398,7 +410,7 @@ class HealthMonitor:
         if not (on_primary or h.max_autovacuum_on_table_ms is not None or h.check_sql):
             return out
         assert self.db.url is not None
-        stage = ""  # the probe running when an error comes; "" while connecting
+        stage: Probe | None = None  # the probe running when an error comes; None while connecting
         try:
             with _probe(self._engine(self.db.url), h.probe_timeout_ms) as conn:
                 if on_primary and h.max_replica_lag_ms is not None:
@@ -414,7 +426,7 @@ class HealthMonitor:
                     out.append(custom_check(conn, h.check_sql, h.check_max))
         except SQLAlchemyError as exc:
             reason = describe_db_error(exc, url_secrets(self.db.url))
-            if not stage:
+            if stage is None:
                 first = (
                     PROBE_REPLICA_LAG
                     if on_primary
@@ -479,11 +491,6 @@ class HealthMonitor:
 _QUERY_DEFECTS = ("42", "0A000", "25006")
 
 
-def _sqlstate(exc: SQLAlchemyError) -> str:
-    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
-    return code if isinstance(code, str) else ""
-
-
 def validate(health: HealthSettings, db: DatabaseConfig) -> None:
     """Before the first batch: a probe that cannot work as configured is a configuration
     error (:class:`ConfigError`, exit 2), not a health signal that would hold the backfill
@@ -503,7 +510,7 @@ def validate(health: HealthSettings, db: DatabaseConfig) -> None:
             with _probe(engine, timeout) as conn:
                 reading = custom_check(conn, health.check_sql, health.check_max)
         except SQLAlchemyError as exc:
-            if _sqlstate(exc).startswith(_QUERY_DEFECTS):
+            if (sqlstate(exc) or "").startswith(_QUERY_DEFECTS):
                 reason = describe_db_error(exc, url_secrets(db.url))
                 raise ConfigError(
                     f"backfill.health.check_sql cannot run on database {db.name!r}: {reason}; "

@@ -1,4 +1,5 @@
-"""The backfill jobs: what each one fills, its job-state table, and what remains to do.
+"""The backfill jobs: what each one fills, and what remains to do (their state, the job table,
+is :mod:`oauthmig.rollout.job_state`).
 
 Imported directly by the backfill runner, by ``status`` and by the revision gate, so nothing
 registers itself at import time. :func:`remaining_rows` is a full count (the backfill's own
@@ -20,20 +21,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
-from datetime import datetime
-from enum import StrEnum
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
     and_,
     bindparam,
     column,
@@ -49,86 +40,17 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from oauthmig import family
+from oauthmig.columns import StringList
 from oauthmig.config import Settings
-from oauthmig.db import scrub_stored
-from oauthmig.errors import SchemaStateError
 from oauthmig.redirects.rules import infer_app_type, split_redirect_uris
-from oauthmig.rollout.batches import BatchStats, as_utc, batch_stats
-from oauthmig.runlock import RunLock, transaction_lock
-from oauthmig.types import StringList
-
-
-class JobStatus(StrEnum):
-    """The one vocabulary of backfill job state.
-
-    The job table stores ``running``, ``paused``, ``finished``, ``failed`` or ``cancelled``
-    (:data:`STORED_STATUSES`; ``cancelled``: by ``oauthmig backfill cancel``, until
-    ``--restart``). One run's outcome (:class:`~oauthmig.rollout.backfill.JobRun`) is
-    ``finished``, ``paused``, ``cancelled`` or ``failed``, or ``dry-run`` (estimated, nothing
-    written) or ``up-to-date`` (finished before, nothing new). ``status`` derives the rest from the
-    stored row and the table: ``interrupted`` (stored ``running``, but no process holds the
-    run lock), ``stale`` (finished, but rows needing it appeared since), ``not started`` (no
-    row) and ``waiting for upgrade`` (the table lacks the job's columns).
-    """
-
-    RUNNING = "running"
-    PAUSED = "paused"
-    FINISHED = "finished"
-    FAILED = "failed"
-    DRY_RUN = "dry-run"
-    UP_TO_DATE = "up-to-date"
-    INTERRUPTED = "running (no live process: interrupted)"
-    STALE = "stale"
-    NOT_STARTED = "not started"
-    WAITING_FOR_UPGRADE = "waiting for upgrade"
-    CANCELLED = "cancelled"
-    SKIPPED = "skipped"  # a run's outcome: another runner held the database (runlock.Held)
-
-
-STORED_STATUSES = frozenset(
-    {
-        JobStatus.RUNNING,
-        JobStatus.PAUSED,
-        JobStatus.FINISHED,
-        JobStatus.FAILED,
-        JobStatus.CANCELLED,
-    }
+from oauthmig.rollout.batches import batch_stats
+from oauthmig.rollout.job_state import (
+    EstimateBasis,
+    JobState,
+    ShownStatus,
+    read_job,
+    run_alive,
 )
-
-
-class JobPhase(StrEnum):
-    """Where a job's pass is: the main pass to the bound fixed at start, the catch-up pass
-    over rows inserted meanwhile, or done."""
-
-    MAIN = "main"
-    CATCHUP = "catchup"
-    DONE = "done"
-
-
-#: What an estimate of rows left came from: the planner's statistics of the table, or (a table
-#: never analyzed) the id density of the rows the bounded probe read.
-EstimateBasis = Literal["statistics", "probe"]
-
-
-@dataclass(frozen=True, slots=True)
-class JobState:
-    """Progress of one backfill job on one database, as ``status`` shows it."""
-
-    job: str
-    state: JobStatus
-    rows_done: int
-    rows_total: int | None
-    remaining: int | None
-    last_error: str | None = None
-    held: str | None = None  # why a live run holds before its next batch (health checks)
-    # The last pause / resume / cancel request (rollout.control): action, OS user@host, when.
-    requested_action: str | None = None
-    requested_by: str | None = None
-    requested_at: datetime | None = None
-    history: BatchStats | None = None  # rate, ETA, p50/p99 from the batch table
-    # remaining (and rows_total where the job has no row yet) is an estimate; see Remaining
-    estimate: bool = False
-    estimate_basis: EstimateBasis | None = None  # what the estimate came from (None: counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +68,6 @@ class Remaining:
     basis: EstimateBasis | None = None  # what an estimate came from (None: counted)
 
 
-JOB_TABLE = "oauthmig_backfill_job"
-
-
 FAMILY_NAMESPACE = uuid.UUID("6f1c1d1e-8a34-4c55-9b6e-0a7e5d1f2c3b")
 
 
@@ -156,131 +75,6 @@ FAMILY_VERSION = 3  # job version of new token-families jobs (see family_id)
 
 
 _SQLITE_FAMILY_FN = "oauthmig_family_id"
-
-
-_md = MetaData()
-
-
-job_table = Table(
-    JOB_TABLE,
-    _md,
-    Column("job", String(64), primary_key=True),
-    Column("table_name", String(63), nullable=False),
-    Column("status", String(16), nullable=False),  # JobStatus, one of STORED_STATUSES
-    Column("phase", String(16), nullable=False),  # JobPhase
-    Column("cursor", BigInteger, nullable=False),
-    Column("upper_bound", BigInteger, nullable=False),
-    Column("rows_done", BigInteger, nullable=False),
-    Column("rows_total", BigInteger, nullable=False),
-    Column("batches", Integer, nullable=False),
-    Column("batch_size", Integer, nullable=False),
-    Column("attempts", Integer, nullable=False),
-    Column("last_error", Text, nullable=True),
-    Column("started_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("finished_at", DateTime(timezone=True), nullable=True),
-    # Added later (older job tables get them on first use): the run that owns the job, the
-    # column generation its progress belongs to, the job version (family id formula); the
-    # last operator request (pause | resume | cancel), who made it (OS user@host) and when.
-    Column("owner", String(32), nullable=True),
-    Column("generation", Text, nullable=True),
-    Column("version", Integer, nullable=True),
-    # Set while a live run holds between batches because a health check failed (the reason).
-    Column("held_reason", Text, nullable=True),
-    # The last operator request (pause | resume | cancel), who made it (OS user@host) and when.
-    Column("requested_action", String(16), nullable=True),
-    Column("requested_by", String(255), nullable=True),
-    Column("requested_at", DateTime(timezone=True), nullable=True),
-)
-
-
-_LATER_COLUMNS = (
-    "owner",
-    "generation",
-    "version",
-    "held_reason",
-    "requested_action",
-    "requested_by",
-    "requested_at",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class JobProgress:
-    """One row of the job table: a job's saved progress on one database.
-
-    ``owner``, ``generation``, ``version``, ``held_reason`` and the ``requested_*`` columns
-    are ``None`` when the row predates them (job tables of older versions lack those columns
-    until a run adds them).
-    """
-
-    job: str
-    table_name: str
-    status: JobStatus
-    phase: JobPhase
-    cursor: int
-    upper_bound: int
-    rows_done: int
-    rows_total: int
-    batches: int
-    batch_size: int
-    attempts: int
-    last_error: str | None
-    started_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-    owner: str | None = None
-    generation: str | None = None
-    version: int | None = None
-    held_reason: str | None = None
-    requested_action: str | None = None  # the last pause/resume/cancel request (rollout.control)
-    requested_by: str | None = None
-    requested_at: datetime | None = None
-
-    @classmethod
-    def from_row(cls, row: Mapping[Any, Any]) -> JobProgress:
-        """Parse a job-table row (a later column missing from ``row`` reads as ``None``)."""
-        status = next((s for s in STORED_STATUSES if s.value == row["status"]), None)
-        phase = next((p for p in JobPhase if p.value == row["phase"]), None)
-        if status is None or phase is None:
-            raise SchemaStateError(
-                f"{JOB_TABLE}: job {row['job']!r} has status {row['status']!r} and phase "
-                f"{row['phase']!r}, which this oauthmig does not know; use the version that "
-                f"wrote it, or `oauthmig backfill {row['job']} --restart`"
-            )
-        return cls(
-            job=str(row["job"]),
-            table_name=str(row["table_name"]),
-            status=status,
-            phase=phase,
-            cursor=int(row["cursor"]),
-            upper_bound=int(row["upper_bound"]),
-            rows_done=int(row["rows_done"]),
-            rows_total=int(row["rows_total"]),
-            batches=int(row["batches"]),
-            batch_size=int(row["batch_size"]),
-            attempts=int(row["attempts"]),
-            last_error=row["last_error"],
-            started_at=row["started_at"],
-            updated_at=row["updated_at"],
-            finished_at=row["finished_at"],
-            owner=row.get("owner"),
-            generation=row.get("generation"),
-            version=None if row.get("version") is None else int(row["version"]),
-            held_reason=row.get("held_reason"),
-            requested_action=row.get("requested_action"),
-            requested_by=row.get("requested_by"),
-            requested_at=None if row.get("requested_at") is None else as_utc(row["requested_at"]),
-        )
-
-    def values(self, names: Sequence[str] | None = None) -> dict[str, Any]:
-        """Column values to write (all columns by default), enums as their stored strings."""
-        chosen = [f.name for f in fields(self)] if names is None else names
-        out = {name: getattr(self, name) for name in chosen}
-        for name in ("status", "phase"):
-            if name in out:
-                out[name] = out[name].value
-        return out
 
 
 def family_prefix(table_name: str, database: str | None) -> str:
@@ -456,13 +250,6 @@ JOBS: dict[str, Job] = {
 }
 
 
-def new_transaction(conn: Connection) -> Any:
-    """A new transaction, ending the implicit one a preceding read may have begun."""
-    if conn.in_transaction():
-        conn.commit()
-    return conn.begin()
-
-
 def register_sqlite_functions(conn: Connection) -> None:
     if conn.dialect.name != "sqlite":
         return
@@ -501,49 +288,6 @@ def remaining_rows(conn: Connection, settings: Settings, database: str, job: Job
     return int(n)
 
 
-def read_job(conn: Connection, name: str) -> JobProgress | None:
-    """The saved progress of job ``name`` on this database (``None``: no job table or row)."""
-    insp = inspect(conn)
-    if not insp.has_table(JOB_TABLE):
-        return None
-    have = {c["name"] for c in insp.get_columns(JOB_TABLE)}  # older tables lack later columns
-    cols = [c for c in job_table.c if c.name in have]
-    row = conn.execute(select(*cols).where(job_table.c.job == name)).mappings().first()
-    if conn.in_transaction():
-        conn.rollback()
-    if not row:
-        return None
-    progress = JobProgress.from_row(row)
-    # Older versions stored raw driver text; a resumed run writes the scrubbed text back.
-    return replace(
-        progress,
-        last_error=scrub_stored(progress.last_error, conn.engine.url),
-        held_reason=scrub_stored(progress.held_reason, conn.engine.url),
-    )
-
-
-def run_lock(job: Job, database: str) -> RunLock:
-    """The run lock of a backfill of ``job`` on ``database`` (one run per job and database)."""
-    return RunLock(f"backfill {job.name}", database)
-
-
-def run_alive(conn: Connection, job: Job) -> bool:
-    """Whether a backfill run of ``job`` holds its lock on this database right now."""
-    return run_lock(job, "").alive(conn)
-
-
-def ensure_job_table(conn: Connection) -> None:
-    """Create the job table, or add the columns newer versions use to an older one."""
-    with new_transaction(conn):
-        transaction_lock(conn, "backfill-schema")  # jobs may start together (--jobs)
-        _md.create_all(conn, checkfirst=True)
-        have = {c["name"] for c in inspect(conn).get_columns(JOB_TABLE)}
-        for name in _LATER_COLUMNS:
-            if name not in have:
-                sql_type = job_table.c[name].type.compile(dialect=conn.dialect)
-                conn.execute(text(f"ALTER TABLE {JOB_TABLE} ADD COLUMN {name} {sql_type}"))
-
-
 def exact_remaining(conn: Connection, settings: Settings, database: str, job: Job) -> Remaining:
     """:func:`remaining_rows` as a :class:`Remaining` (a full count)."""
     n = remaining_rows(conn, settings, database, job)
@@ -568,11 +312,11 @@ def job_states(
         known = (left or {}).get(job.name) or exact_remaining(conn, settings, database, job)
         remaining = known.rows
         if remaining is None:
-            out.append(JobState(job.name, JobStatus.WAITING_FOR_UPGRADE, 0, None, None))
+            out.append(JobState(job.name, ShownStatus.WAITING_FOR_UPGRADE, 0, None, None))
             continue
         progress = read_job(conn, job.name)
         if progress is None:
-            state = JobStatus.NOT_STARTED if known.pending else JobStatus.FINISHED
+            state = ShownStatus.NOT_STARTED if known.pending else ShownStatus.FINISHED
             out.append(
                 JobState(
                     job.name,
@@ -585,14 +329,14 @@ def job_states(
                 )
             )
             continue
-        state = progress.status
+        state = ShownStatus(progress.status)
         held = None
-        if state is JobStatus.FINISHED and known.pending:
-            state = JobStatus.STALE  # rows needing the backfill appeared after it finished
-        elif state is JobStatus.RUNNING and not run_alive(conn, job):
+        if state is ShownStatus.FINISHED and known.pending:
+            state = ShownStatus.STALE  # rows needing the backfill appeared after it finished
+        elif state is ShownStatus.RUNNING and not run_alive(conn, job.name):
             # Killed, crashed or lost its server: nothing holds the lock.
-            state = JobStatus.INTERRUPTED
-        elif state in (JobStatus.RUNNING, JobStatus.PAUSED):
+            state = ShownStatus.INTERRUPTED
+        elif state in (ShownStatus.RUNNING, ShownStatus.PAUSED):
             held = progress.held_reason  # running: holds now; paused: stopped while held
         out.append(
             JobState(

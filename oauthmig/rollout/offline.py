@@ -22,8 +22,7 @@ a temporary table), which aborts the revision's transaction so nothing of it is 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select
@@ -32,9 +31,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.schema import CreateTable
 
 from oauthmig.config import DatabaseConfig, Settings
-from oauthmig.errors import UsageError
-from oauthmig.output.files import output_file
-from oauthmig.rollout.jobs import JOB_TABLE, JOBS, job_table
+from oauthmig.rollout.job_state import JOB_TABLE, job_table
+from oauthmig.rollout.jobs import JOBS
 
 ADOPTED_SETTING = "oauthmig.adopted"
 PSQL_HEADER = "\\set ON_ERROR_STOP on\n"
@@ -314,21 +312,3 @@ def pg_index_valid(name: str) -> str:
         "EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
         f"WHERE c.relname = {_lit(name)} AND i.indisvalid)"
     )
-
-
-def write_scripts(directory: str, scripts: Mapping[str, str]) -> list[str]:
-    """Write ``<directory>/<database>.sql`` for each script (created, or replaced atomically)."""
-    target = Path(directory)
-    if target.exists() and not target.is_dir():
-        raise UsageError(f"--output-dir {directory}: exists and is not a directory")
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--output-dir {directory}: {exc.strerror or exc}") from None
-    written: list[str] = []
-    for database, sql in scripts.items():
-        path = target / f"{database}.sql"
-        with output_file(path, "--output-dir") as fh:
-            fh.write(sql)
-        written.append(str(path))
-    return written

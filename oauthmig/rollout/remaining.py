@@ -41,17 +41,11 @@ from sqlalchemy import case, func, select, text
 from sqlalchemy.engine import Connection
 
 from oauthmig.config import Settings
-from oauthmig.rollout.jobs import (
-    EstimateBasis,
-    Job,
-    JobStatus,
-    Remaining,
-    exact_remaining,
-    has_columns,
-    read_job,
-)
-from oauthmig.rollout.preflight import RevisionInfo, read_log
+from oauthmig.revision_types import RevisionInfo
+from oauthmig.rollout.job_state import EstimateBasis, StoredStatus, read_job
+from oauthmig.rollout.jobs import Job, Remaining, exact_remaining, has_columns
 from oauthmig.rollout.revisions import history
+from oauthmig.version_tables import read_log
 
 #: Rows above the cursor that the probe reads (in id order) before it estimates instead.
 PROBE_ROWS = 5_000
@@ -188,7 +182,7 @@ def remaining(
         conn, settings, job, catalogue
     )
     above = state.cursor if state is not None and trusted else 0
-    finished = state is not None and trusted and state.status is JobStatus.FINISHED
+    finished = state is not None and trusted and state.status is StoredStatus.FINISHED
     t = job.table(physical)
     try:
         if conn.dialect.name == "postgresql":

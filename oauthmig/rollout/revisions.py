@@ -8,7 +8,7 @@ outcome (``applied`` or ``skipped``: not routed) in that database's own
 This module reads the catalogue (:class:`Catalogue`), gives revision files :func:`expand` and
 :func:`contract` and is the Alembic environment (:func:`run_environment`). The revision
 descriptions, the version table and revision log readers and the preflight are in
-:mod:`oauthmig.rollout.preflight` (no Alembic there) and re-exported here for revision files;
+:mod:`oauthmig.preflight` (no Alembic there) and re-exported here for revision files;
 :mod:`oauthmig.rollout.runner` plans and runs revisions.
 
 Every log row also holds the :func:`checksum` of the revision file that was recorded (sha256 of
@@ -41,6 +41,12 @@ from oauthmig.config import LOGICAL_TABLES, ClientMetadataDefaults, MigrateSetti
 from oauthmig.db import timeout_statements
 from oauthmig.errors import RevisionFailedError, UsageError
 from oauthmig.resources import packaged_path, revisions_dir
+from oauthmig.revision_types import ColumnSpec as ColumnSpec
+from oauthmig.revision_types import RevisionInfo as RevisionInfo
+from oauthmig.revision_types import incompatible_column as incompatible_column
+from oauthmig.revision_types import revision_position as revision_position
+from oauthmig.revision_types import text_like as text_like
+from oauthmig.revision_types import type_name as type_name
 from oauthmig.rollout import compat
 from oauthmig.rollout.offline import (
     SqliteGuards,
@@ -49,20 +55,14 @@ from oauthmig.rollout.offline import (
     pg_drop_if_added,
     sqlite_column_absent,
 )
-from oauthmig.rollout.preflight import LATER_LOG_COLUMNS as LATER_LOG_COLUMNS
-from oauthmig.rollout.preflight import LOG_TABLE as LOG_TABLE
-from oauthmig.rollout.preflight import STAMPED as STAMPED
-from oauthmig.rollout.preflight import VERSION_TABLE as VERSION_TABLE
-from oauthmig.rollout.preflight import ColumnSpec as ColumnSpec
-from oauthmig.rollout.preflight import RevisionInfo as RevisionInfo
-from oauthmig.rollout.preflight import incompatible_column as incompatible_column
-from oauthmig.rollout.preflight import log_metadata as log_metadata
-from oauthmig.rollout.preflight import read_current as read_current
-from oauthmig.rollout.preflight import read_log as read_log
-from oauthmig.rollout.preflight import revision_log as revision_log
-from oauthmig.rollout.preflight import revision_position as revision_position
-from oauthmig.rollout.preflight import text_like as text_like
-from oauthmig.rollout.preflight import type_name as type_name
+from oauthmig.version_tables import LATER_LOG_COLUMNS as LATER_LOG_COLUMNS
+from oauthmig.version_tables import LOG_TABLE as LOG_TABLE
+from oauthmig.version_tables import STAMPED as STAMPED
+from oauthmig.version_tables import VERSION_TABLE as VERSION_TABLE
+from oauthmig.version_tables import log_metadata as log_metadata
+from oauthmig.version_tables import read_current as read_current
+from oauthmig.version_tables import read_log as read_log
+from oauthmig.version_tables import revision_log as revision_log
 
 #: Where the revisions are (packaged copy when installed); see :mod:`oauthmig.resources`.
 REVISIONS_DIR = packaged_path("revisions", "revisions")

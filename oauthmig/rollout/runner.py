@@ -7,7 +7,7 @@ Online runs are all or nothing across databases: every selected database is plan
 first, and if any cannot be, nothing is written anywhere (:class:`PlanRefusedError`); each
 database then runs its plan, confirmed under its run lock. The catalogue and the revision API
 are in :mod:`oauthmig.rollout.revisions`, the preflight checks every command runs in
-:mod:`oauthmig.rollout.preflight`.
+:mod:`oauthmig.preflight`.
 """
 
 from __future__ import annotations
@@ -54,26 +54,16 @@ from oauthmig.errors import (
     UsageError,
 )
 from oauthmig.failures import FailureKind, classify
-from oauthmig.identity import check_distinct
 from oauthmig.pooler import require_session
+from oauthmig.preflight import check_state, preflight
+from oauthmig.privileges import Command, check_privileges
+from oauthmig.revision_types import RevisionInfo, revision_position
 from oauthmig.rollout.jobs import JOBS
 from oauthmig.rollout.offline import (
     database_guard,
     gate_guards,
     version_guard,
 )
-from oauthmig.rollout.preflight import (
-    VERSION_TABLE,
-    RevisionInfo,
-    check_state,
-    log_metadata,
-    preflight,
-    read_current,
-    read_log,
-    revision_log,
-    revision_position,
-)
-from oauthmig.rollout.privileges import Command, check_privileges
 from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.revisions import (
     CONNECTION_KEY,
@@ -84,6 +74,14 @@ from oauthmig.rollout.revisions import (
 )
 from oauthmig.rollout.verify import verify_connection
 from oauthmig.runlock import Held, RunLock
+from oauthmig.same_database import check_distinct
+from oauthmig.version_tables import (
+    VERSION_TABLE,
+    log_metadata,
+    read_current,
+    read_log,
+    revision_log,
+)
 
 # --------------------------------------------------------------------------- results
 
@@ -227,7 +225,7 @@ def check_databases(
     revisions: Sequence[RevisionInfo],
     command: Command | None = None,
 ) -> None:
-    """Run :func:`~oauthmig.rollout.preflight.check_state` on each database (all selected when
+    """Run :func:`~oauthmig.preflight.check_state` on each database (all selected when
     ``names`` is ``None``); raise the first error. Also refuses two configured names that reach
     the same database. With ``command``, also the role's privileges for it (PostgreSQL).
     """
@@ -368,11 +366,7 @@ def _confirm_plan(
     is checked again). Columns and tables are not looked at again: only DDL changes them.
     """
     planned = req.plan
-    if (
-        planned is None
-        or planned.waiting is not None  # the backfill may have finished since (another runner)
-        or read_current(conn, db.name, revisions) != planned.current
-    ):
+    if planned is None or read_current(conn, db.name, revisions) != planned.current:
         return _plan(conn, req.settings, db, revisions, target, req.direction, req.explicit_target)
     by_id = {r.revision: r for r in revisions}
     chosen = [by_id[s.revision] for s in planned.steps]
@@ -662,7 +656,6 @@ def _run_online(
     for_writing(conn)
     stop = plan.target if plan.target is not None else "base"
     attempts = 0
-    retries = settings.migrate.lock_retries
     while True:
         attempts += 1
         try:
@@ -674,37 +667,9 @@ def _run_online(
         except (DBAPIError, PendingRollbackError) as exc:
             with contextlib.suppress(SQLAlchemyError):
                 conn.rollback()
-            if is_connection_lost(exc):
-                step = _step_after_loss(conn, db, revisions, plan, req.direction)
-                raise ConnectionLostError(connection_lost_message(req, db, step, exc)) from None
-            assert isinstance(exc, DBAPIError)
-            reached_now = read_current(conn, db.name, revisions)
-            failing = _next_step(revisions, reached_now, req.direction)
-            routed = settings.tables_on(db.name)
-            here = failing.tables_on(routed) if failing else ()
-            physical = [settings.tables.physical(t) for t in here]
-            if _is_lock_timeout(exc) and attempts <= retries:
-                # Nothing is held while we wait: the failed revision's transaction is rolled back.
-                sleep(backoff_delay(attempts - 1, base=0.2, cap=30.0))
-                continue
-            if _is_lock_timeout(exc):
-                who = lock_blockers(conn, physical)
-                message = (
-                    f"database {db.name!r}: revision {failing.revision if failing else '?'} could "
-                    f"not lock {', '.join(physical) or 'its tables'} within lock_timeout "
-                    f"{settings.migrate.lock_timeout_ms}ms after {attempts} "
-                    f"attempt{'s' if attempts != 1 else ''}; {who}. "
-                    "Rerun when the blocking transaction has finished"
-                )
-                if failing:
-                    _record_failure(conn, failing.revision, message)
-                raise LockTimeoutError(message) from None
-            message = db_error_message(
-                exc, db, f"revision {failing.revision if failing else '?'} failed"
-            )
-            if failing:
-                _record_failure(conn, failing.revision, message)
-            raise RevisionFailedError(message) from None
+            _give_up_unless_lock_wait(req, conn, db, cat, plan, exc, attempts)
+            # Nothing is held while we wait: the failed revision's transaction is rolled back.
+            sleep(backoff_delay(attempts - 1, base=0.2, cap=30.0))
         except DatabaseError as exc:
             # Raised by revision code with its own message (e.g. an index build that outlasted
             # index_timeout): not retried, since waiting longer was the whole budget.
@@ -714,6 +679,62 @@ def _run_online(
             if failing:
                 _record_failure(conn, failing.revision, exc.message)
             raise
+    return _ran(conn, settings, db, cat, plan, attempts, started)
+
+
+def _give_up_unless_lock_wait(
+    req: RunRequest,
+    conn: Connection,
+    db: DatabaseConfig,
+    cat: Catalogue,
+    plan: DatabasePlan,
+    exc: DBAPIError | PendingRollbackError,
+    attempts: int,
+) -> None:
+    """A revision failed on the driver: return when it waited for a lock and may be tried
+    again (``lock_retries``); else record the failure in the revision log and raise."""
+    settings, revisions = req.settings, cat.revisions
+    if is_connection_lost(exc):
+        step = _step_after_loss(conn, db, revisions, plan, req.direction)
+        raise ConnectionLostError(connection_lost_message(req, db, step, exc)) from None
+    assert isinstance(exc, DBAPIError)
+    reached_now = read_current(conn, db.name, revisions)
+    failing = _next_step(revisions, reached_now, req.direction)
+    routed = settings.tables_on(db.name)
+    here = failing.tables_on(routed) if failing else ()
+    physical = [settings.tables.physical(t) for t in here]
+    if _is_lock_timeout(exc) and attempts <= settings.migrate.lock_retries:
+        return
+    if _is_lock_timeout(exc):
+        who = lock_blockers(conn, physical)
+        message = (
+            f"database {db.name!r}: revision {failing.revision if failing else '?'} could "
+            f"not lock {', '.join(physical) or 'its tables'} within lock_timeout "
+            f"{settings.migrate.lock_timeout_ms}ms after {attempts} "
+            f"attempt{'s' if attempts != 1 else ''}; {who}. "
+            "Rerun when the blocking transaction has finished"
+        )
+        if failing:
+            _record_failure(conn, failing.revision, message)
+        raise LockTimeoutError(message) from None
+    message = db_error_message(exc, db, f"revision {failing.revision if failing else '?'} failed")
+    if failing:
+        _record_failure(conn, failing.revision, message)
+    raise RevisionFailedError(message) from None
+
+
+def _ran(
+    conn: Connection,
+    settings: Settings,
+    db: DatabaseConfig,
+    cat: Catalogue,
+    plan: DatabasePlan,
+    attempts: int,
+    started: float,
+) -> DatabaseRun:
+    """What a run that went through reached: the revision now recorded, the steps with the
+    columns they adopted, and the gate counted again if it was planned before its columns."""
+    revisions = cat.revisions
     reached = read_current(conn, db.name, revisions)
     log = read_log(conn)
     done = tuple(

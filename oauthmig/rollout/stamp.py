@@ -34,23 +34,17 @@ from sqlalchemy.types import TypeEngine
 from oauthmig.config import DatabaseConfig, Settings
 from oauthmig.db import for_writing, map_db_errors, open_database
 from oauthmig.errors import GateError, OauthmigError, SchemaStateError, UsageError
-from oauthmig.identity import check_distinct
 from oauthmig.pooler import require_session
-from oauthmig.rollout.jobs import new_transaction
-from oauthmig.rollout.preflight import (
-    STAMPED,
-    VERSION_TABLE,
-    RevisionInfo,
-    check_state,
-    incompatible_column,
-    revision_log,
-    revision_position,
-)
-from oauthmig.rollout.privileges import Command
+from oauthmig.preflight import check_state
+from oauthmig.privileges import Command
+from oauthmig.revision_types import RevisionInfo, incompatible_column, revision_position
+from oauthmig.rollout.job_state import new_transaction
 from oauthmig.rollout.revisions import Catalogue, RevisionTarget, ensure_log_table
 from oauthmig.rollout.runner import gate_for
 from oauthmig.rollout.verify import verify_connection
 from oauthmig.runlock import exclusive_run
+from oauthmig.same_database import check_distinct
+from oauthmig.version_tables import STAMPED, VERSION_TABLE, revision_log
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,22 +19,19 @@ from sqlalchemy.engine import Connection
 from oauthmig.config import Settings
 from oauthmig.db import connect, map_db_errors, open_engine, scrub_stored, set_timeouts
 from oauthmig.errors import OauthmigError
-from oauthmig.identity import check_distinct
+from oauthmig.preflight import check_state
+from oauthmig.privileges import Command
+from oauthmig.revision_types import RevisionInfo, revision_position
 from oauthmig.rollout.batches import as_utc
 from oauthmig.rollout.compat import CompatTarget
-from oauthmig.rollout.jobs import JOBS, JobState, JobStatus, job_states
-from oauthmig.rollout.preflight import (
-    STAMPED,
-    RevisionInfo,
-    check_state,
-    read_log,
-    revision_position,
-)
-from oauthmig.rollout.privileges import Command
+from oauthmig.rollout.job_state import JobState, ShownStatus
+from oauthmig.rollout.jobs import JOBS, job_states
 from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.revisions import Drift, drift, history
 from oauthmig.rollout.runner import gate_for
 from oauthmig.rollout.verify import Phase, compat_active, phase, read_verify
+from oauthmig.same_database import check_distinct
+from oauthmig.version_tables import STAMPED, read_log
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +90,7 @@ class DatabaseStatus:
             return True
         if any(r.state in ("pending", "waiting", "failed") for r in self.revisions):
             return True
-        return any(j.state is not JobStatus.FINISHED for j in self.backfills)
+        return any(j.state is not ShownStatus.FINISHED for j in self.backfills)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +139,84 @@ def _live_grants(conn: Connection, settings: Settings, db: str) -> tuple[int | N
     return int(total), int(without)
 
 
+def _revision_states(
+    conn: Connection,
+    settings: Settings,
+    name: str,
+    revisions: list[RevisionInfo],
+    log: dict[str, dict[str, Any]],
+    applied_upto: int,
+    changed: set[str],
+    exact: bool,
+) -> list[RevisionState]:
+    """Each revision's state on one database: applied (or adopted, stamped), failed, the first
+    one waiting for its backfills, or pending."""
+    db = settings.databases[name]
+    cells: list[RevisionState] = []
+    gate_found = False
+    for i, rev in enumerate(revisions):
+        row: dict[str, Any] = log.get(rev.revision, {})
+        if i < applied_upto:
+            state = str(row.get("outcome") or "applied")
+            adopted = row.get("adopted")
+            detail = str(row["detail"]) if row.get("detail") == STAMPED else None
+            if adopted and detail is None:
+                detail = f"adopted {adopted}"
+            cells.append(
+                RevisionState(
+                    rev.revision,
+                    state,
+                    detail,
+                    row.get("checksum"),
+                    rev.revision in changed,
+                )
+            )
+            continue
+        if row.get("outcome") == "failed":
+            detail = scrub_stored(row.get("detail"), db.url)
+            cells.append(RevisionState(rev.revision, "failed", detail))
+            continue
+        if not gate_found:
+            waiting = gate_for(conn, settings, name, rev, exact=exact, revisions=revisions)
+            if waiting is not None:
+                gate_found = True
+                cells.append(RevisionState(rev.revision, "waiting", waiting.describe()))
+                continue
+        cells.append(RevisionState(rev.revision, "pending"))
+    return cells
+
+
+def _compat_layer(
+    conn: Connection, settings: Settings, name: str, routed: Sequence[str]
+) -> tuple[str, ...]:
+    """The tables whose compatibility layer is in place on this database."""
+    return tuple(
+        compat_active(
+            conn,
+            CompatTarget(
+                conn.dialect.name,
+                name,
+                {lg: settings.tables.physical(lg) for lg in routed},
+                settings.backfill.client_metadata,
+            ),
+        )
+    )
+
+
+def _verify_states(conn: Connection) -> tuple[VerifyState, ...]:
+    """What ``oauthmig verify`` recorded on this database, per table."""
+    return tuple(
+        VerifyState(
+            str(v["table_name"]),
+            str(v["status"]),
+            int(v["rows_checked"]),
+            v["problem"],
+            as_utc(v["finished_at"]) if v["finished_at"] is not None else None,
+        )
+        for v in read_verify(conn).values()
+    )
+
+
 def _database_status(
     settings: Settings, name: str, revisions: list[RevisionInfo], exact: bool
 ) -> DatabaseStatus:
@@ -163,39 +238,9 @@ def _database_status(
                 applied_upto = revision_position(current, revisions)
                 drifted = tuple(drift(revisions[:applied_upto], {name: log}))
                 changed = {d.revision for d in drifted}
-                cells: list[RevisionState] = []
-                gate_found = False
-                for i, rev in enumerate(revisions):
-                    row: dict[str, Any] = log.get(rev.revision, {})
-                    if i < applied_upto:
-                        state = str(row.get("outcome") or "applied")
-                        adopted = row.get("adopted")
-                        detail = str(row["detail"]) if row.get("detail") == STAMPED else None
-                        if adopted and detail is None:
-                            detail = f"adopted {adopted}"
-                        cells.append(
-                            RevisionState(
-                                rev.revision,
-                                state,
-                                detail,
-                                row.get("checksum"),
-                                rev.revision in changed,
-                            )
-                        )
-                        continue
-                    if row.get("outcome") == "failed":
-                        detail = scrub_stored(row.get("detail"), db.url)
-                        cells.append(RevisionState(rev.revision, "failed", detail))
-                        continue
-                    if not gate_found:
-                        waiting = gate_for(
-                            conn, settings, name, rev, exact=exact, revisions=revisions
-                        )
-                        if waiting is not None:
-                            gate_found = True
-                            cells.append(RevisionState(rev.revision, "waiting", waiting.describe()))
-                            continue
-                    cells.append(RevisionState(rev.revision, "pending"))
+                cells = _revision_states(
+                    conn, settings, name, revisions, log, applied_upto, changed, exact
+                )
                 left = {
                     job.name: remaining(conn, settings, name, job, exact=exact, revisions=revisions)
                     for job in JOBS.values()
@@ -203,33 +248,14 @@ def _database_status(
                 jobs: list[JobState] = []
                 jobs.extend(job_states(conn, settings, name, left))
                 live, without = _live_grants(conn, settings, name)
-                layer = tuple(
-                    compat_active(
-                        conn,
-                        CompatTarget(
-                            conn.dialect.name,
-                            name,
-                            {lg: settings.tables.physical(lg) for lg in routed},
-                            settings.backfill.client_metadata,
-                        ),
-                    )
-                )
+                layer = _compat_layer(conn, settings, name, routed)
                 applied = revisions[:applied_upto]
                 stage = phase(
                     any(r.requires_backfills for r in applied),
                     any(r.columns for r in applied),
                     layer,
                 )
-                checked = tuple(
-                    VerifyState(
-                        str(v["table_name"]),
-                        str(v["status"]),
-                        int(v["rows_checked"]),
-                        v["problem"],
-                        as_utc(v["finished_at"]) if v["finished_at"] is not None else None,
-                    )
-                    for v in read_verify(conn).values()
-                )
+                checked = _verify_states(conn)
                 if conn.in_transaction():
                     conn.rollback()
                 return DatabaseStatus(

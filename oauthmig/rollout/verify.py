@@ -48,9 +48,9 @@ from sqlalchemy.engine import Connection
 from oauthmig.config import Settings
 from oauthmig.db import for_writing, map_db_errors, open_database, set_timeouts
 from oauthmig.errors import OauthmigError, SchemaStateError
+from oauthmig.privileges import Command, check_privileges
 from oauthmig.rollout import compat
 from oauthmig.rollout.compat import CompatTarget
-from oauthmig.rollout.privileges import Command, check_privileges
 
 VERIFY_TABLE = "oauthmig_verify"
 #: How many offending ids a failed verify names.

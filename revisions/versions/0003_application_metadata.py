@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import ARRAY, JSON, String, Text
 from sqlalchemy.types import TypeEngine
 
+from oauthmig.columns import StringList
 from oauthmig.rollout.revisions import ColumnSpec, contract, expand, text_like
-from oauthmig.types import StringList
 
 revision = "0003"
 down_revision = "0002"

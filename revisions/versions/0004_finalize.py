@@ -7,10 +7,10 @@ Revises: 0003
 from sqlalchemy import String, Text
 from sqlalchemy.engine import Connection
 
+from oauthmig.columns import StringList
 from oauthmig.rollout import finalize
 from oauthmig.rollout.finalize import AddedColumn, Check, Finalize, IndexSpec, NotNull
 from oauthmig.rollout.revisions import ColumnSpec, RevisionTarget
-from oauthmig.types import StringList
 
 revision = "0004"
 down_revision = "0003"

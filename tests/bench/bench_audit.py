@@ -6,7 +6,7 @@ application count (always 0 as a reference, then by default 10k and 100k),
 quarter of the applications messy). Every measurement then runs in a **fresh subprocess**:
 
 * ``service``: :func:`oauthmig.redirects.audit.audit` iterated to the end, every finding written
-  by the JSON report writer (:func:`oauthmig.redirects.reports.writer_for`) to a temporary file;
+  by the JSON report writer (:func:`oauthmig.output.audit_writers.writer_for`) to a temporary file;
 * ``traced``: the same in another subprocess under :mod:`tracemalloc` (its peak is the Python
   heap the audit allocated; tracemalloc slows the run and inflates RSS, hence separate runs);
 * ``cli json`` / ``cli sarif``: the command itself, ``oauthmig --config CFG audit-redirects
@@ -60,8 +60,8 @@ def _child(mode: str, config: str, out: str) -> None:
 
     from oauthmig.cli import run
     from oauthmig.config import load_settings
+    from oauthmig.output.audit_writers import writer_for
     from oauthmig.redirects.audit import audit
-    from oauthmig.redirects.reports import writer_for
     from oauthmig.rollout.revisions import history
 
     baseline = peak_rss_mb()

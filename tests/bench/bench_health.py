@@ -34,7 +34,7 @@ from sqlalchemy.pool import NullPool
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.demo.data import setup_legacy
 from oauthmig.rollout.backfill import BackfillOptions, JobSample, backfill
-from oauthmig.rollout.jobs import JOB_TABLE
+from oauthmig.rollout.job_state import JOB_TABLE
 from oauthmig.rollout.runner import upgrade
 from tests.bench.bench_common import load, machine, pass_fail
 from tests.pgcluster import private_cluster, streaming_replica

@@ -199,6 +199,9 @@ def parse_uri(text: str) -> ParsedURI:
 def _parse_strict(text: str) -> ParsedURI:
     """The complete Appendix A check with a precise reason; :func:`parse_uri` only comes
     here when its fast expression does not match (any error, relative references, IP literals).
+
+    Stays whole: it walks RFC 3986's grammar in order (scheme, authority, path, query,
+    fragment), and the order of the checks decides which reason a bad URI gets.
     """
     bad = _BAD_CHAR_RE.search(text)
     if bad is not None:

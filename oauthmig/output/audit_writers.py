@@ -21,11 +21,10 @@ import contextlib
 import csv
 import hashlib
 import os
-import re
 import tempfile
-from importlib import metadata
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from oauthmig import tool_version
 from oauthmig.config import DEFAULT_DOCS_URL
 from oauthmig.output.files import output_file
 from oauthmig.output.json import (
@@ -37,6 +36,7 @@ from oauthmig.output.json import (
     summary_to_dict,
 )
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
+from oauthmig.redirects.rule_types import rule_anchor, rule_help_uri
 from oauthmig.redirects.rules import RULES, Rule, Severity
 
 if TYPE_CHECKING:
@@ -85,27 +85,7 @@ _FINGERPRINT_SCHEME_KEY = "oauthmig/v2"
 _BASELINE_FINGERPRINT_KEY = "oauthmig/baseline/v1"
 
 
-def tool_version() -> str:
-    """The installed oauthmig version."""
-    try:
-        return metadata.version("oauthmig")
-    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "0+unknown"
-
-
 # --------------------------------------------------------------------------- rule documentation
-
-
-def rule_anchor(rule: Rule) -> str:
-    """The GitHub-style anchor of the rule's section in ``docs/rules.md``."""
-    heading = f"{rule.code} {rule.name}".lower()
-    return re.sub(r"[^a-z0-9 _-]", "", heading).replace(" ", "-")
-
-
-def rule_help_uri(rule: Rule, docs_url: str = DEFAULT_DOCS_URL) -> str:
-    """Where the rule is documented: ``docs_url#<anchor>`` (``docs_url`` being the absolute URL
-    of ``docs/rules.md``, ``[audit] docs_url``). SARIF ``helpUri`` and the HTML report link here."""
-    return f"{docs_url}#{rule_anchor(rule)}"
 
 
 def _unwrap(text: str) -> str:

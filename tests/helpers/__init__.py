@@ -223,7 +223,7 @@ def create_migrated_sentry_shape(
     from sqlalchemy import insert as core_insert
 
     from oauthmig.legacy import USERS_TABLE, legacy_metadata, user_rows
-    from tests.conftest import TEST_USERS
+    from tests.helpers.databases import TEST_USERS
 
     md = legacy_metadata(
         models.tables, ("application", "grant", "token"), flavor or LegacyFlavor.FRESH

@@ -1,4 +1,4 @@
-"""Column types shared by the migrations and the models."""
+"""Column types and lengths shared by the legacy schema, migrations, rules and models."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ from sqlalchemy import JSON, Text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
+
+#: Length of Sentry's ``grant.redirect_uri varchar(255)``: what the legacy schema declares, what
+#: the models refuse beyond, and RU016's limit where the live column length is unknown.
+GRANT_REDIRECT_URI_LENGTH = 255
 
 
 class StringList(TypeDecorator[list[str]]):

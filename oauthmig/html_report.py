@@ -32,14 +32,15 @@ from typing import Any
 from sqlalchemy import DateTime, and_, bindparam, case, column, func, inspect, select, table
 from sqlalchemy.engine import Connection
 
+from oauthmig import tool_version
 from oauthmig.config import Settings
 from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import DatabaseError
+from oauthmig.privileges import Command
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
 from oauthmig.redirects.audit import audit as run_audit
-from oauthmig.redirects.reports import rule_help_uri, tool_version
+from oauthmig.redirects.rule_types import rule_help_uri
 from oauthmig.redirects.rules import RULES
-from oauthmig.rollout.privileges import Command
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import check_databases
 from oauthmig.rollout.status import StatusReport
