@@ -35,7 +35,7 @@ from oauthmig.revision_types import RevisionInfo, revision_position
 from oauthmig.rollout.job_state import ShownStatus
 from oauthmig.rollout.jobs import JOBS, job_states
 from oauthmig.rollout.remaining import remaining
-from oauthmig.rollout.runner import gate_for
+from oauthmig.rollout.runner import Waiting
 from oauthmig.rollout.status import DatabaseStatus, RevisionState
 from oauthmig.version_tables import read_current, read_log
 
@@ -218,6 +218,13 @@ def _read_one(settings: Settings, name: str, revisions: list[RevisionInfo]) -> D
             conn.commit()
         current = read_current(conn, name, revisions)
         log = read_log(conn)
+        # What each job has left, read once: the gates below are judged from it (as status
+        # shows them: estimates, no EXISTS scan for a finished job).
+        left = {
+            job.name: remaining(conn, settings, name, job, revisions=revisions)
+            for job in JOBS.values()
+        }
+        routed = settings.tables_on(name)
         cells: list[RevisionState] = []
         waits = False
         for rev in revisions[revision_position(current, revisions) :]:
@@ -226,17 +233,19 @@ def _read_one(settings: Settings, name: str, revisions: list[RevisionInfo]) -> D
                 detail = scrub_stored(row.get("detail"), db.url)
                 cells.append(RevisionState(rev.revision, "failed", detail))
                 continue
-            if not waits:
-                waiting = gate_for(conn, settings, name, rev, revisions=revisions)
-                if waiting is not None:
-                    waits = True
-                    cells.append(RevisionState(rev.revision, "waiting", waiting.describe()))
-                    continue
+            unfinished = [
+                (job, left[job])
+                for job in rev.requires_backfills
+                if job in left and left[job].pending and rev.applies_to(routed)
+            ]
+            if unfinished and not waits:
+                waits = True
+                (first, rows), *others = [(job, r.rows) for job, r in unfinished]
+                estimate = any(r.estimate for _job, r in unfinished)
+                waiting = Waiting(rev.revision, first, rows, tuple(others), estimate)
+                cells.append(RevisionState(rev.revision, "waiting", waiting.describe()))
+                continue
             cells.append(RevisionState(rev.revision, "pending"))
-        left = {
-            job.name: remaining(conn, settings, name, job, revisions=revisions)
-            for job in JOBS.values()
-        }
         jobs = tuple(job_states(conn, settings, name, left))
         if conn.in_transaction():
             conn.rollback()
