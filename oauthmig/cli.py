@@ -728,10 +728,13 @@ def _status_summary(
     result = fleet.summary(
         full, selection, Catalogue.load().revisions, concurrency=jobs, timeout=timeout
     )
-    if fmt == "json":
-        click.echo(to_json(summary_to_dict(result)))
-    else:
-        render_summary(state.consoles.out, result)
+    emit(
+        state.consoles,
+        fmt,
+        lambda: summary_to_dict(result),
+        lambda out: render_summary(out, result),
+        always=True,
+    )
     if check and result.outstanding:
         raise Findings("outstanding work: databases not done (see the stragglers)")
 
