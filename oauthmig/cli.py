@@ -458,7 +458,7 @@ def upgrade(
       oauthmig upgrade --dry-run
       oauthmig upgrade --sql > rollout.sql
       oauthmig upgrade -d control --to 0002
-      oauthmig upgrade --wave canary --part 2/4 --jobs 8
+      oauthmig upgrade --part 2/4 --jobs 8   # one CI job's share (add --wave NAME)
     """
     state = _state(ctx)
     if dry_run and offline:
@@ -929,7 +929,7 @@ def backfill(
       oauthmig backfill resume token-families -d shard
       oauthmig backfill --report token-families --last 5
       oauthmig backfill --report --format json | jq '.jobs[].state.history'
-      oauthmig backfill --wave ring1 --part 1/4   # skips what another runner holds
+      oauthmig backfill --part 1/4   # one CI job's share; skips what another runner holds
     """
     if ctx.invoked_subcommand is not None:
         given = _given(ctx, {**_RUN_OPTIONS, "report": "--report", "last": "--last"})
