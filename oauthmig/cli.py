@@ -31,6 +31,7 @@ from oauthmig.output.audit_writers import (
 from oauthmig.output.backfill_text import render_report, render_requests
 from oauthmig.output.baseline import BaselineRecorder, load_baseline
 from oauthmig.output.files import output_file, write_scripts
+from oauthmig.output.fleet import render_summary, render_waves, summary_to_dict, wave_progress
 from oauthmig.output.html import render_html
 from oauthmig.output.json import (
     backfill_to_dict,
@@ -78,7 +79,7 @@ from oauthmig.redirects.audit import FailOn
 from oauthmig.redirects.audit import audit as audit_service
 from oauthmig.redirects.rules import check_uri
 from oauthmig.rollout import backfill as backfill_service
-from oauthmig.rollout import control, runner
+from oauthmig.rollout import control, fleet, runner
 from oauthmig.rollout.backfill import BackfillResult
 from oauthmig.rollout.batch_report import DEFAULT_LAST, backfill_report
 from oauthmig.rollout.revisions import Catalogue
@@ -137,6 +138,18 @@ OUTPUT_DIR = click.option(
     type=click.Path(file_okay=False),
     metavar="DIR",
     help="With --sql: write one script per database, DIR/<database>.sql, instead of stdout.",
+)
+WAVE = click.option(
+    "--wave",
+    metavar="NAME",
+    help="Only the databases of this [waves] entry; refused while a database of an earlier "
+    "wave failed or has not reached the revision this run targets.",
+)
+PART = click.option(
+    "--part",
+    metavar="I/N",
+    help="Only the I-th of N deterministic shares of the selected databases (1-based; the "
+    "same on every host): N CI matrix jobs or Indexed Job pods split the fleet.",
 )
 FAIL_ON = click.Choice(["error", "warning", "never"])
 MIN_SEVERITY = click.Choice(["error", "warning", "info"])
@@ -292,6 +305,39 @@ def _catalogue(target: str, from_revision: str | None) -> Catalogue:
     return cat
 
 
+def _selected(
+    state: AppState,
+    wave: str | None,
+    part: str | None,
+    *,
+    gate: Callable[[Settings, fleet.Selection], None] | None = None,
+) -> Settings | None:
+    """The settings of ``-d``/``--wave``/``--part`` (after ``gate``, which may refuse the
+    wave); ``None``, said in one line, when that selects no database (a part of fewer
+    databases than parts is empty, not an error)."""
+    if wave is None and part is None:
+        return state.settings()
+    full = load_settings(state.config_path)
+    selection = fleet.select(
+        full, state.databases, wave, fleet.parse_part(part) if part is not None else None
+    )
+    if selection.settings is None:
+        state.consoles.info(f"nothing to do: {selection.describe()} selects no database")
+        return None
+    if gate is not None:
+        gate(full, selection)
+    return selection.settings
+
+
+def _wave_gate(
+    state: AppState, cat: Catalogue, target: str | None
+) -> Callable[[Settings, fleet.Selection], None]:
+    def gate(full: Settings, selection: fleet.Selection) -> None:
+        fleet.wave_gate(full, selection, target, cat.revisions, state.command_prefix())
+
+    return gate
+
+
 def _show_plan(
     c: Consoles, direction: Direction, as_json: bool
 ) -> Callable[[Sequence[PlanOutcome]], None]:
@@ -383,6 +429,8 @@ def _report_failures(state: AppState, result: RunResult) -> None:
     type=click.IntRange(1, 64),
     help="Upgrade this many databases in parallel.",
 )
+@WAVE
+@PART
 @click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
 @click.pass_context
 def upgrade(
@@ -393,6 +441,8 @@ def upgrade(
     from_revision: str | None,
     output_dir: str | None,
     jobs: int,
+    wave: str | None,
+    part: str | None,
     fmt: str,
 ) -> None:
     """Apply pending revisions on every routed database.
@@ -400,13 +450,15 @@ def upgrade(
     Each database runs only the operations for the tables routed to it, records every revision
     as applied or skipped (not routed) in its own version table, and takes every DDL lock under
     lock_timeout with bounded retries. A plain upgrade stops, on each database, before the first
-    revision whose backfill is unfinished, says which one, and exits 0.
+    revision whose backfill is unfinished, says which one, and exits 0. A database whose
+    upgrade lock another runner holds is skipped, and said so (not an error).
 
     \b
     Examples:
       oauthmig upgrade --dry-run
       oauthmig upgrade --sql > rollout.sql
       oauthmig upgrade -d control --to 0002
+      oauthmig upgrade --part 2/4 --jobs 8   # one CI job's share (add --wave NAME)
     """
     state = _state(ctx)
     if dry_run and offline:
@@ -416,7 +468,13 @@ def upgrade(
     if output_dir is not None and not offline:
         raise UsageError("--output-dir only applies to --sql")
     cat = _catalogue(target, from_revision)
-    settings = state.settings()
+    online = not (offline or dry_run)
+    selected = _selected(
+        state, wave, part, gate=_wave_gate(state, cat, cat.resolve(target)) if online else None
+    )
+    if selected is None:
+        return
+    settings = selected
     c = state.consoles
     as_json = fmt == "json"
     if offline:
@@ -570,8 +628,42 @@ def stamp(ctx: click.Context, revision: str, fmt: str) -> None:
     is_flag=True,
     help="Count every row a backfill has left (a full scan of its table) instead of estimating.",
 )
+@click.option(
+    "--summary",
+    is_flag=True,
+    help="One view of the fleet: databases per revision and state, the stragglers by name, "
+    "each backfill's rows left and slowest database; databases read in parallel.",
+)
+@click.option(
+    "--jobs",
+    "-j",
+    default=fleet.DEFAULT_CONCURRENCY,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="With --summary: read this many databases at once.",
+)
+@click.option(
+    "--timeout",
+    type=_FiniteRange(0.1, 3600),
+    default=fleet.DEFAULT_TIMEOUT_SECONDS,
+    show_default=True,
+    metavar="S",
+    help="With --summary: give up on a database after S seconds (it is one line of the view).",
+)
+@WAVE
+@PART
 @click.pass_context
-def status(ctx: click.Context, fmt: str, check: bool, exact: bool) -> None:
+def status(
+    ctx: click.Context,
+    fmt: str,
+    check: bool,
+    exact: bool,
+    summary: bool,
+    jobs: int,
+    timeout: float,
+    wave: str | None,
+    part: str | None,
+) -> None:
     """Show the revision x database matrix, backfill progress and PKCE coverage.
 
     Cells read applied, skipped (not routed), pending, waiting (for a backfill) or failed; a
@@ -585,16 +677,30 @@ def status(ctx: click.Context, fmt: str, check: bool, exact: bool) -> None:
       oauthmig status --format json | jq '.databases[].current'
       oauthmig status --check        # in CI: fails while anything is outstanding
       oauthmig status --exact        # count the rows left instead of estimating
+      oauthmig status --summary --check   # the whole fleet in one view
     """
     state = _state(ctx)
-    report = read_status(state.settings(), exact=exact)
-    emit(
-        state.consoles,
-        fmt,
-        lambda: status_to_dict(report),
-        lambda out: render_status(out, report),
-        always=True,
-    )
+    if summary:
+        if exact:
+            raise UsageError("--exact does not apply to --summary (it reads estimates)")
+        _status_summary(state, fmt, check, jobs, timeout, wave, part)
+        return
+    summary_only = _given(ctx, {"jobs": "--jobs", "timeout": "--timeout"})
+    if summary_only:
+        raise UsageError(f"{summary_only[0]} only applies to --summary")
+    selected = _selected(state, wave, part)
+    if selected is None:
+        return
+    report = read_status(selected, exact=exact)
+
+    def document() -> dict[str, Any]:
+        return {**status_to_dict(report), "waves": wave_progress(report, selected.waves)}
+
+    def render(out: Console) -> None:
+        render_status(out, report)
+        render_waves(out, report, selected.waves)
+
+    emit(state.consoles, fmt, document, render, always=True)
     errors = [d for d in report.databases if d.error]
     fail_summary(
         state.consoles,
@@ -604,6 +710,33 @@ def status(ctx: click.Context, fmt: str, check: bool, exact: bool) -> None:
     failure = report.check_failure()
     if check and failure:
         raise Findings(failure)
+
+
+def _status_summary(
+    state: AppState,
+    fmt: str,
+    check: bool,
+    jobs: int,
+    timeout: float,
+    wave: str | None,
+    part: str | None,
+) -> None:
+    full = load_settings(state.config_path)
+    selection = fleet.select(
+        full, state.databases, wave, fleet.parse_part(part) if part is not None else None
+    )
+    result = fleet.summary(
+        full, selection, Catalogue.load().revisions, concurrency=jobs, timeout=timeout
+    )
+    emit(
+        state.consoles,
+        fmt,
+        lambda: summary_to_dict(result),
+        lambda out: render_summary(out, result),
+        always=True,
+    )
+    if check and result.outstanding:
+        raise Findings("outstanding work: databases not done (see the stragglers)")
 
 
 @cli.command()
@@ -668,6 +801,8 @@ _RUN_OPTIONS = {
     "restart": "--restart",
     "jobs": "--jobs",
     "metrics_file": "--metrics-file",
+    "wave": "--wave",
+    "part": "--part",
 }
 
 
@@ -745,6 +880,8 @@ def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
     metavar="N",
     help="With --report: how many recent batches to list per job (default 20).",
 )
+@WAVE
+@PART
 @click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
 @click.pass_context
 def backfill(
@@ -758,6 +895,8 @@ def backfill(
     metrics_file: str | None,
     report: bool,
     last: int | None,
+    wave: str | None,
+    part: str | None,
     fmt: str,
     job_names: tuple[str, ...] = (),
 ) -> None:
@@ -790,6 +929,7 @@ def backfill(
       oauthmig backfill resume token-families -d shard
       oauthmig backfill --report token-families --last 5
       oauthmig backfill --report --format json | jq '.jobs[].state.history'
+      oauthmig backfill --part 1/4   # one CI job's share; skips what another runner holds
     """
     if ctx.invoked_subcommand is not None:
         given = _given(ctx, {**_RUN_OPTIONS, "report": "--report", "last": "--last"})
@@ -818,6 +958,8 @@ def backfill(
         jobs,
         metrics_file,
         fmt,
+        wave,
+        part,
     )
 
 
@@ -832,10 +974,17 @@ def _backfill_run(
     jobs: int,
     metrics_file: str | None,
     fmt: str,
+    wave: str | None = None,
+    part: str | None = None,
 ) -> None:
     state = _state(ctx)
     c = state.consoles
-    settings = state.settings()
+    cat = Catalogue.load()
+    head = cat.revisions[-1].revision if cat.revisions else None
+    selected = _selected(state, wave, part, gate=None if dry_run else _wave_gate(state, cat, head))
+    if selected is None:
+        return
+    settings = selected
     options = backfill_service.BackfillOptions(
         batch_size, sleep_seconds, max_runtime, restart, dry_run, jobs
     )
