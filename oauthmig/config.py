@@ -504,9 +504,16 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     _check_keys(
         data,
         (
-            "databases", "routing", "tables", "migrate", "backfill", "audit", "models",
-            "enforcement", "waves",
-        ),  # fmt: skip
+            "databases",
+            "routing",
+            "tables",
+            "migrate",
+            "backfill",
+            "audit",
+            "models",
+            "enforcement",
+            "waves",
+        ),
         "",
     )
     dbs_raw = _table(data, "databases")
