@@ -15,13 +15,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    inspect,
     select,
 )
 from sqlalchemy.engine import Connection
 
 from oauthmig.errors import SchemaStateError
 from oauthmig.revision_types import RevisionInfo
+from oauthmig.table_columns import has_table, table_columns
 
 VERSION_TABLE = "oauthmig_version"
 LOG_TABLE = "oauthmig_revision_log"
@@ -51,7 +51,7 @@ _version_table = Table(
 
 def _version_heads(conn: Connection) -> tuple[str, ...]:
     heads: tuple[str, ...] = ()
-    if inspect(conn).has_table(VERSION_TABLE):
+    if has_table(conn, VERSION_TABLE):
         heads = tuple(str(v) for v in conn.execute(select(_version_table.c.version_num)).scalars())
     if conn.in_transaction():
         conn.rollback()
@@ -79,10 +79,9 @@ def read_log(conn: Connection) -> dict[str, dict[str, Any]]:
 
     A log table written by an older oauthmig lacks the later columns: they read as ``None``.
     """
-    insp = inspect(conn)
-    if not insp.has_table(LOG_TABLE):
+    have = table_columns(conn, LOG_TABLE)
+    if have is None:
         return {}
-    have = {c["name"] for c in insp.get_columns(LOG_TABLE)}
     cols = [c for c in revision_log.c if c.name in have]
     rows = conn.execute(select(*cols)).mappings().all()
     if conn.in_transaction():

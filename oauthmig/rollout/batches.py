@@ -57,6 +57,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from oauthmig.failures import sqlstate
 from oauthmig.runlock import transaction_lock
+from oauthmig.table_columns import has_table, table_columns
 
 BATCH_TABLE = "oauthmig_backfill_batch"
 
@@ -146,10 +147,10 @@ def ensure_batch_table(conn: Connection) -> None:
 
 def has_batch_table(conn: Connection) -> bool:
     """Whether this database has a batch history at all (read-only callers)."""
-    found = inspect(conn).has_table(BATCH_TABLE)
+    found = has_table(conn, BATCH_TABLE)
     if conn.in_transaction():
         conn.rollback()
-    return bool(found)
+    return found
 
 
 def reset_history(conn: Connection, job: str) -> None:
@@ -342,7 +343,7 @@ def read_history(conn: Connection, job: str) -> tuple[list[BatchRow], list[str |
     """Every row of ``job``'s record, oldest first, and the run each row belongs to."""
     b = batch_table.c
     # A table from before issue 24 has no pace column until the next backfill adds it.
-    paced = "pace" in {c["name"] for c in inspect(conn).get_columns(BATCH_TABLE)}
+    paced = "pace" in (table_columns(conn, BATCH_TABLE) or frozenset())
     result = conn.execute(
         select(
             b.pace if paced else null().label("pace"),

@@ -28,16 +28,20 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from sqlalchemy.engine import Connection
+
 from oauthmig.config import Settings, Wave
 from oauthmig.db import connect, map_db_errors, open_engine, scrub_stored, set_timeouts
 from oauthmig.errors import ConfigError, GateError, OauthmigError, UsageError
 from oauthmig.revision_types import RevisionInfo, revision_position
-from oauthmig.rollout.job_state import ShownStatus
+from oauthmig.rollout.batches import BATCH_TABLE
+from oauthmig.rollout.job_state import JOB_TABLE, ShownStatus
 from oauthmig.rollout.jobs import JOBS, job_states
 from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.runner import Waiting
 from oauthmig.rollout.status import DatabaseStatus, RevisionState
-from oauthmig.version_tables import read_current, read_log
+from oauthmig.table_columns import shared_reflection
+from oauthmig.version_tables import LOG_TABLE, VERSION_TABLE, read_current, read_log
 
 DEFAULT_CONCURRENCY = 8
 DEFAULT_TIMEOUT_SECONDS = 10.0
@@ -216,39 +220,55 @@ def _read_one(settings: Settings, name: str, revisions: list[RevisionInfo]) -> D
         set_timeouts(conn, m.lock_timeout_ms, m.statement_timeout_ms)
         if conn.in_transaction():
             conn.commit()
-        current = read_current(conn, name, revisions)
-        log = read_log(conn)
-        # What each job has left, read once: the gates below are judged from it (as status
-        # shows them: estimates, no EXISTS scan for a finished job).
-        left = {
-            job.name: remaining(conn, settings, name, job, revisions=revisions)
-            for job in JOBS.values()
-        }
+        # Only reads below: every table they ask the columns of is reflected once, up front.
         routed = settings.tables_on(name)
-        cells: list[RevisionState] = []
-        waits = False
-        for rev in revisions[revision_position(current, revisions) :]:
-            row = log.get(rev.revision, {})
-            if row.get("outcome") == "failed":
-                detail = scrub_stored(row.get("detail"), db.url)
-                cells.append(RevisionState(rev.revision, "failed", detail))
-                continue
-            unfinished = [
-                (job, left[job])
-                for job in rev.requires_backfills
-                if job in left and left[job].pending and rev.applies_to(routed)
-            ]
-            if unfinished and not waits:
-                waits = True
-                (first, rows), *others = [(job, r.rows) for job, r in unfinished]
-                estimate = any(r.estimate for _job, r in unfinished)
-                waiting = Waiting(rev.revision, first, rows, tuple(others), estimate)
-                cells.append(RevisionState(rev.revision, "waiting", waiting.describe()))
-                continue
-            cells.append(RevisionState(rev.revision, "pending"))
-        jobs = tuple(job_states(conn, settings, name, left))
-        if conn.in_transaction():
-            conn.rollback()
+        jobs = {
+            settings.tables.physical(j.logical_table)
+            for j in JOBS.values()
+            if j.logical_table in routed
+        }
+        tables = [VERSION_TABLE, LOG_TABLE, JOB_TABLE, BATCH_TABLE, *sorted(jobs)]
+        with shared_reflection(conn, tables):
+            return _read_reflected(conn, settings, name, revisions)
+
+
+def _read_reflected(
+    conn: Connection, settings: Settings, name: str, revisions: list[RevisionInfo]
+) -> DatabaseStatus:
+    """:func:`_read_one` on its open connection."""
+    db = settings.databases[name]
+    current = read_current(conn, name, revisions)
+    log = read_log(conn)
+    # What each job has left, read once: the gates below are judged from it (as status
+    # shows them: estimates, no EXISTS scan for a finished job).
+    left = {
+        job.name: remaining(conn, settings, name, job, revisions=revisions) for job in JOBS.values()
+    }
+    routed = settings.tables_on(name)
+    cells: list[RevisionState] = []
+    waits = False
+    for rev in revisions[revision_position(current, revisions) :]:
+        row = log.get(rev.revision, {})
+        if row.get("outcome") == "failed":
+            detail = scrub_stored(row.get("detail"), db.url)
+            cells.append(RevisionState(rev.revision, "failed", detail))
+            continue
+        unfinished = [
+            (job, left[job])
+            for job in rev.requires_backfills
+            if job in left and left[job].pending and rev.applies_to(routed)
+        ]
+        if unfinished and not waits:
+            waits = True
+            (first, rows), *others = [(job, r.rows) for job, r in unfinished]
+            estimate = any(r.estimate for _job, r in unfinished)
+            waiting = Waiting(rev.revision, first, rows, tuple(others), estimate)
+            cells.append(RevisionState(rev.revision, "waiting", waiting.describe()))
+            continue
+        cells.append(RevisionState(rev.revision, "pending"))
+    jobs = tuple(job_states(conn, settings, name, left))
+    if conn.in_transaction():
+        conn.rollback()
     return DatabaseStatus(
         name,
         db.dialect,

@@ -34,6 +34,7 @@ from oauthmig.db import scrub_stored
 from oauthmig.errors import SchemaStateError
 from oauthmig.rollout.batches import BatchStats, as_utc
 from oauthmig.runlock import RunLock, transaction_lock
+from oauthmig.table_columns import table_columns
 
 
 class StoredStatus(StrEnum):
@@ -251,10 +252,9 @@ def new_transaction(conn: Connection) -> Any:
 
 def read_job(conn: Connection, name: str) -> JobProgress | None:
     """The saved progress of job ``name`` on this database (``None``: no job table or row)."""
-    insp = inspect(conn)
-    if not insp.has_table(JOB_TABLE):
+    have = table_columns(conn, JOB_TABLE)  # older tables lack later columns
+    if have is None:
         return None
-    have = {c["name"] for c in insp.get_columns(JOB_TABLE)}  # older tables lack later columns
     cols = [c for c in job_table.c if c.name in have]
     row = conn.execute(select(*cols).where(job_table.c.job == name)).mappings().first()
     if conn.in_transaction():

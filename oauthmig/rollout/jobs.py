@@ -29,7 +29,6 @@ from sqlalchemy import (
     bindparam,
     column,
     func,
-    inspect,
     or_,
     select,
     table,
@@ -51,6 +50,7 @@ from oauthmig.rollout.job_state import (
     read_job,
     run_alive,
 )
+from oauthmig.table_columns import table_columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,8 +263,7 @@ def register_sqlite_functions(conn: Connection) -> None:
 
 
 def has_columns(conn: Connection, physical: str, names: Sequence[str]) -> bool:
-    insp = inspect(conn)
-    have = {c["name"] for c in insp.get_columns(physical)} if insp.has_table(physical) else set()
+    have = table_columns(conn, physical) or frozenset()
     if conn.in_transaction():
         conn.rollback()
     return all(n in have for n in names)
