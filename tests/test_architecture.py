@@ -260,6 +260,7 @@ LAYERS: dict[str, int] = {
     "oauthmig.config": 2,
     # 3-5: databases, the tables every command reads, and the preflight every service runs
     "oauthmig.db": 3,
+    "oauthmig.table_columns": 3,  # one reflection of the oauthmig tables, shared by readers
     "oauthmig.legacy": 3,
     "oauthmig.observation_table": 3,  # revision 0007's table: provider writes, rollout reads
     "oauthmig.revision_types": 3,
