@@ -22,7 +22,7 @@ import oauthmig
 from oauthmig.config import Settings, load_settings, parse_duration_ms
 from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep, run_demo
 from oauthmig.errors import ConfigError, OauthmigError, PlanRefusedError, Terminated, UsageError
-from oauthmig.html_report import Report, gather_report
+from oauthmig.html_report import gather_report
 from oauthmig.output.audit_report import BaselineGate, render_text_report, stream_machine_report
 from oauthmig.output.audit_writers import (
     SARIF_MAX_RESULTS,
@@ -47,6 +47,17 @@ from oauthmig.output.json import (
     to_json,
 )
 from oauthmig.output.metrics import MetricsFile
+from oauthmig.output.outcomes import (
+    Failures,
+    backfill_failures,
+    prune_failures,
+    report_brief,
+    run_failures,
+    status_failures,
+    still_running,
+    unfinished,
+    unscripted,
+)
 from oauthmig.output.phases_text import (
     contract_to_list,
     render_contract,
@@ -54,6 +65,7 @@ from oauthmig.output.phases_text import (
     verify_to_list,
 )
 from oauthmig.output.stamp_text import render_stamp
+from oauthmig.output.streams import PipeSafeStdout, flush_standard_streams, to_devnull
 from oauthmig.output.text import (
     Consoles,
     escape,
@@ -79,7 +91,6 @@ from oauthmig.redirects.audit import audit as audit_service
 from oauthmig.redirects.rules import check_uri
 from oauthmig.rollout import backfill as backfill_service
 from oauthmig.rollout import control, runner
-from oauthmig.rollout.backfill import BackfillResult
 from oauthmig.rollout.batch_report import DEFAULT_LAST, backfill_report
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import Direction, Mode, PlanOutcome, RunResult
@@ -266,15 +277,15 @@ def emit(
         render(c.out)
 
 
-def fail_summary(c: Consoles, lines: Sequence[str], summary: str) -> None:
+def fail_summary(c: Consoles, failures: Failures) -> None:
     """End a command whose work failed somewhere: one failure raises its own line; several
-    print each line, then raise ``summary``. Nothing failed (no lines): return."""
-    if len(lines) == 1:
-        raise OauthmigError(lines[0])
-    if lines:
-        for line in lines:
+    print each line, then raise the summary. Nothing failed (no lines): return."""
+    if len(failures.lines) == 1:
+        raise OauthmigError(failures.lines[0])
+    if failures.lines:
+        for line in failures.lines:
             c.error(line)
-        raise OauthmigError(summary)
+        raise OauthmigError(failures.summary)
 
 
 def _state(ctx: click.Context) -> AppState:
@@ -313,37 +324,73 @@ def _refused(c: Consoles, exc: PlanRefusedError) -> PlanRefusedError:
     return exc
 
 
-def _refuse_failed(result: RunResult, outcome: str) -> None:
-    """One line for runs that write nothing (dry-run, --sql): the first failure, and a count."""
-    failed = [r.error for r in result.failed if r.error is not None]
-    if failed:
-        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        raise OauthmigError(f"{failed[0].message}{more}; {outcome}")
+def _migrate(
+    ctx: click.Context,
+    direction: Direction,
+    target: str,
+    dry_run: bool,
+    offline: bool,
+    from_revision: str | None,
+    output_dir: str | None,
+    fmt: str,
+    jobs: int = 1,
+) -> None:
+    """upgrade and downgrade: check the options, run, render, end with the failures."""
+    if dry_run and offline:
+        raise UsageError("--dry-run and --sql exclude each other")
+    for flag, given in (("--from", from_revision), ("--output-dir", output_dir is not None)):
+        if given and not offline:
+            raise UsageError(f"{flag} only applies to --sql")
+    cat = _catalogue(target, from_revision)
+    state = _state(ctx)
+    c = state.consoles
+    mode = Mode.SQL if offline else Mode.DRY_RUN if dry_run else Mode.ONLINE
+    try:
+        result = runner.migrate(
+            state.settings(),
+            direction,
+            target,
+            mode=mode,
+            jobs=jobs if mode is Mode.ONLINE else 1,
+            from_revision=from_revision,
+            catalogue=cat,
+            on_plan=_show_plan(c, direction, fmt == "json"),
+        )
+    except PlanRefusedError as exc:
+        raise _refused(c, exc) from None
+    if mode is Mode.SQL:
+        _emit_sql(c, result, fmt == "json", output_dir)
+        return
+    dry = mode is Mode.DRY_RUN
+    _refuse(unscripted(result, "nothing was changed") if dry else None)
+    if direction is Direction.DOWNGRADE:
+        fail_summary(c, run_failures(result))  # a failed downgrade shows no table
+    emit(
+        c,
+        fmt,
+        lambda: runs_to_dict(result, dry_run=dry),
+        lambda out: (
+            render_dry_run(out, result) if dry else render_run(out, result, state.command_prefix())
+        ),
+        always=dry,
+    )
+    fail_summary(c, run_failures(result))
+
+
+def _refuse(message: str | None) -> None:
+    if message is not None:
+        raise OauthmigError(message)
 
 
 def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | None) -> None:
     """Print or write ``--sql`` output; nothing at all if any database cannot be scripted."""
-    _refuse_failed(result, "no SQL was written")
+    _refuse(unscripted(result, "no SQL was written"))
     if output_dir is None:
         click.echo(to_json(sql_runs_to_list(result)) if as_json else sql_script(result), nl=False)
         return
     files = {r.database: sql_section(r) for r in result.runs}
     for path in write_scripts(output_dir, files):
         c.info(f"wrote {path}")
-
-
-def _report_failures(state: AppState, result: RunResult) -> None:
-    """One line per failed database; a summary line only when several failed."""
-    failed = [(r.database, r.error) for r in result.failed if r.error is not None]
-    names = ", ".join(name for name, _error in failed)
-    ok = [r.database for r in result.runs if r.error is None]
-    verb = "is" if len(ok) == 1 else "are"
-    tail = f"; {', '.join(ok)} completed and {verb} consistent" if ok else ""
-    fail_summary(
-        state.consoles,
-        [error.message for _name, error in failed],
-        f"{len(failed)} databases failed: {names}{tail}",
-    )
 
 
 @cli.command()
@@ -408,51 +455,7 @@ def upgrade(
       oauthmig upgrade --sql > rollout.sql
       oauthmig upgrade -d control --to 0002
     """
-    state = _state(ctx)
-    if dry_run and offline:
-        raise UsageError("--dry-run and --sql exclude each other")
-    if from_revision and not offline:
-        raise UsageError("--from only applies to --sql")
-    if output_dir is not None and not offline:
-        raise UsageError("--output-dir only applies to --sql")
-    cat = _catalogue(target, from_revision)
-    settings = state.settings()
-    c = state.consoles
-    as_json = fmt == "json"
-    if offline:
-        result = runner.upgrade(
-            settings, target, mode=Mode.SQL, from_revision=from_revision, catalogue=cat
-        )
-        _emit_sql(c, result, as_json, output_dir)
-        return
-    if dry_run:
-        result = runner.upgrade(settings, target, mode=Mode.DRY_RUN, catalogue=cat)
-        _refuse_failed(result, "nothing was changed")
-        emit(
-            c,
-            fmt,
-            lambda: runs_to_dict(result, dry_run=True),
-            lambda out: render_dry_run(out, result),
-            always=True,
-        )
-        return
-    try:
-        result = runner.upgrade(
-            settings,
-            target,
-            jobs=jobs,
-            catalogue=cat,
-            on_plan=_show_plan(c, Direction.UPGRADE, as_json),
-        )
-    except PlanRefusedError as exc:
-        raise _refused(c, exc) from None
-    emit(
-        c,
-        fmt,
-        lambda: runs_to_dict(result, dry_run=False),
-        lambda out: render_run(out, result, state.command_prefix()),
-    )
-    _report_failures(state, result)
+    _migrate(ctx, Direction.UPGRADE, target, dry_run, offline, from_revision, output_dir, fmt, jobs)
 
 
 @cli.command()
@@ -495,43 +498,7 @@ def downgrade(
       oauthmig downgrade --to 0003 --dry-run   # PostgreSQL: also --sql --output-dir sql/
       oauthmig downgrade --to 0001 -d shard
     """
-    state = _state(ctx)
-    if dry_run and offline:
-        raise UsageError("--dry-run and --sql exclude each other")
-    if from_revision and not offline:
-        raise UsageError("--from only applies to --sql")
-    if output_dir is not None and not offline:
-        raise UsageError("--output-dir only applies to --sql")
-    cat = _catalogue(target, from_revision)
-    settings = state.settings()
-    c = state.consoles
-    as_json = fmt == "json"
-    mode = Mode.SQL if offline else Mode.DRY_RUN if dry_run else Mode.ONLINE
-    try:
-        result = runner.downgrade(
-            settings,
-            target,
-            mode=mode,
-            from_revision=from_revision,
-            catalogue=cat,
-            on_plan=_show_plan(c, Direction.DOWNGRADE, as_json),
-        )
-    except PlanRefusedError as exc:
-        raise _refused(c, exc) from None
-    if mode is Mode.SQL:
-        _emit_sql(c, result, as_json, output_dir)
-        return
-    if mode is Mode.DRY_RUN:
-        _refuse_failed(result, "nothing was changed")
-    _report_failures(state, result)
-    dry = mode is Mode.DRY_RUN
-    emit(
-        c,
-        fmt,
-        lambda: runs_to_dict(result, dry_run=dry),
-        lambda out: render_dry_run(out, result) if dry else render_run(out, result),
-        always=dry,
-    )
+    _migrate(ctx, Direction.DOWNGRADE, target, dry_run, offline, from_revision, output_dir, fmt)
 
 
 @cli.command()
@@ -595,12 +562,7 @@ def status(ctx: click.Context, fmt: str, check: bool, exact: bool) -> None:
         lambda out: render_status(out, report),
         always=True,
     )
-    errors = [d for d in report.databases if d.error]
-    fail_summary(
-        state.consoles,
-        [d.error or f"database {d.database!r} could not be read" for d in errors],
-        f"{len(errors)} databases could not be read: {', '.join(d.database for d in errors)}",
-    )
+    fail_summary(state.consoles, status_failures(report))
     failure = report.check_failure()
     if check and failure:
         raise Findings(failure)
@@ -867,13 +829,10 @@ def _backfill_run(
         lambda out: render_backfill(out, result),
         always=bool(result.failed),
     )
-    _report_backfill_failures(state, result)
-    if result.out_of_time:
-        pairs = ", ".join(f"{r.job} on {r.database}" for r in result.out_of_time)
-        raise Unfinished(
-            f"unfinished: --max-runtime stopped {pairs} with rows left; state saved, run "
-            "`oauthmig backfill` again to continue (exit 3)"
-        )
+    fail_summary(c, backfill_failures(result))
+    unfinished_work = unfinished(result)
+    if unfinished_work is not None:
+        raise Unfinished(unfinished_work)
 
 
 def _backfill_report(
@@ -934,14 +893,7 @@ def _request(
         lambda out: render_requests(out, action, outcomes),
     )
     if wait:
-        still = control.wait_stopped(settings, outcomes, timeout)
-        if still:
-            pairs = ", ".join(f"{o.job} on {o.database}" for o in still)
-            raise OauthmigError(
-                f"still running after {timeout:g}s: {pairs} (a batch can take up to "
-                "statement_timeout); the request stays recorded, check again with "
-                "`oauthmig status`"
-            )
+        _refuse(still_running(control.wait_stopped(settings, outcomes, timeout), timeout))
         state.consoles.info("no backfill runs these jobs now", fmt == "json")
 
 
@@ -1011,22 +963,6 @@ def backfill_cancel(
       oauthmig backfill cancel token-families -d shard --wait
     """
     _request(ctx, "cancel", job_names, fmt, wait, timeout)
-
-
-def _report_backfill_failures(state: AppState, result: BackfillResult) -> None:
-    """One line per failed job and database; a summary line only when several failed."""
-    failed = result.failed
-    pairs = ", ".join(f"{r.job} on {r.database}" for r in failed)
-    summary = (
-        f"{len(failed)} backfills failed: {pairs}; state saved, rerun to resume"
-        if all(r.status == "failed" for r in failed)
-        else f"{len(failed)} backfills failed or are cancelled: {pairs}; state saved (see above)"
-    )
-    fail_summary(
-        state.consoles,
-        [r.message or f"backfill {r.job} failed on {r.database}" for r in failed],
-        summary,
-    )
 
 
 @cli.command()
@@ -1174,14 +1110,7 @@ def prune_grants(
         lambda out: render_prune(out, result),
         always=bool(result.failed),
     )
-    failed = result.failed
-    fail_summary(
-        c,
-        [d.error or f"database {d.database!r} failed" for d in failed],
-        f"prune-grants failed on {len(failed)} databases: "
-        + ", ".join(d.database for d in failed)
-        + "; what was deleted stays deleted, rerun to go on",
-    )
+    fail_summary(c, prune_failures(result))
 
 
 @cli.command()
@@ -1275,9 +1204,9 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
         raise _refused(c, exc) from None
     for result in (run.expand, run.finalize):
         if result is not None:
-            _report_failures(state, result)
+            fail_summary(c, run_failures(result))
     if run.backfill is not None:
-        _report_backfill_failures(state, run.backfill)
+        fail_summary(c, backfill_failures(run.backfill))
 
 
 @cli.command("check-redirect")
@@ -1504,19 +1433,7 @@ def report(ctx: click.Context, html_path: str, max_findings: int) -> None:
         sink.write(render_html(data))
     if not c.quiet:
         c.out.print(f"wrote the HTML report to {escape(html_path)}")
-        c.out.print(escape(_report_brief(data)))
-
-
-def _report_brief(data: Report) -> str:
-    """One line summing up a report (for the terminal)."""
-    finished = sum(1 for j in data.jobs if j.state == "finished")
-    live = sum(p.live_grants for p in data.pkce)
-    without = sum(p.without_challenge for p in data.pkce)
-    sev = data.audit.by_severity
-    return (
-        f"backfills: {finished} of {len(data.jobs)} finished; PKCE: {without:,} of {live:,} live "
-        f"grants without a challenge; audit: {sev['error']:,} errors, {sev['warning']:,} warnings"
-    )
+        c.out.print(escape(report_brief(data)))
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -1527,83 +1444,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = EXIT_INTERRUPTED
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.write("interrupted\n")
-    _flush_standard_streams()
+    flush_standard_streams()
     if threading.current_thread() is threading.main_thread():
         # From here on nothing is left to save: a Ctrl-C while the interpreter shuts down
         # (atexit hooks, pool disposal) ends the process as an interrupted run would.
         signal.signal(signal.SIGINT, lambda _signum, _frame: os._exit(EXIT_INTERRUPTED))
     sys.exit(code)
-
-
-def _flush_standard_streams() -> None:
-    """Flush stdout and stderr now, so that a full device fails here rather than as an
-    "Exception ignored" message at interpreter exit (the failing stream is pointed at
-    /dev/null; stdout's failure was already reported by :func:`run`)."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            with contextlib.suppress(OSError, ValueError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, stream.fileno())
-                os.close(devnull)
-
-
-class _PipeSafeStdout:
-    """stdout that survives its reader going away (``oauthmig ... | head -1``).
-
-    On the first broken pipe the file descriptor is pointed at /dev/null, as the Python docs
-    recommend, and the command carries on, so that it exits with the code its work has. It
-    also records whether anything was written (to know if a JSON document was started).
-    """
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
-        self.written = False
-        self.broken = False
-        #: Why a write failed for another reason than a closed pipe (disk full, I/O error).
-        self.failed: str | None = None
-
-    def _devnull(self) -> None:
-        self.broken = True
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
-
-    def write(self, text: str) -> int:
-        if text:
-            self.written = True
-        if self.broken:
-            return len(text)
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            self._devnull()
-        except OSError as exc:
-            self._lost(exc)
-        return len(text)
-
-    def flush(self) -> None:
-        if self.broken:
-            return
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            self._devnull()
-        except OSError as exc:
-            self._lost(exc)
-
-    def _lost(self, exc: OSError) -> None:
-        """stdout cannot take the output (``> /dev/full``): the command carries on, as on a
-        broken pipe, and :func:`run` reports the loss in one line and exits 2."""
-        self.failed = self.failed or (exc.strerror or str(exc))
-        self._devnull()
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.flush()  # drop what is still buffered, into /dev/null
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
 
 def _usage_line(exc: click.UsageError) -> str:
@@ -1616,7 +1462,7 @@ def _usage_line(exc: click.UsageError) -> str:
 
 
 def _interrupted(
-    ctx_obj: dict[str, Any], stdout: _PipeSafeStdout, *, terminated: bool = False
+    ctx_obj: dict[str, Any], stdout: PipeSafeStdout, *, terminated: bool = False
 ) -> None:
     if terminated:
         message, code = "terminated (SIGTERM); state is saved, rerun to resume", EXIT_TERMINATED
@@ -1632,7 +1478,7 @@ def run(argv: list[str] | None = None) -> int:
     by --max-runtime with rows left, 130 interrupted, 143 backfill terminated by SIGTERM)."""
     meta: dict[str, Any] = {}
     real_stdout = sys.stdout
-    stdout = _PipeSafeStdout(real_stdout)
+    stdout = PipeSafeStdout(real_stdout)
     sys.stdout = cast(IO[str], stdout)
     try:
         code = _run(argv, meta, stdout)
@@ -1650,7 +1496,7 @@ def run(argv: list[str] | None = None) -> int:
     return code
 
 
-def _run(argv: list[str] | None, meta: dict[str, Any], stdout: _PipeSafeStdout) -> int:
+def _run(argv: list[str] | None, meta: dict[str, Any], stdout: PipeSafeStdout) -> int:
     try:
         with cli.make_context("oauthmig", list(sys.argv[1:] if argv is None else argv)) as ctx:
             meta = ctx.meta
@@ -1684,9 +1530,7 @@ def _run(argv: list[str] | None, meta: dict[str, Any], stdout: _PipeSafeStdout) 
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:
         # A write that bypassed sys.stdout: stop quietly.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ else 1)
+        to_devnull(sys.__stdout__.fileno if sys.__stdout__ else lambda: 1)
         return EXIT_FAILED
     except OSError as exc:
         # The system refused a file operation no writer above turned into its own error (a
