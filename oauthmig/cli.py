@@ -20,16 +20,14 @@ from rich.console import Console
 
 import oauthmig
 from oauthmig.config import Settings, load_settings, parse_duration_ms
-from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep, run_demo
+from oauthmig.demo.progress import console_hooks
+from oauthmig.demo.progress import failures as demo_failures
+from oauthmig.demo.run import run_demo
 from oauthmig.errors import ConfigError, OauthmigError, PlanRefusedError, Terminated, UsageError
 from oauthmig.html_report import gather_report
-from oauthmig.output.audit_report import BaselineGate, render_text_report, stream_machine_report
-from oauthmig.output.audit_writers import (
-    SARIF_MAX_RESULTS,
-    atomic_output,
-)
+from oauthmig.output.audit_report import AuditOptions, write_audit_report
+from oauthmig.output.audit_writers import SARIF_MAX_RESULTS
 from oauthmig.output.backfill_text import render_report, render_requests
-from oauthmig.output.baseline import BaselineRecorder, load_baseline
 from oauthmig.output.files import output_file, write_scripts
 from oauthmig.output.html import render_html
 from oauthmig.output.json import (
@@ -69,10 +67,7 @@ from oauthmig.output.streams import PipeSafeStdout, flush_standard_streams, to_d
 from oauthmig.output.text import (
     Consoles,
     escape,
-    plain_console,
     progress_bar,
-    render_audit_brief,
-    render_audit_summary,
     render_backfill,
     render_dry_run,
     render_history,
@@ -1153,60 +1148,14 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
-    command = state.command_prefix()
-
-    def starting(step: DemoStep) -> None:
-        if step is DemoStep.SETUP:
-            c.info(
-                f"demo: creating legacy tables on {', '.join(settings.database_names())} "
-                f"({settings.source})"
-            )
-        elif step is not DemoStep.STATUS:
-            c.info(f"demo: {step}")
-
-    def finished(step: DemoStep, run: DemoRun) -> None:
-        if step is DemoStep.SETUP:
-            for d in run.setup.databases:
-                c.info(
-                    f"  {d.database}: {d.applications:,} applications, {d.grants:,} grants "
-                    f"({d.live_grants:,} live), {d.tokens:,} tokens ({d.refreshable_tokens:,} "
-                    "refreshable)"
-                )
-        elif c.quiet:
-            return
-        elif step is DemoStep.EXPAND and run.expand is not None:
-            render_run(c.out, run.expand, command)
-        elif step is DemoStep.BACKFILL and run.backfill is not None:
-            render_backfill(c.out, run.backfill)
-        elif step is DemoStep.FINALIZE and run.finalize is not None:
-            render_run(c.out, run.finalize, command)
-        elif step is DemoStep.STATUS and run.status is not None:
-            render_status(c.out, run.status)
-        elif step is DemoStep.AUDIT and run.audit is not None:
-            # The demo data holds every kind of redirect-URI mess on purpose: findings are
-            # expected and never fail the demo (`oauthmig audit-redirects` gates CI).
-            render_audit_brief(c.out, run.audit)
-        elif step is DemoStep.REPORT and run.report is not None:
-            c.out.print(
-                f"demo: wrote the report to {escape(str(run.report))} (open it in a browser)"
-            )
-
-    hooks = DemoHooks(
-        loading=lambda: progress_bar(c.err, enabled=not c.quiet),
-        starting=starting,
-        finished=finished,
-    )
+    hooks = console_hooks(c, settings, state.command_prefix())
     try:
         run = run_demo(
             settings, apps=apps, tokens=tokens, seed=seed, setup_only=setup_only, hooks=hooks
         )
     except PlanRefusedError as exc:
         raise _refused(c, exc) from None
-    for result in (run.expand, run.finalize):
-        if result is not None:
-            fail_summary(c, run_failures(result))
-    if run.backfill is not None:
-        fail_summary(c, backfill_failures(run.backfill))
+    fail_summary(c, demo_failures(run))
 
 
 @cli.command("check-redirect")
@@ -1339,55 +1288,26 @@ def audit_redirects(
       oauthmig audit-redirects --baseline audit-baseline.json         # CI: fail on new ones
     """
     state = _state(ctx)
-    c = state.consoles
     settings = state.settings()
-    machine = fmt != "text"
-    minimum = min_severity or ("info" if machine else "warning")
-    baseline = load_baseline(baseline_path) if baseline_path is not None else None
-    recorder = BaselineRecorder() if write_baseline is not None else None
-    if write_baseline is not None and (not write_baseline.strip() or os.path.isdir(write_baseline)):
-        # Refused before the audit runs (the file itself is written once it is complete).
-        raise UsageError(f"--write-baseline {write_baseline!r}: give the name of a file to write")
-    gate = BaselineGate(baseline, recorder, fmt)
-    with contextlib.ExitStack() as stack:
-        sink = stack.enter_context(atomic_output(output)) if output is not None else None
-        # Progress (stderr, terminals only) when the report does not go to the terminal.
-        show_progress = not c.quiet and (sink is not None or not c.out.is_terminal)
-        update = stack.enter_context(progress_bar(c.err, enabled=show_progress))
-        audit = audit_service(settings, revisions=Catalogue.load().revisions, progress=update)
-        if machine:
-            closes = sink is None and fmt == "json"
-            try:
-                stream_machine_report(
-                    audit,
-                    sink if sink is not None else sys.stdout,
-                    gate,
-                    minimum=minimum,
-                    application_table=settings.tables.application,
-                    docs_url=settings.audit.docs_url,
-                    sarif_max_results=sarif_max_results,
-                    close_on_interrupt=closes,
-                )
-            except KeyboardInterrupt:
-                if closes:
-                    ctx.meta[_META_JSON] = "done"  # stdout already holds one JSON value
-                raise
-        else:
-            report_console = c.out if sink is None else plain_console(sink)
-            render_text_report(report_console, audit, gate, minimum=minimum)
-    summary = gate.noted(audit.summary())
-    if recorder is not None and write_baseline is not None:
-        recorder.write(write_baseline)
-        if not c.quiet:
-            c.err.print(
-                f"wrote the baseline ({recorder.findings:,} findings) to {escape(write_baseline)}"
-            )
-    if sink is not None and not c.quiet:
-        c.out.print(f"wrote the {fmt} report to {escape(str(output))}")
-        render_audit_summary(c.out, summary)
-    elif machine and not c.quiet:
-        render_audit_summary(c.err, summary)
-    failure = gate.failure(summary, cast(FailOn, fail_on))
+    options = AuditOptions(
+        fmt,
+        output,
+        cast(FailOn, fail_on),
+        min_severity,
+        baseline_path,
+        write_baseline,
+        sarif_max_results,
+    )
+    failure = write_audit_report(
+        state.consoles,
+        options,
+        lambda progress: audit_service(
+            settings, revisions=Catalogue.load().revisions, progress=progress
+        ),
+        application_table=settings.tables.application,
+        docs_url=settings.audit.docs_url,
+        on_interrupt_closed=lambda: ctx.meta.update({_META_JSON: "done"}),
+    )
     if failure is not None:
         raise Findings(failure)
 
