@@ -10,7 +10,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, NoReturn, cast
@@ -28,6 +28,7 @@ from oauthmig.html_report import gather_report
 from oauthmig.output.audit_report import AuditOptions, write_audit_report
 from oauthmig.output.audit_writers import SARIF_MAX_RESULTS
 from oauthmig.output.backfill_text import render_report, render_requests
+from oauthmig.output.backfill_watch import watch_backfill
 from oauthmig.output.files import output_file, write_scripts
 from oauthmig.output.html import render_html
 from oauthmig.output.json import (
@@ -44,7 +45,6 @@ from oauthmig.output.json import (
     status_to_dict,
     to_json,
 )
-from oauthmig.output.metrics import MetricsFile
 from oauthmig.output.outcomes import (
     Failures,
     backfill_failures,
@@ -138,12 +138,61 @@ class _FiniteRange(click.FloatRange):
 
 
 FORMAT = click.Choice(["text", "json"])
-OUTPUT_DIR = click.option(
-    "--output-dir",
-    type=click.Path(file_okay=False),
-    metavar="DIR",
-    help="With --sql: write one script per database, DIR/<database>.sql, instead of stdout.",
-)
+FORMAT_OPTION = click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+_Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _options(*options: _Decorator) -> _Decorator:
+    """Several options as one decorator, listed in ``--help`` in the order given."""
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
+def _offline_options(sql_help: str, from_default: str) -> _Decorator:
+    """``--sql``, ``--from`` and ``--output-dir`` of upgrade and downgrade."""
+    return _options(
+        click.option("--sql", "offline", is_flag=True, help=sql_help),
+        click.option(
+            "--from",
+            "from_revision",
+            metavar="REV",
+            help=f"With --sql: the revision the databases are at (default: {from_default}).",
+        ),
+        click.option(
+            "--output-dir",
+            type=click.Path(file_okay=False),
+            metavar="DIR",
+            help="With --sql: write one script per database, DIR/<database>.sql, instead of "
+            "stdout.",
+        ),
+    )
+
+
+def _dry_run_option(help: str) -> _Decorator:
+    return click.option("--dry-run", is_flag=True, help=help)
+
+
+def _jobs_option(help: str) -> _Decorator:
+    return click.option(
+        "--jobs", "-j", default=1, show_default=True, type=click.IntRange(1, 64), help=help
+    )
+
+
+def _sleep_option(help: str) -> _Decorator:
+    return click.option(
+        "--sleep", "sleep_seconds", type=_FiniteRange(0, 3600), default=None, help=help
+    )
+
+
+def _fail_on_option(help: str) -> _Decorator:
+    return click.option("--fail-on", type=FAIL_ON, default="error", show_default=True, help=help)
+
+
 FAIL_ON = click.Choice(["error", "warning", "never"])
 MIN_SEVERITY = click.Choice(["error", "warning", "info"])
 
@@ -397,35 +446,17 @@ def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | N
     metavar="REV",
     help="Target revision (id, unique prefix, or head).",
 )
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Connect read-only and print, per database, the pending revisions and their "
-    "SQL. Writes nothing, not even the version table.",
+@_dry_run_option(
+    "Connect read-only and print, per database, the pending revisions and their "
+    "SQL. Writes nothing, not even the version table."
 )
-@click.option(
-    "--sql",
-    "offline",
-    is_flag=True,
-    help="Emit the SQL only, offline: no connection needed; one section per database, "
-    "each guarded to stop on another database, another revision or unfinished backfills.",
+@_offline_options(
+    "Emit the SQL only, offline: no connection needed; one section per database, each "
+    "guarded to stop on another database, another revision or unfinished backfills.",
+    from_default="base",
 )
-@click.option(
-    "--from",
-    "from_revision",
-    metavar="REV",
-    help="With --sql: the revision the databases are at (default: base).",
-)
-@OUTPUT_DIR
-@click.option(
-    "--jobs",
-    "-j",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Upgrade this many databases in parallel.",
-)
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@_jobs_option("Upgrade this many databases in parallel.")
+@FORMAT_OPTION
 @click.pass_context
 def upgrade(
     ctx: click.Context,
@@ -461,16 +492,9 @@ def upgrade(
     metavar="REV|base",
     help="Revision to go back to, or base to remove everything oauthmig added.",
 )
-@click.option("--dry-run", is_flag=True, help="Print the revisions and SQL; write nothing.")
-@click.option("--sql", "offline", is_flag=True, help="Emit the SQL only, offline.")
-@click.option(
-    "--from",
-    "from_revision",
-    metavar="REV",
-    help="With --sql: the revision the databases are at (default: head).",
-)
-@OUTPUT_DIR
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@_dry_run_option("Print the revisions and SQL; write nothing.")
+@_offline_options("Emit the SQL only, offline.", from_default="head")
+@FORMAT_OPTION
 @click.pass_context
 def downgrade(
     ctx: click.Context,
@@ -498,7 +522,7 @@ def downgrade(
 
 @cli.command()
 @click.argument("revision", metavar="REV")
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@FORMAT_OPTION
 @click.pass_context
 def stamp(ctx: click.Context, revision: str, fmt: str) -> None:
     """Record revisions up to REV as applied without running them.
@@ -520,7 +544,7 @@ def stamp(ctx: click.Context, revision: str, fmt: str) -> None:
 
 
 @cli.command()
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@FORMAT_OPTION
 @click.option(
     "--check",
     is_flag=True,
@@ -564,7 +588,7 @@ def status(ctx: click.Context, fmt: str, check: bool, exact: bool) -> None:
 
 
 @cli.command()
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@FORMAT_OPTION
 @click.pass_context
 def history(ctx: click.Context, fmt: str) -> None:
     """List revisions with the tables they touch and the backfills they require.
@@ -650,19 +674,11 @@ def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
     help="Starting batch size (default: backfill.batch_size); it then adapts toward "
     "backfill.target_batch_seconds.",
 )
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Report rows to change per job and database and an estimated duration. "
-    "Writes nothing, not even the job tables.",
+@_dry_run_option(
+    "Report rows to change per job and database and an estimated duration. "
+    "Writes nothing, not even the job tables."
 )
-@click.option(
-    "--sleep",
-    "sleep_seconds",
-    type=_FiniteRange(0, 3600),
-    default=None,
-    help="Pause between batches, in seconds, 0 to 3600 (default: backfill.sleep_seconds).",
-)
+@_sleep_option("Pause between batches, in seconds, 0 to 3600 (default: backfill.sleep_seconds).")
 @click.option(
     "--max-runtime",
     type=_FiniteRange(0.1, MAX_RUNTIME_SECONDS),
@@ -673,14 +689,7 @@ def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
     "Without it the run goes until done.",
 )
 @click.option("--restart", is_flag=True, help="Forget saved progress and start over.")
-@click.option(
-    "--jobs",
-    "-j",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Run this many job x database pairs in parallel.",
-)
+@_jobs_option("Run this many job x database pairs in parallel.")
 @click.option(
     "--metrics-file",
     metavar="PATH",
@@ -702,7 +711,7 @@ def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
     metavar="N",
     help="With --report: how many recent batches to list per job (default 20).",
 )
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@FORMAT_OPTION
 @click.pass_context
 def backfill(
     ctx: click.Context,
@@ -764,59 +773,42 @@ def backfill(
         return
     if last is not None:
         raise UsageError("--last only applies to --report")
-    _backfill_run(
-        ctx,
-        job_names,
-        batch_size,
-        dry_run,
-        sleep_seconds,
-        max_runtime,
-        restart,
-        jobs,
-        metrics_file,
-        fmt,
+    options = backfill_service.BackfillOptions(
+        batch_size, sleep_seconds, max_runtime, restart, dry_run, jobs
     )
+    _backfill_run(ctx, job_names, options, metrics_file, fmt)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C (the job is saved as paused), then exits 143."""
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise Terminated
+
+    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _backfill_run(
     ctx: click.Context,
     job_names: tuple[str, ...],
-    batch_size: int | None,
-    dry_run: bool,
-    sleep_seconds: float | None,
-    max_runtime: float | None,
-    restart: bool,
-    jobs: int,
+    options: backfill_service.BackfillOptions,
     metrics_file: str | None,
     fmt: str,
 ) -> None:
     state = _state(ctx)
     c = state.consoles
     settings = state.settings()
-    options = backfill_service.BackfillOptions(
-        batch_size, sleep_seconds, max_runtime, restart, dry_run, jobs
-    )
-    metrics = None if metrics_file is None or dry_run else MetricsFile(metrics_file)
-
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        raise Terminated  # unwinds like Ctrl-C: the job is saved as paused
-
-    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
-    try:
-        with progress_bar(c.err, enabled=not c.quiet and not dry_run) as update:
-            result = backfill_service.backfill(
-                settings,
-                job_names,
-                options,
-                progress=update,
-                observe=metrics.update if metrics is not None else None,
-            )
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
-    if metrics is not None and metrics.error:
-        c.err.print(f"warning: {escape(metrics.error)} (the backfill itself went on)")
+    with watch_backfill(c, metrics_file, options.dry_run) as watch, _sigterm_interrupts():
+        result = backfill_service.backfill(
+            settings, job_names, options, progress=watch.progress, observe=watch.observe
+        )
     emit(
         c,
         fmt,
@@ -825,8 +817,7 @@ def _backfill_run(
         always=bool(result.failed),
     )
     fail_summary(c, backfill_failures(result))
-    unfinished_work = unfinished(result)
-    if unfinished_work is not None:
+    if (unfinished_work := unfinished(result)) is not None:
         raise Unfinished(unfinished_work)
 
 
@@ -850,7 +841,6 @@ def _backfill_report(
         raise OauthmigError(f"{errors[0]}{more}")
 
 
-_REQUEST_FORMAT = click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
 _WAIT = click.option(
     "--wait",
     is_flag=True,
@@ -896,7 +886,7 @@ def _request(
 @click.argument("job_names", nargs=-1, metavar="[JOB]...")
 @_WAIT
 @_TIMEOUT
-@_REQUEST_FORMAT
+@FORMAT_OPTION
 @click.pass_context
 def backfill_pause(
     ctx: click.Context, job_names: tuple[str, ...], wait: bool, timeout: float, fmt: str
@@ -920,7 +910,7 @@ def backfill_pause(
 
 @backfill.command("resume")
 @click.argument("job_names", nargs=-1, metavar="[JOB]...")
-@_REQUEST_FORMAT
+@FORMAT_OPTION
 @click.pass_context
 def backfill_resume(ctx: click.Context, job_names: tuple[str, ...], fmt: str) -> None:
     """Withdraw a pause (or a cancel the running backfill has not acted on yet).
@@ -940,7 +930,7 @@ def backfill_resume(ctx: click.Context, job_names: tuple[str, ...], fmt: str) ->
 @click.argument("job_names", nargs=-1, metavar="[JOB]...")
 @_WAIT
 @_TIMEOUT
-@_REQUEST_FORMAT
+@FORMAT_OPTION
 @click.pass_context
 def backfill_cancel(
     ctx: click.Context, job_names: tuple[str, ...], wait: bool, timeout: float, fmt: str
@@ -961,7 +951,7 @@ def backfill_cancel(
 
 
 @cli.command()
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@FORMAT_OPTION
 @click.pass_context
 def verify(ctx: click.Context, fmt: str) -> None:
     """Check that every row has the new columns' values (what finalize needs).
@@ -1002,7 +992,7 @@ def verify(ctx: click.Context, fmt: str) -> None:
     help="ISO 8601 time (UTC unless it has an offset) from which the provider's code writes the "
     "new columns itself, e.g. the end of its deploy.",
 )
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@FORMAT_OPTION
 @click.pass_context
 def contract(ctx: click.Context, since: str, fmt: str) -> None:
     """End the compatibility phase: remove the triggers that fill the new columns for the
@@ -1050,15 +1040,9 @@ def contract(ctx: click.Context, since: str, fmt: str) -> None:
     help="Only delete grants that expired more than DURATION ago (e.g. 30min, 12h, 7d; at "
     "most 3650d): a consumed code is recognized as a replay until it is deleted.",
 )
-@click.option(
-    "--sleep",
-    "sleep_seconds",
-    type=_FiniteRange(0, 3600),
-    default=None,
-    help="Pause between batches, in seconds (default: backfill.sleep_seconds).",
-)
-@click.option("--dry-run", is_flag=True, help="Count what would be deleted; write nothing.")
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@_sleep_option("Pause between batches, in seconds (default: backfill.sleep_seconds).")
+@_dry_run_option("Count what would be deleted; write nothing.")
+@FORMAT_OPTION
 @click.pass_context
 def prune_grants(
     ctx: click.Context,
@@ -1167,14 +1151,8 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     show_default=True,
     help="OpenID Connect application_type the URIs are registered for.",
 )
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
-@click.option(
-    "--fail-on",
-    type=FAIL_ON,
-    default="error",
-    show_default=True,
-    help="Exit 1 when any URI has a finding of this severity or worse.",
-)
+@FORMAT_OPTION
+@_fail_on_option("Exit 1 when any URI has a finding of this severity or worse.")
 @click.pass_context
 def check_redirect(
     ctx: click.Context, uris: tuple[str, ...], app_type: str, fmt: str, fail_on: str
@@ -1221,13 +1199,7 @@ def check_redirect(
     help="Write the report to FILE (a regular file is replaced atomically when complete; a "
     "device or FIFO is written directly); print only the summary.",
 )
-@click.option(
-    "--fail-on",
-    type=FAIL_ON,
-    default="error",
-    show_default=True,
-    help="Exit 1 when findings of this severity or worse exist.",
-)
+@_fail_on_option("Exit 1 when findings of this severity or worse exist.")
 @click.option(
     "--min-severity",
     type=MIN_SEVERITY,
