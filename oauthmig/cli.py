@@ -402,20 +402,25 @@ def _migrate(
         )
     except PlanRefusedError as exc:
         raise _refused(c, exc) from None
-    if mode is Mode.SQL:
+    _show_migration(c, fmt, result, output_dir, state.command_prefix())
+
+
+def _show_migration(
+    c: Consoles, fmt: str, result: RunResult, output_dir: str | None, command: str
+) -> None:
+    """The SQL (--sql), the plan (--dry-run) or the run; then the failures."""
+    if result.mode is Mode.SQL:
         _emit_sql(c, result, fmt == "json", output_dir)
         return
-    dry = mode is Mode.DRY_RUN
+    dry = result.mode is Mode.DRY_RUN
     _refuse(unscripted(result, "nothing was changed") if dry else None)
-    if direction is Direction.DOWNGRADE:
+    if result.direction is Direction.DOWNGRADE:
         fail_summary(c, run_failures(result))  # a failed downgrade shows no table
     emit(
         c,
         fmt,
         lambda: runs_to_dict(result, dry_run=dry),
-        lambda out: (
-            render_dry_run(out, result) if dry else render_run(out, result, state.command_prefix())
-        ),
+        lambda out: render_dry_run(out, result) if dry else render_run(out, result, command),
         always=dry,
     )
     fail_summary(c, run_failures(result))
@@ -1399,23 +1404,6 @@ def _run(argv: list[str] | None, meta: dict[str, Any], stdout: PipeSafeStdout) -
         root = exc.ctx or click.Context(cli, info_name="oauthmig")
         click.echo(root.get_help())
         return EXIT_OK
-    except Findings as exc:
-        click.echo(str(exc), err=True)
-        return EXIT_FINDINGS
-    except Unfinished as exc:
-        click.echo(str(exc), err=True)
-        return EXIT_UNFINISHED
-    except OauthmigError as exc:
-        click.echo(f"error: {' '.join(exc.message.split())}", err=True)
-        return EXIT_FAILED
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.UsageError as exc:
-        click.echo(_usage_line(exc), err=True)
-        return EXIT_FAILED
-    except click.ClickException as exc:
-        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
-        return EXIT_FAILED
     except (KeyboardInterrupt, click.exceptions.Abort) as exc:
         terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
         _interrupted(meta, stdout, terminated=terminated)
@@ -1424,12 +1412,31 @@ def _run(argv: list[str] | None, meta: dict[str, Any], stdout: PipeSafeStdout) -
         # A write that bypassed sys.stdout: stop quietly.
         to_devnull(sys.__stdout__.fileno if sys.__stdout__ else lambda: 1)
         return EXIT_FAILED
-    except OSError as exc:
-        # The system refused a file operation no writer above turned into its own error (a
-        # full temporary directory for the audit's spool, say): one line, not a traceback.
-        where = f" ({exc.filename})" if exc.filename else ""
-        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
-        return EXIT_FAILED
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except (Findings, Unfinished, OauthmigError, click.ClickException, OSError) as exc:
+        message, code = _exit_for(exc)
+        click.echo(message, err=True)
+        return code
+
+
+def _exit_for(exc: Exception) -> tuple[str, int]:
+    """The line and the exit code that end a command that raised ``exc``."""
+    if isinstance(exc, Findings):
+        return str(exc), EXIT_FINDINGS
+    if isinstance(exc, Unfinished):
+        return str(exc), EXIT_UNFINISHED
+    if isinstance(exc, OauthmigError):
+        return f"error: {' '.join(exc.message.split())}", EXIT_FAILED
+    if isinstance(exc, click.UsageError):
+        return _usage_line(exc), EXIT_FAILED
+    if isinstance(exc, click.ClickException):
+        return f"error: {' '.join(exc.format_message().split())}", EXIT_FAILED
+    # The system refused a file operation no writer turned into its own error (a full
+    # temporary directory for the audit's spool, say): one line, not a traceback.
+    assert isinstance(exc, OSError)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"error: {exc.strerror or exc}{where}", EXIT_FAILED
 
 
 oauthmig.cli_loaded()
