@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import logging
-import math
 import os
-import shlex
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, NoReturn, cast
 
@@ -19,7 +15,24 @@ import click
 from rich.console import Console
 
 import oauthmig
-from oauthmig.config import Settings, load_settings, parse_duration_ms
+from oauthmig.cli_options import (
+    FORMAT_OPTION,
+    MAX_RUNTIME_SECONDS,
+    META_JSON,
+    MIN_SEVERITY,
+    BackfillGroup,
+    FiniteRange,
+    Group,
+    dry_run_option,
+    fail_on_option,
+    given_options,
+    global_options,
+    jobs_option,
+    offline_options,
+    sleep_option,
+    state_of,
+)
+from oauthmig.config import parse_duration_ms
 from oauthmig.demo.progress import console_hooks
 from oauthmig.demo.progress import failures as demo_failures
 from oauthmig.demo.run import run_demo
@@ -80,7 +93,6 @@ from oauthmig.output.text import (
     sql_section,
 )
 from oauthmig.prune import prune
-from oauthmig.redact import scrub_log_records
 from oauthmig.redirects.audit import FailOn
 from oauthmig.redirects.audit import audit as audit_service
 from oauthmig.redirects.rules import check_uri
@@ -97,26 +109,6 @@ from oauthmig.rollout.verify import verify as verify_service
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: backfill stopped by SIGTERM, state saved
 EXIT_UNFINISHED = 3  # backfill stopped by --max-runtime with rows left: run it again
-MAX_RUNTIME_SECONDS = 30 * 24 * 3600
-
-
-@dataclass(frozen=True, slots=True)
-class AppState:
-    """Global options, shared by every command."""
-
-    config_path: str | None
-    databases: tuple[str, ...]
-    consoles: Consoles
-
-    def settings(self) -> Settings:
-        """Load the configuration and apply ``--database``."""
-        return load_settings(self.config_path).restrict(self.databases)
-
-    def command_prefix(self) -> str:
-        """``oauthmig`` plus the ``--config`` in use, for commands printed as advice."""
-        if self.config_path is None:
-            return "oauthmig"
-        return f"oauthmig --config {shlex.quote(self.config_path)}"
 
 
 class Findings(Exception):
@@ -127,163 +119,10 @@ class Unfinished(Exception):
     """Raised by ``backfill`` when ``--max-runtime`` stopped a job with rows left (exit 3)."""
 
 
-class _FiniteRange(click.FloatRange):
-    """A float range that also refuses ``nan`` and ``inf`` (they compare false to any bound)."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
-        return rv
-
-
-FORMAT = click.Choice(["text", "json"])
-FORMAT_OPTION = click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
-_Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
-
-
-def _options(*options: _Decorator) -> _Decorator:
-    """Several options as one decorator, listed in ``--help`` in the order given."""
-
-    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
-        for option in reversed(options):
-            f = option(f)
-        return f
-
-    return apply
-
-
-def _offline_options(sql_help: str, from_default: str) -> _Decorator:
-    """``--sql``, ``--from`` and ``--output-dir`` of upgrade and downgrade."""
-    return _options(
-        click.option("--sql", "offline", is_flag=True, help=sql_help),
-        click.option(
-            "--from",
-            "from_revision",
-            metavar="REV",
-            help=f"With --sql: the revision the databases are at (default: {from_default}).",
-        ),
-        click.option(
-            "--output-dir",
-            type=click.Path(file_okay=False),
-            metavar="DIR",
-            help="With --sql: write one script per database, DIR/<database>.sql, instead of "
-            "stdout.",
-        ),
-    )
-
-
-def _dry_run_option(help: str) -> _Decorator:
-    return click.option("--dry-run", is_flag=True, help=help)
-
-
-def _jobs_option(help: str) -> _Decorator:
-    return click.option(
-        "--jobs", "-j", default=1, show_default=True, type=click.IntRange(1, 64), help=help
-    )
-
-
-def _sleep_option(help: str) -> _Decorator:
-    return click.option(
-        "--sleep", "sleep_seconds", type=_FiniteRange(0, 3600), default=None, help=help
-    )
-
-
-def _fail_on_option(help: str) -> _Decorator:
-    return click.option("--fail-on", type=FAIL_ON, default="error", show_default=True, help=help)
-
-
-FAIL_ON = click.Choice(["error", "warning", "never"])
-MIN_SEVERITY = click.Choice(["error", "warning", "info"])
-
-# Global options, accepted before and after the subcommand name (``oauthmig -d x status`` and
-# ``oauthmig status -d x``). Values given after the name are stored in ``ctx.meta``.
-_META_LATE = "oauthmig.late_globals"
-_META_STATE = "oauthmig.state"
-_META_JSON = "oauthmig.json_output"
-_CONFIG_HELP = (
-    "Config file (default: $OAUTHMIG_CONFIG, ./oauthmig.toml, or the embedded "
-    "SQLite default under ./.oauthmig/)."
-)
-
-
-def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    if value not in (None, False, ()):
-        assert param.name is not None
-        ctx.meta.setdefault(_META_LATE, {})[param.name] = value
-    return value
-
-
-#: The global options: (declarations, attributes), declared once for the group and again on
-#: every subcommand (where they are stored for :func:`_build_state`, not passed).
-_GLOBAL_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
-    (("--config", "config_path"), {"type": click.Path(dir_okay=False), "help": _CONFIG_HELP}),
-    (
-        ("--database", "-d", "databases"),
-        {"multiple": True, "metavar": "NAME", "help": "Only act on this database (repeatable)."},
-    ),
-    (("--verbose", "-v"), {"is_flag": True, "help": "More detail."}),
-    (("--quiet", "-q"), {"is_flag": True, "help": "Only errors and requested output."}),
-)
-
-
-def _global_options(*, late: bool = True) -> list[click.Parameter]:
-    """The global options as parameters: of the group (``late=False``), or of a subcommand."""
-    extra: dict[str, Any] = {"expose_value": False, "callback": _remember} if late else {}
-    return [click.Option(list(decls), **attrs, **extra) for decls, attrs in _GLOBAL_OPTIONS]
-
-
-def _invoke_command(ctx: click.Context, invoke: Callable[[click.Context], Any]) -> Any:
-    """Run a subcommand with the global options applied, the project's ``UsageError`` turned
-    into a click usage error (one line naming ``oauthmig CMD --help``)."""
-    _build_state(ctx)
-    ctx.meta[_META_JSON] = ctx.params.get("fmt")
-    ctx.meta["command"] = ctx.info_name
-    try:
-        return invoke(ctx)
-    except UsageError as exc:
-        raise click.UsageError(exc.message, ctx) from None
-
-
-class _Command(click.Command):
-    """A subcommand that accepts the global options too, and turns the project's
-    ``UsageError`` into a click usage error (one line naming ``oauthmig CMD --help``)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.params.extend(_global_options())
-
-    def invoke(self, ctx: click.Context) -> Any:
-        return _invoke_command(ctx, super().invoke)
-
-
-class _Group(click.Group):
-    command_class = _Command
-
-
-def _build_state(ctx: click.Context) -> AppState:
-    """Merge the global options given before and after the subcommand into one AppState."""
-    root = ctx.find_root()
-    late: dict[str, Any] = ctx.meta.get(_META_LATE, {})
-    config_path = late.get("config_path", root.params.get("config_path"))
-    databases = tuple(root.params.get("databases", ())) + tuple(late.get("databases", ()))
-    verbose = bool(root.params.get("verbose") or late.get("verbose"))
-    quiet = bool(root.params.get("quiet") or late.get("quiet"))
-    if verbose and quiet:
-        raise click.UsageError("--verbose and --quiet exclude each other", ctx)
-    if verbose:
-        # Alembic reports each revision it runs ("Running upgrade 0001 -> 0002") at INFO.
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(name)s: %(message)s")
-    scrub_log_records()  # library log lines (psycopg, SQLAlchemy's pool) can quote driver errors
-    state = AppState(config_path, databases, Consoles.create(quiet=quiet, verbose=verbose))
-    ctx.meta[_META_STATE] = state
-    return state
-
-
 @click.group(
-    cls=_Group,
+    cls=Group,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    params=_global_options(late=False),
+    params=global_options(late=False),
 )
 @click.version_option(package_name="oauthmig")
 def cli(
@@ -330,11 +169,6 @@ def fail_summary(c: Consoles, failures: Failures) -> None:
         for line in failures.lines:
             c.error(line)
         raise OauthmigError(failures.summary)
-
-
-def _state(ctx: click.Context) -> AppState:
-    state: AppState = ctx.meta.get(_META_STATE) or _build_state(ctx)
-    return state
 
 
 def _catalogue(target: str, from_revision: str | None) -> Catalogue:
@@ -386,7 +220,7 @@ def _migrate(
         if given and not offline:
             raise UsageError(f"{flag} only applies to --sql")
     cat = _catalogue(target, from_revision)
-    state = _state(ctx)
+    state = state_of(ctx)
     c = state.consoles
     mode = Mode.SQL if offline else Mode.DRY_RUN if dry_run else Mode.ONLINE
     try:
@@ -451,16 +285,16 @@ def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | N
     metavar="REV",
     help="Target revision (id, unique prefix, or head).",
 )
-@_dry_run_option(
+@dry_run_option(
     "Connect read-only and print, per database, the pending revisions and their "
     "SQL. Writes nothing, not even the version table."
 )
-@_offline_options(
+@offline_options(
     "Emit the SQL only, offline: no connection needed; one section per database, each "
     "guarded to stop on another database, another revision or unfinished backfills.",
     from_default="base",
 )
-@_jobs_option("Upgrade this many databases in parallel.")
+@jobs_option("Upgrade this many databases in parallel.")
 @FORMAT_OPTION
 @click.pass_context
 def upgrade(
@@ -497,8 +331,8 @@ def upgrade(
     metavar="REV|base",
     help="Revision to go back to, or base to remove everything oauthmig added.",
 )
-@_dry_run_option("Print the revisions and SQL; write nothing.")
-@_offline_options("Emit the SQL only, offline.", from_default="head")
+@dry_run_option("Print the revisions and SQL; write nothing.")
+@offline_options("Emit the SQL only, offline.", from_default="head")
 @FORMAT_OPTION
 @click.pass_context
 def downgrade(
@@ -543,7 +377,7 @@ def stamp(ctx: click.Context, revision: str, fmt: str) -> None:
       oauthmig stamp 0003                 # databases already at 0003: nothing to record
       oauthmig stamp 0003 -d control --format json
     """
-    state = _state(ctx)
+    state = state_of(ctx)
     result = stamp_revisions(state.settings(), revision)
     emit(state.consoles, fmt, lambda: stamp_to_dict(result), lambda out: render_stamp(out, result))
 
@@ -577,7 +411,7 @@ def status(ctx: click.Context, fmt: str, check: bool, exact: bool) -> None:
       oauthmig status --check        # in CI: fails while anything is outstanding
       oauthmig status --exact        # count the rows left instead of estimating
     """
-    state = _state(ctx)
+    state = state_of(ctx)
     report = read_status(state.settings(), exact=exact)
     emit(
         state.consoles,
@@ -604,46 +438,12 @@ def history(ctx: click.Context, fmt: str) -> None:
     """
     revisions = Catalogue.load().revisions
     emit(
-        _state(ctx).consoles,
+        state_of(ctx).consoles,
         fmt,
         lambda: history_to_list(revisions),
         lambda out: render_history(out, revisions),
         always=True,
     )
-
-
-class _BackfillGroup(click.Group):
-    """``backfill [JOB]...`` runs jobs; ``backfill pause|resume|cancel [JOB]...`` are its
-    subcommands. The first word decides: a subcommand name, or else the run with job names
-    (job names never collide with the subcommands), options before and after them."""
-
-    command_class = _Command
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.params.extend(_global_options())
-
-    def _first_word(self, ctx: click.Context, args: list[str]) -> str | None:
-        parser = self.make_parser(ctx)
-        parser.allow_interspersed_args = False
-        try:
-            _, rest, _ = parser.parse_args(args=list(args))
-        except click.UsageError:
-            return None  # parsed again below, where the error is reported
-        return rest[0] if rest else None
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if self._first_word(ctx, args) in self.commands:
-            return super().parse_args(ctx, args)
-        ctx.allow_interspersed_args = True
-        ctx.allow_extra_args = True
-        rest = click.Command.parse_args(self, ctx, args)
-        ctx.params["job_names"] = tuple(rest)
-        ctx.args = []
-        return []
-
-    def invoke(self, ctx: click.Context) -> Any:
-        return _invoke_command(ctx, super().invoke)
 
 
 _RUN_OPTIONS = {
@@ -657,17 +457,8 @@ _RUN_OPTIONS = {
 }
 
 
-def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
-    """The options of ``names`` given on the command line (not defaults)."""
-    return [
-        flag
-        for name, flag in names.items()
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-    ]
-
-
 @cli.group(
-    cls=_BackfillGroup,
+    cls=BackfillGroup,
     invoke_without_command=True,
     subcommand_metavar="[JOB]... | pause|resume|cancel [JOB]...",
 )
@@ -679,14 +470,14 @@ def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
     help="Starting batch size (default: backfill.batch_size); it then adapts toward "
     "backfill.target_batch_seconds.",
 )
-@_dry_run_option(
+@dry_run_option(
     "Report rows to change per job and database and an estimated duration. "
     "Writes nothing, not even the job tables."
 )
-@_sleep_option("Pause between batches, in seconds, 0 to 3600 (default: backfill.sleep_seconds).")
+@sleep_option("Pause between batches, in seconds, 0 to 3600 (default: backfill.sleep_seconds).")
 @click.option(
     "--max-runtime",
-    type=_FiniteRange(0.1, MAX_RUNTIME_SECONDS),
+    type=FiniteRange(0.1, MAX_RUNTIME_SECONDS),
     default=None,
     metavar="S",
     help="Stop cleanly after S seconds (0.1 to 2592000, 30 days); state is saved and the next "
@@ -694,7 +485,7 @@ def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
     "Without it the run goes until done.",
 )
 @click.option("--restart", is_flag=True, help="Forget saved progress and start over.")
-@_jobs_option("Run this many job x database pairs in parallel.")
+@jobs_option("Run this many job x database pairs in parallel.")
 @click.option(
     "--metrics-file",
     metavar="PATH",
@@ -763,7 +554,7 @@ def backfill(
       oauthmig backfill --report --format json | jq '.jobs[].state.history'
     """
     if ctx.invoked_subcommand is not None:
-        given = _given(ctx, {**_RUN_OPTIONS, "report": "--report", "last": "--last"})
+        given = given_options(ctx, {**_RUN_OPTIONS, "report": "--report", "last": "--last"})
         if given:
             raise UsageError(
                 f"{given[0]} does not apply to `backfill {ctx.invoked_subcommand}`; "
@@ -771,7 +562,7 @@ def backfill(
             )
         return
     if report:
-        given = _given(ctx, _RUN_OPTIONS)
+        given = given_options(ctx, _RUN_OPTIONS)
         if given:
             raise UsageError(f"--report reads the history only; it does not take {given[0]}")
         _backfill_report(ctx, job_names, last, fmt)
@@ -807,7 +598,7 @@ def _backfill_run(
     metrics_file: str | None,
     fmt: str,
 ) -> None:
-    state = _state(ctx)
+    state = state_of(ctx)
     c = state.consoles
     settings = state.settings()
     with watch_backfill(c, metrics_file, options.dry_run) as watch, _sigterm_interrupts():
@@ -829,7 +620,7 @@ def _backfill_run(
 def _backfill_report(
     ctx: click.Context, job_names: tuple[str, ...], last: int | None, fmt: str
 ) -> None:
-    state = _state(ctx)
+    state = state_of(ctx)
     histories = backfill_report(state.settings(), job_names, DEFAULT_LAST if last is None else last)
     emit(
         state.consoles,
@@ -854,7 +645,7 @@ _WAIT = click.option(
 )
 _TIMEOUT = click.option(
     "--timeout",
-    type=_FiniteRange(0.1, MAX_RUNTIME_SECONDS),
+    type=FiniteRange(0.1, MAX_RUNTIME_SECONDS),
     default=600.0,
     show_default=True,
     metavar="S",
@@ -873,7 +664,7 @@ def _request(
 
     if ctx.get_parameter_source("timeout") == click.core.ParameterSource.COMMANDLINE and not wait:
         raise UsageError("--timeout only applies to --wait")
-    state = _state(ctx)
+    state = state_of(ctx)
     settings = state.settings()
     outcomes = control.request(settings, action, job_names)
     emit(
@@ -973,7 +764,7 @@ def verify(ctx: click.Context, fmt: str) -> None:
       oauthmig verify
       oauthmig verify -d control --format json
     """
-    state = _state(ctx)
+    state = state_of(ctx)
     results = verify_service(state.settings())
     emit(
         state.consoles,
@@ -1019,7 +810,7 @@ def contract(ctx: click.Context, since: str, fmt: str) -> None:
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    state = _state(ctx)
+    state = state_of(ctx)
     results = contract_service(state.settings(), when)
     emit(
         state.consoles,
@@ -1045,8 +836,8 @@ def contract(ctx: click.Context, since: str, fmt: str) -> None:
     help="Only delete grants that expired more than DURATION ago (e.g. 30min, 12h, 7d; at "
     "most 3650d): a consumed code is recognized as a replay until it is deleted.",
 )
-@_sleep_option("Pause between batches, in seconds (default: backfill.sleep_seconds).")
-@_dry_run_option("Count what would be deleted; write nothing.")
+@sleep_option("Pause between batches, in seconds (default: backfill.sleep_seconds).")
+@dry_run_option("Count what would be deleted; write nothing.")
 @FORMAT_OPTION
 @click.pass_context
 def prune_grants(
@@ -1076,7 +867,7 @@ def prune_grants(
         keep_ms = parse_duration_ms(older_than, "--older-than", high_ms=3650 * 86_400_000)
     except ConfigError as exc:
         raise UsageError(exc.message) from None
-    state = _state(ctx)
+    state = state_of(ctx)
     settings = state.settings()
     result = prune(
         settings,
@@ -1134,7 +925,7 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
       oauthmig demo
       oauthmig demo --apps 200 --tokens 5000 --setup-only
     """
-    state = _state(ctx)
+    state = state_of(ctx)
     c = state.consoles
     settings = state.settings()
     hooks = console_hooks(c, settings, state.command_prefix())
@@ -1157,7 +948,7 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     help="OpenID Connect application_type the URIs are registered for.",
 )
 @FORMAT_OPTION
-@_fail_on_option("Exit 1 when any URI has a finding of this severity or worse.")
+@fail_on_option("Exit 1 when any URI has a finding of this severity or worse.")
 @click.pass_context
 def check_redirect(
     ctx: click.Context, uris: tuple[str, ...], app_type: str, fmt: str, fail_on: str
@@ -1176,7 +967,7 @@ def check_redirect(
     """
     reports = [check_uri(uri, app_type) for uri in uris]
     emit(
-        _state(ctx).consoles,
+        state_of(ctx).consoles,
         fmt,
         lambda: check_reports_to_list(reports),
         lambda out: render_uri_reports(out, reports),
@@ -1204,7 +995,7 @@ def check_redirect(
     help="Write the report to FILE (a regular file is replaced atomically when complete; a "
     "device or FIFO is written directly); print only the summary.",
 )
-@_fail_on_option("Exit 1 when findings of this severity or worse exist.")
+@fail_on_option("Exit 1 when findings of this severity or worse exist.")
 @click.option(
     "--min-severity",
     type=MIN_SEVERITY,
@@ -1264,7 +1055,7 @@ def audit_redirects(
       oauthmig audit-redirects --write-baseline audit-baseline.json   # adopt: record today's
       oauthmig audit-redirects --baseline audit-baseline.json         # CI: fail on new ones
     """
-    state = _state(ctx)
+    state = state_of(ctx)
     settings = state.settings()
     options = AuditOptions(
         fmt,
@@ -1283,7 +1074,7 @@ def audit_redirects(
         ),
         application_table=settings.tables.application,
         docs_url=settings.audit.docs_url,
-        on_interrupt_closed=lambda: ctx.meta.update({_META_JSON: "done"}),
+        on_interrupt_closed=lambda: ctx.meta.update({META_JSON: "done"}),
     )
     if failure is not None:
         raise Findings(failure)
@@ -1321,7 +1112,7 @@ def report(ctx: click.Context, html_path: str, max_findings: int) -> None:
       oauthmig report --html report.html
       oauthmig report --html control.html -d control --max-findings 500
     """
-    state = _state(ctx)
+    state = state_of(ctx)
     c = state.consoles
     settings = state.settings()
     with output_file(html_path, "--html") as sink:
@@ -1365,7 +1156,7 @@ def _interrupted(
         message, code = "terminated (SIGTERM); state is saved, rerun to resume", EXIT_TERMINATED
     else:
         message, code = "interrupted; state is saved, rerun to resume", EXIT_INTERRUPTED
-    if ctx_obj.get(_META_JSON) == "json" and not stdout.written:
+    if ctx_obj.get(META_JSON) == "json" and not stdout.written:
         click.echo(to_json(interrupted_to_dict(ctx_obj.get("command"), code, message)))
     click.echo(message, err=True)
 

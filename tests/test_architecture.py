@@ -278,10 +278,11 @@ LAYERS: dict[str, int] = {
     "oauthmig.html_report": 7,  # the HTML report's data: status plus the audit
     # 8: renderers and file writers
     "oauthmig.output": 8,
-    # 9-11: the programs
+    # 9-12: the programs
     "oauthmig.demo": 9,
-    "oauthmig.cli": 10,
-    "oauthmig.__main__": 11,
+    "oauthmig.cli_options": 10,  # the options and how click parses them
+    "oauthmig.cli": 11,
+    "oauthmig.__main__": 12,
 }
 
 #: The pure redirect modules (no database): what other services may share.
