@@ -192,7 +192,8 @@ def write_audit_report(
         raise UsageError(f"--write-baseline {target!r}: give the name of a file to write")
     gate = BaselineGate(baseline, recorder, options.fmt)
     with contextlib.ExitStack() as stack:
-        sink = stack.enter_context(atomic_output(options.output)) if options.output else None
+        output = options.output
+        sink = stack.enter_context(atomic_output(output)) if output is not None else None
         # Progress (stderr, terminals only) when the report does not go to the terminal.
         show_progress = not c.quiet and (sink is not None or not c.out.is_terminal)
         audit = start(stack.enter_context(progress_bar(c.err, enabled=show_progress)))
