@@ -168,11 +168,23 @@ class BackfillSettings:
     batch_size: int = 1000
     target_batch_seconds: float = 0.1
     sleep_seconds: float = 0.0
-    max_duty: float = 0.5  # share of wall time spent in batches: sleep >= batch * (1/duty - 1)
+    #: Share of wall time spent in batches (sleep >= batch * (1/duty - 1)). None: 1.0 as the
+    #: ceiling of latency pacing (PostgreSQL with max_latency_ratio), else 0.5.
+    max_duty: float | None = None
+    #: Latency pacing: keep the probe's median latency within this multiple of its baseline
+    #: (:mod:`oauthmig.rollout.pacing`); 0 turns it off.
+    max_latency_ratio: float = 1.5
     outage_window_ms: int = 60000  # how long a lost connection is retried before failing
     keep_batches: int = 1000  # batch-history rows kept per job (older ones are summarized)
     client_metadata: ClientMetadataDefaults = field(default_factory=ClientMetadataDefaults)
     health: HealthSettings = field(default_factory=HealthSettings)
+
+    def duty(self, paced: bool) -> float:
+        """The duty cycle in force: ``max_duty`` if set, else 1.0 under latency pacing (the
+        pacer's ceiling) and 0.5 without it."""
+        if self.max_duty is not None:
+            return self.max_duty
+        return 1.0 if paced else 0.5
 
 
 #: Where ``docs/rules.md`` is published; SARIF ``helpUri`` values are this plus ``#<anchor>``.
@@ -349,6 +361,17 @@ def _float(value: object, key: str, low: float, high: float) -> float:
     if not low <= float(value) <= high:
         raise ConfigError(f"{key}: must be between {low} and {high}, got {value}")
     return float(value)
+
+
+def _latency_ratio(value: object) -> float:
+    """``backfill.max_latency_ratio``: 0 (pacing off) or a ratio from 1.05 to 100."""
+    key = "backfill.max_latency_ratio"
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    try:
+        return _float(value, key, 1.05, 100.0)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc.message} (0 turns latency pacing off)") from None
 
 
 def _str_list(value: object, key: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -533,6 +556,7 @@ def _backfill(bf_raw: Mapping[str, Any], env: Mapping[str, str]) -> BackfillSett
             "target_batch_seconds",
             "sleep_seconds",
             "max_duty",
+            "max_latency_ratio",
             "outage_window",
             "keep_batches",
             "client_metadata",
@@ -547,7 +571,10 @@ def _backfill(bf_raw: Mapping[str, Any], env: Mapping[str, str]) -> BackfillSett
             bf_raw.get("target_batch_seconds", 0.1), "backfill.target_batch_seconds", 0.01, 600
         ),
         sleep_seconds=_float(bf_raw.get("sleep_seconds", 0.0), "backfill.sleep_seconds", 0, 3600),
-        max_duty=_float(bf_raw.get("max_duty", 0.5), "backfill.max_duty", 0.01, 1.0),
+        max_duty=None
+        if bf_raw.get("max_duty") is None
+        else _float(bf_raw["max_duty"], "backfill.max_duty", 0.01, 1.0),
+        max_latency_ratio=_latency_ratio(bf_raw.get("max_latency_ratio", 1.5)),
         outage_window_ms=parse_duration_ms(
             bf_raw.get("outage_window", "60s"), "backfill.outage_window"
         ),

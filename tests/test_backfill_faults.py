@@ -646,7 +646,10 @@ def test_backfill_pacing_defaults_and_values() -> None:
     )
     assert s.backfill.max_duty == 1.0 and s.backfill.outage_window_ms == 90_000
     d = settings_from_mapping({"databases": {"main": {"url": "sqlite:///x.sqlite"}}}, {}, "t")
-    assert d.backfill.max_duty == 0.5 and d.backfill.outage_window_ms == 60_000
+    # Unset: 0.5 when latency pacing is off (SQLite, max_latency_ratio 0), its ceiling 1.0 on.
+    assert d.backfill.max_duty is None and d.backfill.outage_window_ms == 60_000
+    assert d.backfill.duty(paced=False) == 0.5 and d.backfill.duty(paced=True) == 1.0
+    assert s.backfill.duty(paced=False) == s.backfill.duty(paced=True) == 1.0
     assert d.backfill.batch_size == 1000
 
 
@@ -656,8 +659,9 @@ def test_backfill_pacing_defaults_and_values() -> None:
 def test_default_duty_cycle_sleeps_at_least_as_long_as_each_batch(
     make_database: DatabaseFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings, _ = _expanded(make_database, tmp_path, capsys)
-    assert settings.backfill.max_duty == 0.5
+    # The fixed duty cycle: latency pacing off (the default on SQLite, where it is a no-op).
+    settings, _ = _expanded(make_database, tmp_path, capsys, backfill={"max_latency_ratio": 0})
+    assert settings.backfill.duty(paced=False) == 0.5
     result = backfill(settings, ["token-families"], BackfillOptions(batch_size=100))
     runs = [r for r in result.runs if r.batches > 1]
     assert runs and all(r.status == "finished" for r in result.runs)

@@ -78,16 +78,21 @@ def render_report(console: Console, histories: Sequence[JobHistory]) -> None:
         if not h.recent:
             continue
         table = Table(title=f"{title}: last {len(h.recent)} batches", title_justify="left")
-        for name in ("finished", "ids", "rows", "seconds", "attempts", "outcome"):
+        paced = any(r.pace is not None for r in h.recent)
+        names = ("finished", "ids", "rows", "seconds", "attempts", "outcome")
+        for name in (*names, "pace") if paced else names:
             table.add_column(name, no_wrap=True)
         for r in h.recent:
             outcome = f"failed: {r.error_class}" if r.outcome == FAILED else r.outcome
-            table.add_row(
+            cells = [
                 when(r.finished_at),
                 _range(r),
                 f"{r.rows_changed:,}",
                 f"{r.seconds:.3f}",
                 str(r.attempts),
                 escape(outcome),
-            )
+            ]
+            if paced:
+                cells.append("" if r.pace is None else f"{r.pace:.0%}")
+            table.add_row(*cells)
         print_table(console, table)

@@ -64,6 +64,11 @@ FAMILIES: tuple[tuple[str, str], ...] = (
         "1 for the job's current state, 0 for the others (label state: " + ", ".join(STATES) + ").",
     ),
     ("held_seconds", "How long the current hold has lasted, in seconds (0 when not held)."),
+    (
+        "pace",
+        "Latency pacing's pace: 1 at full speed, less while the probe's latency is over "
+        "max_latency_ratio x its baseline (absent when pacing is off).",
+    ),
     ("updated_timestamp_seconds", "Unix time at which this job's figures were taken."),
 )
 
@@ -107,6 +112,7 @@ def render(samples: list[tuple[JobSample, float]]) -> str:
                 "failed": int(sample.state in ("failed", "cancelled")),
                 "state": 0,
                 "held_seconds": sample.held_seconds if held else 0.0,
+                "pace": sample.pace,
                 "updated_timestamp_seconds": at,
             }
             value = values[name]

@@ -35,6 +35,7 @@ from oauthmig.rollout.backfill import BackfillResult
 from oauthmig.rollout.batches import BatchStats
 from oauthmig.rollout.control import STOPPING, when
 from oauthmig.rollout.job_state import JobState, RunEnd, ShownStatus
+from oauthmig.rollout.pacing import PACED_PREFIX
 from oauthmig.rollout.revisions import RevisionInfo
 from oauthmig.rollout.runner import (
     DatabasePlan,
@@ -211,7 +212,9 @@ def progress_bar(console: Console, enabled: bool) -> Iterator[ProgressUpdate]:
             task = tasks[label]
             elapsed = bar.tasks[task].elapsed or 0.0
             rate = f"{done / elapsed:,.0f} rows/s" if elapsed > 0 else ""
-            if note:
+            if note and note.startswith(PACED_PREFIX):
+                rate = f"{rate} [yellow]{escape(note)}[/]"
+            elif note:
                 rate = f"[yellow]{escape(note)}[/]"
             bar.update(task, completed=done, total=total or None, rate=rate)
 
@@ -392,7 +395,11 @@ def render_status(console: Console, report: StatusReport) -> None:
         for job in d.backfills:
             total = "?" if job.rows_total is None else f"{job.rows_total:,}"
             state = str(job.state)
-            if job.held:
+            if job.held and job.held.startswith(PACED_PREFIX):
+                # Latency pacing slows a run, never stops it: a stopped run's pace is history.
+                if job.state is ShownStatus.RUNNING:
+                    state = f"{job.state} ({job.held})"
+            elif job.held:
                 how = "held" if job.state is ShownStatus.RUNNING else "stopped while held"
                 state = f"{job.state} ({how}: {job.held})"
             approx = "~" if job.estimate else ""

@@ -115,6 +115,7 @@ from oauthmig.rollout.jobs import (
     register_sqlite_functions,
     remaining_rows,
 )
+from oauthmig.rollout.pacing import PACED_PREFIX, Pacer
 from oauthmig.rollout.remaining import column_generation
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import check_databases
@@ -168,6 +169,7 @@ class JobSample:
     held_probe: str = ""
     held_reason: str = ""
     held_seconds: float = 0.0  # how long the current hold has lasted
+    pace: float | None = None  # latency pacing's current pace (1: full speed); None: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +340,7 @@ class _Runner:
     state: JobProgress | None = None  # what the job row holds (or will, once committed)
     observe: Observer | None = None
     health: HealthMonitor | None = None
+    pacer: Pacer | None = None
     log: BatchLog = field(init=False)  # the batch history this run writes
 
     def __post_init__(self) -> None:
@@ -349,6 +352,7 @@ class _Runner:
         started = time.monotonic()
         physical = self.settings.tables.physical(self.job.logical_table)
         self.health = HealthMonitor(self.settings.backfill.health, self.db, physical)
+        self.pacer = Pacer.for_database(self.settings.backfill, self.db, physical)
         try:
             with open_engine(self.settings, self.db) as engine:
                 if engine.dialect.name == "postgresql":
@@ -370,6 +374,7 @@ class _Runner:
             raise
         finally:
             self.health.close()
+            self.pacer.close()
 
     def _drop_lock_conn(self) -> None:
         conn, self.lock_conn = self.lock_conn, None
@@ -792,7 +797,10 @@ class _Runner:
             sleep_seconds=sleep_s,
             target_seconds=bf.target_batch_seconds,
         )
+        assert self.pacer is not None
+        self.log.pace = self.pacer.next().rate if self.pacer.active else None
         self._report(self.state, "running", bar=False)
+        self.pacer.start()  # the baseline, before the first batch
         while True:
             if self.stop.should_stop():
                 self._save(conn, StoredStatus.PAUSED)
@@ -873,6 +881,7 @@ class _Runner:
                 rows_done=self.state.rows_done + n,
                 batches=self.state.batches + 1,
                 batch_size=pace.size,
+                held_reason=self.pacer.reason or None if self.pacer is not None else None,
             )
             # Same transaction as the batch: the cursor never runs ahead of the data, and the
             # batch's history row exists exactly when the batch committed.
@@ -887,11 +896,14 @@ class _Runner:
         self.changed += rows
         pace.failures = 0
         pace.locked_attempts = 0
-        pace.size = adapt_batch_size(pace.size, elapsed, pace.target_seconds)
+        assert self.pacer is not None
+        latency = self.pacer.next()  # latency pacing: scales the target and the duty cycle
+        self.log.pace = latency.rate if self.pacer.active else None
+        pace.size = adapt_batch_size(pace.size, elapsed, pace.target_seconds * latency.rate)
         if pace.narrowed is not None and hi >= pace.narrowed[1]:
             pace.size, pace.narrowed = max(pace.size, pace.narrowed[0]), None  # past the lock
         self._report(self.state, "running", elapsed)
-        pause = max(pace.sleep_seconds, elapsed * (1 / self.settings.backfill.max_duty - 1))
+        pause = max(pace.sleep_seconds, elapsed * (1 / latency.duty - 1))
         if self.stop.deadline is not None:  # --max-runtime bounds the pause too
             pause = min(pause, self.stop.deadline - time.monotonic())
         return pause
@@ -971,7 +983,7 @@ class _Runner:
         done = state.rows_done
         total = max(state.rows_total, done)
         if self.progress and bar and status in ("running", "held"):
-            note = f"held: {held.reason}" if held is not None else None
+            note = f"held: {held.reason}" if held is not None else self._pace_note()
             self.progress(f"{self.db.name} {self.job.name}", done, total, note)
         if self.observe:
             self.observe(
@@ -988,8 +1000,12 @@ class _Runner:
                     held.probe or "" if held is not None else "",
                     held.reason if held is not None else "",
                     held_for,
+                    self.pacer.rate if self.pacer is not None and self.pacer.active else None,
                 )
             )
+
+    def _pace_note(self) -> str | None:
+        return (self.pacer.reason or None) if self.pacer is not None else None
 
     def _held(self, conn: Connection) -> bool:
         """Between batches: hold while health checks fail (:meth:`HealthMonitor.hold`), with
@@ -1120,6 +1136,10 @@ class _Runner:
         self.state = replace(self.state, status=status)
         if status is StoredStatus.FINISHED:
             self.state = replace(self.state, last_error=None)
+        if status is not StoredStatus.RUNNING and (self.state.held_reason or "").startswith(
+            PACED_PREFIX
+        ):
+            self.state = replace(self.state, held_reason=None)  # a pace is only while running
         with new_transaction(conn):
             self._persist(conn)
 
@@ -1177,7 +1197,8 @@ def _dry_run(settings: Settings, db: DatabaseConfig, job: Job) -> JobRun:
             rate = settings.backfill.batch_size / settings.backfill.target_batch_seconds
         bf = settings.backfill
         # Pacing: at least sleep_seconds per batch, and max_duty of the wall time in batches.
-        estimate = max(n / rate / bf.max_duty, n / rate + bf.sleep_seconds * (n / bf.batch_size))
+        duty = bf.duty(paced=db.dialect == "postgresql" and bf.max_latency_ratio > 0)
+        estimate = max(n / rate / duty, n / rate + bf.sleep_seconds * (n / bf.batch_size))
         return JobRun(
             job.name,
             db.name,

@@ -47,7 +47,9 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    null,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection
@@ -81,6 +83,9 @@ batch_table = Table(
     Column("error_class", String(64), nullable=True),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=False),
+    # Latency pacing's pace for the batch (1: full speed); NULL: pacing off (added by issue 24:
+    # ensure_batch_table adds it to older tables).
+    Column("pace", Float, nullable=True),
     Index("ix_oauthmig_backfill_batch_job", "job", "id"),
 )
 
@@ -99,6 +104,7 @@ class BatchRow:
     error_class: str | None
     started_at: datetime
     finished_at: datetime
+    pace: float | None = None  # latency pacing's pace for a committed batch; None: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +139,9 @@ def ensure_batch_table(conn: Connection) -> None:
     with conn.begin():
         transaction_lock(conn, "backfill-schema")  # jobs may start together (--jobs)
         _md.create_all(conn, checkfirst=True)
+        if "pace" not in {c["name"] for c in inspect(conn).get_columns(BATCH_TABLE)}:
+            kind = "double precision" if conn.dialect.name == "postgresql" else "REAL"
+            conn.execute(text(f"ALTER TABLE {BATCH_TABLE} ADD COLUMN pace {kind}"))
 
 
 def has_batch_table(conn: Connection) -> bool:
@@ -158,6 +167,7 @@ class BatchLog:
     tries: int = 0  # failed attempts since the last committed batch
     deferred: list[dict[str, Any]] = field(default_factory=list)
     since_prune: int = 0
+    pace: float | None = None  # the pace the next batches run at (latency pacing)
 
     def committed(
         self, conn: Connection, lo: int, hi: int, rows: int, seconds: float, started: datetime
@@ -224,6 +234,7 @@ class BatchLog:
             "seconds": (now - started).total_seconds() if seconds is None else seconds,
             "attempts": 1,
             "error_class": error,
+            "pace": self.pace if outcome == COMMITTED else None,
             "started_at": started,
             "finished_at": now,
         }
@@ -323,14 +334,18 @@ def _to_row(r: Any) -> BatchRow:
         r.error_class,
         as_utc(r.started_at),
         as_utc(r.finished_at),
+        None if r.pace is None else float(r.pace),
     )
 
 
 def read_history(conn: Connection, job: str) -> tuple[list[BatchRow], list[str | None]]:
     """Every row of ``job``'s record, oldest first, and the run each row belongs to."""
     b = batch_table.c
+    # A table from before issue 24 has no pace column until the next backfill adds it.
+    paced = "pace" in {c["name"] for c in inspect(conn).get_columns(BATCH_TABLE)}
     result = conn.execute(
         select(
+            b.pace if paced else null().label("pace"),
             b.outcome,
             b.run_id,
             b.lo,

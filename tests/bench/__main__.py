@@ -55,10 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("traffic")
     g.add_argument(
-        "--traffic-tokens", type=int, default=200_000, help="legacy tokens (default 200k)"
+        "--traffic-tokens", type=int, default=600_000, help="legacy tokens (default 600k)"
     )
     g.add_argument(
         "--phase-seconds", type=int, default=20, help="pgbench seconds per phase (default 20)"
+    )
+    g.add_argument(
+        "--max-latency-ratio",
+        type=float,
+        default=None,
+        help="[backfill] max_latency_ratio of the 'default' backfill (default: the config's)",
     )
     g = p.add_argument_group("health")
     g.add_argument(
@@ -138,7 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tests.bench import bench_traffic
 
             ok &= bench_traffic.main(
-                tokens=args.traffic_tokens, seconds=args.phase_seconds, seed=args.seed
+                tokens=args.traffic_tokens,
+                seconds=args.phase_seconds,
+                seed=args.seed,
+                rounds=args.rounds,
+                ratio=args.max_latency_ratio,
             )
         elif name == "health":
             from tests.bench import bench_health

@@ -116,6 +116,13 @@ def routed_config(control_url: str, shard_url: str, **extra: object) -> dict[str
         "migrate": {"lock_timeout": "500ms", "lock_retries": 2, "statement_timeout": "30s"},
     }
     data.update(extra)
+    # Latency pacing (on by default on PostgreSQL) makes a backfill's speed follow the load on
+    # the machine, which the suite does not control: tests get the fixed duty cycle unless they
+    # ask for pacing (tests/test_pacing.py does).
+    given = data.get("backfill")
+    backfill: dict[str, object] = dict(given) if isinstance(given, dict) else {}
+    backfill.setdefault("max_latency_ratio", 0)
+    data["backfill"] = backfill
     return data
 
 

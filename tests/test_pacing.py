@@ -1,0 +1,237 @@
+"""Latency pacing (``[backfill] max_latency_ratio``, :mod:`oauthmig.rollout.pacing`), for real.
+
+The probe's latency is made to rise on purpose with a ``pg_sleep`` that the probe wrapper runs
+on a PostgreSQL connection of its own and counts into every sample; the controller is fed
+those real samples one window at a time (its background thread is parked), so each decision
+is on known data. No timing bound is asserted: only which way the pace moves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
+
+from oauthmig.config import Settings, settings_from_mapping
+from oauthmig.demo.data import setup_legacy
+from oauthmig.rollout.backfill import BackfillOptions, JobSample, backfill
+from oauthmig.rollout.batches import BATCH_TABLE, ensure_batch_table
+from oauthmig.rollout.job_state import JOB_TABLE
+from oauthmig.rollout.pacing import (
+    DECREASE,
+    MIN_WINDOW,
+    PACED_PREFIX,
+    START_RATE,
+    LookupProbe,
+    Pacer,
+)
+from tests.helpers import invoke, write_config
+from tests.helpers.databases import DatabaseFactory, routed_config
+
+JOB = "token-families"
+
+
+def _settings(make_database: DatabaseFactory, tmp_path: Path) -> Settings:
+    # The suite's configs turn pacing off (tests/conftest.py): here it is on, as by default.
+    data = routed_config(
+        make_database("control"), make_database("shard"), backfill={"max_latency_ratio": 1.5}
+    )
+    settings = settings_from_mapping(data, {}, "test")
+    setup_legacy(settings, apps=20, tokens=400, seed=3)
+    write_config(tmp_path / "oauthmig.toml", data)
+    return settings
+
+
+@dataclass
+class SlowedProbe:
+    """The real lookup probe, plus ``delay`` seconds of ``pg_sleep`` on the server in every
+    sample (a slow foreground, as the application would feel it)."""
+
+    inner: LookupProbe
+    engine: Engine
+    delay: float = 0.0
+    conn: Connection | None = field(default=None)
+
+    def sample(self) -> float:
+        seconds = self.inner.sample()
+        if self.delay:
+            if self.conn is None:
+                self.conn = self.engine.connect()
+            started = time.perf_counter()
+            self.conn.execute(text("SELECT pg_sleep(:d)"), {"d": self.delay})
+            self.conn.rollback()
+            seconds += time.perf_counter() - started
+        return seconds
+
+    def close(self) -> None:
+        self.inner.close()
+        if self.conn is not None:
+            self.conn.close()
+        self.engine.dispose()
+
+
+def _window(pacer: Pacer, probe: SlowedProbe) -> float:
+    for _ in range(MIN_WINDOW):
+        pacer.add(probe.sample())
+    return pacer.next().rate
+
+
+def test_pacer_slows_down_when_the_probe_slows_and_recovers_when_it_does_not(
+    make_database: DatabaseFactory, tmp_path: Path, backend: str
+) -> None:
+    settings = _settings(make_database, tmp_path)
+    bf = settings.backfill
+    db = settings.databases["shard"]
+    physical = settings.tables.token
+    if backend == "sqlite":
+        # No server to share: a documented no-op, the fixed duty cycle stays.
+        pacer = Pacer.for_database(bf, db, physical)
+        assert not pacer.active
+        pacer.start()
+        pace = pacer.next()
+        assert (pace.rate, pace.target_seconds, pace.duty) == (1.0, 0.1, 0.5)
+        assert pacer.reason == "" and pacer.baseline is None
+        pacer.close()
+        return
+    assert db.url is not None
+    probe = SlowedProbe(
+        LookupProbe.for_database(db, physical), create_engine(db.url, poolclass=NullPool)
+    )
+    # The background sampler is parked (one sample an hour): the test feeds each window.
+    pacer = Pacer(bf, probe, interval=3600)
+    try:
+        pacer.start()
+        assert pacer.baseline is not None and pacer.baseline > 0
+        assert pacer.rate == START_RATE
+
+        probe.delay = max(0.05, 10 * pacer.baseline)  # far above max_latency_ratio 1.5
+        rate = _window(pacer, probe)
+        assert rate == START_RATE  # one slow window holds the pace
+        for _ in range(3):
+            new = _window(pacer, probe)
+            assert new == pytest.approx(rate * DECREASE)  # multiplicative decrease
+            rate = new
+        pace = pacer.next()  # no new samples: no decision, the pace holds
+        assert pace.rate == rate
+        assert pace.target_seconds == pytest.approx(bf.target_batch_seconds * rate)
+        assert pace.duty == pytest.approx(rate)  # ceiling 1.0 under pacing
+        assert pacer.reason.startswith(f"{PACED_PREFIX}6%: probe ")
+        assert " > bound " in pacer.reason and "x 1.5)" in pacer.reason
+
+        probe.delay = 0.0
+        # Additive increase back to full speed; a stray slow window on a loaded machine halves
+        # it again, so the bound is generous: what counts is that it gets there.
+        rates = [_window(pacer, probe) for _ in range(3)]
+        assert rates[-1] > rate
+        for _ in range(200):
+            if pacer.rate == 1.0:
+                break
+            _window(pacer, probe)
+        assert pacer.rate == 1.0 and pacer.reason == ""
+        assert pacer.next().duty == 1.0
+    finally:
+        pacer.close()
+
+
+def test_backfill_records_its_pace(
+    make_database: DatabaseFactory,
+    tmp_path: Path,
+    backend: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = _settings(make_database, tmp_path)
+    cfg = str(tmp_path / "oauthmig.toml")
+    assert invoke(capsys, "--config", cfg, "upgrade").code == 0
+    samples: list[JobSample] = []
+    result = backfill(settings, [JOB], BackfillOptions(batch_size=50), observe=samples.append)
+    assert {r.status for r in result.runs} == {"finished"}
+    paces = {s.pace for s in samples if s.state == "running"}
+    engine = create_engine(settings.databases["shard"].url or "", poolclass=NullPool)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(f"SELECT pace FROM {BATCH_TABLE} WHERE outcome = 'committed' ORDER BY id")
+        ).all()
+        held = conn.execute(text(f"SELECT held_reason FROM {JOB_TABLE}")).scalar()
+    engine.dispose()
+    assert len(rows) > 2
+    assert held is None  # a finished run keeps no pacing reason
+    if backend == "sqlite":
+        assert paces == {None} and {r.pace for r in rows} == {None}
+    else:
+        assert paces and all(p is not None and 0 < p <= 1 for p in paces)
+        assert all(r.pace is not None and 0 < r.pace <= 1 for r in rows)
+        assert rows[0].pace == START_RATE
+    report = invoke(capsys, "--config", cfg, "backfill", "--report", JOB, "--format", "json")
+    assert report.code == 0, report.err
+    shard = next(j for j in json.loads(report.out)["jobs"] if j["database"] == "shard")
+    recent = [r["pace"] for r in reversed(shard["recent"])]  # oldest first, as rows
+    assert recent and recent == [r.pace for r in rows][-len(recent) :]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (1.0, "backfill.max_latency_ratio: must be between 1.05 and 100.0"),
+        (-1, "backfill.max_latency_ratio: must be between 1.05 and 100.0"),
+        ("fast", "backfill.max_latency_ratio: expected a number"),
+    ],
+)
+def test_max_latency_ratio_is_strict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: Any, message: str
+) -> None:
+    db = tmp_path / "x.sqlite"
+    db.touch()
+    cfg = write_config(
+        tmp_path / "bad.toml",
+        {
+            "databases": {"main": {"url": f"sqlite:///{db}"}},
+            "backfill": {"max_latency_ratio": value},
+        },
+    )
+    result = invoke(capsys, "--config", cfg, "backfill", "--dry-run")
+    assert result.code == 2 and result.out == ""
+    assert message in result.err and "0 turns latency pacing off" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+
+
+def test_max_latency_ratio_zero_turns_pacing_off() -> None:
+    s = settings_from_mapping(
+        {
+            "databases": {"main": {"url": "postgresql+psycopg://u@127.0.0.1/x"}},
+            "backfill": {"max_latency_ratio": 0},
+        },
+        {},
+        "test",
+    )
+    assert s.backfill.max_latency_ratio == 0
+    pacer = Pacer.for_database(s.backfill, s.databases["main"], "sentry_apitoken")
+    assert not pacer.active and pacer.next().duty == 0.5
+    on = settings_from_mapping({"databases": {"main": {"url": "sqlite:///x"}}}, {}, "t")
+    assert on.backfill.max_latency_ratio == 1.5
+
+
+def test_an_older_batch_table_gains_the_pace_column(
+    make_database: DatabaseFactory, backend: str
+) -> None:
+    url = make_database("control")
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            ensure_batch_table(conn)
+            with conn.begin():
+                conn.execute(text(f"ALTER TABLE {BATCH_TABLE} DROP COLUMN pace"))
+            assert "pace" not in {c["name"] for c in inspect(conn).get_columns(BATCH_TABLE)}
+            conn.rollback()
+            ensure_batch_table(conn)
+            assert "pace" in {c["name"] for c in inspect(conn).get_columns(BATCH_TABLE)}
+            conn.rollback()
+            ensure_batch_table(conn)  # once there, left alone
+    finally:
+        engine.dispose()
