@@ -36,21 +36,25 @@ def _wants_json(argv: list[str]) -> bool:
     )
 
 
+# The shape of docs/schemas/interrupted.schema.json (oauthmig.output.json), written out here:
+# the handler may run in the middle of any import, that of ``json`` included, so it imports
+# nothing (a half-imported module would fail it before its message is out).
+INTERRUPTED_DOCUMENT = (
+    "{\n"
+    '  "interrupted": true,\n'
+    '  "command": null,\n'
+    f'  "exit_code": {_EXIT_INTERRUPTED},\n'
+    f'  "message": "{_MESSAGE}"\n'
+    "}\n"
+)
+
+
 def _exit_interrupted(_signum: int, _frame: FrameType | None) -> None:
     try:
         if _wants_json(sys.argv[1:]):
-            # The shape of docs/schemas/interrupted.schema.json (oauthmig.output.json).
-            document = {
-                "interrupted": True,
-                "command": None,
-                "exit_code": _EXIT_INTERRUPTED,
-                "message": _MESSAGE,
-            }
-            import json  # only now: this module loads with every import of oauthmig
-
-            os.write(1, (json.dumps(document, indent=2) + "\n").encode())
+            os.write(1, INTERRUPTED_DOCUMENT.encode())
         os.write(2, (_MESSAGE + "\n").encode())
-    except OSError:
+    except BaseException:  # whatever failed, the process still ends as interrupted
         pass
     finally:
         os._exit(_EXIT_INTERRUPTED)

@@ -48,6 +48,22 @@ GRANT_TYPES: tuple[str, ...] = (
     "urn:ietf:params:oauth:grant-type:device_code",
 )
 RESPONSE_TYPES: tuple[str, ...] = ("code", "token", "id_token", "code id_token", "none")
+#: The checks of the enforcement policy (``[enforcement]``, :mod:`oauthmig.provider.policy`).
+ENFORCEMENT_CHECKS: tuple[str, ...] = (
+    "pkce_required",
+    "grant_types",
+    "auth_method",
+    "refresh_reuse",
+)
+ENFORCEMENT_MODES: tuple[str, ...] = ("off", "observe", "enforce")
+#: The mode of each check when ``[enforcement]`` does not set it: what the library did before
+#: the policy existed (PKCE optional, refresh reuse revokes), the registered metadata enforced.
+ENFORCEMENT_DEFAULTS: Mapping[str, str] = {
+    "pkce_required": "off",
+    "grant_types": "enforce",
+    "auth_method": "enforce",
+    "refresh_reuse": "enforce",
+}
 EMBEDDED_DIR = ".oauthmig"
 ENV_CONFIG = "OAUTHMIG_CONFIG"
 
@@ -216,6 +232,25 @@ class ModelSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class EnforcementSettings:
+    """``[enforcement]``: a mode per check (only the keys given; the rest keep the policy's
+    defaults) and ``[enforcement.clients."<client_id>"]`` overrides."""
+
+    modes: Mapping[str, str] = field(default_factory=dict)
+    clients: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def mode(self, check: str) -> str:
+        """The global mode of ``check`` (its default when not set)."""
+        return self.modes.get(check, ENFORCEMENT_DEFAULTS[check])
+
+    def observed(self, check: str) -> bool:
+        """Whether ``check`` runs in observe mode globally or for some client."""
+        return self.mode(check) == "observe" or any(
+            over.get(check) == "observe" for over in self.clients.values()
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a command needs to know about the installation."""
 
@@ -227,6 +262,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     source: str = "embedded default"
     models: ModelSettings = field(default_factory=ModelSettings)
+    enforcement: EnforcementSettings = field(default_factory=EnforcementSettings)
 
     def tables_on(self, database: str) -> tuple[str, ...]:
         """Logical tables routed to ``database``, in canonical order."""
@@ -255,6 +291,7 @@ class Settings:
             self.audit,
             self.source,
             self.models,
+            self.enforcement,
         )
 
 
@@ -447,7 +484,9 @@ def _database(name: str, data: object, env: Mapping[str, str]) -> DatabaseConfig
 def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], source: str) -> Settings:
     """Build and validate settings from parsed TOML (each section in turn, in file order)."""
     _check_keys(
-        data, ("databases", "routing", "tables", "migrate", "backfill", "audit", "models"), ""
+        data,
+        ("databases", "routing", "tables", "migrate", "backfill", "audit", "models", "enforcement"),
+        "",
     )
     dbs_raw = _table(data, "databases")
     if not dbs_raw:
@@ -459,7 +498,10 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     backfill = _backfill(_table(data, "backfill"), env)
     audit = _audit(_table(data, "audit"))
     models = _models(_table(data, "models"))
-    return Settings(databases, routing, tables, migrate, backfill, audit, source, models)
+    enforcement = _enforcement(_table(data, "enforcement"))
+    return Settings(
+        databases, routing, tables, migrate, backfill, audit, source, models, enforcement
+    )
 
 
 def _routing(
@@ -752,6 +794,34 @@ def _models(raw: Mapping[str, Any]) -> ModelSettings:
                 )
         defaults[logical] = values
     return ModelSettings(defaults)
+
+
+def _modes(raw: Mapping[str, Any], prefix: str) -> dict[str, str]:
+    modes: dict[str, str] = {}
+    for check, mode in raw.items():
+        if mode not in ENFORCEMENT_MODES:
+            raise ConfigError(
+                f"{prefix}.{check}: expected one of {', '.join(ENFORCEMENT_MODES)}, got {mode!r}"
+            )
+        modes[check] = mode
+    return modes
+
+
+def _enforcement(raw: Mapping[str, Any]) -> EnforcementSettings:
+    """``[enforcement]``: check = mode, and ``[enforcement.clients."<client_id>"]`` overrides."""
+    _check_keys(raw, (*ENFORCEMENT_CHECKS, "clients"), "enforcement")
+    modes = _modes({k: v for k, v in raw.items() if k != "clients"}, "enforcement")
+    clients_raw = raw.get("clients", {})
+    if not isinstance(clients_raw, dict):
+        raise ConfigError('enforcement.clients: expected a table ([enforcement.clients."ID"])')
+    clients: dict[str, dict[str, str]] = {}
+    for client_id, over in clients_raw.items():
+        key = f"enforcement.clients.{client_id}"
+        if not isinstance(over, dict):
+            raise ConfigError(f"{key}: expected a table of check = mode")
+        _check_keys(over, ENFORCEMENT_CHECKS, key)
+        clients[client_id] = _modes(over, key)
+    return EnforcementSettings(modes, clients)
 
 
 def check_docs_url(value: object, key: str) -> str:

@@ -26,7 +26,10 @@ one line on stderr and exit code 2. Anything else escaping is a bug and may show
     ├── BackfillError                  a backfill job failed (state saved)
     └── OAuthError                     token-endpoint errors of the models library
         ├── InvalidRequest             RFC 6749 §5.2 ``invalid_request``
-        └── InvalidGrant               RFC 6749 §5.2 ``invalid_grant``
+        ├── InvalidClient              RFC 6749 §5.2 ``invalid_client`` (HTTP 401)
+        ├── InvalidGrant               RFC 6749 §5.2 ``invalid_grant``
+        ├── UnauthorizedClient         RFC 6749 §5.2 ``unauthorized_client``
+        └── UnsupportedResponseType    RFC 6749 §4.1.2.1 ``unsupported_response_type``
 
     KeyboardInterrupt
     └── Terminated                     SIGTERM during a backfill: handled like Ctrl-C, exit 143
@@ -142,9 +145,15 @@ class BackfillError(OauthmigError):
 
 
 class OAuthError(OauthmigError):
-    """An OAuth 2.0 token-endpoint error (RFC 6749 §5.2); ``error`` is the wire code."""
+    """An OAuth 2.0 token-endpoint error (RFC 6749 §5.2); ``error`` is the wire code and
+    ``status`` the HTTP status to answer with."""
 
     error: str = "invalid_request"
+    status: int = 400
+
+    def response(self) -> dict[str, str]:
+        """The RFC 6749 §5.2 JSON body: ``error`` and ``error_description``."""
+        return {"error": self.error, "error_description": self.description}
 
     def __init__(self, description: str) -> None:
         super().__init__(f"{self.error}: {description}")
@@ -157,10 +166,31 @@ class InvalidRequest(OAuthError):
     error = "invalid_request"
 
 
+class InvalidClient(OAuthError):
+    """Client authentication failed (RFC 6749 §5.2 ``invalid_client``): unknown or inactive
+    client, wrong secret, or not the registered authentication method. Answer 401 (with
+    ``WWW-Authenticate: Basic`` when the client used the Authorization header)."""
+
+    error = "invalid_client"
+    status = 401
+
+
 class InvalidGrant(OAuthError):
     """The grant or refresh token is invalid, expired, revoked or mismatched."""
 
     error = "invalid_grant"
+
+
+class UnauthorizedClient(OAuthError):
+    """The client did not register this grant type (RFC 6749 §5.2 ``unauthorized_client``)."""
+
+    error = "unauthorized_client"
+
+
+class UnsupportedResponseType(OAuthError):
+    """The client did not register this response type (RFC 6749 §4.1.2.1)."""
+
+    error = "unsupported_response_type"
 
 
 class Terminated(KeyboardInterrupt):

@@ -261,6 +261,7 @@ LAYERS: dict[str, int] = {
     # 3-5: databases, the tables every command reads, and the preflight every service runs
     "oauthmig.db": 3,
     "oauthmig.legacy": 3,
+    "oauthmig.observation_table": 3,  # revision 0007's table: provider writes, rollout reads
     "oauthmig.revision_types": 3,
     "oauthmig.version_tables": 4,
     "oauthmig.pooler": 4,

@@ -41,7 +41,7 @@ def test_upgrade_hint_names_every_unfinished_backfill_and_one_command_that_works
     # Followed as printed, the advice finishes the rollout.
     assert invoke(capsys, *shlex.split(backfill_cmd)[1:]).code == 0
     final = invoke(capsys, *shlex.split(upgrade_cmd)[1:])
-    assert final.code == 0 and "now at 0006" in final.out, final.out + final.err
+    assert final.code == 0 and "now at 0007" in final.out, final.out + final.err
     assert "waiting" not in final.out
 
 

@@ -284,7 +284,7 @@ def test_usage_errors_name_the_command_help_and_bare_oauthmig_prints_help(
     assert late.out == early.out and "control" in late.out and "shard" not in late.out
     assert pipe.err == (
         "error: --from 7777: unknown revision (known: base, head, 0001, 0002, 0003, 0004, 0005, "
-        "0006); no database was touched; see 'oauthmig upgrade --help'\n"
+        "0006, 0007); no database was touched; see 'oauthmig upgrade --help'\n"
     )
 
 

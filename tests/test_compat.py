@@ -165,8 +165,8 @@ def test_legacy_writer_through_the_whole_rollout(
         assert _version(settings, "control") == "0003"  # the gate waits for the backfills
         _cli(capsys, cfg, "backfill")
         _cli(capsys, cfg, "upgrade")
-        assert _version(settings, "control") == "0006"  # finalize applied while it writes
-        assert _version(settings, "shard") == "0006"
+        assert _version(settings, "control") == "0007"  # finalize applied while it writes
+        assert _version(settings, "shard") == "0007"
         _cli(capsys, cfg, "downgrade", "--to", "base")
         t = settings.tables
         for db in settings.database_names():
@@ -184,7 +184,7 @@ def test_legacy_writer_through_the_whole_rollout(
         _cli(capsys, cfg, "upgrade")
         _cli(capsys, cfg, "backfill")
         _cli(capsys, cfg, "upgrade")
-        assert _version(settings, "control") == "0006"
+        assert _version(settings, "control") == "0007"
     finally:
         report = writer.stop()
     assert report["failed"] == 0, report["failures"]
@@ -219,7 +219,7 @@ def test_contract_refuses_while_legacy_code_writes_and_succeeds_once_only_the_li
     settings, cfg = _settings(make_database, tmp_path)
     for command in ("upgrade", "backfill", "upgrade"):
         _cli(capsys, cfg, command)
-    assert _version(settings, "control") == "0006"
+    assert _version(settings, "control") == "0007"
     since = datetime.now(UTC) - timedelta(seconds=1)
     legacy = WriterProcess(tmp_path, cfg, "legacy")
     library = None
@@ -317,7 +317,7 @@ def test_verify_names_the_first_offending_ids_and_finalize_waits_for_it(
     ok = invoke(capsys, "--config", cfg, "verify")
     assert ok.code == 0, ok
     _cli(capsys, cfg, "upgrade")
-    assert _version(settings, "shard") == "0006"
+    assert _version(settings, "shard") == "0007"
     status = json.loads(invoke(capsys, "--config", cfg, "status", "--format", "json").out)
     shard = next(d for d in status["databases"] if d["database"] == "shard")
     assert shard["phase"] == "finalized"

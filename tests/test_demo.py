@@ -403,10 +403,10 @@ def test_the_demo_service_runs_every_step_and_reads_the_revisions_once_for_the_r
     assert run.failed is None
     assert run.expand is not None and run.finalize is not None and run.backfill is not None
     assert {r.database: r.reached for r in run.expand.runs} == {"control": "0003", "shard": "0003"}
-    # Finalize, then the expand revisions after it (0005, 0006): the head.
+    # Finalize, then the expand revisions after it (0005 to 0007): the head.
     assert {r.database: r.reached for r in run.finalize.runs} == {
-        "control": "0006",
-        "shard": "0006",
+        "control": "0007",
+        "shard": "0007",
     }
     assert {j.status for j in run.backfill.runs} == {RunEnd.FINISHED}
     assert run.status is not None and not run.status.outstanding

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from oauthmig.config import (
+    ENFORCEMENT_DEFAULTS,
     AuditSettings,
     BackfillSettings,
     MigrateSettings,
@@ -28,6 +29,8 @@ def test_config_example_is_valid_and_shows_defaults(tmp_path: Path) -> None:
     assert settings.migrate == MigrateSettings()
     assert settings.backfill == BackfillSettings()
     assert settings.audit == AuditSettings()
+    assert settings.enforcement.modes == ENFORCEMENT_DEFAULTS  # every check, at its default
+    assert settings.enforcement.clients == {}
     assert (
         settings.databases["shard_eu"].display_url
         == "postgresql+psycopg://oauth:***@db-eu:5432/sentry"

@@ -17,11 +17,15 @@ from typing import Any
 import click
 import jsonschema
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, select, text
+from sqlalchemy.orm import Session
 
 from oauthmig.cli import cli
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.db import make_engine
+from oauthmig.models import Check, build_models
+from oauthmig.observation_table import OBSERVATION_TABLE
+from oauthmig.provider.observations import record_observation
 from oauthmig.resources import schemas_dir
 from tests.helpers import assert_matches_schema, invoke, seed_legacy, write_config
 from tests.helpers.databases import DatabaseFactory, create_legacy, routed_config
@@ -74,6 +78,32 @@ class Runner:
                 "downgrade-sql", "downgrade", "--sql", "--from", "head", "--to", "base"
             )
         return docs
+
+
+def _observe_on_control(settings: Settings) -> None:
+    """Two observe-mode records, through the models library, of the first application."""
+    models = build_models(settings.tables)
+    engine = make_engine(settings.databases["control"], settings)
+    try:
+        assert not inspect(make_engine(settings.databases["shard"], settings)).has_table(
+            OBSERVATION_TABLE
+        )
+        with Session(engine) as session:
+            app = session.scalars(
+                select(models.Application).order_by(models.Application.id)
+            ).first()
+            assert app is not None
+            app.client_id = "observed-client"
+            for _ in range(2):
+                assert record_observation(
+                    session,
+                    application_id=app.id,
+                    check=Check.REFRESH_REUSE,
+                    bind_mapper=models.Application,
+                )
+            session.commit()
+    finally:
+        engine.dispose()
 
 
 def _exec(settings: Settings, database: str, *statements: str) -> None:
@@ -215,6 +245,12 @@ def test_every_json_document_matches_its_schema_through_a_rollout(
     assert {d["to"] for d in finalized["databases"]} == {backfilled["status"]["head"]}
     done = run.every_reader(backend)
     assert done["status"]["outstanding"] is False
+    _observe_on_control(settings)
+    observed = {d["database"]: d["enforcement"] for d in run.json("status", "status")["databases"]}
+    assert observed["shard"] is None  # 0007 follows the application table: not routed there
+    [seen] = observed["control"]["checks"]["refresh_reuse"]["applications"]
+    assert (seen["client_id"], seen["count"]) == ("observed-client", 2)
+    assert observed["control"]["checks"]["pkce_required"]["applications"] == []
     assert run.json("upgrade", "upgrade")["databases"][0]["steps"] == []
     assert {j["status"] for j in run.json("backfill", "backfill")["jobs"]} == {"up-to-date"}
     if backend == "postgresql":

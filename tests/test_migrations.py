@@ -72,6 +72,7 @@ def test_upgrade_adds_columns_exactly_where_routed(
         "0004": "waiting",
         "0005": "pending",
         "0006": "pending",
+        "0007": "pending",
     }
     assert {r: c["state"] for r, c in by_db["shard"]["revisions"].items()} == {
         "0001": "skipped",
@@ -80,6 +81,7 @@ def test_upgrade_adds_columns_exactly_where_routed(
         "0004": "waiting",
         "0005": "pending",
         "0006": "pending",
+        "0007": "pending",
     }
     # The expand revisions are in; finalize waits for the backfills, so --check still fails.
     assert by_db["control"]["current"] == by_db["shard"]["current"] == "0003"
@@ -109,6 +111,7 @@ def test_status_check_fails_while_pending(
         "0004": "waiting",
         "0005": "pending",
         "0006": "pending",
+        "0007": "pending",
     }
     assert states["shard"] == {
         "0001": "skipped",
@@ -117,6 +120,7 @@ def test_status_check_fails_while_pending(
         "0004": "waiting",
         "0005": "pending",
         "0006": "pending",
+        "0007": "pending",
     }
 
 

@@ -5,6 +5,7 @@ after upgrade -> backfill -> upgrade."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import re
 import uuid
@@ -455,6 +456,7 @@ def test_readme_adoption_flow_runs_unchanged_after_the_rollout(
                 "redirect_uri": redirect_uri,
                 "scopes": ["project:read"],
                 "params": {
+                    "response_type": "code",
                     "code_challenge": s256_challenge(VERIFIER),
                     "code_challenge_method": "S256",
                 },
@@ -462,6 +464,12 @@ def test_readme_adoption_flow_runs_unchanged_after_the_rollout(
             }
             exec(compile(_readme_block(), "README.md", "exec"), namespace)
             assert namespace["token"] is None
+            assert namespace["metadata"]["code_challenge_methods_supported"] == ["S256"]
+            secret = client.client_secret
+            basic = base64.b64encode(f"{client.client_id}:{secret}".encode()).decode()
+            headers: dict[str, str] = {"Authorization": f"Basic {basic}"} if secret else {}
+            form = {} if secret else {"client_id": client.client_id}
+            assert namespace["authenticate"](session, headers, form).id == client.id
             models = namespace["models"]
             code = namespace["grant"].code
             endpoint = namespace["token_endpoint"]

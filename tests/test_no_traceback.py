@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from oauthmig.config import settings_from_mapping
@@ -220,6 +221,34 @@ _AS_MAIN = (
     "os.write(ready, b'ready')\n"
     "runpy._run_module_as_main('oauthmig')  # what python -m runs\n"
 )
+
+
+# Ctrl-C lands while ``json`` itself is being imported: it is in sys.modules, without dumps yet.
+_HALF_IMPORTED_JSON = (
+    "import os, signal, sys, time, types\n"
+    "sys.argv[0] = '-m'  # as python -m sets it while it locates the package\n"
+    "import oauthmig\n"
+    "sys.modules['json'] = types.ModuleType('json')\n"
+    "os.kill(os.getpid(), signal.SIGINT)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_ctrl_c_in_the_middle_of_any_import_still_says_so(tmp_path: Path) -> None:
+    """The loading guard imports nothing when it fires (the signal may land in the middle of
+    importing ``json`` itself): the JSON document and the message still come out, and the
+    document is what ``json.dumps`` prints, valid against its schema."""
+    done = subprocess.run(
+        [sys.executable, "-c", _HALF_IMPORTED_JSON, "status", "--format", "json"],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "interrupted while loading; nothing was started\n"
+    document = json.loads(done.stdout)
+    assert done.stdout == json.dumps(document, indent=2) + "\n"
+    schemas = Path(__file__).resolve().parent.parent / "docs" / "schemas"
+    jsonschema.validate(document, json.loads((schemas / "interrupted.schema.json").read_text()))
+    assert document["exit_code"] == 130 and document["interrupted"] is True
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])

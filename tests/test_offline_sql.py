@@ -139,7 +139,7 @@ def test_offline_upgrade_stops_before_backfills_and_matches_online(
     _scripts(capsys, cfg, rest, "upgrade", "--from", "0003")
     done = _apply(settings, "control", rest / "control.sql")
     assert done.returncode == 0, done.stderr
-    assert _version(settings, "control") == ["0006"]
+    assert _version(settings, "control") == ["0007"]
 
     # The same rollout online, on the twin: same schema, same revision log.
     assert invoke(capsys, "--config", twin_cfg, "upgrade").code == 0
@@ -188,7 +188,7 @@ def test_offline_finalize_is_not_recorded_when_a_step_failed_and_psql_went_on(
     assert "0004" not in _log(settings, "control")
     _sql(settings, "control", f"UPDATE {a} SET application_type = 'web' WHERE id = 7")
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
-    assert _version(settings, "control") == ["0006"]
+    assert _version(settings, "control") == ["0007"]
 
 
 @pg_only
@@ -314,7 +314,7 @@ def test_sqlite_offline_upgrade_stops_at_gate_and_at_existing_column(
     _scripts(capsys, cfg, rest, "upgrade", "--from", "0003")
     done = _apply(settings, "shard", rest / "shard.sql")
     assert done.returncode == 0, done.stderr
-    assert _version(settings, "shard") == ["0006"]
+    assert _version(settings, "shard") == ["0007"]
 
     # SQLite SQL cannot adopt: a pre-existing column stops the script, nothing is recorded.
     _plant_adoptable(settings)

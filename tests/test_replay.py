@@ -585,7 +585,7 @@ def rolled_out(make_database: DatabaseFactory, tmp_path: Path) -> tuple[Settings
     assert runner.upgrade(settings).failed == ()
     assert backfill(settings).failed == ()
     result = runner.upgrade(settings)
-    assert result.failed == () and {r.reached for r in result.runs} == {"0006"}
+    assert result.failed == () and {r.reached for r in result.runs} == {"0007"}
     return settings, write_config(tmp_path / "oauthmig.toml", data)
 
 
@@ -798,7 +798,7 @@ def test_offline_sql_of_0005_and_0006_applies(
     for db in ("control", "shard"):
         applied = _apply(settings, db, out / f"{db}.sql")
         assert applied.returncode == 0, applied.stderr
-        assert _version(settings, db) == ["0006"]
+        assert _version(settings, db) == ["0007"]
         outcomes = {r: v[:2] for r, v in _log(settings, db).items()}
         assert outcomes == {r: v[:2] for r, v in online_log[db].items()}
     for db, t in tables:

@@ -261,6 +261,8 @@ def test_report_gathers_matrix_jobs_pkce_metadata_and_audit(planted: Planted) ->
         ("control", "0006"): "pending",
         ("shard", "0005"): "pending",
         ("shard", "0006"): "pending",
+        ("control", "0007"): "pending",
+        ("shard", "0007"): "pending",
     }
 
     # Jobs, with the rate and ETA derived from what the job table records.
@@ -397,6 +399,7 @@ def test_report_before_any_upgrade_says_what_is_missing(
         ("0004", "waiting"),
         ("0005", "pending"),
         ("0006", "pending"),
+        ("0007", "pending"),
     }
     assert {j.state for j in report.jobs} == {"waiting for upgrade"}
     assert all(j.done_fraction is None and j.eta_seconds is None for j in report.jobs)

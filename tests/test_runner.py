@@ -212,7 +212,7 @@ def test_a_gate_passed_in_the_plan_is_checked_again_under_the_lock(
     )
     runs = {r.database: r for r in result.runs}
     assert runs["control"].error is None
-    assert runs["control"].reached == ("0004" if explicit else "0006")
+    assert runs["control"].reached == ("0004" if explicit else "0007")
     shard = runs["shard"]
     if explicit:
         assert isinstance(shard.error, GateError)
@@ -294,7 +294,7 @@ def test_upgrade_reads_the_revisions_once_and_counts_each_gate_once(
     counts.reset()
     # Finalize: each gate is counted in the plan pass and once more under the run's lock.
     result = runner.upgrade(settings)
-    assert {r.database: r.reached for r in result.runs} == {"control": "0006", "shard": "0006"}
+    assert {r.database: r.reached for r in result.runs} == {"control": "0007", "shard": "0007"}
     assert counts.script_directories == 1
     assert counts.gate_queries == {token: 4, application: 2}
 
@@ -325,12 +325,12 @@ def test_finalize_scripts_do_not_change_when_later_revisions_arrive(
     # A later revision adds columns to the tables 0004 rebuilds on SQLite.
     later = tmp_path / "revisions"
     shutil.copytree(revisions_dir(), later, ignore=shutil.ignore_patterns("__pycache__"))
-    (later / "versions" / "0007_later.py").write_text(
+    (later / "versions" / "0008_later.py").write_text(
         '"""application and grant: columns added after finalize\n\n'
-        'Revision ID: 0007\nRevises: 0006\n"""\n\n'
+        'Revision ID: 0008\nRevises: 0007\n"""\n\n'
         "from sqlalchemy import Text\n\n"
         "from oauthmig.rollout.revisions import ColumnSpec, contract, expand, text_like\n\n"
-        'revision = "0007"\ndown_revision = "0006"\nbranch_labels = None\ndepends_on = None\n'
+        'revision = "0008"\ndown_revision = "0007"\nbranch_labels = None\ndepends_on = None\n'
         'tables = ("application", "grant")\nrequires_backfills = ()\n'
         "columns = (\n"
         '    ColumnSpec("application", "later_note", Text(), "text", text_like(1)),\n'
@@ -340,7 +340,7 @@ def test_finalize_scripts_do_not_change_when_later_revisions_arrive(
         "def downgrade() -> None:\n    contract(revision, columns)\n"
     )
     monkeypatch.setattr(revisions, "revisions_dir", lambda: later)
-    assert [r.revision for r in revisions.history()][-1] == "0007"
+    assert [r.revision for r in revisions.history()][-1] == "0008"
     after = scripts()
     assert after == before
     assert not any("later_note" in line for line in after["control"])

@@ -134,7 +134,7 @@ def test_stamp_records_revisions_whose_sql_was_applied_by_hand(
     # The rollout goes on from the stamped state, online.
     assert invoke(capsys, "--config", cfg, "-q", "backfill").code == 0
     final = invoke(capsys, "--config", cfg, "upgrade")
-    assert final.code == 0 and "now at 0006" in final.out, final.out + final.err
+    assert final.code == 0 and "now at 0007" in final.out, final.out + final.err
     # A downgrade keeps the stamped (adopted) columns.
     assert (
         invoke(capsys, "--config", cfg, "-q", "-d", "shard", "downgrade", "--to", "0001").code == 0
@@ -188,7 +188,7 @@ def test_stamp_of_finalize_checks_its_constraints_and_indexes(
     assert stamped.code == 0, stamped.err
     assert "control: stamped 0004" in stamped.out
     for db in ("control", "shard"):
-        assert _version(settings, db) == ["0006"]  # 0004 and the expand revisions after it
+        assert _version(settings, db) == ["0007"]  # 0004 and the expand revisions after it
         assert _log(settings, db)["0004"]["detail"] == STAMPED
     assert invoke(capsys, "--config", cfg, "status", "--check").code == 0
 

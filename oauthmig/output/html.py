@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from oauthmig.config import ENFORCEMENT_CHECKS
 from oauthmig.html_report import (
     ApplicationPkce,
     DatabaseMetadata,
@@ -40,6 +41,7 @@ from oauthmig.html_report import (
     RuleCount,
 )
 from oauthmig.redirects.audit import AuditFinding
+from oauthmig.rollout.readiness import EnforcementReadiness
 from oauthmig.rollout.status import DatabaseStatus, RevisionState
 
 __all__ = ["json_for_script", "render_html", "safe_link", "text"]
@@ -410,6 +412,67 @@ def _pkce(report: Report) -> str:
     )
 
 
+def _enforcement_database(r: EnforcementReadiness) -> str:
+    lines = [f"<h3>{text(r.database)}</h3>"]
+    if not r.recording:
+        lines.append(
+            '<p class="note warn">Nothing recorded: revision 0007 (the observe-mode record) is '
+            "not applied here yet; run <code>oauthmig upgrade</code>.</p>"
+        )
+        return "".join(lines)
+    rows = []
+    for check in ENFORCEMENT_CHECKS:
+        found = r.applications.get(check, ())
+        name = f"<code>{text(check)}</code> ({text(r.modes.get(check, '?'))})"
+        if not found:
+            state = (
+                '<span class="state ok">ready</span> observe mode saw no application it would '
+                "reject"
+                if check in r.observed
+                else '<span class="state warn">not observed</span> set it to observe, globally '
+                "or per client, to see who it would reject"
+            )
+            rows.append(f'<tr><td>{name}</td><td colspan="4">{state}</td></tr>')
+            continue
+        for w in found:
+            rows.append(
+                f"<tr><td>{name}</td>"
+                f'<td>{_ident(w.client_id)} <span class="muted">id {_int(w.application_id)}'
+                "</span></td>"
+                f'<td class="num">{_int(w.count)}</td><td>{text(_when(w.first_seen))}</td>'
+                f"<td>{text(_when(w.last_seen))}</td></tr>"
+            )
+        if check in r.truncated:
+            rows.append(
+                f'<tr><td>{name}</td><td colspan="4" class="muted">'
+                "more applications not listed</td></tr>"
+            )
+    lines.append(
+        _table(
+            ["check", "would reject", "requests", "first seen", "last seen"],
+            rows,
+            "enforcement",
+        )
+    )
+    return "".join(lines)
+
+
+def _enforcement(report: Report) -> str:
+    found = [d.enforcement for d in report.status.databases if d.enforcement is not None]
+    if not found:
+        body = "<p>No selected database hosts the application table.</p>"
+    else:
+        body = "".join(_enforcement_database(r) for r in found)
+    return (
+        '<section id="enforcement"><h2>Enforcement readiness</h2>'
+        '<p class="note">Per check of the enforcement policy, the applications that observe '
+        "mode saw it would reject under enforce (last 30 days): flip a check to "
+        "<code>enforce</code> once its list is empty, or holds only clients you accept to "
+        "turn away.</p>"
+        f"{body}</section>"
+    )
+
+
 def _distribution(dist: Distribution, total: int) -> str:
     title = text(dist.column)
     if not dist.present:
@@ -740,6 +803,7 @@ def render_html(report: Report) -> str:
         _backfills(report),
         _pkce(report),
         _metadata(report),
+        _enforcement(report),
         _audit(report),
     ]
     nav = "".join(
@@ -749,6 +813,7 @@ def render_html(report: Report) -> str:
             ("backfills", "Backfills"),
             ("pkce", "PKCE"),
             ("metadata", "Client metadata"),
+            ("enforcement", "Enforcement"),
             ("audit", "Redirect audit"),
         )
     )

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from typing import IO, TYPE_CHECKING, Any
 
+from oauthmig.output.readiness import readiness_to_dict
 from oauthmig.redact import mask_uri, mask_uris_in_text
 
 if TYPE_CHECKING:
@@ -216,6 +217,7 @@ def status_to_dict(report: StatusReport) -> dict[str, Any]:
                     }
                     for v in d.verify
                 },
+                "enforcement": readiness_to_dict(d.enforcement),
             }
             for d in report.databases
         ],

@@ -27,6 +27,7 @@ from rich.progress import (
 from rich.table import Table
 
 from oauthmig.output.json import percentile
+from oauthmig.output.readiness import readiness_lines
 from oauthmig.prune import PruneResult
 from oauthmig.redact import mask_uri, mask_uris_in_text
 from oauthmig.redirects.audit import AuditFinding, AuditSummary
@@ -436,6 +437,9 @@ def render_status(console: Console, report: StatusReport) -> None:
         for v in d.verify:
             extra = f": {v.problem}" if v.problem else ""
             console.print(escape(f"{d.database} verify {v.table}: {v.status}{extra}"))
+        if d.enforcement is not None:
+            for line in readiness_lines(d.enforcement):
+                console.print(escape(line))
 
 
 def render_history(console: Console, revisions: Sequence[RevisionInfo]) -> None:

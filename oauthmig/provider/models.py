@@ -16,8 +16,10 @@ Models
     gated finalize, are deferred: the classes load and insert rows on databases without them,
     and the services fall back (see :func:`check_models`).
 
-Services (raising :class:`~oauthmig.errors.InvalidRequest` and
-:class:`~oauthmig.errors.InvalidGrant`, whose ``.error`` is the OAuth wire code)
+Services (raising :class:`~oauthmig.errors.InvalidRequest`,
+:class:`~oauthmig.errors.InvalidGrant`, :class:`~oauthmig.errors.UnauthorizedClient` and
+:class:`~oauthmig.errors.UnsupportedResponseType`, whose ``.error`` is the OAuth wire code;
+their checks follow an :class:`~oauthmig.provider.policy.EnforcementPolicy`)
     :func:`new_grant` / :func:`store_challenge` (authorization), :func:`exchange_code` (code ->
     tokens with redirect binding and PKCE, :func:`verify_pkce`; a replayed code revokes the
     family it produced), :func:`rotate_refresh_token` (rotation with reuse detection),
@@ -102,7 +104,15 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from oauthmig.columns import StringList
 from oauthmig.config import ColumnDefault, TableNames
-from oauthmig.errors import ConfigError, InvalidGrant, InvalidRequest, ModelsSchemaError, OAuthError
+from oauthmig.errors import (
+    ConfigError,
+    InvalidGrant,
+    InvalidRequest,
+    ModelsSchemaError,
+    OAuthError,
+    UnauthorizedClient,
+    UnsupportedResponseType,
+)
 from oauthmig.legacy import (
     SENTRY_COLUMNS,
     SENTRY_INDEXED,
@@ -112,7 +122,9 @@ from oauthmig.legacy import (
     index_name,
     sentry_column,
 )
+from oauthmig.provider.observations import record_observation
 from oauthmig.provider.pkce import parse_code_challenge, verify_code_verifier
+from oauthmig.provider.policy import DEFAULT_POLICY, Check, EnforcementPolicy, Mode
 from oauthmig.redirects.metadata_rules import METADATA_URL_COLUMNS
 from oauthmig.redirects.rules import (
     GRANT_REDIRECT_URI_LENGTH,
@@ -909,6 +921,8 @@ def new_grant(
     now: datetime | None = None,
     extra: Mapping[str, Any] | None = None,
     models: OAuthModels = DEFAULT_MODELS,
+    response_type: str = "code",
+    policy: EnforcementPolicy = DEFAULT_POLICY,
 ) -> GrantModel:
     """Create and commit an authorization code bound to ``redirect_uri`` and the PKCE challenge.
 
@@ -919,16 +933,35 @@ def new_grant(
     defaults fill the rest. Returns the grant (``grant.code`` is the code to send). Raises
     InvalidRequest, or ModelsSchemaError (nothing written) when a ``NOT NULL`` column gets no
     value.
+
+    Under ``policy`` (:mod:`oauthmig.provider.policy`): a ``response_type`` the application
+    did not register in ``response_types`` (NULL, not yet backfilled: not checked) raises
+    UnsupportedResponseType when the ``grant_types`` check is ``enforce``; a request without
+    ``code_challenge`` raises InvalidRequest when ``pkce_required`` is ``enforce`` (as
+    ``require_pkce=True`` does). Under ``observe`` both are recorded and the grant is issued.
     """
     if not redirect_uri:
         raise InvalidRequest("redirect_uri is required")
     if len(redirect_uri) > GRANT_REDIRECT_URI_LENGTH:
         raise InvalidRequest(f"redirect_uri is longer than {GRANT_REDIRECT_URI_LENGTH} characters")
     at = _now(now)
+    observed: list[Check] = []
+    registered = application.response_types
+    if (
+        registered is not None
+        and response_type not in registered
+        and _enforced(policy, Check.GRANT_TYPES, application, observed)
+    ):
+        raise UnsupportedResponseType(
+            f"this client is not registered for response_type {response_type[:40]!r}"
+        )
+    if not code_challenge and not require_pkce:
+        require_pkce = _enforced(policy, Check.PKCE_REQUIRED, application, observed)
     parsed = parse_code_challenge(
         code_challenge, code_challenge_method, allow_plain=allow_plain, require=require_pkce
     )
     try:
+        _observe(session, models, application, observed, at)
         live = _live(session, models, "grant")
         unmanaged = _unmanaged_values(models, live, extra=extra, copied={})
         managed: dict[str, Any] = {
@@ -994,8 +1027,14 @@ def exchange_code(
     now: datetime | None = None,
     extra: Mapping[str, Any] | None = None,
     models: OAuthModels = DEFAULT_MODELS,
+    policy: EnforcementPolicy = DEFAULT_POLICY,
 ) -> IssuedToken:
     """Exchange an authorization code for tokens (RFC 6749 §4.1.3) and commit.
+
+    An application whose ``grant_types`` lacks ``authorization_code`` gets UnauthorizedClient
+    (nothing written, the code stays usable) when the policy's ``grant_types`` check is
+    ``enforce``; under ``observe`` the exchange goes on and is recorded. NULL ``grant_types``
+    (not yet backfilled) is not checked.
 
     ``application`` is the client the caller has authenticated. Checks: same client, not
     expired, redirect binding, PKCE. The code is consumed by the first exchange, whether it
@@ -1025,7 +1064,9 @@ def exchange_code(
         raise ValueError(f"token_type is at most {_TOKEN_TYPE_LENGTH} characters")
     at = _now(now)
     G = models.Grant
+    observed = _check_grant_type(policy, application, "authorization_code")
     try:
+        _observe(session, models, application, observed, at)
         grant_live = _live(session, models, "grant")
         marks = grant_live.has(*_REPLAY_COLUMNS)
         query = select(G).where(G.code == code).order_by(G.id).limit(2)
@@ -1117,6 +1158,50 @@ def exchange_code(
         raise
 
 
+def _enforced(
+    policy: EnforcementPolicy, check: Check, application: ApplicationModel, observed: list[Check]
+) -> bool:
+    """Whether ``check`` rejects for ``application``; under observe, notes it in ``observed``."""
+    mode = policy.mode(check, application.client_id)
+    if mode is Mode.OBSERVE:
+        observed.append(check)
+    return mode is Mode.ENFORCE
+
+
+def _check_grant_type(
+    policy: EnforcementPolicy, application: ApplicationModel, grant_type: str
+) -> list[Check]:
+    """Raise UnauthorizedClient for an unregistered grant type under enforce (RFC 6749 §5.2);
+    the checks to record under observe. NULL ``grant_types`` (not backfilled) passes."""
+    observed: list[Check] = []
+    registered = application.grant_types
+    if (
+        registered is not None
+        and grant_type not in registered
+        and _enforced(policy, Check.GRANT_TYPES, application, observed)
+    ):
+        raise UnauthorizedClient(f"this client is not registered for the {grant_type} grant")
+    return observed
+
+
+def _observe(
+    session: Session,
+    models: OAuthModels,
+    application: ApplicationModel,
+    observed: Sequence[Check],
+    at: datetime,
+) -> None:
+    """Record the observe-mode checks in the session's transaction (committed with the call)."""
+    for check in observed:
+        record_observation(
+            session,
+            application_id=application.id,
+            check=check,
+            now=at,
+            bind_mapper=models.Application,
+        )
+
+
 #: The grant columns of revision 0005, which let :func:`exchange_code` detect a replay.
 _REPLAY_COLUMNS: Final = ("consumed_at", "token_family_id")
 _CODE_UNUSABLE: Final = "the authorization code is invalid, expired or already used"
@@ -1184,6 +1269,7 @@ def rotate_refresh_token(
     now: datetime | None = None,
     extra: Mapping[str, Any] | None = None,
     models: OAuthModels = DEFAULT_MODELS,
+    policy: EnforcementPolicy = DEFAULT_POLICY,
 ) -> IssuedToken:
     """Exchange a refresh token for a new token row in the same family (RFC 6749 §6) and commit.
 
@@ -1199,8 +1285,15 @@ def rotate_refresh_token(
     * within ``grace_seconds`` of its rotation (0 = no grace, at most
       :data:`MAX_GRACE_SECONDS`, else ValueError), while the successor is itself unused and
       not revoked, returns that successor (``reused=True``) instead of minting another;
-    * otherwise revokes every token of the family in one UPDATE
-      (``revoked_reason='reuse_detected'``), commits and raises InvalidGrant.
+    * otherwise, under the policy's ``refresh_reuse`` check (per ``application.client_id``;
+      the global mode without ``application``): ``enforce`` revokes every token of the family
+      in one UPDATE (``revoked_reason='reuse_detected'``), commits and raises InvalidGrant;
+      ``observe`` records the reuse, commits and raises InvalidGrant, leaving the family
+      alive; ``off`` raises InvalidGrant only.
+
+    With ``application``, one whose ``grant_types`` lacks ``refresh_token`` gets
+    UnauthorizedClient (nothing written) under the ``grant_types`` check's ``enforce``, and
+    is recorded and served under ``observe``; NULL ``grant_types`` is not checked.
 
     Concurrent rotations of one token yield one successor: the old row is claimed by a
     conditional UPDATE (``... WHERE refresh_token_rotated_at IS NULL``) and only the
@@ -1214,7 +1307,12 @@ def rotate_refresh_token(
         raise InvalidRequest("refresh_token is required")
     at = _now(now)
     T = models.Token
+    observed = (
+        [] if application is None else _check_grant_type(policy, application, "refresh_token")
+    )
     try:
+        if application is not None:
+            _observe(session, models, application, observed, at)
         old = session.scalars(
             select(T).where(_matches_secret(T.hashed_refresh_token, T.refresh_token, refresh_token))
         ).one_or_none()
@@ -1240,7 +1338,10 @@ def rotate_refresh_token(
         if old.revoked_at is not None:
             session.rollback()
             raise InvalidGrant("the refresh token has been revoked")
-        return _presented_again(session, models, old, grace, at)
+        reuse = policy.mode(
+            Check.REFRESH_REUSE, None if application is None else application.client_id
+        )
+        return _presented_again(session, models, old, grace, at, reuse)
     except OAuthError:
         raise
     except BaseException:
@@ -1300,7 +1401,12 @@ def _claim_and_rotate(
 
 
 def _presented_again(
-    session: Session, models: OAuthModels, old: TokenModel, grace: timedelta, at: datetime
+    session: Session,
+    models: OAuthModels,
+    old: TokenModel,
+    grace: timedelta,
+    at: datetime,
+    mode: Mode = Mode.ENFORCE,
 ) -> IssuedToken:
     """``old`` was already rotated: hand back its successor within grace, else revoke."""
     T = models.Token
@@ -1320,6 +1426,19 @@ def _presented_again(
             issued = _issued(successor, successor.token, successor.refresh_token, reused=True)
             session.commit()
             return issued
+    if mode is not Mode.ENFORCE:
+        # Only the stale token is refused; the family stays alive (RFC 9700 §4.14.2 leaves
+        # the response to the server). Observe counts what enforce would have revoked.
+        if mode is Mode.OBSERVE and old.application_id is not None:
+            record_observation(
+                session,
+                application_id=old.application_id,
+                check=Check.REFRESH_REUSE,
+                now=at,
+                bind_mapper=models.Application,
+            )
+        session.commit()
+        raise InvalidGrant("the refresh token was already used")
     if old.token_family_id is not None:
         _lock_family(session, old.token_family_id)
         where = T.token_family_id == old.token_family_id

@@ -26,6 +26,7 @@ from oauthmig.rollout.batches import as_utc
 from oauthmig.rollout.compat import CompatTarget
 from oauthmig.rollout.job_state import JobState, ShownStatus
 from oauthmig.rollout.jobs import JOBS, job_states
+from oauthmig.rollout.readiness import EnforcementReadiness, enforcement_readiness
 from oauthmig.rollout.remaining import remaining
 from oauthmig.rollout.revisions import Drift, drift, history
 from oauthmig.rollout.runner import gate_for
@@ -75,6 +76,8 @@ class DatabaseStatus:
     phase: Phase | None = None
     compat_tables: tuple[str, ...] = ()  # where the compatibility triggers are installed
     verify: tuple[VerifyState, ...] = ()  # the last verify pass, per table
+    # Observe mode's would-be rejections (None where the application table is not routed).
+    enforcement: EnforcementReadiness | None = None
 
     def phase_brief(self) -> str:
         """``compat (compatibility triggers on token, application)`` and the like."""
@@ -256,6 +259,7 @@ def _database_status(
                     layer,
                 )
                 checked = _verify_states(conn)
+                readiness = enforcement_readiness(conn, settings, name)
                 if conn.in_transaction():
                     conn.rollback()
                 return DatabaseStatus(
@@ -272,6 +276,7 @@ def _database_status(
                     phase=stage,
                     compat_tables=layer,
                     verify=checked,
+                    enforcement=readiness,
                 )
         except OauthmigError as exc:
             return DatabaseStatus(
