@@ -16,10 +16,12 @@ from rich.console import Console
 
 import oauthmig
 from oauthmig.cli_options import (
+    FLEET_OPTIONS,
     FORMAT_OPTION,
     MAX_RUNTIME_SECONDS,
     META_JSON,
     MIN_SEVERITY,
+    AppState,
     BackfillGroup,
     FiniteRange,
     Group,
@@ -32,7 +34,7 @@ from oauthmig.cli_options import (
     sleep_option,
     state_of,
 )
-from oauthmig.config import parse_duration_ms
+from oauthmig.config import Settings, load_settings, parse_duration_ms
 from oauthmig.demo.progress import console_hooks
 from oauthmig.demo.progress import failures as demo_failures
 from oauthmig.demo.run import run_demo
@@ -43,6 +45,12 @@ from oauthmig.output.audit_writers import SARIF_MAX_RESULTS
 from oauthmig.output.backfill_text import render_report, render_requests
 from oauthmig.output.backfill_watch import watch_backfill
 from oauthmig.output.files import output_file, write_scripts
+from oauthmig.output.fleet import (
+    render_status_with_waves,
+    render_summary,
+    status_with_waves_to_dict,
+    summary_to_dict,
+)
 from oauthmig.output.html import render_html
 from oauthmig.output.json import (
     backfill_to_dict,
@@ -55,7 +63,6 @@ from oauthmig.output.json import (
     runs_to_dict,
     sql_runs_to_list,
     stamp_to_dict,
-    status_to_dict,
     to_json,
 )
 from oauthmig.output.outcomes import (
@@ -87,7 +94,6 @@ from oauthmig.output.text import (
     render_plan,
     render_prune,
     render_run,
-    render_status,
     render_uri_reports,
     sql_script,
     sql_section,
@@ -97,7 +103,7 @@ from oauthmig.redirects.audit import FailOn
 from oauthmig.redirects.audit import audit as audit_service
 from oauthmig.redirects.rules import check_uri
 from oauthmig.rollout import backfill as backfill_service
-from oauthmig.rollout import control, runner
+from oauthmig.rollout import control, fleet, runner
 from oauthmig.rollout.batch_report import DEFAULT_LAST, backfill_report
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import Direction, Mode, PlanOutcome, RunResult
@@ -181,6 +187,17 @@ def _catalogue(target: str, from_revision: str | None) -> Catalogue:
     return cat
 
 
+def _wave_gate(
+    state: AppState, cat: Catalogue, target: str | None
+) -> Callable[[Settings, fleet.Selection], None]:
+    """Refuses ``--wave`` while an earlier wave failed or has not reached ``target``."""
+
+    def gate(full: Settings, selection: fleet.Selection) -> None:
+        fleet.wave_gate(full, selection, target, cat.revisions, state.command_prefix())
+
+    return gate
+
+
 def _show_plan(
     c: Consoles, direction: Direction, as_json: bool
 ) -> Callable[[Sequence[PlanOutcome]], None]:
@@ -212,8 +229,11 @@ def _migrate(
     output_dir: str | None,
     fmt: str,
     jobs: int = 1,
+    wave: str | None = None,
+    part: str | None = None,
 ) -> None:
-    """upgrade and downgrade: check the options, run, render, end with the failures."""
+    """upgrade and downgrade: check the options, select the databases (a wave is gated
+    online), run, render, end with the failures."""
     if dry_run and offline:
         raise UsageError("--dry-run and --sql exclude each other")
     for flag, given in (("--from", from_revision), ("--output-dir", output_dir is not None)):
@@ -223,9 +243,13 @@ def _migrate(
     state = state_of(ctx)
     c = state.consoles
     mode = Mode.SQL if offline else Mode.DRY_RUN if dry_run else Mode.ONLINE
+    online = mode is Mode.ONLINE
+    gate = _wave_gate(state, cat, cat.resolve(target)) if online else None
+    if (settings := state.select(wave, part, gate=gate)) is None:
+        return
     try:
         result = runner.migrate(
-            state.settings(),
+            settings,
             direction,
             target,
             mode=mode,
@@ -295,6 +319,7 @@ def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | N
     from_default="base",
 )
 @jobs_option("Upgrade this many databases in parallel.")
+@FLEET_OPTIONS
 @FORMAT_OPTION
 @click.pass_context
 def upgrade(
@@ -305,6 +330,8 @@ def upgrade(
     from_revision: str | None,
     output_dir: str | None,
     jobs: int,
+    wave: str | None,
+    part: str | None,
     fmt: str,
 ) -> None:
     """Apply pending revisions on every routed database.
@@ -312,15 +339,17 @@ def upgrade(
     Each database runs only the operations for the tables routed to it, records every revision
     as applied or skipped (not routed) in its own version table, and takes every DDL lock under
     lock_timeout with bounded retries. A plain upgrade stops, on each database, before the first
-    revision whose backfill is unfinished, says which one, and exits 0.
+    revision whose backfill is unfinished, says which one, and exits 0. A database whose
+    upgrade lock another runner holds is skipped, and said so (not an error).
 
     \b
     Examples:
       oauthmig upgrade --dry-run
       oauthmig upgrade --sql > rollout.sql
       oauthmig upgrade -d control --to 0002
+      oauthmig upgrade --part 2/4 --jobs 8   # one CI job's share (add --wave NAME)
     """
-    _migrate(ctx, Direction.UPGRADE, target, dry_run, offline, from_revision, output_dir, fmt, jobs)
+    _migrate(ctx, Direction.UPGRADE, **ctx.params)  # the parameters, by name
 
 
 @cli.command()
@@ -356,7 +385,7 @@ def downgrade(
       oauthmig downgrade --to 0003 --dry-run   # PostgreSQL: also --sql --output-dir sql/
       oauthmig downgrade --to 0001 -d shard
     """
-    _migrate(ctx, Direction.DOWNGRADE, target, dry_run, offline, from_revision, output_dir, fmt)
+    _migrate(ctx, Direction.DOWNGRADE, **ctx.params)
 
 
 @cli.command()
@@ -395,8 +424,34 @@ def stamp(ctx: click.Context, revision: str, fmt: str) -> None:
     is_flag=True,
     help="Count every row a backfill has left (a full scan of its table) instead of estimating.",
 )
+@click.option(
+    "--summary",
+    is_flag=True,
+    help="One view of the fleet: databases per revision and state, the stragglers by name, "
+    "each backfill's rows left and slowest database; databases read in parallel.",
+)
+@jobs_option("With --summary: read this many databases at once.", default=fleet.DEFAULT_CONCURRENCY)
+@click.option(
+    "--timeout",
+    type=FiniteRange(0.1, 3600),
+    default=fleet.DEFAULT_TIMEOUT_SECONDS,
+    show_default=True,
+    metavar="S",
+    help="With --summary: give up on a database after S seconds (it is one line of the view).",
+)
+@FLEET_OPTIONS
 @click.pass_context
-def status(ctx: click.Context, fmt: str, check: bool, exact: bool) -> None:
+def status(
+    ctx: click.Context,
+    fmt: str,
+    check: bool,
+    exact: bool,
+    summary: bool,
+    jobs: int,
+    timeout: float,
+    wave: str | None,
+    part: str | None,
+) -> None:
     """Show the revision x database matrix, backfill progress and PKCE coverage.
 
     Cells read applied, skipped (not routed), pending, waiting (for a backfill) or failed; a
@@ -410,20 +465,59 @@ def status(ctx: click.Context, fmt: str, check: bool, exact: bool) -> None:
       oauthmig status --format json | jq '.databases[].current'
       oauthmig status --check        # in CI: fails while anything is outstanding
       oauthmig status --exact        # count the rows left instead of estimating
+      oauthmig status --summary --check   # the whole fleet in one view
     """
     state = state_of(ctx)
-    report = read_status(state.settings(), exact=exact)
+    if summary:
+        _status_summary(state, fmt, check, exact, jobs, timeout, wave, part)
+        return
+    summary_only = given_options(ctx, {"jobs": "--jobs", "timeout": "--timeout"})
+    if summary_only:
+        raise UsageError(f"{summary_only[0]} only applies to --summary")
+    if (selected := state.select(wave, part)) is None:
+        return
+    report, waves = read_status(selected, exact=exact), selected.waves
     emit(
         state.consoles,
         fmt,
-        lambda: status_to_dict(report),
-        lambda out: render_status(out, report),
+        lambda: status_with_waves_to_dict(report, waves),
+        lambda out: render_status_with_waves(out, report, waves),
         always=True,
     )
     fail_summary(state.consoles, status_failures(report))
     failure = report.check_failure()
     if check and failure:
         raise Findings(failure)
+
+
+def _status_summary(
+    state: AppState,
+    fmt: str,
+    check: bool,
+    exact: bool,
+    jobs: int,
+    timeout: float,
+    wave: str | None,
+    part: str | None,
+) -> None:
+    if exact:
+        raise UsageError("--exact does not apply to --summary (it reads estimates)")
+    full = load_settings(state.config_path)
+    selection = fleet.select(
+        full, state.databases, wave, fleet.parse_part(part) if part is not None else None
+    )
+    result = fleet.summary(
+        full, selection, Catalogue.load().revisions, concurrency=jobs, timeout=timeout
+    )
+    emit(
+        state.consoles,
+        fmt,
+        lambda: summary_to_dict(result),
+        lambda out: render_summary(out, result),
+        always=True,
+    )
+    if check and result.outstanding:
+        raise Findings("outstanding work: databases not done (see the stragglers)")
 
 
 @cli.command()
@@ -454,6 +548,8 @@ _RUN_OPTIONS = {
     "restart": "--restart",
     "jobs": "--jobs",
     "metrics_file": "--metrics-file",
+    "wave": "--wave",
+    "part": "--part",
 }
 
 
@@ -507,6 +603,7 @@ _RUN_OPTIONS = {
     metavar="N",
     help="With --report: how many recent batches to list per job (default 20).",
 )
+@FLEET_OPTIONS
 @FORMAT_OPTION
 @click.pass_context
 def backfill(
@@ -520,6 +617,8 @@ def backfill(
     metrics_file: str | None,
     report: bool,
     last: int | None,
+    wave: str | None,
+    part: str | None,
     fmt: str,
     job_names: tuple[str, ...] = (),
 ) -> None:
@@ -552,6 +651,7 @@ def backfill(
       oauthmig backfill resume token-families -d shard
       oauthmig backfill --report token-families --last 5
       oauthmig backfill --report --format json | jq '.jobs[].state.history'
+      oauthmig backfill --part 1/4   # one CI job's share; skips what another runner holds
     """
     if ctx.invoked_subcommand is not None:
         given = given_options(ctx, {**_RUN_OPTIONS, "report": "--report", "last": "--last"})
@@ -572,7 +672,7 @@ def backfill(
     options = backfill_service.BackfillOptions(
         batch_size, sleep_seconds, max_runtime, restart, dry_run, jobs
     )
-    _backfill_run(ctx, job_names, options, metrics_file, fmt)
+    _backfill_run(ctx, job_names, options, metrics_file, fmt, wave, part)
 
 
 @contextlib.contextmanager
@@ -597,10 +697,16 @@ def _backfill_run(
     options: backfill_service.BackfillOptions,
     metrics_file: str | None,
     fmt: str,
+    wave: str | None,
+    part: str | None,
 ) -> None:
     state = state_of(ctx)
     c = state.consoles
-    settings = state.settings()
+    cat = Catalogue.load()
+    head = cat.revisions[-1].revision if cat.revisions else None
+    gate = None if options.dry_run else _wave_gate(state, cat, head)
+    if (settings := state.select(wave, part, gate=gate)) is None:
+        return
     with watch_backfill(c, metrics_file, options.dry_run) as watch, _sigterm_interrupts():
         result = backfill_service.backfill(
             settings, job_names, options, progress=watch.progress, observe=watch.observe

@@ -18,6 +18,7 @@ from oauthmig.config import Settings, load_settings
 from oauthmig.errors import UsageError
 from oauthmig.output.text import Consoles
 from oauthmig.redact import scrub_log_records
+from oauthmig.rollout import fleet
 
 MAX_RUNTIME_SECONDS = 30 * 24 * 3600
 
@@ -33,6 +34,29 @@ class AppState:
     def settings(self) -> Settings:
         """Load the configuration and apply ``--database``."""
         return load_settings(self.config_path).restrict(self.databases)
+
+    def select(
+        self,
+        wave: str | None,
+        part: str | None,
+        *,
+        gate: Callable[[Settings, fleet.Selection], None] | None = None,
+    ) -> Settings | None:
+        """The settings of ``-d``/``--wave``/``--part`` (after ``gate``, which may refuse the
+        wave); ``None``, said in one line, when that selects no database (a part of fewer
+        databases than parts is empty, not an error)."""
+        if wave is None and part is None:
+            return self.settings()
+        full = load_settings(self.config_path)
+        selection = fleet.select(
+            full, self.databases, wave, fleet.parse_part(part) if part is not None else None
+        )
+        if selection.settings is None:
+            self.consoles.info(f"nothing to do: {selection.describe()} selects no database")
+            return None
+        if gate is not None:
+            gate(full, selection)
+        return selection.settings
 
     def command_prefix(self) -> str:
         """``oauthmig`` plus the ``--config`` in use, for commands printed as advice."""
@@ -89,15 +113,32 @@ def offline_options(sql_help: str, from_default: str) -> Decorator:
     )
 
 
+#: ``--wave`` and ``--part`` of upgrade, backfill and status: which share of the fleet.
+FLEET_OPTIONS = options(
+    click.option(
+        "--wave",
+        metavar="NAME",
+        help="Only the databases of this [waves] entry; refused while a database of an earlier "
+        "wave failed or has not reached the revision this run targets.",
+    ),
+    click.option(
+        "--part",
+        metavar="I/N",
+        help="Only the I-th of N deterministic shares of the selected databases (1-based; the "
+        "same on every host): N CI matrix jobs or Indexed Job pods split the fleet.",
+    ),
+)
+
+
 def dry_run_option(help: str) -> Decorator:
     """``--dry-run``, with what it means for the command."""
     return click.option("--dry-run", is_flag=True, help=help)
 
 
-def jobs_option(help: str) -> Decorator:
+def jobs_option(help: str, default: int = 1) -> Decorator:
     """``--jobs/-j``: how many databases (or job x database pairs) at once, 1 to 64."""
     return click.option(
-        "--jobs", "-j", default=1, show_default=True, type=click.IntRange(1, 64), help=help
+        "--jobs", "-j", default=default, show_default=True, type=click.IntRange(1, 64), help=help
     )
 
 

@@ -231,6 +231,21 @@ class ModelSettings:
     defaults: Mapping[str, Mapping[str, ColumnDefault]] = field(default_factory=dict)
 
 
+#: The name of the implied last wave: the databases no ``[waves]`` entry lists.
+REST_WAVE = "rest"
+
+
+@dataclass(frozen=True, slots=True)
+class Wave:
+    """One named group of databases of a rollout (``[waves]``); waves run in file order.
+
+    ``implied``: the ``rest`` wave, the databases that no configured wave lists."""
+
+    name: str
+    databases: tuple[str, ...]
+    implied: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class EnforcementSettings:
     """``[enforcement]``: a mode per check (only the keys given; the rest keep the policy's
@@ -263,6 +278,8 @@ class Settings:
     source: str = "embedded default"
     models: ModelSettings = field(default_factory=ModelSettings)
     enforcement: EnforcementSettings = field(default_factory=EnforcementSettings)
+    #: ``[waves]`` in order, the implied ``rest`` wave last; empty when none are configured.
+    waves: tuple[Wave, ...] = ()
 
     def tables_on(self, database: str) -> tuple[str, ...]:
         """Logical tables routed to ``database``, in canonical order."""
@@ -292,6 +309,7 @@ class Settings:
             self.source,
             self.models,
             self.enforcement,
+            self.waves,
         )
 
 
@@ -485,7 +503,17 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     """Build and validate settings from parsed TOML (each section in turn, in file order)."""
     _check_keys(
         data,
-        ("databases", "routing", "tables", "migrate", "backfill", "audit", "models", "enforcement"),
+        (
+            "databases",
+            "routing",
+            "tables",
+            "migrate",
+            "backfill",
+            "audit",
+            "models",
+            "enforcement",
+            "waves",
+        ),
         "",
     )
     dbs_raw = _table(data, "databases")
@@ -499,8 +527,9 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], sourc
     audit = _audit(_table(data, "audit"))
     models = _models(_table(data, "models"))
     enforcement = _enforcement(_table(data, "enforcement"))
+    waves = _waves(_table(data, "waves"), tuple(databases))
     return Settings(
-        databases, routing, tables, migrate, backfill, audit, source, models, enforcement
+        databases, routing, tables, migrate, backfill, audit, source, models, enforcement, waves
     )
 
 
@@ -667,6 +696,40 @@ def _audit(audit_raw: Mapping[str, Any]) -> AuditSettings:
             raise ConfigError(f"audit.ignore: {code!r} is not a rule code like RU014")
     docs_url = check_docs_url(audit_raw.get("docs_url", DEFAULT_DOCS_URL), "audit.docs_url")
     return AuditSettings(ignore, docs_url)
+
+
+def _waves(raw: Mapping[str, Any], databases: tuple[str, ...]) -> tuple[Wave, ...]:
+    """``[waves]``: ``NAME = ["db", ...]`` in rollout order; every database in at most one
+    wave; the databases no wave lists form the implied last wave ``rest``."""
+    waves: list[Wave] = []
+    seen: dict[str, str] = {}
+    for name, value in raw.items():
+        key = f"waves.{name}"
+        if name == REST_WAVE:
+            raise ConfigError(
+                f"{key}: the name {REST_WAVE!r} is reserved for the databases no wave lists; "
+                "rename the wave"
+            )
+        if not _DB_NAME.match(name):
+            raise ConfigError(f"{key}: a wave name is letters, digits, _ and - (max 63)")
+        if isinstance(value, str):
+            value = [value]
+        names = _str_list(value, key)
+        if not names:
+            raise ConfigError(f"{key}: a wave lists at least one database")
+        for n in names:
+            if n not in databases:
+                raise ConfigError(
+                    f"{key}: unknown database {n!r} (configured: {', '.join(databases)})"
+                )
+            if n in seen:
+                raise ConfigError(f"{key}: database {n!r} is already in wave {seen[n]!r}")
+            seen[n] = name
+        waves.append(Wave(name, names))
+    rest = tuple(d for d in databases if d not in seen)
+    if waves and rest:
+        waves.append(Wave(REST_WAVE, rest, implied=True))
+    return tuple(waves)
 
 
 _HEALTH_KEYS = (

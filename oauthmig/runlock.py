@@ -19,6 +19,7 @@ import fcntl
 import os
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -48,6 +49,21 @@ def transaction_lock(conn: Connection, purpose: str) -> None:
     such as creating the backfill tables. No-op on SQLite (writers are serialized)."""
     if conn.dialect.name == "postgresql":
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key(purpose)})
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """Another runner holds a database's run lock: this run skips that database (not an
+    error: overlapping runners share a fleet, each database is done by whoever holds it)."""
+
+    database: str
+    purpose: str  # upgrade, backfill JOB
+    pid: int | None  # the holder: PostgreSQL backend pid, or the SQLite runner's process id
+
+    def describe(self) -> str:
+        """``skipped: held by another runner (pid N)``."""
+        who = f" (pid {self.pid})" if self.pid is not None else ""
+        return f"skipped: held by another runner{who}"
 
 
 class RunLock:
@@ -153,6 +169,20 @@ class RunLock:
         finally:
             os.close(fd)  # also drops the shared lock, if we got it
         return False
+
+    def held_elsewhere(self, conn: Connection) -> Held | None:
+        """Whether another run holds the lock right now, and who (read on any connection)."""
+        if conn.dialect.name == "postgresql":
+            pid = self.holder(conn)
+            return None if pid is None else Held(self.database, self.purpose, pid)
+        if not self.alive(conn):
+            return None
+        path = self._sidecar(conn)
+        try:
+            with open(str(path), encoding="ascii") as sidecar:
+                return Held(self.database, self.purpose, int(sidecar.read().strip()))
+        except (OSError, ValueError):
+            return Held(self.database, self.purpose, None)
 
     def verify(self, conn: Connection) -> bool:
         """Inside the caller's transaction on ``conn`` (any connection of the database, pooled

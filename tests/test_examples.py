@@ -76,7 +76,7 @@ def documented_exit(command: str, outstanding: bool) -> int:
         return 1
     if "check-redirect" in command and "*." in command:
         return 1  # RU004: a wildcard is an error
-    if "status --check" in command:
+    if command.startswith("oauthmig status") and " --check" in command:
         return 1 if outstanding else 0
     if command.startswith("oauthmig verify"):
         return 1 if outstanding else 0  # rows still lack values before the backfills
@@ -188,7 +188,7 @@ def test_every_readme_block_runs_in_order_with_its_documented_exit_code(
             if ">" in command:
                 words, name = command.split(">")
                 target = folder / name.strip()
-            if "status --check" in command:
+            if command.startswith("oauthmig status") and " --check" in command:
                 jobs.append((["status", "--format", "json"], folder, None))
                 files.append(None)
             shown.append((command, len(jobs)))
@@ -197,7 +197,8 @@ def test_every_readme_block_runs_in_order_with_its_documented_exit_code(
     results = run_forked(jobs, tmp_path / "streams", workers=1, stdout_files=files)
     problems: list[str] = []
     for command, i in shown:
-        outstanding = "status --check" in command and json.loads(results[i - 1].out)["outstanding"]
+        checked = command.startswith("oauthmig status") and " --check" in command
+        outstanding = checked and json.loads(results[i - 1].out)["outstanding"]
         expected = documented_exit(command, outstanding)
         if results[i].code != expected or "Traceback" in results[i].err:
             problems.append(

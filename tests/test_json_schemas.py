@@ -40,7 +40,7 @@ SHARED = {
     "backfill cancel": "backfill-request",
 }
 # Options that select a different document: `upgrade --sql` prints `upgrade-sql`, and so on.
-VARIANTS = {"--sql": "sql", "--report": "report"}
+VARIANTS = {"--sql": "sql", "--report": "report", "--summary": "summary"}
 
 
 class Runner:
@@ -65,6 +65,7 @@ class Runner:
         """The commands that only read (or write nothing), in the current state."""
         docs = {
             "status": self.json("status", "status"),
+            "status-summary": self.json("status-summary", "status", "--summary"),
             "history": self.json("history", "history"),
             "upgrade-dry": self.json("upgrade", "upgrade", "--dry-run"),
             "upgrade-sql": self.json("upgrade-sql", "upgrade", "--sql"),

@@ -278,7 +278,7 @@ def test_half_migrated_database_is_reported(
     assert "half-migrated" in result.err and "revoked_at" in result.err
 
 
-def test_second_run_refuses_while_lock_held(
+def test_second_run_skips_a_database_while_its_lock_is_held(
     routed: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings, cfg = routed
@@ -291,9 +291,10 @@ def test_second_run_refuses_while_lock_held(
             exclusive_run(other, db, "upgrade"),
         ):
             pass
+        # Another runner (overlapping CI jobs, pods) holds it: skipped and said so, exit 0.
         result = invoke(capsys, "--config", cfg, "upgrade")
-        assert result.code == 2
-        assert "another oauthmig upgrade run holds the lock" in result.err
+        assert result.code == 0, result.err
+        assert "control: skipped: held by another runner (pid " in result.out
         assert VERSION_TABLE not in schema_dump(settings)["control"]
     engine.dispose()
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0

@@ -4,6 +4,7 @@ typed results, and work done once per invocation (on real SQLite and PostgreSQL)
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,6 @@ from oauthmig.db import connect, make_engine
 from oauthmig.errors import (
     GateError,
     IncompatibleColumnError,
-    LockBusyError,
     MissingTableError,
     PlanRefusedError,
     SchemaStateError,
@@ -132,21 +132,26 @@ def test_library_downgrade_refuses_before_writing_anywhere(seeded: tuple[Setting
     assert "revision 0002 has no 'applied' row" in error.message
 
 
-def test_failures_are_typed_and_the_other_database_goes_on(
+def test_a_database_another_runner_holds_is_skipped_and_the_other_goes_on(
     seeded: tuple[Settings, str],
 ) -> None:
     settings, _cfg = seeded
     db = settings.databases["control"]
     engine = make_engine(db, settings)
     try:
-        with connect(engine, db) as conn, exclusive_run(conn, db, "upgrade"):
+        with connect(engine, db) as conn, exclusive_run(conn, db, "upgrade") as lock:
             result = runner.upgrade(settings)
+            holder = (
+                lock.holder_pid
+                if settings.databases["control"].dialect == "postgresql"
+                else os.getpid()
+            )
     finally:
         engine.dispose()
-    failed = {r.database: r.error for r in result.failed}
-    assert list(failed) == ["control"]
-    assert isinstance(failed["control"], LockBusyError)
-    assert failed["control"].__traceback__ is None
+    assert not result.failed
+    (held,) = result.held
+    assert held.database == "control" and held.done == () and held.held is not None
+    assert held.held.describe() == f"skipped: held by another runner (pid {holder})"
     shard = next(r for r in result.runs if r.database == "shard")
     assert shard.error is None and shard.reached == "0003"
     assert [s.action for s in shard.done] == [StepAction.SKIP, StepAction.APPLY, StepAction.SKIP]

@@ -146,7 +146,7 @@ def test_two_concurrent_upgrades_one_refuses(
         blocker.rollback()
         blocker.close()
     _out, err = first.communicate(timeout=120)
-    assert second.returncode == 2, second.stderr
-    assert "another oauthmig upgrade run holds the lock" in second.stderr
+    assert second.returncode == 0, second.stderr  # skipped: the first run holds control
+    assert "control: skipped: held by another runner (pid " in second.stdout
     assert "Traceback" not in second.stderr
     assert first.returncode == 0, err

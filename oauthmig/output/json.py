@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from oauthmig.rollout.runner import DatabaseRun, RunResult
     from oauthmig.rollout.stamp import StampResult
     from oauthmig.rollout.status import StatusReport
+    from oauthmig.runlock import Held
 
 __all__ = [
     "FINDING_FIELDS",
@@ -55,6 +56,7 @@ __all__ = [
     "dumps_compact",
     "dumps_indented",
     "finding_to_dict",
+    "held_to_dict",
     "history_to_list",
     "interrupted_to_dict",
     "percentile",
@@ -135,7 +137,13 @@ def run_to_dict(run: DatabaseRun) -> dict[str, Any]:
         "seconds": round(run.seconds, 3),
         "error": None if run.error is None else run.error.message,
         "sql": run.sql,
+        "skipped": None if run.held is None else held_to_dict(run.held),
     }
+
+
+def held_to_dict(held: Held) -> dict[str, Any]:
+    """JSON shape of a database skipped because another runner held its run lock."""
+    return {"reason": "held", "pid": held.pid, "message": held.describe()}
 
 
 def runs_to_dict(result: RunResult, *, dry_run: bool) -> dict[str, Any]:

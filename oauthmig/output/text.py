@@ -281,6 +281,9 @@ def render_plan(console: Console, plans: Sequence[PlanOutcome], direction: Direc
         if not isinstance(p, DatabasePlan):
             table.add_row("?", "", "", f"[red]{escape(p.message)}[/]")
             continue
+        if p.held is not None:
+            table.add_row(p.database, "", "", f"[yellow]{escape(p.held.describe())}[/]")
+            continue
         steps = ", ".join(
             f"{s.revision} {s.action}" + (f" ({'+'.join(s.tables)})" if s.tables else "")
             for s in p.steps
@@ -307,6 +310,9 @@ def render_run(console: Console, result: RunResult, command: str = "oauthmig") -
     waiting: list[str] = []
     for run in result.runs:
         if run.error is not None:
+            continue
+        if run.held is not None:
+            console.print(f"{run.database}: [yellow]{escape(run.held.describe())}[/]")
             continue
         if not run.done and not run.plan.steps:
             console.print(f"{run.database}: up to date at {run.reached or 'base'}")
@@ -498,6 +504,8 @@ def render_backfill(console: Console, result: BackfillResult) -> None:
             console.print(escape(f"{r.database} {r.job}: {r.message}"))
         elif r.status is RunEnd.PAUSED:
             console.print(f"{r.database} {r.job}: paused; state saved, rerun to resume")
+        elif r.status is RunEnd.SKIPPED:
+            console.print(escape(f"{r.database} {r.job}: {r.message}"))
 
 
 def render_prune(console: Console, result: PruneResult) -> None:

@@ -118,8 +118,8 @@ from oauthmig.rollout.jobs import (
 from oauthmig.rollout.pacing import PACED_PREFIX, Pacer
 from oauthmig.rollout.remaining import column_generation
 from oauthmig.rollout.revisions import Catalogue
-from oauthmig.rollout.runner import check_databases
-from oauthmig.runlock import RunLock
+from oauthmig.rollout.runner import check_databases, held_upgrade
+from oauthmig.runlock import Held, RunLock
 
 MIN_BATCH, MAX_BATCH = 10, 200_000
 MAX_TRANSIENT_RETRIES = 10
@@ -150,6 +150,7 @@ class JobRun:
     held_seconds: float = 0.0  # time spent holding on failed health checks
     #: Paused because --max-runtime ran out (rows are left); a pause request is not this.
     out_of_time: bool = False
+    held: Held | None = None  # skipped: another runner holds this job's (or the upgrade) lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +370,8 @@ class _Runner:
         except KeyboardInterrupt:
             self._report_end("interrupted")
             raise
+        except LockBusyError:
+            raise  # another runner holds the job: its own samples describe it
         except BaseException:
             self._report_end("failed")
             raise
@@ -1245,8 +1248,18 @@ def backfill(
     if not options.dry_run:
         for name in hosting:
             require_session(settings, settings.databases[name], "backfill")
+    # Databases another runner is upgrading (overlapping CI jobs or pods) are left to it.
+    held: dict[str, Held] = {}
+    if not options.dry_run:
+        for name in hosting:
+            found = _held_upgrade(settings, settings.databases[name])
+            if found is not None:
+                held[name] = found
     check_databases(
-        settings, hosting, revisions, Command.DRY_RUN if options.dry_run else Command.BACKFILL
+        settings,
+        [n for n in hosting if n not in held],
+        revisions,
+        Command.DRY_RUN if options.dry_run else Command.BACKFILL,
     )
     # A health probe that cannot work as configured is a config error, before any batch.
     for dbname in hosting:
@@ -1264,6 +1277,8 @@ def backfill(
 
     def one(item: tuple[DatabaseConfig, Job]) -> JobRun:
         db, job = item
+        if db.name in held:
+            return _skipped(job, db, held[db.name])
         try:
             with map_db_errors(db):
                 if options.dry_run:
@@ -1271,6 +1286,11 @@ def backfill(
                 return _Runner(
                     settings, db, job, options, progress, stopper, revisions, observe=observe
                 ).run()
+        except LockBusyError as exc:
+            found = _held_job(settings, db, job)
+            if found is not None:
+                return _skipped(job, db, found)
+            return JobRun(job.name, db.name, RunEnd.FAILED, 0, 0, 0, 0.0, message=exc.message)
         except OauthmigError as exc:
             return JobRun(job.name, db.name, RunEnd.FAILED, 0, 0, 0, 0.0, message=exc.message)
 
@@ -1286,6 +1306,29 @@ def backfill(
     else:
         runs = [one(item) for item in work]
     return BackfillResult(tuple(runs), options.dry_run)
+
+
+def _skipped(job: Job, db: DatabaseConfig, held: Held) -> JobRun:
+    return JobRun(
+        job.name, db.name, RunEnd.SKIPPED, 0, 0, 0, 0.0, message=held.describe(), held=held
+    )
+
+
+def _held_upgrade(settings: Settings, db: DatabaseConfig) -> Held | None:
+    """Another runner holds ``db``'s upgrade lock (its columns may be changing)."""
+    with map_db_errors(db), open_database(settings, db) as conn:
+        return held_upgrade(conn, db.name)
+
+
+def _held_job(settings: Settings, db: DatabaseConfig, job: Job) -> Held | None:
+    """Who holds the run lock of ``job`` on ``db``, after this run could not take it."""
+    try:
+        with map_db_errors(db), open_database(settings, db) as conn:
+            return run_lock(job.name, db.name).held_elsewhere(conn) or Held(
+                db.name, f"backfill {job.name}", None
+            )
+    except OauthmigError:
+        return Held(db.name, f"backfill {job.name}", None)
 
 
 # --------------------------------------------------------------------------- hooks

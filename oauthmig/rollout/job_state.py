@@ -51,8 +51,8 @@ class StoredStatus(StrEnum):
 
 class RunEnd(StrEnum):
     """How one run of a job on one database ended (:class:`~oauthmig.rollout.backfill.JobRun`):
-    a stored status it left, or ``dry-run`` (estimated, nothing written) or ``up-to-date``
-    (finished before, nothing new)."""
+    a stored status it left, or ``dry-run`` (estimated, nothing written), ``up-to-date``
+    (finished before, nothing new) or ``skipped`` (another runner held it)."""
 
     FINISHED = "finished"
     PAUSED = "paused"
@@ -60,6 +60,7 @@ class RunEnd(StrEnum):
     FAILED = "failed"
     DRY_RUN = "dry-run"
     UP_TO_DATE = "up-to-date"
+    SKIPPED = "skipped"  # another runner held the job or the database (runlock.Held)
 
 
 class ShownStatus(StrEnum):

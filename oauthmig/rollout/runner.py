@@ -73,7 +73,7 @@ from oauthmig.rollout.revisions import (
     ensure_log_table,
 )
 from oauthmig.rollout.verify import verify_connection
-from oauthmig.runlock import RunLock, exclusive_run
+from oauthmig.runlock import Held, RunLock
 from oauthmig.same_database import check_distinct
 from oauthmig.version_tables import (
     VERSION_TABLE,
@@ -178,6 +178,7 @@ class DatabasePlan:
     target: str | None
     steps: tuple[PlannedStep, ...]
     waiting: Waiting | None = None
+    held: Held | None = None  # another runner holds the database's upgrade lock: skipped
 
 
 #: What planning one database gave: its plan, or why it cannot be planned.
@@ -196,6 +197,7 @@ class DatabaseRun:
     seconds: float
     error: OauthmigError | None = None
     sql: str | None = None
+    held: Held | None = None  # skipped: another runner holds the database's upgrade lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +212,11 @@ class RunResult:
     def failed(self) -> tuple[DatabaseRun, ...]:
         """Runs that ended in an error."""
         return tuple(r for r in self.runs if r.error is not None)
+
+    @property
+    def held(self) -> tuple[DatabaseRun, ...]:
+        """Databases skipped because another runner held their upgrade lock."""
+        return tuple(r for r in self.runs if r.held is not None)
 
 
 def check_databases(
@@ -579,8 +586,17 @@ def run_database(
         with open_database(settings, db, direct=req.mode is Mode.ONLINE) as conn:
             if req.mode is Mode.DRY_RUN:
                 return _run_dry(req, conn, db, cat, target, started)
-            with exclusive_run(conn, db, "upgrade"):
+            lock = RunLock("upgrade", db.name)
+            if not lock.try_acquire(conn):
+                if req.direction is Direction.DOWNGRADE:
+                    raise LockBusyError(lock.busy_message(conn))
+                # Another runner upgrades this database (overlapping CI jobs or pods): skip it.
+                held = lock.held_elsewhere(conn) or Held(db.name, "upgrade", None)
+                return _held_run(db, held, time.monotonic() - started)
+            try:
                 return _run_online(req, conn, db, cat, target, started, sleep)
+            finally:
+                lock.release()
     except OauthmigError as exc:
         error = exc
     except SQLAlchemyError as exc:
@@ -591,6 +607,16 @@ def run_database(
     # Kept in a result: without the traceback, which holds the run's frames (and connections).
     error = error.with_traceback(None)
     return DatabaseRun(db.name, empty_plan, (), None, 0, time.monotonic() - started, error)
+
+
+def _held_run(db: DatabaseConfig, held: Held, seconds: float) -> DatabaseRun:
+    plan = DatabasePlan(db.name, db.dialect, db.display_url, None, None, (), held=held)
+    return DatabaseRun(db.name, plan, (), None, 0, seconds, held=held)
+
+
+def held_upgrade(conn: Connection, database: str) -> Held | None:
+    """Another runner holds ``database``'s upgrade lock (read on any connection)."""
+    return RunLock("upgrade", database).held_elsewhere(conn)
 
 
 def _target_for(
@@ -906,6 +932,23 @@ def _execute(
     return runs
 
 
+def _retry_held(
+    reqs: list[RunRequest], runs: list[DatabaseRun], cat: Catalogue
+) -> list[DatabaseRun]:
+    """Once more, at the end, for the databases another runner held: a holder that only
+    found a gate still closed may have let go just after its backfill finished elsewhere.
+    Planned again under the lock; still held: skipped."""
+    by_name = {r.database: r for r in reqs}
+    out: list[DatabaseRun] = []
+    for run in runs:
+        if run.held is not None and run.database in by_name:
+            again = run_database(replace(by_name[run.database], plan=None), catalogue=cat)
+            out.append(again)
+        else:
+            out.append(run)
+    return out
+
+
 def plan(
     settings: Settings,
     direction: Direction,
@@ -924,6 +967,7 @@ def plan(
     cat = catalogue or Catalogue.load()
     resolved = cat.resolve(target)
     explicit = target not in ("head", "heads") or direction is Direction.DOWNGRADE
+    up = direction is Direction.UPGRADE
     check_distinct(settings)
     out: list[PlanOutcome] = []
     for name in settings.database_names():
@@ -932,11 +976,32 @@ def plan(
             if session:
                 require_session(settings, db, str(direction))
             with map_db_errors(db), open_database(settings, db, direct=session) as conn:
+                held = held_upgrade(conn, name) if session and up else None
+                if held is not None:
+                    out.append(
+                        DatabasePlan(
+                            name, conn.dialect.name, db.display_url, None, None, (), held=held
+                        )
+                    )
+                    continue
                 if session:
                     check_privileges(conn, settings, db, _COMMANDS[direction])
-                out.append(
-                    _plan(conn, settings, db, cat.revisions, resolved, direction, explicit)[0]
-                )
+                try:
+                    out.append(
+                        _plan(conn, settings, db, cat.revisions, resolved, direction, explicit)[0]
+                    )
+                except OauthmigError:
+                    # Read while another runner was changing it: that runner owns it now.
+                    if conn.in_transaction():
+                        conn.rollback()
+                    held = held_upgrade(conn, name) if session and up else None
+                    if held is None:
+                        raise
+                    out.append(
+                        DatabasePlan(
+                            name, conn.dialect.name, db.display_url, None, None, (), held=held
+                        )
+                    )
         except OauthmigError as exc:
             out.append(exc.with_traceback(None))
     return out
@@ -967,7 +1032,8 @@ def _run(
         errors = [p for p in planned if isinstance(p, OauthmigError)]
         if errors:
             raise PlanRefusedError(errors)
-        plans = {p.database: p for p in planned if isinstance(p, DatabasePlan)}
+        # A database another runner held when planned is planned again under its lock.
+        plans = {p.database: p for p in planned if isinstance(p, DatabasePlan) and not p.held}
     elif mode is Mode.DRY_RUN:
         check_distinct(settings)  # offline (--sql) needs no connection, and cannot tell
     reqs = [
@@ -976,7 +1042,10 @@ def _run(
         )
         for name in settings.database_names()
     ]
-    return RunResult(direction, mode, tuple(_execute(reqs, jobs, on_done, cat)))
+    runs = _execute(reqs, jobs, on_done, cat)
+    if mode is Mode.ONLINE and direction is Direction.UPGRADE:
+        runs = _retry_held(reqs, runs, cat)
+    return RunResult(direction, mode, tuple(runs))
 
 
 def upgrade(

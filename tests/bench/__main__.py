@@ -1,4 +1,5 @@
-"""``python -m tests.bench [backfill|rules|audit|traffic|health|status|compat ...] [options]``:
+"""``python -m tests.bench [backfill|rules|audit|traffic|health|status|compat|fleet ...]
+[options]``:
 benchmarks.
 
 Prints the results.
@@ -14,7 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("backfill", "rules", "audit", "traffic", "health", "status", "compat")
+BENCHMARKS = ("backfill", "rules", "audit", "traffic", "health", "status", "compat", "fleet")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="backfill, rules, audit, traffic, health, status and/or compat (default: all)",
+        help="backfill, rules, audit, traffic, health, status, compat and/or fleet (default: all)",
     )
     p.add_argument("--seed", type=int, default=42, help="demo data seed (default 42)")
     g = p.add_argument_group("backfill")
@@ -85,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("compat")
     g.add_argument(
         "--compat-seconds", type=int, default=15, help="pgbench seconds per phase (default 15)"
+    )
+    g = p.add_argument_group("fleet")
+    g.add_argument(
+        "--fleet-tokens",
+        type=int,
+        default=200,
+        help="legacy tokens in each of the 64 databases (default 200)",
     )
     g = p.add_argument_group("status")
     g.add_argument(
@@ -163,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tests.bench import bench_compat
 
             ok &= bench_compat.main(seconds=args.compat_seconds)
+        elif name == "fleet":
+            from tests.bench import bench_fleet
+
+            ok &= bench_fleet.main(tokens=args.fleet_tokens)
         elif name == "status":
             from tests.bench import bench_status
 
