@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import logging
-import math
 import os
-import shlex
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, NoReturn, cast
 
@@ -19,19 +15,42 @@ import click
 from rich.console import Console
 
 import oauthmig
-from oauthmig.config import Settings, load_settings, parse_duration_ms
-from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep, run_demo
-from oauthmig.errors import ConfigError, OauthmigError, PlanRefusedError, Terminated, UsageError
-from oauthmig.html_report import Report, gather_report
-from oauthmig.output.audit_report import BaselineGate, render_text_report, stream_machine_report
-from oauthmig.output.audit_writers import (
-    SARIF_MAX_RESULTS,
-    atomic_output,
+from oauthmig.cli_options import (
+    FLEET_OPTIONS,
+    FORMAT_OPTION,
+    MAX_RUNTIME_SECONDS,
+    META_JSON,
+    MIN_SEVERITY,
+    AppState,
+    BackfillGroup,
+    FiniteRange,
+    Group,
+    dry_run_option,
+    fail_on_option,
+    given_options,
+    global_options,
+    jobs_option,
+    offline_options,
+    sleep_option,
+    state_of,
 )
+from oauthmig.config import Settings, load_settings, parse_duration_ms
+from oauthmig.demo.progress import console_hooks
+from oauthmig.demo.progress import failures as demo_failures
+from oauthmig.demo.run import run_demo
+from oauthmig.errors import ConfigError, OauthmigError, PlanRefusedError, Terminated, UsageError
+from oauthmig.html_report import gather_report
+from oauthmig.output.audit_report import AuditOptions, write_audit_report
+from oauthmig.output.audit_writers import SARIF_MAX_RESULTS
 from oauthmig.output.backfill_text import render_report, render_requests
-from oauthmig.output.baseline import BaselineRecorder, load_baseline
+from oauthmig.output.backfill_watch import watch_backfill
 from oauthmig.output.files import output_file, write_scripts
-from oauthmig.output.fleet import render_summary, render_waves, summary_to_dict, wave_progress
+from oauthmig.output.fleet import (
+    render_status_with_waves,
+    render_summary,
+    status_with_waves_to_dict,
+    summary_to_dict,
+)
 from oauthmig.output.html import render_html
 from oauthmig.output.json import (
     backfill_to_dict,
@@ -44,10 +63,19 @@ from oauthmig.output.json import (
     runs_to_dict,
     sql_runs_to_list,
     stamp_to_dict,
-    status_to_dict,
     to_json,
 )
-from oauthmig.output.metrics import MetricsFile
+from oauthmig.output.outcomes import (
+    Failures,
+    backfill_failures,
+    prune_failures,
+    report_brief,
+    run_failures,
+    status_failures,
+    still_running,
+    unfinished,
+    unscripted,
+)
 from oauthmig.output.phases_text import (
     contract_to_list,
     render_contract,
@@ -55,32 +83,27 @@ from oauthmig.output.phases_text import (
     verify_to_list,
 )
 from oauthmig.output.stamp_text import render_stamp
+from oauthmig.output.streams import PipeSafeStdout, flush_standard_streams, to_devnull
 from oauthmig.output.text import (
     Consoles,
     escape,
-    plain_console,
     progress_bar,
-    render_audit_brief,
-    render_audit_summary,
     render_backfill,
     render_dry_run,
     render_history,
     render_plan,
     render_prune,
     render_run,
-    render_status,
     render_uri_reports,
     sql_script,
     sql_section,
 )
 from oauthmig.prune import prune
-from oauthmig.redact import scrub_log_records
 from oauthmig.redirects.audit import FailOn
 from oauthmig.redirects.audit import audit as audit_service
 from oauthmig.redirects.rules import check_uri
 from oauthmig.rollout import backfill as backfill_service
 from oauthmig.rollout import control, fleet, runner
-from oauthmig.rollout.backfill import BackfillResult
 from oauthmig.rollout.batch_report import DEFAULT_LAST, backfill_report
 from oauthmig.rollout.revisions import Catalogue
 from oauthmig.rollout.runner import Direction, Mode, PlanOutcome, RunResult
@@ -92,26 +115,6 @@ from oauthmig.rollout.verify import verify as verify_service
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: backfill stopped by SIGTERM, state saved
 EXIT_UNFINISHED = 3  # backfill stopped by --max-runtime with rows left: run it again
-MAX_RUNTIME_SECONDS = 30 * 24 * 3600
-
-
-@dataclass(frozen=True, slots=True)
-class AppState:
-    """Global options, shared by every command."""
-
-    config_path: str | None
-    databases: tuple[str, ...]
-    consoles: Consoles
-
-    def settings(self) -> Settings:
-        """Load the configuration and apply ``--database``."""
-        return load_settings(self.config_path).restrict(self.databases)
-
-    def command_prefix(self) -> str:
-        """``oauthmig`` plus the ``--config`` in use, for commands printed as advice."""
-        if self.config_path is None:
-            return "oauthmig"
-        return f"oauthmig --config {shlex.quote(self.config_path)}"
 
 
 class Findings(Exception):
@@ -122,126 +125,10 @@ class Unfinished(Exception):
     """Raised by ``backfill`` when ``--max-runtime`` stopped a job with rows left (exit 3)."""
 
 
-class _FiniteRange(click.FloatRange):
-    """A float range that also refuses ``nan`` and ``inf`` (they compare false to any bound)."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
-        return rv
-
-
-FORMAT = click.Choice(["text", "json"])
-OUTPUT_DIR = click.option(
-    "--output-dir",
-    type=click.Path(file_okay=False),
-    metavar="DIR",
-    help="With --sql: write one script per database, DIR/<database>.sql, instead of stdout.",
-)
-WAVE = click.option(
-    "--wave",
-    metavar="NAME",
-    help="Only the databases of this [waves] entry; refused while a database of an earlier "
-    "wave failed or has not reached the revision this run targets.",
-)
-PART = click.option(
-    "--part",
-    metavar="I/N",
-    help="Only the I-th of N deterministic shares of the selected databases (1-based; the "
-    "same on every host): N CI matrix jobs or Indexed Job pods split the fleet.",
-)
-FAIL_ON = click.Choice(["error", "warning", "never"])
-MIN_SEVERITY = click.Choice(["error", "warning", "info"])
-
-# Global options, accepted before and after the subcommand name (``oauthmig -d x status`` and
-# ``oauthmig status -d x``). Values given after the name are stored in ``ctx.meta``.
-_META_LATE = "oauthmig.late_globals"
-_META_STATE = "oauthmig.state"
-_META_JSON = "oauthmig.json_output"
-_CONFIG_HELP = (
-    "Config file (default: $OAUTHMIG_CONFIG, ./oauthmig.toml, or the embedded "
-    "SQLite default under ./.oauthmig/)."
-)
-
-
-def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    if value not in (None, False, ()):
-        assert param.name is not None
-        ctx.meta.setdefault(_META_LATE, {})[param.name] = value
-    return value
-
-
-#: The global options: (declarations, attributes), declared once for the group and again on
-#: every subcommand (where they are stored for :func:`_build_state`, not passed).
-_GLOBAL_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
-    (("--config", "config_path"), {"type": click.Path(dir_okay=False), "help": _CONFIG_HELP}),
-    (
-        ("--database", "-d", "databases"),
-        {"multiple": True, "metavar": "NAME", "help": "Only act on this database (repeatable)."},
-    ),
-    (("--verbose", "-v"), {"is_flag": True, "help": "More detail."}),
-    (("--quiet", "-q"), {"is_flag": True, "help": "Only errors and requested output."}),
-)
-
-
-def _global_options(*, late: bool = True) -> list[click.Parameter]:
-    """The global options as parameters: of the group (``late=False``), or of a subcommand."""
-    extra: dict[str, Any] = {"expose_value": False, "callback": _remember} if late else {}
-    return [click.Option(list(decls), **attrs, **extra) for decls, attrs in _GLOBAL_OPTIONS]
-
-
-def _invoke_command(ctx: click.Context, invoke: Callable[[click.Context], Any]) -> Any:
-    """Run a subcommand with the global options applied, the project's ``UsageError`` turned
-    into a click usage error (one line naming ``oauthmig CMD --help``)."""
-    _build_state(ctx)
-    ctx.meta[_META_JSON] = ctx.params.get("fmt")
-    ctx.meta["command"] = ctx.info_name
-    try:
-        return invoke(ctx)
-    except UsageError as exc:
-        raise click.UsageError(exc.message, ctx) from None
-
-
-class _Command(click.Command):
-    """A subcommand that accepts the global options too, and turns the project's
-    ``UsageError`` into a click usage error (one line naming ``oauthmig CMD --help``)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.params.extend(_global_options())
-
-    def invoke(self, ctx: click.Context) -> Any:
-        return _invoke_command(ctx, super().invoke)
-
-
-class _Group(click.Group):
-    command_class = _Command
-
-
-def _build_state(ctx: click.Context) -> AppState:
-    """Merge the global options given before and after the subcommand into one AppState."""
-    root = ctx.find_root()
-    late: dict[str, Any] = ctx.meta.get(_META_LATE, {})
-    config_path = late.get("config_path", root.params.get("config_path"))
-    databases = tuple(root.params.get("databases", ())) + tuple(late.get("databases", ()))
-    verbose = bool(root.params.get("verbose") or late.get("verbose"))
-    quiet = bool(root.params.get("quiet") or late.get("quiet"))
-    if verbose and quiet:
-        raise click.UsageError("--verbose and --quiet exclude each other", ctx)
-    if verbose:
-        # Alembic reports each revision it runs ("Running upgrade 0001 -> 0002") at INFO.
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(name)s: %(message)s")
-    scrub_log_records()  # library log lines (psycopg, SQLAlchemy's pool) can quote driver errors
-    state = AppState(config_path, databases, Consoles.create(quiet=quiet, verbose=verbose))
-    ctx.meta[_META_STATE] = state
-    return state
-
-
 @click.group(
-    cls=_Group,
+    cls=Group,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    params=_global_options(late=False),
+    params=global_options(late=False),
 )
 @click.version_option(package_name="oauthmig")
 def cli(
@@ -279,20 +166,15 @@ def emit(
         render(c.out)
 
 
-def fail_summary(c: Consoles, lines: Sequence[str], summary: str) -> None:
+def fail_summary(c: Consoles, failures: Failures) -> None:
     """End a command whose work failed somewhere: one failure raises its own line; several
-    print each line, then raise ``summary``. Nothing failed (no lines): return."""
-    if len(lines) == 1:
-        raise OauthmigError(lines[0])
-    if lines:
-        for line in lines:
+    print each line, then raise the summary. Nothing failed (no lines): return."""
+    if len(failures.lines) == 1:
+        raise OauthmigError(failures.lines[0])
+    if failures.lines:
+        for line in failures.lines:
             c.error(line)
-        raise OauthmigError(summary)
-
-
-def _state(ctx: click.Context) -> AppState:
-    state: AppState = ctx.meta.get(_META_STATE) or _build_state(ctx)
-    return state
+        raise OauthmigError(failures.summary)
 
 
 def _catalogue(target: str, from_revision: str | None) -> Catalogue:
@@ -305,33 +187,11 @@ def _catalogue(target: str, from_revision: str | None) -> Catalogue:
     return cat
 
 
-def _selected(
-    state: AppState,
-    wave: str | None,
-    part: str | None,
-    *,
-    gate: Callable[[Settings, fleet.Selection], None] | None = None,
-) -> Settings | None:
-    """The settings of ``-d``/``--wave``/``--part`` (after ``gate``, which may refuse the
-    wave); ``None``, said in one line, when that selects no database (a part of fewer
-    databases than parts is empty, not an error)."""
-    if wave is None and part is None:
-        return state.settings()
-    full = load_settings(state.config_path)
-    selection = fleet.select(
-        full, state.databases, wave, fleet.parse_part(part) if part is not None else None
-    )
-    if selection.settings is None:
-        state.consoles.info(f"nothing to do: {selection.describe()} selects no database")
-        return None
-    if gate is not None:
-        gate(full, selection)
-    return selection.settings
-
-
 def _wave_gate(
     state: AppState, cat: Catalogue, target: str | None
 ) -> Callable[[Settings, fleet.Selection], None]:
+    """Refuses ``--wave`` while an earlier wave failed or has not reached ``target``."""
+
     def gate(full: Settings, selection: fleet.Selection) -> None:
         fleet.wave_gate(full, selection, target, cat.revisions, state.command_prefix())
 
@@ -359,37 +219,85 @@ def _refused(c: Consoles, exc: PlanRefusedError) -> PlanRefusedError:
     return exc
 
 
-def _refuse_failed(result: RunResult, outcome: str) -> None:
-    """One line for runs that write nothing (dry-run, --sql): the first failure, and a count."""
-    failed = [r.error for r in result.failed if r.error is not None]
-    if failed:
-        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        raise OauthmigError(f"{failed[0].message}{more}; {outcome}")
+def _migrate(
+    ctx: click.Context,
+    direction: Direction,
+    target: str,
+    dry_run: bool,
+    offline: bool,
+    from_revision: str | None,
+    output_dir: str | None,
+    fmt: str,
+    jobs: int = 1,
+    wave: str | None = None,
+    part: str | None = None,
+) -> None:
+    """upgrade and downgrade: check the options, select the databases (a wave is gated
+    online), run, render, end with the failures."""
+    if dry_run and offline:
+        raise UsageError("--dry-run and --sql exclude each other")
+    for flag, given in (("--from", from_revision), ("--output-dir", output_dir is not None)):
+        if given and not offline:
+            raise UsageError(f"{flag} only applies to --sql")
+    cat = _catalogue(target, from_revision)
+    state = state_of(ctx)
+    c = state.consoles
+    mode = Mode.SQL if offline else Mode.DRY_RUN if dry_run else Mode.ONLINE
+    online = mode is Mode.ONLINE
+    gate = _wave_gate(state, cat, cat.resolve(target)) if online else None
+    if (settings := state.select(wave, part, gate=gate)) is None:
+        return
+    try:
+        result = runner.migrate(
+            settings,
+            direction,
+            target,
+            mode=mode,
+            jobs=jobs if mode is Mode.ONLINE else 1,
+            from_revision=from_revision,
+            catalogue=cat,
+            on_plan=_show_plan(c, direction, fmt == "json"),
+        )
+    except PlanRefusedError as exc:
+        raise _refused(c, exc) from None
+    _show_migration(c, fmt, result, output_dir, state.command_prefix())
+
+
+def _show_migration(
+    c: Consoles, fmt: str, result: RunResult, output_dir: str | None, command: str
+) -> None:
+    """The SQL (--sql), the plan (--dry-run) or the run; then the failures."""
+    if result.mode is Mode.SQL:
+        _emit_sql(c, result, fmt == "json", output_dir)
+        return
+    dry = result.mode is Mode.DRY_RUN
+    _refuse(unscripted(result, "nothing was changed") if dry else None)
+    if result.direction is Direction.DOWNGRADE:
+        fail_summary(c, run_failures(result))  # a failed downgrade shows no table
+    emit(
+        c,
+        fmt,
+        lambda: runs_to_dict(result, dry_run=dry),
+        lambda out: render_dry_run(out, result) if dry else render_run(out, result, command),
+        always=dry,
+    )
+    fail_summary(c, run_failures(result))
+
+
+def _refuse(message: str | None) -> None:
+    if message is not None:
+        raise OauthmigError(message)
 
 
 def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | None) -> None:
     """Print or write ``--sql`` output; nothing at all if any database cannot be scripted."""
-    _refuse_failed(result, "no SQL was written")
+    _refuse(unscripted(result, "no SQL was written"))
     if output_dir is None:
         click.echo(to_json(sql_runs_to_list(result)) if as_json else sql_script(result), nl=False)
         return
     files = {r.database: sql_section(r) for r in result.runs}
     for path in write_scripts(output_dir, files):
         c.info(f"wrote {path}")
-
-
-def _report_failures(state: AppState, result: RunResult) -> None:
-    """One line per failed database; a summary line only when several failed."""
-    failed = [(r.database, r.error) for r in result.failed if r.error is not None]
-    names = ", ".join(name for name, _error in failed)
-    ok = [r.database for r in result.runs if r.error is None]
-    verb = "is" if len(ok) == 1 else "are"
-    tail = f"; {', '.join(ok)} completed and {verb} consistent" if ok else ""
-    fail_summary(
-        state.consoles,
-        [error.message for _name, error in failed],
-        f"{len(failed)} databases failed: {names}{tail}",
-    )
 
 
 @cli.command()
@@ -401,37 +309,18 @@ def _report_failures(state: AppState, result: RunResult) -> None:
     metavar="REV",
     help="Target revision (id, unique prefix, or head).",
 )
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Connect read-only and print, per database, the pending revisions and their "
-    "SQL. Writes nothing, not even the version table.",
+@dry_run_option(
+    "Connect read-only and print, per database, the pending revisions and their "
+    "SQL. Writes nothing, not even the version table."
 )
-@click.option(
-    "--sql",
-    "offline",
-    is_flag=True,
-    help="Emit the SQL only, offline: no connection needed; one section per database, "
-    "each guarded to stop on another database, another revision or unfinished backfills.",
+@offline_options(
+    "Emit the SQL only, offline: no connection needed; one section per database, each "
+    "guarded to stop on another database, another revision or unfinished backfills.",
+    from_default="base",
 )
-@click.option(
-    "--from",
-    "from_revision",
-    metavar="REV",
-    help="With --sql: the revision the databases are at (default: base).",
-)
-@OUTPUT_DIR
-@click.option(
-    "--jobs",
-    "-j",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Upgrade this many databases in parallel.",
-)
-@WAVE
-@PART
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@jobs_option("Upgrade this many databases in parallel.")
+@FLEET_OPTIONS
+@FORMAT_OPTION
 @click.pass_context
 def upgrade(
     ctx: click.Context,
@@ -460,57 +349,7 @@ def upgrade(
       oauthmig upgrade -d control --to 0002
       oauthmig upgrade --part 2/4 --jobs 8   # one CI job's share (add --wave NAME)
     """
-    state = _state(ctx)
-    if dry_run and offline:
-        raise UsageError("--dry-run and --sql exclude each other")
-    if from_revision and not offline:
-        raise UsageError("--from only applies to --sql")
-    if output_dir is not None and not offline:
-        raise UsageError("--output-dir only applies to --sql")
-    cat = _catalogue(target, from_revision)
-    online = not (offline or dry_run)
-    selected = _selected(
-        state, wave, part, gate=_wave_gate(state, cat, cat.resolve(target)) if online else None
-    )
-    if selected is None:
-        return
-    settings = selected
-    c = state.consoles
-    as_json = fmt == "json"
-    if offline:
-        result = runner.upgrade(
-            settings, target, mode=Mode.SQL, from_revision=from_revision, catalogue=cat
-        )
-        _emit_sql(c, result, as_json, output_dir)
-        return
-    if dry_run:
-        result = runner.upgrade(settings, target, mode=Mode.DRY_RUN, catalogue=cat)
-        _refuse_failed(result, "nothing was changed")
-        emit(
-            c,
-            fmt,
-            lambda: runs_to_dict(result, dry_run=True),
-            lambda out: render_dry_run(out, result),
-            always=True,
-        )
-        return
-    try:
-        result = runner.upgrade(
-            settings,
-            target,
-            jobs=jobs,
-            catalogue=cat,
-            on_plan=_show_plan(c, Direction.UPGRADE, as_json),
-        )
-    except PlanRefusedError as exc:
-        raise _refused(c, exc) from None
-    emit(
-        c,
-        fmt,
-        lambda: runs_to_dict(result, dry_run=False),
-        lambda out: render_run(out, result, state.command_prefix()),
-    )
-    _report_failures(state, result)
+    _migrate(ctx, Direction.UPGRADE, **ctx.params)  # the parameters, by name
 
 
 @cli.command()
@@ -521,16 +360,9 @@ def upgrade(
     metavar="REV|base",
     help="Revision to go back to, or base to remove everything oauthmig added.",
 )
-@click.option("--dry-run", is_flag=True, help="Print the revisions and SQL; write nothing.")
-@click.option("--sql", "offline", is_flag=True, help="Emit the SQL only, offline.")
-@click.option(
-    "--from",
-    "from_revision",
-    metavar="REV",
-    help="With --sql: the revision the databases are at (default: head).",
-)
-@OUTPUT_DIR
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@dry_run_option("Print the revisions and SQL; write nothing.")
+@offline_options("Emit the SQL only, offline.", from_default="head")
+@FORMAT_OPTION
 @click.pass_context
 def downgrade(
     ctx: click.Context,
@@ -553,48 +385,12 @@ def downgrade(
       oauthmig downgrade --to 0003 --dry-run   # PostgreSQL: also --sql --output-dir sql/
       oauthmig downgrade --to 0001 -d shard
     """
-    state = _state(ctx)
-    if dry_run and offline:
-        raise UsageError("--dry-run and --sql exclude each other")
-    if from_revision and not offline:
-        raise UsageError("--from only applies to --sql")
-    if output_dir is not None and not offline:
-        raise UsageError("--output-dir only applies to --sql")
-    cat = _catalogue(target, from_revision)
-    settings = state.settings()
-    c = state.consoles
-    as_json = fmt == "json"
-    mode = Mode.SQL if offline else Mode.DRY_RUN if dry_run else Mode.ONLINE
-    try:
-        result = runner.downgrade(
-            settings,
-            target,
-            mode=mode,
-            from_revision=from_revision,
-            catalogue=cat,
-            on_plan=_show_plan(c, Direction.DOWNGRADE, as_json),
-        )
-    except PlanRefusedError as exc:
-        raise _refused(c, exc) from None
-    if mode is Mode.SQL:
-        _emit_sql(c, result, as_json, output_dir)
-        return
-    if mode is Mode.DRY_RUN:
-        _refuse_failed(result, "nothing was changed")
-    _report_failures(state, result)
-    dry = mode is Mode.DRY_RUN
-    emit(
-        c,
-        fmt,
-        lambda: runs_to_dict(result, dry_run=dry),
-        lambda out: render_dry_run(out, result) if dry else render_run(out, result),
-        always=dry,
-    )
+    _migrate(ctx, Direction.DOWNGRADE, **ctx.params)
 
 
 @cli.command()
 @click.argument("revision", metavar="REV")
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@FORMAT_OPTION
 @click.pass_context
 def stamp(ctx: click.Context, revision: str, fmt: str) -> None:
     """Record revisions up to REV as applied without running them.
@@ -610,13 +406,13 @@ def stamp(ctx: click.Context, revision: str, fmt: str) -> None:
       oauthmig stamp 0003                 # databases already at 0003: nothing to record
       oauthmig stamp 0003 -d control --format json
     """
-    state = _state(ctx)
+    state = state_of(ctx)
     result = stamp_revisions(state.settings(), revision)
     emit(state.consoles, fmt, lambda: stamp_to_dict(result), lambda out: render_stamp(out, result))
 
 
 @cli.command()
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@FORMAT_OPTION
 @click.option(
     "--check",
     is_flag=True,
@@ -634,24 +430,16 @@ def stamp(ctx: click.Context, revision: str, fmt: str) -> None:
     help="One view of the fleet: databases per revision and state, the stragglers by name, "
     "each backfill's rows left and slowest database; databases read in parallel.",
 )
-@click.option(
-    "--jobs",
-    "-j",
-    default=fleet.DEFAULT_CONCURRENCY,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="With --summary: read this many databases at once.",
-)
+@jobs_option("With --summary: read this many databases at once.", default=fleet.DEFAULT_CONCURRENCY)
 @click.option(
     "--timeout",
-    type=_FiniteRange(0.1, 3600),
+    type=FiniteRange(0.1, 3600),
     default=fleet.DEFAULT_TIMEOUT_SECONDS,
     show_default=True,
     metavar="S",
     help="With --summary: give up on a database after S seconds (it is one line of the view).",
 )
-@WAVE
-@PART
+@FLEET_OPTIONS
 @click.pass_context
 def status(
     ctx: click.Context,
@@ -679,34 +467,24 @@ def status(
       oauthmig status --exact        # count the rows left instead of estimating
       oauthmig status --summary --check   # the whole fleet in one view
     """
-    state = _state(ctx)
+    state = state_of(ctx)
     if summary:
-        if exact:
-            raise UsageError("--exact does not apply to --summary (it reads estimates)")
-        _status_summary(state, fmt, check, jobs, timeout, wave, part)
+        _status_summary(state, fmt, check, exact, jobs, timeout, wave, part)
         return
-    summary_only = _given(ctx, {"jobs": "--jobs", "timeout": "--timeout"})
+    summary_only = given_options(ctx, {"jobs": "--jobs", "timeout": "--timeout"})
     if summary_only:
         raise UsageError(f"{summary_only[0]} only applies to --summary")
-    selected = _selected(state, wave, part)
-    if selected is None:
+    if (selected := state.select(wave, part)) is None:
         return
-    report = read_status(selected, exact=exact)
-
-    def document() -> dict[str, Any]:
-        return {**status_to_dict(report), "waves": wave_progress(report, selected.waves)}
-
-    def render(out: Console) -> None:
-        render_status(out, report)
-        render_waves(out, report, selected.waves)
-
-    emit(state.consoles, fmt, document, render, always=True)
-    errors = [d for d in report.databases if d.error]
-    fail_summary(
+    report, waves = read_status(selected, exact=exact), selected.waves
+    emit(
         state.consoles,
-        [d.error or f"database {d.database!r} could not be read" for d in errors],
-        f"{len(errors)} databases could not be read: {', '.join(d.database for d in errors)}",
+        fmt,
+        lambda: status_with_waves_to_dict(report, waves),
+        lambda out: render_status_with_waves(out, report, waves),
+        always=True,
     )
+    fail_summary(state.consoles, status_failures(report))
     failure = report.check_failure()
     if check and failure:
         raise Findings(failure)
@@ -716,11 +494,14 @@ def _status_summary(
     state: AppState,
     fmt: str,
     check: bool,
+    exact: bool,
     jobs: int,
     timeout: float,
     wave: str | None,
     part: str | None,
 ) -> None:
+    if exact:
+        raise UsageError("--exact does not apply to --summary (it reads estimates)")
     full = load_settings(state.config_path)
     selection = fleet.select(
         full, state.databases, wave, fleet.parse_part(part) if part is not None else None
@@ -740,7 +521,7 @@ def _status_summary(
 
 
 @cli.command()
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@FORMAT_OPTION
 @click.pass_context
 def history(ctx: click.Context, fmt: str) -> None:
     """List revisions with the tables they touch and the backfills they require.
@@ -751,46 +532,12 @@ def history(ctx: click.Context, fmt: str) -> None:
     """
     revisions = Catalogue.load().revisions
     emit(
-        _state(ctx).consoles,
+        state_of(ctx).consoles,
         fmt,
         lambda: history_to_list(revisions),
         lambda out: render_history(out, revisions),
         always=True,
     )
-
-
-class _BackfillGroup(click.Group):
-    """``backfill [JOB]...`` runs jobs; ``backfill pause|resume|cancel [JOB]...`` are its
-    subcommands. The first word decides: a subcommand name, or else the run with job names
-    (job names never collide with the subcommands), options before and after them."""
-
-    command_class = _Command
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.params.extend(_global_options())
-
-    def _first_word(self, ctx: click.Context, args: list[str]) -> str | None:
-        parser = self.make_parser(ctx)
-        parser.allow_interspersed_args = False
-        try:
-            _, rest, _ = parser.parse_args(args=list(args))
-        except click.UsageError:
-            return None  # parsed again below, where the error is reported
-        return rest[0] if rest else None
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if self._first_word(ctx, args) in self.commands:
-            return super().parse_args(ctx, args)
-        ctx.allow_interspersed_args = True
-        ctx.allow_extra_args = True
-        rest = click.Command.parse_args(self, ctx, args)
-        ctx.params["job_names"] = tuple(rest)
-        ctx.args = []
-        return []
-
-    def invoke(self, ctx: click.Context) -> Any:
-        return _invoke_command(ctx, super().invoke)
 
 
 _RUN_OPTIONS = {
@@ -806,17 +553,8 @@ _RUN_OPTIONS = {
 }
 
 
-def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
-    """The options of ``names`` given on the command line (not defaults)."""
-    return [
-        flag
-        for name, flag in names.items()
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-    ]
-
-
 @cli.group(
-    cls=_BackfillGroup,
+    cls=BackfillGroup,
     invoke_without_command=True,
     subcommand_metavar="[JOB]... | pause|resume|cancel [JOB]...",
 )
@@ -828,22 +566,14 @@ def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
     help="Starting batch size (default: backfill.batch_size); it then adapts toward "
     "backfill.target_batch_seconds.",
 )
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Report rows to change per job and database and an estimated duration. "
-    "Writes nothing, not even the job tables.",
+@dry_run_option(
+    "Report rows to change per job and database and an estimated duration. "
+    "Writes nothing, not even the job tables."
 )
-@click.option(
-    "--sleep",
-    "sleep_seconds",
-    type=_FiniteRange(0, 3600),
-    default=None,
-    help="Pause between batches, in seconds, 0 to 3600 (default: backfill.sleep_seconds).",
-)
+@sleep_option("Pause between batches, in seconds, 0 to 3600 (default: backfill.sleep_seconds).")
 @click.option(
     "--max-runtime",
-    type=_FiniteRange(0.1, MAX_RUNTIME_SECONDS),
+    type=FiniteRange(0.1, MAX_RUNTIME_SECONDS),
     default=None,
     metavar="S",
     help="Stop cleanly after S seconds (0.1 to 2592000, 30 days); state is saved and the next "
@@ -851,14 +581,7 @@ def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
     "Without it the run goes until done.",
 )
 @click.option("--restart", is_flag=True, help="Forget saved progress and start over.")
-@click.option(
-    "--jobs",
-    "-j",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Run this many job x database pairs in parallel.",
-)
+@jobs_option("Run this many job x database pairs in parallel.")
 @click.option(
     "--metrics-file",
     metavar="PATH",
@@ -880,9 +603,8 @@ def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
     metavar="N",
     help="With --report: how many recent batches to list per job (default 20).",
 )
-@WAVE
-@PART
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@FLEET_OPTIONS
+@FORMAT_OPTION
 @click.pass_context
 def backfill(
     ctx: click.Context,
@@ -932,7 +654,7 @@ def backfill(
       oauthmig backfill --part 1/4   # one CI job's share; skips what another runner holds
     """
     if ctx.invoked_subcommand is not None:
-        given = _given(ctx, {**_RUN_OPTIONS, "report": "--report", "last": "--last"})
+        given = given_options(ctx, {**_RUN_OPTIONS, "report": "--report", "last": "--last"})
         if given:
             raise UsageError(
                 f"{given[0]} does not apply to `backfill {ctx.invoked_subcommand}`; "
@@ -940,75 +662,55 @@ def backfill(
             )
         return
     if report:
-        given = _given(ctx, _RUN_OPTIONS)
+        given = given_options(ctx, _RUN_OPTIONS)
         if given:
             raise UsageError(f"--report reads the history only; it does not take {given[0]}")
         _backfill_report(ctx, job_names, last, fmt)
         return
     if last is not None:
         raise UsageError("--last only applies to --report")
-    _backfill_run(
-        ctx,
-        job_names,
-        batch_size,
-        dry_run,
-        sleep_seconds,
-        max_runtime,
-        restart,
-        jobs,
-        metrics_file,
-        fmt,
-        wave,
-        part,
+    options = backfill_service.BackfillOptions(
+        batch_size, sleep_seconds, max_runtime, restart, dry_run, jobs
     )
+    _backfill_run(ctx, job_names, options, metrics_file, fmt, wave, part)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C (the job is saved as paused), then exits 143."""
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise Terminated
+
+    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _backfill_run(
     ctx: click.Context,
     job_names: tuple[str, ...],
-    batch_size: int | None,
-    dry_run: bool,
-    sleep_seconds: float | None,
-    max_runtime: float | None,
-    restart: bool,
-    jobs: int,
+    options: backfill_service.BackfillOptions,
     metrics_file: str | None,
     fmt: str,
-    wave: str | None = None,
-    part: str | None = None,
+    wave: str | None,
+    part: str | None,
 ) -> None:
-    state = _state(ctx)
+    state = state_of(ctx)
     c = state.consoles
     cat = Catalogue.load()
     head = cat.revisions[-1].revision if cat.revisions else None
-    selected = _selected(state, wave, part, gate=None if dry_run else _wave_gate(state, cat, head))
-    if selected is None:
+    gate = None if options.dry_run else _wave_gate(state, cat, head)
+    if (settings := state.select(wave, part, gate=gate)) is None:
         return
-    settings = selected
-    options = backfill_service.BackfillOptions(
-        batch_size, sleep_seconds, max_runtime, restart, dry_run, jobs
-    )
-    metrics = None if metrics_file is None or dry_run else MetricsFile(metrics_file)
-
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        raise Terminated  # unwinds like Ctrl-C: the job is saved as paused
-
-    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
-    try:
-        with progress_bar(c.err, enabled=not c.quiet and not dry_run) as update:
-            result = backfill_service.backfill(
-                settings,
-                job_names,
-                options,
-                progress=update,
-                observe=metrics.update if metrics is not None else None,
-            )
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
-    if metrics is not None and metrics.error:
-        c.err.print(f"warning: {escape(metrics.error)} (the backfill itself went on)")
+    with watch_backfill(c, metrics_file, options.dry_run) as watch, _sigterm_interrupts():
+        result = backfill_service.backfill(
+            settings, job_names, options, progress=watch.progress, observe=watch.observe
+        )
     emit(
         c,
         fmt,
@@ -1016,19 +718,15 @@ def _backfill_run(
         lambda out: render_backfill(out, result),
         always=bool(result.failed),
     )
-    _report_backfill_failures(state, result)
-    if result.out_of_time:
-        pairs = ", ".join(f"{r.job} on {r.database}" for r in result.out_of_time)
-        raise Unfinished(
-            f"unfinished: --max-runtime stopped {pairs} with rows left; state saved, run "
-            "`oauthmig backfill` again to continue (exit 3)"
-        )
+    fail_summary(c, backfill_failures(result))
+    if (unfinished_work := unfinished(result)) is not None:
+        raise Unfinished(unfinished_work)
 
 
 def _backfill_report(
     ctx: click.Context, job_names: tuple[str, ...], last: int | None, fmt: str
 ) -> None:
-    state = _state(ctx)
+    state = state_of(ctx)
     histories = backfill_report(state.settings(), job_names, DEFAULT_LAST if last is None else last)
     emit(
         state.consoles,
@@ -1045,7 +743,6 @@ def _backfill_report(
         raise OauthmigError(f"{errors[0]}{more}")
 
 
-_REQUEST_FORMAT = click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
 _WAIT = click.option(
     "--wait",
     is_flag=True,
@@ -1054,7 +751,7 @@ _WAIT = click.option(
 )
 _TIMEOUT = click.option(
     "--timeout",
-    type=_FiniteRange(0.1, MAX_RUNTIME_SECONDS),
+    type=FiniteRange(0.1, MAX_RUNTIME_SECONDS),
     default=600.0,
     show_default=True,
     metavar="S",
@@ -1073,7 +770,7 @@ def _request(
 
     if ctx.get_parameter_source("timeout") == click.core.ParameterSource.COMMANDLINE and not wait:
         raise UsageError("--timeout only applies to --wait")
-    state = _state(ctx)
+    state = state_of(ctx)
     settings = state.settings()
     outcomes = control.request(settings, action, job_names)
     emit(
@@ -1083,14 +780,7 @@ def _request(
         lambda out: render_requests(out, action, outcomes),
     )
     if wait:
-        still = control.wait_stopped(settings, outcomes, timeout)
-        if still:
-            pairs = ", ".join(f"{o.job} on {o.database}" for o in still)
-            raise OauthmigError(
-                f"still running after {timeout:g}s: {pairs} (a batch can take up to "
-                "statement_timeout); the request stays recorded, check again with "
-                "`oauthmig status`"
-            )
+        _refuse(still_running(control.wait_stopped(settings, outcomes, timeout), timeout))
         state.consoles.info("no backfill runs these jobs now", fmt == "json")
 
 
@@ -1098,7 +788,7 @@ def _request(
 @click.argument("job_names", nargs=-1, metavar="[JOB]...")
 @_WAIT
 @_TIMEOUT
-@_REQUEST_FORMAT
+@FORMAT_OPTION
 @click.pass_context
 def backfill_pause(
     ctx: click.Context, job_names: tuple[str, ...], wait: bool, timeout: float, fmt: str
@@ -1122,7 +812,7 @@ def backfill_pause(
 
 @backfill.command("resume")
 @click.argument("job_names", nargs=-1, metavar="[JOB]...")
-@_REQUEST_FORMAT
+@FORMAT_OPTION
 @click.pass_context
 def backfill_resume(ctx: click.Context, job_names: tuple[str, ...], fmt: str) -> None:
     """Withdraw a pause (or a cancel the running backfill has not acted on yet).
@@ -1142,7 +832,7 @@ def backfill_resume(ctx: click.Context, job_names: tuple[str, ...], fmt: str) ->
 @click.argument("job_names", nargs=-1, metavar="[JOB]...")
 @_WAIT
 @_TIMEOUT
-@_REQUEST_FORMAT
+@FORMAT_OPTION
 @click.pass_context
 def backfill_cancel(
     ctx: click.Context, job_names: tuple[str, ...], wait: bool, timeout: float, fmt: str
@@ -1162,24 +852,8 @@ def backfill_cancel(
     _request(ctx, "cancel", job_names, fmt, wait, timeout)
 
 
-def _report_backfill_failures(state: AppState, result: BackfillResult) -> None:
-    """One line per failed job and database; a summary line only when several failed."""
-    failed = result.failed
-    pairs = ", ".join(f"{r.job} on {r.database}" for r in failed)
-    summary = (
-        f"{len(failed)} backfills failed: {pairs}; state saved, rerun to resume"
-        if all(r.status == "failed" for r in failed)
-        else f"{len(failed)} backfills failed or are cancelled: {pairs}; state saved (see above)"
-    )
-    fail_summary(
-        state.consoles,
-        [r.message or f"backfill {r.job} failed on {r.database}" for r in failed],
-        summary,
-    )
-
-
 @cli.command()
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@FORMAT_OPTION
 @click.pass_context
 def verify(ctx: click.Context, fmt: str) -> None:
     """Check that every row has the new columns' values (what finalize needs).
@@ -1196,7 +870,7 @@ def verify(ctx: click.Context, fmt: str) -> None:
       oauthmig verify
       oauthmig verify -d control --format json
     """
-    state = _state(ctx)
+    state = state_of(ctx)
     results = verify_service(state.settings())
     emit(
         state.consoles,
@@ -1220,7 +894,7 @@ def verify(ctx: click.Context, fmt: str) -> None:
     help="ISO 8601 time (UTC unless it has an offset) from which the provider's code writes the "
     "new columns itself, e.g. the end of its deploy.",
 )
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@FORMAT_OPTION
 @click.pass_context
 def contract(ctx: click.Context, since: str, fmt: str) -> None:
     """End the compatibility phase: remove the triggers that fill the new columns for the
@@ -1242,7 +916,7 @@ def contract(ctx: click.Context, since: str, fmt: str) -> None:
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    state = _state(ctx)
+    state = state_of(ctx)
     results = contract_service(state.settings(), when)
     emit(
         state.consoles,
@@ -1268,15 +942,9 @@ def contract(ctx: click.Context, since: str, fmt: str) -> None:
     help="Only delete grants that expired more than DURATION ago (e.g. 30min, 12h, 7d; at "
     "most 3650d): a consumed code is recognized as a replay until it is deleted.",
 )
-@click.option(
-    "--sleep",
-    "sleep_seconds",
-    type=_FiniteRange(0, 3600),
-    default=None,
-    help="Pause between batches, in seconds (default: backfill.sleep_seconds).",
-)
-@click.option("--dry-run", is_flag=True, help="Count what would be deleted; write nothing.")
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
+@sleep_option("Pause between batches, in seconds (default: backfill.sleep_seconds).")
+@dry_run_option("Count what would be deleted; write nothing.")
+@FORMAT_OPTION
 @click.pass_context
 def prune_grants(
     ctx: click.Context,
@@ -1305,7 +973,7 @@ def prune_grants(
         keep_ms = parse_duration_ms(older_than, "--older-than", high_ms=3650 * 86_400_000)
     except ConfigError as exc:
         raise UsageError(exc.message) from None
-    state = _state(ctx)
+    state = state_of(ctx)
     settings = state.settings()
     result = prune(
         settings,
@@ -1323,14 +991,7 @@ def prune_grants(
         lambda out: render_prune(out, result),
         always=bool(result.failed),
     )
-    failed = result.failed
-    fail_summary(
-        c,
-        [d.error or f"database {d.database!r} failed" for d in failed],
-        f"prune-grants failed on {len(failed)} databases: "
-        + ", ".join(d.database for d in failed)
-        + "; what was deleted stays deleted, rerun to go on",
-    )
+    fail_summary(c, prune_failures(result))
 
 
 @cli.command()
@@ -1370,63 +1031,17 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
       oauthmig demo
       oauthmig demo --apps 200 --tokens 5000 --setup-only
     """
-    state = _state(ctx)
+    state = state_of(ctx)
     c = state.consoles
     settings = state.settings()
-    command = state.command_prefix()
-
-    def starting(step: DemoStep) -> None:
-        if step is DemoStep.SETUP:
-            c.info(
-                f"demo: creating legacy tables on {', '.join(settings.database_names())} "
-                f"({settings.source})"
-            )
-        elif step is not DemoStep.STATUS:
-            c.info(f"demo: {step}")
-
-    def finished(step: DemoStep, run: DemoRun) -> None:
-        if step is DemoStep.SETUP:
-            for d in run.setup.databases:
-                c.info(
-                    f"  {d.database}: {d.applications:,} applications, {d.grants:,} grants "
-                    f"({d.live_grants:,} live), {d.tokens:,} tokens ({d.refreshable_tokens:,} "
-                    "refreshable)"
-                )
-        elif c.quiet:
-            return
-        elif step is DemoStep.EXPAND and run.expand is not None:
-            render_run(c.out, run.expand, command)
-        elif step is DemoStep.BACKFILL and run.backfill is not None:
-            render_backfill(c.out, run.backfill)
-        elif step is DemoStep.FINALIZE and run.finalize is not None:
-            render_run(c.out, run.finalize, command)
-        elif step is DemoStep.STATUS and run.status is not None:
-            render_status(c.out, run.status)
-        elif step is DemoStep.AUDIT and run.audit is not None:
-            # The demo data holds every kind of redirect-URI mess on purpose: findings are
-            # expected and never fail the demo (`oauthmig audit-redirects` gates CI).
-            render_audit_brief(c.out, run.audit)
-        elif step is DemoStep.REPORT and run.report is not None:
-            c.out.print(
-                f"demo: wrote the report to {escape(str(run.report))} (open it in a browser)"
-            )
-
-    hooks = DemoHooks(
-        loading=lambda: progress_bar(c.err, enabled=not c.quiet),
-        starting=starting,
-        finished=finished,
-    )
+    hooks = console_hooks(c, settings, state.command_prefix())
     try:
         run = run_demo(
             settings, apps=apps, tokens=tokens, seed=seed, setup_only=setup_only, hooks=hooks
         )
     except PlanRefusedError as exc:
         raise _refused(c, exc) from None
-    for result in (run.expand, run.finalize):
-        if result is not None:
-            _report_failures(state, result)
-    if run.backfill is not None:
-        _report_backfill_failures(state, run.backfill)
+    fail_summary(c, demo_failures(run))
 
 
 @cli.command("check-redirect")
@@ -1438,14 +1053,8 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
     show_default=True,
     help="OpenID Connect application_type the URIs are registered for.",
 )
-@click.option("--format", "fmt", type=FORMAT, default="text", show_default=True)
-@click.option(
-    "--fail-on",
-    type=FAIL_ON,
-    default="error",
-    show_default=True,
-    help="Exit 1 when any URI has a finding of this severity or worse.",
-)
+@FORMAT_OPTION
+@fail_on_option("Exit 1 when any URI has a finding of this severity or worse.")
 @click.pass_context
 def check_redirect(
     ctx: click.Context, uris: tuple[str, ...], app_type: str, fmt: str, fail_on: str
@@ -1464,7 +1073,7 @@ def check_redirect(
     """
     reports = [check_uri(uri, app_type) for uri in uris]
     emit(
-        _state(ctx).consoles,
+        state_of(ctx).consoles,
         fmt,
         lambda: check_reports_to_list(reports),
         lambda out: render_uri_reports(out, reports),
@@ -1492,13 +1101,7 @@ def check_redirect(
     help="Write the report to FILE (a regular file is replaced atomically when complete; a "
     "device or FIFO is written directly); print only the summary.",
 )
-@click.option(
-    "--fail-on",
-    type=FAIL_ON,
-    default="error",
-    show_default=True,
-    help="Exit 1 when findings of this severity or worse exist.",
-)
+@fail_on_option("Exit 1 when findings of this severity or worse exist.")
 @click.option(
     "--min-severity",
     type=MIN_SEVERITY,
@@ -1558,56 +1161,27 @@ def audit_redirects(
       oauthmig audit-redirects --write-baseline audit-baseline.json   # adopt: record today's
       oauthmig audit-redirects --baseline audit-baseline.json         # CI: fail on new ones
     """
-    state = _state(ctx)
-    c = state.consoles
+    state = state_of(ctx)
     settings = state.settings()
-    machine = fmt != "text"
-    minimum = min_severity or ("info" if machine else "warning")
-    baseline = load_baseline(baseline_path) if baseline_path is not None else None
-    recorder = BaselineRecorder() if write_baseline is not None else None
-    if write_baseline is not None and (not write_baseline.strip() or os.path.isdir(write_baseline)):
-        # Refused before the audit runs (the file itself is written once it is complete).
-        raise UsageError(f"--write-baseline {write_baseline!r}: give the name of a file to write")
-    gate = BaselineGate(baseline, recorder, fmt)
-    with contextlib.ExitStack() as stack:
-        sink = stack.enter_context(atomic_output(output)) if output is not None else None
-        # Progress (stderr, terminals only) when the report does not go to the terminal.
-        show_progress = not c.quiet and (sink is not None or not c.out.is_terminal)
-        update = stack.enter_context(progress_bar(c.err, enabled=show_progress))
-        audit = audit_service(settings, revisions=Catalogue.load().revisions, progress=update)
-        if machine:
-            closes = sink is None and fmt == "json"
-            try:
-                stream_machine_report(
-                    audit,
-                    sink if sink is not None else sys.stdout,
-                    gate,
-                    minimum=minimum,
-                    application_table=settings.tables.application,
-                    docs_url=settings.audit.docs_url,
-                    sarif_max_results=sarif_max_results,
-                    close_on_interrupt=closes,
-                )
-            except KeyboardInterrupt:
-                if closes:
-                    ctx.meta[_META_JSON] = "done"  # stdout already holds one JSON value
-                raise
-        else:
-            report_console = c.out if sink is None else plain_console(sink)
-            render_text_report(report_console, audit, gate, minimum=minimum)
-    summary = gate.noted(audit.summary())
-    if recorder is not None and write_baseline is not None:
-        recorder.write(write_baseline)
-        if not c.quiet:
-            c.err.print(
-                f"wrote the baseline ({recorder.findings:,} findings) to {escape(write_baseline)}"
-            )
-    if sink is not None and not c.quiet:
-        c.out.print(f"wrote the {fmt} report to {escape(str(output))}")
-        render_audit_summary(c.out, summary)
-    elif machine and not c.quiet:
-        render_audit_summary(c.err, summary)
-    failure = gate.failure(summary, cast(FailOn, fail_on))
+    options = AuditOptions(
+        fmt,
+        output,
+        cast(FailOn, fail_on),
+        min_severity,
+        baseline_path,
+        write_baseline,
+        sarif_max_results,
+    )
+    failure = write_audit_report(
+        state.consoles,
+        options,
+        lambda progress: audit_service(
+            settings, revisions=Catalogue.load().revisions, progress=progress
+        ),
+        application_table=settings.tables.application,
+        docs_url=settings.audit.docs_url,
+        on_interrupt_closed=lambda: ctx.meta.update({META_JSON: "done"}),
+    )
     if failure is not None:
         raise Findings(failure)
 
@@ -1644,7 +1218,7 @@ def report(ctx: click.Context, html_path: str, max_findings: int) -> None:
       oauthmig report --html report.html
       oauthmig report --html control.html -d control --max-findings 500
     """
-    state = _state(ctx)
+    state = state_of(ctx)
     c = state.consoles
     settings = state.settings()
     with output_file(html_path, "--html") as sink:
@@ -1653,19 +1227,7 @@ def report(ctx: click.Context, html_path: str, max_findings: int) -> None:
         sink.write(render_html(data))
     if not c.quiet:
         c.out.print(f"wrote the HTML report to {escape(html_path)}")
-        c.out.print(escape(_report_brief(data)))
-
-
-def _report_brief(data: Report) -> str:
-    """One line summing up a report (for the terminal)."""
-    finished = sum(1 for j in data.jobs if j.state == "finished")
-    live = sum(p.live_grants for p in data.pkce)
-    without = sum(p.without_challenge for p in data.pkce)
-    sev = data.audit.by_severity
-    return (
-        f"backfills: {finished} of {len(data.jobs)} finished; PKCE: {without:,} of {live:,} live "
-        f"grants without a challenge; audit: {sev['error']:,} errors, {sev['warning']:,} warnings"
-    )
+        c.out.print(escape(report_brief(data)))
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -1676,83 +1238,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = EXIT_INTERRUPTED
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.write("interrupted\n")
-    _flush_standard_streams()
+    flush_standard_streams()
     if threading.current_thread() is threading.main_thread():
         # From here on nothing is left to save: a Ctrl-C while the interpreter shuts down
         # (atexit hooks, pool disposal) ends the process as an interrupted run would.
         signal.signal(signal.SIGINT, lambda _signum, _frame: os._exit(EXIT_INTERRUPTED))
     sys.exit(code)
-
-
-def _flush_standard_streams() -> None:
-    """Flush stdout and stderr now, so that a full device fails here rather than as an
-    "Exception ignored" message at interpreter exit (the failing stream is pointed at
-    /dev/null; stdout's failure was already reported by :func:`run`)."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            with contextlib.suppress(OSError, ValueError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, stream.fileno())
-                os.close(devnull)
-
-
-class _PipeSafeStdout:
-    """stdout that survives its reader going away (``oauthmig ... | head -1``).
-
-    On the first broken pipe the file descriptor is pointed at /dev/null, as the Python docs
-    recommend, and the command carries on, so that it exits with the code its work has. It
-    also records whether anything was written (to know if a JSON document was started).
-    """
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
-        self.written = False
-        self.broken = False
-        #: Why a write failed for another reason than a closed pipe (disk full, I/O error).
-        self.failed: str | None = None
-
-    def _devnull(self) -> None:
-        self.broken = True
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
-
-    def write(self, text: str) -> int:
-        if text:
-            self.written = True
-        if self.broken:
-            return len(text)
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            self._devnull()
-        except OSError as exc:
-            self._lost(exc)
-        return len(text)
-
-    def flush(self) -> None:
-        if self.broken:
-            return
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            self._devnull()
-        except OSError as exc:
-            self._lost(exc)
-
-    def _lost(self, exc: OSError) -> None:
-        """stdout cannot take the output (``> /dev/full``): the command carries on, as on a
-        broken pipe, and :func:`run` reports the loss in one line and exits 2."""
-        self.failed = self.failed or (exc.strerror or str(exc))
-        self._devnull()
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.flush()  # drop what is still buffered, into /dev/null
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
 
 def _usage_line(exc: click.UsageError) -> str:
@@ -1765,13 +1256,13 @@ def _usage_line(exc: click.UsageError) -> str:
 
 
 def _interrupted(
-    ctx_obj: dict[str, Any], stdout: _PipeSafeStdout, *, terminated: bool = False
+    ctx_obj: dict[str, Any], stdout: PipeSafeStdout, *, terminated: bool = False
 ) -> None:
     if terminated:
         message, code = "terminated (SIGTERM); state is saved, rerun to resume", EXIT_TERMINATED
     else:
         message, code = "interrupted; state is saved, rerun to resume", EXIT_INTERRUPTED
-    if ctx_obj.get(_META_JSON) == "json" and not stdout.written:
+    if ctx_obj.get(META_JSON) == "json" and not stdout.written:
         click.echo(to_json(interrupted_to_dict(ctx_obj.get("command"), code, message)))
     click.echo(message, err=True)
 
@@ -1781,7 +1272,7 @@ def run(argv: list[str] | None = None) -> int:
     by --max-runtime with rows left, 130 interrupted, 143 backfill terminated by SIGTERM)."""
     meta: dict[str, Any] = {}
     real_stdout = sys.stdout
-    stdout = _PipeSafeStdout(real_stdout)
+    stdout = PipeSafeStdout(real_stdout)
     sys.stdout = cast(IO[str], stdout)
     try:
         code = _run(argv, meta, stdout)
@@ -1799,7 +1290,7 @@ def run(argv: list[str] | None = None) -> int:
     return code
 
 
-def _run(argv: list[str] | None, meta: dict[str, Any], stdout: _PipeSafeStdout) -> int:
+def _run(argv: list[str] | None, meta: dict[str, Any], stdout: PipeSafeStdout) -> int:
     try:
         with cli.make_context("oauthmig", list(sys.argv[1:] if argv is None else argv)) as ctx:
             meta = ctx.meta
@@ -1810,39 +1301,39 @@ def _run(argv: list[str] | None, meta: dict[str, Any], stdout: _PipeSafeStdout) 
         root = exc.ctx or click.Context(cli, info_name="oauthmig")
         click.echo(root.get_help())
         return EXIT_OK
-    except Findings as exc:
-        click.echo(str(exc), err=True)
-        return EXIT_FINDINGS
-    except Unfinished as exc:
-        click.echo(str(exc), err=True)
-        return EXIT_UNFINISHED
-    except OauthmigError as exc:
-        click.echo(f"error: {' '.join(exc.message.split())}", err=True)
-        return EXIT_FAILED
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.UsageError as exc:
-        click.echo(_usage_line(exc), err=True)
-        return EXIT_FAILED
-    except click.ClickException as exc:
-        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
-        return EXIT_FAILED
     except (KeyboardInterrupt, click.exceptions.Abort) as exc:
         terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
         _interrupted(meta, stdout, terminated=terminated)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:
         # A write that bypassed sys.stdout: stop quietly.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ else 1)
+        to_devnull(sys.__stdout__.fileno if sys.__stdout__ else lambda: 1)
         return EXIT_FAILED
-    except OSError as exc:
-        # The system refused a file operation no writer above turned into its own error (a
-        # full temporary directory for the audit's spool, say): one line, not a traceback.
-        where = f" ({exc.filename})" if exc.filename else ""
-        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
-        return EXIT_FAILED
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except (Findings, Unfinished, OauthmigError, click.ClickException, OSError) as exc:
+        message, code = _exit_for(exc)
+        click.echo(message, err=True)
+        return code
+
+
+def _exit_for(exc: Exception) -> tuple[str, int]:
+    """The line and the exit code that end a command that raised ``exc``."""
+    if isinstance(exc, Findings):
+        return str(exc), EXIT_FINDINGS
+    if isinstance(exc, Unfinished):
+        return str(exc), EXIT_UNFINISHED
+    if isinstance(exc, OauthmigError):
+        return f"error: {' '.join(exc.message.split())}", EXIT_FAILED
+    if isinstance(exc, click.UsageError):
+        return _usage_line(exc), EXIT_FAILED
+    if isinstance(exc, click.ClickException):
+        return f"error: {' '.join(exc.format_message().split())}", EXIT_FAILED
+    # The system refused a file operation no writer turned into its own error (a full
+    # temporary directory for the audit's spool, say): one line, not a traceback.
+    assert isinstance(exc, OSError)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"error: {exc.strerror or exc}{where}", EXIT_FAILED
 
 
 oauthmig.cli_loaded()

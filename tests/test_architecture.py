@@ -280,10 +280,11 @@ LAYERS: dict[str, int] = {
     "oauthmig.html_report": 7,  # the HTML report's data: status plus the audit
     # 8: renderers and file writers
     "oauthmig.output": 8,
-    # 9-11: the programs
+    # 9-12: the programs
     "oauthmig.demo": 9,
-    "oauthmig.cli": 10,
-    "oauthmig.__main__": 11,
+    "oauthmig.cli_options": 10,  # the options and how click parses them
+    "oauthmig.cli": 11,
+    "oauthmig.__main__": 12,
 }
 
 #: The pure redirect modules (no database): what other services may share.
@@ -372,3 +373,41 @@ def test_a_planted_violation_fails_the_layer_check(tmp_path: Path) -> None:
     ]
     assert _cycle(_units(edges)) is not None
     assert _cycle(_units([e for e in edges if not e.type_only])) is None
+
+
+# --------------------------------------------------------------------------- a thin CLI
+
+#: The most lines a command's body may hold (docstring left out): parse, call one service,
+#: render. Orchestration goes to the services, rendering to ``oauthmig.output``.
+COMMAND_BODY_LINES = 25
+
+
+def _long_commands(source: str, limit: int = COMMAND_BODY_LINES) -> list[str]:
+    """The click commands in ``source`` (functions decorated ``@<group>.command`` or
+    ``@<group>.group``) whose body, docstring left out, is longer than ``limit`` lines."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        decorators = [d.func if isinstance(d, ast.Call) else d for d in node.decorator_list]
+        if not any(
+            isinstance(d, ast.Attribute) and d.attr in ("command", "group") for d in decorators
+        ):
+            continue
+        body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+        if not body:  # the group itself: its help only
+            continue
+        lines = (node.end_lineno or 0) - body[0].lineno + 1
+        if lines > limit:
+            found.append(f"{node.name}: {lines} lines")
+    return found
+
+
+def test_command_bodies_are_thin() -> None:
+    planted = (
+        "@cli.command()\n@click.option('--x')\ndef fat(x):\n    '''Help.'''\n" + "    x += 1\n" * 3
+    )
+    assert _long_commands(planted, limit=2) == ["fat: 3 lines"]
+    assert _long_commands(planted, limit=3) == []
+    long = _long_commands((PACKAGE / "cli.py").read_text())
+    assert not long, f"commands over {COMMAND_BODY_LINES} lines (move the work out): {long}"

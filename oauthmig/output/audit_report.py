@@ -11,17 +11,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import pickle
+import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from rich.console import Console
 
-from oauthmig.output.audit_writers import SarifWriter, writer_for
-from oauthmig.output.baseline import Baseline, BaselineRecorder, BaselineState
-from oauthmig.output.text import at_least, render_audit_findings, render_audit_summary
+from oauthmig.errors import UsageError
+from oauthmig.output.audit_writers import SarifWriter, atomic_output, writer_for
+from oauthmig.output.baseline import Baseline, BaselineRecorder, BaselineState, load_baseline
+from oauthmig.output.text import (
+    Consoles,
+    ProgressUpdate,
+    at_least,
+    escape,
+    plain_console,
+    progress_bar,
+    render_audit_findings,
+    render_audit_summary,
+)
 from oauthmig.redirects.audit import Audit, AuditFinding, AuditSummary, FailOn
 
 
@@ -136,3 +148,82 @@ def _unspool(spool: IO[bytes]) -> Iterator[Any]:
             yield pickle.load(spool)
         except EOFError:
             return
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AuditOptions:
+    """The options of ``audit-redirects``: where the report goes, in which format, what it
+    keeps, and what fails the run."""
+
+    fmt: str
+    output: str | None
+    fail_on: FailOn
+    min_severity: str | None
+    baseline_path: str | None
+    write_baseline: str | None
+    sarif_max_results: int
+
+    @property
+    def closes_on_interrupt(self) -> bool:
+        """JSON on stdout: Ctrl-C still ends the document (stdout holds one JSON value)."""
+        return self.output is None and self.fmt == "json"
+
+
+def write_audit_report(
+    c: Consoles,
+    options: AuditOptions,
+    start: Callable[[ProgressUpdate], Audit],
+    *,
+    application_table: str,
+    docs_url: str,
+    on_interrupt_closed: Callable[[], None],
+) -> str | None:
+    """Run the audit ``start(progress)`` prepares, writing its report as it streams (to
+    ``--output`` or stdout), then the baseline file and the summary; return why the run fails
+    ``--fail-on``, or None. Refuses a ``--write-baseline`` that names no file before the audit
+    runs. ``on_interrupt_closed()`` is called when Ctrl-C ended a JSON document on stdout."""
+    machine = options.fmt != "text"
+    minimum = options.min_severity or ("info" if machine else "warning")
+    baseline = load_baseline(options.baseline_path) if options.baseline_path is not None else None
+    target = options.write_baseline
+    recorder = BaselineRecorder() if target is not None else None
+    if target is not None and (not target.strip() or os.path.isdir(target)):
+        # Refused before the audit runs (the file itself is written once it is complete).
+        raise UsageError(f"--write-baseline {target!r}: give the name of a file to write")
+    gate = BaselineGate(baseline, recorder, options.fmt)
+    with contextlib.ExitStack() as stack:
+        output = options.output
+        sink = stack.enter_context(atomic_output(output)) if output is not None else None
+        # Progress (stderr, terminals only) when the report does not go to the terminal.
+        show_progress = not c.quiet and (sink is not None or not c.out.is_terminal)
+        audit = start(stack.enter_context(progress_bar(c.err, enabled=show_progress)))
+        if machine:
+            try:
+                stream_machine_report(
+                    audit,
+                    sink if sink is not None else sys.stdout,
+                    gate,
+                    minimum=minimum,
+                    application_table=application_table,
+                    docs_url=docs_url,
+                    sarif_max_results=options.sarif_max_results,
+                    close_on_interrupt=options.closes_on_interrupt,
+                )
+            except KeyboardInterrupt:
+                if options.closes_on_interrupt:
+                    on_interrupt_closed()
+                raise
+        else:
+            report_console = c.out if sink is None else plain_console(sink)
+            render_text_report(report_console, audit, gate, minimum=minimum)
+    summary = gate.noted(audit.summary())
+    if recorder is not None and target is not None:
+        recorder.write(target)
+        if not c.quiet:
+            c.err.print(f"wrote the baseline ({recorder.findings:,} findings) to {escape(target)}")
+    if sink is not None and not c.quiet:
+        c.out.print(f"wrote the {options.fmt} report to {escape(str(options.output))}")
+        render_audit_summary(c.out, summary)
+    elif machine and not c.quiet:
+        render_audit_summary(c.err, summary)
+    return gate.failure(summary, options.fail_on)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from oauthmig.output.text import duration_text, escape, print_table
+from oauthmig.output.json import status_to_dict
+from oauthmig.output.text import duration_text, escape, print_table, render_status
 
 if TYPE_CHECKING:
     from oauthmig.config import Wave
@@ -164,3 +165,14 @@ def render_waves(console: Console, report: StatusReport, waves: Sequence[Wave]) 
         console.print(
             f"wave {escape(w['wave'])}{implied}: {w['done']}/{w['databases']} done{failed}"
         )
+
+
+def status_with_waves_to_dict(report: StatusReport, waves: Sequence[Wave]) -> dict[str, Any]:
+    """``status --format json``: the status document with each wave's progress."""
+    return {**status_to_dict(report), "waves": wave_progress(report, waves)}
+
+
+def render_status_with_waves(console: Console, report: StatusReport, waves: Sequence[Wave]) -> None:
+    """``status``: the matrix, then one line per wave."""
+    render_status(console, report)
+    render_waves(console, report, waves)

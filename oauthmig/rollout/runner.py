@@ -1103,3 +1103,19 @@ def downgrade(
         on_plan,
         on_done,
     )
+
+
+def migrate(
+    settings: Settings,
+    direction: Direction,
+    target: str,
+    *,
+    mode: Mode = Mode.ONLINE,
+    jobs: int = 1,
+    from_revision: str | None = None,
+    catalogue: Catalogue | None = None,
+    on_plan: Callable[[Sequence[PlanOutcome]], None] | None = None,
+    on_done: Callable[[DatabaseRun], None] | None = None,
+) -> RunResult:
+    """:func:`upgrade` or :func:`downgrade`, as ``direction`` says."""
+    return _run(settings, direction, target, mode, jobs, from_revision, catalogue, on_plan, on_done)
