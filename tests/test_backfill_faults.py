@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.interfaces import ReflectedColumn
 
 from oauthmig.config import Settings, settings_from_mapping
@@ -28,7 +29,7 @@ from oauthmig.rollout.backfill import BackfillOptions, backfill
 from oauthmig.rollout.job_state import JOB_TABLE, ShownStatus
 from oauthmig.rollout.jobs import family_id
 from oauthmig.runlock import exclusive_run, lock_key
-from tests.forkserver import ForkServer
+from tests.forkserver import ForkedProcess, ForkServer
 from tests.helpers import invoke, schema_dump, write_config
 from tests.helpers.databases import DatabaseFactory
 from tests.pgcluster import Cluster, pg_cluster_fixture  # noqa: F401  (fixture)
@@ -91,6 +92,32 @@ def _wait_lock_wait(settings: Settings, db: str) -> None:
             > 0
         )
     )
+
+
+def _assert_lost_its_lock(proc: ForkedProcess) -> None:
+    """The run stopped in one line because another run took its lock."""
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "lost its run lock" in err and "another oauthmig backfill run" in err
+    assert "Traceback" not in err
+
+
+def _release(proc: ForkedProcess, row_lock: Connection, holder: Connection, engine: Engine) -> None:
+    """End what a lost-lock test held: the run, the row lock, the taken advisory lock."""
+    if proc.poll() is None:
+        proc.kill()
+    row_lock.rollback()
+    row_lock.close()
+    holder.execute(text("SELECT pg_advisory_unlock_all()"))
+    holder.close()
+    engine.dispose()
+
+
+def _rerun_finishes(capsys: pytest.CaptureFixture[str], cfg: str, settings: Settings) -> None:
+    """A rerun on the shard finishes the job the stopped run left."""
+    done = invoke(capsys, "--config", cfg, "-d", "shard", "backfill", "token-families")
+    assert done.code == 0, done.err
+    _assert_tokens_backfilled(settings, "shard")
 
 
 def _expanded(
@@ -162,23 +189,12 @@ def test_lock_lost_to_terminate_backend_stops_the_run_at_once(
         assert killed == [(True,)]
         taker.join(timeout=60)
         assert got_lock.is_set()
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2, err
-        assert "lost its run lock" in err and "another oauthmig backfill run" in err
-        assert "Traceback" not in err
+        _assert_lost_its_lock(proc)
         state = _assert_cursor_invariant(settings, "shard")  # the killed batch left nothing
         assert state["status"] == "running" and state["cursor"] < blocked_id
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        row_lock.rollback()
-        row_lock.close()
-        holder.execute(text("SELECT pg_advisory_unlock_all()"))
-        holder.close()
-        engine.dispose()
-    done = invoke(capsys, "--config", cfg, "-d", "shard", "backfill", "token-families")
-    assert done.code == 0, done.err
-    _assert_tokens_backfilled(settings, "shard")
+        _release(proc, row_lock, holder, engine)
+    _rerun_finishes(capsys, cfg, settings)
 
 
 @pytest.mark.slow
@@ -772,23 +788,12 @@ def test_lock_on_direct_url_lost_stops_the_batches_on_url(
         assert holder.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": KEY}).scalar()
         holder.commit()
         row_lock.rollback()  # the batch in flight goes on
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2, err
-        assert "lost its run lock" in err and "another oauthmig backfill run" in err
-        assert "Traceback" not in err
+        _assert_lost_its_lock(proc)
         state = _assert_cursor_invariant(settings, "shard")
         assert state["status"] == "running"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        row_lock.rollback()
-        row_lock.close()
-        holder.execute(text("SELECT pg_advisory_unlock_all()"))
-        holder.close()
-        engine.dispose()
-    done = invoke(capsys, "--config", cfg, "-d", "shard", "backfill", "token-families")
-    assert done.code == 0, done.err
-    _assert_tokens_backfilled(settings, "shard")
+        _release(proc, row_lock, holder, engine)
+    _rerun_finishes(capsys, cfg, settings)
 
 
 @pytest.mark.slow
