@@ -9,10 +9,9 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import IO, Any, NoReturn, cast
+from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 
 import click
-from rich.console import Console
 
 import oauthmig
 from oauthmig.cli_options import (
@@ -34,24 +33,15 @@ from oauthmig.cli_options import (
     sleep_option,
     state_of,
 )
-from oauthmig.config import Settings, load_settings, parse_duration_ms
-from oauthmig.demo.progress import console_hooks
-from oauthmig.demo.progress import failures as demo_failures
-from oauthmig.demo.run import run_demo
-from oauthmig.errors import ConfigError, OauthmigError, PlanRefusedError, Terminated, UsageError
-from oauthmig.html_report import gather_report
-from oauthmig.output.audit_report import AuditOptions, write_audit_report
-from oauthmig.output.audit_writers import SARIF_MAX_RESULTS
-from oauthmig.output.backfill_text import render_report, render_requests
-from oauthmig.output.backfill_watch import watch_backfill
-from oauthmig.output.files import output_file, write_scripts
-from oauthmig.output.fleet import (
-    render_status_with_waves,
-    render_summary,
-    status_with_waves_to_dict,
-    summary_to_dict,
+from oauthmig.config import (
+    SARIF_MAX_RESULTS,
+    SUMMARY_CONCURRENCY,
+    SUMMARY_TIMEOUT_SECONDS,
+    Settings,
+    load_settings,
+    parse_duration_ms,
 )
-from oauthmig.output.html import render_html
+from oauthmig.errors import ConfigError, OauthmigError, PlanRefusedError, Terminated, UsageError
 from oauthmig.output.json import (
     backfill_to_dict,
     check_reports_to_list,
@@ -65,52 +55,18 @@ from oauthmig.output.json import (
     stamp_to_dict,
     to_json,
 )
-from oauthmig.output.outcomes import (
-    Failures,
-    backfill_failures,
-    prune_failures,
-    report_brief,
-    run_failures,
-    status_failures,
-    still_running,
-    unfinished,
-    unscripted,
-)
-from oauthmig.output.phases_text import (
-    contract_to_list,
-    render_contract,
-    render_verify,
-    verify_to_list,
-)
-from oauthmig.output.stamp_text import render_stamp
 from oauthmig.output.streams import PipeSafeStdout, flush_standard_streams, to_devnull
-from oauthmig.output.text import (
-    Consoles,
-    escape,
-    progress_bar,
-    render_backfill,
-    render_dry_run,
-    render_history,
-    render_plan,
-    render_prune,
-    render_run,
-    render_uri_reports,
-    sql_script,
-    sql_section,
-)
-from oauthmig.prune import prune
-from oauthmig.redirects.audit import FailOn
-from oauthmig.redirects.audit import audit as audit_service
-from oauthmig.redirects.rules import check_uri
-from oauthmig.rollout import backfill as backfill_service
-from oauthmig.rollout import control, fleet, runner
-from oauthmig.rollout.batch_report import DEFAULT_LAST, backfill_report
-from oauthmig.rollout.revisions import Catalogue
-from oauthmig.rollout.runner import Direction, Mode, PlanOutcome, RunResult
-from oauthmig.rollout.stamp import stamp as stamp_revisions
-from oauthmig.rollout.status import status as read_status
-from oauthmig.rollout.verify import contract as contract_service
-from oauthmig.rollout.verify import verify as verify_service
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from oauthmig.output.consoles import Consoles
+    from oauthmig.output.outcomes import Failures
+    from oauthmig.rollout import backfill as backfill_service
+    from oauthmig.rollout import fleet
+    from oauthmig.rollout.revisions import Catalogue
+    from oauthmig.rollout.runner import Direction, PlanOutcome, RunResult
+
 
 EXIT_OK, EXIT_FINDINGS, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: backfill stopped by SIGTERM, state saved
@@ -180,6 +136,8 @@ def fail_summary(c: Consoles, failures: Failures) -> None:
 def _catalogue(target: str, from_revision: str | None) -> Catalogue:
     """The invocation's revision catalogue; refuses unknown ``--to``/``--from`` revisions
     before any database is opened."""
+    from oauthmig.rollout.revisions import Catalogue
+
     cat = Catalogue.load()
     cat.resolve(target, "--to")
     if from_revision is not None:
@@ -191,6 +149,7 @@ def _wave_gate(
     state: AppState, cat: Catalogue, target: str | None
 ) -> Callable[[Settings, fleet.Selection], None]:
     """Refuses ``--wave`` while an earlier wave failed or has not reached ``target``."""
+    from oauthmig.rollout import fleet
 
     def gate(full: Settings, selection: fleet.Selection) -> None:
         fleet.wave_gate(full, selection, target, cat.revisions, state.command_prefix())
@@ -202,6 +161,7 @@ def _show_plan(
     c: Consoles, direction: Direction, as_json: bool
 ) -> Callable[[Sequence[PlanOutcome]], None]:
     """Prints the plan the runner made before it writes anything (or refuses)."""
+    from oauthmig.output.text import render_plan
 
     def show(plans: Sequence[PlanOutcome]) -> None:
         problems = any(isinstance(p, OauthmigError) for p in plans)
@@ -234,6 +194,9 @@ def _migrate(
 ) -> None:
     """upgrade and downgrade: check the options, select the databases (a wave is gated
     online), run, render, end with the failures."""
+    from oauthmig.rollout import runner
+    from oauthmig.rollout.runner import Mode
+
     if dry_run and offline:
         raise UsageError("--dry-run and --sql exclude each other")
     for flag, given in (("--from", from_revision), ("--output-dir", output_dir is not None)):
@@ -267,6 +230,10 @@ def _show_migration(
     c: Consoles, fmt: str, result: RunResult, output_dir: str | None, command: str
 ) -> None:
     """The SQL (--sql), the plan (--dry-run) or the run; then the failures."""
+    from oauthmig.output.outcomes import run_failures, unscripted
+    from oauthmig.output.text import render_dry_run, render_run
+    from oauthmig.rollout.runner import Direction, Mode
+
     if result.mode is Mode.SQL:
         _emit_sql(c, result, fmt == "json", output_dir)
         return
@@ -291,6 +258,10 @@ def _refuse(message: str | None) -> None:
 
 def _emit_sql(c: Consoles, result: RunResult, as_json: bool, output_dir: str | None) -> None:
     """Print or write ``--sql`` output; nothing at all if any database cannot be scripted."""
+    from oauthmig.output.files import write_scripts
+    from oauthmig.output.outcomes import unscripted
+    from oauthmig.output.text import sql_script, sql_section
+
     _refuse(unscripted(result, "no SQL was written"))
     if output_dir is None:
         click.echo(to_json(sql_runs_to_list(result)) if as_json else sql_script(result), nl=False)
@@ -349,6 +320,8 @@ def upgrade(
       oauthmig upgrade -d control --to 0002
       oauthmig upgrade --part 2/4 --jobs 8   # one CI job's share (add --wave NAME)
     """
+    from oauthmig.rollout.runner import Direction
+
     _migrate(ctx, Direction.UPGRADE, **ctx.params)  # the parameters, by name
 
 
@@ -385,6 +358,8 @@ def downgrade(
       oauthmig downgrade --to 0003 --dry-run   # PostgreSQL: also --sql --output-dir sql/
       oauthmig downgrade --to 0001 -d shard
     """
+    from oauthmig.rollout.runner import Direction
+
     _migrate(ctx, Direction.DOWNGRADE, **ctx.params)
 
 
@@ -406,6 +381,9 @@ def stamp(ctx: click.Context, revision: str, fmt: str) -> None:
       oauthmig stamp 0003                 # databases already at 0003: nothing to record
       oauthmig stamp 0003 -d control --format json
     """
+    from oauthmig.output.stamp_text import render_stamp
+    from oauthmig.rollout.stamp import stamp as stamp_revisions
+
     state = state_of(ctx)
     result = stamp_revisions(state.settings(), revision)
     emit(state.consoles, fmt, lambda: stamp_to_dict(result), lambda out: render_stamp(out, result))
@@ -430,11 +408,11 @@ def stamp(ctx: click.Context, revision: str, fmt: str) -> None:
     help="One view of the fleet: databases per revision and state, the stragglers by name, "
     "each backfill's rows left and slowest database; databases read in parallel.",
 )
-@jobs_option("With --summary: read this many databases at once.", default=fleet.DEFAULT_CONCURRENCY)
+@jobs_option("With --summary: read this many databases at once.", default=SUMMARY_CONCURRENCY)
 @click.option(
     "--timeout",
     type=FiniteRange(0.1, 3600),
-    default=fleet.DEFAULT_TIMEOUT_SECONDS,
+    default=SUMMARY_TIMEOUT_SECONDS,
     show_default=True,
     metavar="S",
     help="With --summary: give up on a database after S seconds (it is one line of the view).",
@@ -467,6 +445,10 @@ def status(
       oauthmig status --exact        # count the rows left instead of estimating
       oauthmig status --summary --check   # the whole fleet in one view
     """
+    from oauthmig.output.fleet import render_status_with_waves, status_with_waves_to_dict
+    from oauthmig.output.outcomes import status_failures
+    from oauthmig.rollout.status import status as read_status
+
     state = state_of(ctx)
     if summary:
         _status_summary(state, fmt, check, exact, jobs, timeout, wave, part)
@@ -500,6 +482,10 @@ def _status_summary(
     wave: str | None,
     part: str | None,
 ) -> None:
+    from oauthmig.output.fleet import render_summary, summary_to_dict
+    from oauthmig.rollout import fleet
+    from oauthmig.rollout.revisions import Catalogue
+
     if exact:
         raise UsageError("--exact does not apply to --summary (it reads estimates)")
     full = load_settings(state.config_path)
@@ -530,6 +516,9 @@ def history(ctx: click.Context, fmt: str) -> None:
     Example:
       oauthmig history
     """
+    from oauthmig.output.text import render_history
+    from oauthmig.rollout.revisions import Catalogue
+
     revisions = Catalogue.load().revisions
     emit(
         state_of(ctx).consoles,
@@ -653,6 +642,8 @@ def backfill(
       oauthmig backfill --report --format json | jq '.jobs[].state.history'
       oauthmig backfill --part 1/4   # one CI job's share; skips what another runner holds
     """
+    from oauthmig.rollout import backfill as backfill_service
+
     if ctx.invoked_subcommand is not None:
         given = given_options(ctx, {**_RUN_OPTIONS, "report": "--report", "last": "--last"})
         if given:
@@ -700,6 +691,12 @@ def _backfill_run(
     wave: str | None,
     part: str | None,
 ) -> None:
+    from oauthmig.output.backfill_watch import watch_backfill
+    from oauthmig.output.outcomes import backfill_failures, unfinished
+    from oauthmig.output.text import render_backfill
+    from oauthmig.rollout import backfill as backfill_service
+    from oauthmig.rollout.revisions import Catalogue
+
     state = state_of(ctx)
     c = state.consoles
     cat = Catalogue.load()
@@ -726,6 +723,9 @@ def _backfill_run(
 def _backfill_report(
     ctx: click.Context, job_names: tuple[str, ...], last: int | None, fmt: str
 ) -> None:
+    from oauthmig.output.backfill_text import render_report
+    from oauthmig.rollout.batch_report import DEFAULT_LAST, backfill_report
+
     state = state_of(ctx)
     histories = backfill_report(state.settings(), job_names, DEFAULT_LAST if last is None else last)
     emit(
@@ -767,6 +767,10 @@ def _request(
     wait: bool = False,
     timeout: float = 600.0,
 ) -> None:
+
+    from oauthmig.output.backfill_text import render_requests
+    from oauthmig.output.outcomes import still_running
+    from oauthmig.rollout import control
 
     if ctx.get_parameter_source("timeout") == click.core.ParameterSource.COMMANDLINE and not wait:
         raise UsageError("--timeout only applies to --wait")
@@ -870,6 +874,9 @@ def verify(ctx: click.Context, fmt: str) -> None:
       oauthmig verify
       oauthmig verify -d control --format json
     """
+    from oauthmig.output.phases_text import render_verify, verify_to_list
+    from oauthmig.rollout.verify import verify as verify_service
+
     state = state_of(ctx)
     results = verify_service(state.settings())
     emit(
@@ -908,6 +915,9 @@ def contract(ctx: click.Context, since: str, fmt: str) -> None:
     Example:
       oauthmig contract --since 2026-12-07T15:00:00Z
     """
+    from oauthmig.output.phases_text import contract_to_list, render_contract
+    from oauthmig.rollout.verify import contract as contract_service
+
     try:
         when = datetime.fromisoformat(since.replace("Z", "+00:00"))
     except ValueError:
@@ -969,6 +979,11 @@ def prune_grants(
       oauthmig prune-grants --older-than 1d --batch 500
       oauthmig prune-grants -d control --format json | jq '.databases[].deleted'
     """
+    from oauthmig.output.outcomes import prune_failures
+    from oauthmig.output.text import render_prune
+    from oauthmig.prune import prune
+    from oauthmig.rollout.revisions import Catalogue
+
     try:
         keep_ms = parse_duration_ms(older_than, "--older-than", high_ms=3650 * 86_400_000)
     except ConfigError as exc:
@@ -1031,6 +1046,10 @@ def demo(ctx: click.Context, apps: int, tokens: int, seed: int, setup_only: bool
       oauthmig demo
       oauthmig demo --apps 200 --tokens 5000 --setup-only
     """
+    from oauthmig.demo.progress import console_hooks
+    from oauthmig.demo.progress import failures as demo_failures
+    from oauthmig.demo.run import run_demo
+
     state = state_of(ctx)
     c = state.consoles
     settings = state.settings()
@@ -1071,6 +1090,9 @@ def check_redirect(
       oauthmig check-redirect --app-type native com.example.app:/cb http://127.0.0.1/cb
       oauthmig check-redirect --format json 'https://*.example.com/cb' | jq '.[].verdict'
     """
+    from oauthmig.output.uri_text import render_uri_reports
+    from oauthmig.redirects.rules import check_uri
+
     reports = [check_uri(uri, app_type) for uri in uris]
     emit(
         state_of(ctx).consoles,
@@ -1161,6 +1183,11 @@ def audit_redirects(
       oauthmig audit-redirects --write-baseline audit-baseline.json   # adopt: record today's
       oauthmig audit-redirects --baseline audit-baseline.json         # CI: fail on new ones
     """
+    from oauthmig.output.audit_report import AuditOptions, write_audit_report
+    from oauthmig.redirects.audit import FailOn
+    from oauthmig.redirects.audit import audit as audit_service
+    from oauthmig.rollout.revisions import Catalogue
+
     state = state_of(ctx)
     settings = state.settings()
     options = AuditOptions(
@@ -1218,6 +1245,13 @@ def report(ctx: click.Context, html_path: str, max_findings: int) -> None:
       oauthmig report --html report.html
       oauthmig report --html control.html -d control --max-findings 500
     """
+    from oauthmig.html_report import gather_report
+    from oauthmig.output.consoles import escape
+    from oauthmig.output.files import output_file
+    from oauthmig.output.html import render_html
+    from oauthmig.output.outcomes import report_brief
+    from oauthmig.output.text import progress_bar
+
     state = state_of(ctx)
     c = state.consoles
     settings = state.settings()

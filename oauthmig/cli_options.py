@@ -10,15 +10,16 @@ import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from oauthmig.config import Settings, load_settings
 from oauthmig.errors import UsageError
-from oauthmig.output.text import Consoles
-from oauthmig.redact import scrub_log_records
-from oauthmig.rollout import fleet
+
+if TYPE_CHECKING:
+    from oauthmig.config import Settings
+    from oauthmig.output.consoles import Consoles
+    from oauthmig.rollout import fleet
 
 MAX_RUNTIME_SECONDS = 30 * 24 * 3600
 
@@ -33,6 +34,8 @@ class AppState:
 
     def settings(self) -> Settings:
         """Load the configuration and apply ``--database``."""
+        from oauthmig.config import load_settings
+
         return load_settings(self.config_path).restrict(self.databases)
 
     def select(
@@ -47,6 +50,9 @@ class AppState:
         databases than parts is empty, not an error)."""
         if wave is None and part is None:
             return self.settings()
+        from oauthmig.config import load_settings
+        from oauthmig.rollout import fleet
+
         full = load_settings(self.config_path)
         selection = fleet.select(
             full, self.databases, wave, fleet.parse_part(part) if part is not None else None
@@ -232,6 +238,9 @@ def build_state(ctx: click.Context) -> AppState:
     if verbose:
         # Alembic reports each revision it runs ("Running upgrade 0001 -> 0002") at INFO.
         logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(name)s: %(message)s")
+    from oauthmig.output.consoles import Consoles
+    from oauthmig.redact import scrub_log_records
+
     scrub_log_records()  # library log lines (psycopg, SQLAlchemy's pool) can quote driver errors
     state = AppState(config_path, databases, Consoles.create(quiet=quiet, verbose=verbose))
     ctx.meta[_META_STATE] = state

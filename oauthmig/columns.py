@@ -10,10 +10,6 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-#: Length of Sentry's ``grant.redirect_uri varchar(255)``: what the legacy schema declares, what
-#: the models refuse beyond, and RU016's limit where the live column length is unknown.
-GRANT_REDIRECT_URI_LENGTH = 255
-
 
 class StringList(TypeDecorator[list[str]]):
     """``text[]`` on PostgreSQL, a JSON array stored as TEXT on SQLite; ``list[str]`` in Python."""

@@ -14,14 +14,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from typing import TYPE_CHECKING, Any
 
 from oauthmig.errors import ConfigError
 from oauthmig.redact import mask_url
 from oauthmig.uri import URIError, parse_uri
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 LOGICAL_TABLES: tuple[str, ...] = ("application", "grant", "token")
 DEFAULT_TABLES: dict[str, str] = {
@@ -203,6 +203,14 @@ class BackfillSettings:
         return 1.0 if paced else 0.5
 
 
+#: ``status --summary``: databases read at once, and how long one may take (seconds).
+SUMMARY_CONCURRENCY = 8
+SUMMARY_TIMEOUT_SECONDS = 10.0
+#: GitHub code scanning rejects a run with more results than this ("Results per run"); its other
+#: limits (20 runs per file, 25,000 rules per run, 1,000 locations per result, 20 tags per rule)
+#: are far above what one oauthmig run holds (1 run, 30 rules, 1 location, no tags).
+SARIF_MAX_RESULTS = 25_000
+
 #: Where ``docs/rules.md`` is published; SARIF ``helpUri`` values are this plus ``#<anchor>``.
 DEFAULT_DOCS_URL = "https://github.com/oauthmig/oauthmig/blob/main/docs/rules.md"
 
@@ -361,6 +369,9 @@ def redact_url(url: URL) -> str:
 
 def parse_database_url(raw: str, key: str) -> URL:
     """Validate a database URL (PostgreSQL or SQLite); the error never echoes the URL."""
+    from sqlalchemy.engine import make_url  # here: commands that read no database skip it
+    from sqlalchemy.exc import ArgumentError
+
     try:
         url = make_url(raw.strip())
     except (ArgumentError, ValueError):

@@ -48,8 +48,9 @@ from sqlalchemy import (
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeEngine
 
-from oauthmig.columns import GRANT_REDIRECT_URI_LENGTH, StringList
+from oauthmig.columns import StringList
 from oauthmig.config import TableNames
+from oauthmig.uri import GRANT_REDIRECT_URI_LENGTH
 
 # INTEGER PRIMARY KEY is SQLite's rowid alias (auto-assigned); BIGINT would not be.
 BigId = BigInteger().with_variant(Integer(), "sqlite")

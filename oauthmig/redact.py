@@ -28,10 +28,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote_plus
 
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 MASK = "***"
 WITHHELD = "<redacted>"
@@ -267,6 +268,11 @@ def mask_uris_in_text(text: str) -> str:
 
 
 def _as_url(url: URL | str) -> URL | None:
+    # SQLAlchemy is imported here, not at the top: masking a redirect URI (check-redirect)
+    # needs no database library.
+    from sqlalchemy.engine import URL, make_url
+    from sqlalchemy.exc import ArgumentError
+
     if isinstance(url, URL):
         return url
     try:

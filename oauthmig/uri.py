@@ -38,6 +38,11 @@ DEFAULT_PORTS: dict[str, str] = {"http": "80", "https": "443"}
 _MAX_PORT = 65535
 
 
+#: Length of Sentry's ``grant.redirect_uri varchar(255)``: what the legacy schema declares, what
+#: the models refuse beyond, and RU016's limit where the live column length is unknown.
+GRANT_REDIRECT_URI_LENGTH = 255
+
+
 class URIError(ValueError):
     """The text is not an RFC 3986 URI-reference; ``str(error)`` is the reason.
 

@@ -88,9 +88,17 @@ def _child(job: dict[str, Any], inherited: set[int]) -> None:
 def _serve() -> None:
     """Read one JSON request per line on stdin; answer with the child's pid, then its exit."""
     import importlib
+    import pkgutil
 
     for name in PRELOAD:
         importlib.import_module(name)
+    # The CLI imports each command's services when the command runs: import every module of
+    # the package here (not the revision files, which Alembic loads by path, nor __main__).
+    import oauthmig
+
+    for module in pkgutil.walk_packages(oauthmig.__path__, "oauthmig."):
+        if not module.name.startswith(("oauthmig.revisions", "oauthmig.docs", "oauthmig.__main__")):
+            importlib.import_module(module.name)
     # Raw descriptors only: no buffered bytes or file objects for a child to inherit.
     requests, replies = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)

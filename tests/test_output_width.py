@@ -12,12 +12,8 @@ import pytest
 from rich.console import Console
 
 from oauthmig.config import Settings, load_settings
-from oauthmig.output.text import (
-    render_audit_findings,
-    render_audit_summary,
-    render_backfill,
-    render_status,
-)
+from oauthmig.output.text import render_backfill, render_status
+from oauthmig.output.uri_text import render_audit_findings, render_audit_summary
 from oauthmig.redirects.audit import AuditFinding, AuditSummary, audit
 from oauthmig.rollout.backfill import BackfillOptions, BackfillResult, backfill
 from oauthmig.rollout.revisions import history

@@ -26,6 +26,7 @@ from oauthmig.rollout.batches import BATCH_TABLE, ensure_batch_table
 from oauthmig.rollout.job_state import JOB_TABLE
 from oauthmig.rollout.pacing import (
     DECREASE,
+    FOREGROUND_EVERY,
     MIN_WINDOW,
     PACED_PREFIX,
     START_RATE,
@@ -58,9 +59,12 @@ class SlowedProbe:
     engine: Engine
     delay: float = 0.0
     conn: Connection | None = field(default=None)
+    #: Latency added in this process, on no connection: what the probe feels of the backfill's
+    #: own work on a small server, with no application there.
+    local_delay: float = 0.0
 
     def sample(self) -> float:
-        seconds = self.inner.sample()
+        seconds = self.inner.sample() + self.local_delay
         if self.delay:
             if self.conn is None:
                 self.conn = self.engine.connect()
@@ -69,6 +73,9 @@ class SlowedProbe:
             self.conn.rollback()
             seconds += time.perf_counter() - started
         return seconds
+
+    def busy(self) -> bool:
+        return self.inner.busy()
 
     def close(self) -> None:
         self.inner.close()
@@ -138,6 +145,70 @@ def test_pacer_slows_down_when_the_probe_slows_and_recovers_when_it_does_not(
         assert pacer.next().duty == 1.0
     finally:
         pacer.close()
+
+
+def _checked_window(pacer: Pacer, probe: SlowedProbe) -> float:
+    """A window with the real foreground checks a running pacer makes along with it."""
+    for i in range(MIN_WINDOW):
+        pacer.add(probe.sample())
+        if (i + 1) % FOREGROUND_EVERY == 0:
+            pacer.add_foreground(probe.busy())
+    return pacer.next().rate
+
+
+def test_the_pacer_protects_the_foreground_it_sees_and_runs_flat_out_without_one(
+    make_database: DatabaseFactory, tmp_path: Path, backend: str
+) -> None:
+    settings = _settings(make_database, tmp_path)
+    bf, db, physical = settings.backfill, settings.databases["shard"], settings.tables.token
+    if backend == "sqlite":
+        assert not Pacer.for_database(bf, db, physical).active  # nothing to probe
+        return
+    assert db.url is not None
+    probe = SlowedProbe(
+        LookupProbe.for_database(db, physical), create_engine(db.url, poolclass=NullPool)
+    )
+    # Sessions of the database that are not the application: oauthmig's own (its batches, its
+    # run lock), here one in an open transaction.
+    own = create_engine(
+        db.url, poolclass=NullPool, connect_args={"application_name": "oauthmig"}
+    ).connect()
+    provider = create_engine(
+        db.url, poolclass=NullPool, connect_args={"application_name": "provider"}
+    )
+    pacer = Pacer(bf, probe, interval=3600)
+    try:
+        own.begin()
+        own.execute(text("SELECT 1"))
+        pacer.start()
+        assert pacer.baseline is not None
+        # The fixtures' own sessions end or go idle: wait until nobody else is at work.
+        deadline = time.monotonic() + 60
+        while probe.busy():
+            assert time.monotonic() < deadline, "the database never went quiet"
+            time.sleep(0.05)
+
+        # Slow, but nobody there: the probe only feels the backfill; the pace grows.
+        probe.local_delay = max(0.05, 10 * pacer.baseline)
+        rates = [_checked_window(pacer, probe) for _ in range(3)]
+        assert rates == sorted(rates) and rates[-1] > START_RATE, rates
+        assert pacer.quiet and "no other session at work" in pacer.reason
+
+        # The application arrives (a session in a transaction): the same latency now slows it.
+        with provider.connect() as app:
+            app.begin()
+            app.execute(text("SELECT 1"))
+            assert probe.busy()
+            before = pacer.rate
+            _checked_window(pacer, probe)
+            slowed = _checked_window(pacer, probe)
+            assert slowed == pytest.approx(before * DECREASE), (before, slowed)
+            assert not pacer.quiet and " > bound " in pacer.reason
+            app.rollback()
+    finally:
+        pacer.close()
+        own.close()
+        provider.dispose()
 
 
 def test_backfill_records_its_pace(

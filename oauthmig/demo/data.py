@@ -46,11 +46,11 @@ from sqlalchemy.schema import (
     ExecutableDDLElement,
 )
 
-from oauthmig.columns import GRANT_REDIRECT_URI_LENGTH
 from oauthmig.config import DatabaseConfig, Settings
 from oauthmig.db import map_db_errors, open_database
 from oauthmig.errors import DatabaseError, UsageError
 from oauthmig.legacy import USERS_TABLE, legacy_metadata
+from oauthmig.uri import GRANT_REDIRECT_URI_LENGTH
 
 __all__ = [
     "MARKER_TABLE",

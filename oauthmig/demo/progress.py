@@ -9,16 +9,10 @@ from __future__ import annotations
 
 from oauthmig.config import Settings
 from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep
+from oauthmig.output.consoles import Consoles, escape
 from oauthmig.output.outcomes import Failures, backfill_failures, run_failures
-from oauthmig.output.text import (
-    Consoles,
-    escape,
-    progress_bar,
-    render_audit_brief,
-    render_backfill,
-    render_run,
-    render_status,
-)
+from oauthmig.output.text import progress_bar, render_backfill, render_run, render_status
+from oauthmig.output.uri_text import render_audit_brief
 
 
 def console_hooks(c: Consoles, settings: Settings, command: str) -> DemoHooks:

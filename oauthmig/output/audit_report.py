@@ -24,16 +24,9 @@ from rich.console import Console
 from oauthmig.errors import UsageError
 from oauthmig.output.audit_writers import SarifWriter, atomic_output, writer_for
 from oauthmig.output.baseline import Baseline, BaselineRecorder, BaselineState, load_baseline
-from oauthmig.output.text import (
-    Consoles,
-    ProgressUpdate,
-    at_least,
-    escape,
-    plain_console,
-    progress_bar,
-    render_audit_findings,
-    render_audit_summary,
-)
+from oauthmig.output.consoles import Consoles, escape, plain_console
+from oauthmig.output.text import ProgressUpdate, progress_bar
+from oauthmig.output.uri_text import at_least, render_audit_findings, render_audit_summary
 from oauthmig.redirects.audit import Audit, AuditFinding, AuditSummary, FailOn
 
 

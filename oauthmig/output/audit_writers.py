@@ -25,7 +25,7 @@ import tempfile
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from oauthmig import tool_version
-from oauthmig.config import DEFAULT_DOCS_URL
+from oauthmig.config import DEFAULT_DOCS_URL, SARIF_MAX_RESULTS
 from oauthmig.output.files import output_file
 from oauthmig.output.json import (
     FINDING_FIELDS,
@@ -75,10 +75,6 @@ INFORMATION_URI = "https://github.com/oauthmig/oauthmig"
 ARTIFACT_BASE_ID = "OAUTHMIG_DATABASES"
 ARTIFACT_BASE_URI = "oauthmig:///"
 _SARIF_LEVEL = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}
-#: GitHub code scanning rejects a run with more results than this ("Results per run"); its other
-#: limits (20 runs per file, 25,000 rules per run, 1,000 locations per result, 20 tags per rule)
-#: are far above what one oauthmig run holds (1 run, 30 rules, 1 location, no tags).
-SARIF_MAX_RESULTS = 25_000
 # GitHub code scanning only reads primaryLocationLineHash; the second key names the scheme.
 _FINGERPRINT_KEY = "primaryLocationLineHash"
 _FINGERPRINT_SCHEME_KEY = "oauthmig/v2"

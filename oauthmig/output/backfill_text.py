@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from oauthmig.output.text import duration_text, escape, history_brief, print_table, request_brief
+from oauthmig.output.consoles import duration_text, escape, print_table
+from oauthmig.output.text import history_brief, request_brief
 from oauthmig.rollout.batch_report import JobHistory
 from oauthmig.rollout.batches import FAILED, BatchRow
 from oauthmig.rollout.control import RequestOutcome, when

@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from oauthmig.output.consoles import Consoles, escape
 from oauthmig.output.metrics import MetricsFile
-from oauthmig.output.text import Consoles, ProgressUpdate, escape, progress_bar
+from oauthmig.output.text import ProgressUpdate, progress_bar
 from oauthmig.rollout.backfill import Observer
 
 

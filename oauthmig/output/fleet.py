@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from oauthmig.output.consoles import duration_text, escape, print_table
 from oauthmig.output.json import status_to_dict
-from oauthmig.output.text import duration_text, escape, print_table, render_status
+from oauthmig.output.text import render_status
 
 if TYPE_CHECKING:
     from oauthmig.config import Wave

@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from typing import IO, TYPE_CHECKING, Any
 
-from oauthmig.output.readiness import readiness_to_dict
 from oauthmig.redact import mask_uri, mask_uris_in_text
 
 if TYPE_CHECKING:
@@ -173,6 +172,8 @@ def history_to_list(revisions: Sequence[RevisionInfo]) -> list[dict[str, Any]]:
 
 def status_to_dict(report: StatusReport) -> dict[str, Any]:
     """JSON shape of ``status``."""
+    from oauthmig.output.readiness import readiness_to_dict  # loads the config: status only
+
     return {
         "head": report.revisions[-1].revision if report.revisions else None,
         "outstanding": report.outstanding,

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.console import Console
 
-from oauthmig.output.text import escape
+from oauthmig.output.consoles import escape
 from oauthmig.rollout.verify import DatabaseContract, DatabaseVerify
 
 

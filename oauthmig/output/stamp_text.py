@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from oauthmig.output.text import escape
+from oauthmig.output.consoles import escape
 from oauthmig.rollout.stamp import StampResult
 
 

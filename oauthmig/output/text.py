@@ -1,18 +1,16 @@
-"""Consoles and renderers for people: rich tables, plain lines and progress bars.
+"""Renderers of the rollout for people: rich tables, plain lines and progress bars.
 
-One ``Console`` per stream. When JSON goes to stdout (built by :mod:`oauthmig.output.json`),
-everything human goes to stderr.
+The consoles and shared helpers are in :mod:`oauthmig.output.consoles`, the redirect
+findings in :mod:`oauthmig.output.uri_text`. One ``Console`` per stream. When JSON goes to
+stdout (built by :mod:`oauthmig.output.json`), everything human goes to stderr.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from rich.console import Console
 from rich.progress import (
@@ -26,136 +24,22 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from oauthmig.output.consoles import duration_text, escape, print_table
 from oauthmig.output.json import percentile
 from oauthmig.output.readiness import readiness_lines
-from oauthmig.prune import PruneResult
-from oauthmig.redact import mask_uri, mask_uris_in_text
-from oauthmig.redirects.audit import AuditFinding, AuditSummary
-from oauthmig.redirects.rules import RULES, Severity, UriReport
-from oauthmig.rollout.backfill import BackfillResult
-from oauthmig.rollout.batches import BatchStats
 from oauthmig.rollout.control import STOPPING, when
-from oauthmig.rollout.job_state import JobState, RunEnd, ShownStatus
+from oauthmig.rollout.job_state import RunEnd, ShownStatus
 from oauthmig.rollout.pacing import PACED_PREFIX
-from oauthmig.rollout.revisions import RevisionInfo
-from oauthmig.rollout.runner import (
-    DatabasePlan,
-    DatabaseRun,
-    Direction,
-    PlanOutcome,
-    RunResult,
-    StepAction,
-)
-from oauthmig.rollout.status import StatusReport
+from oauthmig.rollout.runner import DatabasePlan, StepAction
 
-
-@dataclass(frozen=True, slots=True)
-class Consoles:
-    """The stdout and stderr consoles of one CLI invocation."""
-
-    out: Console
-    err: Console
-    quiet: bool = False
-    verbose: bool = False
-
-    @classmethod
-    def create(cls, *, quiet: bool = False, verbose: bool = False) -> Consoles:
-        """Consoles on the real streams (colour only on terminals)."""
-        return cls(
-            Console(file=sys.stdout, highlight=False, soft_wrap=True),
-            Console(file=sys.stderr, highlight=False, soft_wrap=True),
-            quiet,
-            verbose,
-        )
-
-    def human(self, json_on_stdout: bool) -> Console:
-        """Where human-readable text goes: stderr when stdout carries JSON."""
-        return self.err if json_on_stdout else self.out
-
-    def info(self, message: str, json_on_stdout: bool = False) -> None:
-        """A human line, unless ``--quiet``."""
-        if not self.quiet:
-            self.human(json_on_stdout).print(message)
-
-    def error(self, message: str) -> None:
-        """A one-line error on stderr."""
-        self.err.print(f"[bold red]error:[/] {escape(message)}")
-
-
-def plain_console(file: IO[str], width: int = 120) -> Console:
-    """A console that writes plain text (no colour, no terminal codes) to a file."""
-    return Console(file=file, width=width, highlight=False, no_color=True, color_system=None)
-
-
-def escape(text: str) -> str:
-    """Escape rich markup in text that comes from data or errors."""
-    from rich.markup import escape as _escape
-
-    return _escape(text)
-
-
-_PLAIN_MIN_COLUMN = 4  # narrowest a wrapping column may get before the plain layout is used
-
-
-def _cell_width(cell: object) -> int:
-    if isinstance(cell, str):
-        from rich.text import Text
-
-        return max((Text.from_markup(line).cell_len for line in cell.split("\n")), default=0)
-    return 0
-
-
-def print_table(console: Console, table: Table) -> None:
-    """Print ``table`` without ever cutting the columns marked ``no_wrap`` (identifiers,
-    database names, statuses, rule codes).
-
-    Not a terminal (a pipe, a CI log, a file): the table is as wide as its content, nothing
-    is wrapped or cut. A terminal: other columns wrap to make room; if even the ``no_wrap``
-    columns do not fit, every row is printed as plain ``header: value`` lines instead.
-    """
-    if not console.is_terminal:
-        natural = console.measure(table, options=console.options.update_width(100_000))
-        saved = console.width
-        console.width = max(saved, natural.maximum)
-        try:
-            console.print(table)
-        finally:
-            console.width = saved
-        return
-    needed = 1  # left border
-    for column in table.columns:
-        if column.no_wrap:
-            width = max([_cell_width(column.header), *map(_cell_width, column.cells)])
-        else:
-            width = _PLAIN_MIN_COLUMN
-        needed += max(width, column.min_width or 0) + 3  # padding and border
-    if needed <= console.width:
-        for column in table.columns:
-            if not column.no_wrap:
-                column.overflow = "fold"  # a long word is folded onto the next line, not cut
-        console.print(table)
-        return
-    _print_plain(console, table)
-
-
-def _print_plain(console: Console, table: Table) -> None:
-    if table.title:
-        console.print(table.title)
-    headers = [str(c.header) for c in table.columns]
-    columns = [list(c.cells) for c in table.columns]
-    for i in range(table.row_count):
-        for header, cells in zip(headers, columns, strict=True):
-            cell = cells[i]
-            if isinstance(cell, str) and cell:
-                value = cell.replace("\n", " ")
-                if not header:
-                    console.print(value)
-                elif len(header) + 2 + _cell_width(value) <= console.width:
-                    console.print(f"{header}: {value}")
-                else:  # the value on a line of its own, so that short values stay whole
-                    console.print(f"{header}:")
-                    console.print(f"  {value}")
-        console.print()
+if TYPE_CHECKING:
+    from oauthmig.prune import PruneResult
+    from oauthmig.rollout.backfill import BackfillResult
+    from oauthmig.rollout.batches import BatchStats
+    from oauthmig.rollout.job_state import JobState
+    from oauthmig.rollout.revisions import RevisionInfo
+    from oauthmig.rollout.runner import DatabaseRun, Direction, PlanOutcome, RunResult
+    from oauthmig.rollout.status import StatusReport
 
 
 class ProgressUpdate(Protocol):
@@ -237,16 +121,6 @@ _RUN_END_STYLE = {
     RunEnd.PAUSED: "yellow",
     RunEnd.CANCELLED: "bold red",
 }
-
-
-def duration_text(seconds: float) -> str:
-    """``42s``, ``4m12s``, ``3h05m``: a duration as an operator reads it."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def request_brief(job: JobState) -> str | None:
@@ -543,235 +417,4 @@ def render_prune(console: Console, result: PruneResult) -> None:
         console.print(
             "[dim]note: without revision 0005 exchanged codes are deleted at once; only "
             "unexchanged expired codes are left to prune[/]"
-        )
-
-
-# --------------------------------------------------------------------------- redirect rules
-
-_SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
-_VERDICT_STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
-_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def _visible_char(ch: str) -> str:
-    if ch in _NAMED_ESCAPES:
-        return _NAMED_ESCAPES[ch]
-    if ch == " " or unicodedata.category(ch) not in ("Cc", "Cf", "Zs", "Zl", "Zp", "Cs", "Cn"):
-        return ch
-    code = ord(ch)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def show(value: str) -> str:
-    """Stored data made safe for a terminal: control, format (bidi) and unusual space
-    characters spelled as escapes (so a URI with a tab or an ANSI escape can neither hide the
-    problem nor drive the terminal), then rich markup escaped."""
-    if value.isprintable() and value.isascii():
-        return escape(value)
-    return escape("".join(_visible_char(ch) for ch in value))
-
-
-def _severity(severity: Severity) -> str:
-    return f"[{_SEVERITY_STYLE[severity]}]{severity.value}[/]"
-
-
-def render_uri_reports(console: Console, reports: Sequence[UriReport]) -> None:
-    """``check-redirect`` text: per URI its verdict, normalized form and findings (URIs
-    masked, :func:`oauthmig.redact.mask_uri`)."""
-    for report in reports:
-        verdict = report.verdict
-        console.print(
-            f"[{_VERDICT_STYLE[verdict]}]{verdict.upper():<4}[/] {show(mask_uri(report.uri))} "
-            f"[dim]({report.app_type.value} app)[/]"
-        )
-        normalized = "-" if report.normalized is None else show(mask_uri(report.normalized))
-        console.print(f"     [dim]normalized:[/] {normalized}")
-        for f in report.findings:
-            message = show(mask_uris_in_text(f.message))
-            console.print(f"     {f.code} {f.name} {_severity(f.severity)}: {message}")
-    counts = {v: sum(1 for r in reports if r.verdict == v) for v in ("pass", "warn", "fail")}
-    console.print(
-        f"{len(reports)} URI{'s' if len(reports) != 1 else ''}: "
-        + ", ".join(f"[{_VERDICT_STYLE[v]}]{n} {v}[/]" for v, n in counts.items())
-    )
-
-
-_AuditRow = tuple[str, str, str]
-
-
-def _audit_table(console: Console, first: bool, rows: Sequence[tuple[AuditFinding, bool]]) -> Table:
-    table = Table(
-        title="redirect URI audit" if first else None,
-        title_justify="left",
-        show_header=first,
-        expand=True,
-    )
-    # Wide enough that "database #id" and "RU001 warning" stay on one line and a client id
-    # takes at most three lines; the URI column gets the rest.
-    app_w = max(
-        max(len(f"{f.database} #{f.application_id}") for f, _ in rows),
-        -(-max(len(f.client_id) for f, _ in rows) // 3),
-        12,
-    )
-    rule_w = max(max(len(f"{f.code} {f.severity.value}") for f, _ in rows), 14)
-    table.add_column("application", width=app_w, overflow="fold")
-    table.add_column("rule", width=rule_w, overflow="fold")
-    table.add_column("URI and finding", ratio=1, overflow="fold", min_width=10)
-    return table
-
-
-def _audit_cells(f: AuditFinding, first_of_app: bool) -> _AuditRow:
-    app_cell = (
-        f"{escape(f.database)} [bold]#{f.application_id}[/]\n[dim]{show(f.client_id)}[/]"
-        if first_of_app
-        else ""
-    )
-    rule_cell = f"{f.code} {_severity(f.severity)}\n{f.name}"
-    detail = show(f.message)
-    if f.uri is not None:
-        detail = f"{show(f.uri)}\n[dim]{detail}[/]"
-    return app_cell, rule_cell, detail
-
-
-def _print_audit_chunk(
-    console: Console, rows: list[tuple[AuditFinding, bool]], first: bool
-) -> None:
-    table = _audit_table(console, first, rows)
-    needed = sum((c.width or 10) + 3 for c in table.columns) + 1
-    if not console.is_terminal or needed > console.width:
-        # Piped (a table would be as wide as the longest URI) or a terminal too narrow for a
-        # table that cuts nothing: plain aligned blocks, one per application.
-        if first:
-            console.print("redirect URI audit")
-        for f, first_of_app in rows:
-            if first_of_app:
-                console.print(
-                    f"{escape(f.database)} [bold]#{f.application_id}[/] "
-                    f"[dim]client_id {show(f.client_id)}[/]"
-                )
-            severity = f"[{_SEVERITY_STYLE[f.severity]}]{f.severity.value:<7}[/]"
-            uri = "" if f.uri is None else f" {show(f.uri)}"
-            console.print(f"  {f.code} {severity} {f.name}:{uri}")
-            console.print(f"  {'':13} [dim]{show(f.message)}[/]")
-        return
-    previous: AuditFinding | None = None
-    for f, first_of_app in rows:
-        if first_of_app and previous is not None:
-            table.add_section()
-        table.add_row(*_audit_cells(f, first_of_app))
-        previous = f
-    print_table(console, table)
-
-
-_SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.ERROR: 2}
-
-
-def at_least(severity: Severity, minimum: str) -> bool:
-    """Whether ``severity`` is ``minimum`` (error, warning or info) or worse."""
-    return _SEVERITY_RANK[severity] >= _SEVERITY_RANK[Severity(minimum)]
-
-
-def render_audit_findings(
-    console: Console,
-    findings: Iterable[AuditFinding],
-    *,
-    chunk_applications: int = 200,
-    min_severity: str = "info",
-) -> int:
-    """Stream ``audit-redirects`` findings of ``min_severity`` or worse as tables grouped by
-    application: a table is printed every ``chunk_applications`` applications, so memory
-    stays bounded. Nothing is cut: piped, the table is as wide as its content; on a
-    terminal, a client id takes at most three lines. Returns the number of findings
-    rendered."""
-    rows: list[tuple[AuditFinding, bool]] = []
-    first = True
-    apps_in_chunk = 0
-    count = 0
-    current: tuple[str, int] | None = None
-    for f in findings:
-        if not at_least(f.severity, min_severity):
-            continue
-        key = (f.database, f.application_id)
-        new_app = key != current
-        if new_app:
-            if rows and apps_in_chunk >= chunk_applications:
-                _print_audit_chunk(console, rows, first)
-                rows, first, apps_in_chunk = [], False, 0
-            current = key
-            apps_in_chunk += 1
-        rows.append((f, new_app))
-        count += 1
-    if rows:
-        _print_audit_chunk(console, rows, first)
-    return count
-
-
-def render_audit_summary(
-    console: Console, summary: AuditSummary, *, min_severity: str = "info"
-) -> None:
-    """Counts by severity and by code, ignored codes, databases and notes; with
-    ``min_severity`` above info, how many findings the report below leaves out."""
-    per_db = ", ".join(
-        f"{escape(d.database)} ({d.applications:,} apps, app type from "
-        f"{'the application_type column' if d.app_type_source == 'column' else 'redirect URIs'})"
-        for d in summary.databases
-    )
-    console.print(
-        f"audited {summary.applications_scanned:,} applications, {summary.uris_scanned:,} "
-        f"redirect URIs, {summary.live_grants_checked:,} live grants, "
-        f"{summary.metadata_urls_scanned:,} metadata URLs" + (f" on {per_db}" if per_db else "")
-    )
-    console.print(
-        "findings: "
-        + ", ".join(
-            f"[{_SEVERITY_STYLE[s]}]{summary.by_severity.get(s.value, 0):,} {s.value}[/]"
-            for s in Severity
-        )
-    )
-    if summary.by_code:
-        table = Table(title="findings by rule", title_justify="left")
-        for name in ("code", "name", "severity", "count"):
-            table.add_column(name, justify="right" if name == "count" else "left", no_wrap=True)
-        for code, n in summary.by_code.items():
-            rule = RULES[code]
-            table.add_row(code, rule.name, _severity(rule.severity), f"{n:,}")
-        print_table(console, table)
-    if summary.ignored:
-        console.print(
-            "ignored ([audit] ignore): "
-            + ", ".join(f"{code} x{n:,}" for code, n in summary.ignored.items())
-        )
-    for note in summary.notes:
-        console.print(f"[dim]note: {escape(note)}[/]")
-    hidden = {
-        s.value: summary.by_severity.get(s.value, 0)
-        for s in Severity
-        if not at_least(s, min_severity) and summary.by_severity.get(s.value, 0)
-    }
-    if hidden:
-        console.print(
-            "[dim]not listed below: "
-            + ", ".join(f"{n:,} {sev}" for sev, n in hidden.items())
-            + " (--min-severity info lists them)[/]"
-        )
-
-
-def render_audit_brief(console: Console, summary: AuditSummary) -> None:
-    """Two lines: counts by severity and the most frequent codes (for ``demo``)."""
-    severities = ", ".join(
-        f"[{_SEVERITY_STYLE[s]}]{summary.by_severity.get(s.value, 0):,} {s.value}[/]"
-        for s in Severity
-    )
-    console.print(
-        f"audit: {summary.applications_scanned:,} applications, "
-        f"{summary.uris_scanned:,} redirect URIs: {severities}"
-    )
-    top = summary.top_codes(5)
-    if top:
-        console.print(
-            "  top rules: "
-            + ", ".join(f"{code} {RULES[code].name} x{n:,}" for code, n in top)
-            + "  (details: oauthmig audit-redirects)"
         )

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal, NamedTuple
 
-from oauthmig.columns import GRANT_REDIRECT_URI_LENGTH
 from oauthmig.redact import is_secret_uri_param, mask_uri
 from oauthmig.redirects.hosts import (
     browser_ipv4,
@@ -36,6 +35,7 @@ from oauthmig.redirects.hosts import (
 from oauthmig.redirects.metadata_rules import METADATA_RULES
 from oauthmig.redirects.rule_types import Rule, Severity, make_rule
 from oauthmig.uri import (
+    GRANT_REDIRECT_URI_LENGTH,
     ParsedURI,
     URIError,
     is_ipv4_address,

@@ -30,7 +30,7 @@ from enum import StrEnum
 
 from sqlalchemy.engine import Connection
 
-from oauthmig.config import Settings, Wave
+from oauthmig.config import SUMMARY_CONCURRENCY, SUMMARY_TIMEOUT_SECONDS, Settings, Wave
 from oauthmig.db import connect, map_db_errors, open_engine, scrub_stored, set_timeouts
 from oauthmig.errors import ConfigError, GateError, OauthmigError, UsageError
 from oauthmig.revision_types import RevisionInfo, revision_position
@@ -43,8 +43,6 @@ from oauthmig.rollout.status import DatabaseStatus, RevisionState
 from oauthmig.table_columns import shared_reflection
 from oauthmig.version_tables import LOG_TABLE, VERSION_TABLE, read_current, read_log
 
-DEFAULT_CONCURRENCY = 8
-DEFAULT_TIMEOUT_SECONDS = 10.0
 _PART = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 # --------------------------------------------------------------------------- selection
@@ -159,8 +157,8 @@ def read_databases(
     names: Sequence[str],
     revisions: Sequence[RevisionInfo],
     *,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    concurrency: int = SUMMARY_CONCURRENCY,
+    timeout: float = SUMMARY_TIMEOUT_SECONDS,
 ) -> list[DatabaseStatus]:
     """``status`` of each database of ``names``, read in parallel (at most ``concurrency`` at
     once). Each read runs with ``statement_timeout`` and ``lock_timeout`` capped at
@@ -330,7 +328,7 @@ def wave_gate(
     revisions: Sequence[RevisionInfo],
     command: str,
     *,
-    concurrency: int = DEFAULT_CONCURRENCY,
+    concurrency: int = SUMMARY_CONCURRENCY,
 ) -> None:
     """Refuse (:class:`GateError`) to start ``selection.wave`` while a database of an earlier
     wave failed or has not reached ``target`` (a revision id; ``None`` is base).
@@ -502,8 +500,8 @@ def summary(
     selection: Selection,
     revisions: Sequence[RevisionInfo],
     *,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    concurrency: int = SUMMARY_CONCURRENCY,
+    timeout: float = SUMMARY_TIMEOUT_SECONDS,
     clock: Callable[[], float] = time.monotonic,
 ) -> FleetSummary:
     """Read every selected database (in parallel, bounded) and sum up where the fleet stands.

@@ -10,13 +10,22 @@ A fixed duty cycle cannot know what a database has to spare. The :class:`Pacer` 
 * **the baseline**: before the first batch, the :func:`trimmed_mean` of
   :data:`BASELINE_SAMPLES` probes (a mean, not the median: what slows the application first
   shows in the tail; trimmed of the slowest eighth: a stray sample is not congestion);
+* **the foreground** (:meth:`LookupProbe.busy`): every :data:`FOREGROUND_EVERY`-th sample also
+  asks ``pg_stat_activity`` whether any other client session of the database (not oauthmig's
+  own, whose ``application_name`` starts with ``oauthmig``) is in a statement or a
+  transaction, or ended one within the last second. A session whose state this role may not
+  see (another role's, without ``pg_read_all_stats``) counts as busy: in doubt, someone is
+  there;
 * **while the job runs**, a thread probes every :data:`SAMPLE_INTERVAL` seconds, during the
   batches and the pauses alike. After each batch, once :data:`MIN_WINDOW` samples have come in
   since the last decision, their trimmed mean is compared with ``max_latency_ratio`` × the
   baseline (never less than the baseline + :data:`MIN_SLACK`, 0.5 ms). Above it twice in a
   row, the pace is halved (multiplicative decrease, down to :data:`MIN_RATE`); above it once,
-  it holds; at or below it, it grows by :data:`STEP` (additive increase, up to 1). With fewer
-  samples (a short batch) the pace stays;
+  it holds; at or below it, it grows by :data:`STEP` (additive increase, up to 1). A window
+  in which no foreground was seen counts as at or below the bound: the probe then only feels
+  the backfill itself (on a small server its own batches slow a lookup too), and there is no
+  one to protect, so an idle database gets the whole pace. With fewer samples (a short batch)
+  the pace stays;
 * **the pace** ``rate`` scales both knobs of the runner: the batch duration it aims for
   (``target_batch_seconds`` × rate: smaller batches hold row locks for less time) and its duty
   cycle (duty ceiling × rate: longer pauses). The ceiling is ``max_duty``, 1.0 by default under
@@ -52,6 +61,7 @@ from oauthmig.config import BackfillSettings, DatabaseConfig
 from oauthmig.rollout.health import probe_engine
 
 BASELINE_SAMPLES = 41
+FOREGROUND_EVERY = 4  # one foreground check per this many latency samples
 SAMPLE_INTERVAL = 0.02  # seconds between two probes while the job runs
 MIN_WINDOW = 8  # samples a decision needs
 #: The bound is never tighter than the baseline plus this (seconds): a sub-millisecond lookup
@@ -77,6 +87,12 @@ class LatencyProbe(Protocol):
     sample returns the time until it failed)."""
 
     def sample(self) -> float: ...
+
+    def busy(self) -> bool:
+        """Whether the application is there: another client session of the database is in a
+        statement or a transaction, or ended one within the last second (never raises: in
+        doubt, busy)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -128,11 +144,37 @@ class LookupProbe:
             self.close()  # reconnect on the next sample
             return time.perf_counter() - started
 
+    def busy(self) -> bool:
+        try:
+            conn = self._connection()
+            with conn.begin():
+                conn.execute(
+                    text("SELECT set_config('statement_timeout', :ms, true)"),
+                    {"ms": f"{PROBE_TIMEOUT_MS}ms"},
+                )
+                others = conn.execute(text(_FOREGROUND_SQL)).scalar()
+            return bool(others)
+        except SQLAlchemyError:
+            self.close()
+            return True
+
     def close(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
             with contextlib.suppress(SQLAlchemyError):
                 conn.close()
+
+
+# Other client sessions of this database that are working or just were; state is NULL for a
+# session this role may not inspect, which counts (in doubt, the application is there).
+_FOREGROUND_SQL = """
+SELECT count(*) FROM pg_stat_activity
+ WHERE datname = current_database() AND backend_type = 'client backend'
+   AND pid <> pg_backend_pid()
+   AND coalesce(application_name, '') NOT LIKE 'oauthmig%'
+   AND (state IS NULL OR state <> 'idle'
+        OR state_change > clock_timestamp() - interval '1 second')
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +203,9 @@ class Pacer:
     latency: float | None = None  # mean of the last decision's window, seconds
     reason: str = ""
     over: bool = False  # the last decision's window was over the bound
+    quiet: bool = False  # the last decision's window saw no foreground
     _samples: list[float] = field(default_factory=list)
+    _foreground: list[bool] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -192,8 +236,12 @@ class Pacer:
     def _sample_loop(self) -> None:
         assert self.probe is not None
         try:
+            n = 0
             while not self._stop.wait(self.interval):
                 self.add(self.probe.sample())
+                n += 1
+                if n % FOREGROUND_EVERY == 0:
+                    self.add_foreground(self.probe.busy())
         finally:
             self.probe.close()  # its connection belongs to this thread
 
@@ -202,6 +250,11 @@ class Pacer:
         with self._lock:
             self._samples.append(seconds)
 
+    def add_foreground(self, busy: bool) -> None:
+        """One foreground check (:meth:`LatencyProbe.busy`)."""
+        with self._lock:
+            self._foreground.append(busy)
+
     def next(self) -> Pace:
         """After a batch: decide the pace from the samples since the last decision."""
         bf = self.settings
@@ -209,11 +262,13 @@ class Pacer:
             return Pace(1.0, bf.target_batch_seconds, bf.duty(paced=False))
         with self._lock:
             window, ready = self._samples, len(self._samples) >= MIN_WINDOW
+            foreground = self._foreground
             if ready:
-                self._samples = []
+                self._samples, self._foreground = [], []
         if ready and self.baseline is not None:
             self.latency = trimmed_mean(window)
-            over = self.latency > self.bound()
+            self.quiet = bool(foreground) and not any(foreground)
+            over = self.latency > self.bound() and not self.quiet
             if over and self.over:
                 self.rate = max(MIN_RATE, self.rate * DECREASE)
             elif not over:
@@ -229,6 +284,8 @@ class Pacer:
 
     def _reason(self) -> str:
         assert self.baseline is not None and self.latency is not None
+        if self.quiet:
+            return f"{PACED_PREFIX}{self.rate:.0%}: no other session at work, speeding up"
         verdict = ">" if self.latency > self.bound() else "<="
         return (
             f"{PACED_PREFIX}{self.rate:.0%}: probe {self.latency * 1000:.2f} ms {verdict} "

@@ -1,4 +1,4 @@
-"""``python -m tests.bench [backfill|rules|audit|traffic|health|status|compat|fleet ...]
+"""``python -m tests.bench [backfill|rules|audit|traffic|health|status|compat|fleet|startup ...]
 [options]``:
 benchmarks.
 
@@ -15,7 +15,17 @@ import signal
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("backfill", "rules", "audit", "traffic", "health", "status", "compat", "fleet")
+BENCHMARKS = (
+    "backfill",
+    "rules",
+    "audit",
+    "traffic",
+    "health",
+    "status",
+    "compat",
+    "fleet",
+    "startup",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help="backfill, rules, audit, traffic, health, status, compat and/or fleet (default: all)",
+        help="backfill, rules, audit, traffic, health, status, compat, fleet and/or startup "
+        "(default: all)",
     )
     p.add_argument("--seed", type=int, default=42, help="demo data seed (default 42)")
     g = p.add_argument_group("backfill")
@@ -102,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
         default=[1_000_000, 5_000_000],
         help="token-table sizes to time status on (default: 1000000 5000000)",
     )
+    g = p.add_argument_group("startup")
+    g.add_argument("--startup-runs", type=int, default=15, help="runs of each command (default 15)")
     g = p.add_argument_group("rules")
     g.add_argument("--uris", type=int, default=1_000_000, help="generated URIs (default 1M)")
     g = p.add_argument_group("audit")
@@ -179,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tests.bench import bench_status
 
             ok &= bench_status.main(sizes=args.status_tokens)
+        elif name == "startup":
+            from tests.bench import bench_startup
+
+            ok &= bench_startup.main(runs=args.startup_runs)
         elif name == "rules":
             from tests.bench import bench_rules
 
