@@ -516,7 +516,7 @@ def history(ctx: click.Context, fmt: str) -> None:
     Example:
       oauthmig history
     """
-    from oauthmig.output.text import render_history
+    from oauthmig.output.history_text import render_history
     from oauthmig.rollout.revisions import Catalogue
 
     revisions = Catalogue.load().revisions

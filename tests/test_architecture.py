@@ -319,7 +319,14 @@ def test_each_command_loads_what_it_needs_only() -> None:
     )
     history = _command_loads("history")
     assert "alembic" in {m.split(".")[0] for m in history}  # it reads the revision scripts
-    heavy = {"oauthmig.demo", "oauthmig.html_report", "oauthmig.redirects.audit", "oauthmig.prune"}
+    heavy = {
+        "oauthmig.demo",
+        "oauthmig.html_report",
+        "oauthmig.redirects.audit",
+        "oauthmig.prune",
+        "oauthmig.rollout.backfill",
+        "oauthmig.rollout.runner",
+    }
     for name, loaded in (("check-redirect", check), ("history", history)):
         assert not loaded & heavy, (name, sorted(loaded & heavy))
         assert "psycopg" not in {m.split(".")[0] for m in loaded}, name

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from oauthmig.rollout.backfill import BackfillResult
     from oauthmig.rollout.batches import BatchStats
     from oauthmig.rollout.job_state import JobState
-    from oauthmig.rollout.revisions import RevisionInfo
     from oauthmig.rollout.runner import DatabaseRun, Direction, PlanOutcome, RunResult
     from oauthmig.rollout.status import StatusReport
 
@@ -320,23 +319,6 @@ def render_status(console: Console, report: StatusReport) -> None:
         if d.enforcement is not None:
             for line in readiness_lines(d.enforcement):
                 console.print(escape(line))
-
-
-def render_history(console: Console, revisions: Sequence[RevisionInfo]) -> None:
-    """Revisions with the tables they touch and the backfills they require."""
-    table = Table(title="revisions (oldest first)", title_justify="left")
-    for name in ("revision", "description", "touches", "columns", "requires backfill"):
-        table.add_column(name, no_wrap=name == "revision")
-    for rev in revisions:
-        cols = ", ".join(f"{c.table}.{c.name}" for c in rev.columns)
-        table.add_row(
-            rev.revision,
-            escape(rev.message),
-            ", ".join(rev.tables),
-            cols,
-            ", ".join(rev.requires_backfills) or "-",
-        )
-    print_table(console, table)
 
 
 def render_backfill(console: Console, result: BackfillResult) -> None:

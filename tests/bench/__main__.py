@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         "statements on the PostgreSQL server (0: do not wait; default 600)",
     )
     g.add_argument(
+        "--max-wal-size",
+        metavar="SIZE",
+        help="the server's max_wal_size during the runs (ALTER SYSTEM, reset afterwards), "
+        "e.g. 8GB (default: leave it)",
+    )
+    g.add_argument(
         "--profile",
         action="store_true",
         help="time each kind of statement and commit inside the backfill run",
@@ -160,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
                 profile=args.profile,
                 wait_quiet=args.wait_quiet,
+                max_wal_size=args.max_wal_size,
             )
         elif name == "traffic":
             from tests.bench import bench_traffic
