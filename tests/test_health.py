@@ -647,8 +647,10 @@ def test_parallel_jobs_hold_on_every_database_and_stop_together(
     setup_legacy(settings, apps=20, tokens=300, seed=5)
     cfg = write_config(tmp_path / "parallel.toml", data)
     assert invoke(capsys, "--config", cfg, "upgrade").code == 0
+    # --max-runtime counts from the start: on a loaded machine three jobs' setup alone has
+    # taken over 2 s, and a job stopped before its first check was never held.
     result = invoke(
-        capsys, "--config", cfg, "backfill", "--jobs", "3", "--max-runtime", "2",
+        capsys, "--config", cfg, "backfill", "--jobs", "3", "--max-runtime", "8",
         "--format", "json",
     )  # fmt: skip
     assert result.code == (0 if backend == "sqlite" else 3), result.err
