@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,9 @@ pytestmark = pytest.mark.slow
 class WriterProcess:
     """tests/legacy_writer.py in its own interpreter, stopped by a file."""
 
-    def __init__(self, tmp: Path, cfg: str, mode: str) -> None:
-        self.stop_file = tmp / f"stop-{mode}"
-        self.report = tmp / f"report-{mode}.json"
+    def __init__(self, tmp: Path, cfg: str, mode: str, tag: str = "") -> None:
+        self.stop_file = tmp / f"stop-{mode}{tag}"
+        self.report = tmp / f"report-{mode}{tag}.json"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             [
@@ -54,8 +55,8 @@ class WriterProcess:
         deadline = time.monotonic() + 120
         while not ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()  # before reading: a live writer would block the read
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                self.proc.kill()
                 pytest.fail(f"the {mode} writer did not start: {err[-2000:]}")
             time.sleep(0.05)
 
@@ -107,7 +108,9 @@ def _rows(settings: Settings, db: str, sql: str) -> list[Any]:
         engine.dispose()
 
 
-def _assert_converged(settings: Settings, report: dict[str, Any]) -> None:
+def _assert_converged(
+    settings: Settings, report: dict[str, Any], libraries: Sequence[dict[str, Any]] = ()
+) -> None:
     t = settings.tables
     for db in settings.database_names():
         assert (
@@ -149,24 +152,72 @@ def _assert_converged(settings: Settings, report: dict[str, Any]) -> None:
         secret, method, grants = rows[app_id]
         assert method == ("none" if secret is None else "client_secret_basic")
         assert "refresh_token" in (grants if isinstance(grants, list) else json.loads(grants))
+    if libraries:
+        _assert_library_rows(settings, libraries)
+
+
+def _assert_library_rows(settings: Settings, libraries: Sequence[dict[str, Any]]) -> None:
+    """Every row the new library wrote is there with the new columns set; the last library
+    (deployed after the expand) supplied them itself: the layer filled none of its rows."""
+    t = settings.tables
+    tokens = {
+        r[0]: r[1:]
+        for r in _rows(
+            settings, "control", f"SELECT id, token_family_id, parent_token_id FROM {t.token}"
+        )
+    }
+    apps = dict(
+        _rows(settings, "control", f"SELECT id, token_endpoint_auth_method FROM {t.application}")
+    )
+    for lib in libraries:
+        mine = lib["inserted"]["control"]
+        assert mine["token"] and mine["application"]
+        for row_id in mine["token"]:
+            assert tokens[row_id][0] is not None, row_id
+        for app_id in mine["application"]:
+            assert apps[app_id] == "none", app_id
+    last = libraries[-1]["inserted"]["control"]
+    # The flow records the exchanged token, then its rotation: same family, parent set.
+    pairs = last["token"]
+    assert len(pairs) % 2 == 0
+    for issued, rotated in zip(pairs[::2], pairs[1::2], strict=True):
+        family, parent = tokens[rotated]
+        assert parent == issued and str(family) == str(tokens[issued][0])
+        assert str(family).replace("-", "") != family_id(t.token, issued, "control").hex
+    for logical in ("token", "application"):
+        filled = {
+            r[0] for r in _rows(settings, "control", f"SELECT row_id FROM {side_table(logical)}")
+        }
+        assert not filled & set(last[logical]), logical
 
 
 def _version(settings: Settings, db: str) -> Any:
     return _scalar(settings, db, "SELECT version_num FROM oauthmig_version")
 
 
+@pytest.mark.parametrize("with_library", [False, True], ids=["legacy", "legacy+library"])
 def test_legacy_writer_through_the_whole_rollout(
-    make_database: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_database: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], with_library: bool
 ) -> None:
     settings, cfg = _settings(make_database, tmp_path)
     writer = WriterProcess(tmp_path, cfg, "legacy")
+    # New code runs beside the old from the expand on (its application rows name the metadata
+    # columns, which exist from 0003); a downgrade past the expand rolls it back first (README
+    # "Order of deploys"), and it is deployed again after the re-expand.
+    library = None
+    libraries: list[dict[str, Any]] = []
     try:
         _cli(capsys, cfg, "upgrade")
         assert _version(settings, "control") == "0003"  # the gate waits for the backfills
+        if with_library:
+            library = WriterProcess(tmp_path, cfg, "library", "-1")
         _cli(capsys, cfg, "backfill")
         _cli(capsys, cfg, "upgrade")
         assert _version(settings, "control") == "0007"  # finalize applied while it writes
         assert _version(settings, "shard") == "0007"
+        if library is not None:
+            libraries.append(library.stop())
+            library = None
         _cli(capsys, cfg, "downgrade", "--to", "base")
         t = settings.tables
         for db in settings.database_names():
@@ -182,14 +233,26 @@ def test_legacy_writer_through_the_whole_rollout(
             _rows(settings, "control", f"SELECT * FROM {t.token} LIMIT 0")
         )
         _cli(capsys, cfg, "upgrade")
+        if with_library:
+            library = WriterProcess(tmp_path, cfg, "library", "-2")
         _cli(capsys, cfg, "backfill")
         _cli(capsys, cfg, "upgrade")
         assert _version(settings, "control") == "0007"
+        if library is not None:
+            # Rows the library wrote on the finalized schema, not only during the expand.
+            done = _library_tokens(settings)
+            _wait_for("library writes after finalize", lambda: _library_tokens(settings) > done)
     finally:
         report = writer.stop()
+        if library is not None:
+            libraries.append(library.stop())
     assert report["failed"] == 0, report["failures"]
     assert report["writes"] > 0
-    _assert_converged(settings, report)
+    for lib in libraries:
+        assert lib["failed"] == 0, lib["failures"]
+        assert lib["writes"] > 0
+    assert len(libraries) == (2 if with_library else 0)
+    _assert_converged(settings, report, libraries)
     # The layer recorded what it filled.
     assert _scalar(settings, "control", f"SELECT count(*) FROM {side_table('token')}") > 0
     assert _scalar(settings, "control", f"SELECT count(*) FROM {side_table('application')}") > 0

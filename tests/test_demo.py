@@ -15,12 +15,14 @@ from sqlalchemy import func, inspect, select, text
 from oauthmig.config import Settings
 from oauthmig.db import make_engine
 from oauthmig.demo.data import MARKER_TABLE, PLANTED, DemoSetup, setup_legacy
+from oauthmig.demo.progress import legacy_write_line
 from oauthmig.demo.run import DemoHooks, DemoStep, run_demo
 from oauthmig.errors import DatabaseError, UnreachableError
 from oauthmig.legacy import USERS_TABLE, legacy_metadata
 from oauthmig.redirects.metadata_rules import METADATA_URL_COLUMNS, check_metadata
 from oauthmig.redirects.rules import check_application, infer_app_type, split_redirect_uris
 from oauthmig.rollout.job_state import RunEnd
+from oauthmig.rollout.jobs import family_id, infer_application_type
 
 APPS = 60
 TOKENS = 400
@@ -410,7 +412,8 @@ def test_the_demo_service_runs_every_step_and_reads_the_revisions_once_for_the_r
     }
     assert {j.status for j in run.backfill.runs} == {RunEnd.FINISHED}
     assert run.status is not None and not run.status.outstanding
-    assert run.audit is not None and run.audit.applications_scanned == APPS
+    # The demo's applications and the one the provider's unchanged code created after finalize.
+    assert run.audit is not None and run.audit.applications_scanned == APPS + 1
     assert set(PLANTED) <= {code for code, n in run.audit.by_code.items() if n}
 
 
@@ -418,3 +421,36 @@ def test_the_demo_service_stops_after_setup_when_asked(routed_settings: Settings
     run = run_demo(routed_settings, apps=APPS, tokens=TOKENS, setup_only=True)
     assert run.expand is None and run.status is None and run.audit is None
     assert "oauthmig_version" not in _tables(routed_settings, "control")
+
+
+def test_the_demo_shows_the_provider_unchanged_code_writing_after_finalize(
+    routed_settings: Settings,
+) -> None:
+    run = run_demo(routed_settings, apps=APPS, tokens=TOKENS, seed=7)
+    assert run.failed is None and run.legacy_writes is not None and run.status is not None
+    t = routed_settings.tables
+    cm = routed_settings.backfill.client_metadata
+    writes = {w.database: w for w in run.legacy_writes}
+    assert set(writes) == {"control", "shard"}
+    control, shard = writes["control"], writes["shard"]
+    # What the client-metadata backfill infers for a confidential web application.
+    assert control.application_id is not None
+    apps = {r["id"]: r for r in _rows(routed_settings, "control", "application")}
+    app = apps[control.application_id]
+    assert app["client_secret"]
+    assert control.token_endpoint_auth_method == cm.confidential_auth_method
+    assert control.grant_types == tuple(cm.grant_types)
+    assert control.response_types == tuple(cm.response_types)
+    assert control.application_type == infer_application_type(app["redirect_uris"])
+    assert shard.application_id is None
+    for w in (control, shard):
+        assert w.token_id is not None
+        assert w.token_family_id == family_id(t.token, w.token_id, w.database)
+        tokens = {r["id"]: r for r in _rows(routed_settings, w.database, "token")}
+        assert tokens[w.token_id]["refresh_token"]
+        line = legacy_write_line(w)
+        assert f"token {w.token_id}" in line and str(w.token_family_id) in line
+        assert tokens[w.token_id]["refresh_token"] not in line
+        assert tokens[w.token_id]["token"] not in line
+    assert app["client_secret"] not in legacy_write_line(control)
+    assert f"application {control.application_id}" in legacy_write_line(control)

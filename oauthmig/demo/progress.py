@@ -8,6 +8,7 @@ demo (output sits below it in the layer table) and the hooks read the demo's own
 from __future__ import annotations
 
 from oauthmig.config import Settings
+from oauthmig.demo.old_code import LegacyWrite
 from oauthmig.demo.run import DemoHooks, DemoRun, DemoStep
 from oauthmig.output.consoles import Consoles, escape
 from oauthmig.output.outcomes import Failures, backfill_failures, run_failures
@@ -44,6 +45,9 @@ def console_hooks(c: Consoles, settings: Settings, command: str) -> DemoHooks:
             render_backfill(c.out, run.backfill)
         elif step is DemoStep.FINALIZE and run.finalize is not None:
             render_run(c.out, run.finalize, command)
+        elif step is DemoStep.LEGACY_WRITES and run.legacy_writes is not None:
+            for w in run.legacy_writes:
+                c.out.print(escape(legacy_write_line(w)))
         elif step is DemoStep.STATUS and run.status is not None:
             render_status(c.out, run.status)
         elif step is DemoStep.AUDIT and run.audit is not None:
@@ -70,3 +74,24 @@ def failures(run: DemoRun) -> Failures:
     if run.failed is not None and result is not None:
         return run_failures(result)
     return Failures((), "")
+
+
+def legacy_write_line(w: LegacyWrite) -> str:
+    """One line: the rows the unchanged code created on a database and what the layer filled
+    (ids, metadata and the family uuid; never a secret)."""
+    made = [
+        f"{what} {row_id}"
+        for what, row_id in (("application", w.application_id), ("token", w.token_id))
+        if row_id is not None
+    ]
+    filled: list[str] = []
+    if w.application_id is not None:
+        filled.append(f"auth method {w.token_endpoint_auth_method}")
+        filled.append(f"grant types {' '.join(w.grant_types or ())}")
+        filled.append(f"application type {w.application_type}")
+    if w.token_id is not None:
+        filled.append(f"family {w.token_family_id}")
+    return (
+        f"  {w.database}: the provider's unchanged code created {' and '.join(made)} "
+        f"(legacy columns only): the compatibility layer filled {', '.join(filled)}"
+    )

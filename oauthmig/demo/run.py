@@ -2,10 +2,11 @@
 
 The steps (:class:`DemoStep`) run in order on the configured databases: the legacy tables
 (:func:`oauthmig.demo.data.setup_legacy`), ``upgrade`` (expand), ``backfill``, ``upgrade``
-(finalize), ``status``, the redirect audit and the HTML report (``report.html`` in the
-embedded default's directory, ``.oauthmig/`` beside the configuration file otherwise). The
-demo stops after the first step that
-fails; :class:`DemoRun` holds what every step that ran returned.
+(finalize), the provider's unchanged code writing (:mod:`oauthmig.demo.old_code`: the
+compatibility layer fills its rows), ``status``, the redirect audit and the HTML report
+(``report.html`` in the embedded default's directory, ``.oauthmig/`` beside the configuration
+file otherwise). The demo stops after the first step that fails; :class:`DemoRun` holds what
+every step that ran returned.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from oauthmig.config import EMBEDDED_DIR, Settings
 from oauthmig.demo.data import DemoSetup, Progress, setup_legacy
+from oauthmig.demo.old_code import LegacyWrite, legacy_writes
 from oauthmig.html_report import gather_report
 from oauthmig.output.files import output_file
 from oauthmig.output.html import render_html
@@ -40,6 +42,7 @@ class DemoStep(StrEnum):
     EXPAND = "upgrade (expand)"
     BACKFILL = "backfill"
     FINALIZE = "upgrade (finalize)"
+    LEGACY_WRITES = "the provider's unchanged code writes"
     STATUS = "status"
     AUDIT = "audit-redirects"
     REPORT = "report"
@@ -53,6 +56,7 @@ class DemoRun:
     expand: RunResult | None = None
     backfill: BackfillResult | None = None
     finalize: RunResult | None = None
+    legacy_writes: tuple[LegacyWrite, ...] | None = None  # one per database hosting the tables
     status: StatusReport | None = None
     audit: AuditSummary | None = None
     report: Path | None = None  # where the HTML report was written
@@ -134,6 +138,11 @@ def run_demo(
     hooks.finished(DemoStep.FINALIZE, run)
     if run.failed:
         return run
+    # Where a provider whose code never learned the new columns broke (finalize's NOT NULL):
+    # it writes, and the compatibility layer fills what it left out.
+    hooks.starting(DemoStep.LEGACY_WRITES)
+    run = replace(run, legacy_writes=legacy_writes(settings))
+    hooks.finished(DemoStep.LEGACY_WRITES, run)
     hooks.starting(DemoStep.STATUS)
     run = replace(run, status=status(settings, catalogue.revisions))
     hooks.finished(DemoStep.STATUS, run)
