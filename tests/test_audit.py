@@ -822,7 +822,9 @@ def test_demo_runs_the_audit_and_does_not_fail_on_findings(
     result = invoke(capsys, "--config", cfg, "demo", "--apps", "60", "--tokens", "200")
     assert result.code == 0, result.err
     assert "demo: audit-redirects" in result.out
-    assert "audit: 60 applications" in result.out
+    # The 60 loaded, and the one the provider's unchanged code created after finalize.
+    assert "audit: 61 applications" in result.out
+    assert "control: the provider's unchanged code created application" in result.out
     assert "top rules: " in result.out
 
 
