@@ -30,7 +30,8 @@ _EXIT_INTERRUPTED = 130
 _MESSAGE = "interrupted while loading; nothing was started"
 
 
-def _wants_json(argv: list[str]) -> bool:
+def wants_json(argv: list[str]) -> bool:
+    """Whether the command line asks for ``--format json``."""
     return "--format=json" in argv or any(
         a == "--format" and b == "json" for a, b in itertools.pairwise(argv)
     )
@@ -51,7 +52,7 @@ INTERRUPTED_DOCUMENT = (
 
 def _exit_interrupted(_signum: int, _frame: FrameType | None) -> None:
     try:
-        if _wants_json(sys.argv[1:]):
+        if wants_json(sys.argv[1:]):
             os.write(1, INTERRUPTED_DOCUMENT.encode())
         os.write(2, (_MESSAGE + "\n").encode())
     except BaseException:  # whatever failed, the process still ends as interrupted

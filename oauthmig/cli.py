@@ -1290,13 +1290,17 @@ def _usage_line(exc: click.UsageError) -> str:
 
 
 def _interrupted(
-    ctx_obj: dict[str, Any], stdout: PipeSafeStdout, *, terminated: bool = False
+    ctx_obj: dict[str, Any], stdout: PipeSafeStdout, argv: list[str], *, terminated: bool = False
 ) -> None:
     if terminated:
         message, code = "terminated (SIGTERM); state is saved, rerun to resume", EXIT_TERMINATED
     else:
         message, code = "interrupted; state is saved, rerun to resume", EXIT_INTERRUPTED
-    if ctx_obj.get(META_JSON) == "json" and not stdout.written:
+    # Interrupted while click still parsed the arguments: the command line says the format.
+    as_json = (
+        ctx_obj[META_JSON] == "json" if META_JSON in ctx_obj else oauthmig.wants_json(argv)
+    )
+    if as_json and not stdout.written:
         click.echo(to_json(interrupted_to_dict(ctx_obj.get("command"), code, message)))
     click.echo(message, err=True)
 
@@ -1325,8 +1329,9 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None, meta: dict[str, Any], stdout: PipeSafeStdout) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        with cli.make_context("oauthmig", list(sys.argv[1:] if argv is None else argv)) as ctx:
+        with cli.make_context("oauthmig", list(args)) as ctx:
             meta = ctx.meta
             cli.invoke(ctx)
         return EXIT_OK
@@ -1337,7 +1342,7 @@ def _run(argv: list[str] | None, meta: dict[str, Any], stdout: PipeSafeStdout) -
         return EXIT_OK
     except (KeyboardInterrupt, click.exceptions.Abort) as exc:
         terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
-        _interrupted(meta, stdout, terminated=terminated)
+        _interrupted(meta, stdout, args, terminated=terminated)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:
         # A write that bypassed sys.stdout: stop quietly.
