@@ -1297,9 +1297,7 @@ def _interrupted(
     else:
         message, code = "interrupted; state is saved, rerun to resume", EXIT_INTERRUPTED
     # Interrupted while click still parsed the arguments: the command line says the format.
-    as_json = (
-        ctx_obj[META_JSON] == "json" if META_JSON in ctx_obj else oauthmig.wants_json(argv)
-    )
+    as_json = ctx_obj[META_JSON] == "json" if META_JSON in ctx_obj else oauthmig.wants_json(argv)
     if as_json and not stdout.written:
         click.echo(to_json(interrupted_to_dict(ctx_obj.get("command"), code, message)))
     click.echo(message, err=True)
