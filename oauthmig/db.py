@@ -10,7 +10,7 @@ import os
 import random
 import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,12 @@ SQLITE_IMMEDIATE = "oauthmig_sqlite_immediate"
 # SQLite lets one writer in at a time and its busy handler polls (with growing sleeps), so
 # threads of one run (``--jobs``) that write to one file can starve each other past
 # busy_timeout. Their IMMEDIATE transactions take turns on this gate first (first come,
-# first served); other processes still meet busy_timeout.
+# first served); other processes still meet busy_timeout. The gate opens once the COMMIT or
+# ROLLBACK is done (the dialect's own call, wrapped): SQLAlchemy's commit event fires before
+# it, and a next writer let in then would meet the lock for as long as the COMMIT's fsync takes.
 _SQLITE_GATES: dict[str, threading.RLock] = {}
 _SQLITE_GATES_LOCK = threading.Lock()
-_GATE_KEY = "oauthmig_sqlite_gate"
+_GATED: dict[int, threading.RLock] = {}  # id of the sqlite3 connection -> the gate it holds
 
 
 def _sqlite_gate(path: str) -> threading.RLock:
@@ -40,10 +42,27 @@ def _sqlite_gate(path: str) -> threading.RLock:
         return _SQLITE_GATES.setdefault(key, threading.RLock())
 
 
-def _open_gate(conn: Connection) -> None:
-    gate = conn.info.pop(_GATE_KEY, None)
+def _raw(connection: Any) -> Any:
+    """The sqlite3 connection behind a SQLAlchemy or pool-proxied connection."""
+    return getattr(connection, "driver_connection", connection)
+
+
+def _open_gate(raw: Any) -> None:
+    gate = _GATED.pop(id(raw), None)
     if gate is not None:
         gate.release()
+
+
+def _after(end: Callable[[Any], None]) -> Callable[[Any], None]:
+    """The dialect's ``do_commit``/``do_rollback``, then the gate this connection holds."""
+
+    def ended(dbapi_connection: Any) -> None:
+        try:
+            end(dbapi_connection)
+        finally:
+            _open_gate(_raw(dbapi_connection))
+
+    return ended
 
 
 def for_writing(conn: Connection) -> Connection:
@@ -152,16 +171,19 @@ def make_engine(
             # Writers ask for IMMEDIATE so that busy_timeout applies when taking the write lock;
             # a deferred transaction that reads first fails at once with SQLITE_BUSY instead.
             immediate = conn.get_execution_options().get(SQLITE_IMMEDIATE, False)
+            raw = _raw(conn.connection)
             if immediate and gate is not None and gate.acquire(timeout=wait):
-                conn.info[_GATE_KEY] = gate
+                _GATED[id(raw)] = gate
             try:
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
             except BaseException:
-                _open_gate(conn)
+                _open_gate(raw)
                 raise
 
-        event.listen(engine, "commit", _open_gate)
-        event.listen(engine, "rollback", _open_gate)
+        # This engine's own dialect instance: the wrappers reach no other engine.
+        dialect: Any = engine.dialect
+        dialect.do_commit = _after(dialect.do_commit)
+        dialect.do_rollback = _after(dialect.do_rollback)
 
         return engine
     args = dict(PG_CONNECT_ARGS)

@@ -26,19 +26,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "oauthmig"
 
 
 def _loaded_after_import(modules: list[str]) -> set[str]:
-    """Top-level names in ``sys.modules`` after a fresh interpreter imports ``modules``."""
-    code = (
-        "import importlib, json, sys\n"
-        f"for name in {modules!r}:\n"
-        "    importlib.import_module(name)\n"
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    loaded: list[str] = json.loads(done.stdout)
-    return set(loaded)
+    """Top-level names of the packages a fresh interpreter loaded to import ``modules``."""
+    imports = "".join(f"import {name}\n" for name in modules)
+    return {m.split(".")[0] for m in _loaded_by(imports)}
 
 
 def _modules_of(package: str) -> list[str]:
