@@ -205,7 +205,8 @@ class Pacer:
     over: bool = False  # the last decision's window was over the bound
     quiet: bool = False  # the last decision's window saw no foreground
     _samples: list[float] = field(default_factory=list)
-    _foreground: list[bool] = field(default_factory=list)
+    _checks: int = 0  # foreground checks since the last decision
+    _busy: int = 0  # of which saw the application
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -253,7 +254,8 @@ class Pacer:
     def add_foreground(self, busy: bool) -> None:
         """One foreground check (:meth:`LatencyProbe.busy`)."""
         with self._lock:
-            self._foreground.append(busy)
+            self._checks += 1
+            self._busy += busy
 
     def next(self) -> Pace:
         """After a batch: decide the pace from the samples since the last decision."""
@@ -262,12 +264,12 @@ class Pacer:
             return Pace(1.0, bf.target_batch_seconds, bf.duty(paced=False))
         with self._lock:
             window, ready = self._samples, len(self._samples) >= MIN_WINDOW
-            foreground = self._foreground
+            quiet = self._checks > 0 and self._busy == 0
             if ready:
-                self._samples, self._foreground = [], []
+                self._samples, self._checks, self._busy = [], 0, 0
         if ready and self.baseline is not None:
             self.latency = trimmed_mean(window)
-            self.quiet = bool(foreground) and not any(foreground)
+            self.quiet = quiet
             over = self.latency > self.bound() and not self.quiet
             if over and self.over:
                 self.rate = max(MIN_RATE, self.rate * DECREASE)
