@@ -26,6 +26,7 @@ from oauthmig.errors import (
 )
 from oauthmig.models import (
     DEFAULT_MODELS,
+    DEFAULT_POLICY,
     ApplicationModel,
     Check,
     EnforcementPolicy,
@@ -93,8 +94,10 @@ def _observations(engine: Engine) -> list[tuple[int, str, int]]:
     return [(int(a), str(c), int(n)) for a, c, n in rows]
 
 
-def _tokens(session: Session, app: ApplicationModel, policy: EnforcementPolicy) -> Any:
-    grant = new_grant(
+def _grant(
+    session: Session, app: ApplicationModel, policy: EnforcementPolicy = DEFAULT_POLICY
+) -> Any:
+    return new_grant(
         session,
         application=app,
         user_id=1,
@@ -105,6 +108,10 @@ def _tokens(session: Session, app: ApplicationModel, policy: EnforcementPolicy) 
         extra=GRANT_EXTRA,
         policy=policy,
     )
+
+
+def _tokens(session: Session, app: ApplicationModel, policy: EnforcementPolicy) -> Any:
+    grant = _grant(session, app, policy)
     return exchange_code(
         session,
         application=app,
@@ -227,16 +234,7 @@ def test_response_type_not_registered(engine: Engine) -> None:
 def test_unregistered_authorization_code_grant_keeps_the_code(engine: Engine) -> None:
     with Session(engine) as session:
         app = _app(session, "refresh-only", grant_types=["refresh_token"])
-        grant = new_grant(
-            session,
-            application=app,
-            user_id=1,
-            redirect_uri=REDIRECT,
-            scopes=[],
-            code_challenge=s256_challenge(VERIFIER),
-            code_challenge_method="S256",
-            extra=GRANT_EXTRA,
-        )
+        grant = _grant(session, app)
         with pytest.raises(UnauthorizedClient):
             exchange_code(
                 session,
