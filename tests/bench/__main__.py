@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("traffic")
     g.add_argument(
-        "--traffic-tokens", type=int, default=600_000, help="legacy tokens (default 600k)"
+        "--traffic-tokens", type=int, default=1_200_000, help="legacy tokens (default 1.2M)"
     )
     g.add_argument(
         "--phase-seconds", type=int, default=20, help="pgbench seconds per phase (default 20)"
