@@ -187,8 +187,8 @@ class BackfillSettings:
     #: Share of wall time spent in batches (sleep >= batch * (1/duty - 1)). None: 1.0 as the
     #: ceiling of latency pacing (PostgreSQL with max_latency_ratio), else 0.5.
     max_duty: float | None = None
-    #: Latency pacing: keep the probe's median latency within this multiple of its baseline
-    #: (:mod:`oauthmig.rollout.pacing`); 0 turns it off.
+    #: Latency pacing: keep the application's statements in flight and the probe's latency
+    #: within this multiple of their baselines (:mod:`oauthmig.rollout.pacing`); 0 turns it off.
     max_latency_ratio: float = 1.5
     outage_window_ms: int = 60000  # how long a lost connection is retried before failing
     keep_batches: int = 1000  # batch-history rows kept per job (older ones are summarized)

@@ -1,16 +1,19 @@
 """Latency pacing (``[backfill] max_latency_ratio``, :mod:`oauthmig.rollout.pacing`), for real.
 
 The probe's latency is made to rise on purpose with a ``pg_sleep`` that the probe wrapper runs
-on a PostgreSQL connection of its own and counts into every sample; the controller is fed
-those real samples one window at a time (its background thread is parked), so each decision
-is on known data. No timing bound is asserted: only which way the pace moves.
+on a PostgreSQL connection of its own and counts into every sample; the application's
+statements are made to slow with a second process's session (``application_name`` provider)
+whose statements sleep longer. The controller is fed those real samples one window at a time
+(its background thread is parked), so each decision is on known data. No timing bound is
+asserted: only which way the pace moves.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +29,15 @@ from oauthmig.rollout.batches import BATCH_TABLE, ensure_batch_table
 from oauthmig.rollout.job_state import JOB_TABLE
 from oauthmig.rollout.pacing import (
     DECREASE,
-    FOREGROUND_EVERY,
     MIN_WINDOW,
     PACED_PREFIX,
+    SAMPLE_INTERVAL,
+    SMALLEST_BATCH,
     START_RATE,
+    LatencyProbe,
     LookupProbe,
     Pacer,
+    Sample,
 )
 from tests.helpers import invoke, write_config
 from tests.helpers.databases import DatabaseFactory, routed_config
@@ -63,8 +69,9 @@ class SlowedProbe:
     #: own work on a small server, with no application there.
     local_delay: float = 0.0
 
-    def sample(self) -> float:
-        seconds = self.inner.sample() + self.local_delay
+    def sample(self) -> Sample:
+        sample = self.inner.sample()
+        seconds = sample.latency + self.local_delay
         if self.delay:
             if self.conn is None:
                 self.conn = self.engine.connect()
@@ -72,10 +79,7 @@ class SlowedProbe:
             self.conn.execute(text("SELECT pg_sleep(:d)"), {"d": self.delay})
             self.conn.rollback()
             seconds += time.perf_counter() - started
-        return seconds
-
-    def busy(self) -> bool:
-        return self.inner.busy()
+        return replace(sample, latency=seconds)
 
     def close(self) -> None:
         self.inner.close()
@@ -84,9 +88,10 @@ class SlowedProbe:
         self.engine.dispose()
 
 
-def _window(pacer: Pacer, probe: SlowedProbe) -> float:
+def _window(pacer: Pacer, probe: LatencyProbe, spacing: float = 0.0) -> float:
     for _ in range(MIN_WINDOW):
         pacer.add(probe.sample())
+        time.sleep(spacing)
     return pacer.next().rate
 
 
@@ -127,7 +132,9 @@ def test_pacer_slows_down_when_the_probe_slows_and_recovers_when_it_does_not(
             rate = new
         pace = pacer.next()  # no new samples: no decision, the pace holds
         assert pace.rate == rate
-        assert pace.target_seconds == pytest.approx(bf.target_batch_seconds * rate)
+        # Batches shrink down to SMALLEST_BATCH of the target; below it only the pauses grow.
+        assert rate < SMALLEST_BATCH
+        assert pace.target_seconds == pytest.approx(bf.target_batch_seconds * SMALLEST_BATCH)
         assert pace.duty == pytest.approx(rate)  # ceiling 1.0 under pacing
         assert pacer.reason.startswith(f"{PACED_PREFIX}6%: probe ")
         assert " > bound " in pacer.reason and "x 1.5)" in pacer.reason
@@ -141,17 +148,20 @@ def test_pacer_slows_down_when_the_probe_slows_and_recovers_when_it_does_not(
             _window(pacer, probe)
         assert pacer.rate == 1.0 and pacer.reason == ""
         assert pacer.next().duty == 1.0
+        # The probe's timeouts and read-only mode ended with each sample's transaction: its
+        # connection (a pooled one behind a transaction pooler) keeps none of them.
+        assert probe.inner.conn is not None
+        raw = probe.inner.conn.connection.dbapi_connection
+        assert raw is not None
+        cursor = raw.cursor()
+        cursor.execute(
+            "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), "
+            "current_setting('transaction_read_only')"
+        )
+        assert cursor.fetchall() == [("0", "0", "off")]
+        cursor.close()
     finally:
         pacer.close()
-
-
-def _checked_window(pacer: Pacer, probe: SlowedProbe) -> float:
-    """A window with the real foreground checks a running pacer makes along with it."""
-    for i in range(MIN_WINDOW):
-        pacer.add(probe.sample())
-        if (i + 1) % FOREGROUND_EVERY == 0:
-            pacer.add_foreground(probe.busy())
-    return pacer.next().rate
 
 
 def test_the_pacer_protects_the_foreground_it_sees_and_runs_flat_out_without_one(
@@ -182,13 +192,13 @@ def test_the_pacer_protects_the_foreground_it_sees_and_runs_flat_out_without_one
         assert pacer.baseline is not None
         # The fixtures' own sessions end or go idle: wait until nobody else is at work.
         deadline = time.monotonic() + 60
-        while probe.busy():
+        while probe.sample().busy:
             assert time.monotonic() < deadline, "the database never went quiet"
             time.sleep(0.05)
 
         # Slow, but nobody there: the probe only feels the backfill; the pace grows.
         probe.local_delay = max(0.05, 10 * pacer.baseline)
-        rates = [_checked_window(pacer, probe) for _ in range(3)]
+        rates = [_window(pacer, probe) for _ in range(3)]
         assert rates == sorted(rates) and rates[-1] > START_RATE, rates
         assert pacer.quiet and "no other session at work" in pacer.reason
 
@@ -196,10 +206,10 @@ def test_the_pacer_protects_the_foreground_it_sees_and_runs_flat_out_without_one
         with provider.connect() as app:
             app.begin()
             app.execute(text("SELECT 1"))
-            assert probe.busy()
+            assert probe.sample().busy
             before = pacer.rate
-            _checked_window(pacer, probe)
-            slowed = _checked_window(pacer, probe)
+            _window(pacer, probe)
+            slowed = _window(pacer, probe)
             assert slowed == pytest.approx(before * DECREASE), (before, slowed)
             assert not pacer.quiet and " > bound " in pacer.reason
             app.rollback()
@@ -207,6 +217,83 @@ def test_the_pacer_protects_the_foreground_it_sees_and_runs_flat_out_without_one
         pacer.close()
         own.close()
         provider.dispose()
+
+
+class _Application(threading.Thread):
+    """The provider's request loop on a session of its own: one statement of ``seconds`` after
+    another."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.engine = create_engine(
+            url, poolclass=NullPool, connect_args={"application_name": "provider"}
+        )
+        self.seconds = 0.002
+        self.statements = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with self.engine.connect() as conn:
+            while not self.stop.is_set():
+                conn.execute(text("SELECT pg_sleep(:s)"), {"s": self.seconds})
+                conn.commit()
+                self.statements += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join()
+        self.engine.dispose()
+
+
+def _wait_for(app: _Application, statements: int) -> None:
+    """Until ``app`` has run ``statements`` more statements."""
+    target, deadline = app.statements + statements, time.monotonic() + 60
+    while app.statements < target:
+        assert time.monotonic() < deadline, "the application stopped"
+        time.sleep(0.005)
+
+
+def test_the_pacer_slows_when_the_applications_statements_do_though_its_probe_does_not(
+    make_database: DatabaseFactory, tmp_path: Path, backend: str
+) -> None:
+    settings = _settings(make_database, tmp_path)
+    bf, db, physical = settings.backfill, settings.databases["shard"], settings.tables.token
+    if backend == "sqlite":
+        assert not Pacer.for_database(bf, db, physical).active  # no server to look at
+        return
+    assert db.url is not None
+    probe = LookupProbe.for_database(db, physical)  # the real probe: nothing slows it here
+    app = _Application(db.url)
+    app.start()
+    pacer = Pacer(bf, probe, interval=3600)
+    try:
+        _wait_for(app, 5)
+        pacer.start()
+        assert pacer.foreground_baseline is not None  # its 2 ms statements were seen in flight
+        rate = _window(pacer, probe, SAMPLE_INTERVAL)
+
+        # The application's requests slow (as on a server whose CPU or WAL the job takes):
+        # its statements in flight are older when looked at. The server timed them: one slow
+        # window halves the pace (the probe, timed by this client, needs two).
+        app.seconds = max(0.05, 20 * pacer.foreground_baseline)
+        _wait_for(app, 2)  # one slow statement done, the next in flight
+        slowed = _window(pacer, probe, SAMPLE_INTERVAL)
+        assert slowed == pytest.approx(rate * DECREASE), (rate, slowed)
+        assert _window(pacer, probe, SAMPLE_INTERVAL) == pytest.approx(slowed * DECREASE)
+        slowed = pacer.rate
+        assert pacer.reason.startswith(f"{PACED_PREFIX}{slowed:.0%}: the application's ")
+        assert " > bound " in pacer.reason and "x 1.5)" in pacer.reason
+
+        # They are fast again (faster than at the baseline, whatever the noise): it grows back.
+        app.seconds = 0.0005
+        _wait_for(app, 2)
+        for _ in range(50):
+            if _window(pacer, probe, SAMPLE_INTERVAL) > slowed:
+                break
+        assert pacer.rate > slowed and not pacer.quiet
+    finally:
+        pacer.close()
+        app.close()
 
 
 def test_backfill_records_its_pace(

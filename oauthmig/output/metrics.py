@@ -66,8 +66,9 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("held_seconds", "How long the current hold has lasted, in seconds (0 when not held)."),
     (
         "pace",
-        "Latency pacing's pace: 1 at full speed, less while the probe's latency is over "
-        "max_latency_ratio x its baseline (absent when pacing is off).",
+        "Latency pacing's pace: 1 at full speed, less while the application's statements or "
+        "the probe are slower than max_latency_ratio x their baselines (absent when pacing is "
+        "off).",
     ),
     ("updated_timestamp_seconds", "Unix time at which this job's figures were taken."),
 )

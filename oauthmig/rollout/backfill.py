@@ -284,7 +284,6 @@ class _Pace:
     size: int
     version: int  # the job version: which family id formula the batches write
     sleep_seconds: float
-    target_seconds: float
     failures: int = 0  # transient failures in a row
     locked_attempts: int = 0  # lock timeouts in a row on a one-row batch
     narrowed: tuple[int, int] | None = None  # (size before narrowing, id to get past)
@@ -798,7 +797,6 @@ class _Runner:
             size=self.state.batch_size,
             version=self.state.version or 1,
             sleep_seconds=sleep_s,
-            target_seconds=bf.target_batch_seconds,
         )
         assert self.pacer is not None
         self.log.pace = self.pacer.next().rate if self.pacer.active else None
@@ -902,7 +900,7 @@ class _Runner:
         assert self.pacer is not None
         latency = self.pacer.next()  # latency pacing: scales the target and the duty cycle
         self.log.pace = latency.rate if self.pacer.active else None
-        pace.size = adapt_batch_size(pace.size, elapsed, pace.target_seconds * latency.rate)
+        pace.size = adapt_batch_size(pace.size, elapsed, latency.target_seconds)
         if pace.narrowed is not None and hi >= pace.narrowed[1]:
             pace.size, pace.narrowed = max(pace.size, pace.narrowed[0]), None  # past the lock
         self._report(self.state, "running", elapsed)
