@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +26,9 @@ from sqlalchemy.pool import NullPool
 
 from oauthmig.config import Settings, settings_from_mapping
 from oauthmig.demo.data import setup_legacy
+from oauthmig.rollout.health import probe_engine
 from oauthmig.rollout.job_state import JOB_TABLE
+from oauthmig.rollout.pacing import PROBE_TIMEOUT_MS, LookupProbe
 from tests.forkserver import ForkServer
 from tests.helpers import invoke, schema_dump, write_config
 from tests.helpers.databases import PG_ADMIN_URL, PgPool, routed_config
@@ -285,3 +288,32 @@ def test_transaction_pooler_without_direct_url_refuses_session_work(
     assert "direct_url (postgresql+psycopg://postgres:***@127.0.0.1:" in err, err
     assert "goes through a transaction pooler" in err and secret not in out + err
     assert schema_dump(observe) == before
+
+
+def test_latency_pacing_probe_through_the_pooler_leaves_nothing(
+    bouncer: Bouncer, databases: dict[str, str]
+) -> None:
+    """The pacer's samples go through ``url`` (the pooler): each one's timeouts and read-only
+    mode end with it, and it sees the application (another pooled client in a statement)."""
+    direct = create_engine(databases["shard"], poolclass=NullPool)
+    with direct.begin() as conn:
+        conn.execute(text("CREATE TABLE probed (id bigserial PRIMARY KEY, v text)"))
+        conn.execute(text("INSERT INTO probed (v) SELECT 'x' FROM generate_series(1, 100)"))
+    direct.dispose()
+    pooled = bouncer.url(databases["shard"])
+    probe = LookupProbe(probe_engine(pooled, PROBE_TIMEOUT_MS), "probed")
+    app = psycopg.connect(
+        _libpq(pooled), prepare_threshold=None, autocommit=True, application_name="provider"
+    )
+    running = threading.Thread(target=lambda: app.execute("SELECT pg_sleep(2)"))
+    try:
+        samples = [probe.sample() for _ in range(20)]
+        assert all(s.latency > 0 for s in samples)
+        running.start()
+        _wait_for(lambda: probe.sample().foreground is not None)  # its statement in flight
+    finally:
+        running.join()
+        app.close()
+        probe.close()
+        probe.engine.dispose()
+    assert_nothing_left(bouncer, databases)
