@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
-from oauthmig.config import Settings, settings_from_mapping
+from oauthmig.config import BackfillSettings, DatabaseConfig, Settings, settings_from_mapping
 from oauthmig.demo.data import setup_legacy
 from oauthmig.rollout.backfill import BackfillOptions, JobSample, backfill
 from oauthmig.rollout.batches import BATCH_TABLE, ensure_batch_table
@@ -164,14 +164,26 @@ def test_pacer_slows_down_when_the_probe_slows_and_recovers_when_it_does_not(
         pacer.close()
 
 
-def test_the_pacer_protects_the_foreground_it_sees_and_runs_flat_out_without_one(
+def _postgres_pacing(
     make_database: DatabaseFactory, tmp_path: Path, backend: str
-) -> None:
+) -> tuple[BackfillSettings, DatabaseConfig, str] | None:
+    """The backfill settings, the shard database and its token table on PostgreSQL; on SQLite,
+    once pacing is checked to be a no-op there (no server to look at), None."""
     settings = _settings(make_database, tmp_path)
     bf, db, physical = settings.backfill, settings.databases["shard"], settings.tables.token
     if backend == "sqlite":
-        assert not Pacer.for_database(bf, db, physical).active  # nothing to probe
+        assert not Pacer.for_database(bf, db, physical).active
+        return None
+    return bf, db, physical
+
+
+def test_the_pacer_protects_the_foreground_it_sees_and_runs_flat_out_without_one(
+    make_database: DatabaseFactory, tmp_path: Path, backend: str
+) -> None:
+    on_postgres = _postgres_pacing(make_database, tmp_path, backend)
+    if on_postgres is None:
         return
+    bf, db, physical = on_postgres
     assert db.url is not None
     probe = SlowedProbe(
         LookupProbe.for_database(db, physical), create_engine(db.url, poolclass=NullPool)
@@ -256,11 +268,10 @@ def _wait_for(app: _Application, statements: int) -> None:
 def test_the_pacer_slows_when_the_applications_statements_do_though_its_probe_does_not(
     make_database: DatabaseFactory, tmp_path: Path, backend: str
 ) -> None:
-    settings = _settings(make_database, tmp_path)
-    bf, db, physical = settings.backfill, settings.databases["shard"], settings.tables.token
-    if backend == "sqlite":
-        assert not Pacer.for_database(bf, db, physical).active  # no server to look at
+    on_postgres = _postgres_pacing(make_database, tmp_path, backend)
+    if on_postgres is None:
         return
+    bf, db, physical = on_postgres
     assert db.url is not None
     probe = LookupProbe.for_database(db, physical)  # the real probe: nothing slows it here
     app = _Application(db.url)
