@@ -34,15 +34,17 @@ baseline does not loosen the bound for the whole run.
 last decision, each signal's trimmed mean is compared with ``max_latency_ratio`` × its
 baseline (never less than the baseline + :data:`MIN_SLACK` for the probe, +
 :data:`MIN_FOREGROUND_SLACK` for the application's statements, which need half the window's
-samples to have seen one). Either one above its bound twice in a row halves the pace
-(multiplicative decrease, down to :data:`MIN_RATE`); above it once, it holds; both within the
+samples to have seen one). The application's statements above their bound in one window, or
+the probe above its bound in two in a row (one slow window of a client-timed probe can be
+scheduling), halve the pace (multiplicative decrease, down to :data:`MIN_RATE`); the probe
+above it once holds it; both within the
 lowest :data:`HEALTHY_SHARE` of their band (baseline to bound, never below baseline + slack),
 it grows by :data:`STEP` (additive increase, up to 1); in between, it holds: a dead band, as
 in TCP Vegas. The signals are noisy and a small pace hurts a saturated server a little: with
 growth allowed up to the bound, the pace climbed until its harm was plain in the noise
 (docs/benchmarks.md §7: a median pace of 0.3-0.6, the traffic's p99 at 1.6-1.9x); with the
 dead band it settles lower (0.13-0.16, p99 1.34-1.36x). A window in which no sample saw the
-application busy counts as at or below the bound: the probe then only feels the backfill itself
+application busy counts as healthy: the probe then only feels the backfill itself
 (on a small server its own batches slow a lookup too), and there is no one to protect, so an
 idle database gets the whole pace. With fewer samples (a short batch) the pace stays.
 
