@@ -402,3 +402,26 @@ def test_an_older_batch_table_gains_the_pace_column(
             ensure_batch_table(conn)  # once there, left alone
     finally:
         engine.dispose()
+
+
+def test_a_stop_during_the_baseline_is_obeyed_and_the_next_start_measures_again(
+    make_database: DatabaseFactory, tmp_path: Path, backend: str
+) -> None:
+    on_postgres = _postgres_pacing(make_database, tmp_path, backend)
+    if on_postgres is None:
+        return
+    bf, db, physical = on_postgres
+    pacer = Pacer(bf, LookupProbe.for_database(db, physical), interval=3600)
+    asked: list[int] = []
+
+    def stop_on_the_third_look() -> bool:  # a Ctrl-C or --max-runtime during the baseline
+        asked.append(1)
+        return len(asked) >= 3
+
+    try:
+        assert pacer.start(stop_on_the_third_look) is False
+        assert len(asked) == 3 and pacer.baseline is None and pacer.pending() == 0
+        assert pacer.start() is True and pacer.baseline is not None  # measured in full
+        assert pacer.start(stop_on_the_third_look) is True  # once started, nothing to wait for
+    finally:
+        pacer.close()

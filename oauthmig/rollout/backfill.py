@@ -801,7 +801,6 @@ class _Runner:
         assert self.pacer is not None
         self.log.pace = self.pacer.next().rate if self.pacer.active else None
         self._report(self.state, "running", bar=False)
-        self.pacer.start()  # the baseline, before the first batch
         while True:
             if self.stop.should_stop():
                 self._save(conn, StoredStatus.PAUSED)
@@ -813,6 +812,10 @@ class _Runner:
             try:
                 if self._held(conn):
                     continue  # asked to stop while held: saved as paused above
+                # Latency pacing's baseline (about 2 s, once): after the health checks, so a
+                # held job says why at once; a stop during it is obeyed at the top.
+                if not self.pacer.start(self.stop.should_stop):
+                    continue
                 conn, ended = self._step(engine, conn, physical, pace, attempt)
                 if ended:
                     return conn

@@ -21,7 +21,8 @@ the connection) takes a :class:`Sample` of two signals:
   measured the probe at 1.2x while the application's statements took 2.5x and its throughput
   fell to 0.6x).
 
-**The baseline**: before the first batch, :data:`BASELINE_SAMPLES` samples, spaced as the
+**The baseline**: before the first batch (after its health checks; a stop during it is obeyed),
+:data:`BASELINE_SAMPLES` samples, spaced as the
 running job spaces them (a sample right after another finds the server's process awake and
 reads several times faster), in :data:`BASELINE_PARTS` consecutive parts; of each signal, the
 calmest part's :func:`trimmed_mean` (for the application's statements, of the parts in which
@@ -74,6 +75,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -286,13 +288,16 @@ class Pacer:
         """Whether latency pacing runs (PostgreSQL, ``max_latency_ratio`` > 0)."""
         return self.probe is not None
 
-    def start(self) -> None:
+    def start(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Measure the baseline (before the first batch, sampled as the running job samples),
-        then sample in the background."""
+        then sample in the background. Once started (or inactive), returns at once. False:
+        ``should_stop`` said so during the baseline, which the next call takes again."""
         if self.probe is None or self._thread is not None:
-            return
+            return True
         samples = []
         for i in range(BASELINE_SAMPLES):
+            if should_stop():
+                return False
             if i:  # spaced as while the job runs: right after another, a sample reads faster
                 time.sleep(SAMPLE_INTERVAL)
             samples.append(self.probe.sample())
@@ -308,6 +313,7 @@ class Pacer:
             target=self._sample_loop, name="oauthmig-pacing", daemon=True
         )
         self._thread.start()
+        return True
 
     def _sample_loop(self) -> None:
         assert self.probe is not None
