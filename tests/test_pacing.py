@@ -153,13 +153,17 @@ def test_pacer_slows_down_when_the_probe_slows_and_recovers_when_it_does_not(
         assert probe.inner.conn is not None
         raw = probe.inner.conn.connection.dbapi_connection
         assert raw is not None
-        cursor = raw.cursor()
-        cursor.execute(
+        settings_sql = (
             "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), "
             "current_setting('transaction_read_only')"
         )
-        assert cursor.fetchall() == [("0", "0", "off")]
+        cursor = raw.cursor()
+        cursor.execute(settings_sql)
+        kept = cursor.fetchall()
         cursor.close()
+        with probe.engine.connect() as fresh:  # what a new session of the server has
+            defaults = [tuple(fresh.execute(text(settings_sql)).one())]
+        assert kept == defaults and defaults[0][2] == "off", (kept, defaults)
     finally:
         pacer.close()
 
